@@ -1,0 +1,77 @@
+"""Write symptoms for disease names with a model from the MLflow Model Registry.
+
+    python -m experiments.generate "Kidney Failure" "Asthma"
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments._cli import (
+    ArgumentParser,
+    positive_float,
+    positive_int,
+    probability,
+    quiet_libraries,
+    run_cli,
+)
+from medlm.generate import GenerationSettings
+
+DEFAULT_MODEL_URI = "models:/medlm@champion"
+
+
+def build_parser() -> ArgumentParser:
+    defaults = GenerationSettings()
+    parser = ArgumentParser(
+        prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0],
+        formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(
+            prog, max_help_position=32))
+    parser.add_argument("diseases", nargs="+", metavar="DISEASE",
+                        help="disease name(s), e.g. \"Kidney Failure\"")
+    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
+                             "runs:/RUN_ID/model, or a local model directory")
+    parser.add_argument("--registered-model", default="medlm",
+                        help="registered model a bare version number refers to")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
+    parser.add_argument("--num-return-sequences", type=positive_int,
+                        default=defaults.num_return_sequences)
+    parser.add_argument("--top-k", type=positive_int, default=defaults.top_k)
+    parser.add_argument("--top-p", type=probability, default=defaults.top_p)
+    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature)
+    parser.add_argument("--repetition-penalty", type=positive_float,
+                        default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="sampling seed, for repeatable output")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_k=args.top_k,
+        top_p=args.top_p, temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed)
+    quiet_libraries()
+
+    from medlm.generate import generate
+    from medlm.modeling import resolve_device
+    from medlm.tracking import load_model_for_inference
+
+    device = resolve_device(args.device)
+    tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
+    model.to(device)
+    completions = generate(model, tokenizer, args.diseases, settings)
+    for disease, texts in zip(args.diseases, completions, strict=True):
+        for index, text in enumerate(texts, start=1):
+            prefix = f"[{index}] " if len(texts) > 1 else ""
+            print(f"{prefix}{disease} | {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

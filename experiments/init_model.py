@@ -1,0 +1,31 @@
+"""Write a randomly initialised GPT-2 (real GPT-2 tokenizer) for machines without Hub access.
+
+    python -m experiments.init_model models/distilgpt2-random --preset distilgpt2
+    python -m experiments.run --model models/distilgpt2-random --dataset path/to/data.csv
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments._cli import ArgumentParser, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlm.offline import PRESETS, save_random_gpt2
+
+    parser = ArgumentParser(prog="python -m experiments.init_model",
+                            description=__doc__.strip().splitlines()[0])
+    parser.add_argument("directory", help="where to save_pretrained the model and tokenizer")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="distilgpt2",
+                        help="architecture (default: distilgpt2: 6 layers, 768 wide, 12 heads)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    args = parser.parse_args(argv)
+    path = save_random_gpt2(args.directory, args.preset, args.seed)
+    print(f"saved a random {args.preset} GPT-2 to {path}; train it with "
+          f"python -m experiments.run --model {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,202 @@
+"""Fine-tune a causal LM on disease -> symptoms and record the run in MLflow.
+
+    python -m experiments.run --lr 5e-4
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from experiments._cli import (
+    ArgumentParser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    quiet_libraries,
+    run_cli,
+)
+from medlm.config import DEVICES, PRECISIONS, SCHEDULERS, TrainConfig
+
+log = logging.getLogger("medlm")
+
+
+def build_parser() -> ArgumentParser:
+    defaults = TrainConfig()
+    parser = ArgumentParser(
+        prog="python -m experiments.run", description=__doc__.strip().splitlines()[0],
+        formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(
+            prog, max_help_position=32))
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=defaults.dataset,
+                      help="Hub dataset id, or a local CSV/TSV/Parquet/JSON file with Name and "
+                           "Symptoms columns")
+    data.add_argument("--max-samples", type=positive_int, default=None,
+                      help="use only the first N cleaned rows (quick runs)")
+    data.add_argument("--max-length", type=positive_int, default=None,
+                      help="cap on tokens per row; longer rows are truncated (default: the "
+                           "model's context size)")
+    data.add_argument("--validation-fraction", type=positive_float,
+                      default=defaults.validation_fraction,
+                      help="share of distinct diseases held out for validation")
+    data.add_argument("--seed", type=int, default=defaults.seed,
+                      help="seeds the split, shuffling, dropout and samples")
+    model = parser.add_argument_group("model and hardware")
+    model.add_argument("--model", default=defaults.model,
+                       help="Hub model id or a local save_pretrained directory")
+    model.add_argument("--device", choices=DEVICES, default=defaults.device,
+                       help="auto: cuda, then mps, then cpu")
+    model.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                       help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
+                            "on older GPUs), else fp32")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    train.add_argument("--lr", type=positive_float, default=defaults.lr,
+                       help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
+    train.add_argument("--max-grad-norm", type=non_negative_float,
+                       default=defaults.max_grad_norm, help="gradient clipping; 0 = off")
+    train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
+                       help="batches per optimizer step")
+    train.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler,
+                       help="learning-rate decay after warmup")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
+                       help="optimizer steps of linear warmup")
+    train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
+                       help="stop after N epochs without a better validation loss; 0 = off")
+    samples = parser.add_argument_group("samples written after every epoch")
+    samples.add_argument("--sample-prompt", action="append", dest="sample_prompts",
+                         metavar="DISEASE",
+                         help="disease to sample (repeatable; default: Kidney Failure); the "
+                              "first --num-validation-samples validation diseases are added")
+    samples.add_argument("--num-validation-samples", type=non_negative_int,
+                         default=defaults.num_validation_samples)
+    samples.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
+    tracking = parser.add_argument_group("MLflow (tracking URI: $MLFLOW_TRACKING_URI, else "
+                                         "./mlflow.db)")
+    tracking.add_argument("--experiment", default=defaults.experiment)
+    tracking.add_argument("--run-name", default=None)
+    tracking.add_argument("--registered-model", default=defaults.registered_model,
+                          help="Model Registry name the best model is registered under")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (they are off anyway when stderr is not a TTY)")
+    return parser
+
+
+class EpochReport:
+    """Per-epoch console line plus generated samples, written to the console and to MLflow."""
+
+    def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
+                 tracker):
+        self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
+        self.settings, self.tracker = settings, tracker
+
+    def on_epoch_end(self, model, result) -> None:
+        from medlm.generate import generate
+
+        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), %.1f s, "
+                 "%.0f tokens/s%s", result.epoch, result.training_loss, result.validation_loss,
+                 result.validation_perplexity, result.epoch_duration_sec,
+                 result.train_tokens_per_sec, " *best*" if result.is_best else "")
+        completions = generate(model, self.tokenizer, self.prompts, self.settings)
+        rows = []
+        for prompt, texts in zip(self.prompts, completions, strict=True):
+            log.info("  %s | %s", prompt, texts[0])
+            rows.append({"epoch": result.epoch, "prompt": prompt, "generated": texts[0],
+                         "reference": self.references.get(prompt.casefold(), "")})
+        self.tracker.log_samples(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.sample_prompts is None:
+        args.sample_prompts = TrainConfig().sample_prompts
+    config = TrainConfig(**vars(args))
+    quiet_libraries()
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
+    from medlm.generate import GenerationSettings
+    from medlm.modeling import (
+        context_size,
+        count_parameters,
+        describe_device,
+        load_tokenizer_and_model,
+        resolve_device,
+        resolve_precision,
+    )
+    from medlm.tracking import MlflowTracker, library_versions
+    from medlm.train import fit
+
+    # Everything a user can get wrong is checked before an MLflow run exists.
+    data = load_disease_data(config.dataset, config.max_samples)
+    train_frame, validation_frame = split_by_disease(data.frame, config.validation_fraction,
+                                                     config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    tokenizer, model = load_tokenizer_and_model(config.model)
+    max_length = config.max_length or context_size(model)
+    train_set = LanguageDataset(train_frame, tokenizer, max_length)
+    validation_set = LanguageDataset(validation_frame, tokenizer, max_length)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                              collate_fn=collate, pin_memory=device.type == "cuda",
+                              generator=torch.Generator().manual_seed(config.seed))
+    validation_loader = DataLoader(validation_set, batch_size=config.batch_size,
+                                   collate_fn=collate, pin_memory=device.type == "cuda")
+
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
+    model.generation_config = settings.to_generation_config(tokenizer)
+    prompts = list(dict.fromkeys(
+        config.sample_prompts
+        + validation_frame["Name"].drop_duplicates().head(config.num_validation_samples).tolist()))
+    references: dict[str, str] = {}
+    for name, symptoms in zip(data.frame["Name"], data.frame["Symptoms"], strict=True):
+        references.setdefault(name.casefold(), symptoms)
+
+    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows; %s on %s (%s)",
+             config.dataset, len(data.frame), data.dropped_rows, len(train_set),
+             len(validation_set), config.model, describe_device(device), precision.name)
+    tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
+                            transformer=config.model, gpu=describe_device(device),
+                            batch_size=config.batch_size)
+    params = {
+        **config.to_params(),
+        "num_parameters": count_parameters(model),
+        "dataset_source": data.source,
+        "dataset_file_sha256": data.file_sha256,
+        "dataset_content_sha256": data.content_sha256,
+        "rows_read": data.raw_rows,
+        "rows_dropped": data.dropped_rows,
+        "rows_train": len(train_set),
+        "rows_validation": len(validation_set),
+        "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
+        "max_length_effective": max(train_set.max_length, validation_set.max_length),
+        "device_type": device.type,
+        "device_name": describe_device(device),
+        "precision_effective": precision.name,
+        **library_versions(),
+    }
+    with tracker.run(params) as run_id:
+        log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
+                 tracker.tracking_uri)
+        report = EpochReport(tokenizer, prompts, references, settings, tracker)
+        result = fit(model, train_loader, validation_loader, config, device, precision,
+                     callbacks=[tracker, report])
+        best = result.best
+        log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",
+                 best.epoch, best.validation_loss,
+                 " (stopped early)" if result.stopped_early else "")
+        version, verdict = tracker.log_and_register_model(model, tokenizer, best)
+    log.info("registered %s version %s; %s", config.registered_model, version, verdict)
+    log.info("compare runs: mlflow ui    generate: python -m experiments.generate "
+             "\"Kidney Failure\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,86 @@
+"""Every knob of a training run, in one place, with the seed notebook's values as defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medlm.errors import MedLMError
+
+DEFAULT_DATASET = "QuyenAnhDE/Diseases_Symptoms"
+DEFAULT_MODEL = "distilgpt2"
+SCHEDULERS = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    max_samples: int | None = None
+    max_length: int | None = None  # None: the model's context size
+    validation_fraction: float = 0.2
+    seed: int = 42
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0  # the seed used plain Adam; AdamW with 0.0 is the same update
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    grad_accum: int = 1
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
+
+    device: str = "auto"
+    precision: str = "auto"
+
+    sample_prompts: list[str] = field(default_factory=lambda: ["Kidney Failure"])
+    num_validation_samples: int = 2  # the first N validation diseases are sampled too
+    max_new_tokens: int = 40
+
+    experiment: str = "medlm"
+    run_name: str | None = None
+    registered_model: str = "medlm"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints = ("epochs", "batch_size", "grad_accum", "max_new_tokens")
+        for name in positive_ints:
+            _require(name, getattr(self, name), lambda v: v >= 1, "a whole number >= 1")
+        for name in ("max_samples", "max_length"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(name, value, lambda v: v >= 1, "a whole number >= 1")
+        for name in ("warmup_steps", "patience", "num_validation_samples"):
+            _require(name, getattr(self, name), lambda v: v >= 0, "a whole number >= 0")
+        _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+        _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
+        _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
+        _require(
+            "validation_fraction", self.validation_fraction, lambda v: 0 < v < 1,
+            "a number between 0 and 1",
+        )
+        _require_choice("scheduler", self.scheduler, SCHEDULERS)
+        _require_choice("device", self.device, DEVICES)
+        _require_choice("precision", self.precision, PRECISIONS)
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat, string-friendly view for MLflow params."""
+        params = asdict(self)
+        params["sample_prompts"] = "; ".join(self.sample_prompts)
+        return params
+
+
+def _require(name: str, value: Any, ok, expected: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise MedLMError(f"{flag} {value!r} is invalid: expected {expected}")
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        flag = "--" + name.replace("_", "-")
+        raise MedLMError(f"{flag} {value!r} is invalid: expected one of {', '.join(choices)}")

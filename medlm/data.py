@@ -1,0 +1,229 @@
+"""From a dataset source to batches: load, clean, split by disease, tokenize once, pad per batch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from medlm._paths import looks_like_local_path
+from medlm.errors import MedLMError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("Name", "Symptoms")
+PROMPT_SEPARATOR = " | "
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+
+@dataclass
+class DiseaseData:
+    """A cleaned dataset and what is worth recording about where it came from."""
+
+    frame: pd.DataFrame
+    source: str
+    raw_rows: int
+    dropped_rows: int
+    file_sha256: str | None  # of the file as read, when the source is a local file
+
+    @property
+    def content_sha256(self) -> str:
+        """Hash of exactly the text the model trains on, whatever the source format."""
+        text = self.frame[list(REQUIRED_COLUMNS)].to_csv(index=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseData:
+    """Read ``source`` (Hub dataset id or local CSV/TSV/Parquet/JSON path) and clean it."""
+    raw, file_sha256 = _read_source(source)
+    frame, dropped = clean_frame(raw, source)
+    if dropped:
+        log.warning("dropped %d of %d rows with an empty Name or Symptoms", dropped, len(raw))
+    if max_samples is not None:
+        frame = frame.head(max_samples).reset_index(drop=True)
+    return DiseaseData(frame, source, len(raw), dropped, file_sha256)
+
+
+def _read_source(source: str) -> tuple[pd.DataFrame, str | None]:
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        return _read_file(path), _sha256_file(path)
+    if os.path.isdir(path):
+        raise MedLMError(f"dataset {source!r} is a directory: expected a CSV, Parquet or JSON file")
+    if looks_like_local_path(source):
+        raise MedLMError(f"dataset file {source!r} not found: expected a CSV, Parquet or JSON file")
+    return _read_hub(source), None
+
+
+def _read_file(path: str) -> pd.DataFrame:
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".json", ".jsonl"):
+            return pd.read_json(path, lines=suffix == ".jsonl")
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8",
+                           dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise MedLMError(f"dataset file {path!r} is empty: expected a header with Name and "
+                         "Symptoms and at least one row") from None
+    except UnicodeDecodeError as error:
+        raise MedLMError(f"dataset file {path!r} is not UTF-8 text (byte {error.start}): "
+                         "expected a UTF-8 CSV, Parquet or JSON file") from None
+    except (ValueError, OSError, pd.errors.ParserError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MedLMError(f"dataset file {path!r} could not be parsed ({reason}): "
+                         "expected a CSV, Parquet or JSON file") from None
+
+
+def _read_hub(dataset_id: str) -> pd.DataFrame:
+    import datasets  # slow import, only needed for Hub ids
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train").to_pandas()
+    except Exception as error:  # the Hub client raises many types; all mean "cannot load this id"
+        raise MedLMError(
+            f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
+            f"Hugging Face Hub ({type(error).__name__}): expected a Hub dataset id or a local "
+            "CSV/Parquet/JSON path"
+        ) from None
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFrame, int]:
+    """Normalize Name and Symptoms the way the seed did, drop empty rows; return (frame, dropped).
+
+    Symptoms are split on commas, each phrase stripped, empty phrases removed and re-joined with
+    ", ". Duplicated disease names are kept (they carry different symptom lists). Other columns
+    are kept untouched. Column names match case-insensitively.
+    """
+    by_lower = {str(column).strip().lower(): column for column in raw.columns}
+    missing = [name for name in REQUIRED_COLUMNS if name.lower() not in by_lower]
+    if missing:
+        found = ", ".join(map(str, raw.columns)) or "none"
+        raise MedLMError(f"dataset {source!r} has columns [{found}]: expected columns "
+                         f"{' and '.join(REQUIRED_COLUMNS)} (missing {', '.join(missing)})")
+    frame = raw.rename(columns={by_lower[name.lower()]: name for name in REQUIRED_COLUMNS})
+    frame = frame.copy()
+    frame["Name"] = frame["Name"].map(_as_text).str.split().str.join(" ")
+    frame["Symptoms"] = frame["Symptoms"].map(_as_text).map(_join_phrases)
+    keep = (frame["Name"] != "") & (frame["Symptoms"] != "")
+    frame = frame[keep].reset_index(drop=True)
+    if frame.empty:
+        raise MedLMError(f"dataset {source!r} has no usable rows ({len(raw)} read, all with an "
+                         "empty Name or Symptoms): expected rows with both filled in")
+    return frame, int((~keep).sum())
+
+
+def _as_text(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, list | tuple | np.ndarray):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _join_phrases(symptoms: str) -> str:
+    phrases = (" ".join(phrase.split()) for phrase in symptoms.split(","))
+    return ", ".join(phrase for phrase in phrases if phrase)
+
+
+def split_by_disease(
+    frame: pd.DataFrame, validation_fraction: float = 0.2, seed: int = 42
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded split of the distinct disease names, so no disease is on both sides.
+
+    Names are compared case- and whitespace-insensitively. The validation side gets
+    ``round(fraction * diseases)`` diseases, at least one, and the training side at least one.
+    """
+    keys = frame["Name"].str.casefold()
+    diseases = keys.drop_duplicates().to_numpy()
+    if len(diseases) < 2:
+        raise MedLMError(f"cannot split {len(frame)} row(s) of {len(diseases)} distinct disease: "
+                         "expected at least 2 distinct disease names (one for validation)")
+    rng = np.random.default_rng(seed)
+    shuffled = diseases[rng.permutation(len(diseases))]
+    n_validation = min(max(1, round(validation_fraction * len(diseases))), len(diseases) - 1)
+    is_validation = keys.isin(set(shuffled[:n_validation]))
+    return (frame[~is_validation].reset_index(drop=True),
+            frame[is_validation].reset_index(drop=True))
+
+
+def prompt_for(name: str) -> str:
+    """The text a disease name becomes before the model writes its symptoms: ``"Name |"``.
+
+    A name already ending in the separator is not given a second one.
+    """
+    return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip() + PROMPT_SEPARATOR.rstrip()
+
+
+class LanguageDataset(Dataset):
+    """Rows as ``"{Name} | {Symptoms}"`` + end-of-text, tokenized once, up front, in batch.
+
+    ``max_length`` caps the tokens per row (pass the model's context size); longer rows are
+    truncated with a warning and lose their end-of-text token, since their text did not end.
+    ``self.max_length`` is then the longest example actually kept.
+    """
+
+    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int | None = None):
+        if tokenizer.eos_token_id is None:
+            raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
+                             "tokenizer with eos_token set")
+        texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        eos = tokenizer.eos_token_id
+        cap = max_length or max((len(ids) + 1 for ids in encoded), default=1)
+        self.examples: list[torch.Tensor] = []
+        self.num_truncated = 0
+        for ids in encoded:
+            if len(ids) + 1 > cap:
+                self.num_truncated += 1
+                ids = ids[:cap]
+            else:
+                ids = [*ids, eos]
+            self.examples.append(torch.tensor(ids, dtype=torch.long))
+        if self.num_truncated:
+            log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated, cap)
+        self.lengths = [len(example) for example in self.examples]
+        self.max_length = max(self.lengths, default=0)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.examples[index]}
+
+
+class CausalLMCollator:
+    """Pads a batch to its own longest row; padding is masked out of attention and of the loss.
+
+    The mask comes from the row lengths, not from the pad id: GPT-2 pads with its end-of-text
+    id, and each row's real end-of-text token must still be learned.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        rows = [example["input_ids"] for example in examples]
+        longest = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

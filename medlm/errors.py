@@ -1,0 +1,6 @@
+class MedLMError(Exception):
+    """A mistake the user can fix (bad path, column, flag or model).
+
+    The message is one line that names the bad value and what was expected; the CLIs print it as
+    ``error: <message>`` and exit with status 2, without a traceback. Bugs raise anything else.
+    """

@@ -1,0 +1,71 @@
+"""Writing symptoms for disease names: sampling settings and a batched ``generate()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medlm.data import prompt_for
+
+
+@dataclass
+class GenerationSettings:
+    """The seed notebook's sampling settings, which are also the logged model's defaults."""
+
+    max_new_tokens: int = 40
+    do_sample: bool = True
+    top_k: int = 8
+    top_p: float = 0.95
+    temperature: float = 0.5
+    repetition_penalty: float = 1.2
+    num_return_sequences: int = 1
+    seed: int | None = 42
+
+    def to_generation_config(self, tokenizer):
+        from transformers import GenerationConfig
+
+        sampling = dict(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            **(sampling if self.do_sample else {}),
+            repetition_penalty=self.repetition_penalty,
+            num_return_sequences=self.num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+
+def generate(model, tokenizer, diseases: list[str],
+             settings: GenerationSettings | None = None) -> list[list[str]]:
+    """Symptoms written for each disease name: one list of ``num_return_sequences`` per name.
+
+    Prompts are batched with left padding. With a seed, the global RNG is forked, so sampling
+    is repeatable and a training run's random stream is left as it was.
+    """
+    settings = settings or GenerationSettings()
+    if not diseases:
+        return []
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer([prompt_for(name) for name in diseases], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = padding_side
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        output = model.generate(**encoded,
+                                generation_config=settings.to_generation_config(tokenizer))
+    model.train(was_training)
+    texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:],
+                                   skip_special_tokens=True)
+    per_prompt = settings.num_return_sequences
+    return [[text.strip() for text in texts[i * per_prompt:(i + 1) * per_prompt]]
+            for i in range(len(diseases))]

@@ -1,0 +1,248 @@
+"""Everything MLflow: run lifecycle, params, per-epoch metrics, tables, plots, model, registry.
+
+The tracking URI is MLflow's own resolution: ``MLFLOW_TRACKING_URI`` when set, else the local
+SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import platform
+import re
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+from medlm.errors import MedLMError
+from medlm.train import EpochResult
+
+CHAMPION_ALIAS = "champion"
+METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
+           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate")
+RESULTS_COLUMNS = ("epoch", "transformer", "batch_size", "gpu", "training_loss",
+                   "validation_loss", "epoch_duration_sec")
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    return {"python_version": platform.python_version(), "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "datasets_version": datasets.__version__, "pandas_version": pd.__version__,
+            "mlflow_version": mlflow.__version__}
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements logged with the model, so it loads back with the same libraries."""
+    import safetensors
+    import torch
+    import transformers
+
+    def pin(name: str, version: str) -> str:
+        return f"{name}=={version.split('+')[0]}"  # drop local tags such as +cpu / +cu121
+
+    return [pin("torch", torch.__version__), pin("transformers", transformers.__version__),
+            pin("safetensors", safetensors.__version__), pin("mlflow", mlflow.__version__)]
+
+
+class MlflowTracker:
+    """One MLflow run of a training: a training-loop callback plus model logging.
+
+    ``results.csv`` and ``loss_curve.png`` are rewritten after every epoch, so a run that stops
+    early still has them.
+    """
+
+    def __init__(self, experiment: str, run_name: str | None, registered_model: str,
+                 transformer: str, gpu: str, batch_size: int):
+        self.experiment = experiment
+        self.run_name = run_name
+        self.registered_model = registered_model
+        self.results_row = {"transformer": transformer, "batch_size": batch_size, "gpu": gpu}
+        self.epochs: list[EpochResult] = []
+        self.run_id: str | None = None
+
+    @contextlib.contextmanager
+    def run(self, params: dict[str, Any]) -> Iterator[str]:
+        """Start the run and log ``params``; the run ends FINISHED, KILLED (Ctrl-C) or FAILED."""
+        mlflow.set_experiment(self.experiment)
+        with mlflow.start_run(run_name=self.run_name) as active:
+            self.run_id = active.info.run_id
+            try:
+                mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+                yield self.run_id
+            except KeyboardInterrupt:
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+                raise
+            except BaseException:
+                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+                raise
+
+    @property
+    def tracking_uri(self) -> str:
+        return mlflow.get_tracking_uri()
+
+    def on_epoch_end(self, model, result: EpochResult) -> None:
+        self.epochs.append(result)
+        values = asdict(result)
+        mlflow.log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
+        mlflow.log_text(self.results_frame().to_csv(index=False), "results.csv")
+        mlflow.log_figure(self.loss_figure(), "loss_curve.png")
+
+    def results_frame(self) -> pd.DataFrame:
+        rows = [{**self.results_row, **asdict(result)} for result in self.epochs]
+        return pd.DataFrame(rows, columns=list(RESULTS_COLUMNS))
+
+    def loss_figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6, 4), dpi=100)
+        axes = figure.subplots()
+        epochs = [result.epoch for result in self.epochs]
+        axes.plot(epochs, [r.training_loss for r in self.epochs], marker="o", label="training")
+        axes.plot(epochs, [r.validation_loss for r in self.epochs], marker="o",
+                  label="validation")
+        best = min(self.epochs, key=lambda result: result.validation_loss)
+        axes.axvline(best.epoch, color="grey", linestyle=":", label=f"best (epoch {best.epoch})")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("loss per token")
+        axes.set_title(f"{self.results_row['transformer']} ({self.run_name or self.run_id})")
+        axes.legend()
+        figure.tight_layout()
+        return figure
+
+    def log_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows (epoch, prompt, generated, reference) to the run's ``samples.json``."""
+        if rows:
+            mlflow.log_table(pd.DataFrame(rows), artifact_file="samples.json")
+
+    def log_and_register_model(self, model, tokenizer, best: EpochResult) -> tuple[str, str]:
+        """Log the model (transformers flavor, safetensors), register it and maybe crown it.
+
+        Returns (version, message). The ``champion`` alias moves to the new version only when
+        its best validation loss beats the current champion's.
+        """
+        mlflow.log_metrics({"best_validation_loss": best.validation_loss,
+                            "best_epoch": best.epoch})
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            save_pretrained=True,
+            pip_requirements=pip_requirements(),
+            registered_model_name=self.registered_model,
+            step=best.epoch,
+        )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        client.set_model_version_tag(self.registered_model, version, "validation_loss",
+                                     repr(best.validation_loss))
+        return version, self._maybe_crown(client, version, best.validation_loss)
+
+    def _maybe_crown(self, client: MlflowClient, version: str, validation_loss: float) -> str:
+        name = self.registered_model
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        except MlflowException:
+            current = None
+        current_loss = math.inf
+        if current is not None:
+            current_loss = float(current.tags.get("validation_loss", "inf"))
+        label = f"{name} version {version}"
+        if current is None or validation_loss < current_loss:
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            mlflow.set_tag("champion", "true")
+            if current is None:
+                return f"{label} is the first champion (validation loss {validation_loss:.4f})"
+            return (f"{label} is the new champion: validation loss {validation_loss:.4f} beats "
+                    f"version {current.version}'s {current_loss:.4f}")
+        mlflow.set_tag("champion", "false")
+        return (f"champion stays at version {current.version} (validation loss "
+                f"{current_loss:.4f}); {label} scored {validation_loss:.4f}")
+
+
+def _param_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return "; ".join(map(str, value))
+    return "" if value is None else value
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
+    """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``
+    or a local directory; check registry URIs up front so a miss lists what exists."""
+    if os.path.isdir(os.path.expanduser(model_uri)):
+        return os.path.expanduser(model_uri)
+    if model_uri.isdigit():
+        model_uri = f"models:/{registered_model}/{model_uri}"
+    match = _MODELS_URI.match(model_uri)
+    if match:
+        _check_registry(model_uri, match["name"], match["alias"], match["version"])
+    elif not re.match(r"^[a-z][a-z0-9+.-]*:/", model_uri):
+        raise MedLMError(f"model URI {model_uri!r} is not a directory or URI: expected "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
+                         "local directory")
+    return model_uri
+
+
+def _check_registry(model_uri: str, name: str, alias: str | None, version: str | None) -> None:
+    client = MlflowClient()
+    where = mlflow.get_tracking_uri()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        names = [model.name for model in client.search_registered_models()]
+        known = ", ".join(names) if names else "none"
+        raise MedLMError(f"model URI {model_uri!r}: no registered model {name!r} at {where} "
+                         f"(registered models: {known}); train one with python -m "
+                         "experiments.run") from None
+    versions = client.search_model_versions(f"name = '{name}'")
+    numbers = sorted((str(model_version.version) for model_version in versions), key=int)
+    aliases = ", ".join(f"@{alias_name} -> {number}"
+                        for alias_name, number in sorted(registered.aliases.items()))
+    known = f"versions: {', '.join(numbers) or 'none'}; aliases: {aliases or 'none'}"
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        elif version:
+            client.get_model_version(name, version)
+    except MlflowException:
+        missing = f"alias @{alias}" if alias else f"version {version}"
+        raise MedLMError(f"model URI {model_uri!r}: registered model {name!r} has no {missing} "
+                         f"at {where} ({known})") from None
+
+
+def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
+    """(tokenizer, model) from the registry, a run, an MLflow model directory or a
+    ``save_pretrained`` directory."""
+    from medlm.modeling import load_tokenizer_and_model
+
+    resolved = resolve_model_uri(model_uri, registered_model)
+    if os.path.isdir(resolved) and not os.path.isfile(os.path.join(resolved, "MLmodel")):
+        return load_tokenizer_and_model(resolved)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            components = mlflow.transformers.load_model(resolved, return_type="components")
+    except MlflowException as error:
+        first_line = str(error).strip().splitlines()[0][:200]
+        raise MedLMError(f"could not load model URI {model_uri!r} ({first_line}): expected a "
+                         "logged transformers model") from None
+    tokenizer, model = components["tokenizer"], components["model"]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model

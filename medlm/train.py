@@ -1,0 +1,210 @@
+"""The training loop: plain PyTorch, one screen. It reports through callbacks, never to MLflow."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medlm.config import TrainConfig
+from medlm.data import IGNORE_INDEX
+from medlm.errors import MedLMError
+from medlm.modeling import Precision
+
+LIVE_LOSS_EVERY = 10  # optimizer steps between progress-bar loss updates (each one syncs)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    training_loss: float  # mean per real (non-padding) token
+    validation_loss: float  # mean per real token
+    validation_perplexity: float
+    epoch_duration_sec: float  # training + validation, not sample generation
+    train_samples_per_sec: float
+    train_tokens_per_sec: float  # real tokens only
+    learning_rate: float  # at the end of the epoch
+    is_best: bool = False
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> EpochResult:
+        return min(self.epochs, key=lambda result: result.validation_loss)
+
+
+class Callback(Protocol):
+    def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None: ...
+
+
+class NonFiniteLossError(MedLMError):
+    pass
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over real tokens (labels of -100 are skipped)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are predicted (every real token but each row's first), read on the host."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _windows(loader: DataLoader, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Groups of ``size`` batches: one optimizer step each (gradient accumulation)."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _bar(total: int, description: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+             precision: Precision, progress: bool = False) -> float:
+    """Mean loss per real token over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    with _bar(len(loader), "validation", progress) as bar:
+        for batch in loader:
+            tokens += count_loss_tokens(batch)
+            with precision.autocast():
+                loss_sum += token_loss_sum(model, _to(batch, device))
+            bar.update()
+    model.train(was_training)
+    return loss_sum.item() / max(tokens, 1)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                             fused=fused, foreach=None if fused else True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(config.scheduler, config.scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total_steps)
+
+
+def fit(
+    model: torch.nn.Module,
+    train_loader: DataLoader,
+    validation_loader: DataLoader,
+    config: TrainConfig,
+    device: torch.device,
+    precision: Precision,
+    callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
+    ``model`` and return every epoch's figures."""
+    torch.manual_seed(config.seed)
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, config, device)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    scaler = precision.grad_scaler()
+    result = FitResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    epochs_without_improvement = 0
+
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        tokens = real_tokens = samples = step = 0
+        with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", config.progress) as bar:
+            for window in _windows(train_loader, config.grad_accum):
+                window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
+                for batch in window:
+                    with precision.autocast():
+                        batch_loss_sum = token_loss_sum(model, _to(batch, device))
+                    scaler.scale(batch_loss_sum / window_tokens).backward()
+                    loss_sum += batch_loss_sum.detach()
+                    samples += len(batch["input_ids"])
+                    real_tokens += int(batch["attention_mask"].sum())
+                    bar.update()
+                tokens += window_tokens
+                if config.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
+        training_loss = loss_sum.item() / max(tokens, 1)
+        train_seconds = time.perf_counter() - started
+        if not math.isfinite(training_loss):
+            raise NonFiniteLossError(
+                f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
+                f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
+        validation_loss = evaluate(model, validation_loader, device, precision, config.progress)
+
+        epoch_result = EpochResult(
+            epoch=epoch,
+            training_loss=training_loss,
+            validation_loss=validation_loss,
+            validation_perplexity=math.exp(min(validation_loss, 700.0)),
+            epoch_duration_sec=time.perf_counter() - started,
+            train_samples_per_sec=samples / train_seconds,
+            train_tokens_per_sec=real_tokens / train_seconds,
+            learning_rate=scheduler.get_last_lr()[0],
+        )
+        if not result.epochs or validation_loss < result.best.validation_loss:
+            epoch_result.is_best = True
+            best_state = {key: value.detach().to("cpu", copy=True)
+                          for key, value in model.state_dict().items()}
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+        result.epochs.append(epoch_result)
+        for callback in callbacks:
+            callback.on_epoch_end(model, epoch_result)
+        if config.patience and epochs_without_improvement >= config.patience:
+            result.stopped_early = True
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
