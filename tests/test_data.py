@@ -1,0 +1,155 @@
+import logging
+
+import pandas as pd
+import pytest
+import torch
+
+from medlm.data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    LanguageDataset,
+    clean_frame,
+    load_disease_data,
+    prompt_for,
+    split_by_disease,
+)
+from medlm.errors import MedLMError
+
+
+def test_loads_the_real_dataset_keeping_duplicates_and_other_columns(dataset_csv):
+    data = load_disease_data(str(dataset_csv))
+    assert len(data.frame) == 400 and data.raw_rows == 400 and data.dropped_rows == 0
+    assert (data.frame["Name"] == "Sciatica").sum() == 3
+    assert {"Code", "Treatments"} <= set(data.frame.columns)
+    assert "Sjögren's syndrome" in set(data.frame["Name"])
+    assert data.file_sha256 == "6313d3f0537cf6e143d5a60cb47ab8892258797674fcaca2e9c64050ed709f7f"
+    assert not data.frame["Name"].str.contains(r"^\s|\s$").any()
+
+
+def test_cleaning_strips_rejoins_and_counts_dropped_rows():
+    raw = pd.DataFrame({
+        "name": ["  Flu ", "Empty", "", "Cold"],
+        "SYMPTOMS": ["Fever ,cough,,  sore   throat ", " , ", "Headache", "Sneezing"],
+        "Extra": [1, 2, 3, 4],
+    })
+    frame, dropped = clean_frame(raw)
+    assert dropped == 2
+    assert frame["Name"].tolist() == ["Flu", "Cold"]
+    assert frame["Symptoms"].tolist() == ["Fever, cough, sore throat", "Sneezing"]
+    assert frame["Extra"].tolist() == [1, 4]
+
+
+def test_dropped_rows_are_reported(tmp_path, caplog):
+    path = tmp_path / "d.csv"
+    path.write_text("Name,Symptoms\nFlu,Fever\n,Cough\nCold,\nAsthma,Wheezing\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_disease_data(str(path))
+    assert data.dropped_rows == 2 and len(data.frame) == 2
+    assert "dropped 2 of 4 rows" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json", ".jsonl"])
+def test_reads_other_local_formats(tmp_path, suffix):
+    frame = pd.DataFrame({"Name": ["Flu", "Cold"], "Symptoms": ["Fever, Cough", "Sneezing"]})
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_json(path, orient="records", lines=suffix == ".jsonl")
+    assert load_disease_data(str(path)).frame["Symptoms"].tolist() == ["Fever, Cough",
+                                                                       "Sneezing"]
+
+
+def test_max_samples_keeps_the_first_rows(dataset_csv):
+    full = load_disease_data(str(dataset_csv)).frame
+    head = load_disease_data(str(dataset_csv), max_samples=25).frame
+    assert head["Name"].tolist() == full["Name"].head(25).tolist()
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("", "is empty"),
+    ("Disease,Signs\nFlu,Fever\n", "expected columns Name and Symptoms"),
+    ("Name,Symptoms\n,\n", "no usable rows"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, content, expected):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(MedLMError, match=expected) as error:
+        load_disease_data(str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(MedLMError, match="not found"):
+        load_disease_data(str(tmp_path / "nope.csv"))
+    with pytest.raises(MedLMError, match="not found"):
+        load_disease_data("./data/nope")
+
+
+def test_split_is_grouped_by_disease_seeded_and_about_80_20(dataset_csv):
+    frame = load_disease_data(str(dataset_csv)).frame
+    train, validation = split_by_disease(frame, 0.2, seed=42)
+    assert len(train) + len(validation) == len(frame)
+    assert not set(train["Name"].str.casefold()) & set(validation["Name"].str.casefold())
+    assert 0.15 < len(validation) / len(frame) < 0.25
+    again_train, again_validation = split_by_disease(frame, 0.2, seed=42)
+    assert again_validation["Name"].tolist() == validation["Name"].tolist()
+    _, other_validation = split_by_disease(frame, 0.2, seed=7)
+    assert other_validation["Name"].tolist() != validation["Name"].tolist()
+
+
+def test_split_keeps_case_variants_of_a_name_together():
+    frame = pd.DataFrame({"Name": ["Flu", "flu", "Cold", "Asthma", "Gout"],
+                          "Symptoms": ["a", "b", "c", "d", "e"]})
+    for seed in range(10):
+        train, validation = split_by_disease(frame, 0.5, seed)
+        assert {"Flu", "flu"} <= set(train["Name"]) or {"Flu", "flu"} <= set(validation["Name"])
+
+
+def test_a_single_disease_cannot_be_split():
+    frame = pd.DataFrame({"Name": ["Flu", "Flu"], "Symptoms": ["a", "b"]})
+    with pytest.raises(MedLMError, match="at least 2 distinct disease"):
+        split_by_disease(frame)
+
+
+def test_prompt_is_name_and_separator():
+    assert prompt_for("Kidney Failure") == "Kidney Failure |"
+    assert prompt_for(" Kidney Failure | ") == "Kidney Failure |"
+
+
+def test_language_dataset_text_ends_with_end_of_text(gpt2_tokenizer):
+    frame = pd.DataFrame({"Name": ["Flu"], "Symptoms": ["Fever, Cough"]})
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    ids = dataset[0]["input_ids"]
+    assert gpt2_tokenizer.decode(ids) == "Flu | Fever, Cough<|endoftext|>"
+    assert ids[-1].item() == gpt2_tokenizer.eos_token_id
+
+
+def test_max_length_is_the_longest_example_not_a_fixed_128(dataset_csv, gpt2_tokenizer):
+    frame = load_disease_data(str(dataset_csv)).frame
+    dataset = LanguageDataset(frame, gpt2_tokenizer, max_length=1024)
+    longest = max(len(gpt2_tokenizer(name + " | " + symptoms)["input_ids"]) + 1
+                  for name, symptoms in zip(frame["Name"], frame["Symptoms"], strict=True))
+    assert dataset.max_length == longest != 128
+    assert dataset.num_truncated == 0
+
+
+def test_long_rows_are_truncated_with_a_warning(gpt2_tokenizer, caplog):
+    frame = pd.DataFrame({"Name": ["Flu", "Long"],
+                          "Symptoms": ["Fever", ", ".join(["persistent cough"] * 50)]})
+    with caplog.at_level(logging.WARNING):
+        dataset = LanguageDataset(frame, gpt2_tokenizer, max_length=16)
+    assert dataset.num_truncated == 1 and dataset.max_length == 16
+    assert len(dataset[1]["input_ids"]) == 16
+    assert dataset[0]["input_ids"][-1].item() == gpt2_tokenizer.eos_token_id
+    assert "truncated 1 row" in caplog.text
+
+
+def test_collator_pads_to_the_batch_longest_and_masks_padding_from_the_loss(gpt2_tokenizer):
+    eos = gpt2_tokenizer.eos_token_id
+    collate = CausalLMCollator(pad_token_id=eos)
+    batch = collate([{"input_ids": torch.tensor([5, 6, 7, eos])},
+                     {"input_ids": torch.tensor([8, eos])}])
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, eos], [8, eos, IGNORE_INDEX, IGNORE_INDEX]]

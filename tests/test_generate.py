@@ -1,0 +1,38 @@
+import torch
+
+from medlm.generate import GenerationSettings, generate
+
+
+def test_one_list_of_completions_per_disease(tiny_model):
+    tokenizer, model = tiny_model
+    settings = GenerationSettings(max_new_tokens=6, num_return_sequences=3)
+    completions = generate(model, tokenizer, ["Kidney Failure", "Asthma"], settings)
+    assert len(completions) == 2 and all(len(texts) == 3 for texts in completions)
+    assert all(isinstance(text, str) for texts in completions for text in texts)
+
+
+def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny_model):
+    tokenizer, model = tiny_model
+    settings = GenerationSettings(max_new_tokens=12, seed=3)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = generate(model, tokenizer, ["Kidney Failure"], settings)
+    assert torch.rand(1) == expected_next
+    assert generate(model, tokenizer, ["Kidney Failure"], settings) == first
+
+
+def test_batched_prompts_match_single_prompts_under_greedy_decoding(tiny_model):
+    tokenizer, model = tiny_model
+    greedy = GenerationSettings(max_new_tokens=8, do_sample=False)
+    together = generate(model, tokenizer, ["Flu", "Chronic kidney disease"], greedy)
+    alone = [generate(model, tokenizer, [name], greedy)[0]
+             for name in ("Flu", "Chronic kidney disease")]
+    assert together == alone
+
+
+def test_generation_config_carries_the_seed_notebooks_sampling(gpt2_tokenizer):
+    config = GenerationSettings().to_generation_config(gpt2_tokenizer)
+    assert (config.do_sample, config.top_k, config.top_p, config.temperature,
+            config.repetition_penalty, config.max_new_tokens) == (True, 8, 0.95, 0.5, 1.2, 40)
+    assert config.pad_token_id == gpt2_tokenizer.eos_token_id

@@ -1,0 +1,73 @@
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from medlm.errors import MedLMError
+from medlm.tracking import CHAMPION_ALIAS, MlflowTracker, resolve_model_uri
+from medlm.train import EpochResult
+
+
+def epoch(number, validation_loss):
+    return EpochResult(epoch=number, training_loss=validation_loss + 0.1,
+                       validation_loss=validation_loss, validation_perplexity=1.0,
+                       epoch_duration_sec=1.0, train_samples_per_sec=1.0,
+                       train_tokens_per_sec=1.0, learning_rate=1e-3)
+
+
+def register(tiny_model, validation_loss):
+    tokenizer, model = tiny_model
+    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
+                            batch_size=8)
+    with tracker.run({"lr": 1e-3}):
+        result = epoch(1, validation_loss)
+        tracker.on_epoch_end(model, result)
+        return tracker.log_and_register_model(model, tokenizer, result)
+
+
+def champion_version():
+    return str(MlflowClient().get_model_version_by_alias("medlm", CHAMPION_ALIAS).version)
+
+
+@pytest.mark.slow
+def test_champion_moves_only_when_validation_loss_improves(mlflow_home, tiny_model):
+    version, message = register(tiny_model, 2.0)
+    assert champion_version() == version == "1" and "first champion" in message
+    version, message = register(tiny_model, 3.0)
+    assert champion_version() == "1" and version == "2" and "stays at version 1" in message
+    version, message = register(tiny_model, 1.5)
+    assert champion_version() == "3" and "new champion" in message and "beats" in message
+
+
+def test_a_failing_run_is_marked_failed_not_left_running(mlflow_home):
+    tracker = MlflowTracker("medlm-test", "boom", "medlm", transformer="tiny", gpu="cpu",
+                            batch_size=8)
+    with pytest.raises(RuntimeError), tracker.run({"lr": 1e-3}):
+        raise RuntimeError("bug")
+    assert mlflow.get_run(tracker.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), tracker.run({"lr": 1e-3}):
+        raise KeyboardInterrupt
+    assert mlflow.get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_results_csv_has_the_seed_notebooks_columns(mlflow_home, tiny_model):
+    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
+                            batch_size=8)
+    with tracker.run({}):
+        tracker.on_epoch_end(None, epoch(1, 2.0))
+        tracker.on_epoch_end(None, epoch(2, 1.5))
+    frame = tracker.results_frame()
+    assert list(frame.columns) == ["epoch", "transformer", "batch_size", "gpu", "training_loss",
+                                   "validation_loss", "epoch_duration_sec"]
+    assert frame["validation_loss"].tolist() == [2.0, 1.5]
+
+
+def test_unknown_registry_uris_list_what_exists(mlflow_home):
+    with pytest.raises(MedLMError, match=r"no registered model 'medlm'.*registered models: none"):
+        resolve_model_uri("models:/medlm@champion")
+    MlflowClient().create_registered_model("medlm")
+    with pytest.raises(MedLMError, match=r"has no alias @best .*versions: none"):
+        resolve_model_uri("models:/medlm@best")
+    with pytest.raises(MedLMError, match="has no version 4"):
+        resolve_model_uri("4")
+    with pytest.raises(MedLMError, match="is not a directory or URI"):
+        resolve_model_uri("no/such/dir")

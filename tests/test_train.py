@@ -1,0 +1,155 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from medlm.config import TrainConfig
+from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
+from medlm.modeling import resolve_precision
+from medlm.train import (
+    NonFiniteLossError,
+    count_loss_tokens,
+    evaluate,
+    fit,
+    token_loss_sum,
+)
+
+CPU = torch.device("cpu")
+FP32 = resolve_precision("fp32", "cpu")
+
+
+def loaders(tokenizer, frame, batch_size=8, seed=42):
+    train_frame, validation_frame = split_by_disease(frame, 0.2, seed)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    train = DataLoader(LanguageDataset(train_frame, tokenizer), batch_size=batch_size,
+                       shuffle=True, collate_fn=collate,
+                       generator=torch.Generator().manual_seed(seed))
+    validation = DataLoader(LanguageDataset(validation_frame, tokenizer),
+                            batch_size=batch_size, collate_fn=collate)
+    return train, validation
+
+
+@pytest.fixture(scope="module")
+def small_frame(dataset_csv):
+    return load_disease_data(str(dataset_csv), max_samples=80).frame
+
+
+class Recorder:
+    def __init__(self):
+        self.results = []
+
+    def on_epoch_end(self, model, result):
+        self.results.append(result)
+
+
+def test_loss_goes_down_and_every_epoch_is_reported(tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    recorder = Recorder()
+    config = TrainConfig(epochs=3, lr=3e-3, progress=False)
+    result = fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
+    losses = [epoch.training_loss for epoch in result.epochs]
+    assert [epoch.epoch for epoch in recorder.results] == [1, 2, 3]
+    assert losses[-1] < losses[0] - 0.5
+    assert result.epochs[-1].validation_loss < result.epochs[0].validation_loss
+    last = result.epochs[-1]
+    assert last.validation_perplexity == pytest.approx(math.exp(last.validation_loss))
+    assert last.train_samples_per_sec > 0 and last.train_tokens_per_sec > 0
+    assert last.learning_rate == pytest.approx(3e-3)
+
+
+def test_padding_does_not_change_the_loss(tiny_model, gpt2_tokenizer):
+    tokenizer, model = tiny_model
+    model.eval()
+    frame = pd.DataFrame({"Name": ["Flu", "Chronic kidney disease"],
+                          "Symptoms": ["Fever", "Fatigue, swelling, itching, nausea"]})
+    dataset = LanguageDataset(frame, tokenizer)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    padded = collate([dataset[0], dataset[1]])
+    alone = collate([dataset[0]])
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        short_in_batch = token_loss_sum(model, {k: v[:1] for k, v in padded.items()})
+        short_alone = token_loss_sum(model, alone)
+    assert short_in_batch.item() == pytest.approx(short_alone.item(), rel=1e-5)
+    assert count_loss_tokens({k: v[:1] for k, v in padded.items()}) == len(dataset[0]
+                                                                           ["input_ids"]) - 1
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, small_frame):
+    from medlm.modeling import load_tokenizer_and_model
+
+    weights = []
+    for batch_size, accum in ((16, 1), (8, 2)):  # one optimizer step over the same 16 rows
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        for module in model.modules():  # dropout masks would differ between batch shapes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        train_frame, _ = split_by_disease(small_frame, 0.2, 42)
+        dataset = LanguageDataset(train_frame.head(16), tokenizer)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(
+            tokenizer.pad_token_id))
+        config = TrainConfig(epochs=1, lr=1e-3, grad_accum=accum, progress=False,
+                             max_grad_norm=0)
+        fit(model, loader, loader, config, CPU, FP32)
+        weights.append(model.transformer.h[0].mlp.c_fc.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    # A learning rate this high overfits/diverges, so validation loss stops improving fast.
+    config = TrainConfig(epochs=8, lr=5e-2, patience=1, progress=False)
+    result = fit(model, train, validation, config, CPU, FP32)
+    assert result.stopped_early and len(result.epochs) < 8
+    best = result.best
+    assert [epoch.is_best for epoch in result.epochs].count(True) >= 1
+    assert result.epochs[-1].validation_loss >= best.validation_loss
+    assert evaluate(model, validation, CPU, FP32) == pytest.approx(best.validation_loss,
+                                                                   rel=1e-4)
+
+
+def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    with torch.no_grad():
+        model.transformer.wte.weight[:] = float("nan")
+    train, validation = loaders(tokenizer, small_frame)
+    with pytest.raises(NonFiniteLossError, match="lower --lr"):
+        fit(model, train, validation, TrainConfig(epochs=2, progress=False), CPU, FP32)
+
+
+def test_same_seed_same_losses(tiny_model_dir, small_frame):
+    from medlm.modeling import load_tokenizer_and_model
+
+    runs = []
+    for _ in range(2):
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        train, validation = loaders(tokenizer, small_frame)
+        result = fit(model, train, validation, TrainConfig(epochs=2, progress=False), CPU,
+                     FP32)
+        runs.append([(e.training_loss, e.validation_loss) for e in result.epochs])
+    assert runs[0] == runs[1]
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    bf16 = resolve_precision("bf16", "cpu", cpu_bf16=True)
+    result = fit(model, train, validation, TrainConfig(epochs=2, lr=3e-3, progress=False),
+                 CPU, bf16)
+    assert result.epochs[1].training_loss < result.epochs[0].training_loss
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_schedulers_warm_up_and_decay(tiny_model, small_frame, scheduler):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    config = TrainConfig(epochs=2, lr=1e-3, scheduler=scheduler, warmup_steps=2,
+                         progress=False)
+    result = fit(model, train, validation, config, CPU, FP32)
+    assert result.epochs[-1].learning_rate == pytest.approx(0.0, abs=1e-9)
+    assert 0 < result.epochs[0].learning_rate < 1e-3
