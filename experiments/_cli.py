@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -15,7 +16,12 @@ EXIT_USAGE = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (``error: ...``) instead of usage + message."""
+    """argparse, but a bad flag is one line (``error: ...``) instead of usage + message, and
+    ``--lr -1e-4`` reaches the flag's validation instead of being mistaken for an option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)

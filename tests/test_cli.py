@@ -1,0 +1,185 @@
+"""End to end, as a user runs it: both CLIs as subprocesses, on the real dataset and a tiny
+random GPT-2 with the real GPT-2 tokenizer, with MLflow's default store in a fresh directory."""
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run_module
+
+pytestmark = pytest.mark.slow
+EPOCHS = 2
+METRICS = ["training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
+           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("user")
+
+
+@pytest.fixture(scope="module")
+def no_uri_env():
+    """The user's environment without MLFLOW_TRACKING_URI, so MLflow's default applies."""
+    return {"MLFLOW_TRACKING_URI": ""}
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tiny_model_dir, dataset_csv, no_uri_env):
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "60", "--epochs", str(EPOCHS),
+                        "--lr", "3e-3", "--run-name", "e2e", cwd=workdir, env_extra=no_uri_env)
+    assert result.returncode == 0, result.stderr
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("medlm")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return result, client, run
+
+
+def test_run_finishes_in_the_default_store_with_every_metric_every_epoch(trained, workdir):
+    result, client, run = trained
+    assert (workdir / "mlflow.db").is_file() and (workdir / "mlruns").is_dir()
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    for metric in METRICS:
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(point.step for point in history) == list(range(1, EPOCHS + 1)), metric
+    losses = {p.step: p.value for p in client.get_metric_history(run.info.run_id,
+                                                                 "training_loss")}
+    assert losses[2] < losses[1]
+    assert "epoch 2: training loss" in result.stderr
+
+
+def test_params_describe_config_data_hardware_and_libraries(trained):
+    _, _, run = trained
+    params = run.data.params
+    assert params["lr"] == "0.003" and params["batch_size"] == "8"
+    assert params["epochs"] == str(EPOCHS)
+    assert int(params["num_parameters"]) > 0
+    assert params["rows_train"] != "0" and int(params["rows_train"]) + int(
+        params["rows_validation"]) == 60
+    assert len(params["dataset_content_sha256"]) == 64
+    assert params["device_type"] == "cpu" and params["precision_effective"] in ("fp32", "bf16")
+    assert {"torch_version", "transformers_version", "mlflow_version"} <= set(params)
+
+
+def test_samples_results_and_plot_are_logged(trained, workdir):
+    _, client, run = trained
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples.json", "results.csv", "loss_curve.png"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "", str(workdir / "dl")))
+    table = json.loads((local / "samples.json").read_text())
+    samples = pd.DataFrame(table["data"], columns=table["columns"])
+    assert sorted(samples["epoch"].unique()) == list(range(1, EPOCHS + 1))
+    assert (samples["prompt"] == "Kidney Failure").sum() == EPOCHS
+    assert len(samples) == 3 * EPOCHS  # Kidney Failure + the first two validation diseases
+    validation_rows = samples[samples["prompt"] != "Kidney Failure"]
+    assert (validation_rows["reference"] != "").all()
+    results = pd.read_csv(local / "results.csv")
+    assert list(results.columns) == ["epoch", "transformer", "batch_size", "gpu",
+                                     "training_loss", "validation_loss", "epoch_duration_sec"]
+    assert results["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_model_is_registered_as_champion_with_safetensors(trained, workdir):
+    result, client, run = trained
+    version = client.get_model_version_by_alias("medlm", "champion")
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["validation_loss"]) == pytest.approx(
+        min(p.value for p in client.get_metric_history(run.info.run_id, "validation_loss")))
+    assert "first champion" in result.stderr
+    model_dir = workdir / "mlruns"  # MLflow's default artifact root beside mlflow.db
+    assert list(model_dir.rglob("*.safetensors"))
+    assert not list(model_dir.rglob("*.bin")) and not list(model_dir.rglob("*.pt"))
+    requirements = next(model_dir.rglob("requirements.txt")).read_text()
+    assert "torch==" in requirements and "transformers==" in requirements
+
+
+def test_generate_loads_the_champion_and_prints_completions(trained, workdir, no_uri_env):
+    result = run_module("experiments.generate", "Kidney Failure", "Asthma",
+                        "--max-new-tokens", "8", cwd=workdir, env_extra=no_uri_env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Kidney Failure | ") and lines[1].startswith("Asthma | ")
+
+
+def test_generate_accepts_versions_run_uris_and_is_repeatable(trained, workdir, no_uri_env):
+    _, _, run = trained
+    args = ["Kidney Failure", "--max-new-tokens", "8", "--num-return-sequences", "2",
+            "--seed", "5"]
+    by_version = run_module("experiments.generate", *args, "--model-uri", "1", cwd=workdir,
+                            env_extra=no_uri_env)
+    by_run = run_module("experiments.generate", *args, "--model-uri",
+                        f"runs:/{run.info.run_id}/model", cwd=workdir, env_extra=no_uri_env)
+    assert by_version.returncode == 0 and by_run.returncode == 0, by_run.stderr
+    assert by_version.stdout == by_run.stdout
+    assert by_version.stdout.startswith("[1] Kidney Failure | ")
+    assert "[2] Kidney Failure | " in by_version.stdout
+
+
+def test_unknown_alias_is_one_line_listing_what_exists(trained, workdir, no_uri_env):
+    result = run_module("experiments.generate", "Asthma", "--model-uri", "models:/medlm@best",
+                        cwd=workdir, env_extra=no_uri_env)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "@champion -> 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_reads_a_save_pretrained_directory(tiny_model_dir, tmp_path):
+    result = run_module("experiments.generate", "Asthma", "--model-uri", str(tiny_model_dir),
+                        "--greedy", "--max-new-tokens", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Asthma | ")
+
+
+def bad_inputs(tmp: Path, csv: Path, model: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "columns.csv").write_text("Disease,Signs\nFlu,Fever\n")
+    (tmp / "empty.csv").write_text("")
+    (tmp / "one.csv").write_text("Name,Symptoms\nFlu,Fever\n")
+    return {
+        "missing file": (["--dataset", str(tmp / "nope.csv")], "nope.csv"),
+        "wrong columns": (["--dataset", str(tmp / "columns.csv")], "expected columns Name"),
+        "empty file": (["--dataset", str(tmp / "empty.csv")], "is empty"),
+        "single disease": (["--dataset", str(tmp / "one.csv")], "at least 2 distinct"),
+        "negative lr": (["--lr", "-1e-4"], "--lr: '-1e-4' is invalid"),
+        "text lr": (["--lr", "fast"], "'fast' is not a number"),
+        "zero batch": (["--batch-size", "0"], "--batch-size: '0'"),
+        "zero epochs": (["--epochs", "0"], "--epochs: '0'"),
+        "unknown model": (["--model", str(tmp / "no-model")], "no-model"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "wrong columns", "empty file",
+                                  "single disease", "negative lr", "text lr", "zero batch",
+                                  "zero epochs", "unknown model"])
+def test_bad_input_is_one_line_exit_2_and_no_run(case, tmp_path, dataset_csv, tiny_model_dir):
+    args, expected = bad_inputs(tmp_path, dataset_csv, tiny_model_dir)[case]
+    defaults = ["--dataset", str(dataset_csv), "--model", str(tiny_model_dir), "--epochs", "1",
+                "--max-samples", "20"]
+    result = run_module("experiments.run", *defaults, *args, cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_help_documents_every_flag(tmp_path):
+    result = run_module("experiments.run", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in ("--dataset", "--model", "--lr", "--batch-size", "--epochs", "--weight-decay",
+                 "--max-grad-norm", "--grad-accum", "--scheduler", "--warmup-steps",
+                 "--patience", "--device", "--precision", "--seed", "--max-samples",
+                 "--max-length", "--max-new-tokens", "--experiment", "--run-name",
+                 "--registered-model", "--no-progress"):
+        assert flag in result.stdout, flag
+    assert os.linesep.join(result.stdout.splitlines())  # non-empty help text
