@@ -91,7 +91,7 @@ def _read_hub(dataset_id: str) -> pd.DataFrame:
         raise MedLMError(
             f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
             f"Hugging Face Hub ({type(error).__name__}): expected a Hub dataset id or a local "
-            "CSV/Parquet/JSON path"
+            "CSV/Parquet/JSON path (no Hub access? see README, Offline)"
         ) from None
 
 

@@ -33,8 +33,10 @@ def load_tokenizer_and_model(name_or_path: str):
     except (OSError, ValueError, KeyError) as error:
         where = "directory" if os.path.isdir(path) else "Hub id"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "" if os.path.isdir(path) else " (no Hub access? see README, Offline)"
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
-                         "expected a causal LM Hub id or a save_pretrained directory") from None
+                         f"expected a causal LM Hub id or a save_pretrained directory{hint}"
+                         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
