@@ -79,10 +79,12 @@ def quiet_libraries() -> None:
     """Keep the output about the run: library chatter down to warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The Hub client logs every retry; a final failure still reaches the user as our error.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import mlflow  # noqa: F401 - it sets its own log levels on import; ours must come after
 
-    for name in ("mlflow", "transformers", "datasets", "huggingface_hub", "urllib3", "alembic"):
+    for name in ("mlflow", "transformers", "datasets", "urllib3", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Model-card and license look-ups on the Hub for a local model: expected to miss.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
@@ -90,6 +92,7 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 

@@ -85,6 +85,7 @@ def _read_file(path: str) -> pd.DataFrame:
 def _read_hub(dataset_id: str) -> pd.DataFrame:
     import datasets  # slow import, only needed for Hub ids
 
+    log.info("loading dataset %s from the Hugging Face Hub (or its local cache)", dataset_id)
     try:
         return datasets.load_dataset(dataset_id, split="train").to_pandas()
     except Exception as error:  # the Hub client raises many types; all mean "cannot load this id"

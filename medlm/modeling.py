@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import torch
 
 from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer_and_model(name_or_path: str):
@@ -27,6 +30,8 @@ def load_tokenizer_and_model(name_or_path: str):
     # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
     # up model cards and licenses by it).
     source = os.path.abspath(path) if os.path.isdir(path) else name_or_path
+    if source == name_or_path:
+        log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
