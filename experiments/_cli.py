@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -15,11 +16,24 @@ from medlm.errors import MedLMError
 EXIT_USAGE = 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for on/off switches and flags whose default is "not set"."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (``error: ...``) instead of usage + message, and
     ``--lr -1e-4`` reaches the flag's validation instead of being mistaken for an option."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -28,51 +42,29 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a whole number >= 1")
-    return value
+def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool = False,
+            maximum: float = math.inf) -> Callable[[str], float]:
+    """An argparse ``type=`` that names the bad text and the expected range."""
+    kind = "whole number" if parse is int else "number"
+
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        too_small = value <= minimum if above_minimum else value < minimum
+        if not math.isfinite(value) or too_small or value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}")
+        return value
+
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a whole number >= 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number > 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number >= 0")
-    return value
-
-
-def probability(text: str) -> float:
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number in (0, 1]")
-    return value
+positive_int = _number(int, 1, "a whole number >= 1")
+non_negative_int = _number(int, 0, "a whole number >= 0")
+positive_float = _number(float, 0, "a number > 0", above_minimum=True)
+non_negative_float = _number(float, 0, "a number >= 0")
+probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
 
 
 def quiet_libraries() -> None:

@@ -23,9 +23,7 @@ DEFAULT_MODEL_URI = "models:/medlm@champion"
 def build_parser() -> ArgumentParser:
     defaults = GenerationSettings()
     parser = ArgumentParser(
-        prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0],
-        formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(
-            prog, max_help_position=32))
+        prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0])
     parser.add_argument("diseases", nargs="+", metavar="DISEASE",
                         help="disease name(s), e.g. \"Kidney Failure\"")
     parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
@@ -33,19 +31,26 @@ def build_parser() -> ArgumentParser:
                              "runs:/RUN_ID/model, or a local model directory")
     parser.add_argument("--registered-model", default="medlm",
                         help="registered model a bare version number refers to")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
+                        help="tokens to write per completion")
     parser.add_argument("--num-return-sequences", type=positive_int,
-                        default=defaults.num_return_sequences)
-    parser.add_argument("--top-k", type=positive_int, default=defaults.top_k)
-    parser.add_argument("--top-p", type=probability, default=defaults.top_p)
-    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature)
+                        default=defaults.num_return_sequences,
+                        help="completions per disease")
+    parser.add_argument("--top-k", type=positive_int, default=defaults.top_k,
+                        help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=probability, default=defaults.top_p,
+                        help="nucleus sampling: smallest token set with this probability")
+    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature,
+                        help="below 1: more conservative, above 1: more varied")
     parser.add_argument("--repetition-penalty", type=positive_float,
-                        default=defaults.repetition_penalty)
+                        default=defaults.repetition_penalty,
+                        help="above 1 discourages repeating tokens")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+                        help="auto: cuda, then mps, then cpu")
     return parser
 
 

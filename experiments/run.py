@@ -25,9 +25,7 @@ log = logging.getLogger("medlm")
 def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
     parser = ArgumentParser(
-        prog="python -m experiments.run", description=__doc__.strip().splitlines()[0],
-        formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(
-            prog, max_help_position=32))
+        prog="python -m experiments.run", description=__doc__.strip().splitlines()[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=defaults.dataset,
                       help="Hub dataset id, or a local CSV/TSV/Parquet/JSON file with Name and "
@@ -51,11 +49,14 @@ def build_parser() -> ArgumentParser:
                        help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
                             "on older GPUs), else fp32")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    train.add_argument("--epochs", type=positive_int, default=defaults.epochs,
+                       help="passes over the training set")
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                       help="rows per batch")
     train.add_argument("--lr", type=positive_float, default=defaults.lr,
                        help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
+    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
+                       help="AdamW weight decay (0 = the seed notebook's Adam)")
     train.add_argument("--max-grad-norm", type=non_negative_float,
                        default=defaults.max_grad_norm, help="gradient clipping; 0 = off")
     train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
@@ -72,12 +73,15 @@ def build_parser() -> ArgumentParser:
                          help="disease to sample (repeatable; default: Kidney Failure); the "
                               "first --num-validation-samples validation diseases are added")
     samples.add_argument("--num-validation-samples", type=non_negative_int,
-                         default=defaults.num_validation_samples)
-    samples.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
+                         default=defaults.num_validation_samples,
+                         help="validation diseases sampled besides --sample-prompt")
+    samples.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
+                         help="tokens generated per sample")
     tracking = parser.add_argument_group("MLflow (tracking URI: $MLFLOW_TRACKING_URI, else "
                                          "./mlflow.db)")
-    tracking.add_argument("--experiment", default=defaults.experiment)
-    tracking.add_argument("--run-name", default=None)
+    tracking.add_argument("--experiment", default=defaults.experiment,
+                          help="MLflow experiment name")
+    tracking.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
     tracking.add_argument("--registered-model", default=defaults.registered_model,
                           help="Model Registry name the best model is registered under")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

@@ -183,3 +183,21 @@ def test_help_documents_every_flag(tmp_path):
                  "--registered-model", "--no-progress"):
         assert flag in result.stdout, flag
     assert os.linesep.join(result.stdout.splitlines())  # non-empty help text
+
+
+def test_default_model_id_trains_from_the_hub_cache_offline(tmp_path, tiny_model_dir,
+                                                            dataset_csv):
+    """``--model distilgpt2`` goes through the Hub code path; here it is served from a
+    populated Hugging Face cache with HF_HUB_OFFLINE=1, as for a user who downloaded it once."""
+    snapshot = tmp_path / "hub" / "models--distilgpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in tiny_model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "hub" / "models--distilgpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--distilgpt2" / "refs" / "main").write_text("0" * 40)
+    result = run_module("experiments.run", "--dataset", str(dataset_csv), "--max-samples", "30",
+                        "--epochs", "1", "--num-validation-samples", "0", cwd=tmp_path,
+                        env_extra={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                                   "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    assert "distilgpt2 on cpu" in result.stderr and "first champion" in result.stderr

@@ -153,3 +153,15 @@ def test_collator_pads_to_the_batch_longest_and_masks_padding_from_the_loss(gpt2
     assert batch["input_ids"].shape == (2, 4)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7, eos], [8, eos, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_hub_loader_reads_a_dataset_repository(tmp_path, dataset_csv):
+    """The code path for Hub ids (datasets.load_dataset), on a local repository layout."""
+    from medlm.data import _read_hub, clean_frame
+
+    repository = tmp_path / "Diseases_Symptoms"
+    (repository / "data").mkdir(parents=True)
+    (repository / "data" / "train.csv").write_bytes(dataset_csv.read_bytes())
+    frame, dropped = clean_frame(_read_hub(str(repository)))
+    assert len(frame) == 400 and dropped == 0
+    assert {"Name", "Symptoms", "Treatments"} <= set(frame.columns)
