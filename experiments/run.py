@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
     from medlm.generate import GenerationSettings
     from medlm.modeling import (
-        context_size,
         count_parameters,
         describe_device,
+        effective_max_length,
         load_tokenizer_and_model,
         resolve_device,
         resolve_precision,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
-    max_length = config.max_length or context_size(model)
+    max_length = effective_max_length(config.max_length, model)
     train_set = LanguageDataset(train_frame, tokenizer, max_length)
     validation_set = LanguageDataset(validation_frame, tokenizer, max_length)
     collate = CausalLMCollator(tokenizer.pad_token_id)

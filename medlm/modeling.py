@@ -60,6 +60,17 @@ def context_size(model) -> int | None:
     return None
 
 
+def effective_max_length(requested: int | None, model) -> int | None:
+    """``--max-length``, defaulting to and bounded by the model's context size."""
+    context = context_size(model)
+    if requested is None:
+        return context
+    if context is not None and requested > context:
+        raise MedLMError(f"--max-length {requested} exceeds the model's context size: expected "
+                         f"at most {context}")
+    return requested
+
+
 def count_parameters(model) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 

@@ -110,10 +110,18 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
+    """AdamW; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere.
+
+    Weight decay applies to matrices only, not to biases and norm gains (as nanoGPT and the
+    Hugging Face examples do).
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                             fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=fused, foreach=None if fused else True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):

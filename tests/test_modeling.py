@@ -4,6 +4,7 @@ import torch
 from medlm.errors import MedLMError
 from medlm.modeling import (
     context_size,
+    effective_max_length,
     load_tokenizer_and_model,
     resolve_device,
     resolve_precision,
@@ -67,3 +68,11 @@ def test_missing_model_directory_fails_fast(tmp_path):
 def test_a_directory_that_is_not_a_model_is_a_user_error(tmp_path):
     with pytest.raises(MedLMError, match="could not load model"):
         load_tokenizer_and_model(str(tmp_path))
+
+
+def test_max_length_defaults_to_and_is_bounded_by_the_context(tiny_model):
+    _, model = tiny_model
+    assert effective_max_length(None, model) == 256
+    assert effective_max_length(64, model) == 64
+    with pytest.raises(MedLMError, match="--max-length 300 exceeds.*at most 256"):
+        effective_max_length(300, model)

@@ -153,3 +153,15 @@ def test_schedulers_warm_up_and_decay(tiny_model, small_frame, scheduler):
     result = fit(model, train, validation, config, CPU, FP32)
     assert result.epochs[-1].learning_rate == pytest.approx(0.0, abs=1e-9)
     assert 0 < result.epochs[0].learning_rate < 1e-3
+
+
+def test_weight_decay_skips_biases_and_norms(tiny_model):
+    from medlm.train import make_optimizer
+
+    _, model = tiny_model
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and plain["params"]
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
+        p.numel() for p in model.parameters())
