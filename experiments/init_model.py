@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments._cli import ArgumentParser, run_cli
+from experiments._cli import ArgumentParser, quiet_libraries, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="architecture (default: distilgpt2: 6 layers, 768 wide, 12 heads)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     args = parser.parse_args(argv)
+    quiet_libraries()
     path = save_random_gpt2(args.directory, args.preset, args.seed)
     print(f"saved a random {args.preset} GPT-2 to {path}; train it with "
           f"python -m experiments.run --model {path}")
