@@ -65,6 +65,8 @@ def build_parser() -> ArgumentParser:
                        help="learning-rate decay after warmup")
     train.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
                        help="optimizer steps of linear warmup")
+    train.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                       help="plain shuffled batches instead of batches of similar-length rows")
     train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
                        help="stop after N epochs without a better validation loss; 0 = off")
     samples = parser.add_argument_group("samples written after every epoch")
@@ -120,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(**vars(args))
     quiet_libraries()
 
-    import torch
-    from torch.utils.data import DataLoader
-
-    from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
+    from medlm.data import LanguageDataset, load_disease_data, make_loader, split_by_disease
     from medlm.generate import GenerationSettings
     from medlm.modeling import (
         count_parameters,
@@ -146,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     max_length = effective_max_length(config.max_length, model)
     train_set = LanguageDataset(train_frame, tokenizer, max_length)
     validation_set = LanguageDataset(validation_frame, tokenizer, max_length)
-    collate = CausalLMCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                              collate_fn=collate, pin_memory=device.type == "cuda",
-                              generator=torch.Generator().manual_seed(config.seed))
-    validation_loader = DataLoader(validation_set, batch_size=config.batch_size,
-                                   collate_fn=collate, pin_memory=device.type == "cuda")
+    pin_memory = device.type == "cuda"
+    train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
+                               seed=config.seed, pin_memory=pin_memory,
+                               group_by_length=config.group_by_length)
+    validation_loader = make_loader(validation_set, config.batch_size, tokenizer.pad_token_id,
+                                    train=False, pin_memory=pin_memory)
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)

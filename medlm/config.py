@@ -33,6 +33,7 @@ class TrainConfig:
     scheduler: str = "constant"
     warmup_steps: int = 0
     patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
+    group_by_length: bool = True  # batches of similar-length rows: far less padding
 
     device: str = "auto"
     precision: str = "auto"

@@ -8,8 +8,10 @@ from medlm.data import (
     IGNORE_INDEX,
     CausalLMCollator,
     LanguageDataset,
+    LengthGroupedBatchSampler,
     clean_frame,
     load_disease_data,
+    make_loader,
     prompt_for,
     split_by_disease,
 )
@@ -165,3 +167,38 @@ def test_hub_loader_reads_a_dataset_repository(tmp_path, dataset_csv):
     frame, dropped = clean_frame(_read_hub(str(repository)))
     assert len(frame) == 400 and dropped == 0
     assert {"Name", "Symptoms", "Treatments"} <= set(frame.columns)
+
+
+def padding_ratio(loader) -> float:
+    padded = real = 0
+    for batch in loader:
+        padded += batch["attention_mask"].numel()
+        real += int(batch["attention_mask"].sum())
+    return padded / real
+
+
+def test_length_grouped_batches_cover_every_row_once_and_cut_padding(dataset_csv,
+                                                                    gpt2_tokenizer):
+    frame = load_disease_data(str(dataset_csv)).frame
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size=8, seed=1)
+    first, second = list(sampler), list(sampler)
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(len(dataset)))
+        assert len(epoch) == len(sampler) == 50
+    assert first != second  # a new order every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # and a repeatable one
+    grouped = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=True, seed=1)
+    plain = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=True, seed=1,
+                        group_by_length=False)
+    assert padding_ratio(grouped) < 1.1 < 1.5 < padding_ratio(plain)
+
+
+def test_validation_loader_sorts_by_length_and_keeps_every_row(dataset_csv, gpt2_tokenizer):
+    frame = load_disease_data(str(dataset_csv), max_samples=50).frame
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    loader = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=False)
+    widths = [batch["input_ids"].shape[1] for batch in loader]
+    assert widths == sorted(widths)
+    assert sum(len(batch["input_ids"]) for batch in loader) == 50
