@@ -69,7 +69,6 @@ probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximu
 
 def quiet_libraries() -> None:
     """Keep the output about the run: library chatter down to warnings."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The Hub client logs every retry; a final failure still reaches the user as our error.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")

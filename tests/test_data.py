@@ -202,3 +202,13 @@ def test_validation_loader_sorts_by_length_and_keeps_every_row(dataset_csv, gpt2
     widths = [batch["input_ids"].shape[1] for batch in loader]
     assert widths == sorted(widths)
     assert sum(len(batch["input_ids"]) for batch in loader) == 50
+
+
+def test_batch_tokenization_matches_the_tokenizers_own_encoding(dataset_csv, gpt2_tokenizer):
+    frame = load_disease_data(str(dataset_csv)).frame
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    texts = (frame["Name"] + " | " + frame["Symptoms"]).tolist()
+    expected = gpt2_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = gpt2_tokenizer.eos_token_id
+    assert [dataset[i]["input_ids"].tolist() for i in range(len(dataset))] == [
+        [*ids, eos] for ids in expected]

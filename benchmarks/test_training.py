@@ -1,0 +1,196 @@
+"""Per-batch training throughput at batch size 8 on the real dataset, same model and rows for
+every contender: the seed notebook's step, ``transformers.Trainer`` tuned as a user would tune
+it, and MedLM's loop (``medlm.train.train_step``, the code ``fit`` runs). Also MFU, inference
+throughput, and per-sample cost on the dataset replicated ``SCALE`` times."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pandas as pd
+import pytest
+import torch
+from conftest import PRESET, RESULTS, ROUNDS, SCALE, SHORT
+from seed_notebook import SeedLanguageDataset, seed_step
+
+from medlm.config import TrainConfig
+from medlm.data import LanguageDataset, make_loader
+from medlm.modeling import cpu_supports_bf16, resolve_precision
+from medlm.train import make_optimizer, make_scheduler, train_step
+
+CPU = torch.device("cpu")
+BATCH = 8
+WARMUP_STEPS = 1 if SHORT else 2
+STEPS = 4 if SHORT else 40  # ours and Trainer: a whole epoch of the training split
+SEED_STEPS = 4 if SHORT else 10  # every seed batch costs the same (always 128 tokens)
+
+
+def flops_per_token(model, sequence_length: float) -> float:
+    """nanoGPT's estimate for a training step: 6N + 12 * layers * width * sequence length."""
+    config = model.config
+    parameters = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * parameters + 12 * config.n_layer * config.n_embd * sequence_length
+
+
+def report(name: str, benchmark, seconds_per_batch: float, real_tokens_per_batch: float,
+           mean_width: float, model, peak: float) -> dict[str, float]:
+    figures = {
+        "s/batch": seconds_per_batch,
+        "samples/s": BATCH / seconds_per_batch,
+        "real tokens/s": real_tokens_per_batch / seconds_per_batch,
+        "MFU %": 100 * flops_per_token(model, mean_width) * real_tokens_per_batch
+        / seconds_per_batch / peak,
+    }
+    benchmark.extra_info.update(figures)
+    RESULTS[name] = figures
+    return figures
+
+
+def add_ratios(name: str, benchmark) -> None:
+    ours = RESULTS[name]
+    for baseline in ("train: seed step", "train: transformers.Trainer"):
+        if baseline in RESULTS:
+            ratio = ours["samples/s"] / RESULTS[baseline]["samples/s"]
+            ours[f"x vs {baseline.split(': ')[1]}"] = ratio
+            benchmark.extra_info[f"speedup_vs_{baseline.split(': ')[1]}"] = ratio
+
+
+def timed_steps(run_one, batches, warmup: int) -> float:
+    """Seconds per batch over ``batches`` after ``warmup`` untimed ones."""
+    for batch in batches[:warmup]:
+        run_one(batch)
+    started = time.perf_counter()
+    for batch in batches[warmup:]:
+        run_one(batch)
+    return (time.perf_counter() - started) / len(batches[warmup:])
+
+
+def test_seed_step(benchmark, train_frame, tokenizer, fresh_model, matmul_peak):
+    dataset = SeedLanguageDataset(train_frame, tokenizer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    batches = list(itertools.islice(loader, WARMUP_STEPS + SEED_STEPS))
+    seconds = []
+
+    def run():
+        model = fresh_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
+        seconds.append(timed_steps(lambda batch: seed_step(model, optimizer, batch), batches,
+                                   WARMUP_STEPS))
+        return model
+
+    model = benchmark.pedantic(run, rounds=ROUNDS)
+    real = sum(int(b["attention_mask"].sum()) for b in batches[WARMUP_STEPS:]) / SEED_STEPS
+    report("train: seed step", benchmark, min(seconds), real, 128, model, matmul_peak["fp32"])
+
+
+def test_transformers_trainer(benchmark, train_frame, tokenizer, fresh_model, matmul_peak,
+                              tmp_path):
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    texts = (train_frame["Name"] + " | " + train_frame["Symptoms"] + tokenizer.eos_token)
+    rows = [{"input_ids": ids} for ids in tokenizer(texts.tolist())["input_ids"]]
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    def run():
+        step_ends.clear()
+        model = fresh_model()
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+            max_steps=WARMUP_STEPS + STEPS, learning_rate=5e-4,
+            train_sampling_strategy="group_by_length", bf16=cpu_supports_bf16(), use_cpu=True,
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            dataloader_pin_memory=False, seed=0)
+        trainer = Trainer(model=model, args=arguments, train_dataset=rows,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                          callbacks=[StepClock()])
+        trainer.train()
+        return model, (step_ends[-1] - step_ends[WARMUP_STEPS - 1]) / STEPS
+
+    results = []
+    model = benchmark.pedantic(lambda: results.append(run()) or results[-1][0], rounds=ROUNDS)
+    lengths = sorted(len(row["input_ids"]) for row in rows)
+    real = sum(lengths) / len(lengths) * BATCH
+    width = sum(lengths) / len(lengths) * 1.03  # its grouping pads like ours (measured 1.03)
+    peak = matmul_peak["bf16" if cpu_supports_bf16() else "fp32"]
+    report("train: transformers.Trainer", benchmark, min(r[1] for r in results), real, width,
+           model, peak)
+
+
+def ours(benchmark, frame, tokenizer, fresh_model, matmul_peak, name: str) -> dict:
+    precision = resolve_precision("auto", CPU)
+    dataset = LanguageDataset(frame, tokenizer)
+    loader = make_loader(dataset, BATCH, tokenizer.pad_token_id, train=True, seed=0)
+    batches = list(itertools.islice(loader, WARMUP_STEPS + STEPS))
+    config = TrainConfig()
+    seconds = []
+
+    def run():
+        model = fresh_model()
+        optimizer = make_optimizer(model, config, CPU)
+        scheduler = make_scheduler(optimizer, config, len(batches))
+        scaler = precision.grad_scaler()
+        loss_sums = []
+
+        def one(batch):
+            loss_sums.append(train_step(model, [batch], optimizer, scaler, scheduler, precision,
+                                        CPU, config.max_grad_norm)[0])
+
+        seconds.append(timed_steps(one, batches, WARMUP_STEPS))
+        assert torch.isfinite(torch.stack(loss_sums)).all()  # read once, at the end, as fit does
+        return model
+
+    model = benchmark.pedantic(run, rounds=ROUNDS)
+    measured = batches[WARMUP_STEPS:]
+    real = sum(int(b["attention_mask"].sum()) for b in measured) / len(measured)
+    width = sum(b["input_ids"].shape[1] for b in measured) / len(measured)
+    peak = matmul_peak[precision.name if precision.name != "fp16" else "fp32"]
+    figures = report(name, benchmark, min(seconds), real, width, model, peak)
+    benchmark.extra_info["precision"] = precision.name
+    return figures
+
+
+def test_medlm_loop(benchmark, train_frame, tokenizer, fresh_model, matmul_peak):
+    ours(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, "train: MedLM loop")
+    add_ratios("train: MedLM loop", benchmark)
+
+
+def test_medlm_loop_at_scale(benchmark, train_frame, tokenizer, fresh_model, matmul_peak):
+    """Per-sample cost on the training split replicated SCALE times (same batches, bigger
+    epoch): building batches over 100x the rows must not make a step dearer."""
+    big = pd.concat([train_frame] * SCALE, ignore_index=True)
+    figures = ours(benchmark, big, tokenizer, fresh_model, matmul_peak,
+                   f"train: MedLM loop, data x{SCALE}")
+    base = RESULTS.get("train: MedLM loop")
+    if base:
+        figures["per-sample cost vs x1"] = base["samples/s"] / figures["samples/s"]
+        benchmark.extra_info["per_sample_cost_vs_x1"] = figures["per-sample cost vs x1"]
+
+
+def test_inference_throughput(benchmark, frame, tokenizer, fresh_model):
+    from medlm.generate import GenerationSettings, generate
+
+    model = fresh_model().eval()
+    prompts = frame["Name"].head(BATCH).tolist()
+    settings = GenerationSettings(max_new_tokens=16 if SHORT else 40)
+    completions = benchmark.pedantic(lambda: generate(model, tokenizer, prompts, settings),
+                                     rounds=ROUNDS + 1, warmup_rounds=1)
+    generated = sum(len(tokenizer(text[0])["input_ids"]) for text in completions)
+    figures = {"prompts": len(prompts), "generated tokens/s": generated / benchmark.stats.stats.min}
+    benchmark.extra_info.update(figures)
+    RESULTS["generate: batch of prompts"] = figures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _name_the_model():
+    RESULTS.setdefault("model", {"preset is distilgpt2": float(PRESET == "distilgpt2")})
