@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import RESULTS, ROUNDS, SCALE, SHORT
+from bench_settings import RESULTS, ROUNDS, SCALE, SHORT
 from seed_notebook import SeedLanguageDataset
 
 from medlm.data import LanguageDataset
@@ -56,7 +56,7 @@ print(json.dumps({"rows": len(dataset), "seconds": seconds, "peak_kib": after - 
 
 def measure_in_fresh_process(times: int) -> dict:
     """A fresh process per size, so peak RSS growth belongs to this size alone."""
-    from conftest import DATASET_CSV
+    from bench_settings import DATASET_CSV
 
     output = subprocess.run([sys.executable, "-c", _MEASURE, str(DATASET_CSV), str(times)],
                             capture_output=True, text=True, check=True).stdout

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import PRESET, RESULTS, ROUNDS, SCALE, SHORT
+from bench_settings import PRESET, RESULTS, ROUNDS, SCALE, SHORT
 from seed_notebook import SeedLanguageDataset, seed_step
 
 from medlm.config import TrainConfig

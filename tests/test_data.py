@@ -212,3 +212,12 @@ def test_batch_tokenization_matches_the_tokenizers_own_encoding(dataset_csv, gpt
     eos = gpt2_tokenizer.eos_token_id
     assert [dataset[i]["input_ids"].tolist() for i in range(len(dataset))] == [
         [*ids, eos] for ids in expected]
+
+
+def test_tokenization_ignores_padding_left_on_the_tokenizer_by_other_calls(gpt2_tokenizer):
+    frame = pd.DataFrame({"Name": ["Flu"], "Symptoms": ["Fever"]})
+    gpt2_tokenizer("warm", max_length=128, padding="max_length", truncation=True)
+    padding_before = gpt2_tokenizer.backend_tokenizer.padding
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    assert gpt2_tokenizer.decode(dataset[0]["input_ids"]) == "Flu | Fever<|endoftext|>"
+    assert gpt2_tokenizer.backend_tokenizer.padding == padding_before
