@@ -17,7 +17,7 @@ from experiments._cli import (
     quiet_libraries,
     run_cli,
 )
-from medlm.config import DEVICES, PRECISIONS, SCHEDULERS, TrainConfig
+from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, TrainConfig
 
 log = logging.getLogger("medlm")
 
@@ -67,6 +67,9 @@ def build_parser() -> ArgumentParser:
                        help="optimizer steps of linear warmup")
     train.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                        help="plain shuffled batches instead of batches of similar-length rows")
+    train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
+                       help="full: the whole \"Name | Symptoms\" text; completion: only the "
+                            "symptoms (the loss skips the \"Name |\" prompt)")
     train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
                        help="stop after N epochs without a better validation loss; 0 = off")
     samples = parser.add_argument_group("samples written after every epoch")
@@ -78,7 +81,10 @@ def build_parser() -> ArgumentParser:
                          default=defaults.num_validation_samples,
                          help="validation diseases sampled besides --sample-prompt")
     samples.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
-                         help="tokens generated per sample")
+                         help="tokens generated per sample and per symptom-scored answer")
+    samples.add_argument("--no-symptom-eval", dest="symptom_eval", action="store_false",
+                         help="skip scoring greedy answers for the validation diseases each "
+                              "epoch (symptom_precision/recall/f1)")
     tracking = parser.add_argument_group("MLflow (tracking URI: $MLFLOW_TRACKING_URI, else "
                                          "./mlflow.db)")
     tracking.add_argument("--experiment", default=defaults.experiment,
@@ -92,20 +98,33 @@ def build_parser() -> ArgumentParser:
 
 
 class EpochReport:
-    """Per-epoch console line plus generated samples, written to the console and to MLflow."""
+    """After each epoch: a console line, samples (console + MLflow) and, unless turned off,
+    symptom precision/recall/F1 of greedy answers for the validation diseases."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker):
+                 tracker, validation_frame=None):
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
         self.settings, self.tracker = settings, tracker
+        self.validation_frame = validation_frame
+        self.symptom_f1: dict[int, float] = {}
 
     def on_epoch_end(self, model, result) -> None:
         from medlm.generate import generate
+        from medlm.metrics import evaluate_symptoms
 
-        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), %.1f s, "
-                 "%.0f tokens/s%s", result.epoch, result.training_loss, result.validation_loss,
-                 result.validation_perplexity, result.epoch_duration_sec,
-                 result.train_tokens_per_sec, " *best*" if result.is_best else "")
+        scores = ""
+        if self.validation_frame is not None:
+            table, overall = evaluate_symptoms(model, self.tokenizer, self.validation_frame,
+                                               self.settings.max_new_tokens)
+            self.tracker.log_symptom_scores(result.epoch, table, overall)
+            self.symptom_f1[result.epoch] = overall.f1
+            scores = (f", symptom P/R/F1 {overall.precision:.3f}/{overall.recall:.3f}/"
+                      f"{overall.f1:.3f}")
+        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f)%s, "
+                 "%.1f s, %.0f tokens/s%s", result.epoch, result.training_loss,
+                 result.validation_loss, result.validation_perplexity, scores,
+                 result.epoch_duration_sec, result.train_tokens_per_sec,
+                 " *best*" if result.is_best else "")
         completions = generate(model, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
@@ -148,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     pin_memory = device.type == "cuda"
     train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
                                seed=config.seed, pin_memory=pin_memory,
-                               group_by_length=config.group_by_length)
+                               group_by_length=config.group_by_length, loss_on=config.loss_on)
     validation_loader = make_loader(validation_set, config.batch_size, tokenizer.pad_token_id,
-                                    train=False, pin_memory=pin_memory)
+                                    train=False, pin_memory=pin_memory, loss_on=config.loss_on)
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
@@ -187,14 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     with tracker.run(params) as run_id:
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
-        report = EpochReport(tokenizer, prompts, references, settings, tracker)
+        report = EpochReport(tokenizer, prompts, references, settings, tracker,
+                             validation_frame if config.symptom_eval else None)
         result = fit(model, train_loader, validation_loader, config, device, precision,
                      callbacks=[tracker, report])
         best = result.best
         log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",
                  best.epoch, best.validation_loss,
                  " (stopped early)" if result.stopped_early else "")
-        version, verdict = tracker.log_and_register_model(model, tokenizer, best)
+        tags = ({"symptom_f1": repr(report.symptom_f1[best.epoch])}
+                if best.epoch in report.symptom_f1 else {})
+        version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
     log.info("registered %s version %s; %s", config.registered_model, version, verdict)
     log.info("compare runs: mlflow ui    generate: python -m experiments.generate "
              "\"Kidney Failure\"")

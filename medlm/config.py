@@ -13,6 +13,7 @@ DEFAULT_MODEL = "distilgpt2"
 SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSS_ON = ("full", "completion")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     warmup_steps: int = 0
     patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
     group_by_length: bool = True  # batches of similar-length rows: far less padding
+    loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
 
     device: str = "auto"
     precision: str = "auto"
@@ -41,6 +43,7 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["Kidney Failure"])
     num_validation_samples: int = 2  # the first N validation diseases are sampled too
     max_new_tokens: int = 40
+    symptom_eval: bool = True  # greedy-decode validation diseases each epoch, score symptoms
 
     experiment: str = "medlm"
     run_name: str | None = None
@@ -65,6 +68,7 @@ class TrainConfig:
             "a number between 0 and 1",
         )
         _require_choice("scheduler", self.scheduler, SCHEDULERS)
+        _require_choice("loss_on", self.loss_on, LOSS_ON)
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medlm._paths import looks_like_local_path
+from medlm.config import LOSS_ON
 from medlm.errors import MedLMError
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,11 @@ class LanguageDataset(Dataset):
                              "tokenizer with eos_token set")
         texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
         encoded = _encode_batch(tokenizer, texts)
+        prompts = _encode_batch(tokenizer, [prompt_for(name) for name in frame["Name"]])
+        # Tokens of "{Name} |" at the start of each row (the shared prefix, should a tokenizer
+        # merge across the boundary); --loss-on completion leaves them out of the loss.
+        self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
+                               zip(encoded, prompts, strict=True)]
         eos = tokenizer.eos_token_id
         cap = max_length or max((len(ids) + 1 for ids in encoded), default=1)
         self.num_truncated = sum(len(ids) + 1 > cap for ids in encoded)
@@ -202,8 +208,17 @@ class LanguageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.examples[index]}
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return {"input_ids": self.examples[index], "prompt_length": self.prompt_lengths[index]}
+
+
+def _common_prefix(ids: list[int], prefix: list[int]) -> int:
+    length = 0
+    for token, expected in zip(ids, prefix, strict=False):
+        if token != expected:
+            break
+        length += 1
+    return length
 
 
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -236,13 +251,19 @@ class CausalLMCollator:
     """Pads a batch to its own longest row; padding is masked out of attention and of the loss.
 
     The mask comes from the row lengths, not from the pad id: GPT-2 pads with its end-of-text
-    id, and each row's real end-of-text token must still be learned.
+    id, and each row's real end-of-text token must still be learned. With
+    ``loss_on="completion"`` the ``"{Name} |"`` prompt tokens are left out of the loss too, so
+    the model is trained only to write symptoms.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, loss_on: str = "full"):
+        if loss_on not in LOSS_ON:
+            raise MedLMError(f"--loss-on {loss_on!r} is invalid: expected one of "
+                             f"{', '.join(LOSS_ON)}")
         self.pad_token_id = pad_token_id
+        self.loss_on = loss_on
 
-    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows = [example["input_ids"] for example in examples]
         longest = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
@@ -251,6 +272,9 @@ class CausalLMCollator:
             input_ids[i, : len(row)] = row
             attention_mask[i, : len(row)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        if self.loss_on == "completion":
+            for i, example in enumerate(examples):
+                labels[i, : example.get("prompt_length", 0)] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -294,12 +318,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 def make_loader(dataset: LanguageDataset, batch_size: int, pad_token_id: int, *,
                 train: bool, seed: int = 42, pin_memory: bool = False,
-                group_by_length: bool = True) -> torch.utils.data.DataLoader:
+                group_by_length: bool = True, loss_on: str = "full"
+                ) -> torch.utils.data.DataLoader:
     """Training: shuffled (length-grouped unless told otherwise). Validation: sorted by length,
     which changes no loss (a sum over tokens) but removes most padding."""
     from torch.utils.data import DataLoader
 
-    collate = CausalLMCollator(pad_token_id)
+    collate = CausalLMCollator(pad_token_id, loss_on)
     if train and group_by_length:
         sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, seed)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,

@@ -16,38 +16,60 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer_and_model(name_or_path: str):
-    """A Hub id or a ``save_pretrained`` directory -> (tokenizer, model in fp32, train mode).
+    """A Hub id, a ``save_pretrained`` directory or a GGUF file -> (tokenizer, model in fp32).
 
-    Weights stay fp32 whatever the checkpoint's dtype: mixed precision is autocast, so the
-    optimizer always updates fp32 master weights. A missing pad token becomes end-of-text.
+    Weights stay fp32 whatever the checkpoint's dtype (a GGUF file is de-quantized): mixed
+    precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
+    token becomes end-of-text. ``trust_remote_code`` is never turned on.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.expanduser(name_or_path)
-    if not os.path.isdir(path) and looks_like_local_path(name_or_path):
-        raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id or a "
-                         "directory saved with save_pretrained")
+    is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
+    if not (os.path.isdir(path) or is_gguf) and looks_like_local_path(name_or_path):
+        raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, a "
+                         "directory saved with save_pretrained, or a .gguf file")
     # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
     # up model cards and licenses by it).
-    source = os.path.abspath(path) if os.path.isdir(path) else name_or_path
-    if source == name_or_path:
-        log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
+    if is_gguf:
+        source = os.path.dirname(os.path.abspath(path))
+        extra = {"gguf_file": os.path.basename(path)}
+        log.info("de-quantizing %s (GGUF) to fp32", name_or_path)
+    else:
+        source = os.path.abspath(path) if os.path.isdir(path) else name_or_path
+        extra = {}
+        if source == name_or_path:
+            log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
-        where = "directory" if os.path.isdir(path) else "Hub id"
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        local = os.path.isdir(path) or is_gguf
+        where = "GGUF file" if is_gguf else "directory" if local else "Hub id"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = "" if os.path.isdir(path) else " (no Hub access? see README, Offline)"
+        hint = "" if local else " (no Hub access? see README, Offline)"
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
-                         f"expected a causal LM Hub id or a save_pretrained directory{hint}"
-                         ) from None
+                         "expected a causal LM Hub id, save_pretrained directory or .gguf "
+                         f"file{hint}") from None
+    if is_gguf:
+        _forget_gguf_quantization(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A GGUF checkpoint is fully de-quantized to fp32 on load, yet transformers keeps marking
+    the model as quantized, which makes ``save_pretrained`` refuse it. It is a plain model now."""
+    model.hf_quantizer = None
+    for attribute in ("is_quantized", "quantization_method"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, False if attribute == "is_quantized" else None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def context_size(model) -> int | None:

@@ -129,7 +129,15 @@ class MlflowTracker:
         if rows:
             mlflow.log_table(pd.DataFrame(rows), artifact_file="samples.json")
 
-    def log_and_register_model(self, model, tokenizer, best: EpochResult) -> tuple[str, str]:
+    def log_symptom_scores(self, epoch: int, table: pd.DataFrame, overall) -> None:
+        """Epoch's micro-averaged symptom scores as metrics, per-disease rows as a table."""
+        mlflow.log_metrics({"symptom_precision": overall.precision,
+                            "symptom_recall": overall.recall, "symptom_f1": overall.f1},
+                           step=epoch)
+        mlflow.log_table(table.assign(epoch=epoch), artifact_file="symptom_scores.json")
+
+    def log_and_register_model(self, model, tokenizer, best: EpochResult,
+                               version_tags: dict[str, str] | None = None) -> tuple[str, str]:
         """Log the model (transformers flavor, safetensors), register it and maybe crown it.
 
         Returns (version, message). The ``champion`` alias moves to the new version only when
@@ -150,6 +158,8 @@ class MlflowTracker:
         client = MlflowClient()
         client.set_model_version_tag(self.registered_model, version, "validation_loss",
                                      repr(best.validation_loss))
+        for key, value in (version_tags or {}).items():
+            client.set_model_version_tag(self.registered_model, version, key, value)
         return version, self._maybe_crown(client, version, best.validation_loss)
 
     def _maybe_crown(self, client: MlflowClient, version: str, validation_loss: float) -> str:
@@ -186,8 +196,9 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
     """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``
     or a local directory; check registry URIs up front so a miss lists what exists."""
-    if os.path.isdir(os.path.expanduser(model_uri)):
-        return os.path.expanduser(model_uri)
+    local = os.path.expanduser(model_uri)
+    if os.path.isdir(local) or (os.path.isfile(local) and local.lower().endswith(".gguf")):
+        return local
     if model_uri.isdigit():
         model_uri = f"models:/{registered_model}/{model_uri}"
     match = _MODELS_URI.match(model_uri)
@@ -233,7 +244,8 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
     from medlm.modeling import load_tokenizer_and_model
 
     resolved = resolve_model_uri(model_uri, registered_model)
-    if os.path.isdir(resolved) and not os.path.isfile(os.path.join(resolved, "MLmodel")):
+    if os.path.isfile(resolved) or (os.path.isdir(resolved) and
+                                    not os.path.isfile(os.path.join(resolved, "MLmodel"))):
         return load_tokenizer_and_model(resolved)
     try:
         with contextlib.redirect_stdout(io.StringIO()):

@@ -14,7 +14,8 @@ from tests.conftest import run_module
 pytestmark = pytest.mark.slow
 EPOCHS = 2
 METRICS = ["training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
-           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate"]
+           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate",
+           "symptom_precision", "symptom_recall", "symptom_f1"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_params_describe_config_data_hardware_and_libraries(trained):
 def test_samples_results_and_plot_are_logged(trained, workdir):
     _, client, run = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"samples.json", "results.csv", "loss_curve.png"} <= artifacts
+    assert {"samples.json", "results.csv", "loss_curve.png", "symptom_scores.json"} <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "", str(workdir / "dl")))
     table = json.loads((local / "samples.json").read_text())
     samples = pd.DataFrame(table["data"], columns=table["columns"])
@@ -84,6 +85,12 @@ def test_samples_results_and_plot_are_logged(trained, workdir):
                                      "training_loss", "validation_loss", "epoch_duration_sec"]
     assert results["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    table = json.loads((local / "symptom_scores.json").read_text())
+    scores = pd.DataFrame(table["data"], columns=table["columns"])
+    validation_diseases = int(run.data.params["rows_validation"])  # no duplicates in 60 rows
+    assert len(scores) == EPOCHS * validation_diseases
+    assert {"disease", "symptom_f1", "generated", "reference"} <= set(scores.columns)
+    assert scores["symptom_f1"].between(0, 1).all()
 
 
 def test_best_model_is_registered_as_champion_with_safetensors(trained, workdir):

@@ -221,3 +221,19 @@ def test_tokenization_ignores_padding_left_on_the_tokenizer_by_other_calls(gpt2_
     dataset = LanguageDataset(frame, gpt2_tokenizer)
     assert gpt2_tokenizer.decode(dataset[0]["input_ids"]) == "Flu | Fever<|endoftext|>"
     assert gpt2_tokenizer.backend_tokenizer.padding == padding_before
+
+
+def test_completion_loss_masks_the_name_prompt(gpt2_tokenizer):
+    frame = pd.DataFrame({"Name": ["Kidney Failure", "Flu"], "Symptoms": ["Fatigue", "Fever"]})
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    prompt = gpt2_tokenizer("Kidney Failure |")["input_ids"]
+    assert dataset.prompt_lengths[0] == len(prompt)
+    assert dataset[0]["input_ids"][: len(prompt)].tolist() == prompt
+    full = CausalLMCollator(gpt2_tokenizer.eos_token_id)([dataset[0], dataset[1]])
+    completion = CausalLMCollator(gpt2_tokenizer.eos_token_id, "completion")([dataset[0],
+                                                                            dataset[1]])
+    assert (full["labels"][0, : len(prompt)] != IGNORE_INDEX).all()
+    assert (completion["labels"][0, : len(prompt)] == IGNORE_INDEX).all()
+    symptoms = completion["labels"][0][completion["labels"][0] != IGNORE_INDEX]
+    assert gpt2_tokenizer.decode(symptoms) == " Fatigue<|endoftext|>"
+    assert torch.equal(full["input_ids"], completion["input_ids"])
