@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+from dataclasses import dataclass, replace
 
 from experiments._cli import (
     ArgumentParser,
@@ -49,14 +51,16 @@ def build_parser() -> ArgumentParser:
                        help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
                             "on older GPUs), else fp32")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=defaults.epochs,
-                       help="passes over the training set")
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
-                       help="rows per batch")
-    train.add_argument("--lr", type=positive_float, default=defaults.lr,
-                       help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
-                       help="AdamW weight decay (0 = the seed notebook's Adam)")
+    sweep = " (several values: a sweep)"
+    train.add_argument("--epochs", type=positive_int, nargs="+", default=[defaults.epochs],
+                       help="passes over the training set" + sweep)
+    train.add_argument("--batch-size", type=positive_int, nargs="+",
+                       default=[defaults.batch_size], help="rows per batch" + sweep)
+    train.add_argument("--lr", type=positive_float, nargs="+", default=[defaults.lr],
+                       help="AdamW learning rate" + sweep)
+    train.add_argument("--weight-decay", type=non_negative_float, nargs="+",
+                       default=[defaults.weight_decay],
+                       help="AdamW weight decay (0 = the seed notebook's Adam)" + sweep)
     train.add_argument("--max-grad-norm", type=non_negative_float,
                        default=defaults.max_grad_norm, help="gradient clipping; 0 = off")
     train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
@@ -134,36 +138,48 @@ class EpochReport:
         self.tracker.log_samples(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.sample_prompts is None:
-        args.sample_prompts = TrainConfig().sample_prompts
-    config = TrainConfig(**vars(args))
-    quiet_libraries()
+SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
 
-    from medlm.data import LanguageDataset, load_disease_data, make_loader, split_by_disease
-    from medlm.generate import GenerationSettings
-    from medlm.modeling import (
-        count_parameters,
-        describe_device,
-        effective_max_length,
-        load_tokenizer_and_model,
-        resolve_device,
-        resolve_precision,
-    )
-    from medlm.tracking import MlflowTracker, library_versions
-    from medlm.train import fit
 
-    # Everything a user can get wrong is checked before an MLflow run exists.
+@dataclass
+class Prepared:
+    """Everything a run needs that a user could get wrong, loaded and checked up front."""
+
+    data: object
+    train_frame: object
+    validation_frame: object
+    device: object
+    precision: object
+    tokenizer: object
+    model: object
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    from medlm.data import load_disease_data, split_by_disease
+    from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
+
     data = load_disease_data(config.dataset, config.max_samples)
     train_frame, validation_frame = split_by_disease(data.frame, config.validation_fraction,
                                                      config.seed)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
+    return Prepared(data, train_frame, validation_frame, device, precision, tokenizer, model)
+
+
+def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False) -> dict:
+    """One training run in MLflow, from prepared inputs to a registered model version."""
+    from medlm.data import LanguageDataset, make_loader
+    from medlm.generate import GenerationSettings
+    from medlm.modeling import count_parameters, describe_device, effective_max_length
+    from medlm.tracking import MlflowTracker, library_versions
+    from medlm.train import fit
+
+    data, tokenizer, model = prepared.data, prepared.tokenizer, prepared.model
+    device, precision = prepared.device, prepared.precision
     max_length = effective_max_length(config.max_length, model)
-    train_set = LanguageDataset(train_frame, tokenizer, max_length)
-    validation_set = LanguageDataset(validation_frame, tokenizer, max_length)
+    train_set = LanguageDataset(prepared.train_frame, tokenizer, max_length)
+    validation_set = LanguageDataset(prepared.validation_frame, tokenizer, max_length)
     pin_memory = device.type == "cuda"
     train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
                                seed=config.seed, pin_memory=pin_memory,
@@ -173,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
+    validation_names = prepared.validation_frame["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
-        config.sample_prompts
-        + validation_frame["Name"].drop_duplicates().head(config.num_validation_samples).tolist()))
+        config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
     references: dict[str, str] = {}
     for name, symptoms in zip(data.frame["Name"], data.frame["Symptoms"], strict=True):
         references.setdefault(name.casefold(), symptoms)
@@ -203,21 +219,81 @@ def main(argv: list[str] | None = None) -> int:
         "precision_effective": precision.name,
         **library_versions(),
     }
-    with tracker.run(params) as run_id:
+    with tracker.run(params, nested=nested) as run_id:
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
         report = EpochReport(tokenizer, prompts, references, settings, tracker,
-                             validation_frame if config.symptom_eval else None)
+                             prepared.validation_frame if config.symptom_eval else None)
         result = fit(model, train_loader, validation_loader, config, device, precision,
                      callbacks=[tracker, report])
         best = result.best
         log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",
                  best.epoch, best.validation_loss,
                  " (stopped early)" if result.stopped_early else "")
-        tags = ({"symptom_f1": repr(report.symptom_f1[best.epoch])}
-                if best.epoch in report.symptom_f1 else {})
+        symptom_f1 = report.symptom_f1.get(best.epoch)
+        tags = {"symptom_f1": repr(symptom_f1)} if symptom_f1 is not None else {}
         version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
     log.info("registered %s version %s; %s", config.registered_model, version, verdict)
+    return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
+            "best_epoch": best.epoch, "validation_loss": best.validation_loss,
+            "symptom_f1": symptom_f1 if symptom_f1 is not None else float("nan"),
+            "version": version}
+
+
+def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared) -> None:
+    """The grid as child runs under one parent run; the parent carries the best child."""
+    import mlflow
+    import pandas as pd
+
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.tracking import MlflowTracker
+
+    first = configs[0]
+    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
+                           transformer=first.model, gpu="", batch_size=first.batch_size)
+    parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
+                     **{f"sweep_{name}": ", ".join(map(str, values))
+                        for name, values in grid.items()}, "sweep_size": len(configs)}
+    with parent.run(parent_params) as parent_id:
+        log.info("sweep of %d runs under parent run %s", len(configs), parent_id)
+        children = []
+        for index, config in enumerate(configs):
+            if index:
+                prepared.model = load_tokenizer_and_model(config.model)[1]
+            label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
+            log.info("--- child %d/%d: %s", index + 1, len(configs), label)
+            children.append(train_and_register(replace(config, run_name=label), prepared,
+                                               nested=True))
+        table = pd.DataFrame(children).sort_values(["validation_loss", "symptom_f1"],
+                                                   ascending=[True, False])
+        table.insert(0, "rank", range(1, len(table) + 1))
+        best = table.iloc[0]
+        mlflow.log_text(table.to_csv(index=False), "sweep.csv")
+        mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
+                            "best_symptom_f1": float(best["symptom_f1"])})
+        mlflow.set_tags({"best_child_run_id": best["run_id"],
+                         **{f"best_{name}": str(best[name]) for name in SWEEPABLE}})
+    with pd.option_context("display.width", 160, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
+             best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.sample_prompts is None:
+        args.sample_prompts = TrainConfig().sample_prompts
+    grid = {name: list(dict.fromkeys(getattr(args, name))) for name in SWEEPABLE}
+    common = {key: value for key, value in vars(args).items() if key not in SWEEPABLE}
+    configs = [TrainConfig(**common, **dict(zip(SWEEPABLE, values, strict=True)))
+               for values in itertools.product(*grid.values())]
+    quiet_libraries()
+
+    prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
+    if len(configs) == 1:
+        train_and_register(configs[0], prepared)
+    else:
+        run_sweep(configs, grid, prepared)
     log.info("compare runs: mlflow ui    generate: python -m experiments.generate "
              "\"Kidney Failure\"")
     return 0

@@ -73,10 +73,12 @@ class MlflowTracker:
         self.run_id: str | None = None
 
     @contextlib.contextmanager
-    def run(self, params: dict[str, Any]) -> Iterator[str]:
-        """Start the run and log ``params``; the run ends FINISHED, KILLED (Ctrl-C) or FAILED."""
-        mlflow.set_experiment(self.experiment)
-        with mlflow.start_run(run_name=self.run_name) as active:
+    def run(self, params: dict[str, Any], nested: bool = False) -> Iterator[str]:
+        """Start the run (a child of the active run when ``nested``) and log ``params``; the run
+        ends FINISHED, KILLED (Ctrl-C) or FAILED."""
+        if not nested:
+            mlflow.set_experiment(self.experiment)
+        with mlflow.start_run(run_name=self.run_name, nested=nested) as active:
             self.run_id = active.info.run_id
             try:
                 mlflow.log_params({key: _param_value(value) for key, value in params.items()})

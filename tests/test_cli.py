@@ -208,3 +208,26 @@ def test_default_model_id_trains_from_the_hub_cache_offline(tmp_path, tiny_model
                                    "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
     assert "distilgpt2 on cpu" in result.stderr and "first champion" in result.stderr
+
+
+def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tiny_model_dir,
+                                                                   dataset_csv):
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "40", "--epochs", "1",
+                        "--lr", "3e-3", "1e-4", "--num-validation-samples", "0",
+                        cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") ==
+                parent.info.run_id]
+    assert sorted(run.data.params["lr"] for run in children) == ["0.0001", "0.003"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    best = min(children, key=lambda run: run.data.metrics["best_validation_loss"])
+    assert parent.data.tags["best_child_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_validation_loss"] == best.data.metrics[
+        "best_validation_loss"]
+    ranked = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in ranked] == ["1", "2"] and ranked[0][1] == best.info.run_id
