@@ -68,7 +68,7 @@ def test_params_describe_config_data_hardware_and_libraries(trained):
     assert {"torch_version", "transformers_version", "mlflow_version"} <= set(params)
 
 
-def test_samples_results_and_plot_are_logged(trained, workdir):
+def test_samples_results_and_plot_are_logged(trained, workdir, dataset_csv):
     _, client, run = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"samples.json", "results.csv", "loss_curve.png", "symptom_scores.json"} <= artifacts
@@ -87,8 +87,10 @@ def test_samples_results_and_plot_are_logged(trained, workdir):
     assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     table = json.loads((local / "symptom_scores.json").read_text())
     scores = pd.DataFrame(table["data"], columns=table["columns"])
-    validation_diseases = int(run.data.params["rows_validation"])  # no duplicates in 60 rows
-    assert len(scores) == EPOCHS * validation_diseases
+    from medlm.data import load_disease_data, split_by_disease
+
+    validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42)[1]
+    assert len(scores) == EPOCHS * validation["Name"].str.casefold().nunique()
     assert {"disease", "symptom_f1", "generated", "reference"} <= set(scores.columns)
     assert scores["symptom_f1"].between(0, 1).all()
 
