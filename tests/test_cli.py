@@ -233,3 +233,17 @@ def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tin
         "best_validation_loss"]
     ranked = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in ranked] == ["1", "2"] and ranked[0][1] == best.info.run_id
+
+
+def test_evaluate_prints_per_disease_scores_for_the_champion(trained, workdir, dataset_csv,
+                                                             no_uri_env, tmp_path):
+    output = tmp_path / "scores.csv"
+    result = run_module("experiments.evaluate", "--dataset", str(dataset_csv), "--max-samples",
+                        "60", "--max-new-tokens", "8", "--output", str(output), cwd=workdir,
+                        env_extra=no_uri_env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["disease", "precision", "recall", "f1"]
+    assert lines[-1].startswith("symptom precision ") and " F1 " in lines[-1]
+    table = pd.read_csv(output)
+    assert len(table) == len(lines) - 2 and table["symptom_f1"].between(0, 1).all()
