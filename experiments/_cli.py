@@ -67,6 +67,20 @@ non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
 
 
+DEFAULT_MODEL_URI = "models:/medlm@champion"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model-uri, --registered-model and --device, as generate and evaluate take them."""
+    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
+                             "runs:/RUN_ID/model, a local model directory or a .gguf file")
+    parser.add_argument("--registered-model", default="medlm",
+                        help="registered model a bare version number refers to")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+                        help="auto: cuda, then mps, then cpu")
+
+
 def quiet_libraries() -> None:
     """Keep the output about the run: library chatter down to warnings."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import sys
 
-from experiments._cli import ArgumentParser, positive_float, positive_int, quiet_libraries, run_cli
+from experiments._cli import (
+    ArgumentParser,
+    add_model_arguments,
+    positive_float,
+    positive_int,
+    quiet_libraries,
+    run_cli,
+)
 from medlm.config import DEFAULT_DATASET
-
-DEFAULT_MODEL_URI = "models:/medlm@champion"
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m experiments.evaluate",
                             description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
-                             "runs:/RUN_ID/model, a local model directory or a .gguf file")
-    parser.add_argument("--registered-model", default="medlm",
-                        help="registered model a bare version number refers to")
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
                         help="Hub dataset id or local CSV/TSV/Parquet/JSON file")
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
@@ -32,10 +32,9 @@ def build_parser() -> ArgumentParser:
                         help="use only the first N cleaned rows")
     parser.add_argument("--max-new-tokens", type=positive_int, default=40,
                         help="tokens generated per answer (greedy decoding)")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
-                        help="auto: cuda, then mps, then cpu")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
+    add_model_arguments(parser)
     return parser
 
 

@@ -9,6 +9,7 @@ import sys
 
 from experiments._cli import (
     ArgumentParser,
+    add_model_arguments,
     positive_float,
     positive_int,
     probability,
@@ -17,8 +18,6 @@ from experiments._cli import (
 )
 from medlm.generate import GenerationSettings
 
-DEFAULT_MODEL_URI = "models:/medlm@champion"
-
 
 def build_parser() -> ArgumentParser:
     defaults = GenerationSettings()
@@ -26,11 +25,6 @@ def build_parser() -> ArgumentParser:
         prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0])
     parser.add_argument("diseases", nargs="+", metavar="DISEASE",
                         help="disease name(s), e.g. \"Kidney Failure\"")
-    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
-                             "runs:/RUN_ID/model, or a local model directory")
-    parser.add_argument("--registered-model", default="medlm",
-                        help="registered model a bare version number refers to")
     parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                         help="tokens to write per completion")
     parser.add_argument("--num-return-sequences", type=positive_int,
@@ -49,8 +43,7 @@ def build_parser() -> ArgumentParser:
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
-                        help="auto: cuda, then mps, then cpu")
+    add_model_arguments(parser)
     return parser
 
 
