@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -102,13 +103,23 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a user mistake becomes ``error: ...`` on stderr and exit status 2."""
+    """Run ``main``; a user mistake becomes ``error: ...`` on stderr and exit status 2.
+
+    SIGTERM (a scheduler or ``kill``) is handled like Ctrl-C: the MLflow run is marked KILLED,
+    never left RUNNING, and the exit status is 130.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main(argv)
     except MedLMError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt or 'SIGINT'}); the MLflow run, if one had started, is "
+              "marked KILLED", file=sys.stderr)
         return 130

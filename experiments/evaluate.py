@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_disease_data(args.dataset, args.max_samples)
     frame = data.frame
     if args.split == "validation":
-        frame = split_by_disease(frame, args.validation_fraction, args.seed)[1]
+        frame = split_by_disease(frame, args.validation_fraction, args.seed, args.dataset)[1]
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)

@@ -160,7 +160,7 @@ def prepare(config: TrainConfig) -> Prepared:
 
     data = load_disease_data(config.dataset, config.max_samples)
     train_frame, validation_frame = split_by_disease(data.frame, config.validation_fraction,
-                                                     config.seed)
+                                                     config.seed, config.dataset)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)

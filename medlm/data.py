@@ -66,6 +66,11 @@ def _read_source(source: str) -> tuple[pd.DataFrame, str | None]:
 
 def _read_file(path: str) -> pd.DataFrame:
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".parquet",):
+        with open(path, "rb") as handle:
+            if b"\x00" in handle.read(1 << 16):
+                raise MedLMError(f"dataset file {path!r} is binary, not text (it has NUL "
+                                 "bytes): expected a UTF-8 CSV, Parquet or JSON file")
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
@@ -76,13 +81,25 @@ def _read_file(path: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise MedLMError(f"dataset file {path!r} is empty: expected a header with Name and "
                          "Symptoms and at least one row") from None
-    except UnicodeDecodeError as error:
-        raise MedLMError(f"dataset file {path!r} is not UTF-8 text (byte {error.start}): "
-                         "expected a UTF-8 CSV, Parquet or JSON file") from None
+    except UnicodeDecodeError:
+        raise MedLMError(f"dataset file {path!r} is not UTF-8 text ({_first_bad_byte(path)}): "
+                         "expected a UTF-8 CSV, Parquet or JSON file (re-save it as UTF-8)"
+                         ) from None
     except (ValueError, OSError, pd.errors.ParserError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MedLMError(f"dataset file {path!r} could not be parsed ({reason}): "
                          "expected a CSV, Parquet or JSON file") from None
+
+
+def _first_bad_byte(path: str) -> str:
+    with open(path, "rb") as handle:
+        content = handle.read()
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = content[:error.start].count(b"\n") + 1
+        return f"byte 0x{content[error.start]:02x} on line {line}"
+    return "undecodable bytes"
 
 
 def _read_hub(dataset_id: str) -> pd.DataFrame:
@@ -118,8 +135,17 @@ def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFram
     missing = [name for name in REQUIRED_COLUMNS if name.lower() not in by_lower]
     if missing:
         found = ", ".join(map(str, raw.columns)) or "none"
+        hint = ""
+        if len(raw.columns) == 1:
+            separator = next((s for s in (";", "\t", "|") if s in str(raw.columns[0])), None)
+            if separator:
+                hint = f"; the header looks {separator!r}-separated, expected commas"
         raise MedLMError(f"dataset {source!r} has columns [{found}]: expected columns "
-                         f"{' and '.join(REQUIRED_COLUMNS)} (missing {', '.join(missing)})")
+                         f"{' and '.join(REQUIRED_COLUMNS)} (missing {', '.join(missing)}"
+                         f"{hint})")
+    if raw.empty:
+        raise MedLMError(f"dataset {source!r} has a header but no rows: expected at least one "
+                         "row with Name and Symptoms")
     frame = raw.rename(columns={by_lower[name.lower()]: name for name in REQUIRED_COLUMNS})
     frame = frame.copy()
     frame["Name"] = frame["Name"].map(_as_text).str.split().str.join(" ")
@@ -146,7 +172,8 @@ def _join_phrases(symptoms: str) -> str:
 
 
 def split_by_disease(
-    frame: pd.DataFrame, validation_fraction: float = 0.2, seed: int = 42
+    frame: pd.DataFrame, validation_fraction: float = 0.2, seed: int = 42,
+    source: str = "dataset",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded split of the distinct disease names, so no disease is on both sides.
 
@@ -156,8 +183,9 @@ def split_by_disease(
     keys = frame["Name"].str.casefold()
     diseases = keys.drop_duplicates().to_numpy()
     if len(diseases) < 2:
-        raise MedLMError(f"cannot split {len(frame)} row(s) of {len(diseases)} distinct disease: "
-                         "expected at least 2 distinct disease names (one for validation)")
+        raise MedLMError(f"cannot split {source!r}: {len(frame)} row(s) of {len(diseases)} "
+                         "distinct disease; expected at least 2 distinct disease names (one for "
+                         "validation)")
     rng = np.random.default_rng(seed)
     shuffled = diseases[rng.permutation(len(diseases))]
     n_validation = min(max(1, round(validation_fraction * len(diseases))), len(diseases) - 1)

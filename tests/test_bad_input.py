@@ -1,0 +1,108 @@
+"""Bad input through the training CLI: one line naming the value and what was expected, exit
+status 2, no traceback, no MLflow run (in-process, with MLflow's store in a temporary dir)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from experiments import run as run_module_under_test
+from experiments._cli import run_cli
+from tests.conftest import REPO_ROOT
+
+
+def train(argv, capsys):
+    status = run_cli(run_module_under_test.main, argv)
+    captured = capsys.readouterr()
+    return status, captured.err
+
+
+def no_runs(home) -> bool:
+    if not (home / "mlflow.db").exists():
+        return True
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+FILES = {
+    "header only": (b"Name,Symptoms\n", "has a header but no rows"),
+    "wrong delimiter": (b"Name;Symptoms\nFlu;Fever\nCold;Cough\n", "looks ';'-separated"),
+    "binary garbage": (bytes(range(256)) * 8, "is binary, not text"),
+    "latin-1 text": ("Name,Symptoms\nSjögren,Dry eyes\nFlu,Fever\n".encode("latin-1"),
+                     "byte 0xf6 on line 2"),
+    "all symptoms empty": (b'Name,Symptoms\nFlu,\nCold," , "\n', "no usable rows"),
+    "single row": (b"Name,Symptoms\nFlu,Fever\n", "at least 2 distinct disease"),
+    "single disease": (b"Name,Symptoms\nFlu,Fever\nflu,Cough\n", "at least 2 distinct"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILES))
+def test_bad_dataset_files(case, mlflow_home, tiny_model_dir, capsys):
+    content, expected = FILES[case]
+    path = mlflow_home / "data.csv"
+    path.write_bytes(content)
+    status, stderr = train(["--dataset", str(path), "--model", str(tiny_model_dir)], capsys)
+    assert status == 2
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1] and str(path) in lines[-1]
+    assert no_runs(mlflow_home)
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--lr", "abc", "'abc' is not a number"), ("--lr", "0", "expected a number > 0"),
+    ("--batch-size", "-8", "expected a whole number >= 1"),
+    ("--epochs", "2.5", "'2.5' is not a whole number"),
+])
+def test_bad_flags(flag, value, expected, mlflow_home, tiny_model_dir, dataset_csv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(run_module_under_test.main,
+                ["--dataset", str(dataset_csv), "--model", str(tiny_model_dir), flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err and flag in err
+
+
+def test_context_overflow_is_a_user_error(mlflow_home, tiny_model_dir, dataset_csv, capsys):
+    status, stderr = train(["--dataset", str(dataset_csv), "--model", str(tiny_model_dir),
+                            "--max-length", "100000"], capsys)
+    assert status == 2 and "--max-length 100000 exceeds" in stderr
+    assert no_runs(mlflow_home)
+
+
+@pytest.mark.slow
+def test_a_row_longer_than_the_context_trains_truncated_with_a_warning(
+        mlflow_home, tiny_model_dir, capsys, caplog):
+    rows = ["Name,Symptoms", "Flu,Fever", "Cold,Cough", "Asthma,Wheezing",
+            'Long,"' + ", ".join(["persistent dry cough"] * 300) + '"']
+    path = mlflow_home / "long.csv"
+    path.write_text("\n".join(rows) + "\n")
+    status, stderr = train(["--dataset", str(path), "--model", str(tiny_model_dir), "--epochs",
+                            "1", "--validation-fraction", "0.25", "--no-symptom-eval"], capsys)
+    assert status == 0, stderr
+    assert "truncated 1 row(s) longer than 256 tokens" in caplog.text
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tiny_model_dir, dataset_csv):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--model", str(tiny_model_dir), "--dataset",
+         str(dataset_csv), "--epochs", "200", "--max-samples", "60", "--no-symptom-eval"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT),
+             "MLFLOW_TRACKING_URI": ""})
+    deadline = time.monotonic() + 300
+    for line in process.stderr:
+        if line.startswith("epoch 1:") or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130
+    assert "marked KILLED" in rest and "Traceback" not in rest
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    assert run.info.status == "KILLED"
