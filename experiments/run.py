@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from experiments._cli import (
     ArgumentParser,
@@ -96,6 +99,12 @@ def build_parser() -> ArgumentParser:
     tracking.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
     tracking.add_argument("--registered-model", default=defaults.registered_model,
                           help="Model Registry name the best model is registered under")
+    parser.add_argument("--resume", metavar="RUN_ID", default=None,
+                        help="continue an interrupted run from its last completed epoch, with "
+                             "its own settings (other flags are ignored)")
+    parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
+                        help="where each run keeps its resumable state (<dir>/<run id>/; "
+                             "removed when the run finishes)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (they are off anyway when stderr is not a TTY)")
     return parser
@@ -167,13 +176,18 @@ def prepare(config: TrainConfig) -> Prepared:
     return Prepared(data, train_frame, validation_frame, device, precision, tokenizer, model)
 
 
-def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False) -> dict:
-    """One training run in MLflow, from prepared inputs to a registered model version."""
+def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
+                       resume_run_id: str | None = None) -> dict:
+    """One training run in MLflow, from prepared inputs to a registered model version; with
+    ``resume_run_id``, that run continues from its last checkpoint."""
+    import mlflow
+
+    from medlm.checkpoint import saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
     from medlm.modeling import count_parameters, describe_device, effective_max_length
     from medlm.tracking import MlflowTracker, library_versions
-    from medlm.train import fit
+    from medlm.train import EpochResult, fit
 
     data, tokenizer, model = prepared.data, prepared.tokenizer, prepared.model
     device, precision = prepared.device, prepared.precision
@@ -219,13 +233,28 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "precision_effective": precision.name,
         **library_versions(),
     }
-    with tracker.run(params, nested=nested) as run_id:
+    with tracker.run(params, nested=nested, resume_run_id=resume_run_id) as run_id:
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
+        checkpoint = Path(config.checkpoint_dir) / run_id
         report = EpochReport(tokenizer, prompts, references, settings, tracker,
                              prepared.validation_frame if config.symptom_eval else None)
-        result = fit(model, train_loader, validation_loader, config, device, precision,
-                     callbacks=[tracker, report])
+        if resume_run_id:
+            tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
+            history = mlflow.MlflowClient().get_metric_history(run_id, "symptom_f1")
+            report.symptom_f1 = {point.step: point.value for point in history}
+            log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
+        else:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        try:
+            result = fit(model, train_loader, validation_loader, config, device, precision,
+                         callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
+                         resume=bool(resume_run_id))
+        except KeyboardInterrupt:
+            log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: "
+                        "python -m experiments.run --resume %s", checkpoint, run_id)
+            raise
         best = result.best
         log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",
                  best.epoch, best.validation_loss,
@@ -233,6 +262,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         symptom_f1 = report.symptom_f1.get(best.epoch)
         tags = {"symptom_f1": repr(symptom_f1)} if symptom_f1 is not None else {}
         version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the registered model now holds the weights
     log.info("registered %s version %s; %s", config.registered_model, version, verdict)
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
@@ -279,8 +309,27 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
              best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
 
 
+def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
+    """The interrupted run's own settings, as saved beside its checkpoint."""
+    from medlm.errors import MedLMError
+
+    saved = Path(checkpoint_dir) / run_id / "config.json"
+    if not (saved.is_file() and (saved.parent / "state.pt").is_file()):
+        runs = sorted(path.parent.name for path in Path(checkpoint_dir).glob("*/state.pt"))
+        raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
+                         f"here: {', '.join(runs) or 'none'}): expected the id of a run "
+                         "interrupted after at least one epoch")
+    return TrainConfig(**json.loads(saved.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume:
+        config = resume_config(args.resume, args.checkpoint_dir)
+        quiet_libraries()
+        train_and_register(config, prepare(config), resume_run_id=args.resume)
+        return 0
+    del args.resume
     if args.sample_prompts is None:
         args.sample_prompts = TrainConfig().sample_prompts
     grid = {name: list(dict.fromkeys(getattr(args, name))) for name in SWEEPABLE}

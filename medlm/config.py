@@ -48,6 +48,7 @@ class TrainConfig:
     experiment: str = "medlm"
     run_name: str | None = None
     registered_model: str = "medlm"
+    checkpoint_dir: str = "checkpoints"  # a run's resumable state: <checkpoint_dir>/<run id>/
     progress: bool = True
 
     def __post_init__(self) -> None:

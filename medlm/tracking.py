@@ -73,15 +73,21 @@ class MlflowTracker:
         self.run_id: str | None = None
 
     @contextlib.contextmanager
-    def run(self, params: dict[str, Any], nested: bool = False) -> Iterator[str]:
-        """Start the run (a child of the active run when ``nested``) and log ``params``; the run
-        ends FINISHED, KILLED (Ctrl-C) or FAILED."""
-        if not nested:
+    def run(self, params: dict[str, Any], nested: bool = False,
+            resume_run_id: str | None = None) -> Iterator[str]:
+        """Start the run (a child of the active run when ``nested``; the run ``resume_run_id``
+        again when resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM) or
+        FAILED."""
+        if not nested and not resume_run_id:
             mlflow.set_experiment(self.experiment)
-        with mlflow.start_run(run_name=self.run_name, nested=nested) as active:
+        with mlflow.start_run(run_id=resume_run_id,
+                              run_name=None if resume_run_id else self.run_name,
+                              nested=nested) as active:
             self.run_id = active.info.run_id
             try:
-                mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+                if not resume_run_id:
+                    mlflow.log_params({key: _param_value(value)
+                                       for key, value in params.items()})
                 yield self.run_id
             except KeyboardInterrupt:
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))

@@ -168,9 +168,18 @@ def fit(
     device: torch.device,
     precision: Precision,
     callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
-    ``model`` and return every epoch's figures."""
+    ``model`` and return every epoch's figures.
+
+    With ``checkpoint_dir``, the full training state is saved there after every epoch (before
+    the callbacks run); with ``resume``, training continues from that checkpoint and ends with
+    the same losses as an uninterrupted run.
+    """
+    from medlm.checkpoint import load_checkpoint, save_checkpoint
+
     torch.manual_seed(config.seed)
     model.to(device)
     model.train()
@@ -181,8 +190,22 @@ def fit(
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_improvement = 0
+    shuffle_generator = getattr(train_loader, "generator", None)
+    if resume:
+        state = load_checkpoint(checkpoint_dir, model)
+        model.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        result.epochs = [EpochResult(**values) for values in state["epochs"]]
+        best_state = state["best_state"]
+        epochs_without_improvement = state["epochs_without_improvement"]
+        if shuffle_generator is not None and "generator" in state["loader"]:
+            shuffle_generator.set_state(state["loader"]["generator"])
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(len(result.epochs) + 1, config.epochs + 1):
+        if hasattr(train_loader.batch_sampler, "set_epoch"):
+            train_loader.batch_sampler.set_epoch(epoch - 1)
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -226,6 +249,14 @@ def fit(
         else:
             epochs_without_improvement += 1
         result.epochs.append(epoch_result)
+        if checkpoint_dir:
+            loader_state = ({"generator": shuffle_generator.get_state()}
+                            if shuffle_generator is not None else {})
+            save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
+                            scheduler=scheduler, scaler=scaler, epochs=result.epochs,
+                            best_state=best_state,
+                            epochs_without_improvement=epochs_without_improvement,
+                            loader_state=loader_state)
         for callback in callbacks:
             callback.on_epoch_end(model, epoch_result)
         if config.patience and epochs_without_improvement >= config.patience:

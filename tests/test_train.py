@@ -165,3 +165,39 @@ def test_weight_decay_skips_biases_and_norms(tiny_model):
     assert all(p.dim() >= 2 for p in decayed["params"]) and plain["params"]
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
         p.numel() for p in model.parameters())
+
+
+class StopAfter:
+    """Simulates a kill once ``epoch`` has been checkpointed."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, model, result):
+        if result.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
+        tiny_model_dir, small_frame, tmp_path, group_by_length):
+    from medlm.data import make_loader
+    from medlm.modeling import load_tokenizer_and_model
+
+    config = TrainConfig(epochs=4, lr=3e-3, progress=False, group_by_length=group_by_length)
+
+    def attempt(**kwargs):
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        train_frame, validation_frame = split_by_disease(small_frame, 0.2, 42)
+        train = make_loader(LanguageDataset(train_frame, tokenizer), 8, tokenizer.pad_token_id,
+                            train=True, seed=42, group_by_length=group_by_length)
+        validation = make_loader(LanguageDataset(validation_frame, tokenizer), 8,
+                                 tokenizer.pad_token_id, train=False)
+        return fit(model, train, validation, config, CPU, FP32, **kwargs)
+
+    uninterrupted = attempt()
+    with pytest.raises(KeyboardInterrupt):
+        attempt(checkpoint_dir=str(tmp_path), callbacks=[StopAfter(2)])
+    resumed = attempt(checkpoint_dir=str(tmp_path), resume=True)
+    assert [(e.training_loss, e.validation_loss) for e in resumed.epochs] == [
+        (e.training_loss, e.validation_loss) for e in uninterrupted.epochs]

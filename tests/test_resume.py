@@ -1,0 +1,75 @@
+"""A run killed with SIGKILL mid-training and resumed ends with the losses of an uninterrupted
+run, in the same MLflow run, with no metric logged twice."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO_ROOT, run_module
+
+pytestmark = pytest.mark.slow
+
+
+def args(model, csv):
+    return ["--model", str(model), "--dataset", str(csv), "--epochs", "4", "--max-samples", "60",
+            "--lr", "3e-3", "--no-symptom-eval", "--num-validation-samples", "0"]
+
+
+def client_for(directory):
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def losses(client, run_id):
+    return {name: [(p.step, p.value) for p in sorted(client.get_metric_history(run_id, name),
+                                                     key=lambda p: p.step)]
+            for name in ("training_loss", "validation_loss")}
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                          dataset_csv):
+    env = {"MLFLOW_TRACKING_URI": ""}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir()
+    killed.mkdir()
+    result = run_module("experiments.run", *args(tiny_model_dir, dataset_csv), cwd=straight,
+                        env_extra=env)
+    assert result.returncode == 0, result.stderr
+    (reference,) = client_for(straight).search_runs(
+        [client_for(straight).get_experiment_by_name("medlm").experiment_id])
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args(tiny_model_dir, dataset_csv)],
+        cwd=killed, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+    run_id = None
+    for line in process.stderr:
+        found = re.match(r"MLflow run (\w+)", line)
+        run_id = found.group(1) if found else run_id
+        if line.startswith("epoch 2:"):
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert run_id and (killed / "checkpoints" / run_id / "state.pt").is_file()
+
+    resumed = run_module("experiments.run", "--resume", run_id, cwd=killed, env_extra=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 2" in resumed.stderr
+    client = client_for(killed)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert losses(client, run_id) == losses(client_for(straight), reference.info.run_id)
+    assert [step for step, _ in losses(client, run_id)["training_loss"]] == [1, 2, 3, 4]
+    assert not (killed / "checkpoints" / run_id).exists()
+    assert client.get_model_version_by_alias("medlm", "champion").run_id == run_id
+
+
+def test_resume_of_an_unknown_run_is_a_user_error(tmp_path):
+    result = run_module("experiments.run", "--resume", "abc123", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: --resume 'abc123': no checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
