@@ -252,8 +252,11 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                          callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
                          resume=bool(resume_run_id))
         except KeyboardInterrupt:
-            log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: "
-                        "python -m experiments.run --resume %s", checkpoint, run_id)
+            if (checkpoint / "state.pt").is_file():
+                log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
+                            "with: python -m experiments.run --resume %s", checkpoint, run_id)
+            else:
+                log.warning("stopped before the first epoch ended: nothing to resume")
             raise
         best = result.best
         log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",

@@ -102,6 +102,7 @@ def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tiny_model_dir, da
     rest = process.stderr.read()
     assert process.wait(timeout=120) == 130
     assert "marked KILLED" in rest and "Traceback" not in rest
+    assert "python -m experiments.run --resume" in rest
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
