@@ -185,6 +185,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     from medlm.checkpoint import saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
+    from medlm.metrics import references_by_disease
     from medlm.modeling import count_parameters, describe_device, effective_max_length
     from medlm.tracking import MlflowTracker, library_versions
     from medlm.train import EpochResult, fit
@@ -192,8 +193,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     data, tokenizer, model = prepared.data, prepared.tokenizer, prepared.model
     device, precision = prepared.device, prepared.precision
     max_length = effective_max_length(config.max_length, model)
-    train_set = LanguageDataset(prepared.train_frame, tokenizer, max_length)
-    validation_set = LanguageDataset(prepared.validation_frame, tokenizer, max_length)
+    train_set = LanguageDataset(prepared.train_frame, tokenizer, max_length, config.loss_on)
+    validation_set = LanguageDataset(prepared.validation_frame, tokenizer, max_length,
+                                     config.loss_on)
     pin_memory = device.type == "cuda"
     train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
                                seed=config.seed, pin_memory=pin_memory,
@@ -206,9 +208,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     validation_names = prepared.validation_frame["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
-    references: dict[str, str] = {}
-    for name, symptoms in zip(data.frame["Name"], data.frame["Symptoms"], strict=True):
-        references.setdefault(name.casefold(), symptoms)
+    references = {key: symptoms for key, (_, symptoms) in
+                  references_by_disease(data.frame).items()}
 
     log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows; %s on %s (%s)",
              config.dataset, len(data.frame), data.dropped_rows, len(train_set),

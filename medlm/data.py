@@ -207,20 +207,24 @@ class LanguageDataset(Dataset):
 
     ``max_length`` caps the tokens per row (pass the model's context size); longer rows are
     truncated with a warning and lose their end-of-text token, since their text did not end.
-    ``self.max_length`` is then the longest example actually kept.
+    ``self.max_length`` is then the longest example actually kept. With
+    ``loss_on="completion"`` each row also carries its ``"{Name} |"`` prompt length, which the
+    collator leaves out of the loss (another tokenizer pass, so only when asked).
     """
 
-    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int | None = None):
+    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int | None = None,
+                 loss_on: str = "full"):
         if tokenizer.eos_token_id is None:
             raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
                              "tokenizer with eos_token set")
         texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
         encoded = _encode_batch(tokenizer, texts)
-        prompts = _encode_batch(tokenizer, [prompt_for(name) for name in frame["Name"]])
-        # Tokens of "{Name} |" at the start of each row (the shared prefix, should a tokenizer
-        # merge across the boundary); --loss-on completion leaves them out of the loss.
-        self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
-                               zip(encoded, prompts, strict=True)]
+        self.prompt_lengths = [0] * len(encoded)
+        if loss_on == "completion":
+            prompts = _encode_batch(tokenizer, [prompt_for(name) for name in frame["Name"]])
+            # The shared prefix, should a tokenizer merge across the "|" boundary.
+            self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
+                                   zip(encoded, prompts, strict=True)]
         eos = tokenizer.eos_token_id
         cap = max_length or max((len(ids) + 1 for ids in encoded), default=1)
         self.num_truncated = sum(len(ids) + 1 > cap for ids in encoded)

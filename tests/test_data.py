@@ -225,7 +225,7 @@ def test_tokenization_ignores_padding_left_on_the_tokenizer_by_other_calls(gpt2_
 
 def test_completion_loss_masks_the_name_prompt(gpt2_tokenizer):
     frame = pd.DataFrame({"Name": ["Kidney Failure", "Flu"], "Symptoms": ["Fatigue", "Fever"]})
-    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    dataset = LanguageDataset(frame, gpt2_tokenizer, loss_on="completion")
     prompt = gpt2_tokenizer("Kidney Failure |")["input_ids"]
     assert dataset.prompt_lengths[0] == len(prompt)
     assert dataset[0]["input_ids"][: len(prompt)].tolist() == prompt

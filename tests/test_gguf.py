@@ -39,7 +39,7 @@ def test_brief_fine_tuning_raises_validation_symptom_f1_above_the_base(smollm2, 
 
     config = TrainConfig(epochs=2, progress=False)
     cpu = torch.device("cpu")
-    loaders = [make_loader(LanguageDataset(f, tokenizer, 256), config.batch_size,
+    loaders = [make_loader(LanguageDataset(f, tokenizer, 256, config.loss_on), config.batch_size,
                            tokenizer.pad_token_id, train=train, loss_on=config.loss_on)
                for f, train in ((train_frame, True), (validation_frame, False))]
     fit(model, *loaders, config, cpu, resolve_precision("auto", cpu))
