@@ -88,6 +88,8 @@ def quiet_libraries() -> None:
     # The Hub client logs every retry; a final failure still reaches the user as our error.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not _main_process():  # under torchrun every line is said once, by rank 0
+        logging.getLogger("medlm").setLevel(logging.ERROR)
     import mlflow  # noqa: F401 - it sets its own log levels on import; ours must come after
 
     for name in ("mlflow", "transformers", "datasets", "urllib3", "alembic"):
@@ -103,6 +105,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 
 
+def _main_process() -> bool:
+    """False in torchrun's processes other than rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -112,14 +119,19 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
 
     SIGTERM (a scheduler or ``kill``) is handled like Ctrl-C: the MLflow run is marked KILLED,
     never left RUNNING, and the exit status is 130.
+
+    Under torchrun only rank 0 prints these lines: every process reads the same inputs and
+    meets the same mistake.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main(argv)
     except MedLMError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if _main_process():
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
-        print(f"interrupted ({interrupt or 'SIGINT'}); the MLflow run, if one had started, is "
-              "marked KILLED", file=sys.stderr)
+        if _main_process():
+            print(f"interrupted ({interrupt or 'SIGINT'}); the MLflow run, if one had started, "
+                  "is marked KILLED", file=sys.stderr)
         return 130

@@ -1,10 +1,12 @@
 """Fine-tune a causal LM on disease -> symptoms and record the run in MLflow.
 
     python -m experiments.run --lr 5e-4
+    torchrun --standalone --nproc_per_node 4 -m experiments.run --lr 5e-4   # 4 processes (DDP)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -58,7 +60,8 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--epochs", type=positive_int, nargs="+", default=[defaults.epochs],
                        help="passes over the training set" + sweep)
     train.add_argument("--batch-size", type=positive_int, nargs="+",
-                       default=[defaults.batch_size], help="rows per batch" + sweep)
+                       default=[defaults.batch_size],
+                       help="rows per batch (under torchrun: of all processes together)" + sweep)
     train.add_argument("--lr", type=positive_float, nargs="+", default=[defaults.lr],
                        help="AdamW learning rate" + sweep)
     train.add_argument("--weight-decay", type=non_negative_float, nargs="+",
@@ -164,13 +167,14 @@ class Prepared:
 
 
 def prepare(config: TrainConfig) -> Prepared:
+    from medlm import distributed
     from medlm.data import load_disease_data, split_by_disease
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
 
     data = load_disease_data(config.dataset, config.max_samples)
     train_frame, validation_frame = split_by_disease(data.frame, config.validation_fraction,
                                                      config.seed, config.dataset)
-    device = resolve_device(config.device)
+    device = distributed.start(resolve_device(config.device))  # joins torchrun's group, if any
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
     return Prepared(data, train_frame, validation_frame, device, precision, tokenizer, model)
@@ -182,6 +186,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     ``resume_run_id``, that run continues from its last checkpoint."""
     import mlflow
 
+    from medlm import distributed
     from medlm.checkpoint import saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
@@ -196,12 +201,16 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     train_set = LanguageDataset(prepared.train_frame, tokenizer, max_length, config.loss_on)
     validation_set = LanguageDataset(prepared.validation_frame, tokenizer, max_length,
                                      config.loss_on)
+    main_process, world_size = distributed.is_main(), distributed.world_size()
+    shard = {"shard": distributed.rank(), "num_shards": world_size}
     pin_memory = device.type == "cuda"
     train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
                                seed=config.seed, pin_memory=pin_memory,
-                               group_by_length=config.group_by_length, loss_on=config.loss_on)
+                               group_by_length=config.group_by_length, loss_on=config.loss_on,
+                               **shard)
     validation_loader = make_loader(validation_set, config.batch_size, tokenizer.pad_token_id,
-                                    train=False, pin_memory=pin_memory, loss_on=config.loss_on)
+                                    train=False, pin_memory=pin_memory, loss_on=config.loss_on,
+                                    **shard)
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
@@ -211,9 +220,10 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     references = {key: symptoms for key, (_, symptoms) in
                   references_by_disease(data.frame).items()}
 
-    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows; %s on %s (%s)",
+    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows; %s on %s (%s)%s",
              config.dataset, len(data.frame), data.dropped_rows, len(train_set),
-             len(validation_set), config.model, describe_device(device), precision.name)
+             len(validation_set), config.model, describe_device(device), precision.name,
+             f", {world_size} processes" if world_size > 1 else "")
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
                             transformer=config.model, gpu=describe_device(device),
                             batch_size=config.batch_size)
@@ -232,20 +242,25 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "device_type": device.type,
         "device_name": describe_device(device),
         "precision_effective": precision.name,
+        "world_size": world_size,
         **library_versions(),
     }
-    with tracker.run(params, nested=nested, resume_run_id=resume_run_id) as run_id:
+    # Only the main process talks to MLflow and writes files; the others learn the run id.
+    run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id) if main_process
+           else contextlib.nullcontext(resume_run_id))
+    with run as run_id:
+        run_id = distributed.broadcast_object(run_id)
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = EpochReport(tokenizer, prompts, references, settings, tracker,
                              prepared.validation_frame if config.symptom_eval else None)
-        if resume_run_id:
+        if resume_run_id and main_process:
             tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
             history = mlflow.MlflowClient().get_metric_history(run_id, "symptom_f1")
             report.symptom_f1 = {point.step: point.value for point in history}
             log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
-        else:
+        elif main_process:
             checkpoint.mkdir(parents=True, exist_ok=True)
             (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
         try:
@@ -265,9 +280,12 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  " (stopped early)" if result.stopped_early else "")
         symptom_f1 = report.symptom_f1.get(best.epoch)
         tags = {"symptom_f1": repr(symptom_f1)} if symptom_f1 is not None else {}
-        version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the registered model now holds the weights
-    log.info("registered %s version %s; %s", config.registered_model, version, verdict)
+        version = None
+        if main_process:
+            version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
+    if main_process:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the registered model holds the weights
+        log.info("registered %s version %s; %s", config.registered_model, version, verdict)
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
             "symptom_f1": symptom_f1 if symptom_f1 is not None else float("nan"),
@@ -279,6 +297,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     import mlflow
     import pandas as pd
 
+    from medlm import distributed
     from medlm.modeling import load_tokenizer_and_model
     from medlm.tracking import MlflowTracker
 
@@ -288,7 +307,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
                      **{f"sweep_{name}": ", ".join(map(str, values))
                         for name, values in grid.items()}, "sweep_size": len(configs)}
-    with parent.run(parent_params) as parent_id:
+    main_process = distributed.is_main()
+    with parent.run(parent_params) if main_process else contextlib.nullcontext() as parent_id:
         log.info("sweep of %d runs under parent run %s", len(configs), parent_id)
         children = []
         for index, config in enumerate(configs):
@@ -298,6 +318,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
             log.info("--- child %d/%d: %s", index + 1, len(configs), label)
             children.append(train_and_register(replace(config, run_name=label), prepared,
                                                nested=True))
+        if not main_process:
+            return
         table = pd.DataFrame(children).sort_values(["validation_loss", "symptom_f1"],
                                                    ascending=[True, False])
         table.insert(0, "rank", range(1, len(table) + 1))
@@ -326,30 +348,43 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     return TrainConfig(**json.loads(saved.read_text()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.resume:
-        config = resume_config(args.resume, args.checkpoint_dir)
-        quiet_libraries()
-        train_and_register(config, prepare(config), resume_run_id=args.resume)
-        return 0
-    del args.resume
-    if args.sample_prompts is None:
-        args.sample_prompts = TrainConfig().sample_prompts
-    grid = {name: list(dict.fromkeys(getattr(args, name))) for name in SWEEPABLE}
-    common = {key: value for key, value in vars(args).items() if key not in SWEEPABLE}
-    configs = [TrainConfig(**common, **dict(zip(SWEEPABLE, values, strict=True)))
-               for values in itertools.product(*grid.values())]
-    quiet_libraries()
+def compare_runs_hint() -> str:
+    """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
+    import mlflow
 
-    prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
-    if len(configs) == 1:
-        train_and_register(configs[0], prepared)
-    else:
-        run_sweep(configs, grid, prepared)
-    log.info("compare runs: mlflow ui    generate: python -m experiments.generate "
-             "\"Kidney Failure\"")
-    return 0
+    uri = mlflow.get_tracking_uri()
+    return uri if uri.startswith(("http://", "https://")) else "mlflow ui"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlm import distributed
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            config = resume_config(args.resume, args.checkpoint_dir)
+            quiet_libraries()
+            train_and_register(config, prepare(config), resume_run_id=args.resume)
+            return 0
+        del args.resume
+        if args.sample_prompts is None:
+            args.sample_prompts = TrainConfig().sample_prompts
+        grid = {name: list(dict.fromkeys(getattr(args, name))) for name in SWEEPABLE}
+        common = {key: value for key, value in vars(args).items() if key not in SWEEPABLE}
+        configs = [TrainConfig(**common, **dict(zip(SWEEPABLE, values, strict=True)))
+                   for values in itertools.product(*grid.values())]
+        quiet_libraries()
+
+        prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
+        if len(configs) == 1:
+            train_and_register(configs[0], prepared)
+        else:
+            run_sweep(configs, grid, prepared)
+        log.info("compare runs: %s    generate: python -m experiments.generate "
+                 "\"Kidney Failure\"", compare_runs_hint())
+        return 0
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A checkpoint directory holds ``model.safetensors`` (the weights after the epoch),
 ``best.safetensors`` (the best epoch's weights so far) and ``state.pt`` (optimizer, scheduler,
-GradScaler, RNG states, epoch results, early-stopping counter), loaded back with
+GradScaler, every process's RNG states, epoch results, early-stopping counter), loaded back with
 ``torch.load(weights_only=True)``. Files are written beside their final name and renamed, so a
 kill mid-write leaves the previous epoch's checkpoint intact.
 """
@@ -21,20 +21,37 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from medlm.errors import MedLMError
 
 
+def rng_state() -> dict:
+    """This process's random number generators (dropout, shuffles, sampling)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
 def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler, scaler,
                     epochs: list, best_state: dict | None, epochs_without_improvement: int,
-                    loader_state: dict) -> None:
+                    loader_state: dict, rng_states: list[dict] | None = None) -> None:
+    """``rng_states``: one per process, in rank order (default: this process's only)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    numpy_state = np.random.get_state()
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": random.getstate(),
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "rng": rng_states or [rng_state()],
         "epochs": [asdict(result) for result in epochs],
         "epochs_without_improvement": epochs_without_improvement,
         "loader": loader_state,
@@ -52,22 +69,25 @@ def _atomic(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def load_checkpoint(directory: str | os.PathLike, model) -> dict:
-    """Load the weights into ``model`` and return the rest of the state (RNGs restored)."""
+def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
+                    world_size: int = 1) -> dict:
+    """Load the weights into ``model``, restore process ``rank``'s RNGs and return the rest of
+    the state. A run continues with as many processes as it was trained with (the batches each
+    process draws depend on it)."""
     directory = Path(directory)
     if not (directory / "state.pt").is_file():
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
-    load_model(model, str(directory / "model.safetensors"))
     state = torch.load(directory / "state.pt", weights_only=True)
+    saved_world = len(state["rng"])
+    if saved_world != world_size:
+        raise MedLMError(f"the checkpoint in {str(directory)!r} was written by {saved_world} "
+                         f"training process(es), not {world_size}: expected to resume with "
+                         f"{saved_world} (torchrun's processes in all; 1 = no torchrun)")
+    load_model(model, str(directory / "model.safetensors"))
     best = directory / "best.safetensors"
     state["best_state"] = load_file(str(best)) if best.is_file() else None
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(_tuples(state["python_rng"]))
-    name, keys, *rest = state["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    restore_rng(state["rng"][rank])
     return state
 
 

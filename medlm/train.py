@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medlm import distributed
 from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
@@ -93,7 +95,8 @@ def _bar(total: int, description: str, enabled: bool) -> tqdm:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              precision: Precision, progress: bool = False) -> float:
-    """Mean loss per real token over ``loader``."""
+    """Mean loss per real token over ``loader`` (over every process's share of it, under
+    torchrun: pass the plain model, not its DistributedDataParallel wrapper)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -105,6 +108,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
                 loss_sum += token_loss_sum(model, _to(batch, device))
             bar.update()
     model.train(was_training)
+    if distributed.is_enabled():
+        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device)
+        loss_sum_all, tokens_all = distributed.all_reduce(totals).tolist()
+        return loss_sum_all / max(tokens_all, 1)
     return loss_sum.item() / max(tokens, 1)
 
 
@@ -140,15 +147,24 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     """One optimizer step over a window of batches (gradient accumulation).
 
     The loss is normalised by the window's real-token count, so accumulating k batches equals
-    one batch k times as large. Returns the window's summed token loss as a device tensor (not
-    read here: reading it would make the host wait for the device) and the token count.
+    one batch k times as large. Under torchrun ``model`` is the DistributedDataParallel wrapper:
+    the count is that of all processes' windows and gradients are averaged once per window, so
+    the step equals one process's step over all their rows. Returns this process's summed token
+    loss as a device tensor (not read here: reading it would make the host wait for the device)
+    and its token count.
     """
     window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
+    divisor: int | torch.Tensor = window_tokens
+    if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
+        all_tokens = torch.tensor(float(window_tokens), device=device)
+        divisor = distributed.all_reduce(all_tokens) / distributed.world_size()
     loss_sum = torch.zeros((), device=device)
-    for batch in window:
-        with precision.autocast():
-            batch_loss_sum = token_loss_sum(model, _to(batch, device))
-        scaler.scale(batch_loss_sum / window_tokens).backward()
+    for index, batch in enumerate(window):
+        accumulating = index < len(window) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            with precision.autocast():
+                batch_loss_sum = token_loss_sum(model, _to(batch, device))
+            scaler.scale(batch_loss_sum / divisor).backward()
         loss_sum += batch_loss_sum.detach()
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
@@ -177,10 +193,18 @@ def fit(
     With ``checkpoint_dir``, the full training state is saved there after every epoch (before
     the callbacks run); with ``resume``, training continues from that checkpoint and ends with
     the same losses as an uninterrupted run.
-    """
-    from medlm.checkpoint import load_checkpoint, save_checkpoint
 
-    torch.manual_seed(config.seed)
+    Under torchrun (a process group with several processes, see ``medlm.distributed``) each
+    process passes loaders built with its own ``shard``: the model is wrapped in
+    DistributedDataParallel, losses and throughput are summed over all processes, and only rank
+    0 shows progress, writes the checkpoint and calls the callbacks.
+    """
+    from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
+
+    rank, world_size = distributed.rank(), distributed.world_size()
+    main_process = rank == 0
+    progress = config.progress and main_process
+    torch.manual_seed(config.seed + rank)  # each process its own dropout masks
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, config, device)
@@ -192,7 +216,7 @@ def fit(
     epochs_without_improvement = 0
     shuffle_generator = getattr(train_loader, "generator", None)
     if resume:
-        state = load_checkpoint(checkpoint_dir, model)
+        state = load_checkpoint(checkpoint_dir, model, rank, world_size)
         model.to(device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -202,6 +226,12 @@ def fit(
         epochs_without_improvement = state["epochs_without_improvement"]
         if shuffle_generator is not None and "generator" in state["loader"]:
             shuffle_generator.set_state(state["loader"]["generator"])
+    trained = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch in range(len(result.epochs) + 1, config.epochs + 1):
         if hasattr(train_loader.batch_sampler, "set_epoch"):
@@ -210,10 +240,10 @@ def fit(
         model.train()
         loss_sum = torch.zeros((), device=device)
         tokens = real_tokens = samples = step = 0
-        with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", config.progress) as bar:
+        with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
             for window in _windows(train_loader, config.grad_accum):
                 window_loss_sum, window_tokens = train_step(
-                    model, window, optimizer, scaler, scheduler, precision, device,
+                    trained, window, optimizer, scaler, scheduler, precision, device,
                     config.max_grad_norm)
                 loss_sum += window_loss_sum
                 tokens += window_tokens
@@ -225,11 +255,18 @@ def fit(
                     bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
         training_loss = loss_sum.item() / max(tokens, 1)
         train_seconds = time.perf_counter() - started
+        if world_size > 1:
+            totals = torch.tensor([loss_sum.item(), tokens, samples, real_tokens],
+                                  dtype=torch.float64, device=device)
+            loss_sum_all, tokens, samples, real_tokens = distributed.all_reduce(totals).tolist()
+            training_loss = loss_sum_all / max(tokens, 1)
+            slowest = torch.tensor([train_seconds], dtype=torch.float64, device=device)
+            train_seconds = distributed.all_reduce(slowest, "max").item()
         if not math.isfinite(training_loss):
             raise NonFiniteLossError(
                 f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
                 f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
-        validation_loss = evaluate(model, validation_loader, device, precision, config.progress)
+        validation_loss = evaluate(model, validation_loader, device, precision, progress)
 
         epoch_result = EpochResult(
             epoch=epoch,
@@ -250,14 +287,16 @@ def fit(
             epochs_without_improvement += 1
         result.epochs.append(epoch_result)
         if checkpoint_dir:
-            loader_state = ({"generator": shuffle_generator.get_state()}
-                            if shuffle_generator is not None else {})
-            save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, epochs=result.epochs,
-                            best_state=best_state,
-                            epochs_without_improvement=epochs_without_improvement,
-                            loader_state=loader_state)
-        for callback in callbacks:
+            rng_states = distributed.gather_objects(rng_state())
+            if main_process:
+                loader_state = ({"generator": shuffle_generator.get_state()}
+                                if shuffle_generator is not None else {})
+                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, epochs=result.epochs,
+                                best_state=best_state,
+                                epochs_without_improvement=epochs_without_improvement,
+                                loader_state=loader_state, rng_states=rng_states)
+        for callback in callbacks if main_process else ():
             callback.on_epoch_end(model, epoch_result)
         if config.patience and epochs_without_improvement >= config.patience:
             result.stopped_early = True

@@ -1,5 +1,6 @@
 import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -8,7 +9,7 @@ from medlm.data import (
     IGNORE_INDEX,
     CausalLMCollator,
     LanguageDataset,
-    LengthGroupedBatchSampler,
+    TrainingBatchSampler,
     clean_frame,
     load_disease_data,
     make_loader,
@@ -181,7 +182,7 @@ def test_length_grouped_batches_cover_every_row_once_and_cut_padding(dataset_csv
                                                                     gpt2_tokenizer):
     frame = load_disease_data(str(dataset_csv)).frame
     dataset = LanguageDataset(frame, gpt2_tokenizer)
-    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size=8, seed=1)
+    sampler = TrainingBatchSampler(dataset.lengths, batch_size=8, seed=1)
     first, second = list(sampler), list(sampler)
     for epoch in (first, second):
         assert sorted(i for batch in epoch for i in batch) == list(range(len(dataset)))
@@ -193,6 +194,36 @@ def test_length_grouped_batches_cover_every_row_once_and_cut_padding(dataset_csv
     plain = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=True, seed=1,
                         group_by_length=False)
     assert padding_ratio(grouped) < 1.1 < 1.5 < padding_ratio(plain)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+@pytest.mark.parametrize("num_rows,batch_size,num_shards", [(320, 8, 2), (101, 8, 3), (21, 4, 3)])
+def test_processes_train_on_disjoint_shards_that_cover_the_training_set(
+        group_by_length, num_rows, batch_size, num_shards):
+    lengths = np.random.default_rng(0).integers(5, 90, num_rows)
+    single = TrainingBatchSampler(lengths, batch_size, seed=3, group_by_length=group_by_length)
+    shards = [TrainingBatchSampler(lengths, batch_size, seed=3, group_by_length=group_by_length,
+                                   shard=shard, num_shards=num_shards)
+              for shard in range(num_shards)]
+    for epoch in range(3):
+        for sampler in (single, *shards):
+            sampler.set_epoch(epoch)
+        per_shard = [list(sampler) for sampler in shards]
+        assert len({len(batches) for batches in per_shard}) == 1  # same number of steps
+        assert len(per_shard[0]) == len(shards[0])
+        rows = [row for batches in per_shard for batch in batches for row in batch]
+        assert sorted(rows) == list(range(num_rows))  # disjoint, and together every row
+        assert all(batch for batches in per_shard for batch in batches)  # none left idle
+        steps = [sorted(sum(step, [])) for step in zip(*per_shard, strict=True)]
+        if 0 < num_rows % batch_size < num_shards:  # the short last batch joined another
+            assert len(steps) == len(single) - 1
+        else:  # an optimizer step sees the rows a single process's step would
+            assert steps == [sorted(batch) for batch in single]
+
+
+def test_a_batch_smaller_than_the_process_count_is_refused():
+    with pytest.raises(MedLMError, match="--batch-size 2 is smaller than the 4 processes"):
+        TrainingBatchSampler([5] * 40, batch_size=2, shard=0, num_shards=4)
 
 
 def test_validation_loader_sorts_by_length_and_keeps_every_row(dataset_csv, gpt2_tokenizer):

@@ -1,0 +1,133 @@
+"""Several processes under torchrun: 2 CPU processes talking over gloo, as a user starts them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from medlm.errors import MedLMError
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+EPOCHS = 2
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, env_extra: dict | None = None):
+    """``torchrun --standalone --nproc_per_node N ARGS`` without a TTY."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model_dir, dataset_csv):
+    workdir = tmp_path_factory.mktemp("ddp-user")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = torchrun("-m", "experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                      str(dataset_csv), "--max-samples", "120", "--epochs", str(EPOCHS),
+                      "--lr", "3e-3", cwd=workdir, env_extra={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return workdir, result, client
+
+
+def test_torchrun_makes_one_run_with_every_metric_and_registers_once(ddp_run):
+    workdir, result, client = ddp_run
+    experiment = client.get_experiment_by_name("medlm")
+    (run,) = client.search_runs([experiment.experiment_id])  # not one run per process
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    assert int(run.data.params["rows_train"]) + int(run.data.params["rows_validation"]) == 120
+    for metric in ("training_loss", "validation_loss", "train_samples_per_sec",
+                   "train_tokens_per_sec", "symptom_f1"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(point.step for point in history) == list(range(1, EPOCHS + 1)), metric
+    (version,) = client.search_model_versions("name='medlm'")
+    assert version.run_id == run.info.run_id
+    assert client.get_model_version_by_alias("medlm", "champion").version == version.version
+    # Each line is said once (by rank 0), and no checkpoint is left behind.
+    assert result.stderr.count("epoch 1: training loss") == 1
+    assert result.stderr.count("registered medlm version 1") == 1
+    assert "2 processes" in result.stderr
+    assert not list((workdir / "checkpoints").glob("*/state.pt"))
+
+
+def test_samples_are_generated_once_per_epoch(ddp_run):
+    workdir, _, client = ddp_run
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    local = Path(client.download_artifacts(run.info.run_id, "samples.json",
+                                           str(workdir / "dl")))
+    table = json.loads(local.read_text())
+    prompts = [row[table["columns"].index("prompt")] for row in table["data"]]
+    assert prompts.count("Kidney Failure") == EPOCHS
+
+
+@pytest.fixture(scope="module")
+def worker_outputs(tmp_path_factory, tiny_model_dir, dataset_csv):
+    """tests/ddp_worker.py under torchrun with 2 processes, and alone as the reference."""
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path_factory.mktemp(f"worker{nproc}")
+        args = ("tests/ddp_worker.py", str(tiny_model_dir), str(dataset_csv), str(out))
+        if nproc == 1:
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+            result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env,
+                                    capture_output=True, text=True, timeout=600)
+        else:
+            result = torchrun(*args, cwd=REPO_ROOT, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[nproc] = [json.loads((out / f"rank{rank}.json").read_text())
+                          for rank in range(nproc)]
+    return outputs
+
+
+def test_each_process_trains_on_its_own_shard_and_together_they_cover_the_training_set(
+        worker_outputs):
+    ranks = worker_outputs[2]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    training_rows = ranks[0]["training_rows"]
+    for epoch in map(str, range(1, EPOCHS + 1)):
+        shards = [set(rank["rows_by_epoch"][epoch]) for rank in ranks]
+        assert all(len(shard) == len(rank["rows_by_epoch"][epoch])  # no row twice
+                   for shard, rank in zip(shards, ranks, strict=True))
+        assert not shards[0] & shards[1]
+        assert shards[0] | shards[1] == set(range(training_rows))
+        assert abs(len(shards[0]) - len(shards[1])) <= 8
+    assert ranks[0]["rows_by_epoch"]["1"] != ranks[0]["rows_by_epoch"]["2"]  # reshuffled
+
+
+def test_two_processes_train_the_same_model_as_one(worker_outputs):
+    (alone,), ranks = worker_outputs[1], worker_outputs[2]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the processes stay in step
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # losses are all-reduced
+    # --batch-size is the batch of all processes together: one step sees the same rows, so
+    # without dropout the losses and weights match a single process up to float rounding.
+    for together, single in zip(ranks[0]["losses"], alone["losses"], strict=True):
+        assert together == pytest.approx(single, rel=1e-5)
+    assert ranks[0]["weights"] == pytest.approx(alone["weights"], rel=1e-5)
+    assert ranks[0]["losses"][-1][0] < ranks[0]["losses"][0][0]
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path):
+    from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
+    from medlm.config import TrainConfig
+    from medlm.train import make_optimizer, make_scheduler
+
+    _, model = tiny_model
+    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    save_checkpoint(tmp_path, model=model, optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, TrainConfig(), 10),
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), epochs=[],
+                    best_state=None, epochs_without_improvement=0, loader_state={},
+                    rng_states=[rng_state(), rng_state()])
+    with pytest.raises(MedLMError, match="written by 2 training process.*not 1.*resume with 2"):
+        load_checkpoint(tmp_path, model, rank=0, world_size=1)
+    assert load_checkpoint(tmp_path, model, rank=1, world_size=2)["epochs"] == []

@@ -1,0 +1,123 @@
+"""A team's set-up: a real ``mlflow server`` on PostgreSQL, reached only over HTTP.
+
+Needs a PostgreSQL role that may create databases, given as ``MEDLM_TEST_POSTGRES_URI``
+(``bash .ci/postgres`` installs and starts one and prints it; ``.ci/run`` does so). Without it
+the test is skipped, unless ``MEDLM_REQUIRE_POSTGRES=1`` (set by ``.ci/run``) makes that a
+failure.
+"""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run_module
+
+pytestmark = pytest.mark.slow
+
+
+def unavailable(reason: str):
+    if os.environ.get("MEDLM_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (MEDLM_REQUIRE_POSTGRES=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def postgres_uri():
+    """A fresh, empty database for this module, dropped afterwards."""
+    server = os.environ.get("MEDLM_TEST_POSTGRES_URI")
+    if not server:
+        unavailable("PostgreSQL not available: set MEDLM_TEST_POSTGRES_URI to a role that may "
+                    "create databases (as root, `export MEDLM_TEST_POSTGRES_URI=$(bash "
+                    ".ci/postgres)` installs and starts one)")
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("the PostgreSQL driver is missing: pip install -e '.[server]'")
+    try:
+        admin = psycopg.connect(server, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as error:
+        unavailable(f"cannot reach PostgreSQL at MEDLM_TEST_POSTGRES_URI: {error}".strip())
+    name = f"medlm_test_{secrets.token_hex(4)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    base, _, _ = server.rpartition("/")
+    yield f"{base}/{name}"
+    admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres_uri, tmp_path_factory):
+    """``mlflow server`` as a team would run it: runs and registry in PostgreSQL, artifacts
+    proxied by the server into --artifacts-destination."""
+    home = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
+         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGTERM)
+            pytest.fail(f"mlflow server did not start:\n{(home / 'server.log').read_text()}")
+        time.sleep(1)
+    yield url, home / "artifacts"
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    log.close()
+
+
+def test_train_register_and_generate_through_a_postgresql_backed_server(
+        tracking_server, postgres_uri, tiny_model_dir, dataset_csv, tmp_path):
+    import psycopg
+
+    url, artifacts = tracking_server
+    env = {"MLFLOW_TRACKING_URI": url}
+    trained = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                         str(dataset_csv), "--max-samples", "60", "--epochs", "2",
+                         "--lr", "3e-3", "--run-name", "team", cwd=tmp_path, env_extra=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"compare runs: {url}" in trained.stderr
+    # Nothing went to the local default store.
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "team"
+    history = client.get_metric_history(run.info.run_id, "validation_loss")
+    assert sorted(point.step for point in history) == [1, 2]
+    with psycopg.connect(postgres_uri) as database:  # the server really keeps them there
+        assert database.execute("SELECT name FROM runs").fetchall() == [("team",)]
+        assert database.execute("SELECT name, version FROM model_versions").fetchall() == [
+            ("medlm", 1)]
+    assert list(artifacts.rglob("model.safetensors"))  # artifacts proxied by the server
+
+    generated = run_module("experiments.generate", "Kidney Failure", "--model-uri",
+                           "models:/medlm@champion", cwd=tmp_path, env_extra=env)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    line = generated.stdout.strip().splitlines()[-1]
+    assert line.startswith("Kidney Failure |") and len(line) > len("Kidney Failure |")
+    assert not (tmp_path / "mlflow.db").exists()
