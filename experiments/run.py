@@ -269,8 +269,11 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                          resume=bool(resume_run_id))
         except KeyboardInterrupt:
             if (checkpoint / "state.pt").is_file():
+                launcher = ("python" if world_size == 1 else
+                            f"torchrun <the same options: {world_size} processes in all>")
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
-                            "with: python -m experiments.run --resume %s", checkpoint, run_id)
+                            "with: %s -m experiments.run --resume %s", checkpoint, launcher,
+                            run_id)
             else:
                 log.warning("stopped before the first epoch ended: nothing to resume")
             raise
@@ -336,7 +339,10 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
 
 
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
-    """The interrupted run's own settings, as saved beside its checkpoint."""
+    """The interrupted run's own settings, as saved beside its checkpoint; checked before the
+    MLflow run is reopened, so a wrong process count does not mark it FAILED."""
+    from medlm import distributed
+    from medlm.checkpoint import check_world_size
     from medlm.errors import MedLMError
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
@@ -345,6 +351,7 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
+    check_world_size(saved.parent, distributed.environment_world_size())
     return TrainConfig(**json.loads(saved.read_text()))
 
 

@@ -79,16 +79,26 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
     state = torch.load(directory / "state.pt", weights_only=True)
-    saved_world = len(state["rng"])
-    if saved_world != world_size:
-        raise MedLMError(f"the checkpoint in {str(directory)!r} was written by {saved_world} "
-                         f"training process(es), not {world_size}: expected to resume with "
-                         f"{saved_world} (torchrun's processes in all; 1 = no torchrun)")
+    _check_world_size(directory, len(state["rng"]), world_size)
     load_model(model, str(directory / "model.safetensors"))
     best = directory / "best.safetensors"
     state["best_state"] = load_file(str(best)) if best.is_file() else None
     restore_rng(state["rng"][rank])
     return state
+
+
+def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
+    """A run continues with as many processes as it was trained with."""
+    state = torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True)  # no copy
+    _check_world_size(directory, len(state["rng"]), world_size)
+
+
+def _check_world_size(directory, saved_world_size: int, world_size: int) -> None:
+    if saved_world_size != world_size:
+        raise MedLMError(f"the checkpoint in {str(directory)!r} was written by "
+                         f"{saved_world_size} training process(es), not {world_size}: expected "
+                         f"to resume with {saved_world_size} (torchrun's processes in all; 1 = "
+                         "no torchrun)")
 
 
 def _tuples(value):
@@ -97,4 +107,4 @@ def _tuples(value):
 
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
-    return torch.load(Path(directory) / "state.pt", weights_only=True)["epochs"]
+    return torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True)["epochs"]

@@ -1,6 +1,7 @@
 """Trains the tiny model with ``fit`` and writes what this process saw, for
 test_distributed.py: ``torchrun --nproc_per_node N tests/ddp_worker.py MODEL CSV OUT`` (or plain
-``python`` for the single-process reference)."""
+``python`` for the single-process reference). ``... OUT stop CHECKPOINT`` stops (as Ctrl-C would)
+after epoch 1 is checkpointed; ``... OUT resume CHECKPOINT`` continues from there."""
 
 import json
 import sys
@@ -26,7 +27,12 @@ class RecordingDataset(LanguageDataset):
         return super().__getitem__(index)
 
 
-def main(model_dir: str, dataset: str, out: str) -> None:
+class StopAfterFirstEpoch:
+    def on_epoch_end(self, model, result):
+        raise KeyboardInterrupt
+
+
+def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str = "") -> None:
     device = distributed.start(torch.device("cpu"))
     config = TrainConfig(epochs=2, lr=3e-3, batch_size=8, progress=False)
     tokenizer, model = load_tokenizer_and_model(model_dir)
@@ -43,7 +49,9 @@ def main(model_dir: str, dataset: str, out: str) -> None:
     train_set.sampler = train.batch_sampler
     validation = make_loader(LanguageDataset(validation_frame, tokenizer), config.batch_size,
                              tokenizer.pad_token_id, train=False, **shard)
-    result = fit(model, train, validation, config, device, resolve_precision("fp32", device))
+    result = fit(model, train, validation, config, device, resolve_precision("fp32", device),
+                 callbacks=[StopAfterFirstEpoch()] if mode == "stop" else (),
+                 checkpoint_dir=checkpoint or None, resume=mode == "resume")
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps({
         "world_size": distributed.world_size(),

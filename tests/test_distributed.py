@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,25 @@ def test_two_processes_train_the_same_model_as_one(worker_outputs):
     assert ranks[0]["losses"][-1][0] < ranks[0]["losses"][0][0]
 
 
-def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path):
+def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
+        worker_outputs, tiny_model_dir, dataset_csv, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    args = ("tests/ddp_worker.py", str(tiny_model_dir), str(dataset_csv), str(tmp_path))
+    stopped = torchrun(*args, "stop", str(checkpoint), cwd=REPO_ROOT)
+    assert stopped.returncode != 0 and (checkpoint / "state.pt").is_file()
+    resumed = torchrun(*args, "resume", str(checkpoint), cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    uninterrupted = worker_outputs[2]
+    for rank in range(2):
+        assert ranks[rank]["losses"] == uninterrupted[rank]["losses"]
+        assert ranks[rank]["weights"] == uninterrupted[rank]["weights"]
+        # Epoch 2 after resuming draws exactly the rows it would have drawn.
+        assert ranks[rank]["rows_by_epoch"]["2"] == uninterrupted[rank]["rows_by_epoch"]["2"]
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, monkeypatch):
+    from experiments.run import resume_config
     from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
     from medlm.config import TrainConfig
     from medlm.train import make_optimizer, make_scheduler
@@ -131,3 +150,10 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path):
     with pytest.raises(MedLMError, match="written by 2 training process.*not 1.*resume with 2"):
         load_checkpoint(tmp_path, model, rank=0, world_size=1)
     assert load_checkpoint(tmp_path, model, rank=1, world_size=2)["epochs"] == []
+    # The CLI checks it before reopening the MLflow run (which would then end FAILED).
+    (tmp_path / "config.json").write_text(json.dumps(asdict(TrainConfig())))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(MedLMError, match="written by 2 training process"):
+        resume_config(tmp_path.name, str(tmp_path.parent))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_config(tmp_path.name, str(tmp_path.parent)) == TrainConfig()
