@@ -78,7 +78,7 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     if not (directory / "state.pt").is_file():
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
-    state = torch.load(directory / "state.pt", weights_only=True)
+    state = _upgrade(torch.load(directory / "state.pt", weights_only=True))
     _check_world_size(directory, len(state["rng"]), world_size)
     load_model(model, str(directory / "model.safetensors"))
     best = directory / "best.safetensors"
@@ -89,7 +89,7 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True)  # no copy
+    state = _upgrade(torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True))
     _check_world_size(directory, len(state["rng"]), world_size)
 
 
@@ -99,6 +99,14 @@ def _check_world_size(directory, saved_world_size: int, world_size: int) -> None
                          f"{saved_world_size} training process(es), not {world_size}: expected "
                          f"to resume with {saved_world_size} (torchrun's processes in all; 1 = "
                          "no torchrun)")
+
+
+def _upgrade(state: dict) -> dict:
+    """Checkpoints written before torchrun support kept one process's RNGs as top-level keys."""
+    if "rng" not in state:
+        state["rng"] = [{name: state.pop(f"{name}_rng")
+                         for name in ("torch", "cuda", "python", "numpy")}]
+    return state
 
 
 def _tuples(value):

@@ -134,19 +134,26 @@ def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
         assert ranks[rank]["rows_by_epoch"]["2"] == uninterrupted[rank]["rows_by_epoch"]["2"]
 
 
-def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, monkeypatch):
-    from experiments.run import resume_config
-    from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
+def write_checkpoint(model, directory, rng_states=None):
+    from medlm.checkpoint import save_checkpoint
     from medlm.config import TrainConfig
     from medlm.train import make_optimizer, make_scheduler
 
-    _, model = tiny_model
     optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer,
+    save_checkpoint(directory, model=model, optimizer=optimizer,
                     scheduler=make_scheduler(optimizer, TrainConfig(), 10),
                     scaler=torch.amp.GradScaler("cpu", enabled=False), epochs=[],
                     best_state=None, epochs_without_improvement=0, loader_state={},
-                    rng_states=[rng_state(), rng_state()])
+                    rng_states=rng_states)
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, monkeypatch):
+    from experiments.run import resume_config
+    from medlm.checkpoint import load_checkpoint, rng_state
+    from medlm.config import TrainConfig
+
+    _, model = tiny_model
+    write_checkpoint(model, tmp_path, rng_states=[rng_state(), rng_state()])
     with pytest.raises(MedLMError, match="written by 2 training process.*not 1.*resume with 2"):
         load_checkpoint(tmp_path, model, rank=0, world_size=1)
     assert load_checkpoint(tmp_path, model, rank=1, world_size=2)["epochs"] == []
@@ -157,3 +164,18 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, 
         resume_config(tmp_path.name, str(tmp_path.parent))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resume_config(tmp_path.name, str(tmp_path.parent)) == TrainConfig()
+
+
+def test_a_checkpoint_from_before_torchrun_support_still_resumes(tiny_model, tmp_path):
+    from medlm.checkpoint import load_checkpoint
+
+    _, model = tiny_model
+    write_checkpoint(model, tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    (saved,) = state.pop("rng")
+    state.update({f"{name}_rng": value for name, value in saved.items()})  # the old layout
+    torch.save(state, tmp_path / "state.pt")
+    torch.set_rng_state(saved["torch"])
+    expected = torch.rand(3)  # the draw that follows the saved state
+    load_checkpoint(tmp_path, model)
+    assert torch.equal(torch.rand(3), expected)
