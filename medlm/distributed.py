@@ -39,10 +39,6 @@ def environment_world_size() -> int:
     return _environment_int("WORLD_SIZE", 1)
 
 
-def environment_rank() -> int:
-    return _environment_int("RANK", 0)
-
-
 def is_enabled() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -93,6 +89,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor
+
+
+def all_reduce_numbers(values: list[float], device: torch.device,
+                       op: str = "sum") -> list[float]:
+    """Host numbers (counts, sums, seconds) reduced over all processes, in float64."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
 
 
 def broadcast_object(value: Any) -> Any:

@@ -109,8 +109,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
             bar.update()
     model.train(was_training)
     if distributed.is_enabled():
-        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device)
-        loss_sum_all, tokens_all = distributed.all_reduce(totals).tolist()
+        loss_sum_all, tokens_all = distributed.all_reduce_numbers([loss_sum.item(), tokens],
+                                                                  device)
         return loss_sum_all / max(tokens_all, 1)
     return loss_sum.item() / max(tokens, 1)
 
@@ -256,12 +256,10 @@ def fit(
         training_loss = loss_sum.item() / max(tokens, 1)
         train_seconds = time.perf_counter() - started
         if world_size > 1:
-            totals = torch.tensor([loss_sum.item(), tokens, samples, real_tokens],
-                                  dtype=torch.float64, device=device)
-            loss_sum_all, tokens, samples, real_tokens = distributed.all_reduce(totals).tolist()
+            loss_sum_all, tokens, samples, real_tokens = distributed.all_reduce_numbers(
+                [loss_sum.item(), tokens, samples, real_tokens], device)
             training_loss = loss_sum_all / max(tokens, 1)
-            slowest = torch.tensor([train_seconds], dtype=torch.float64, device=device)
-            train_seconds = distributed.all_reduce(slowest, "max").item()
+            (train_seconds,) = distributed.all_reduce_numbers([train_seconds], device, "max")
         if not math.isfinite(training_loss):
             raise NonFiniteLossError(
                 f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
