@@ -1,9 +1,6 @@
 """Several processes under torchrun: 2 CPU processes talking over gloo, as a user starts them."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 from medlm.errors import MedLMError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_python
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -20,12 +17,9 @@ EPOCHS = 2
 
 def torchrun(*args: str, cwd: Path, nproc: int = 2, env_extra: dict | None = None):
     """``torchrun --standalone --nproc_per_node N ARGS`` without a TTY."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                      str(nproc), *args, cwd=cwd,
+                      env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +72,8 @@ def worker_outputs(tmp_path_factory, tiny_model_dir, dataset_csv):
     for nproc in (1, 2):
         out = tmp_path_factory.mktemp(f"worker{nproc}")
         args = ("tests/ddp_worker.py", str(tiny_model_dir), str(dataset_csv), str(out))
-        if nproc == 1:
-            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-            result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env,
-                                    capture_output=True, text=True, timeout=600)
-        else:
-            result = torchrun(*args, cwd=REPO_ROOT, nproc=nproc)
+        result = (run_python(*args, cwd=REPO_ROOT) if nproc == 1
+                  else torchrun(*args, cwd=REPO_ROOT, nproc=nproc))
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[nproc] = [json.loads((out / f"rank{rank}.json").read_text())
                           for rank in range(nproc)]
