@@ -20,7 +20,7 @@ def frame():
 def train_frame(frame):
     from medlm.data import split_by_disease
 
-    return split_by_disease(frame, 0.2, 42)[0]
+    return split_by_disease(frame, 0.2, 42).train
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from experiments._cli import (
     quiet_libraries,
     run_cli,
 )
-from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, TrainConfig
+from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
 
 log = logging.getLogger("medlm")
 
@@ -81,7 +81,11 @@ def build_parser() -> ArgumentParser:
                        help="full: the whole \"Name | Symptoms\" text; completion: only the "
                             "symptoms (the loss skips the \"Name |\" prompt)")
     train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
-                       help="stop after N epochs without a better validation loss; 0 = off")
+                       help="stop after N epochs without a better --select-by value; 0 = off")
+    train.add_argument("--select-by", choices=SELECT_BY, default=defaults.select_by,
+                       help="what picks the best epoch (the weights kept), early stopping and "
+                            "the champion: the lowest validation loss or the highest symptom "
+                            "F1 on the validation diseases")
     samples = parser.add_argument_group("samples written after every epoch")
     samples.add_argument("--sample-prompt", action="append", dest="sample_prompts",
                          metavar="DISEASE",
@@ -102,6 +106,13 @@ def build_parser() -> ArgumentParser:
     tracking.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
     tracking.add_argument("--registered-model", default=defaults.registered_model,
                           help="Model Registry name the best model is registered under")
+    tracking.add_argument("--no-register", dest="register", action="store_false",
+                          help="smoke runs: log metrics and samples, but neither log nor "
+                               "register the model")
+    tracking.add_argument("--promote", action="store_true",
+                          help="make this run's version @champion without comparing it (the "
+                               "champion otherwise moves only to a better version with the "
+                               "same evaluation key)")
     parser.add_argument("--resume", metavar="RUN_ID", default=None,
                         help="continue an interrupted run from its last completed epoch, with "
                              "its own settings (other flags are ignored)")
@@ -114,38 +125,64 @@ def build_parser() -> ArgumentParser:
 
 
 class EpochReport:
-    """After each epoch: a console line, samples (console + MLflow) and, unless turned off,
-    symptom precision/recall/F1 of greedy answers for the validation diseases."""
+    """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
+    the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
+    console line beside the best baseline and the untuned base, MLflow tables, and samples
+    labelled held out or seen in training."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, validation_frame=None):
+                 tracker, split, symptom_eval: bool, baselines: dict):
+        from medlm.metrics import best_baseline
+
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
-        self.settings, self.tracker = settings, tracker
-        self.validation_frame = validation_frame
-        self.symptom_f1: dict[int, float] = {}
+        self.settings, self.tracker, self.split = settings, tracker, split
+        self.symptom_eval = symptom_eval
+        self.best_baseline = best_baseline(baselines)
+        self.untuned: dict[str, float] = {}
+        self._table = None
+
+    def score(self, model) -> dict[str, float]:
+        from medlm.metrics import evaluate_symptoms
+
+        self._table, overall = evaluate_symptoms(model, self.tokenizer, self.split.validation,
+                                                 self.settings.max_new_tokens)
+        return overall.as_metrics()
+
+    def score_untuned(self, model) -> None:
+        """Epoch 0: the base model before any training, logged at step 0."""
+        self.untuned = self.score(model)
+        self.tracker.log_symptom_scores(0, self._table, self.untuned)
+        log.info("epoch 0 (untuned base): %s", self.compared(self.untuned))
+
+    def compared(self, scores: dict[str, float]) -> str:
+        """"symptom F1 0.312, word F1 0.298 | lookup 0.190/0.201 | untuned 0.000/0.041"."""
+        name, baseline = self.best_baseline
+        text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
+                f"best baseline ({name}) {baseline.symptom.f1:.3f}/{baseline.word.f1:.3f}")
+        if self.untuned:
+            text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
+                     f"{self.untuned['word_f1']:.3f}")
+        return text
 
     def on_epoch_end(self, model, result) -> None:
         from medlm.generate import generate
-        from medlm.metrics import evaluate_symptoms
 
         scores = ""
-        if self.validation_frame is not None:
-            table, overall = evaluate_symptoms(model, self.tokenizer, self.validation_frame,
-                                               self.settings.max_new_tokens)
-            self.tracker.log_symptom_scores(result.epoch, table, overall)
-            self.symptom_f1[result.epoch] = overall.f1
-            scores = (f", symptom P/R/F1 {overall.precision:.3f}/{overall.recall:.3f}/"
-                      f"{overall.f1:.3f}")
-        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f)%s, "
-                 "%.1f s, %.0f tokens/s%s", result.epoch, result.training_loss,
-                 result.validation_loss, result.validation_perplexity, scores,
+        if result.scores:
+            self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
+            scores = ", " + self.compared(result.scores)
+        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
+                 "%.1f s, %.0f tokens/s%s%s", result.epoch, result.training_loss,
+                 result.validation_loss, result.validation_perplexity,
                  result.epoch_duration_sec, result.train_tokens_per_sec,
-                 " *best*" if result.is_best else "")
+                 " *best*" if result.is_best else "", scores)
         completions = generate(model, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
-            log.info("  %s | %s", prompt, texts[0])
-            rows.append({"epoch": result.epoch, "prompt": prompt, "generated": texts[0],
+            side = self.split.side(prompt)
+            log.info("  %s (%s) | %s", prompt, side, texts[0])
+            rows.append({"epoch": result.epoch, "prompt": prompt, "split": side,
+                         "generated": texts[0],
                          "reference": self.references.get(prompt.casefold(), "")})
         self.tracker.log_samples(rows)
 
@@ -158,8 +195,7 @@ class Prepared:
     """Everything a run needs that a user could get wrong, loaded and checked up front."""
 
     data: object
-    train_frame: object
-    validation_frame: object
+    split: object  # medlm.data.DiseaseSplit
     device: object
     precision: object
     tokenizer: object
@@ -172,35 +208,37 @@ def prepare(config: TrainConfig) -> Prepared:
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
 
     data = load_disease_data(config.dataset, config.max_samples)
-    train_frame, validation_frame = split_by_disease(data.frame, config.validation_fraction,
-                                                     config.seed, config.dataset)
+    split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
     device = distributed.start(resolve_device(config.device))  # joins torchrun's group, if any
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
-    return Prepared(data, train_frame, validation_frame, device, precision, tokenizer, model)
+    return Prepared(data, split, device, precision, tokenizer, model)
 
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
                        resume_run_id: str | None = None) -> dict:
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint."""
-    import mlflow
-
     from medlm import distributed
     from medlm.checkpoint import saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
-    from medlm.metrics import references_by_disease
-    from medlm.modeling import count_parameters, describe_device, effective_max_length
-    from medlm.tracking import MlflowTracker, library_versions
+    from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
+    from medlm.modeling import (
+        count_parameters,
+        describe_device,
+        effective_max_length,
+        tokenizer_sha256,
+    )
+    from medlm.tracking import MlflowTracker, library_versions, logged_metrics
     from medlm.train import EpochResult, fit
 
-    data, tokenizer, model = prepared.data, prepared.tokenizer, prepared.model
-    device, precision = prepared.device, prepared.precision
+    data, split, device, precision = (prepared.data, prepared.split, prepared.device,
+                                      prepared.precision)
+    tokenizer, model = prepared.tokenizer, prepared.model
     max_length = effective_max_length(config.max_length, model)
-    train_set = LanguageDataset(prepared.train_frame, tokenizer, max_length, config.loss_on)
-    validation_set = LanguageDataset(prepared.validation_frame, tokenizer, max_length,
-                                     config.loss_on)
+    train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on)
+    validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
     main_process, world_size = distributed.is_main(), distributed.world_size()
     shard = {"shard": distributed.rank(), "num_shards": world_size}
     pin_memory = device.type == "cuda"
@@ -214,15 +252,18 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
-    validation_names = prepared.validation_frame["Name"].drop_duplicates()
+    validation_names = split.validation["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
     references = {key: symptoms for key, (_, symptoms) in
                   references_by_disease(data.frame).items()}
+    baselines = baseline_scores(split.train, split.validation)
 
-    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows; %s on %s (%s)%s",
-             config.dataset, len(data.frame), data.dropped_rows, len(train_set),
-             len(validation_set), config.model, describe_device(device), precision.name,
+    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
+             "diseases; %d names grouped with a variant so that none is on both sides); %s on "
+             "%s (%s)%s", config.dataset, len(data.frame), data.dropped_rows, len(train_set),
+             len(validation_set), validation_names.str.casefold().nunique(),
+             split.grouped_names, config.model, describe_device(device), precision.name,
              f", {world_size} processes" if world_size > 1 else "")
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
                             transformer=config.model, gpu=describe_device(device),
@@ -233,11 +274,15 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "dataset_source": data.source,
         "dataset_file_sha256": data.file_sha256,
         "dataset_content_sha256": data.content_sha256,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "metric_version": METRIC_VERSION,
         "rows_read": data.raw_rows,
         "rows_dropped": data.dropped_rows,
         "rows_train": len(train_set),
         "rows_validation": len(validation_set),
         "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
+        "split_grouped_names": split.grouped_names,
+        "split_name_groups": len(split.groups),
         "max_length_effective": max(train_set.max_length, validation_set.max_length),
         "device_type": device.type,
         "device_name": describe_device(device),
@@ -253,20 +298,28 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
         checkpoint = Path(config.checkpoint_dir) / run_id
-        report = EpochReport(tokenizer, prompts, references, settings, tracker,
-                             prepared.validation_frame if config.symptom_eval else None)
+        report = EpochReport(tokenizer, prompts, references, settings, tracker, split,
+                             config.symptom_eval, baselines)
         if resume_run_id and main_process:
             tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
-            history = mlflow.MlflowClient().get_metric_history(run_id, "symptom_f1")
-            report.symptom_f1 = {point.step: point.value for point in history}
+            report.untuned = logged_metrics(run_id, "untuned_")
             log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
         elif main_process:
             checkpoint.mkdir(parents=True, exist_ok=True)
             (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
+            tracker.log_baselines(baselines)
+            for name, (_, scores) in baselines.items():
+                log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
+                         scores.symptom.f1, scores.word.f1)
+            if config.symptom_eval:
+                model.to(device)
+                report.score_untuned(model)
+                tracker.log_untuned(report.untuned)
         try:
             result = fit(model, train_loader, validation_loader, config, device, precision,
                          callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
-                         resume=bool(resume_run_id))
+                         resume=bool(resume_run_id),
+                         scorer=report.score if config.symptom_eval else None)
         except KeyboardInterrupt:
             if (checkpoint / "state.pt").is_file():
                 launcher = ("python" if world_size == 1 else
@@ -278,21 +331,25 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                 log.warning("stopped before the first epoch ended: nothing to resume")
             raise
         best = result.best
-        log.info("best epoch %d: validation loss %.4f%s; logging and registering the model",
-                 best.epoch, best.validation_loss,
-                 " (stopped early)" if result.stopped_early else "")
-        symptom_f1 = report.symptom_f1.get(best.epoch)
-        tags = {"symptom_f1": repr(symptom_f1)} if symptom_f1 is not None else {}
-        version = None
+        summary = (f"validation loss {best.validation_loss:.4f}"
+                   + (f", {report.compared(best.scores)}" if best.scores else ""))
+        log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
+                 config.select_by, summary, " (stopped early)" if result.stopped_early else "",
+                 validation_names.str.casefold().nunique())
+        version, verdict = None, "not registered (--no-register)"
         if main_process:
-            version, verdict = tracker.log_and_register_model(model, tokenizer, best, tags)
+            tracker.log_best(best)
+            if config.register:
+                version, verdict = tracker.log_and_register_model(
+                    model, tokenizer, best, params, config.select_by, promote=config.promote)
     if main_process:
         shutil.rmtree(checkpoint, ignore_errors=True)  # the registered model holds the weights
-        log.info("registered %s version %s; %s", config.registered_model, version, verdict)
+        log.info("%s", verdict if version is None else
+                 f"registered {config.registered_model} version {version}; {verdict}")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
-            "symptom_f1": symptom_f1 if symptom_f1 is not None else float("nan"),
-            "version": version}
+            "symptom_f1": best.scores.get("symptom_f1", float("nan")),
+            "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
 
 
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared) -> None:
@@ -323,8 +380,11 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                                                nested=True))
         if not main_process:
             return
-        table = pd.DataFrame(children).sort_values(["validation_loss", "symptom_f1"],
-                                                   ascending=[True, False])
+        order = ["validation_loss", "symptom_f1"]
+        if first.select_by == "symptom_f1":
+            order.reverse()
+        table = pd.DataFrame(children).sort_values(
+            order, ascending=[name == "validation_loss" for name in order])
         table.insert(0, "rank", range(1, len(table) + 1))
         best = table.iloc[0]
         mlflow.log_text(table.to_csv(index=False), "sweep.csv")

@@ -14,6 +14,8 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("full", "completion")
+# What picks a run's best epoch, early stopping and the champion; higher is better for F1.
+SELECT_BY = ("validation_loss", "symptom_f1")
 
 
 @dataclass
@@ -33,7 +35,8 @@ class TrainConfig:
     grad_accum: int = 1
     scheduler: str = "constant"
     warmup_steps: int = 0
-    patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
+    patience: int = 0  # epochs without a better --select-by value before stopping; 0 = off
+    select_by: str = "validation_loss"
     group_by_length: bool = True  # batches of similar-length rows: far less padding
     loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
 
@@ -48,6 +51,8 @@ class TrainConfig:
     experiment: str = "medlm"
     run_name: str | None = None
     registered_model: str = "medlm"
+    register: bool = True  # False: log metrics and samples only (smoke runs)
+    promote: bool = False  # make this run's version @champion without comparing
     checkpoint_dir: str = "checkpoints"  # a run's resumable state: <checkpoint_dir>/<run id>/
     progress: bool = True
 
@@ -70,6 +75,10 @@ class TrainConfig:
         )
         _require_choice("scheduler", self.scheduler, SCHEDULERS)
         _require_choice("loss_on", self.loss_on, LOSS_ON)
+        _require_choice("select_by", self.select_by, SELECT_BY)
+        if self.select_by == "symptom_f1" and not self.symptom_eval:
+            raise MedLMError("--select-by symptom_f1 needs the per-epoch symptom scores: "
+                             "expected no --no-symptom-eval, or --select-by validation_loss")
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -170,27 +171,148 @@ def _join_phrases(symptoms: str) -> str:
     return ", ".join(phrase for phrase in phrases if phrase)
 
 
+# A name's head ends before one of these ("abscess of the lung" -> "abscess").
+_HEAD_ENDS = frozenset("of due after in to from with on for".split())
+# Heads too generic to group by alone: "kidney disease", not "disease", is the head term.
+_GENERIC_HEADS = frozenset(
+    "disease disorder syndrome cancer infection deficiency poisoning injury use abuse pain "
+    "condition effect reaction".split())
+_PARENTHESES = re.compile(r"\(([^)]*)\)")
+
+
+def name_forms(name: str) -> list[tuple[str, ...]]:
+    """A disease name as word sequences: the name without its parentheses, and what they hold
+    ("Urinary Stones (Kidney Stones)" -> urinary stone; kidney stone). Case-folded, stopwords
+    dropped, plurals singular, a numbered variant's suffix dropped ("poisoning-2")."""
+    from medlm.metrics import STOPWORDS, word_form
+
+    text = name.casefold()
+    parts = [re.sub(r"-\d+\s*$", "", _PARENTHESES.sub(" ", text).strip()),
+             *_PARENTHESES.findall(text)]
+    forms = []
+    for part in parts:
+        words = tuple(word_form(w) for w in re.sub(r"[^\w]+", " ", part).split()
+                      if w not in STOPWORDS or w in _HEAD_ENDS)
+        if words:
+            forms.append(words)
+    return forms
+
+
+def head_term(words: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The word a name is a kind of: its last word before a preposition ("type 1 diabetes" ->
+    diabetes, "fracture of the arm" -> fracture), with the word before it when that word is
+    generic ("chronic kidney disease" -> kidney disease); None for a lone generic word."""
+    head = []
+    for word in words:
+        if word in _HEAD_ENDS:
+            break
+        head.append(word)
+    if not head:
+        return None
+    if head[-1] in _GENERIC_HEADS:
+        return tuple(head[-2:]) if len(head) >= 2 else None
+    return (head[-1],)
+
+
+def group_diseases(frame: pd.DataFrame) -> list[list[str]]:
+    """Distinct (case-folded) names of ``frame`` in groups that must stay on one side of a
+    split: names that are the same, contain one another as whole words ("otitis media" / "acute
+    otitis media", "rheumatoid arthritis" / "juvenile rheumatoid arthritis"), share their head
+    term ("type 1 diabetes" / "gestational diabetes"), or list the same symptoms (the dataset
+    has such pairs: "Warthin tumor" / "Pleomorphic adenoma"); transitively. Groups keep
+    first-seen order."""
+    from medlm.metrics import split_phrases
+
+    keys = list(dict.fromkeys(frame["Name"].str.casefold()))
+    index_of = {key: index for index, key in enumerate(keys)}
+    parent = list(range(len(keys)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    def join(a: int, b: int) -> None:
+        parent[max(root(a), root(b))] = min(root(a), root(b))
+
+    owner: dict[tuple, int] = {}  # a name form, head term or symptom list -> first name with it
+    forms = [[tuple(w for w in form if w not in _HEAD_ENDS) for form in name_forms(key)]
+             for key in keys]
+    for index, key in enumerate(keys):
+        heads = [head_term(form) for form in name_forms(key)]
+        for found in [*forms[index], *(("head:", *head) for head in heads if head)]:
+            join(index, owner.setdefault(found, index))
+    for name, symptoms in zip(frame["Name"], frame["Symptoms"], strict=True):
+        phrases = ("symptoms:", frozenset(split_phrases(symptoms)))
+        join(index_of[name.casefold()], owner.setdefault(phrases, index_of[name.casefold()]))
+    for index, key_forms in enumerate(forms):  # containment: any shorter whole-word run
+        for form in key_forms:
+            for size in range(1, len(form)):
+                for start in range(len(form) - size + 1):
+                    found = owner.get(form[start:start + size])
+                    if found is not None:
+                        join(index, found)
+    groups: dict[int, list[str]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(root(index), []).append(key)
+    return list(groups.values())
+
+
+@dataclass
+class DiseaseSplit:
+    """Training and validation rows, and how the names were grouped to keep them apart."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    groups: list[list[str]]  # every group of case-folded names, singletons included
+
+    @property
+    def grouped_names(self) -> int:
+        """Distinct names that share a group with another name."""
+        return sum(len(group) for group in self.groups if len(group) > 1)
+
+    def side(self, name: str) -> str:
+        """"held out" (a validation disease), "seen in training", or "not in the dataset"."""
+        key = name.casefold()
+        if key in set(self.validation["Name"].str.casefold()):
+            return "held out"
+        if key in set(self.train["Name"].str.casefold()):
+            return "seen in training"
+        return "not in the dataset"
+
+
 def split_by_disease(
     frame: pd.DataFrame, validation_fraction: float = 0.2, seed: int = 42,
     source: str = "dataset",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded split of the distinct disease names, so no disease is on both sides.
+) -> DiseaseSplit:
+    """Seeded split of the distinct disease names, so that no disease, and no variant of one
+    (``group_diseases``), is on both sides.
 
-    Names are compared case- and whitespace-insensitively. The validation side gets
-    ``round(fraction * diseases)`` diseases, at least one, and the training side at least one.
+    Groups are shuffled and taken into validation while they fit in
+    ``round(fraction * distinct names)`` names (at least one group); training keeps at least one.
     """
     keys = frame["Name"].str.casefold()
-    diseases = keys.drop_duplicates().to_numpy()
-    if len(diseases) < 2:
-        raise MedLMError(f"cannot split {source!r}: {len(frame)} row(s) of {len(diseases)} "
-                         "distinct disease; expected at least 2 distinct disease names (one for "
-                         "validation)")
+    groups = group_diseases(frame)
+    if len(groups) < 2:
+        distinct = keys.nunique()
+        raise MedLMError(f"cannot split {source!r}: {len(frame)} row(s) of {distinct} distinct "
+                         f"disease name(s), all variants of one disease; expected at least 2 "
+                         "distinct, unrelated disease names (one for validation)")
     rng = np.random.default_rng(seed)
-    shuffled = diseases[rng.permutation(len(diseases))]
-    n_validation = min(max(1, round(validation_fraction * len(diseases))), len(diseases) - 1)
-    is_validation = keys.isin(set(shuffled[:n_validation]))
-    return (frame[~is_validation].reset_index(drop=True),
-            frame[is_validation].reset_index(drop=True))
+    target = max(1, round(validation_fraction * keys.nunique()))
+    validation_keys: set[str] = set()
+    for index in rng.permutation(len(groups)):
+        group = groups[index]
+        if len(validation_keys) + len(group) <= target:
+            validation_keys.update(group)
+    if not validation_keys:  # every group is larger than the target: take the smallest
+        validation_keys.update(min(groups, key=len))
+    if len(validation_keys) == keys.nunique():
+        validation_keys.difference_update(max(groups, key=len))
+    is_validation = keys.isin(validation_keys)
+    return DiseaseSplit(frame[~is_validation].reset_index(drop=True),
+                        frame[is_validation].reset_index(drop=True), groups)
 
 
 def prompt_for(name: str) -> str:

@@ -72,6 +72,16 @@ def _forget_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """Fingerprint of what a tokenizer turns text into (vocabulary and end-of-text token):
+    losses are comparable across runs only when it is the same."""
+    import hashlib
+    import json
+
+    content = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token])
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
 def context_size(model) -> int | None:
     """Longest sequence the model's position embeddings allow, when the config says."""
     config = model.config

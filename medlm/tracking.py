@@ -7,8 +7,9 @@ SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import math
+import json
 import os
 import platform
 import re
@@ -123,7 +124,7 @@ class MlflowTracker:
         axes.plot(epochs, [r.training_loss for r in self.epochs], marker="o", label="training")
         axes.plot(epochs, [r.validation_loss for r in self.epochs], marker="o",
                   label="validation")
-        best = min(self.epochs, key=lambda result: result.validation_loss)
+        best = next((r for r in reversed(self.epochs) if r.is_best), self.epochs[-1])
         axes.axvline(best.epoch, color="grey", linestyle=":", label=f"best (epoch {best.epoch})")
         axes.set_xlabel("epoch")
         axes.set_ylabel("loss per token")
@@ -137,22 +138,36 @@ class MlflowTracker:
         if rows:
             mlflow.log_table(pd.DataFrame(rows), artifact_file="samples.json")
 
-    def log_symptom_scores(self, epoch: int, table: pd.DataFrame, overall) -> None:
-        """Epoch's micro-averaged symptom scores as metrics, per-disease rows as a table."""
-        mlflow.log_metrics({"symptom_precision": overall.precision,
-                            "symptom_recall": overall.recall, "symptom_f1": overall.f1},
-                           step=epoch)
+    def log_symptom_scores(self, epoch: int, table: pd.DataFrame,
+                           scores: dict[str, float]) -> None:
+        """An epoch's micro-averaged scores as metrics (epoch 0: the untuned base), per-disease
+        rows as a table."""
+        mlflow.log_metrics(scores, step=epoch)
         mlflow.log_table(table.assign(epoch=epoch), artifact_file="symptom_scores.json")
 
-    def log_and_register_model(self, model, tokenizer, best: EpochResult,
-                               version_tags: dict[str, str] | None = None) -> tuple[str, str]:
+    def log_baselines(self, baselines: dict[str, tuple]) -> None:
+        """Answers that need no model, scored on the validation diseases: metrics
+        ``baseline_<name>_symptom_f1`` etc. and their answers as ``baselines.json``."""
+        for name, (table, scores) in baselines.items():
+            mlflow.log_metrics(scores.as_metrics(f"baseline_{name}_"))
+            mlflow.log_table(table.assign(baseline=name), artifact_file="baselines.json")
+
+    def log_untuned(self, scores: dict[str, float]) -> None:
+        mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
+
+    def log_best(self, best: EpochResult) -> None:
+        mlflow.log_metrics({"best_validation_loss": best.validation_loss,
+                            "best_epoch": best.epoch,
+                            **{f"best_{name}": value for name, value in best.scores.items()}})
+
+    def log_and_register_model(self, model, tokenizer, best: EpochResult, params: dict[str, Any],
+                               select_by: str, promote: bool = False) -> tuple[str, str]:
         """Log the model (transformers flavor, safetensors), register it and maybe crown it.
 
-        Returns (version, message). The ``champion`` alias moves to the new version only when
-        its best validation loss beats the current champion's.
+        The version is tagged with its scores and its evaluation key (``evaluation_key``).
+        Returns (version, message): ``champion`` moves to it when it is the first version,
+        when ``promote``, or when it beats the champion's ``select_by`` value on the same key.
         """
-        mlflow.log_metrics({"best_validation_loss": best.validation_loss,
-                            "best_epoch": best.epoch})
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
@@ -163,33 +178,97 @@ class MlflowTracker:
             step=best.epoch,
         )
         version = str(info.registered_model_version)
+        key = evaluation_key(params)
+        tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
+                **{name: repr(value) for name, value in best.scores.items()},
+                "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
         client = MlflowClient()
-        client.set_model_version_tag(self.registered_model, version, "validation_loss",
-                                     repr(best.validation_loss))
-        for key, value in (version_tags or {}).items():
-            client.set_model_version_tag(self.registered_model, version, key, value)
-        return version, self._maybe_crown(client, version, best.validation_loss)
+        for name, value in tags.items():
+            client.set_model_version_tag(self.registered_model, version, name, value)
+        return version, self._maybe_crown(client, version, tags, select_by, promote)
 
-    def _maybe_crown(self, client: MlflowClient, version: str, validation_loss: float) -> str:
+    def _maybe_crown(self, client: MlflowClient, version: str, tags: dict[str, str],
+                     select_by: str, promote: bool) -> str:
         name = self.registered_model
         try:
             current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
         except MlflowException:
             current = None
-        current_loss = math.inf
-        if current is not None:
-            current_loss = float(current.tags.get("validation_loss", "inf"))
         label = f"{name} version {version}"
-        if current is None or validation_loss < current_loss:
+        value = float(tags[select_by]) if select_by in tags else None
+        shown = f"{select_by} {value:.4f}" if value is not None else f"no {select_by}"
+        reason = None
+        if current is None:
+            crowned = f"{label} is the first champion ({shown})"
+        elif promote:
+            crowned = f"{label} is the champion by --promote ({shown}), replacing version " \
+                      f"{current.version} without comparing"
+        else:
+            crowned, reason = None, _not_comparable(current.tags, tags, select_by)
+            if reason is None:
+                current_value = float(current.tags[select_by])
+                better = (value < current_value if select_by == "validation_loss"
+                          else value > current_value)
+                if better:
+                    crowned = (f"{label} is the new champion: {shown} beats version "
+                               f"{current.version}'s {current_value:.4f} (same evaluation key)")
+                else:
+                    reason = (f"{label}'s {shown} is not better than version "
+                              f"{current.version}'s {current_value:.4f}")
+        if crowned:
             client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
             mlflow.set_tag("champion", "true")
-            if current is None:
-                return f"{label} is the first champion (validation loss {validation_loss:.4f})"
-            return (f"{label} is the new champion: validation loss {validation_loss:.4f} beats "
-                    f"version {current.version}'s {current_loss:.4f}")
+            return crowned
         mlflow.set_tag("champion", "false")
-        return (f"champion stays at version {current.version} (validation loss "
-                f"{current_loss:.4f}); {label} scored {validation_loss:.4f}")
+        return f"champion stays at version {current.version}: {reason}"
+
+
+# What makes two runs' scores comparable: the same rows, split, loss, tokenizer and metric.
+EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
+                         "loss_on", "tokenizer_sha256", "metric_version", "max_new_tokens")
+
+
+def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
+    """The params that must be equal for two runs' validation figures to be compared."""
+    return {name: str(_param_value(params.get(name))) for name in EVALUATION_KEY_PARAMS}
+
+
+def key_digest(key: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
+                    select_by: str) -> str | None:
+    """Why the champion and a new version cannot be compared on ``select_by``; None if they can."""
+    hint = " (--promote makes it the champion anyway)"
+    if "evaluation_key_json" not in champion_tags:
+        return ("not compared: the champion has no evaluation key (registered before MedLM "
+                "recorded one)" + hint)
+    if champion_tags.get("evaluation_key") != tags["evaluation_key"]:
+        theirs = json.loads(champion_tags["evaluation_key_json"])
+        ours = json.loads(tags["evaluation_key_json"])
+        differences = "; ".join(
+            f"{name} {_short(theirs.get(name))} vs {_short(ours.get(name))}"
+            for name in EVALUATION_KEY_PARAMS if theirs.get(name) != ours.get(name))
+        return f"not compared: a different evaluation ({differences})" + hint
+    if select_by not in champion_tags or select_by not in tags:
+        return f"not compared: {select_by} is missing on one of the two versions" + hint
+    return None
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "unset"
+    if value == "":
+        return "all"
+    return value[:12] if len(value) == 64 else value
+
+
+def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
+    """A run's latest metrics whose names start with ``prefix``, prefix removed."""
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return {name.removeprefix(prefix): value for name, value in metrics.items()
+            if name.startswith(prefix)}
 
 
 def _param_value(value: Any) -> Any:
@@ -244,6 +323,30 @@ def _check_registry(model_uri: str, name: str, alias: str | None, version: str |
         missing = f"alias @{alias}" if alias else f"version {version}"
         raise MedLMError(f"model URI {model_uri!r}: registered model {name!r} has no {missing} "
                          f"at {where} ({known})") from None
+
+
+def source_run(model_uri: str, registered_model: str = "medlm"):
+    """The MLflow run a ``models:/`` or ``runs:/`` URI (or bare version) was logged by; None for
+    local directories and files."""
+    resolved = resolve_model_uri(model_uri, registered_model)
+    client = MlflowClient()
+    match = _MODELS_URI.match(resolved)
+    run_id = None
+    if match:
+        version = (client.get_model_version_by_alias(match["name"], match["alias"])
+                   if match["alias"] else
+                   client.get_model_version(match["name"], match["version"])
+                   if match["version"] else None)
+        run_id = version.run_id if version is not None else None
+    elif resolved.startswith("runs:/"):
+        run_id = resolved.removeprefix("runs:/").split("/")[0]
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise MedLMError(f"model URI {model_uri!r}: no run {run_id!r} at "
+                         f"{mlflow.get_tracking_uri()}: expected a run id that exists") from None
 
 
 def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):

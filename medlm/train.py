@@ -6,7 +6,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,20 +35,34 @@ class EpochResult:
     train_tokens_per_sec: float  # real tokens only
     learning_rate: float  # at the end of the epoch
     is_best: bool = False
+    scores: dict[str, float] = field(default_factory=dict)  # from fit's scorer, e.g. symptom_f1
+
+    def selection_value(self, select_by: str) -> float:
+        """The figure ``select_by`` names, oriented so that lower is better."""
+        if select_by == "validation_loss":
+            return self.validation_loss
+        return -self.scores.get(select_by, -math.inf)
 
 
 @dataclass
 class FitResult:
     epochs: list[EpochResult] = field(default_factory=list)
     stopped_early: bool = False
+    select_by: str = "validation_loss"
 
     @property
     def best(self) -> EpochResult:
-        return min(self.epochs, key=lambda result: result.validation_loss)
+        """The first epoch with the best ``select_by`` value (a tie keeps the earlier one)."""
+        return min(self.epochs, key=lambda result: result.selection_value(self.select_by))
 
 
 class Callback(Protocol):
     def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None: ...
+
+
+# Scores the model after an epoch's validation loss (say, symptom F1 of generated answers);
+# its figures join the EpochResult before the best epoch is chosen and the checkpoint written.
+Scorer = Callable[[torch.nn.Module], dict[str, float]]
 
 
 class NonFiniteLossError(MedLMError):
@@ -186,9 +200,14 @@ def fit(
     callbacks: Sequence[Callback] = (),
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    scorer: Scorer | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
     ``model`` and return every epoch's figures.
+
+    "Best" is by ``config.select_by``: the lowest validation loss, or the highest score of that
+    name returned by ``scorer`` (called after each epoch's validation, on the main process);
+    early stopping (``config.patience``) counts epochs without a better value of the same.
 
     With ``checkpoint_dir``, the full training state is saved there after every epoch (before
     the callbacks run); with ``resume``, training continues from that checkpoint and ends with
@@ -201,6 +220,8 @@ def fit(
     """
     from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
+    if config.select_by != "validation_loss" and scorer is None:
+        raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
     rank, world_size = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     progress = config.progress and main_process
@@ -211,7 +232,7 @@ def fit(
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     scaler = precision.grad_scaler()
-    result = FitResult()
+    result = FitResult(select_by=config.select_by)
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_improvement = 0
     shuffle_generator = getattr(train_loader, "generator", None)
@@ -276,7 +297,11 @@ def fit(
             train_tokens_per_sec=real_tokens / train_seconds,
             learning_rate=scheduler.get_last_lr()[0],
         )
-        if not result.epochs or validation_loss < result.best.validation_loss:
+        if scorer is not None:
+            epoch_result.scores = distributed.broadcast_object(
+                scorer(model) if main_process else None)
+        value = epoch_result.selection_value(config.select_by)
+        if not result.epochs or value < result.best.selection_value(config.select_by):
             epoch_result.is_best = True
             best_state = {key: value.detach().to("cpu", copy=True)
                           for key, value in model.state_dict().items()}

@@ -40,7 +40,8 @@ def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     frame = load_disease_data(dataset, max_samples=120).frame
-    train_frame, validation_frame = split_by_disease(frame, 0.2, config.seed)
+    split = split_by_disease(frame, 0.2, config.seed)
+    train_frame, validation_frame = split.train, split.validation
     shard = {"shard": distributed.rank(), "num_shards": distributed.world_size()}
     train_set = RecordingDataset(train_frame, tokenizer)
     train_set.seen = {}

@@ -14,8 +14,8 @@ from tests.conftest import run_module
 pytestmark = pytest.mark.slow
 EPOCHS = 2
 METRICS = ["training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
-           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate",
-           "symptom_precision", "symptom_recall", "symptom_f1"]
+           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate"]
+SCORES = ["symptom_precision", "symptom_recall", "symptom_f1", "word_f1"]  # epoch 0: untuned
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,35 @@ def test_run_finishes_in_the_default_store_with_every_metric_every_epoch(trained
     for metric in METRICS:
         history = client.get_metric_history(run.info.run_id, metric)
         assert sorted(point.step for point in history) == list(range(1, EPOCHS + 1)), metric
+    for metric in SCORES:
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(point.step for point in history) == list(range(EPOCHS + 1)), metric
     losses = {p.step: p.value for p in client.get_metric_history(run.info.run_id,
                                                                  "training_loss")}
     assert losses[2] < losses[1]
     assert "epoch 2: training loss" in result.stderr
+
+
+def test_baselines_and_the_untuned_base_are_logged_and_shown_beside_every_epoch(trained):
+    result, client, run = trained
+    metrics = run.data.metrics
+    for name in ("constant", "lookup"):
+        assert 0 <= metrics[f"baseline_{name}_symptom_f1"] <= 1
+        assert 0 <= metrics[f"baseline_{name}_word_f1"] <= 1
+        assert f"baseline {name} (no model): symptom F1" in result.stderr
+    untuned = [p for p in client.get_metric_history(run.info.run_id, "symptom_f1") if p.step == 0]
+    assert metrics["untuned_symptom_f1"] == untuned[0].value
+    assert "epoch 0 (untuned base): symptom F1" in result.stderr
+    best_baseline = max(("constant", "lookup"),
+                        key=lambda name: metrics[f"baseline_{name}_symptom_f1"])
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == EPOCHS + 1
+    shown = f"best baseline ({best_baseline}) {metrics[f'baseline_{best_baseline}_symptom_f1']:.3f}"
+    assert all(shown in line for line in epoch_lines)
+    summary = next(line for line in result.stderr.splitlines() if line.startswith("best epoch"))
+    assert shown in summary and "untuned" in summary and "held-out diseases" in summary
+    assert "names grouped with a variant" in result.stderr
+    assert int(run.data.params["split_grouped_names"]) > 0
 
 
 def test_params_describe_config_data_hardware_and_libraries(trained):
@@ -80,6 +105,10 @@ def test_samples_results_and_plot_are_logged(trained, workdir, dataset_csv):
     assert len(samples) == 3 * EPOCHS  # Kidney Failure + the first two validation diseases
     validation_rows = samples[samples["prompt"] != "Kidney Failure"]
     assert (validation_rows["reference"] != "").all()
+    assert (validation_rows["split"] == "held out").all()
+    # Kidney Failure is row 220 of the dataset: not among these 60 rows, and labelled so.
+    assert set(samples.loc[samples["prompt"] == "Kidney Failure", "split"]) == {
+        "not in the dataset"}
     results = pd.read_csv(local / "results.csv")
     assert list(results.columns) == ["epoch", "transformer", "batch_size", "gpu",
                                      "training_loss", "validation_loss", "epoch_duration_sec"]
@@ -89,8 +118,10 @@ def test_samples_results_and_plot_are_logged(trained, workdir, dataset_csv):
     scores = pd.DataFrame(table["data"], columns=table["columns"])
     from medlm.data import load_disease_data, split_by_disease
 
-    validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42)[1]
-    assert len(scores) == EPOCHS * validation["Name"].str.casefold().nunique()
+    validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42).validation
+    assert len(scores) == (EPOCHS + 1) * validation["Name"].str.casefold().nunique()
+    assert sorted(scores["epoch"].unique()) == list(range(EPOCHS + 1))
+    assert {"baselines.json"} <= artifacts
     assert {"disease", "symptom_f1", "generated", "reference"} <= set(scores.columns)
     assert scores["symptom_f1"].between(0, 1).all()
 
@@ -101,6 +132,11 @@ def test_best_model_is_registered_as_champion_with_safetensors(trained, workdir)
     assert version.run_id == run.info.run_id
     assert float(version.tags["validation_loss"]) == pytest.approx(
         min(p.value for p in client.get_metric_history(run.info.run_id, "validation_loss")))
+    key = json.loads(version.tags["evaluation_key_json"])
+    assert key["max_samples"] == "60" and key["seed"] == "42"
+    assert key["dataset_content_sha256"] == run.data.params["dataset_content_sha256"]
+    assert len(version.tags["evaluation_key"]) == 16 and version.tags["select_by"] == (
+        "validation_loss")
     assert "first champion" in result.stderr
     model_dir = workdir / "mlruns"  # MLflow's default artifact root beside mlflow.db
     assert list(model_dir.rglob("*.safetensors"))
@@ -235,15 +271,50 @@ def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tin
     assert [row[0] for row in ranked] == ["1", "2"] and ranked[0][1] == best.info.run_id
 
 
-def test_evaluate_prints_per_disease_scores_for_the_champion(trained, workdir, dataset_csv,
-                                                             no_uri_env, tmp_path):
+def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no_uri_env,
+                                                           dataset_csv, tmp_path):
+    _, _, run = trained
     output = tmp_path / "scores.csv"
-    result = run_module("experiments.evaluate", "--dataset", str(dataset_csv), "--max-samples",
-                        "60", "--max-new-tokens", "8", "--output", str(output), cwd=workdir,
-                        env_extra=no_uri_env)
+    result = run_module("experiments.evaluate", "--max-new-tokens", "8", "--output",
+                        str(output), cwd=workdir, env_extra=no_uri_env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:4] == ["disease", "precision", "recall", "f1"]
-    assert lines[-1].startswith("symptom precision ") and " F1 " in lines[-1]
+    assert lines[0].split()[:5] == ["disease", "precision", "recall", "f1", "word_f1"]
+    # The run's own --dataset, --max-samples 60 and seed, from its params.
+    from medlm.data import load_disease_data, split_by_disease
+
+    validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42).validation
     table = pd.read_csv(output)
-    assert len(table) == len(lines) - 2 and table["symptom_f1"].between(0, 1).all()
+    assert sorted(table["disease"]) == sorted(validation["Name"].drop_duplicates())
+    assert f"as run {run.info.run_id} logged" in result.stdout
+    summary = result.stdout[result.stdout.index("answers"):]
+    assert "this model" in summary and "baseline: constant (no model)" in summary
+    assert "baseline: lookup (no model)" in summary and "untuned base" in summary
+    assert f"{run.data.metrics['baseline_lookup_symptom_f1']:.4f}" in summary
+    assert table["symptom_f1"].between(0, 1).all()
+
+    other = run_module("experiments.evaluate", "--max-new-tokens", "8", "--seed", "7",
+                       cwd=workdir, env_extra=no_uri_env)
+    assert other.returncode == 0, other.stderr
+    assert "note: --seed 7 overrides the run's 42" in other.stderr
+    assert "as run" not in other.stdout and "untuned base" not in other.stdout
+
+
+def test_a_smoke_run_leaves_the_champion_where_it_was(trained, workdir, tiny_model_dir,
+                                                      dataset_csv, no_uri_env):
+    _, client, run = trained
+    smoke = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                       str(dataset_csv), "--max-samples", "32", "--epochs", "1", "--lr", "3e-2",
+                       "--num-validation-samples", "0", cwd=workdir, env_extra=no_uri_env)
+    assert smoke.returncode == 0, smoke.stderr
+    assert client.get_model_version_by_alias("medlm", "champion").run_id == run.info.run_id
+    assert "champion stays at version 1: not compared" in smoke.stderr
+    assert "max_samples 60 vs 32" in smoke.stderr
+    versions = client.search_model_versions("name = 'medlm'")
+    unregistered = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                              str(dataset_csv), "--max-samples", "32", "--epochs", "1",
+                              "--no-register", "--no-symptom-eval", cwd=workdir,
+                              env_extra=no_uri_env)
+    assert unregistered.returncode == 0, unregistered.stderr
+    assert "not registered (--no-register)" in unregistered.stderr
+    assert len(client.search_model_versions("name = 'medlm'")) == len(versions)

@@ -1,4 +1,5 @@
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -91,13 +92,14 @@ def test_missing_file_is_not_sent_to_the_hub(tmp_path):
 
 def test_split_is_grouped_by_disease_seeded_and_about_80_20(dataset_csv):
     frame = load_disease_data(str(dataset_csv)).frame
-    train, validation = split_by_disease(frame, 0.2, seed=42)
+    split = split_by_disease(frame, 0.2, seed=42)
+    train, validation = split.train, split.validation
     assert len(train) + len(validation) == len(frame)
     assert not set(train["Name"].str.casefold()) & set(validation["Name"].str.casefold())
     assert 0.15 < len(validation) / len(frame) < 0.25
-    again_train, again_validation = split_by_disease(frame, 0.2, seed=42)
+    again_validation = split_by_disease(frame, 0.2, seed=42).validation
     assert again_validation["Name"].tolist() == validation["Name"].tolist()
-    _, other_validation = split_by_disease(frame, 0.2, seed=7)
+    other_validation = split_by_disease(frame, 0.2, seed=7).validation
     assert other_validation["Name"].tolist() != validation["Name"].tolist()
 
 
@@ -105,14 +107,69 @@ def test_split_keeps_case_variants_of_a_name_together():
     frame = pd.DataFrame({"Name": ["Flu", "flu", "Cold", "Asthma", "Gout"],
                           "Symptoms": ["a", "b", "c", "d", "e"]})
     for seed in range(10):
-        train, validation = split_by_disease(frame, 0.5, seed)
+        split = split_by_disease(frame, 0.5, seed)
+        train, validation = split.train, split.validation
         assert {"Flu", "flu"} <= set(train["Name"]) or {"Flu", "flu"} <= set(validation["Name"])
 
 
 def test_a_single_disease_cannot_be_split():
     frame = pd.DataFrame({"Name": ["Flu", "Flu"], "Symptoms": ["a", "b"]})
-    with pytest.raises(MedLMError, match="at least 2 distinct disease"):
+    with pytest.raises(MedLMError, match="at least 2 distinct"):
         split_by_disease(frame)
+    variants = pd.DataFrame({"Name": ["Otitis Media", "Acute Otitis Media"],
+                             "Symptoms": ["a", "b"]})
+    with pytest.raises(MedLMError, match="all variants of one disease"):
+        split_by_disease(variants)
+
+
+def _words(name: str) -> str:
+    return " " + " ".join(re.sub(r"[^\w]+", " ", name.casefold()).split()) + " "
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 42, 1234])
+def test_no_validation_name_is_contained_in_a_training_name(dataset_csv, seed):
+    frame = load_disease_data(str(dataset_csv)).frame
+    split = split_by_disease(frame, 0.2, seed)
+    train = {_words(name) for name in split.train["Name"]}
+    validation = {_words(name) for name in split.validation["Name"]}
+    assert not [(v, t) for v in validation for t in train if v in t or t in v]
+    assert 70 <= len(validation) <= 80  # about 20% of the 392 distinct names
+
+
+def test_variants_and_shared_head_terms_stay_on_one_side(dataset_csv):
+    frame = load_disease_data(str(dataset_csv)).frame
+    families = [{"otitis media", "acute otitis media", "chronic otitis media"},
+                {"rheumatoid arthritis", "juvenile rheumatoid arthritis", "arthritis"},
+                {"type 1 diabetes", "type 2 diabetes", "gestational diabetes"},
+                {"complex regional pain syndrome", "complex regional pain syndrome (crps)"},
+                {"kidney stone", "urinary stones (kidney stones)"},
+                {"warthin tumor", "pleomorphic adenoma"}]  # identical symptom lists
+    for seed in range(20):
+        split = split_by_disease(frame, 0.2, seed)
+        validation = set(split.validation["Name"].str.casefold())
+        for family in families:
+            assert family <= validation or not family & validation, (seed, family)
+    assert split.grouped_names == sum(len(group) for group in split.groups if len(group) > 1)
+    assert split.grouped_names >= sum(len(family) for family in families)
+
+
+def test_head_terms_group_names_but_generic_heads_and_word_parts_do_not():
+    frame = pd.DataFrame({"Name": ["Heart Failure", "Kidney Failure", "Chronic Kidney Disease",
+                                   "Huntington Disease", "Osteoarthritis", "Arthritis"],
+                          "Symptoms": ["a", "b", "c", "d", "e", "f"]})
+    groups = split_by_disease(frame, 0.5, 0).groups
+    assert ["heart failure", "kidney failure"] in groups  # same head term: failure
+    assert ["chronic kidney disease"] in groups and ["huntington disease"] in groups
+    assert ["osteoarthritis"] in groups  # whole words only
+
+
+def test_each_prompt_is_labelled_by_its_side(dataset_csv):
+    split = split_by_disease(load_disease_data(str(dataset_csv)).frame, 0.2, 42)
+    held_out = split.validation["Name"].iloc[0]
+    assert split.side(held_out.upper()) == "held out"
+    assert split.side(split.train["Name"].iloc[0]) == "seen in training"
+    assert split.side("Kidney Failure") == "seen in training"  # the showcase, at seed 42
+    assert split.side("Dragon Pox") == "not in the dataset"
 
 
 def test_prompt_is_name_and_separator():

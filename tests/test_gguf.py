@@ -34,7 +34,8 @@ def test_gguf_base_loads_as_a_plain_model_that_saves_as_safetensors(smollm2, tmp
 def test_brief_fine_tuning_raises_validation_symptom_f1_above_the_base(smollm2, dataset_csv):
     tokenizer, model = smollm2
     frame = load_disease_data(str(dataset_csv), max_samples=120).frame
-    train_frame, validation_frame = split_by_disease(frame, 0.2, 42)
+    split = split_by_disease(frame, 0.2, 42)
+    train_frame, validation_frame = split.train, split.validation
     _, base = evaluate_symptoms(model, tokenizer, validation_frame, max_new_tokens=40)
 
     config = TrainConfig(epochs=2, progress=False)
@@ -44,5 +45,5 @@ def test_brief_fine_tuning_raises_validation_symptom_f1_above_the_base(smollm2, 
                for f, train in ((train_frame, True), (validation_frame, False))]
     fit(model, *loaders, config, cpu, resolve_precision("auto", cpu))
     _, tuned = evaluate_symptoms(model, tokenizer, validation_frame, max_new_tokens=40)
-    assert tuned.f1 > base.f1
-    assert tuned.matched > base.matched
+    assert tuned.symptom.f1 > base.symptom.f1
+    assert tuned.symptom.matched > base.symptom.matched

@@ -14,14 +14,22 @@ def epoch(number, validation_loss):
                        train_tokens_per_sec=1.0, learning_rate=1e-3)
 
 
-def register(tiny_model, validation_loss):
+FULL_DATA = {"dataset_content_sha256": "a" * 64, "max_samples": None, "seed": 42,
+             "validation_fraction": 0.2, "loss_on": "full", "tokenizer_sha256": "b" * 64,
+             "metric_version": "2", "max_new_tokens": 40}
+
+
+def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
+             select_by="validation_loss", **params):
     tokenizer, model = tiny_model
     tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
                             batch_size=8)
     with tracker.run({"lr": 1e-3}):
         result = epoch(1, validation_loss)
+        result.scores = {"symptom_f1": symptom_f1, "word_f1": symptom_f1}
         tracker.on_epoch_end(model, result)
-        return tracker.log_and_register_model(model, tokenizer, result)
+        return tracker.log_and_register_model(model, tokenizer, result,
+                                              {**FULL_DATA, **params}, select_by, promote)
 
 
 def champion_version():
@@ -29,13 +37,45 @@ def champion_version():
 
 
 @pytest.mark.slow
-def test_champion_moves_only_when_validation_loss_improves(mlflow_home, tiny_model):
+def test_champion_moves_only_to_a_better_version_with_the_same_evaluation_key(mlflow_home,
+                                                                              tiny_model):
     version, message = register(tiny_model, 2.0)
     assert champion_version() == version == "1" and "first champion" in message
     version, message = register(tiny_model, 3.0)
     assert champion_version() == "1" and version == "2" and "stays at version 1" in message
     version, message = register(tiny_model, 1.5)
     assert champion_version() == "3" and "new champion" in message and "beats" in message
+    # A smoke run on 32 rows has a far lower loss, but on other data: not compared.
+    version, message = register(tiny_model, 0.1, max_samples=32,
+                                dataset_content_sha256="c" * 64)
+    assert champion_version() == "3"
+    assert "not compared" in message and "max_samples all vs 32" in message
+    assert "dataset_content_sha256 aaaaaaaaaaaa vs cccccccccccc" in message
+    assert "--promote" in message
+    tags = MlflowClient().get_model_version("medlm", version).tags
+    assert tags["evaluation_key"] != MlflowClient().get_model_version("medlm", "3").tags[
+        "evaluation_key"]
+    version, message = register(tiny_model, 9.0, max_samples=32, promote=True)
+    assert champion_version() == version == "5" and "--promote" in message
+
+
+@pytest.mark.slow
+def test_champion_by_symptom_f1_wants_a_higher_f1(mlflow_home, tiny_model):
+    register(tiny_model, 2.0, symptom_f1=0.30, select_by="symptom_f1")
+    _, message = register(tiny_model, 1.0, symptom_f1=0.25, select_by="symptom_f1")
+    assert champion_version() == "1" and "not better than version 1's 0.3000" in message
+    _, message = register(tiny_model, 3.0, symptom_f1=0.35, select_by="symptom_f1")
+    assert champion_version() == "3" and "symptom_f1 0.3500 beats" in message
+
+
+@pytest.mark.slow
+def test_a_champion_registered_before_evaluation_keys_is_not_compared(mlflow_home, tiny_model):
+    register(tiny_model, 2.0)
+    client = MlflowClient()
+    for tag in ("evaluation_key", "evaluation_key_json"):
+        client.delete_model_version_tag("medlm", "1", tag)
+    _, message = register(tiny_model, 1.0)
+    assert champion_version() == "1" and "has no evaluation key" in message
 
 
 def test_a_failing_run_is_marked_failed_not_left_running(mlflow_home):

@@ -21,7 +21,8 @@ FP32 = resolve_precision("fp32", "cpu")
 
 
 def loaders(tokenizer, frame, batch_size=8, seed=42):
-    train_frame, validation_frame = split_by_disease(frame, 0.2, seed)
+    split = split_by_disease(frame, 0.2, seed)
+    train_frame, validation_frame = split.train, split.validation
     collate = CausalLMCollator(tokenizer.pad_token_id)
     train = DataLoader(LanguageDataset(train_frame, tokenizer), batch_size=batch_size,
                        shuffle=True, collate_fn=collate,
@@ -87,7 +88,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, small_fram
         for module in model.modules():  # dropout masks would differ between batch shapes
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        train_frame, _ = split_by_disease(small_frame, 0.2, 42)
+        train_frame = split_by_disease(small_frame, 0.2, 42).train
         dataset = LanguageDataset(train_frame.head(16), tokenizer)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(
             tokenizer.pad_token_id))
@@ -110,6 +111,41 @@ def test_early_stopping_keeps_the_best_epochs_weights(tiny_model, small_frame):
     assert result.epochs[-1].validation_loss >= best.validation_loss
     assert evaluate(model, validation, CPU, FP32) == pytest.approx(best.validation_loss,
                                                                    rel=1e-4)
+
+
+class ScriptedScorer:
+    """Returns the next scripted symptom F1 each epoch and remembers the weights it scored."""
+
+    def __init__(self, values):
+        self.values, self.weights = list(values), []
+
+    def __call__(self, model):
+        self.weights.append(model.lm_head.weight.detach().clone())
+        return {"symptom_f1": self.values[len(self.weights) - 1], "word_f1": 0.0}
+
+
+def test_select_by_symptom_f1_keeps_the_highest_scoring_epoch_and_stops_on_it(
+        tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    scorer = ScriptedScorer([0.10, 0.30, 0.20, 0.25, 0.9])
+    config = TrainConfig(epochs=5, lr=3e-3, patience=2, select_by="symptom_f1", progress=False)
+    result = fit(model, train, validation, config, CPU, FP32, scorer=scorer)
+    # Epoch 2 is best by F1 although validation loss falls every epoch; two epochs without a
+    # better F1 stop the run before epoch 5.
+    assert result.stopped_early and len(result.epochs) == 4
+    assert result.epochs[3].validation_loss < result.epochs[1].validation_loss
+    assert result.best.epoch == 2 and [e.is_best for e in result.epochs] == [
+        True, True, False, False]
+    assert result.best.scores == {"symptom_f1": 0.30, "word_f1": 0.0}
+    assert torch.equal(model.lm_head.weight, scorer.weights[1])
+
+
+def test_select_by_symptom_f1_without_a_scorer_is_refused(tiny_model, small_frame):
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    with pytest.raises(ValueError, match="scorer"):
+        fit(model, train, validation, TrainConfig(epochs=1, select_by="symptom_f1"), CPU, FP32)
 
 
 def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
@@ -188,7 +224,8 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
 
     def attempt(**kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
-        train_frame, validation_frame = split_by_disease(small_frame, 0.2, 42)
+        split = split_by_disease(small_frame, 0.2, 42)
+        train_frame, validation_frame = split.train, split.validation
         train = make_loader(LanguageDataset(train_frame, tokenizer), 8, tokenizer.pad_token_id,
                             train=True, seed=42, group_by_length=group_by_length)
         validation = make_loader(LanguageDataset(validation_frame, tokenizer), 8,
