@@ -66,6 +66,8 @@ non_negative_int = _number(int, 0, "a whole number >= 0")
 positive_float = _number(float, 0, "a number > 0", above_minimum=True)
 non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
+fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,
+                   maximum=math.nextafter(1.0, 0.0))
 
 
 DEFAULT_MODEL_URI = "models:/medlm@champion"

@@ -10,6 +10,7 @@ import sys
 from experiments._cli import (
     ArgumentParser,
     add_model_arguments,
+    fraction,
     positive_float,
     positive_int,
     quiet_libraries,
@@ -18,9 +19,10 @@ from experiments._cli import (
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.metrics import SCORING_REPETITION_PENALTY
 
-# The split flags: for a models:/ or runs:/ URI they default to the run's own logged params.
-SPLIT_FLAGS = {"dataset": DEFAULT_DATASET, "seed": TrainConfig.seed,
-               "validation_fraction": TrainConfig.validation_fraction, "max_samples": None}
+# Flags that default to the run's own logged params for a models:/ or runs:/ URI.
+FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "seed": (TrainConfig.seed, int),
+            "validation_fraction": (TrainConfig.validation_fraction, float),
+            "max_samples": (None, int), "max_new_tokens": (TrainConfig.max_new_tokens, int)}
 
 
 def build_parser() -> ArgumentParser:
@@ -33,43 +35,42 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
                         help="validation: the diseases the run held out; all: every disease")
     parser.add_argument("--seed", type=int, default=None,
-                        help="split seed" + from_run % SPLIT_FLAGS["seed"])
-    parser.add_argument("--validation-fraction", type=positive_float, default=None,
+                        help="split seed" + from_run % TrainConfig.seed)
+    parser.add_argument("--validation-fraction", type=fraction, default=None,
                         help="share of diseases held out"
-                             + from_run % SPLIT_FLAGS["validation_fraction"])
+                             + from_run % TrainConfig.validation_fraction)
     parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="use only the first N cleaned rows" + from_run % "all")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=40,
-                        help="tokens generated per answer (greedy decoding)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="tokens generated per answer (greedy decoding)"
+                             + from_run % TrainConfig.max_new_tokens)
     parser.add_argument("--repetition-penalty", type=positive_float,
                         default=SCORING_REPETITION_PENALTY,
-                        help="of the greedy answers (1 = none; the seed notebook sampled with "
-                             "1.2)")
+                        help="of the greedy answers (1 = none, as in training runs' scores; "
+                             "the seed notebook sampled with 1.2)")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
     add_model_arguments(parser)
     return parser
 
 
-def split_settings(args, run_params: dict[str, str] | None) -> tuple[dict, list[str]]:
-    """The dataset/seed/fraction/max-samples to split with, and notes on where they came from:
-    a flag, else the run's logged param, else the default."""
-    parsers = {"dataset": str, "seed": int, "validation_fraction": float, "max_samples": int}
-    logged = {name: _parse(run_params[name], parse) for name, parse in parsers.items()
-              if run_params and name in run_params}
-    settings, notes = {}, []
-    for name, default in SPLIT_FLAGS.items():
-        flag, in_run = getattr(args, name), logged.get(name, default)
+def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
+    """Each ``FROM_RUN`` setting from its flag, else the run's logged param, else the default;
+    and a note for every flag that overrides a different logged value."""
+    settings, notes = {}, {}
+    for name, (default, parse) in FROM_RUN.items():
+        logged = run_params is not None and name in run_params
+        in_run = _parse(run_params[name], parse) if logged else default
+        flag = getattr(args, name)
         settings[name] = flag if flag is not None else in_run
-        if flag is not None and name in logged and flag != in_run:
-            shown = "all rows" if in_run is None else in_run
-            notes.append(f"note: --{name.replace('_', '-')} {flag} overrides the run's "
-                         f"{shown}: these may not be the diseases the run held out")
+        if logged and flag is not None and flag != in_run and name != "dataset":
+            notes[name] = (f"note: --{name.replace('_', '-')} {flag} overrides the run's "
+                           f"{'all rows' if in_run is None else in_run}")
     return settings, notes
 
 
-def _parse(text: str | None, kind: type):
-    return None if text in (None, "", "None") else kind(text)
+def _parse(text: str, kind: type):
+    return None if text in ("", "None") else kind(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,24 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from medlm.data import load_disease_data, split_by_disease
-    from medlm.metrics import baseline_scores, evaluate_symptoms
+    from medlm.metrics import METRIC_VERSION, baseline_scores, evaluate_symptoms
     from medlm.modeling import resolve_device
     from medlm.tracking import load_model_for_inference, logged_metrics, source_run
 
     run = source_run(args.model_uri, args.registered_model)
-    settings, notes = split_settings(args, run.data.params if run else None)
-    for note in notes:
-        print(note, file=sys.stderr)
+    params = run.data.params if run else None
+    settings, notes = settings_from_run(args, params)
+    scoring_note = notes.pop("max_new_tokens", None)
     data = load_disease_data(settings["dataset"], settings["max_samples"])
     frame, baselines = data.frame, {}
+    if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
+        notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
+                            "run trained on (another file, or the file changed)")
     if args.split == "validation":
         split = split_by_disease(frame, settings["validation_fraction"], settings["seed"],
                                  settings["dataset"])
         frame, baselines = split.validation, baseline_scores(split.train, split.validation)
+        if params and not notes and params.get("split_validation_sha256") != (
+                split.validation_sha256):
+            notes["split"] = ("note: these validation diseases are not the ones the run held "
+                              "out (it was split by an older MedLM)")
+    for note in notes.values():
+        print(note + ": the run's held-out figures do not apply here", file=sys.stderr)
+    if scoring_note:
+        print(scoring_note + ": the run's untuned score does not apply here", file=sys.stderr)
+    as_logged = run is not None and not notes and args.split == "validation"
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    table, overall = evaluate_symptoms(model, tokenizer, frame, args.max_new_tokens,
+    table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
                                        repetition_penalty=args.repetition_penalty)
     if args.output:
         table.to_csv(args.output, index=False)
@@ -107,27 +120,27 @@ def main(argv: list[str] | None = None) -> int:
                            "display.float_format", "{:.3f}".format):
         print(shown.rename(columns=lambda c: c.replace("symptom_", "")).to_string(index=False))
 
-    rows = {"this model": overall}
-    rows.update({f"baseline: {name} (no model)": scores
+    rows = {"this model": overall.as_metrics()}
+    rows.update({f"baseline: {name} (no model)": scores.as_metrics()
                  for name, (_, scores) in baselines.items()})
-    summary = [{"answers": label, "symptom P": scores.symptom.precision,
-                "symptom R": scores.symptom.recall, "symptom F1": scores.symptom.f1,
-                "word F1": scores.word.f1} for label, scores in rows.items()]
-    untuned = logged_metrics(run.info.run_id, "untuned_") if run and not notes else {}
-    if untuned and args.split == "validation":
-        summary.append({"answers": "untuned base (the run's epoch 0)",
-                        "symptom P": untuned.get("symptom_precision"),
-                        "symptom R": untuned.get("symptom_recall"),
-                        "symptom F1": untuned.get("symptom_f1"),
-                        "word F1": untuned.get("word_f1")})
+    same_scoring = (not scoring_note and args.repetition_penalty == SCORING_REPETITION_PENALTY
+                    and params is not None and params.get("metric_version") == METRIC_VERSION)
+    untuned = logged_metrics(run.info.run_id, "untuned_") if as_logged and same_scoring else {}
+    if untuned:
+        rows["untuned base (the run's epoch 0)"] = untuned
+    columns = {"symptom_precision": "symptom P", "symptom_recall": "symptom R",
+               "symptom_f1": "symptom F1", "word_f1": "word F1"}
+    summary = pd.DataFrame([{"answers": label, **{shown_name: scores.get(name)
+                                                  for name, shown_name in columns.items()}}
+                            for label, scores in rows.items()])
     where = (f"{settings['dataset']}, seed {settings['seed']}, validation fraction "
-             f"{settings['validation_fraction']}, "
-             f"{settings['max_samples'] or 'all'} rows"
-             + (f", as run {run.info.run_id} logged" if run and not notes else ""))
+             f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
+             + (f", as run {run.info.run_id} logged" if as_logged else ""))
     print(f"\n{len(table)} {args.split} diseases ({where}); greedy answers, "
-          f"{args.max_new_tokens} new tokens, repetition penalty {args.repetition_penalty:g}")
+          f"{settings['max_new_tokens']} new tokens, repetition penalty "
+          f"{args.repetition_penalty:g}")
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
-        print(pd.DataFrame(summary).to_string(index=False))
+        print(summary.to_string(index=False))
     return 0
 
 

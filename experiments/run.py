@@ -25,6 +25,7 @@ from experiments._cli import (
     run_cli,
 )
 from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
+from medlm.errors import MedLMError
 
 log = logging.getLogger("medlm")
 
@@ -131,13 +132,10 @@ class EpochReport:
     labelled held out or seen in training."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, symptom_eval: bool, baselines: dict):
-        from medlm.metrics import best_baseline
-
+                 tracker, split, baselines: dict):
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
         self.settings, self.tracker, self.split = settings, tracker, split
-        self.symptom_eval = symptom_eval
-        self.best_baseline = best_baseline(baselines)
+        self.baselines = {name: scores for name, (_, scores) in baselines.items()}
         self.untuned: dict[str, float] = {}
         self._table = None
 
@@ -150,15 +148,19 @@ class EpochReport:
 
     def score_untuned(self, model) -> None:
         """Epoch 0: the base model before any training, logged at step 0."""
-        self.untuned = self.score(model)
-        self.tracker.log_symptom_scores(0, self._table, self.untuned)
-        log.info("epoch 0 (untuned base): %s", self.compared(self.untuned))
+        scores = self.score(model)
+        self.tracker.log_symptom_scores(0, self._table, scores)
+        log.info("epoch 0 (untuned base): %s", self.compared(scores))
+        self.untuned = scores
 
     def compared(self, scores: dict[str, float]) -> str:
-        """"symptom F1 0.312, word F1 0.298 | lookup 0.190/0.201 | untuned 0.000/0.041"."""
-        name, baseline = self.best_baseline
+        """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
+        untuned 0.000/0.013": each score beside the best answer that needs no model."""
+        best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
+        best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
         text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
-                f"best baseline ({name}) {baseline.symptom.f1:.3f}/{baseline.word.f1:.3f}")
+                f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
+                f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
         if self.untuned:
             text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
                      f"{self.untuned['word_f1']:.3f}")
@@ -188,6 +190,7 @@ class EpochReport:
 
 
 SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
+SPLIT_FILE = "validation_sha256.txt"  # beside a checkpoint: the split it was trained on
 
 
 @dataclass
@@ -267,7 +270,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
              f", {world_size} processes" if world_size > 1 else "")
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
                             transformer=config.model, gpu=describe_device(device),
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, select_by=config.select_by)
     params = {
         **config.to_params(),
         "num_parameters": count_parameters(model),
@@ -282,6 +285,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "rows_validation": len(validation_set),
         "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
         "split_grouped_names": split.grouped_names,
+        "split_validation_sha256": split.validation_sha256,
         "split_name_groups": len(split.groups),
         "max_length_effective": max(train_set.max_length, validation_set.max_length),
         "device_type": device.type,
@@ -298,24 +302,24 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
         checkpoint = Path(config.checkpoint_dir) / run_id
-        report = EpochReport(tokenizer, prompts, references, settings, tracker, split,
-                             config.symptom_eval, baselines)
-        if resume_run_id and main_process:
-            tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
-            report.untuned = logged_metrics(run_id, "untuned_")
-            log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
-        elif main_process:
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
-            tracker.log_baselines(baselines)
-            for name, (_, scores) in baselines.items():
-                log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
-                         scores.symptom.f1, scores.word.f1)
-            if config.symptom_eval:
-                model.to(device)
-                report.score_untuned(model)
-                tracker.log_untuned(report.untuned)
+        report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines)
         try:
+            if resume_run_id and main_process:
+                tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
+                report.untuned = logged_metrics(run_id, "untuned_")
+                log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
+            elif main_process:
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
+                (checkpoint / SPLIT_FILE).write_text(split.validation_sha256)
+                tracker.log_baselines(baselines)
+                for name, (_, scores) in baselines.items():
+                    log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
+                             scores.symptom.f1, scores.word.f1)
+                if config.symptom_eval:
+                    model.to(device)
+                    report.score_untuned(model)
+                    tracker.log_untuned(report.untuned)
             result = fit(model, train_loader, validation_loader, config, device, precision,
                          callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
                          resume=bool(resume_run_id),
@@ -343,7 +347,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                 version, verdict = tracker.log_and_register_model(
                     model, tokenizer, best, params, config.select_by, promote=config.promote)
     if main_process:
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the registered model holds the weights
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is over: nothing to resume
         log.info("%s", verdict if version is None else
                  f"registered {config.registered_model} version {version}; {verdict}")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
@@ -403,7 +407,6 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     MLflow run is reopened, so a wrong process count does not mark it FAILED."""
     from medlm import distributed
     from medlm.checkpoint import check_world_size
-    from medlm.errors import MedLMError
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
     if not (saved.is_file() and (saved.parent / "state.pt").is_file()):
@@ -413,6 +416,16 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
                          "interrupted after at least one epoch")
     check_world_size(saved.parent, distributed.environment_world_size())
     return TrainConfig(**json.loads(saved.read_text()))
+
+
+def check_resume_split(checkpoint: Path, split) -> None:
+    """A run resumes only on the diseases it was trained and validated on (a checkpoint from an
+    older MedLM, with another split rule, would silently mix two splits)."""
+    saved = checkpoint / SPLIT_FILE
+    if not saved.is_file() or saved.read_text().strip() != split.validation_sha256:
+        raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on another "
+                         "split of the data (an older MedLM, or a changed dataset file): "
+                         "expected the same validation diseases; start a new run instead")
 
 
 def compare_runs_hint() -> str:
@@ -431,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             config = resume_config(args.resume, args.checkpoint_dir)
             quiet_libraries()
-            train_and_register(config, prepare(config), resume_run_id=args.resume)
+            prepared = prepare(config)
+            check_resume_split(Path(args.checkpoint_dir) / args.resume, prepared.split)
+            train_and_register(config, prepared, resume_run_id=args.resume)
             return 0
         del args.resume
         if args.sample_prompts is None:
@@ -442,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                    for values in itertools.product(*grid.values())]
         quiet_libraries()
 
+        if len(configs) > 1 and args.promote:
+            raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
+                             "would crown every child in turn; promote its best child's "
+                             "version afterwards, in mlflow ui)")
         prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
         if len(configs) == 1:
             train_and_register(configs[0], prepared)

@@ -76,6 +76,9 @@ class TrainConfig:
         _require_choice("scheduler", self.scheduler, SCHEDULERS)
         _require_choice("loss_on", self.loss_on, LOSS_ON)
         _require_choice("select_by", self.select_by, SELECT_BY)
+        if self.promote and not self.register:
+            raise MedLMError("--promote with --no-register is invalid: expected one of them "
+                             "(an unregistered run has no version to promote)")
         if self.select_by == "symptom_f1" and not self.symptom_eval:
             raise MedLMError("--select-by symptom_f1 needs the per-epoch symptom scores: "
                              "expected no --no-symptom-eval, or --select-by validation_loss")

@@ -272,6 +272,12 @@ class DiseaseSplit:
         """Distinct names that share a group with another name."""
         return sum(len(group) for group in self.groups if len(group) > 1)
 
+    @property
+    def validation_sha256(self) -> str:
+        """Fingerprint of the validation diseases: runs with equal ones held out the same."""
+        names = "\n".join(sorted(set(self.validation["Name"].str.casefold())))
+        return hashlib.sha256(names.encode("utf-8")).hexdigest()
+
     def side(self, name: str) -> str:
         """"held out" (a validation disease), "seen in training", or "not in the dataset"."""
         key = name.casefold()
@@ -289,27 +295,29 @@ def split_by_disease(
     """Seeded split of the distinct disease names, so that no disease, and no variant of one
     (``group_diseases``), is on both sides.
 
-    Groups are shuffled and taken into validation while they fit in
-    ``round(fraction * distinct names)`` names (at least one group); training keeps at least one.
+    The groups are shuffled; in that order, each group that still fits goes to validation
+    (first fit), up to ``round(fraction * distinct names)`` names. Where no group fits, the
+    first smallest group in that order goes; training always keeps at least one group.
     """
     keys = frame["Name"].str.casefold()
     groups = group_diseases(frame)
     if len(groups) < 2:
-        distinct = keys.nunique()
-        raise MedLMError(f"cannot split {source!r}: {len(frame)} row(s) of {distinct} distinct "
-                         f"disease name(s), all variants of one disease; expected at least 2 "
-                         "distinct, unrelated disease names (one for validation)")
+        shown = ", ".join(groups[0][:4]) + (", ..." if len(groups[0]) > 4 else "")
+        raise MedLMError(f"cannot split {source!r}: its {keys.nunique()} distinct disease "
+                         f"name(s) ({shown}) form one group (the same name, names containing "
+                         "one another, a shared head term or identical symptoms); expected at "
+                         "least 2 distinct, unrelated disease names (one for validation)")
     rng = np.random.default_rng(seed)
+    order = [groups[index] for index in rng.permutation(len(groups))]
     target = max(1, round(validation_fraction * keys.nunique()))
     validation_keys: set[str] = set()
-    for index in rng.permutation(len(groups)):
-        group = groups[index]
+    for group in order:
         if len(validation_keys) + len(group) <= target:
             validation_keys.update(group)
-    if not validation_keys:  # every group is larger than the target: take the smallest
-        validation_keys.update(min(groups, key=len))
+    if not validation_keys:
+        validation_keys.update(min(order, key=len))
     if len(validation_keys) == keys.nunique():
-        validation_keys.difference_update(max(groups, key=len))
+        validation_keys.difference_update(max(order, key=len))
     is_validation = keys.isin(validation_keys)
     return DiseaseSplit(frame[~is_validation].reset_index(drop=True),
                         frame[is_validation].reset_index(drop=True), groups)

@@ -62,9 +62,10 @@ def word_form(word: str) -> str:
 
 def content_words(text: str) -> frozenset[str]:
     """The words of ``text`` that carry meaning, in one form: see the module docstring."""
-    words = (word_form(word) for word in _NOT_WORD.sub(" ", text.casefold()).split())
-    return frozenset(w for w in words if w not in STOPWORDS and w not in MODIFIERS
-                     and not w.isdigit())
+    ignored = STOPWORDS | MODIFIERS
+    return frozenset(word_form(word) for word in _NOT_WORD.sub(" ", text.casefold()).split()
+                     if word not in ignored and word_form(word) not in ignored
+                     and not word.isdigit())
 
 
 def split_phrases(text: str) -> list[frozenset[str]]:
@@ -246,9 +247,6 @@ def nearest_name_answers(train_frame, names: Sequence[str], fallback: str) -> li
     return answers
 
 
-BASELINES = ("constant", "lookup")
-
-
 def baseline_scores(train_frame, validation_frame) -> dict[str, tuple]:
     """``{"constant": (table, AnswerScores), "lookup": (...)}`` on the validation diseases,
     built from the training rows only."""
@@ -259,9 +257,3 @@ def baseline_scores(train_frame, validation_frame) -> dict[str, tuple]:
         "lookup": score_answers(nearest_name_answers(train_frame, names, constant),
                                 validation_frame),
     }
-
-
-def best_baseline(baselines: dict[str, tuple]) -> tuple[str, AnswerScores]:
-    """(name, scores) of the baseline with the highest symptom F1."""
-    name = max(baselines, key=lambda key: baselines[key][1].symptom.f1)
-    return name, baselines[name][1]

@@ -65,8 +65,10 @@ class MlflowTracker:
     """
 
     def __init__(self, experiment: str, run_name: str | None, registered_model: str,
-                 transformer: str, gpu: str, batch_size: int):
+                 transformer: str, gpu: str, batch_size: int,
+                 select_by: str = "validation_loss"):
         self.experiment = experiment
+        self.select_by = select_by
         self.run_name = run_name
         self.registered_model = registered_model
         self.results_row = {"transformer": transformer, "batch_size": batch_size, "gpu": gpu}
@@ -125,7 +127,8 @@ class MlflowTracker:
         axes.plot(epochs, [r.validation_loss for r in self.epochs], marker="o",
                   label="validation")
         best = next((r for r in reversed(self.epochs) if r.is_best), self.epochs[-1])
-        axes.axvline(best.epoch, color="grey", linestyle=":", label=f"best (epoch {best.epoch})")
+        axes.axvline(best.epoch, color="grey", linestyle=":",
+                     label=f"best by {self.select_by} (epoch {best.epoch})")
         axes.set_xlabel("epoch")
         axes.set_ylabel("loss per token")
         axes.set_title(f"{self.results_row['transformer']} ({self.run_name or self.run_id})")
@@ -165,8 +168,9 @@ class MlflowTracker:
         """Log the model (transformers flavor, safetensors), register it and maybe crown it.
 
         The version is tagged with its scores and its evaluation key (``evaluation_key``).
-        Returns (version, message): ``champion`` moves to it when it is the first version,
-        when ``promote``, or when it beats the champion's ``select_by`` value on the same key.
+        Returns (version, message): ``champion`` moves to it when no version holds the alias
+        yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
+        key (whatever rule picked the champion's own best epoch).
         """
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -225,7 +229,8 @@ class MlflowTracker:
 
 # What makes two runs' scores comparable: the same rows, split, loss, tokenizer and metric.
 EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
-                         "loss_on", "tokenizer_sha256", "metric_version", "max_new_tokens")
+                         "split_validation_sha256", "loss_on", "tokenizer_sha256",
+                         "max_length_effective", "metric_version", "max_new_tokens")
 
 
 def evaluation_key(params: dict[str, Any]) -> dict[str, str]:

@@ -298,8 +298,9 @@ def fit(
             learning_rate=scheduler.get_last_lr()[0],
         )
         if scorer is not None:
+            scores = scorer(model) if main_process else None
             epoch_result.scores = distributed.broadcast_object(
-                scorer(model) if main_process else None)
+                None if scores is None else {name: float(v) for name, v in scores.items()})
         value = epoch_result.selection_value(config.select_by)
         if not result.epochs or value < result.best.selection_value(config.select_by):
             epoch_result.is_best = True

@@ -68,11 +68,14 @@ def test_baselines_and_the_untuned_base_are_logged_and_shown_beside_every_epoch(
     untuned = [p for p in client.get_metric_history(run.info.run_id, "symptom_f1") if p.step == 0]
     assert metrics["untuned_symptom_f1"] == untuned[0].value
     assert "epoch 0 (untuned base): symptom F1" in result.stderr
-    best_baseline = max(("constant", "lookup"),
-                        key=lambda name: metrics[f"baseline_{name}_symptom_f1"])
+    best = {score: max(("constant", "lookup"),
+                       key=lambda name, score=score: metrics[f"baseline_{name}_{score}"])
+            for score in ("symptom_f1", "word_f1")}
     epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == EPOCHS + 1
-    shown = f"best baseline ({best_baseline}) {metrics[f'baseline_{best_baseline}_symptom_f1']:.3f}"
+    symptom, word = best["symptom_f1"], best["word_f1"]
+    shown = (f"no model {metrics['baseline_' + symptom + '_symptom_f1']:.3f} ({symptom})/"
+             f"{metrics['baseline_' + word + '_word_f1']:.3f} ({word})")
     assert all(shown in line for line in epoch_lines)
     summary = next(line for line in result.stderr.splitlines() if line.startswith("best epoch"))
     assert shown in summary and "untuned" in summary and "held-out diseases" in summary
@@ -275,8 +278,8 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
                                                            dataset_csv, tmp_path):
     _, _, run = trained
     output = tmp_path / "scores.csv"
-    result = run_module("experiments.evaluate", "--max-new-tokens", "8", "--output",
-                        str(output), cwd=workdir, env_extra=no_uri_env)
+    result = run_module("experiments.evaluate", "--output", str(output), cwd=workdir,
+                        env_extra=no_uri_env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:5] == ["disease", "precision", "recall", "f1", "word_f1"]
@@ -287,6 +290,7 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     table = pd.read_csv(output)
     assert sorted(table["disease"]) == sorted(validation["Name"].drop_duplicates())
     assert f"as run {run.info.run_id} logged" in result.stdout
+    assert "40 new tokens" in result.stdout and not result.stderr.strip()
     summary = result.stdout[result.stdout.index("answers"):]
     assert "this model" in summary and "baseline: constant (no model)" in summary
     assert "baseline: lookup (no model)" in summary and "untuned base" in summary
@@ -297,6 +301,7 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
                        cwd=workdir, env_extra=no_uri_env)
     assert other.returncode == 0, other.stderr
     assert "note: --seed 7 overrides the run's 42" in other.stderr
+    assert "note: --max-new-tokens 8 overrides the run's 40" in other.stderr
     assert "as run" not in other.stdout and "untuned base" not in other.stdout
 
 

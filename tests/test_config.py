@@ -26,6 +26,16 @@ def test_invalid_values_name_the_flag_and_the_value(field, value, flag):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("settings,expected", [
+    ({"select_by": "symptom_f1", "symptom_eval": False}, "--select-by symptom_f1 needs"),
+    ({"promote": True, "register": False}, "--promote with --no-register is invalid"),
+    ({"select_by": "bleu"}, "--select-by 'bleu' is invalid"),
+])
+def test_contradictory_selection_and_registry_flags_are_refused(settings, expected):
+    with pytest.raises(MedLMError, match=expected):
+        TrainConfig(**settings)
+
+
 def test_params_are_flat_strings_or_numbers():
     params = TrainConfig(sample_prompts=["Asthma", "Kidney Failure"]).to_params()
     assert params["sample_prompts"] == "Asthma; Kidney Failure"

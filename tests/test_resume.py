@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def args(model, csv):
     return ["--model", str(model), "--dataset", str(csv), "--epochs", "4", "--max-samples", "60",
-            "--lr", "3e-3", "--no-symptom-eval", "--num-validation-samples", "0"]
+            "--lr", "3e-3", "--max-new-tokens", "4", "--num-validation-samples", "0"]
 
 
 def client_for(directory):
@@ -28,7 +28,7 @@ def client_for(directory):
 def losses(client, run_id):
     return {name: [(p.step, p.value) for p in sorted(client.get_metric_history(run_id, name),
                                                      key=lambda p: p.step)]
-            for name in ("training_loss", "validation_loss")}
+            for name in ("training_loss", "validation_loss", "symptom_f1", "word_f1")}
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
@@ -64,8 +64,29 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     assert client.get_run(run_id).info.status == "FINISHED"
     assert losses(client, run_id) == losses(client_for(straight), reference.info.run_id)
     assert [step for step, _ in losses(client, run_id)["training_loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in losses(client, run_id)["symptom_f1"]] == [0, 1, 2, 3, 4]
+    resumed_epochs = [line for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(resumed_epochs) == 2 and all("| untuned " in line for line in resumed_epochs)
     assert not (killed / "checkpoints" / run_id).exists()
     assert client.get_model_version_by_alias("medlm", "champion").run_id == run_id
+
+
+def test_a_checkpoint_of_another_split_does_not_resume(tmp_path, dataset_csv):
+    from experiments.run import SPLIT_FILE, check_resume_split
+    from medlm.data import load_disease_data, split_by_disease
+    from medlm.errors import MedLMError
+
+    frame = load_disease_data(str(dataset_csv), 60).frame
+    split = split_by_disease(frame, 0.2, 42)
+    checkpoint = tmp_path / "run1"
+    checkpoint.mkdir()
+    with pytest.raises(MedLMError, match="another split"):  # written before grouped splits
+        check_resume_split(checkpoint, split)
+    (checkpoint / SPLIT_FILE).write_text(split_by_disease(frame, 0.2, 7).validation_sha256)
+    with pytest.raises(MedLMError, match="another split"):
+        check_resume_split(checkpoint, split)
+    (checkpoint / SPLIT_FILE).write_text(split.validation_sha256)
+    check_resume_split(checkpoint, split)
 
 
 def test_resume_of_an_unknown_run_is_a_user_error(tmp_path):
