@@ -303,10 +303,12 @@ def split_by_disease(
     groups = group_diseases(frame)
     if len(groups) < 2:
         shown = ", ".join(groups[0][:4]) + (", ..." if len(groups[0]) > 4 else "")
-        raise MedLMError(f"cannot split {source!r}: its {keys.nunique()} distinct disease "
-                         f"name(s) ({shown}) form one group (the same name, names containing "
-                         "one another, a shared head term or identical symptoms); expected at "
-                         "least 2 distinct, unrelated disease names (one for validation)")
+        why = (f"{len(frame)} row(s) of 1 distinct disease name ({shown})"
+               if keys.nunique() == 1 else
+               f"its {keys.nunique()} distinct disease names ({shown}) form one group (names "
+               "containing one another, a shared head term or identical symptoms)")
+        raise MedLMError(f"cannot split {source!r}: {why}; expected at least 2 distinct disease "
+                         "names that are not variants of one another (one for validation)")
     rng = np.random.default_rng(seed)
     order = [groups[index] for index in rng.permutation(len(groups))]
     target = max(1, round(validation_fraction * keys.nunique()))

