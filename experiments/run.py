@@ -99,7 +99,8 @@ def build_parser() -> ArgumentParser:
                          help="tokens generated per sample and per symptom-scored answer")
     samples.add_argument("--no-symptom-eval", dest="symptom_eval", action="store_false",
                          help="skip scoring greedy answers for the validation diseases each "
-                              "epoch (symptom_precision/recall/f1)")
+                              "epoch (symptom_precision/recall/f1, word_f1, and the untuned "
+                              "base's epoch-0 score)")
     tracking = parser.add_argument_group("MLflow (tracking URI: $MLFLOW_TRACKING_URI, else "
                                          "./mlflow.db)")
     tracking.add_argument("--experiment", default=defaults.experiment,
@@ -190,7 +191,7 @@ class EpochReport:
 
 
 SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
-SPLIT_FILE = "validation_sha256.txt"  # beside a checkpoint: the split it was trained on
+DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was trained on
 
 
 @dataclass
@@ -311,7 +312,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             elif main_process:
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
-                (checkpoint / SPLIT_FILE).write_text(split.validation_sha256)
+                (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
                 tracker.log_baselines(baselines)
                 for name, (_, scores) in baselines.items():
                     log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
@@ -418,14 +419,31 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     return TrainConfig(**json.loads(saved.read_text()))
 
 
-def check_resume_split(checkpoint: Path, split) -> None:
-    """A run resumes only on the diseases it was trained and validated on (a checkpoint from an
-    older MedLM, with another split rule, would silently mix two splits)."""
-    saved = checkpoint / SPLIT_FILE
-    if not saved.is_file() or saved.read_text().strip() != split.validation_sha256:
-        raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on another "
-                         "split of the data (an older MedLM, or a changed dataset file): "
-                         "expected the same validation diseases; start a new run instead")
+def data_fingerprint(data, split) -> dict[str, str]:
+    """What a checkpoint was trained on: the cleaned dataset's content and the validation names."""
+    return {"dataset_content_sha256": data.content_sha256,
+            "split_validation_sha256": split.validation_sha256}
+
+
+def check_resume_data(checkpoint: Path, data, split) -> None:
+    """A run resumes only on the rows and the split it was trained and validated on (a changed
+    dataset file, or a checkpoint of an older MedLM with another split rule, would silently mix
+    two experiments in one run)."""
+    saved = checkpoint / DATA_FILE
+    try:
+        recorded = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    expected = data_fingerprint(data, split)
+    changed = [key for key, value in expected.items() if recorded.get(key) != value]
+    if changed:
+        what = ("the dataset's content changed" if "dataset_content_sha256" in changed
+                else "another split of the data")
+        found = ", ".join(f"{key} {str(recorded.get(key, 'missing'))[:12]} vs "
+                          f"{expected[key][:12]}" for key in changed)
+        raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on other data "
+                         f"({what}: {found}): expected the same dataset and split; "
+                         "start a new run instead")
 
 
 def compare_runs_hint() -> str:
@@ -445,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             config = resume_config(args.resume, args.checkpoint_dir)
             quiet_libraries()
             prepared = prepare(config)
-            check_resume_split(Path(args.checkpoint_dir) / args.resume, prepared.split)
+            check_resume_data(Path(args.checkpoint_dir) / args.resume, prepared.data,
+                              prepared.split)
             train_and_register(config, prepared, resume_run_id=args.resume)
             return 0
         del args.resume

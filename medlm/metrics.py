@@ -3,8 +3,9 @@ model, so a score is never read alone.
 
 **Symptom F1** (phrase level). Both texts are split into comma-separated phrases. A phrase is
 reduced to its *content words*: case-folded, punctuation dropped, a plural ``s`` dropped
-("legs" -> "leg"), and ``STOPWORDS`` (function words such as "in", "the", "of", "and") and
-``MODIFIERS`` (intensity and timing words such as "severe", "persistent") left out. Phrases with
+("legs" -> "leg"), and ``STOPWORDS`` (function words such as "in", "the", "of", "and"),
+``MODIFIERS`` (intensity and timing words such as "severe", "persistent") and plain numbers left
+out. Phrases with
 no content word are ignored; phrases with the same content words count once. A generated phrase
 *matches* a reference phrase when the content words of one include all those of the other, and
 the shorter has at least two thirds as many as the longer:

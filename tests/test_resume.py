@@ -1,6 +1,7 @@
 """A run killed with SIGKILL mid-training and resumed ends with the losses of an uninterrupted
 run, in the same MLflow run, with no metric logged twice."""
 
+import json
 import os
 import re
 import signal
@@ -71,22 +72,32 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     assert client.get_model_version_by_alias("medlm", "champion").run_id == run_id
 
 
-def test_a_checkpoint_of_another_split_does_not_resume(tmp_path, dataset_csv):
-    from experiments.run import SPLIT_FILE, check_resume_split
+def test_a_checkpoint_of_other_data_does_not_resume(tmp_path, dataset_csv):
+    from dataclasses import replace
+
+    from experiments.run import DATA_FILE, check_resume_data, data_fingerprint
     from medlm.data import load_disease_data, split_by_disease
     from medlm.errors import MedLMError
 
-    frame = load_disease_data(str(dataset_csv), 60).frame
-    split = split_by_disease(frame, 0.2, 42)
+    data = load_disease_data(str(dataset_csv), 60)
+    split = split_by_disease(data.frame, 0.2, 42)
     checkpoint = tmp_path / "run1"
     checkpoint.mkdir()
-    with pytest.raises(MedLMError, match="another split"):  # written before grouped splits
-        check_resume_split(checkpoint, split)
-    (checkpoint / SPLIT_FILE).write_text(split_by_disease(frame, 0.2, 7).validation_sha256)
-    with pytest.raises(MedLMError, match="another split"):
-        check_resume_split(checkpoint, split)
-    (checkpoint / SPLIT_FILE).write_text(split.validation_sha256)
-    check_resume_split(checkpoint, split)
+    with pytest.raises(MedLMError, match="trained on other data"):  # an older MedLM's checkpoint
+        check_resume_data(checkpoint, data, split)
+    (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split_by_disease(
+        data.frame, 0.2, 7))))
+    with pytest.raises(MedLMError, match="another split of the data: split_validation_sha256"):
+        check_resume_data(checkpoint, data, split)
+    # the same diseases on each side, but one row's symptoms edited in the file
+    edited = data.frame.copy()
+    edited.loc[edited.index[0], "Symptoms"] += ", fever"
+    (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(
+        replace(data, frame=edited), split)))
+    with pytest.raises(MedLMError, match="the dataset's content changed: dataset_content_sha256"):
+        check_resume_data(checkpoint, data, split)
+    (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
+    check_resume_data(checkpoint, data, split)
 
 
 def test_resume_of_an_unknown_run_is_a_user_error(tmp_path):
