@@ -71,13 +71,73 @@ fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,
 
 
 DEFAULT_MODEL_URI = "models:/medlm@champion"
+OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id
+OFFLINE_MODEL = "smollm2-135m-instruct"  # the offline base the quick start recommends
+
+
+def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] | None,
+                        dataset_flag: str | None, model_flag: str | None,
+                        model: str | None) -> MedLMError:
+    """The one-line error for a Hub id that cannot load offline, ending with the command that
+    works: the user's own, with each Hub id that is not cached replaced by a local file
+    placeholder or the offline base (and the base's download first, if it is not there yet)."""
+    import shlex
+
+    from medlm._paths import looks_like_local_path
+    from medlm.hub import model_in_cache
+    from medlm.offline import OFFLINE_BASES, fetch_command, find_base
+
+    replace = {}
+    if error.kind == "dataset" and dataset_flag:
+        replace[dataset_flag] = OFFLINE_DATASET
+    hub_model = (model is not None and model not in OFFLINE_BASES
+                 and not os.path.exists(os.path.expanduser(model))
+                 and not looks_like_local_path(model) and ":/" not in model)
+    if model_flag and (error.kind == "model" or hub_model and not model_in_cache(model)):
+        replace[model_flag] = OFFLINE_MODEL
+    words = replace_options(parser, sys.argv[1:] if argv is None else argv, replace)
+    command = shlex.join(["python", "-m", parser.prog.split()[-1], *words])
+    if OFFLINE_MODEL in replace.values() and find_base(OFFLINE_MODEL) is None:
+        command = f"{fetch_command(OFFLINE_MODEL)} && {command}"
+    wanted = [what for flag, what in ((dataset_flag, "a local dataset file"),
+                                      (model_flag, "an offline base model")) if flag in replace]
+    return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
+
+
+def replace_options(parser: argparse.ArgumentParser, argv: list[str],
+                    replace: dict[str, str]) -> list[str]:
+    """``argv`` without the options in ``replace`` (in any spelling argparse accepts: ``--x v``,
+    ``--x=v``, an unambiguous prefix), then those options with their new values."""
+    long_options = [option for action in parser._actions for option in action.option_strings
+                    if option.startswith("--")]
+
+    def target(word: str) -> str | None:
+        name = word.split("=", 1)[0]
+        if name in long_options:
+            return name if name in replace else None
+        matches = [option for option in long_options if option.startswith(name)]
+        return matches[0] if len(matches) == 1 and matches[0] in replace else None
+
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word.startswith("--") and target(word):
+            skip = "=" not in word
+            continue
+        kept.append(word)
+    for option, value in replace.items():
+        kept += [option, value]
+    return kept
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model-uri, --registered-model and --device, as generate and evaluate take them."""
     parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
-                             "runs:/RUN_ID/model, a local model directory or a .gguf file")
+                             "runs:/RUN_ID/model, an offline base (smollm2-135m-instruct), a "
+                             "local model directory or a .gguf file")
     parser.add_argument("--registered-model", default="medlm",
                         help="registered model a bare version number refers to")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",

@@ -11,12 +11,14 @@ from experiments._cli import (
     ArgumentParser,
     add_model_arguments,
     fraction,
+    offline_alternative,
     positive_float,
     positive_int,
     quiet_libraries,
     run_cli,
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
+from medlm.hub import HubUnavailable
 from medlm.metrics import SCORING_REPETITION_PENALTY
 
 # Flags that default to the run's own logged params for a models:/ or runs:/ URI.
@@ -88,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     params = run.data.params if run else None
     settings, notes = settings_from_run(args, params)
     scoring_note = notes.pop("max_new_tokens", None)
-    data = load_disease_data(settings["dataset"], settings["max_samples"])
+    try:
+        data = load_disease_data(settings["dataset"], settings["max_samples"])
+    except HubUnavailable as error:
+        raise offline_alternative(error, build_parser(), argv, "--dataset", None, None) from None
     frame, baselines = data.frame, {}
     if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "

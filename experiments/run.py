@@ -19,6 +19,7 @@ from experiments._cli import (
     ArgumentParser,
     non_negative_float,
     non_negative_int,
+    offline_alternative,
     positive_float,
     positive_int,
     quiet_libraries,
@@ -26,6 +27,7 @@ from experiments._cli import (
 )
 from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
 from medlm.errors import MedLMError
+from medlm.hub import HubUnavailable
 
 log = logging.getLogger("medlm")
 
@@ -50,7 +52,8 @@ def build_parser() -> ArgumentParser:
                       help="seeds the split, shuffling, dropout and samples")
     model = parser.add_argument_group("model and hardware")
     model.add_argument("--model", default=defaults.model,
-                       help="Hub model id or a local save_pretrained directory")
+                       help="Hub model id, an offline base (smollm2-135m-instruct: python -m "
+                            "experiments.download), a save_pretrained directory or a .gguf file")
     model.add_argument("--device", choices=DEVICES, default=defaults.device,
                        help="auto: cuda, then mps, then cpu")
     model.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
@@ -210,7 +213,9 @@ def prepare(config: TrainConfig) -> Prepared:
     from medlm import distributed
     from medlm.data import load_disease_data, split_by_disease
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
+    from medlm.offline import check_base_name
 
+    check_base_name(config.model)  # a mistyped offline base fails before the data loads
     data = load_disease_data(config.dataset, config.max_samples)
     split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
     device = distributed.start(resolve_device(config.device))  # joins torchrun's group, if any
@@ -480,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                              "would crown every child in turn; promote its best child's "
                              "version afterwards, in mlflow ui)")
-        prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
+        try:
+            prepared = prepare(configs[0])  # user errors surface here, before any MLflow run
+        except HubUnavailable as error:
+            raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
+                                      configs[0].model) from None
         if len(configs) == 1:
             train_and_register(configs[0], prepared)
         else:

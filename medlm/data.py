@@ -103,16 +103,21 @@ def _first_bad_byte(path: str) -> str:
 
 
 def _read_hub(dataset_id: str) -> pd.DataFrame:
+    from medlm.hub import HubUnavailable, check_hub
+
+    offline = check_hub()  # before importing datasets, which reads the offline switch once
     import datasets  # slow import, only needed for Hub ids
 
     log.info("loading dataset %s from the Hugging Face Hub (or its local cache)", dataset_id)
     try:
         return datasets.load_dataset(dataset_id, split="train").to_pandas()
     except Exception as error:  # the Hub client raises many types; all mean "cannot load this id"
+        if offline:
+            raise HubUnavailable("dataset", dataset_id, offline) from None
         raise MedLMError(
             f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
             f"Hugging Face Hub ({type(error).__name__}): expected a Hub dataset id or a local "
-            "CSV/Parquet/JSON path (no Hub access? see README, Offline)"
+            "CSV/Parquet/JSON path"
         ) from None
 
 

