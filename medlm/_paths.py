@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 _FILE_SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".jsonl", ".gguf")
@@ -16,3 +17,12 @@ def looks_like_local_path(value: str) -> bool:
         or os.sep != "/" and os.sep in value
         or value.lower().endswith(_FILE_SUFFIXES)
     )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

