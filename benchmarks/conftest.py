@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -68,11 +67,11 @@ def _timed(function) -> float:
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
-    from medlm.modeling import cpu_kind, cpu_name
+    from medlm.modeling import cpu_count, cpu_kind, cpu_name
 
     terminalreporter.section(f"MedLM benchmark figures ({PRESET}, scale x{SCALE}, "
                              f"{torch.get_num_threads()} threads)")
-    terminalreporter.write_line(f"machine: {cpu_name()}, {os.cpu_count()} cores, {cpu_kind()}; "
+    terminalreporter.write_line(f"machine: {cpu_name()}, {cpu_count()} cores, {cpu_kind()}; "
                                 f"torch {torch.__version__}")
     for name, figures in RESULTS.items():
         shown = ", ".join(f"{key} {value:,.3g}" for key, value in figures.items())

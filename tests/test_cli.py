@@ -246,8 +246,9 @@ def test_default_hub_ids_train_from_the_hub_cache_when_the_hub_does_not_answer(
                                    "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
     assert "distilgpt2 on cpu" in result.stderr and "first champion" in result.stderr
-    assert f"the Hugging Face Hub is not reachable ({silent_hub.url} did not answer" in (
-        result.stderr)
+    for kind, name in (("dataset", "QuyenAnhDE/Diseases_Symptoms"), ("model", "distilgpt2")):
+        assert (f"{kind} {name}: from the local Hugging Face cache (the Hub is not reachable: "
+                f"{silent_hub.url} did not answer within 3 s)") in result.stderr
     assert silent_hub.connections == 1
 
 

