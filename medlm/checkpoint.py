@@ -43,8 +43,10 @@ def restore_rng(state: dict) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler, scaler,
                     epochs: list, best_state: dict | None, epochs_without_improvement: int,
-                    loader_state: dict, rng_states: list[dict] | None = None) -> None:
-    """``rng_states``: one per process, in rank order (default: this process's only)."""
+                    loader_state: dict, rng_states: list[dict] | None = None,
+                    precision: str | None = None) -> None:
+    """``rng_states``: one per process, in rank order (default: this process's only);
+    ``precision``: the effective one (fp32/bf16/fp16), checked when the run resumes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -55,6 +57,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
         "epochs": [asdict(result) for result in epochs],
         "epochs_without_improvement": epochs_without_improvement,
         "loader": loader_state,
+        "precision": precision,
     }
     _atomic(directory / "model.safetensors", lambda path: save_model(model, path))
     if best_state is not None:
@@ -78,7 +81,9 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     if not (directory / "state.pt").is_file():
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
-    state = _upgrade(torch.load(directory / "state.pt", weights_only=True))
+    # map_location: a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun
+    # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
+    state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
     load_model(model, str(directory / "model.safetensors"))
     best = directory / "best.safetensors"
@@ -89,7 +94,8 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = _upgrade(torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True))
+    state = _upgrade(torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True,
+                                map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
 
 

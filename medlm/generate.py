@@ -37,6 +37,14 @@ class GenerationSettings:
         )
 
 
+def forked_rng(device: torch.device):
+    """Sampling's random numbers drawn from a fork of the CPU generator and ``device``'s own
+    (CUDA or MPS), so a seeded sample neither reseeds nor advances training's dropout stream."""
+    if device.type in ("cuda", "mps"):
+        return torch.random.fork_rng(devices=[device], device_type=device.type)
+    return torch.random.fork_rng(devices=[])
+
+
 def generate(model, tokenizer, diseases: list[str],
              settings: GenerationSettings | None = None) -> list[list[str]]:
     """Symptoms written for each disease name: one list of ``num_return_sequences`` per name.
@@ -57,8 +65,7 @@ def generate(model, tokenizer, diseases: list[str],
         tokenizer.padding_side = padding_side
     was_training = model.training
     model.eval()
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+    with forked_rng(device), torch.inference_mode():
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         output = model.generate(**encoded,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -20,6 +21,8 @@ from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
 from medlm.modeling import Precision
+
+log = logging.getLogger(__name__)
 
 LIVE_LOSS_EVERY = 10  # optimizer steps between progress-bar loss updates (each one syncs)
 
@@ -86,7 +89,11 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    """Copy a batch to ``device``; asynchronously only from pinned memory to CUDA, the one case
+    torch documents as safe (from pageable memory on MPS it can read freed memory: PyTorch
+    issues 139550, 189690)."""
+    return {key: value.to(device, non_blocking=device.type == "cuda" and value.is_pinned())
+            for key, value in batch.items()}
 
 
 def _windows(loader: DataLoader, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -183,9 +190,11 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    scaler.step(optimizer)
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
+    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
     scaler.update()
-    scheduler.step()
+    if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, window_tokens
 
@@ -247,6 +256,13 @@ def fit(
         epochs_without_improvement = state["epochs_without_improvement"]
         if shuffle_generator is not None and "generator" in state["loader"]:
             shuffle_generator.set_state(state["loader"]["generator"])
+        if state.get("precision") not in (None, precision.name):
+            log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
+                        "(another machine): the losses from here on are not bit-for-bit "
+                        "those of an uninterrupted run", precision.name, device.type,
+                        state["precision"])
+        if config.patience and epochs_without_improvement >= config.patience:
+            result.stopped_early = True  # it had stopped early before it was interrupted
     trained = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -254,7 +270,8 @@ def fit(
         trained = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    for epoch in range(len(result.epochs) + 1, config.epochs + 1):
+    first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
+    for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(train_loader.batch_sampler, "set_epoch"):
             train_loader.batch_sampler.set_epoch(epoch - 1)
         started = time.perf_counter()
@@ -319,7 +336,8 @@ def fit(
                                 scheduler=scheduler, scaler=scaler, epochs=result.epochs,
                                 best_state=best_state,
                                 epochs_without_improvement=epochs_without_improvement,
-                                loader_state=loader_state, rng_states=rng_states)
+                                loader_state=loader_state, rng_states=rng_states,
+                                precision=precision.name)
         for callback in callbacks if main_process else ():
             callback.on_epoch_end(model, epoch_result)
         if config.patience and epochs_without_improvement >= config.patience:

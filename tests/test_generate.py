@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from medlm.generate import GenerationSettings, generate
@@ -36,3 +37,22 @@ def test_generation_config_carries_the_seed_notebooks_sampling(gpt2_tokenizer):
     assert (config.do_sample, config.top_k, config.top_p, config.temperature,
             config.repetition_penalty, config.max_new_tokens) == (True, 8, 0.95, 0.5, 1.2, 40)
     assert config.pad_token_id == gpt2_tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("device_type", ["mps", "cuda"])
+def test_sampling_forks_the_accelerators_generator_too(monkeypatch, device_type):
+    """On MPS as on CUDA, generation's seeding must not touch the device generator training's
+    dropout uses: its state is saved and restored around sampling."""
+    import torch
+
+    from medlm.generate import forked_rng
+
+    module = getattr(torch, device_type)
+    calls = []
+    monkeypatch.setattr(module, "get_rng_state",
+                        lambda device=None: calls.append("get") or torch.zeros(1))
+    monkeypatch.setattr(module, "set_rng_state",
+                        lambda state, device=None: calls.append("set"))
+    with forked_rng(torch.device(device_type)):
+        calls.append("sample")
+    assert calls == ["get", "sample", "set"]

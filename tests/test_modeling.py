@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,35 +13,82 @@ from medlm.modeling import (
 )
 
 
-@pytest.mark.parametrize("device,cuda_bf16,cpu_bf16,expected,scaler", [
-    ("cuda", True, None, "bf16", False),
-    ("cuda", False, None, "fp16", True),  # pre-Ampere GPUs: fp16 autocast + GradScaler
-    ("cpu", None, True, "bf16", False),
-    ("cpu", None, False, "fp32", False),
-    ("mps", None, None, "fp32", False),
+def pretend_gpu(monkeypatch, major: int) -> None:
+    """torch's own CUDA queries answer as a GPU of compute capability ``major`` would, and
+    creating a bf16 tensor on it succeeds (emulation, as on a real T4 or V100)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
+def pretend_cpu(monkeypatch, native_bf16: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+@pytest.mark.parametrize("major, expected, scaler", [
+    (8, "bf16", False),  # A100, RTX 30xx and newer
+    (7, "fp16", True),  # T4, V100: bf16 only emulated -> fp16 autocast + GradScaler
+    (6, "fp16", True),  # P100
 ])
-def test_auto_precision_per_device(device, cuda_bf16, cpu_bf16, expected, scaler):
-    precision = resolve_precision("auto", device, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
+def test_auto_precision_on_cuda_asks_for_native_bf16(monkeypatch, major, expected, scaler):
+    pretend_gpu(monkeypatch, major)
+    precision = resolve_precision("auto", "cuda")
     assert precision.name == expected
     assert precision.needs_grad_scaler is scaler
 
 
-def test_fp16_on_cuda_gets_an_enabled_grad_scaler_and_fp32_does_not():
-    fp16 = resolve_precision("fp16", "cuda", cuda_bf16=True)
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native_bf16, expected):
+    pretend_cpu(monkeypatch, native_bf16)
+    assert resolve_precision("auto", "cpu").name == expected
+
+
+def test_auto_precision_on_mps_is_fp32():
+    assert resolve_precision("auto", "mps").name == "fp32"
+
+
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused(monkeypatch):
+    pretend_gpu(monkeypatch, 7)
+    with pytest.raises(MedLMError, match="bf16 is not supported natively by this GPU"):
+        resolve_precision("bf16", "cuda")
+    pretend_gpu(monkeypatch, 8)
+    assert resolve_precision("bf16", "cuda").name == "bf16"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_cost(monkeypatch, caplog):
+    pretend_cpu(monkeypatch, False)
+    with caplog.at_level("WARNING", logger="medlm"):
+        assert resolve_precision("bf16", "cpu").name == "bf16"
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert "without native bf16" in warning and "187 s in bf16 autocast against 4 s in fp32" in (
+        warning)
+    caplog.clear()
+    pretend_cpu(monkeypatch, True)
+    resolve_precision("bf16", "cpu")
+    assert not caplog.records
+
+
+def test_fp16_on_cuda_gets_an_enabled_grad_scaler_and_fp32_does_not(monkeypatch):
+    pretend_gpu(monkeypatch, 8)
+    fp16 = resolve_precision("fp16", "cuda")
     assert fp16.autocast_dtype == torch.float16 and fp16.needs_grad_scaler
-    assert resolve_precision("fp32", "cuda", cuda_bf16=True).autocast_dtype is None
-    assert not resolve_precision("bf16", "cpu", cpu_bf16=True).grad_scaler().is_enabled()
+    assert resolve_precision("fp32", "cuda").autocast_dtype is None
+    pretend_cpu(monkeypatch, True)
+    assert not resolve_precision("bf16", "cpu").grad_scaler().is_enabled()
 
 
 def test_impossible_precisions_are_user_errors():
     with pytest.raises(MedLMError, match="fp16 is not supported on cpu"):
         resolve_precision("fp16", "cpu")
-    with pytest.raises(MedLMError, match="bf16 is not supported by this GPU"):
-        resolve_precision("bf16", "cuda", cuda_bf16=False)
 
 
-def test_bf16_autocast_runs_the_forward_pass_in_bf16_on_cpu():
-    precision = resolve_precision("bf16", "cpu", cpu_bf16=True)
+def test_bf16_autocast_runs_the_forward_pass_in_bf16_on_cpu(monkeypatch):
+    pretend_cpu(monkeypatch, True)
+    precision = resolve_precision("bf16", "cpu")
     layer = torch.nn.Linear(4, 4)
     with precision.autocast():
         assert layer(torch.ones(1, 4)).dtype == torch.bfloat16

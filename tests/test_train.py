@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from medlm.config import TrainConfig
 from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
-from medlm.modeling import resolve_precision
+from medlm.modeling import Precision, resolve_precision
 from medlm.train import (
     NonFiniteLossError,
     count_loss_tokens,
@@ -173,7 +173,7 @@ def test_same_seed_same_losses(tiny_model_dir, small_frame):
 def test_bf16_autocast_trains_on_cpu(tiny_model, small_frame):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
-    bf16 = resolve_precision("bf16", "cpu", cpu_bf16=True)
+    bf16 = Precision("bf16", "cpu")  # whatever this CPU has natively
     result = fit(model, train, validation, TrainConfig(epochs=2, lr=3e-3, progress=False),
                  CPU, bf16)
     assert result.epochs[1].training_loss < result.epochs[0].training_loss
@@ -238,3 +238,130 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
     resumed = attempt(checkpoint_dir=str(tmp_path), resume=True)
     assert [(e.training_loss, e.validation_loss) for e in resumed.epochs] == [
         (e.training_loss, e.validation_loss) for e in uninterrupted.epochs]
+
+
+def one_window(tokenizer, frame):
+    train, _ = loaders(tokenizer, frame)
+    return [next(iter(train))]
+
+
+def step_with(model, window, scaler, max_grad_norm):
+    from medlm.train import train_step
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    train_step(model, window, optimizer, scaler, scheduler, Precision("fp32", "cpu"), CPU,
+               max_grad_norm)
+    return optimizer
+
+
+def test_an_enabled_grad_scaler_unscales_before_clipping(tiny_model_dir, small_frame):
+    """The fp16 path's GradScaler, run on CPU: with gradients scaled by 1024 and clipped to a
+    norm of 0.1, the step equals the unscaled one only if unscale_ comes before clipping."""
+    import copy
+
+    from medlm.modeling import load_tokenizer_and_model
+
+    tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+    scaled, plain = copy.deepcopy(model), copy.deepcopy(model)
+    window = one_window(tokenizer, small_frame)
+    step_with(scaled, window, torch.amp.GradScaler("cpu", init_scale=1024.0), 0.1)
+    step_with(plain, window, torch.amp.GradScaler("cpu", enabled=False), 0.1)
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(scaled.parameters(), model.parameters(),
+                                                        strict=True))  # it did step
+
+
+def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(tiny_model_dir, small_frame):
+    from medlm.modeling import load_tokenizer_and_model
+
+    tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # scaled gradients overflow to inf
+    optimizer = step_with(model, one_window(tokenizer, small_frame), scaler, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert scaler.get_scale() == pytest.approx(5e37)
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and not optimizer.state  # no step taken
+
+
+def test_batches_move_asynchronously_only_from_pinned_memory_to_cuda(monkeypatch):
+    from medlm.train import _to
+
+    calls = []
+
+    def record(tensor, device, non_blocking=False):
+        calls.append((torch.device(device).type, non_blocking))
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, "to", record)
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    _to(batch, torch.device("mps"))
+    _to(batch, torch.device("cuda"))  # pageable memory
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda tensor: True)
+    _to(batch, torch.device("mps"))
+    _to(batch, torch.device("cuda"))
+    assert calls == [("mps", False), ("cuda", False), ("mps", False), ("cuda", True)]
+
+
+def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precision=FP32):
+    """(attempt, interrupt): fit on the tiny model, and the same fit killed after epoch 1."""
+    from medlm.modeling import load_tokenizer_and_model
+
+    def attempt(precision=precision, **kwargs):
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        train, validation = loaders(tokenizer, small_frame)
+        return fit(model, train, validation, config, CPU, precision,
+                   checkpoint_dir=str(checkpoint_dir), **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        attempt(callbacks=[StopAfter(1)])
+    return attempt
+
+
+def claim_written_on_cuda(state_file):
+    """Rewrite a torch.save file so every tensor says it was saved on cuda:0, as a checkpoint
+    written on a GPU does (loading it on a CPU-only machine needs map_location)."""
+    import zipfile
+
+    with zipfile.ZipFile(state_file) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    (pickle_name,) = [name for name in members if name.endswith("/data.pkl")]
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"  # pickle protocol 2
+    assert cpu in members[pickle_name]
+    members[pickle_name] = members[pickle_name].replace(cpu, cuda)
+    with zipfile.ZipFile(state_file, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(state_file, weights_only=True)  # what resuming did before map_location
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path):
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    claim_written_on_cuda(tmp_path / "state.pt")
+    resumed = attempt(resume=True)
+    assert [result.epoch for result in resumed.epochs] == [1, 2]
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, small_frame,
+                                                             tmp_path):
+    config = TrainConfig(epochs=4, lr=3e-3, progress=False, patience=1)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    # as if epoch 1 had been the patience-th epoch without improvement: the run had stopped
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state["epochs_without_improvement"] = 1
+    torch.save(state, tmp_path / "state.pt")
+    resumed = attempt(resume=True)
+    assert resumed.stopped_early and [result.epoch for result in resumed.epochs] == [1]
+
+
+def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_path, caplog):
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    with caplog.at_level("WARNING", logger="medlm"):
+        attempt(precision=Precision("bf16", "cpu"), resume=True)
+    assert any("resuming in bf16 on cpu; the epochs before were trained in fp32" in
+               record.getMessage() for record in caplog.records)
