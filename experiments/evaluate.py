@@ -16,6 +16,7 @@ from experiments._cli import (
     positive_int,
     quiet_libraries,
     run_cli,
+    seed,
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.hub import HubUnavailable
@@ -36,7 +37,7 @@ def build_parser() -> ArgumentParser:
                              + from_run % DEFAULT_DATASET)
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
                         help="validation: the diseases the run held out; all: every disease")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed, default=None,
                         help="split seed" + from_run % TrainConfig.seed)
     parser.add_argument("--validation-fraction", type=fraction, default=None,
                         help="share of diseases held out"

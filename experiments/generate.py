@@ -15,6 +15,7 @@ from experiments._cli import (
     probability,
     quiet_libraries,
     run_cli,
+    seed,
 )
 from medlm.generate import GenerationSettings
 
@@ -39,7 +40,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--repetition-penalty", type=positive_float,
                         default=defaults.repetition_penalty,
                         help="above 1 discourages repeating tokens")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
+    parser.add_argument("--seed", type=seed, default=defaults.seed,
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments._cli import ArgumentParser, quiet_libraries, run_cli
+from experiments._cli import ArgumentParser, quiet_libraries, run_cli, seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="where to save_pretrained the model and tokenizer")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="distilgpt2",
                         help="architecture (default: distilgpt2: 6 layers, 768 wide, 12 heads)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="initialisation seed (default: 0)")
     args = parser.parse_args(argv)
     quiet_libraries()
     path = save_random_gpt2(args.directory, args.preset, args.seed)

@@ -24,6 +24,7 @@ from experiments._cli import (
     positive_int,
     quiet_libraries,
     run_cli,
+    seed,
 )
 from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
 from medlm.errors import MedLMError
@@ -48,7 +49,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--validation-fraction", type=positive_float,
                       default=defaults.validation_fraction,
                       help="share of distinct diseases held out for validation")
-    data.add_argument("--seed", type=int, default=defaults.seed,
+    data.add_argument("--seed", type=seed, default=defaults.seed,
                       help="seeds the split, shuffling, dropout and samples")
     model = parser.add_argument_group("model and hardware")
     model.add_argument("--model", default=defaults.model,
@@ -211,7 +212,8 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     from medlm import distributed
-    from medlm.data import load_disease_data, split_by_disease
+    from medlm.data import load_disease_data, prompt_for, split_by_disease
+    from medlm.generate import check_generation_length
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import check_base_name
 
@@ -221,6 +223,11 @@ def prepare(config: TrainConfig) -> Prepared:
     device = distributed.start(resolve_device(config.device))  # joins torchrun's group, if any
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
+    # every answer the run writes must fit the context: checked now, not after an epoch
+    prompts = [*config.sample_prompts, *split.validation["Name"], *split.train["Name"]]
+    longest = max(len(tokenizer(prompt_for(name), add_special_tokens=False)["input_ids"])
+                  for name in prompts)
+    check_generation_length(model, longest, config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model)
 
 

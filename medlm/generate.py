@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from medlm.data import prompt_for
+from medlm.errors import MedLMError
 
 
 @dataclass
@@ -37,6 +38,18 @@ class GenerationSettings:
         )
 
 
+def check_generation_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt and its answer must fit the model's context (GPT-2's position embeddings end
+    there: beyond, generation fails with an IndexError deep inside the model)."""
+    from medlm.modeling import context_size
+
+    context = context_size(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise MedLMError(f"--max-new-tokens {max_new_tokens} is too long for this model: a "
+                         f"prompt of {prompt_tokens} tokens plus the answer must fit its context "
+                         f"of {context} tokens: expected at most {context - prompt_tokens}")
+
+
 def forked_rng(device: torch.device):
     """Sampling's random numbers drawn from a fork of the CPU generator and ``device``'s own
     (CUDA or MPS), so a seeded sample neither reseeds nor advances training's dropout stream."""
@@ -63,6 +76,7 @@ def generate(model, tokenizer, diseases: list[str],
                             padding=True, add_special_tokens=False).to(device)
     finally:
         tokenizer.padding_side = padding_side
+    check_generation_length(model, encoded["input_ids"].shape[1], settings.max_new_tokens)
     was_training = model.training
     model.eval()
     with forked_rng(device), torch.inference_mode():

@@ -66,6 +66,44 @@ def test_bad_flags(flag, value, expected, mlflow_home, tiny_model_dir, dataset_c
     assert err.count("\n") == 0 and expected in err and flag in err
 
 
+@pytest.mark.parametrize("module", ["run", "evaluate", "generate", "init_model"])
+@pytest.mark.parametrize("value, expected", [
+    ("-1", "'-1' is invalid: expected a whole number from 0 to 2**32 - 1"),  # numpy traceback
+    ("4294967296", "'4294967296' is invalid"),
+    ("seven", "'seven' is not a whole number"),
+])
+def test_bad_seeds_in_every_entry_point(module, value, expected, capsys):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["Asthma", "--seed", value] if module in ("generate", "init_model")
+                else ["--seed", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err and "--seed" in err
+
+
+def test_answers_longer_than_the_context_fail_before_training(mlflow_home, tiny_model_dir,
+                                                              dataset_csv, capsys):
+    """Before: a traceback (IndexError in GPT-2's position embeddings) after the first epoch."""
+    status, stderr = train(["--dataset", str(dataset_csv), "--model", str(tiny_model_dir),
+                            "--max-new-tokens", "100000"], capsys)
+    assert status == 2 and no_runs(mlflow_home)
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: --max-new-tokens 100000 is too long for this model: a prompt of ")
+    assert "context of 256 tokens" in stderr
+
+
+def test_generate_with_answers_longer_than_the_context_is_a_user_error(tiny_model_dir, capsys):
+    from experiments import generate
+
+    status = run_cli(generate.main, ["Asthma", "--model-uri", str(tiny_model_dir),
+                                     "--max-new-tokens", "300"])
+    assert status == 2
+    assert "expected at most 253" in capsys.readouterr().err
+
+
 def test_context_overflow_is_a_user_error(mlflow_home, tiny_model_dir, dataset_csv, capsys):
     status, stderr = train(["--dataset", str(dataset_csv), "--model", str(tiny_model_dir),
                             "--max-length", "100000"], capsys)
