@@ -377,6 +377,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     from medlm import distributed
     from medlm.modeling import load_tokenizer_and_model
     from medlm.tracking import MlflowTracker
+    from medlm.train import NonFiniteLossError
 
     first = configs[0]
     parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
@@ -393,8 +394,23 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                 prepared.model = load_tokenizer_and_model(config.model)[1]
             label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
             log.info("--- child %d/%d: %s", index + 1, len(configs), label)
-            children.append(train_and_register(replace(config, run_name=label), prepared,
-                                               nested=True))
+            try:
+                children.append({**train_and_register(replace(config, run_name=label),
+                                                      prepared, nested=True),
+                                 "status": "FINISHED"})
+            except NonFiniteLossError as error:  # common in an lr sweep: the others go on
+                failed = mlflow.last_active_run()
+                log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
+                            error)
+                children.append({"run_id": failed.info.run_id if failed else "",
+                                 **{name: getattr(config, name) for name in SWEEPABLE},
+                                 "best_epoch": float("nan"), "validation_loss": float("nan"),
+                                 "symptom_f1": float("nan"), "word_f1": float("nan"),
+                                 "version": None, "status": "FAILED: loss diverged"})
+        if not any(child["status"] == "FINISHED" for child in children):
+            raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
+                                     "expected at least one finite training loss; try a "
+                                     "lower --lr or fp32")
         if not main_process:
             return
         order = ["validation_loss", "symptom_f1"]

@@ -252,6 +252,25 @@ def test_default_hub_ids_train_from_the_hub_cache_when_the_hub_does_not_answer(
     assert silent_hub.connections == 1
 
 
+def test_a_diverging_child_fails_alone_and_the_sweep_goes_on(tmp_path, tiny_model_dir,
+                                                             dataset_csv):
+    """Before: the first diverging child raised a user error, failed the parent, skipped the
+    other children and exited 2."""
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "40", "--epochs", "1",
+                        "--lr", "1e9", "3e-3", "--num-validation-samples", "0",
+                        "--no-symptom-eval", cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    assert "child 1/2 (lr=1e+09 batch_size=8 epochs=1 weight_decay=0) FAILED" in result.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    status = {run.data.params.get("lr", "parent"): run.info.status for run in runs}
+    assert status == {"1000000000.0": "FAILED", "0.003": "FINISHED", "parent": "FINISHED"}
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[-1] for row in rows] == ["FINISHED", "diverged"]
+
+
 def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tiny_model_dir,
                                                                    dataset_csv):
     result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
