@@ -57,6 +57,10 @@ def build_parser() -> ArgumentParser:
                             "experiments.download), a save_pretrained directory or a .gguf file")
     model.add_argument("--device", choices=DEVICES, default=defaults.device,
                        help="auto: cuda, then mps, then cpu")
+    model.add_argument("--collective-timeout", dest="collective_timeout_min",
+                       type=positive_float, default=defaults.collective_timeout_min,
+                       help="torchrun: minutes a process waits for the others at a collective "
+                            "before the job fails (raise it if scoring after an epoch is slower)")
     model.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                        help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
                             "on older GPUs), else fp32")
@@ -220,7 +224,8 @@ def prepare(config: TrainConfig) -> Prepared:
     check_base_name(config.model)  # a mistyped offline base fails before the data loads
     data = load_disease_data(config.dataset, config.max_samples)
     split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
-    device = distributed.start(resolve_device(config.device))  # joins torchrun's group, if any
+    # joins torchrun's group, if any
+    device = distributed.start(resolve_device(config.device), config.collective_timeout_min)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
     # every answer the run writes must fit the context: checked now, not after an epoch

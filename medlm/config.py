@@ -42,6 +42,9 @@ class TrainConfig:
 
     device: str = "auto"
     precision: str = "auto"
+    # torchrun: how long a process waits at a collective before the job fails (rank 0 scores
+    # and samples alone after each epoch while the others wait)
+    collective_timeout_min: float = 15.0
 
     sample_prompts: list[str] = field(default_factory=lambda: ["Kidney Failure"])
     num_validation_samples: int = 2  # the first N validation diseases are sampled too
@@ -69,6 +72,8 @@ class TrainConfig:
         _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
         _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
+        _require("collective_timeout_min", self.collective_timeout_min,
+                 lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")
         _require(
             "validation_fraction", self.validation_fraction, lambda v: 0 < v < 1,
             "a number between 0 and 1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -538,7 +539,10 @@ def make_loader(dataset: LanguageDataset, batch_size: int, pad_token_id: int, *,
                                        num_shards=num_shards)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                           pin_memory=pin_memory)
+    # each process's validation batch is its share of the global batch, as in training (whole
+    # global batches per process would need num_shards times the memory at epoch end)
+    per_process = max(1, math.ceil(batch_size / num_shards))
     by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
-    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    batches = [by_length[i:i + per_process] for i in range(0, len(by_length), per_process)]
     return DataLoader(dataset, batch_sampler=batches[shard::num_shards], collate_fn=collate,
                       pin_memory=pin_memory)

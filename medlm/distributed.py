@@ -18,10 +18,6 @@ import torch.distributed as dist
 
 from medlm.errors import MedLMError
 
-# Rank 0 generates samples and scores symptoms after each epoch while the others wait at the
-# next collective; with a big validation set that can take minutes.
-TIMEOUT = datetime.timedelta(minutes=60)
-
 
 def _environment_int(name: str, default: int) -> int:
     text = os.environ.get(name)
@@ -55,9 +51,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def start(device: torch.device) -> torch.device:
+def start(device: torch.device, timeout_min: float = 15.0) -> torch.device:
     """Join the process group ``torchrun`` set up (gloo on CPU, nccl on CUDA) and return this
-    process's device (``cuda:LOCAL_RANK`` on GPUs). A single process gets ``device`` back."""
+    process's device (``cuda:LOCAL_RANK`` on GPUs). A single process gets ``device`` back.
+    ``timeout_min``: how long a collective waits for the slowest process before the job fails
+    (rank 0 scores and samples alone after each epoch while the others wait)."""
     if environment_world_size() <= 1:
         return device
     if not dist.is_available():
@@ -74,7 +72,8 @@ def start(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if device.type == "cuda" else None)
     return device
 

@@ -40,3 +40,35 @@ def test_params_are_flat_strings_or_numbers():
     params = TrainConfig(sample_prompts=["Asthma", "Kidney Failure"]).to_params()
     assert params["sample_prompts"] == "Asthma; Kidney Failure"
     assert params["lr"] == 5e-4
+
+
+def test_collective_timeout_reaches_the_process_group(monkeypatch):
+    """--collective-timeout (minutes) is the timeout torchrun's processes wait at a collective;
+    before, a hang was seen only after a fixed hour."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from experiments.run import build_parser
+    from medlm import distributed
+
+    args = build_parser().parse_args(["--collective-timeout", "2.5"])
+    assert args.collective_timeout_min == 2.5
+    assert TrainConfig().collective_timeout_min == 15.0
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kwargs: calls.append((backend, kwargs["timeout"])))
+    distributed.start(torch.device("cpu"), args.collective_timeout_min)
+    assert calls == [("gloo", datetime.timedelta(minutes=2.5))]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_collective_timeout_must_be_positive_minutes(value, capsys):
+    from experiments.run import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--collective-timeout", value])
+    assert "--collective-timeout" in capsys.readouterr().err

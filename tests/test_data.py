@@ -325,3 +325,23 @@ def test_completion_loss_masks_the_name_prompt(gpt2_tokenizer):
     symptoms = completion["labels"][0][completion["labels"][0] != IGNORE_INDEX]
     assert gpt2_tokenizer.decode(symptoms) == " Fatigue<|endoftext|>"
     assert torch.equal(full["input_ids"], completion["input_ids"])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_each_process_validates_its_share_of_the_global_batch(gpt2_tokenizer, dataset_csv,
+                                                              num_shards):
+    """Under torchrun each process's validation batch is batch_size / processes rows, as in
+    training (before: whole global batches on every process), and together they cover every
+    validation row once."""
+    from medlm.data import LanguageDataset, make_loader
+
+    frame = load_disease_data(str(dataset_csv), 50).frame
+    dataset = LanguageDataset(frame, gpt2_tokenizer)
+    seen = []
+    for shard in range(num_shards):
+        loader = make_loader(dataset, 8, gpt2_tokenizer.pad_token_id, train=False,
+                             shard=shard, num_shards=num_shards)
+        for batch in loader:
+            assert len(batch["input_ids"]) <= -(-8 // num_shards)
+        seen += [index for batch in loader.batch_sampler for index in batch]
+    assert sorted(seen) == list(range(len(dataset)))
