@@ -241,7 +241,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint."""
     from medlm import distributed
-    from medlm.checkpoint import saved_epochs
+    from medlm.checkpoint import has_checkpoint, saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
     from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
@@ -343,7 +343,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                          resume=bool(resume_run_id),
                          scorer=report.score if config.symptom_eval else None)
         except KeyboardInterrupt:
-            if (checkpoint / "state.pt").is_file():
+            if has_checkpoint(checkpoint):
                 launcher = ("python" if world_size == 1 else
                             f"torchrun <the same options: {world_size} processes in all>")
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
@@ -440,11 +440,12 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     """The interrupted run's own settings, as saved beside its checkpoint; checked before the
     MLflow run is reopened, so a wrong process count does not mark it FAILED."""
     from medlm import distributed
-    from medlm.checkpoint import check_world_size
+    from medlm.checkpoint import check_world_size, has_checkpoint
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
-    if not (saved.is_file() and (saved.parent / "state.pt").is_file()):
-        runs = sorted(path.parent.name for path in Path(checkpoint_dir).glob("*/state.pt"))
+    if not (saved.is_file() and has_checkpoint(saved.parent)):
+        runs = sorted(path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
+                      if has_checkpoint(path.parent))
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")

@@ -1,16 +1,20 @@
-"""Resumable training state, written after every epoch.
+"""Resumable training state, written after every epoch, consistent as a whole.
 
-A checkpoint directory holds ``model.safetensors`` (the weights after the epoch),
-``best.safetensors`` (the best epoch's weights so far) and ``state.pt`` (optimizer, scheduler,
-GradScaler, every process's RNG states, epoch results, early-stopping counter), loaded back with
-``torch.load(weights_only=True)``. Files are written beside their final name and renamed, so a
-kill mid-write leaves the previous epoch's checkpoint intact.
+A run's checkpoint directory holds one complete epoch, ``epoch-N/``: ``model.safetensors`` (the
+weights after the epoch), ``best.safetensors`` (the best epoch's weights so far) and ``state.pt``
+(optimizer, scheduler, GradScaler, every process's RNG states, epoch results, early-stopping
+counter, effective precision), loaded back with ``torch.load(weights_only=True)``. An epoch is
+written into a hidden ``.epoch-N.partial/`` directory, renamed to ``epoch-N/`` in one step, and
+only then named by the ``latest`` file (itself replaced atomically); the previous epoch's
+directory is removed last. A kill at any moment leaves ``latest`` naming a complete epoch:
+never the weights of one epoch with the optimizer state of another.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,17 +63,43 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
         "loader": loader_state,
         "precision": precision,
     }
-    _atomic(directory / "model.safetensors", lambda path: save_model(model, path))
+    name = f"epoch-{len(epochs)}"
+    partial = directory / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
+    partial.mkdir()
+    save_model(model, str(partial / "model.safetensors"))
     if best_state is not None:
-        _atomic(directory / "best.safetensors",
-                lambda path: save_file({k: v.contiguous() for k, v in best_state.items()}, path))
-    _atomic(directory / "state.pt", lambda path: torch.save(state, path))
+        save_file({k: v.contiguous() for k, v in best_state.items()},
+                  str(partial / "best.safetensors"))
+    torch.save(state, partial / "state.pt")
+    shutil.rmtree(directory / name, ignore_errors=True)
+    os.replace(partial, directory / name)  # the epoch appears whole, in one step
+    pointer = directory / "latest.partial"
+    pointer.write_text(name)
+    os.replace(pointer, directory / LATEST)  # and only now becomes the one to resume from
+    for old in directory.glob("epoch-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    for legacy in ("model.safetensors", "best.safetensors", "state.pt"):
+        (directory / legacy).unlink(missing_ok=True)  # an older MedLM's flat layout
 
 
-def _atomic(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(str(partial))
-    os.replace(partial, path)
+LATEST = "latest"
+
+
+def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
+    """The complete epoch a run resumes from (a flat checkpoint of an older MedLM is its own
+    directory), or None when there is none."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if pointer.is_file():
+        current = directory / pointer.read_text().strip()
+        return current if (current / "state.pt").is_file() else None
+    return directory if (directory / "state.pt").is_file() else None
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    return current_epoch_directory(directory) is not None
 
 
 def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
@@ -77,10 +107,11 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     """Load the weights into ``model``, restore process ``rank``'s RNGs and return the rest of
     the state. A run continues with as many processes as it was trained with (the batches each
     process draws depend on it)."""
-    directory = Path(directory)
-    if not (directory / "state.pt").is_file():
+    current = current_epoch_directory(directory)
+    if current is None:
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
+    directory = current
     # map_location: a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun
     # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
     state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
@@ -94,8 +125,8 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = _upgrade(torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True,
-                                map_location="cpu"))
+    state = _upgrade(torch.load(current_epoch_directory(directory) / "state.pt",
+                                weights_only=True, mmap=True, map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
 
 
@@ -121,4 +152,5 @@ def _tuples(value):
 
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
-    return torch.load(Path(directory) / "state.pt", weights_only=True, mmap=True)["epochs"]
+    return torch.load(current_epoch_directory(directory) / "state.pt", weights_only=True,
+                      mmap=True, map_location="cpu")["epochs"]

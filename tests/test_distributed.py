@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from medlm.checkpoint import current_epoch_directory, has_checkpoint
 from medlm.errors import MedLMError
 from tests.conftest import REPO_ROOT, run_python
 
@@ -53,7 +54,7 @@ def test_torchrun_makes_one_run_with_every_metric_and_registers_once(ddp_run):
     assert result.stderr.count("epoch 1: training loss") == 1
     assert result.stderr.count("registered medlm version 1") == 1
     assert "2 processes" in result.stderr
-    assert not list((workdir / "checkpoints").glob("*/state.pt"))
+    assert not list((workdir / "checkpoints").glob("*/latest"))
 
 
 def test_samples_are_generated_once_per_epoch(ddp_run):
@@ -113,7 +114,7 @@ def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
     checkpoint = tmp_path / "checkpoint"
     args = ("tests/ddp_worker.py", str(tiny_model_dir), str(dataset_csv), str(tmp_path))
     stopped = torchrun(*args, "stop", str(checkpoint), cwd=REPO_ROOT)
-    assert stopped.returncode != 0 and (checkpoint / "state.pt").is_file()
+    assert stopped.returncode != 0 and has_checkpoint(checkpoint)
     resumed = torchrun(*args, "resume", str(checkpoint), cwd=REPO_ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -162,9 +163,15 @@ def test_a_checkpoint_from_before_torchrun_support_still_resumes(tiny_model, tmp
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path)
+    # the old layout: flat files, one process's RNGs as top-level keys
+    current = current_epoch_directory(tmp_path)
+    for file in current.iterdir():
+        file.rename(tmp_path / file.name)
+    current.rmdir()
+    (tmp_path / "latest").unlink()
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     (saved,) = state.pop("rng")
-    state.update({f"{name}_rng": value for name, value in saved.items()})  # the old layout
+    state.update({f"{name}_rng": value for name, value in saved.items()})
     torch.save(state, tmp_path / "state.pt")
     torch.set_rng_state(saved["torch"])
     expected = torch.rand(3)  # the draw that follows the saved state

@@ -11,6 +11,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+from medlm.checkpoint import has_checkpoint
 from tests.conftest import REPO_ROOT, run_module
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
             break
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    assert run_id and (killed / "checkpoints" / run_id / "state.pt").is_file()
+    assert run_id and has_checkpoint(killed / "checkpoints" / run_id)
 
     resumed = run_module("experiments.run", "--resume", run_id, cwd=killed, env_extra=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from medlm.checkpoint import current_epoch_directory
 from medlm.config import TrainConfig
 from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
 from medlm.modeling import Precision, resolve_precision
@@ -341,7 +342,7 @@ def claim_written_on_cuda(state_file):
 def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path):
     config = TrainConfig(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
-    claim_written_on_cuda(tmp_path / "state.pt")
+    claim_written_on_cuda(current_epoch_directory(tmp_path) / "state.pt")
     resumed = attempt(resume=True)
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
@@ -351,9 +352,10 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, sma
     config = TrainConfig(epochs=4, lr=3e-3, progress=False, patience=1)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     # as if epoch 1 had been the patience-th epoch without improvement: the run had stopped
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state_file = current_epoch_directory(tmp_path) / "state.pt"
+    state = torch.load(state_file, weights_only=True)
     state["epochs_without_improvement"] = 1
-    torch.save(state, tmp_path / "state.pt")
+    torch.save(state, state_file)
     resumed = attempt(resume=True)
     assert resumed.stopped_early and [result.epoch for result in resumed.epochs] == [1]
 
@@ -365,3 +367,47 @@ def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_
         attempt(precision=Precision("bf16", "cpu"), resume=True)
     assert any("resuming in bf16 on cpu; the epochs before were trained in fp32" in
                record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("interrupt_at", ["weights", "state", "epoch rename", "pointer"])
+def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
+        tiny_model_dir, small_frame, tmp_path, monkeypatch, interrupt_at):
+    """Ctrl-C while epoch 2's checkpoint is being written: what resumes is epoch 1 whole (its
+    weights with its optimizer state and results), never epoch 2's weights with epoch 1's
+    state, which used to be possible between one file's rename and the next."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from medlm import checkpoint
+    from medlm.checkpoint import saved_epochs
+
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    epoch_1 = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    replace, calls = os.replace, []
+
+    def replace_then_kill(source, target):
+        calls.append(target)
+        if len(calls) == {"epoch rename": 1, "pointer": 2}[interrupt_at]:
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    if interrupt_at == "weights":
+        monkeypatch.setattr(checkpoint, "save_model", kill)
+    elif interrupt_at == "state":
+        monkeypatch.setattr(checkpoint.torch, "save", kill)
+    else:
+        monkeypatch.setattr(checkpoint.os, "replace", replace_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        attempt(resume=True)
+    monkeypatch.undo()
+    assert [epoch["epoch"] for epoch in saved_epochs(tmp_path)] == [1]
+    weights = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
+    assert all(torch.equal(weights[name], epoch_1[name]) for name in epoch_1)
+    resumed = attempt(resume=True)
+    assert [result.epoch for result in resumed.epochs] == [1, 2]
