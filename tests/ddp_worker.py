@@ -1,9 +1,11 @@
 """Trains the tiny model with ``fit`` and writes what this process saw, for
 test_distributed.py: ``torchrun --nproc_per_node N tests/ddp_worker.py MODEL CSV OUT`` (or plain
 ``python`` for the single-process reference). ``... OUT stop CHECKPOINT`` stops (as Ctrl-C would)
-after epoch 1 is checkpointed; ``... OUT resume CHECKPOINT`` continues from there."""
+after epoch 1 is checkpointed; ``... OUT resume CHECKPOINT`` continues from there.
+``MEDLM_TEST_GRAD_ACCUM=k`` accumulates k batches per optimizer step."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +36,8 @@ class StopAfterFirstEpoch:
 
 def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str = "") -> None:
     device = distributed.start(torch.device("cpu"))
-    config = TrainConfig(epochs=2, lr=3e-3, batch_size=8, progress=False)
+    config = TrainConfig(epochs=2, lr=3e-3, batch_size=8, progress=False,
+                         grad_accum=int(os.environ.get("MEDLM_TEST_GRAD_ACCUM", "1")))
     tokenizer, model = load_tokenizer_and_model(model_dir)
     for module in model.modules():  # dropout masks differ between processes by design
         if isinstance(module, torch.nn.Dropout):

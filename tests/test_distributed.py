@@ -109,6 +109,28 @@ def test_two_processes_train_the_same_model_as_one(worker_outputs):
     assert ranks[0]["losses"][-1][0] < ranks[0]["losses"][0][0]
 
 
+def test_gradient_accumulation_under_torchrun_matches_one_process(tmp_path, tiny_model_dir,
+                                                                  dataset_csv):
+    """--grad-accum 2 with two processes: the first batch of each window goes through DDP's
+    no_sync (gradients kept local), the second all-reduces; the result is one process's."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"accum{nproc}"
+        out.mkdir()
+        args = ("tests/ddp_worker.py", str(tiny_model_dir), str(dataset_csv), str(out))
+        env = {"MEDLM_TEST_GRAD_ACCUM": "2"}
+        result = (run_python(*args, cwd=REPO_ROOT, env_extra=env) if nproc == 1
+                  else torchrun(*args, cwd=REPO_ROOT, nproc=nproc, env_extra=env))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = [json.loads((out / f"rank{rank}.json").read_text())
+                       for rank in range(nproc)]
+    (alone,), ranks = runs[1], runs[2]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for together, single in zip(ranks[0]["losses"], alone["losses"], strict=True):
+        assert together == pytest.approx(single, rel=1e-5)
+    assert ranks[0]["weights"] == pytest.approx(alone["weights"], rel=1e-5)
+
+
 def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
         worker_outputs, tiny_model_dir, dataset_csv, tmp_path):
     checkpoint = tmp_path / "checkpoint"
