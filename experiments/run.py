@@ -155,6 +155,14 @@ class EpochReport:
                                                  self.settings.max_new_tokens)
         return overall.as_metrics()
 
+    def on_epoch_replay(self, model, result) -> None:
+        """After a kill that cut an epoch's logging short: score the checkpointed weights again
+        (greedy: the same answers) for the per-disease table, then log as usual; the tracker
+        skips what was already logged."""
+        if result.scores:
+            self.score(model)
+        self.on_epoch_end(model, result)
+
     def score_untuned(self, model) -> None:
         """Epoch 0: the base model before any training, logged at step 0."""
         scores = self.score(model)
@@ -241,7 +249,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint."""
     from medlm import distributed
-    from medlm.checkpoint import has_checkpoint, saved_epochs
+    from medlm.checkpoint import has_checkpoint, logged_epoch, saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
     from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
@@ -323,9 +331,13 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines)
         try:
             if resume_run_id and main_process:
-                tracker.epochs = [EpochResult(**values) for values in saved_epochs(checkpoint)]
+                saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
+                tracker.epochs = [EpochResult(**values) for values in saved
+                                  if values["epoch"] <= logged]
                 report.untuned = logged_metrics(run_id, "untuned_")
-                log.info("resuming after epoch %d from %s", len(tracker.epochs), checkpoint)
+                log.info("resuming after epoch %d from %s%s", len(saved), checkpoint,
+                         f" (epoch {len(saved)} was not fully logged: logging it now)"
+                         if logged < len(saved) else "")
             elif main_process:
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))

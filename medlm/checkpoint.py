@@ -8,6 +8,10 @@ written into a hidden ``.epoch-N.partial/`` directory, renamed to ``epoch-N/`` i
 only then named by the ``latest`` file (itself replaced atomically); the previous epoch's
 directory is removed last. A kill at any moment leaves ``latest`` naming a complete epoch:
 never the weights of one epoch with the optimizer state of another.
+
+The checkpoint is written before the epoch's callbacks (metrics, symptom scores, samples) run,
+and ``logged_epoch`` is written after them: a run killed in between produces them again when it
+resumes (see ``fit``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,29 @@ def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
     return current_epoch_directory(directory) is not None
+
+
+LOGGED = "logged_epoch"  # the last epoch whose metrics, scores and samples are all logged
+
+
+def mark_logged(directory: str | os.PathLike, epoch: int) -> None:
+    """Everything epoch ``epoch`` produced is logged: a resume need not produce it again."""
+    directory = Path(directory)
+    partial = directory / f"{LOGGED}.partial"
+    partial.write_text(str(epoch))
+    os.replace(partial, directory / LOGGED)
+
+
+def logged_epoch(directory: str | os.PathLike) -> int:
+    """The last fully logged epoch: 0 when none is; a flat checkpoint of an older MedLM counts
+    as fully logged."""
+    directory = Path(directory)
+    if (directory / LOGGED).is_file():
+        return int((directory / LOGGED).read_text())
+    current = current_epoch_directory(directory)
+    if current is None or current != directory:
+        return 0
+    return len(saved_epochs(directory))
 
 
 def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,

@@ -106,9 +106,41 @@ class MlflowTracker:
     def on_epoch_end(self, model, result: EpochResult) -> None:
         self.epochs.append(result)
         values = asdict(result)
-        mlflow.log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
+        self._log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
         mlflow.log_text(self.results_frame().to_csv(index=False), "results.csv")
         mlflow.log_figure(self.loss_figure(), "loss_curve.png")
+
+    def on_epoch_replay(self, model, result: EpochResult) -> None:
+        """The epoch's logging again, after a kill that cut it short: what is already in the
+        run (metrics at this step, table rows of this epoch) is not logged twice."""
+        client = MlflowClient()
+        names = client.get_run(self.run_id).data.metrics
+        self._replay = (result.epoch, {
+            name for name in names
+            if any(metric.step == result.epoch
+                   for metric in client.get_metric_history(self.run_id, name))})
+        self.on_epoch_end(model, result)
+
+    _replay: tuple[int, set[str]] | None = None  # (epoch, metrics already logged at it)
+
+    def _log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self._replay and self._replay[0] == step:
+            values = {name: value for name, value in values.items()
+                      if name not in self._replay[1]}
+        if values:
+            mlflow.log_metrics(values, step=step)
+
+    def _log_table(self, frame: pd.DataFrame, artifact_file: str) -> None:
+        """Append rows to a table artifact; while replaying an epoch, only if that epoch's rows
+        are not there yet."""
+        if self._replay and "epoch" in frame and (frame["epoch"] == self._replay[0]).any():
+            try:
+                logged = mlflow.load_table(artifact_file, run_ids=[self.run_id])
+            except Exception:  # noqa: BLE001 - no such table yet
+                logged = pd.DataFrame()
+            if "epoch" in logged and (logged["epoch"] == self._replay[0]).any():
+                return
+        mlflow.log_table(frame, artifact_file=artifact_file)
 
     def results_frame(self) -> pd.DataFrame:
         rows = [{**self.results_row, **asdict(result)} for result in self.epochs]
@@ -139,14 +171,14 @@ class MlflowTracker:
     def log_samples(self, rows: list[dict[str, Any]]) -> None:
         """Append rows (epoch, prompt, generated, reference) to the run's ``samples.json``."""
         if rows:
-            mlflow.log_table(pd.DataFrame(rows), artifact_file="samples.json")
+            self._log_table(pd.DataFrame(rows), "samples.json")
 
     def log_symptom_scores(self, epoch: int, table: pd.DataFrame,
                            scores: dict[str, float]) -> None:
         """An epoch's micro-averaged scores as metrics (epoch 0: the untuned base), per-disease
         rows as a table."""
-        mlflow.log_metrics(scores, step=epoch)
-        mlflow.log_table(table.assign(epoch=epoch), artifact_file="symptom_scores.json")
+        self._log_metrics(scores, step=epoch)
+        self._log_table(table.assign(epoch=epoch), "symptom_scores.json")
 
     def log_baselines(self, baselines: dict[str, tuple]) -> None:
         """Answers that need no model, scored on the validation diseases: metrics

@@ -227,7 +227,13 @@ def fit(
     DistributedDataParallel, losses and throughput are summed over all processes, and only rank
     0 shows progress, writes the checkpoint and calls the callbacks.
     """
-    from medlm.checkpoint import load_checkpoint, rng_state, save_checkpoint
+    from medlm.checkpoint import (
+        load_checkpoint,
+        logged_epoch,
+        mark_logged,
+        rng_state,
+        save_checkpoint,
+    )
 
     if config.select_by != "validation_loss" and scorer is None:
         raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
@@ -263,6 +269,15 @@ def fit(
                         state["precision"])
         if config.patience and epochs_without_improvement >= config.patience:
             result.stopped_early = True  # it had stopped early before it was interrupted
+        if main_process and result.epochs and (
+                logged_epoch(checkpoint_dir) < result.epochs[-1].epoch):
+            # killed after the checkpoint, before the epoch's callbacks finished: produce what
+            # they log now, from the checkpointed weights (callbacks may skip what is there)
+            model.to(device)
+            for callback in callbacks:
+                getattr(callback, "on_epoch_replay", callback.on_epoch_end)(
+                    model, result.epochs[-1])
+            mark_logged(checkpoint_dir, result.epochs[-1].epoch)
     trained = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -340,6 +355,8 @@ def fit(
                                 precision=precision.name)
         for callback in callbacks if main_process else ():
             callback.on_epoch_end(model, epoch_result)
+        if checkpoint_dir and main_process:
+            mark_logged(checkpoint_dir, epoch)
         if config.patience and epochs_without_improvement >= config.patience:
             result.stopped_early = True
             break

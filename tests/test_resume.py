@@ -68,7 +68,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     assert [step for step, _ in losses(client, run_id)["training_loss"]] == [1, 2, 3, 4]
     assert [step for step, _ in losses(client, run_id)["symptom_f1"]] == [0, 1, 2, 3, 4]
     resumed_epochs = [line for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
-    assert len(resumed_epochs) == 2 and all("| untuned " in line for line in resumed_epochs)
+    # epochs 3 and 4, after epoch 2 again if the kill cut its logging (samples) short
+    assert [line.split(":")[0] for line in resumed_epochs][-2:] == ["epoch 3", "epoch 4"]
+    assert len(resumed_epochs) in (2, 3) and all("| untuned " in line for line in resumed_epochs)
     assert not (killed / "checkpoints" / run_id).exists()
     assert client.get_model_version_by_alias("medlm", "champion").run_id == run_id
 
@@ -106,3 +108,47 @@ def test_resume_of_an_unknown_run_is_a_user_error(tmp_path):
     assert result.returncode == 2
     assert "error: --resume 'abc123': no checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_epoch_killed_while_it_was_being_logged_is_logged_on_resume(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, capsys):
+    """Ctrl-C after epoch 1 was checkpointed but before its samples were logged (during the
+    symptom scoring and sampling, the longest part of a CPU epoch): the resume logs what was
+    missing, from the checkpointed weights, and nothing twice. Before, epoch 1's samples (and,
+    killed a moment earlier, its scores) were lost for good."""
+    import mlflow
+    import pandas as pd
+
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    log_samples = MlflowTracker.log_samples
+
+    def killed(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowTracker, "log_samples", killed)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "2", "--max-new-tokens", "8", "--no-progress"]
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(MlflowTracker, "log_samples", log_samples)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run_cli(run_entry_point.main, ["--resume", run.info.run_id]) == 0
+    capsys.readouterr()
+
+    def steps(name):
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+
+    assert steps("training_loss") == [1, 2] and steps("symptom_f1") == [0, 1, 2]
+    samples = mlflow.load_table("samples.json", run_ids=[run.info.run_id])
+    assert samples.groupby("epoch")["prompt"].apply(list).to_dict()[1] == (
+        samples.groupby("epoch")["prompt"].apply(list).to_dict()[2])  # epoch 1 once, as 2
+    scores = mlflow.load_table("symptom_scores.json", run_ids=[run.info.run_id])
+    per_epoch = scores.groupby("epoch").size()
+    assert per_epoch[1] == per_epoch[2] == per_epoch[0]  # no epoch's rows twice
+    results = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="results.csv"))
+    assert results["epoch"].tolist() == [1, 2]
