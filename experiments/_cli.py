@@ -62,7 +62,7 @@ def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool =
 
 
 positive_int = _number(int, 1, "a whole number >= 1")
-seed = _number(int, 0, "a whole number from 0 to 2**32 - 1 (numpy's seed range)",
+seed = _number(int, 0, "a whole number from 0 to 2**32 - 1",
                maximum=2**32 - 1)
 non_negative_int = _number(int, 0, "a whole number >= 0")
 positive_float = _number(float, 0, "a number > 0", above_minimum=True)

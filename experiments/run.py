@@ -237,10 +237,12 @@ def prepare(config: TrainConfig) -> Prepared:
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
     # every answer the run writes must fit the context: checked now, not after an epoch
-    prompts = [*config.sample_prompts, *split.validation["Name"], *split.train["Name"]]
-    longest = max(len(tokenizer(prompt_for(name), add_special_tokens=False)["input_ids"])
-                  for name in prompts)
-    check_generation_length(model, longest, config.max_new_tokens)
+    prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
+    if prompts and (config.symptom_eval or config.sample_prompts
+                    or config.num_validation_samples):
+        encoded = tokenizer([prompt_for(name) for name in prompts], add_special_tokens=False)
+        check_generation_length(model, max(map(len, encoded["input_ids"])),
+                                config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model)
 
 
@@ -260,7 +262,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         tokenizer_sha256,
     )
     from medlm.tracking import MlflowTracker, library_versions, logged_metrics
-    from medlm.train import EpochResult, fit
+    from medlm.train import EpochResult, NonFiniteLossError, fit
 
     data, split, device, precision = (prepared.data, prepared.split, prepared.device,
                                       prepared.precision)
@@ -364,6 +366,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             else:
                 log.warning("stopped before the first epoch ended: nothing to resume")
             raise
+        except NonFiniteLossError as error:
+            error.run_id = run_id  # a sweep records which child diverged
+            raise
         best = result.best
         summary = (f"validation loss {best.validation_loss:.4f}"
                    + (f", {report.compared(best.scores)}" if best.scores else ""))
@@ -416,10 +421,9 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                                                       prepared, nested=True),
                                  "status": "FINISHED"})
             except NonFiniteLossError as error:  # common in an lr sweep: the others go on
-                failed = mlflow.last_active_run()
                 log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
                             error)
-                children.append({"run_id": failed.info.run_id if failed else "",
+                children.append({"run_id": getattr(error, "run_id", ""),
                                  **{name: getattr(config, name) for name in SWEEPABLE},
                                  "best_epoch": float("nan"), "validation_loss": float("nan"),
                                  "symptom_f1": float("nan"), "word_f1": float("nan"),
@@ -435,7 +439,9 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
             order.reverse()
         table = pd.DataFrame(children).sort_values(
             order, ascending=[name == "validation_loss" for name in order])
-        table.insert(0, "rank", range(1, len(table) + 1))
+        table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
+                                 in enumerate(table["status"], start=1)])
+        table["best_epoch"] = table["best_epoch"].astype("Int64")
         best = table.iloc[0]
         mlflow.log_text(table.to_csv(index=False), "sweep.csv")
         mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
@@ -506,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.resume:
-            config = resume_config(args.resume, args.checkpoint_dir)
+            # the run's own settings, but how long processes wait is this machine's business
+            config = replace(resume_config(args.resume, args.checkpoint_dir),
+                             collective_timeout_min=args.collective_timeout_min)
             quiet_libraries()
             prepared = prepare(config)
             check_resume_data(Path(args.checkpoint_dir) / args.resume, prepared.data,

@@ -37,6 +37,7 @@ def rng_state() -> dict:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
     }
 
 
@@ -44,6 +45,8 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
     random.setstate(_tuples(state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
@@ -76,11 +79,17 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
         save_file({k: v.contiguous() for k, v in best_state.items()},
                   str(partial / "best.safetensors"))
     torch.save(state, partial / "state.pt")
+    for file in partial.iterdir():  # on disk before anything names them (power loss)
+        _fsync(file)
+    _fsync(partial)
     shutil.rmtree(directory / name, ignore_errors=True)
     os.replace(partial, directory / name)  # the epoch appears whole, in one step
+    _fsync(directory)
     pointer = directory / "latest.partial"
     pointer.write_text(name)
+    _fsync(pointer)
     os.replace(pointer, directory / LATEST)  # and only now becomes the one to resume from
+    _fsync(directory)
     for old in directory.glob("epoch-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -91,6 +100,20 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
 LATEST = "latest"
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk (directories: where the OS allows opening them)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory on Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
     """The complete epoch a run resumes from (a flat checkpoint of an older MedLM is its own
     directory), or None when there is none."""
@@ -98,8 +121,22 @@ def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
     pointer = directory / LATEST
     if pointer.is_file():
         current = directory / pointer.read_text().strip()
-        return current if (current / "state.pt").is_file() else None
+        if (current / "state.pt").is_file():
+            return current
+    complete = sorted((path for path in directory.glob("epoch-*")
+                       if (path / "state.pt").is_file() and path.name[6:].isdigit()),
+                      key=lambda path: int(path.name[6:]))
+    if complete:  # no pointer, or one naming a directory that is gone: the newest whole epoch
+        return complete[-1]
     return directory if (directory / "state.pt").is_file() else None
+
+
+def _required_epoch_directory(directory: str | os.PathLike) -> Path:
+    current = current_epoch_directory(directory)
+    if current is None:
+        raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
+                         "after a completed epoch")
+    return current
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -134,11 +171,7 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     """Load the weights into ``model``, restore process ``rank``'s RNGs and return the rest of
     the state. A run continues with as many processes as it was trained with (the batches each
     process draws depend on it)."""
-    current = current_epoch_directory(directory)
-    if current is None:
-        raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
-                         "after a completed epoch")
-    directory = current
+    directory = _required_epoch_directory(directory)
     # map_location: a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun
     # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
     state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
@@ -152,7 +185,7 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = _upgrade(torch.load(current_epoch_directory(directory) / "state.pt",
+    state = _upgrade(torch.load(_required_epoch_directory(directory) / "state.pt",
                                 weights_only=True, mmap=True, map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
 
@@ -179,5 +212,5 @@ def _tuples(value):
 
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
-    return torch.load(current_epoch_directory(directory) / "state.pt", weights_only=True,
+    return torch.load(_required_epoch_directory(directory) / "state.pt", weights_only=True,
                       mmap=True, map_location="cpu")["epochs"]

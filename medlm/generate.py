@@ -44,6 +44,9 @@ def check_generation_length(model, prompt_tokens: int, max_new_tokens: int) -> N
     from medlm.modeling import context_size
 
     context = context_size(model)
+    if context is not None and prompt_tokens >= context:
+        raise MedLMError(f"a prompt of {prompt_tokens} tokens does not fit this model's context "
+                         f"of {context} tokens: expected shorter prompts (disease names)")
     if context is not None and prompt_tokens + max_new_tokens > context:
         raise MedLMError(f"--max-new-tokens {max_new_tokens} is too long for this model: a "
                          f"prompt of {prompt_tokens} tokens plus the answer must fit its context "

@@ -256,7 +256,8 @@ def fit(
         model.to(device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
+            scaler.load_state_dict(state["scaler"])
         result.epochs = [EpochResult(**values) for values in state["epochs"]]
         best_state = state["best_state"]
         epochs_without_improvement = state["epochs_without_improvement"]

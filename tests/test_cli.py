@@ -267,8 +267,11 @@ def test_a_diverging_child_fails_alone_and_the_sweep_goes_on(tmp_path, tiny_mode
     runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
     status = {run.data.params.get("lr", "parent"): run.info.status for run in runs}
     assert status == {"1000000000.0": "FAILED", "0.003": "FINISHED", "parent": "FINISHED"}
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert [row[-1] for row in rows] == ["FINISHED", "diverged"]
+    failed_id = next(run.info.run_id for run in runs if run.info.status == "FAILED")
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.strip()[:1].isdigit() or line.strip().startswith("- ")]
+    assert [(row[0], row[-1]) for row in rows] == [("1", "FINISHED"), ("-", "diverged")]
+    assert rows[1][1] == failed_id  # the child's own run, not the parent's
 
 
 def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tiny_model_dir,

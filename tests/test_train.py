@@ -411,3 +411,28 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     assert all(torch.equal(weights[name], epoch_1[name]) for name in epoch_1)
     resumed = attempt(resume=True)
     assert [result.epoch for result in resumed.epochs] == [1, 2]
+
+
+def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, small_frame,
+                                                                tmp_path, monkeypatch):
+    """An fp32/bf16 run saves a disabled GradScaler's empty state; resumed where fp16 and its
+    scaler are chosen (a T4 or V100), loading that state must not fail."""
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    monkeypatch.setattr(Precision, "needs_grad_scaler", property(lambda self: True))
+    resumed = attempt(resume=True)  # GradScaler("cpu") enabled: as on a GPU with fp16
+    assert [result.epoch for result in resumed.epochs] == [1, 2]
+
+
+def test_a_pointer_to_a_missing_epoch_falls_back_to_the_newest_whole_one(tmp_path):
+    from medlm.checkpoint import check_world_size
+    from medlm.errors import MedLMError
+
+    with pytest.raises(MedLMError, match="no checkpoint in"):
+        check_world_size(tmp_path, 1)
+    (tmp_path / "epoch-1").mkdir()
+    (tmp_path / "epoch-1" / "state.pt").write_bytes(b"")
+    (tmp_path / "epoch-10").mkdir()
+    (tmp_path / "epoch-10" / "state.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("epoch-11")
+    assert current_epoch_directory(tmp_path) == tmp_path / "epoch-10"
