@@ -227,9 +227,9 @@ def prepare(config: TrainConfig) -> Prepared:
     from medlm.data import load_disease_data, prompt_for, split_by_disease
     from medlm.generate import check_generation_length
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
-    from medlm.offline import check_base_name
+    from medlm.offline import resolve_base_name
 
-    check_base_name(config.model)  # a mistyped offline base fails before the data loads
+    resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
     data = load_disease_data(config.dataset, config.max_samples)
     split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
     # joins torchrun's group, if any

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def _read_file(path: str) -> pd.DataFrame:
                          "expected a UTF-8 CSV, Parquet or JSON file (re-save it as UTF-8)"
                          ) from None
     except (ValueError, OSError, pd.errors.ParserError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MedLMError(f"dataset file {path!r} could not be parsed ({reason}): "
+        raise MedLMError(f"dataset file {path!r} could not be parsed ({first_line(error)}): "
                          "expected a CSV, Parquet or JSON file") from None
 
 
@@ -117,7 +116,7 @@ def _read_hub(dataset_id: str) -> pd.DataFrame:
         if offline:
             # datasets says ConnectionError when nothing is cached; anything else is a cached
             # copy that did not load, worth naming
-            detail = "" if isinstance(error, ConnectionError) else _first_line(error)
+            detail = "" if isinstance(error, ConnectionError) else first_line(error)
             raise HubUnavailable("dataset", dataset_id, offline, detail) from None
         raise MedLMError(
             f"dataset {dataset_id!r} is not a local file and could not be loaded from the "
@@ -128,11 +127,6 @@ def _read_hub(dataset_id: str) -> pd.DataFrame:
         log.info("dataset %s: from the local Hugging Face cache (the Hub is not reachable: %s)",
                  dataset_id, offline)
     return frame
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFrame, int]:

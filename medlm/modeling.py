@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from medlm._paths import looks_like_local_path
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub, model_in_cache
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,10 @@ def load_tokenizer_and_model(name_or_path: str):
     precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
     token becomes end-of-text. ``trust_remote_code`` is never turned on.
     """
-    from medlm.offline import OFFLINE_BASES, base_path, check_base_name, known_bases
+    from medlm.offline import known_bases, resolve_base_name
 
-    check_base_name(name_or_path)
-    if name_or_path in OFFLINE_BASES and not os.path.exists(name_or_path):
-        path = str(base_path(name_or_path))
-    else:
-        path = os.path.expanduser(name_or_path)
+    base = resolve_base_name(name_or_path)
+    path = str(base) if base else os.path.expanduser(name_or_path)
     is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
     if not (os.path.isdir(path) or is_gguf) and looks_like_local_path(name_or_path):
         raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, an "
@@ -55,7 +52,7 @@ def load_tokenizer_and_model(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError, ImportError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if offline:
             cached = model_in_cache(name_or_path)  # then the reason is worth naming
             raise HubUnavailable("model", name_or_path, offline, reason if cached else "") from None

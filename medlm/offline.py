@@ -122,16 +122,18 @@ def known_bases() -> str:
     return ", ".join(OFFLINE_BASES)
 
 
-def check_base_name(name: str) -> None:
-    """Refuse at once a name meant as an offline base that is unknown or not downloaded, before
-    anything slower runs."""
+def resolve_base_name(name: str) -> Path | None:
+    """The verified file when ``name`` is an offline base's name, None for any other name (a
+    local path of that name wins); a name meant as an offline base that is unknown or not
+    downloaded is a one-line error, before anything slower runs."""
     if os.path.exists(name):
-        return  # a local directory or file of that name is what the user means
+        return None  # a local directory or file of that name is what the user means
     if name in OFFLINE_BASES:
-        base_path(name)
-    elif looks_like_offline_base(name):
+        return base_path(name)
+    if looks_like_offline_base(name):
         raise MedLMError(f"unknown offline base {name!r}: expected one of {known_bases()}, a "
                          "Hub model id, a directory or a .gguf file")
+    return None
 
 
 def _base(name: str) -> OfflineBase:

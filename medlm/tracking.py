@@ -321,14 +321,14 @@ def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
     """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``,
     an offline base name, a local directory or GGUF file; check registry URIs up front so a miss
     lists what exists."""
-    from medlm.offline import OFFLINE_BASES, base_path, check_base_name, known_bases
+    from medlm.offline import known_bases, resolve_base_name
 
     local = os.path.expanduser(model_uri)
     if os.path.isdir(local) or (os.path.isfile(local) and local.lower().endswith(".gguf")):
         return local
-    check_base_name(model_uri)
-    if model_uri in OFFLINE_BASES:
-        return str(base_path(model_uri))
+    base = resolve_base_name(model_uri)
+    if base:
+        return str(base)
     if model_uri.isdigit():
         model_uri = f"models:/{registered_model}/{model_uri}"
     match = _MODELS_URI.match(model_uri)

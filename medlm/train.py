@@ -274,7 +274,6 @@ def fit(
                 logged_epoch(checkpoint_dir) < result.epochs[-1].epoch):
             # killed after the checkpoint, before the epoch's callbacks finished: produce what
             # they log now, from the checkpointed weights (callbacks may skip what is there)
-            model.to(device)
             for callback in callbacks:
                 getattr(callback, "on_epoch_replay", callback.on_epoch_end)(
                     model, result.epochs[-1])
