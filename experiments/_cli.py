@@ -68,6 +68,10 @@ non_negative_int = _number(int, 0, "a whole number >= 0")
 positive_float = _number(float, 0, "a number > 0", above_minimum=True)
 non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
+def whole_number_up_to(maximum: int) -> Callable[[str], int]:
+    return _number(int, 1, f"a whole number from 1 to {maximum}", maximum=maximum)
+
+
 fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,
                    maximum=math.nextafter(1.0, 0.0))
 
@@ -198,6 +202,6 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
         if _main_process():
-            print(f"interrupted ({interrupt or 'SIGINT'}); the MLflow run, if one had started, "
-                  "is marked KILLED", file=sys.stderr)
+            print(f"interrupted ({str(interrupt) or 'SIGINT'}); the MLflow run, if one had "
+                  "started, is marked KILLED", file=sys.stderr)
         return 130

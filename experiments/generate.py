@@ -16,8 +16,11 @@ from experiments._cli import (
     quiet_libraries,
     run_cli,
     seed,
+    whole_number_up_to,
 )
 from medlm.generate import GenerationSettings
+
+MAX_RETURN_SEQUENCES = 100  # more is a typo, not a request: each is a full answer on the screen
 
 
 def build_parser() -> ArgumentParser:
@@ -28,9 +31,9 @@ def build_parser() -> ArgumentParser:
                         help="disease name(s), e.g. \"Kidney Failure\"")
     parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                         help="tokens to write per completion")
-    parser.add_argument("--num-return-sequences", type=positive_int,
+    parser.add_argument("--num-return-sequences", type=whole_number_up_to(MAX_RETURN_SEQUENCES),
                         default=defaults.num_return_sequences,
-                        help="completions per disease")
+                        help=f"completions per disease (at most {MAX_RETURN_SEQUENCES})")
     parser.add_argument("--top-k", type=positive_int, default=defaults.top_k,
                         help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=probability, default=defaults.top_p,

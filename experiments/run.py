@@ -10,8 +10,10 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -125,7 +127,8 @@ def build_parser() -> ArgumentParser:
                                "same evaluation key)")
     parser.add_argument("--resume", metavar="RUN_ID", default=None,
                         help="continue an interrupted run from its last completed epoch, with "
-                             "its own settings (other flags are ignored)")
+                             "its own settings (other flags are ignored); a sweep's parent "
+                             "run id continues the whole sweep")
     parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
                         help="where each run keeps its resumable state (<dir>/<run id>/; "
                              "removed when the run finishes)")
@@ -247,9 +250,11 @@ def prepare(config: TrainConfig) -> Prepared:
 
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
-                       resume_run_id: str | None = None) -> dict:
+                       resume_run_id: str | None = None,
+                       started: Callable[[str], None] | None = None) -> dict:
     """One training run in MLflow, from prepared inputs to a registered model version; with
-    ``resume_run_id``, that run continues from its last checkpoint."""
+    ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
+    run id as soon as there is one (a sweep records which child is in progress)."""
     from medlm import distributed
     from medlm.checkpoint import has_checkpoint, logged_epoch, saved_epochs
     from medlm.data import LanguageDataset, make_loader
@@ -329,6 +334,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         run_id = distributed.broadcast_object(run_id)
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
+        if started:
+            started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines)
         try:
@@ -357,7 +364,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                          resume=bool(resume_run_id),
                          scorer=report.score if config.symptom_eval else None)
         except KeyboardInterrupt:
-            if has_checkpoint(checkpoint):
+            if nested:
+                pass  # the sweep says how to resume it as a whole
+            elif has_checkpoint(checkpoint):
                 launcher = ("python" if world_size == 1 else
                             f"torchrun <the same options: {world_size} processes in all>")
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
@@ -391,14 +400,35 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
 
 
-def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared) -> None:
-    """The grid as child runs under one parent run; the parent carries the best child."""
-    import mlflow
+SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json
+
+
+def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
+    return Path(checkpoint_dir) / parent_id / SWEEP_FILE
+
+
+def save_sweep_state(path: Path, state: dict) -> None:
+    """Atomically: a kill mid-write leaves the previous state, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, path)
+
+
+def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
+              resume: tuple[str, dict] | None = None) -> None:
+    """The grid as child runs under one parent run; the parent carries the best child.
+
+    The sweep's progress (its settings, each ended child's row, the child in progress) is kept
+    in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
+    state) continues an interrupted sweep: ended children are kept, the interrupted child
+    resumes from its checkpoint (or starts again if it had none), the rest run."""
     import pandas as pd
 
     from medlm import distributed
+    from medlm.checkpoint import has_checkpoint
     from medlm.modeling import load_tokenizer_and_model
-    from medlm.tracking import MlflowTracker
+    from medlm.tracking import MlflowTracker, finished_run_summary, log_sweep_summary
     from medlm.train import NonFiniteLossError
 
     first = configs[0]
@@ -408,27 +438,87 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                      **{f"sweep_{name}": ", ".join(map(str, values))
                         for name, values in grid.items()}, "sweep_size": len(configs)}
     main_process = distributed.is_main()
-    with parent.run(parent_params) if main_process else contextlib.nullcontext() as parent_id:
-        log.info("sweep of %d runs under parent run %s", len(configs), parent_id)
-        children = []
-        for index, config in enumerate(configs):
-            if index:
-                prepared.model = load_tokenizer_and_model(config.model)[1]
-            label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
-            log.info("--- child %d/%d: %s", index + 1, len(configs), label)
-            try:
-                children.append({**train_and_register(replace(config, run_name=label),
-                                                      prepared, nested=True),
-                                 "status": "FINISHED"})
-            except NonFiniteLossError as error:  # common in an lr sweep: the others go on
-                log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
-                            error)
-                children.append({"run_id": getattr(error, "run_id", ""),
-                                 **{name: getattr(config, name) for name in SWEEPABLE},
-                                 "best_epoch": float("nan"), "validation_loss": float("nan"),
-                                 "symptom_f1": float("nan"), "word_f1": float("nan"),
-                                 "version": None, "status": "FAILED: loss diverged"})
+    resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
+                                         "grid": grid, "children": [], "running": None})
+    children = list(state["children"])
+    run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
+           else contextlib.nullcontext(resume_id))
+    with run as parent_id:
+        state_file = sweep_state_file(first.checkpoint_dir, parent_id) if main_process else None
+
+        def record(**changes) -> None:
+            if main_process:
+                state.update(changes, children=children)
+                save_sweep_state(state_file, state)
+
+        record()
+        if main_process and not resume_id:  # what every child is trained on
+            (state_file.parent / DATA_FILE).write_text(
+                json.dumps(data_fingerprint(prepared.data, prepared.split)))
+        log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
+                 f" (resumed: {len(children)} ended before)" if resume_id else "")
+        loaded = True  # prepared.model is the untouched base
+        try:
+            for index, config in enumerate(configs):
+                label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
+                if index < len(children):
+                    log.info("--- child %d/%d: %s: %s before the interruption (run %s)",
+                             index + 1, len(configs), label, children[index]["status"],
+                             children[index]["run_id"])
+                    continue
+                row = {name: getattr(config, name) for name in SWEEPABLE}
+                interrupted = state["running"] if index == len(children) else None
+                # what became of the child that was running (only the main process asks MLflow)
+                summary = (finished_run_summary(interrupted)
+                           if interrupted and main_process else None)
+                summary = distributed.broadcast_object(summary)
+                if summary is not None:  # it ended after all (e.g. resumed on its own)
+                    log.info("--- child %d/%d: %s: FINISHED (run %s)", index + 1, len(configs),
+                             label, interrupted)
+                    children.append({"run_id": interrupted, **row, **summary,
+                                     "status": "FINISHED"})
+                    record(running=None)
+                    continue
+                resume_child = (interrupted if interrupted and has_checkpoint(
+                    Path(config.checkpoint_dir) / interrupted) else None)
+                if not loaded:
+                    prepared.model = load_tokenizer_and_model(config.model)[1]
+                loaded = False
+                log.info("--- child %d/%d: %s%s", index + 1, len(configs), label,
+                         f" (resuming run {resume_child})" if resume_child else
+                         f" (run {interrupted} was stopped before its first epoch ended: "
+                         "starting it again)" if interrupted else "")
+                if resume_child:
+                    config = replace(resume_config(resume_child, config.checkpoint_dir),
+                                     collective_timeout_min=config.collective_timeout_min)
+                    check_resume_data(Path(config.checkpoint_dir) / resume_child,
+                                      prepared.data, prepared.split)
+                try:
+                    result = train_and_register(
+                        replace(config, run_name=label), prepared, nested=True,
+                        resume_run_id=resume_child,
+                        started=lambda run_id: record(running=run_id))
+                    children.append({**result, "status": "FINISHED"})
+                except NonFiniteLossError as error:  # common in an lr sweep: the others go on
+                    log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
+                                error)
+                    run_id = getattr(error, "run_id", "")
+                    if main_process and run_id:  # nothing there is worth resuming
+                        shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
+                    children.append({"run_id": run_id, **row, "best_epoch": float("nan"),
+                                     "validation_loss": float("nan"),
+                                     "symptom_f1": float("nan"), "word_f1": float("nan"),
+                                     "version": None, "status": "FAILED: loss diverged"})
+                record(running=None)
+        except KeyboardInterrupt:
+            if main_process:
+                log.warning("sweep stopped with %d of %d runs ended. Resume the whole sweep "
+                            "with: python -m experiments.run --resume %s", len(children),
+                            len(configs), parent_id)
+            raise
         if not any(child["status"] == "FINISHED" for child in children):
+            if main_process:
+                shutil.rmtree(state_file.parent, ignore_errors=True)  # nothing to resume
             raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
                                      "expected at least one finite training loss; try a "
                                      "lower --lr or fp32")
@@ -443,11 +533,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                                  in enumerate(table["status"], start=1)])
         table["best_epoch"] = table["best_epoch"].astype("Int64")
         best = table.iloc[0]
-        mlflow.log_text(table.to_csv(index=False), "sweep.csv")
-        mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
-                            "best_symptom_f1": float(best["symptom_f1"])})
-        mlflow.set_tags({"best_child_run_id": best["run_id"],
-                         **{f"best_{name}": str(best[name]) for name in SWEEPABLE}})
+        log_sweep_summary(table, best, SWEEPABLE)
+    shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
@@ -462,13 +549,34 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
     if not (saved.is_file() and has_checkpoint(saved.parent)):
-        runs = sorted(path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
-                      if has_checkpoint(path.parent))
+        runs = sorted([path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
+                       if has_checkpoint(path.parent)]
+                      + [f"{path.parent.name} (a sweep)"
+                         for path in Path(checkpoint_dir).glob(f"*/{SWEEP_FILE}")])
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
     check_world_size(saved.parent, distributed.environment_world_size())
     return TrainConfig(**json.loads(saved.read_text()))
+
+
+def resume_sweep(args) -> None:
+    """Continue the interrupted sweep ``args.resume`` (a parent run id), with its own settings;
+    everything that can refuse it is checked before the parent run is reopened."""
+    from medlm.checkpoint import has_checkpoint
+
+    parent_id = args.resume
+    state = json.loads(sweep_state_file(args.checkpoint_dir, parent_id).read_text())
+    configs = [replace(TrainConfig(**saved), collective_timeout_min=args.collective_timeout_min)
+               for saved in state["configs"]]
+    ended = len(state["children"])
+    interrupted = state["running"] if ended < len(configs) else None
+    if interrupted and has_checkpoint(Path(args.checkpoint_dir) / interrupted):
+        resume_config(interrupted, args.checkpoint_dir)  # the process count it needs
+    quiet_libraries()
+    prepared = prepare(configs[min(ended, len(configs) - 1)])
+    check_resume_data(Path(args.checkpoint_dir) / parent_id, prepared.data, prepared.split)
+    run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
 
 
 def data_fingerprint(data, split) -> dict[str, str]:
@@ -511,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.resume and sweep_state_file(args.checkpoint_dir, args.resume).is_file():
+            resume_sweep(args)
+            return 0
         if args.resume:
             # the run's own settings, but how long processes wait is this machine's business
             config = replace(resume_config(args.resume, args.checkpoint_dir),

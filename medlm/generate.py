@@ -61,35 +61,47 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=[])
 
 
+MAX_BATCH_SEQUENCES = 64  # sequences written in one model.generate call (bounds memory)
+
+
 def generate(model, tokenizer, diseases: list[str],
              settings: GenerationSettings | None = None) -> list[list[str]]:
     """Symptoms written for each disease name: one list of ``num_return_sequences`` per name.
 
-    Prompts are batched with left padding. With a seed, the global RNG is forked, so sampling
-    is repeatable and a training run's random stream is left as it was.
+    Prompts are batched with left padding, at most ``MAX_BATCH_SEQUENCES`` sequences at a
+    time, so many names or many completions per name do not need memory for all at once.
+    With a seed, the global RNG is forked, so sampling is repeatable and a training run's
+    random stream is left as it was.
     """
     settings = settings or GenerationSettings()
     if not diseases:
         return []
     device = next(model.parameters()).device
+    per_prompt = settings.num_return_sequences
+    prompts_per_call = max(1, MAX_BATCH_SEQUENCES // per_prompt)
+    config = settings.to_generation_config(tokenizer)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        encoded = tokenizer([prompt_for(name) for name in diseases], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(device)
+        prompts = [prompt_for(name) for name in diseases]
+        batches = [tokenizer(prompts[start:start + prompts_per_call], return_tensors="pt",
+                             padding=True, add_special_tokens=False)
+                   for start in range(0, len(prompts), prompts_per_call)]
     finally:
         tokenizer.padding_side = padding_side
-    check_generation_length(model, encoded["input_ids"].shape[1], settings.max_new_tokens)
+    check_generation_length(model, max(batch["input_ids"].shape[1] for batch in batches),
+                            settings.max_new_tokens)
     was_training = model.training
     model.eval()
+    texts = []
     with forked_rng(device), torch.inference_mode():
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        output = model.generate(**encoded,
-                                generation_config=settings.to_generation_config(tokenizer))
+        for batch in batches:
+            batch = batch.to(device)
+            output = model.generate(**batch, generation_config=config)
+            texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                            skip_special_tokens=True)
     model.train(was_training)
-    texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:],
-                                   skip_special_tokens=True)
-    per_prompt = settings.num_return_sequences
     return [[text.strip() for text in texts[i * per_prompt:(i + 1) * per_prompt]]
             for i in range(len(diseases))]

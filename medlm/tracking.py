@@ -134,10 +134,12 @@ class MlflowTracker:
         """Append rows to a table artifact; while replaying an epoch, only if that epoch's rows
         are not there yet."""
         if self._replay and "epoch" in frame and (frame["epoch"] == self._replay[0]).any():
-            try:
-                logged = mlflow.load_table(artifact_file, run_ids=[self.run_id])
-            except Exception:  # noqa: BLE001 - no such table yet
-                logged = pd.DataFrame()
+            client = MlflowClient()
+            present = {item.path for item in client.list_artifacts(self.run_id)}
+            # the run's own experiment: a resumed run has not made it the active one
+            experiment_id = client.get_run(self.run_id).info.experiment_id
+            logged = (client.load_table(experiment_id, artifact_file, run_ids=[self.run_id])
+                      if artifact_file in present else pd.DataFrame())
             if "epoch" in logged and (logged["epoch"] == self._replay[0]).any():
                 return
         mlflow.log_table(frame, artifact_file=artifact_file)
@@ -306,6 +308,32 @@ def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {name.removeprefix(prefix): value for name, value in metrics.items()
             if name.startswith(prefix)}
+
+
+def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str, ...]) -> None:
+    """The sweep's table (``sweep.csv``), its best child's scores and settings, on the active
+    (parent) run."""
+    mlflow.log_text(table.to_csv(index=False), "sweep.csv")
+    mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
+                        "best_symptom_f1": float(best["symptom_f1"])})
+    mlflow.set_tags({"best_child_run_id": best["run_id"],
+                     **{f"best_{name}": str(best[name]) for name in sweepable}})
+
+
+def finished_run_summary(run_id: str) -> dict[str, Any] | None:
+    """A finished run's best epoch, scores and registered version (``None`` when the run did
+    not finish): what a sweep's table needs of a child that ended while the sweep was down."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return None
+    metrics = run.data.metrics
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    return {"best_epoch": int(metrics["best_epoch"]),
+            "validation_loss": metrics["best_validation_loss"],
+            "symptom_f1": metrics.get("best_symptom_f1", float("nan")),
+            "word_f1": metrics.get("best_word_f1", float("nan")),
+            "version": versions[0].version if versions else None}
 
 
 def _param_value(value: Any) -> Any:

@@ -84,6 +84,21 @@ def test_bad_seeds_in_every_entry_point(module, value, expected, capsys):
     assert err.count("\n") == 0 and expected in err and "--seed" in err
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("100000", "'100000' is invalid: expected a whole number from 1 to 100"),  # ran until killed
+    ("0", "'0' is invalid: expected a whole number from 1 to 100"),
+    ("", "'' is not a whole number"),
+])
+def test_generate_refuses_an_unbounded_number_of_completions(value, expected, capsys):
+    from experiments import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(generate.main, ["Asthma", "--num-return-sequences", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err and "--num-return-sequences" in err
+
+
 def test_answers_longer_than_the_context_fail_before_training(mlflow_home, tiny_model_dir,
                                                               dataset_csv, capsys):
     """Before: a traceback (IndexError in GPT-2's position embeddings) after the first epoch."""

@@ -32,6 +32,36 @@ def test_batched_prompts_match_single_prompts_under_greedy_decoding(tiny_model):
     assert together == alone
 
 
+def test_many_names_and_completions_are_written_a_bounded_batch_at_a_time(tiny_model,
+                                                                        monkeypatch):
+    """Before, every name times every completion went to the model in one batch: memory grew
+    with both. Greedy answers are the same whatever the batch; each name still gets all its
+    completions."""
+    import medlm.generate
+
+    tokenizer, model = tiny_model
+    names = ["Flu", "Asthma", "Chronic kidney disease", "Gout", "Kidney Failure"]
+    greedy = GenerationSettings(max_new_tokens=6, do_sample=False)
+    whole = generate(model, tokenizer, names, greedy)
+    batch_sizes = []
+    model_generate = model.generate
+
+    def recorded(**kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0]
+                           * kwargs["generation_config"].num_return_sequences)
+        return model_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    monkeypatch.setattr(medlm.generate, "MAX_BATCH_SEQUENCES", 2)
+    assert generate(model, tokenizer, names, greedy) == whole
+    assert batch_sizes == [2, 2, 1]
+    batch_sizes.clear()
+    sampled = GenerationSettings(max_new_tokens=6, num_return_sequences=2)
+    completions = generate(model, tokenizer, names, sampled)
+    assert batch_sizes == [2] * 5 and [len(texts) for texts in completions] == [2] * 5
+    assert generate(model, tokenizer, names, sampled) == completions  # still repeatable
+
+
 def test_generation_config_carries_the_seed_notebooks_sampling(gpt2_tokenizer):
     config = GenerationSettings().to_generation_config(gpt2_tokenizer)
     assert (config.do_sample, config.top_k, config.top_p, config.temperature,

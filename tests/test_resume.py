@@ -2,6 +2,7 @@
 run, in the same MLflow run, with no metric logged twice."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -136,8 +137,11 @@ def test_an_epoch_killed_while_it_was_being_logged_is_logged_on_resume(
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
     assert run.info.status == "KILLED"
-    assert run_cli(run_entry_point.main, ["--resume", run.info.run_id]) == 0
-    capsys.readouterr()
+    # a new process, as a user resumes: its active experiment is not the run's (the check for
+    # rows already logged found nothing that way, and logged the epoch's tables twice)
+    resumed = run_module("experiments.run", "--resume", run.info.run_id, cwd=mlflow_home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "WARNING" not in resumed.stderr
 
     def steps(name):
         return sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
@@ -152,3 +156,111 @@ def test_an_epoch_killed_while_it_was_being_logged_is_logged_on_resume(
     results = pd.read_csv(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="results.csv"))
     assert results["epoch"].tolist() == [1, 2]
+
+
+def sweep_args(model, csv, *lrs):
+    return ["--model", str(model), "--dataset", str(csv), "--max-samples", "40", "--epochs", "1",
+            "--lr", *lrs, "--num-validation-samples", "0", "--max-new-tokens", "4",
+            "--no-progress"]
+
+
+def sweep_runs(client):
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId")),
+                      key=lambda run: run.info.start_time)
+    return parent, children
+
+
+def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog, capsys):
+    """Ctrl-C in the second of three children, after its epoch was checkpointed: `--resume
+    PARENT_RUN_ID` keeps the first child as it was, resumes the second in its own run, runs the
+    third, and finishes the parent with all three in its table. Before, a sweep's parent id was
+    'no checkpoint' and the user had to run the remaining values by hand, in another parent."""
+    import mlflow
+
+    caplog.set_level(logging.INFO, logger="medlm")
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    on_epoch_end, calls = MlflowTracker.on_epoch_end, []
+
+    def interrupted_in_the_second_child(self, model, result):
+        calls.append(self.run_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        on_epoch_end(self, model, result)
+
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", interrupted_in_the_second_child)
+    args = sweep_args(tiny_model_dir, dataset_csv, "3e-3", "1e-3", "3e-4")
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", on_epoch_end)
+    client = MlflowClient()
+    parent, children = sweep_runs(client)
+    assert parent.info.status == "KILLED"
+    assert [run.info.status for run in children] == ["FINISHED", "KILLED"]
+    assert "interrupted (SIGINT); the MLflow run" in capsys.readouterr().err
+    err, _ = caplog.text, caplog.clear()
+    assert (f"Resume the whole sweep with: python -m experiments.run --resume "
+            f"{parent.info.run_id}") in err
+    first_finished = children[0].info.end_time
+
+    assert run_cli(run_entry_point.main, ["--resume", parent.info.run_id]) == 0
+    err, _ = caplog.text, caplog.clear()
+    assert "child 1/3: lr=0.003 batch_size=8 epochs=1 weight_decay=0: FINISHED before" in err
+    assert f"(resuming run {children[1].info.run_id})" in err
+    parent, resumed = sweep_runs(client)
+    assert parent.info.status == "FINISHED"
+    assert [run.info.run_id for run in resumed[:2]] == [run.info.run_id for run in children]
+    assert [run.info.status for run in resumed] == ["FINISHED"] * 3
+    assert [run.data.params["lr"] for run in resumed] == ["0.003", "0.001", "0.0003"]
+    assert resumed[0].info.end_time == first_finished  # not trained again
+    for run in resumed:  # each child's epoch logged once
+        assert [m.step for m in client.get_metric_history(run.info.run_id,
+                                                          "training_loss")] == [1]
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/sweep.csv").splitlines()
+    assert len(table) == 4 and all(",FINISHED" in row for row in table[1:])
+    assert parent.data.tags["best_child_run_id"] in {run.info.run_id for run in resumed}
+    assert not (mlflow_home / "checkpoints").exists() or not any(
+        (mlflow_home / "checkpoints").iterdir())
+
+
+def test_a_sweep_child_stopped_before_its_first_epoch_starts_again(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog):
+    import medlm.train
+
+    caplog.set_level(logging.INFO, logger="medlm")
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+
+    fit, calls = medlm.train.fit, []
+
+    def stopped_in_the_second_child(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(medlm.train, "fit", stopped_in_the_second_child)
+    args = sweep_args(tiny_model_dir, dataset_csv, "3e-3", "1e-3")
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(medlm.train, "fit", fit)
+    client = MlflowClient()
+    parent, children = sweep_runs(client)
+    killed = children[1].info.run_id
+    assert run_cli(run_entry_point.main, ["--resume", parent.info.run_id]) == 0
+    assert f"run {killed} was stopped before its first epoch ended" in caplog.text
+    parent, children = sweep_runs(client)
+    assert parent.info.status == "FINISHED"
+    assert [(run.data.params["lr"], run.info.status) for run in children] == [
+        ("0.003", "FINISHED"), ("0.001", "KILLED"), ("0.001", "FINISHED")]
+    table = mlflow_table(parent.info.run_id)
+    assert killed not in table and children[2].info.run_id in table
+
+
+def mlflow_table(run_id):
+    import mlflow
+
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/sweep.csv")

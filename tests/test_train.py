@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -411,6 +412,33 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     assert all(torch.equal(weights[name], epoch_1[name]) for name in epoch_1)
     resumed = attempt(resume=True)
     assert [result.epoch for result in resumed.epochs] == [1, 2]
+
+
+def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
+        tiny_model_dir, small_frame, tmp_path, monkeypatch):
+    """Power loss, unlike a kill, drops what the OS had not written yet: a rename that reached
+    the disk before the data it names leaves `latest` naming empty files. Each file and the
+    epoch directory must be flushed before the rename that names them, the rename before the
+    pointer, and the pointer before the checkpoint counts as written."""
+    import os
+
+    from medlm import checkpoint
+
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    events, fsync, replace = [], checkpoint._fsync, os.replace
+    monkeypatch.setattr(checkpoint, "_fsync",
+                        lambda path: events.append(("fsync", Path(path).name)) or fsync(path))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda source, target: events.append(
+        ("replace", Path(source).name, Path(target).name)) or replace(source, target))
+    attempt(resume=True)
+    epoch_rename = events.index(("replace", ".epoch-2.partial", "epoch-2"))
+    pointer = events.index(("replace", "latest.partial", "latest"))
+    files = {"model.safetensors", "best.safetensors", "state.pt"}
+    assert files | {".epoch-2.partial"} <= {event[1] for event in events[:epoch_rename]}
+    assert ("fsync", tmp_path.name) in events[epoch_rename:pointer]  # the rename itself
+    assert ("fsync", "latest.partial") in events[epoch_rename:pointer]
+    assert events[pointer + 1:pointer + 2] == [("fsync", tmp_path.name)]
 
 
 def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, small_frame,
