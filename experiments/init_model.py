@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                             description=__doc__.strip().splitlines()[0])
     parser.add_argument("directory", help="where to save_pretrained the model and tokenizer")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="distilgpt2",
-                        help="architecture (default: distilgpt2: 6 layers, 768 wide, 12 heads)")
-    parser.add_argument("--seed", type=seed, default=0, help="initialisation seed (default: 0)")
+                        help="architecture (distilgpt2: 6 layers, 768 wide, 12 heads)")
+    parser.add_argument("--seed", type=seed, default=0, help="initialisation seed")
     args = parser.parse_args(argv)
     quiet_libraries()
     path = save_random_gpt2(args.directory, args.preset, args.seed)
