@@ -68,6 +68,8 @@ non_negative_int = _number(int, 0, "a whole number >= 0")
 positive_float = _number(float, 0, "a number > 0", above_minimum=True)
 non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
+
+
 def whole_number_up_to(maximum: int) -> Callable[[str], int]:
     return _number(int, 1, f"a whole number from 1 to {maximum}", maximum=maximum)
 

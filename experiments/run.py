@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -367,11 +366,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             if nested:
                 pass  # the sweep says how to resume it as a whole
             elif has_checkpoint(checkpoint):
-                launcher = ("python" if world_size == 1 else
-                            f"torchrun <the same options: {world_size} processes in all>")
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
-                            "with: %s -m experiments.run --resume %s", checkpoint, launcher,
-                            run_id)
+                            "with: %s", checkpoint,
+                            resume_command(run_id, config.checkpoint_dir, world_size))
             else:
                 log.warning("stopped before the first epoch ended: nothing to resume")
             raise
@@ -408,11 +405,45 @@ def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
 
 
 def save_sweep_state(path: Path, state: dict) -> None:
-    """Atomically: a kill mid-write leaves the previous state, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(state, indent=2))
-    os.replace(partial, path)
+    """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
+    from medlm.checkpoint import write_durably
+
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(item) for item in value]
+        return value
+
+    write_durably(path, json.dumps(strict(state), indent=2, allow_nan=False))
+
+
+def load_sweep_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
+                         "expected the file an interrupted sweep wrote") from None
+
+
+def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
+    """The command that continues run (or sweep) ``run_id``."""
+    import shlex
+
+    launcher = ("python" if world_size == 1 else
+                f"torchrun <the same options: {world_size} processes in all>")
+    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
+             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
+    return f"{launcher} -m experiments.run --resume {run_id}{where}"
+
+
+def diverged_row(run_id: str, row: dict) -> dict:
+    nan = float("nan")
+    return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
+            "symptom_f1": nan, "word_f1": nan, "version": None,
+            "status": "FAILED: loss diverged"}
 
 
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
@@ -422,13 +453,14 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     The sweep's progress (its settings, each ended child's row, the child in progress) is kept
     in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
     state) continues an interrupted sweep: ended children are kept, the interrupted child
-    resumes from its checkpoint (or starts again if it had none), the rest run."""
+    resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
+    process asks MLflow and writes files; it tells the others what it decided."""
     import pandas as pd
 
     from medlm import distributed
-    from medlm.checkpoint import has_checkpoint
+    from medlm.checkpoint import has_checkpoint, write_durably
     from medlm.modeling import load_tokenizer_and_model
-    from medlm.tracking import MlflowTracker, finished_run_summary, log_sweep_summary
+    from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
     from medlm.train import NonFiniteLossError
 
     first = configs[0]
@@ -437,50 +469,63 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
                      **{f"sweep_{name}": ", ".join(map(str, values))
                         for name, values in grid.items()}, "sweep_size": len(configs)}
-    main_process = distributed.is_main()
+    main_process, world_size = distributed.is_main(), distributed.world_size()
     resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
-                                         "grid": grid, "children": [], "running": None})
+                                         "grid": grid, "world_size": world_size,
+                                         "children": [], "running": None})
     children = list(state["children"])
     run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
            else contextlib.nullcontext(resume_id))
     with run as parent_id:
-        state_file = sweep_state_file(first.checkpoint_dir, parent_id) if main_process else None
+        parent_id = distributed.broadcast_object(parent_id)
+        state_file = sweep_state_file(first.checkpoint_dir, parent_id)
 
         def record(**changes) -> None:
+            state.update(changes, children=children)  # every process keeps the same state
             if main_process:
-                state.update(changes, children=children)
                 save_sweep_state(state_file, state)
 
-        record()
-        if main_process and not resume_id:  # what every child is trained on
-            (state_file.parent / DATA_FILE).write_text(
-                json.dumps(data_fingerprint(prepared.data, prepared.split)))
-        log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
-                 f" (resumed: {len(children)} ended before)" if resume_id else "")
-        loaded = True  # prepared.model is the untouched base
         try:
+            if main_process and not resume_id:  # what every child is trained on, then progress
+                write_durably(state_file.parent / DATA_FILE,
+                              json.dumps(data_fingerprint(prepared.data, prepared.split)))
+            record()
+            log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
+                     f" (resumed: {len(children)} ended before)" if resume_id else "")
+            loaded = True  # prepared.model is the untouched base
             for index, config in enumerate(configs):
                 label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
+                row = {name: getattr(config, name) for name in SWEEPABLE}
                 if index < len(children):
                     log.info("--- child %d/%d: %s: %s before the interruption (run %s)",
                              index + 1, len(configs), label, children[index]["status"],
                              children[index]["run_id"])
                     continue
-                row = {name: getattr(config, name) for name in SWEEPABLE}
                 interrupted = state["running"] if index == len(children) else None
-                # what became of the child that was running (only the main process asks MLflow)
-                summary = (finished_run_summary(interrupted)
-                           if interrupted and main_process else None)
-                summary = distributed.broadcast_object(summary)
-                if summary is not None:  # it ended after all (e.g. resumed on its own)
-                    log.info("--- child %d/%d: %s: FINISHED (run %s)", index + 1, len(configs),
-                             label, interrupted)
+                decision, summary = None, None
+                if interrupted and main_process:  # what became of the child in progress
+                    checkpoint = Path(config.checkpoint_dir) / interrupted
+                    status, summary = run_outcome(interrupted)
+                    if status == "FINISHED":  # it ended after all (e.g. resumed on its own)
+                        decision = "finished"
+                        shutil.rmtree(checkpoint, ignore_errors=True)
+                    elif has_checkpoint(checkpoint):
+                        decision = "resume"
+                    elif status == "FAILED":  # diverged, and its checkpoint already removed
+                        decision = "diverged"
+                    else:  # stopped before its first epoch ended: nothing to resume
+                        decision = "restart"
+                        end_abandoned_run(interrupted)
+                decision, summary = distributed.broadcast_object((decision, summary))
+                if decision in ("finished", "diverged"):
+                    log.info("--- child %d/%d: %s: %s (run %s)", index + 1, len(configs), label,
+                             decision.upper(), interrupted)
                     children.append({"run_id": interrupted, **row, **summary,
-                                     "status": "FINISHED"})
+                                     "status": "FINISHED"} if summary else
+                                    diverged_row(interrupted, row))
                     record(running=None)
                     continue
-                resume_child = (interrupted if interrupted and has_checkpoint(
-                    Path(config.checkpoint_dir) / interrupted) else None)
+                resume_child = interrupted if decision == "resume" else None
                 if not loaded:
                     prepared.model = load_tokenizer_and_model(config.model)[1]
                 loaded = False
@@ -488,11 +533,10 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                          f" (resuming run {resume_child})" if resume_child else
                          f" (run {interrupted} was stopped before its first epoch ended: "
                          "starting it again)" if interrupted else "")
-                if resume_child:
+                if resume_child:  # its own saved settings, where this process keeps them
                     config = replace(resume_config(resume_child, config.checkpoint_dir),
+                                     checkpoint_dir=config.checkpoint_dir,
                                      collective_timeout_min=config.collective_timeout_min)
-                    check_resume_data(Path(config.checkpoint_dir) / resume_child,
-                                      prepared.data, prepared.split)
                 try:
                     result = train_and_register(
                         replace(config, run_name=label), prepared, nested=True,
@@ -505,16 +549,16 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                     run_id = getattr(error, "run_id", "")
                     if main_process and run_id:  # nothing there is worth resuming
                         shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
-                    children.append({"run_id": run_id, **row, "best_epoch": float("nan"),
-                                     "validation_loss": float("nan"),
-                                     "symptom_f1": float("nan"), "word_f1": float("nan"),
-                                     "version": None, "status": "FAILED: loss diverged"})
+                    children.append(diverged_row(run_id, row))
                 record(running=None)
-        except KeyboardInterrupt:
+        except BaseException as error:
             if main_process:
-                log.warning("sweep stopped with %d of %d runs ended. Resume the whole sweep "
-                            "with: python -m experiments.run --resume %s", len(children),
-                            len(configs), parent_id)
+                command = resume_command(parent_id, first.checkpoint_dir, world_size)
+                log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
+                            "stopped" if isinstance(error, KeyboardInterrupt) else "failed",
+                            len(children), len(configs),
+                            "Resume" if isinstance(error, KeyboardInterrupt) else
+                            "After fixing the cause, resume", command)
             raise
         if not any(child["status"] == "FINISHED" for child in children):
             if main_process:
@@ -561,21 +605,29 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
 
 
 def resume_sweep(args) -> None:
-    """Continue the interrupted sweep ``args.resume`` (a parent run id), with its own settings;
-    everything that can refuse it is checked before the parent run is reopened."""
+    """Continue the interrupted sweep ``args.resume`` (a parent run id), with its own settings
+    and this invocation's checkpoint directory; everything that can refuse it is checked before
+    the parent run is reopened."""
+    from medlm import distributed
     from medlm.checkpoint import has_checkpoint
 
-    parent_id = args.resume
-    state = json.loads(sweep_state_file(args.checkpoint_dir, parent_id).read_text())
-    configs = [replace(TrainConfig(**saved), collective_timeout_min=args.collective_timeout_min)
+    parent_id, directory = args.resume, args.checkpoint_dir
+    state = load_sweep_state(sweep_state_file(directory, parent_id))
+    configs = [replace(TrainConfig(**saved), checkpoint_dir=directory,
+                       collective_timeout_min=args.collective_timeout_min)
                for saved in state["configs"]]
+    processes = distributed.environment_world_size()
+    if state.get("world_size", 1) != processes:
+        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
+                         f"processes, this is {processes}: expected the same process count")
     ended = len(state["children"])
     interrupted = state["running"] if ended < len(configs) else None
-    if interrupted and has_checkpoint(Path(args.checkpoint_dir) / interrupted):
-        resume_config(interrupted, args.checkpoint_dir)  # the process count it needs
+    child_checkpoint = Path(directory) / interrupted if interrupted else None
     quiet_libraries()
     prepared = prepare(configs[min(ended, len(configs) - 1)])
-    check_resume_data(Path(args.checkpoint_dir) / parent_id, prepared.data, prepared.split)
+    check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
+    if child_checkpoint and has_checkpoint(child_checkpoint):
+        check_resume_data(child_checkpoint, prepared.data, prepared.split)
     run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
 
 
@@ -625,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             # the run's own settings, but how long processes wait is this machine's business
             config = replace(resume_config(args.resume, args.checkpoint_dir),
+                             checkpoint_dir=args.checkpoint_dir,
                              collective_timeout_min=args.collective_timeout_min)
             quiet_libraries()
             prepared = prepare(config)

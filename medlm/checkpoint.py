@@ -100,6 +100,18 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
 LATEST = "latest"
 
 
+def write_durably(path: str | os.PathLike, text: str) -> None:
+    """Replace a small file in one step, on disk before it is named (a kill or a power loss
+    leaves the old content or the new, never part of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(text)
+    _fsync(partial)
+    os.replace(partial, path)
+    _fsync(path.parent)
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or directory to disk (directories: where the OS allows opening them)."""
     try:

@@ -78,18 +78,25 @@ def generate(model, tokenizer, diseases: list[str],
         return []
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
-    prompts_per_call = max(1, MAX_BATCH_SEQUENCES // per_prompt)
     config = settings.to_generation_config(tokenizer)
+    prompts = [prompt_for(name) for name in diseases]
+    # (prompts, sequences per prompt) per call: several prompts with all their completions,
+    # or one prompt's completions in parts when they alone exceed the bound
+    if per_prompt <= MAX_BATCH_SEQUENCES:
+        step = MAX_BATCH_SEQUENCES // per_prompt
+        calls = [(prompts[start:start + step], per_prompt)
+                 for start in range(0, len(prompts), step)]
+    else:
+        calls = [([prompt], min(MAX_BATCH_SEQUENCES, per_prompt - done))
+                 for prompt in prompts for done in range(0, per_prompt, MAX_BATCH_SEQUENCES)]
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        prompts = [prompt_for(name) for name in diseases]
-        batches = [tokenizer(prompts[start:start + prompts_per_call], return_tensors="pt",
-                             padding=True, add_special_tokens=False)
-                   for start in range(0, len(prompts), prompts_per_call)]
+        batches = [(tokenizer(chunk, return_tensors="pt", padding=True,
+                              add_special_tokens=False), count) for chunk, count in calls]
     finally:
         tokenizer.padding_side = padding_side
-    check_generation_length(model, max(batch["input_ids"].shape[1] for batch in batches),
+    check_generation_length(model, max(batch["input_ids"].shape[1] for batch, _ in batches),
                             settings.max_new_tokens)
     was_training = model.training
     model.eval()
@@ -97,8 +104,9 @@ def generate(model, tokenizer, diseases: list[str],
     with forked_rng(device), torch.inference_mode():
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        for batch in batches:
+        for batch, count in batches:
             batch = batch.to(device)
+            config.num_return_sequences = count
             output = model.generate(**batch, generation_config=config)
             texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
                                             skip_special_tokens=True)

@@ -81,9 +81,13 @@ class MlflowTracker:
         """Start the run (a child of the active run when ``nested``; the run ``resume_run_id``
         again when resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM) or
         FAILED."""
-        if not nested and not resume_run_id:
-            mlflow.set_experiment(self.experiment)
-        with mlflow.start_run(run_id=resume_run_id,
+        if resume_run_id:  # the run's own experiment (a new process has another active one)
+            experiment_id = MlflowClient().get_run(resume_run_id).info.experiment_id
+        elif nested:  # a child lives in its parent's experiment
+            experiment_id = mlflow.active_run().info.experiment_id
+        else:
+            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+        with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
                               run_name=None if resume_run_id else self.run_name,
                               nested=nested) as active:
             self.run_id = active.info.run_id
@@ -134,12 +138,13 @@ class MlflowTracker:
         """Append rows to a table artifact; while replaying an epoch, only if that epoch's rows
         are not there yet."""
         if self._replay and "epoch" in frame and (frame["epoch"] == self._replay[0]).any():
-            client = MlflowClient()
-            present = {item.path for item in client.list_artifacts(self.run_id)}
-            # the run's own experiment: a resumed run has not made it the active one
-            experiment_id = client.get_run(self.run_id).info.experiment_id
-            logged = (client.load_table(experiment_id, artifact_file, run_ids=[self.run_id])
-                      if artifact_file in present else pd.DataFrame())
+            # the file itself: mlflow.load_table finds runs by a tag that a kill may have cut
+            # off after the file was written, and searches only the active experiment
+            present = {item.path for item in MlflowClient().list_artifacts(self.run_id)}
+            logged = pd.DataFrame()
+            if artifact_file in present:
+                table = mlflow.artifacts.load_dict(f"runs:/{self.run_id}/{artifact_file}")
+                logged = pd.DataFrame(table["data"], columns=table["columns"])
             if "epoch" in logged and (logged["epoch"] == self._replay[0]).any():
                 return
         mlflow.log_table(frame, artifact_file=artifact_file)
@@ -320,20 +325,29 @@ def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str
                      **{f"best_{name}": str(best[name]) for name in sweepable}})
 
 
-def finished_run_summary(run_id: str) -> dict[str, Any] | None:
-    """A finished run's best epoch, scores and registered version (``None`` when the run did
-    not finish): what a sweep's table needs of a child that ended while the sweep was down."""
+def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
+    """A run's status, and for a finished run its best epoch, scores and registered version:
+    what a sweep's table needs of a child that ended while the sweep was down."""
     client = MlflowClient()
     run = client.get_run(run_id)
     if run.info.status != "FINISHED":
-        return None
+        return run.info.status, None
     metrics = run.data.metrics
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    return {"best_epoch": int(metrics["best_epoch"]),
-            "validation_loss": metrics["best_validation_loss"],
-            "symptom_f1": metrics.get("best_symptom_f1", float("nan")),
-            "word_f1": metrics.get("best_word_f1", float("nan")),
-            "version": versions[0].version if versions else None}
+    versions = sorted((int(version.version) for version in
+                       client.search_model_versions(f"run_id = '{run_id}'")), reverse=True)
+    return run.info.status, {
+        "best_epoch": int(metrics["best_epoch"]),
+        "validation_loss": metrics["best_validation_loss"],
+        "symptom_f1": metrics.get("best_symptom_f1", float("nan")),
+        "word_f1": metrics.get("best_word_f1", float("nan")),
+        "version": str(versions[0]) if versions else None}
+
+
+def end_abandoned_run(run_id: str) -> None:
+    """Mark KILLED a run a SIGKILL left RUNNING, which nothing will resume."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def _param_value(value: Any) -> Any:

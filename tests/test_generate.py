@@ -60,6 +60,10 @@ def test_many_names_and_completions_are_written_a_bounded_batch_at_a_time(tiny_m
     completions = generate(model, tokenizer, names, sampled)
     assert batch_sizes == [2] * 5 and [len(texts) for texts in completions] == [2] * 5
     assert generate(model, tokenizer, names, sampled) == completions  # still repeatable
+    batch_sizes.clear()
+    many = GenerationSettings(max_new_tokens=4, num_return_sequences=3)
+    assert [len(texts) for texts in generate(model, tokenizer, names[:2], many)] == [3, 3]
+    assert batch_sizes == [2, 1, 2, 1]  # one name's completions in parts
 
 
 def test_generation_config_carries_the_seed_notebooks_sampling(gpt2_tokenizer):

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL mid-training and resumed ends with the losses of an uninterrupted
 run, in the same MLflow run, with no metric logged twice."""
 
+import io
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -172,13 +174,15 @@ def sweep_runs(client):
     return parent, children
 
 
+@pytest.mark.parametrize("child_first", [False, True], ids=["sweep", "child resumed first"])
 def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
-        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog, capsys):
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog, capsys, child_first):
     """Ctrl-C in the second of three children, after its epoch was checkpointed: `--resume
-    PARENT_RUN_ID` keeps the first child as it was, resumes the second in its own run, runs the
-    third, and finishes the parent with all three in its table. Before, a sweep's parent id was
-    'no checkpoint' and the user had to run the remaining values by hand, in another parent."""
-    import mlflow
+    PARENT_RUN_ID`, in a new process from another directory, keeps the first child as it was,
+    resumes the second in its own run (or takes it as it is, if the user had resumed it alone),
+    runs the third, and finishes the parent with all three in its table, all in the sweep's
+    experiment. Before, a sweep's parent id was 'no checkpoint' and the user had to run the
+    remaining values by hand, in another parent."""
 
     caplog.set_level(logging.INFO, logger="medlm")
     from experiments import run as run_entry_point
@@ -195,22 +199,33 @@ def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
 
     monkeypatch.setattr(MlflowTracker, "on_epoch_end", interrupted_in_the_second_child)
     args = sweep_args(tiny_model_dir, dataset_csv, "3e-3", "1e-3", "3e-4")
-    assert run_cli(run_entry_point.main, args) == 130
+    assert run_cli(run_entry_point.main, [*args, "--checkpoint-dir", "ck"]) == 130
     monkeypatch.setattr(MlflowTracker, "on_epoch_end", on_epoch_end)
     client = MlflowClient()
     parent, children = sweep_runs(client)
     assert parent.info.status == "KILLED"
     assert [run.info.status for run in children] == ["FINISHED", "KILLED"]
     assert "interrupted (SIGINT); the MLflow run" in capsys.readouterr().err
-    err, _ = caplog.text, caplog.clear()
     assert (f"Resume the whole sweep with: python -m experiments.run --resume "
-            f"{parent.info.run_id}") in err
+            f"{parent.info.run_id} --checkpoint-dir ck") in caplog.text
     first_finished = children[0].info.end_time
+    if child_first:
+        assert run_cli(run_entry_point.main, ["--resume", children[1].info.run_id,
+                                              "--checkpoint-dir", "ck"]) == 0
+        assert client.get_run(children[1].info.run_id).info.status == "FINISHED"
 
-    assert run_cli(run_entry_point.main, ["--resume", parent.info.run_id]) == 0
-    err, _ = caplog.text, caplog.clear()
+    # a new process, elsewhere, whose active experiment is not the sweep's
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    elsewhere = mlflow_home / "elsewhere"
+    elsewhere.mkdir()
+    resumed_run = run_module("experiments.run", "--resume", parent.info.run_id,
+                             "--checkpoint-dir", str(mlflow_home / "ck"), cwd=elsewhere)
+    assert resumed_run.returncode == 0, resumed_run.stderr
+    err = resumed_run.stderr
     assert "child 1/3: lr=0.003 batch_size=8 epochs=1 weight_decay=0: FINISHED before" in err
-    assert f"(resuming run {children[1].info.run_id})" in err
+    assert (f"child 2/3: lr=0.001 batch_size=8 epochs=1 weight_decay=0: FINISHED (run "
+            f"{children[1].info.run_id})" if child_first else
+            f"(resuming run {children[1].info.run_id})") in err
     parent, resumed = sweep_runs(client)
     assert parent.info.status == "FINISHED"
     assert [run.info.run_id for run in resumed[:2]] == [run.info.run_id for run in children]
@@ -220,11 +235,11 @@ def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
     for run in resumed:  # each child's epoch logged once
         assert [m.step for m in client.get_metric_history(run.info.run_id,
                                                           "training_loss")] == [1]
-    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/sweep.csv").splitlines()
-    assert len(table) == 4 and all(",FINISHED" in row for row in table[1:])
+    table = pd.read_csv(io.StringIO(mlflow_table(parent.info.run_id)))
+    assert (table["status"] == "FINISHED").all() and len(table) == 3
+    assert sorted(table["version"].astype(str)) == ["1", "2", "3"]
     assert parent.data.tags["best_child_run_id"] in {run.info.run_id for run in resumed}
-    assert not (mlflow_home / "checkpoints").exists() or not any(
-        (mlflow_home / "checkpoints").iterdir())
+    assert not any((mlflow_home / "ck").iterdir()) and not (elsewhere / "checkpoints").exists()
 
 
 def test_a_sweep_child_stopped_before_its_first_epoch_starts_again(
