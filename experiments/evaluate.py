@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from medlm.data import load_disease_data, split_by_disease
+    from medlm.inference import load_model_for_inference
     from medlm.metrics import METRIC_VERSION, baseline_scores, evaluate_symptoms
     from medlm.modeling import resolve_device
-    from medlm.tracking import load_model_for_inference, logged_metrics, source_run
+    from medlm.tracking import logged_metrics, source_run
 
     run = source_run(args.model_uri, args.registered_model)
     params = run.data.params if run else None

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
 
     from medlm.generate import generate
+    from medlm.inference import load_model_for_inference
     from medlm.modeling import resolve_device
-    from medlm.tracking import load_model_for_inference
 
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)

@@ -66,11 +66,18 @@ def load_tokenizer_and_model(name_or_path: str):
                  name_or_path, offline)
     if is_gguf:
         _forget_gguf_quantization(model)
+    return ensure_pad_token(tokenizer, model)
+
+
+def ensure_pad_token(tokenizer, model=None):
+    """GPT-2-style tokenizers have no padding token: pad with end-of-text, and tell the model
+    (its config and generation config) which id that is. Returns (tokenizer, model)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
 
 

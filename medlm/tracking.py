@@ -325,6 +325,12 @@ def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str
                      **{f"best_{name}": str(best[name]) for name in sweepable}})
 
 
+def compare_runs_hint() -> str:
+    """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
+    uri = mlflow.get_tracking_uri()
+    return uri if uri.startswith(("http://", "https://")) else "mlflow ui"
+
+
 def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
     """A run's status, and for a finished run its best epoch, scores and registered version:
     what a sweep's table needs of a child that ended while the sweep was down."""
@@ -434,23 +440,14 @@ def source_run(model_uri: str, registered_model: str = "medlm"):
                          f"{mlflow.get_tracking_uri()}: expected a run id that exists") from None
 
 
-def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
-    """(tokenizer, model) from the registry, a run, an MLflow model directory or a
-    ``save_pretrained`` directory."""
-    from medlm.modeling import load_tokenizer_and_model
-
-    resolved = resolve_model_uri(model_uri, registered_model)
-    if os.path.isfile(resolved) or (os.path.isdir(resolved) and
-                                    not os.path.isfile(os.path.join(resolved, "MLmodel"))):
-        return load_tokenizer_and_model(resolved)
+def load_logged_model(model_uri: str, asked: str | None = None):
+    """(tokenizer, model) of a logged transformers model (``models:/``, ``runs:/`` or an MLflow
+    model directory), as components; ``asked``: the URI as the user wrote it, for errors."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            components = mlflow.transformers.load_model(resolved, return_type="components")
+            components = mlflow.transformers.load_model(model_uri, return_type="components")
     except MlflowException as error:
         first_line = str(error).strip().splitlines()[0][:200]
-        raise MedLMError(f"could not load model URI {model_uri!r} ({first_line}): expected a "
-                         "logged transformers model") from None
-    tokenizer, model = components["tokenizer"], components["model"]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
+        raise MedLMError(f"could not load model URI {asked or model_uri!r} ({first_line}): "
+                         "expected a logged transformers model") from None
+    return components["tokenizer"], components["model"]

@@ -162,9 +162,9 @@ def write_checkpoint(model, directory, rng_states=None):
 
 
 def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, monkeypatch):
-    from experiments.run import resume_config
     from medlm.checkpoint import load_checkpoint, rng_state
     from medlm.config import TrainConfig
+    from medlm.recipe import resume_config
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path, rng_states=[rng_state(), rng_state()])

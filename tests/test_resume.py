@@ -81,9 +81,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
 def test_a_checkpoint_of_other_data_does_not_resume(tmp_path, dataset_csv):
     from dataclasses import replace
 
-    from experiments.run import DATA_FILE, check_resume_data, data_fingerprint
     from medlm.data import load_disease_data, split_by_disease
     from medlm.errors import MedLMError
+    from medlm.recipe import DATA_FILE, check_resume_data, data_fingerprint
 
     data = load_disease_data(str(dataset_csv), 60)
     split = split_by_disease(data.frame, 0.2, 42)

@@ -1,0 +1,585 @@
+"""The training recipe, from flags to a registered model: setup (``prepare``: data, split,
+device, precision, model, every check a user could fail), train (``train_and_register``: one
+MLflow run through ``fit`` with the epoch report as a callback), register (the best epoch's
+weights as a model version, maybe the champion), cleanup (the checkpoint removed).
+
+``run`` trains one configuration or a sweep of them (child runs under a parent); ``resume``
+continues an interrupted run or sweep. ``experiments/run.py`` only parses flags and calls these.
+The MLflow calls are in ``medlm.tracking``; the loop (``medlm.train``) imports nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medlm.config import TrainConfig
+from medlm.errors import MedLMError
+
+if TYPE_CHECKING:
+    import torch
+
+    from medlm.data import DiseaseData, DiseaseSplit
+    from medlm.modeling import Precision
+
+log = logging.getLogger("medlm")
+
+
+class EpochReport:
+    """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
+    the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
+    console line beside the best baseline and the untuned base, MLflow tables, and samples
+    labelled held out or seen in training."""
+
+    def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
+                 tracker, split, baselines: dict):
+        self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
+        self.settings, self.tracker, self.split = settings, tracker, split
+        self.baselines = {name: scores for name, (_, scores) in baselines.items()}
+        self.untuned: dict[str, float] = {}
+        self._table = None
+
+    def score(self, model) -> dict[str, float]:
+        from medlm.metrics import evaluate_symptoms
+
+        self._table, overall = evaluate_symptoms(model, self.tokenizer, self.split.validation,
+                                                 self.settings.max_new_tokens)
+        return overall.as_metrics()
+
+    def on_epoch_replay(self, model, result) -> None:
+        """After a kill that cut an epoch's logging short: score the checkpointed weights again
+        (greedy: the same answers) for the per-disease table, then log as usual; the tracker
+        skips what was already logged."""
+        if result.scores:
+            self.score(model)
+        self.on_epoch_end(model, result)
+
+    def score_untuned(self, model) -> None:
+        """Epoch 0: the base model before any training, logged at step 0."""
+        scores = self.score(model)
+        self.tracker.log_symptom_scores(0, self._table, scores)
+        log.info("epoch 0 (untuned base): %s", self.compared(scores))
+        self.untuned = scores
+
+    def compared(self, scores: dict[str, float]) -> str:
+        """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
+        untuned 0.000/0.013": each score beside the best answer that needs no model."""
+        best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
+        best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
+        text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
+                f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
+                f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
+        if self.untuned:
+            text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
+                     f"{self.untuned['word_f1']:.3f}")
+        return text
+
+    def on_epoch_end(self, model, result) -> None:
+        from medlm.generate import generate
+
+        scores = ""
+        if result.scores:
+            self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
+            scores = ", " + self.compared(result.scores)
+        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
+                 "%.1f s, %.0f tokens/s%s%s", result.epoch, result.training_loss,
+                 result.validation_loss, result.validation_perplexity,
+                 result.epoch_duration_sec, result.train_tokens_per_sec,
+                 " *best*" if result.is_best else "", scores)
+        completions = generate(model, self.tokenizer, self.prompts, self.settings)
+        rows = []
+        for prompt, texts in zip(self.prompts, completions, strict=True):
+            side = self.split.side(prompt)
+            log.info("  %s (%s) | %s", prompt, side, texts[0])
+            rows.append({"epoch": result.epoch, "prompt": prompt, "split": side,
+                         "generated": texts[0],
+                         "reference": self.references.get(prompt.casefold(), "")})
+        self.tracker.log_samples(rows)
+
+
+SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
+DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was trained on
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs that a user could get wrong, loaded and checked up front."""
+
+    data: DiseaseData
+    split: DiseaseSplit
+    device: torch.device
+    precision: Precision
+    tokenizer: object  # a transformers tokenizer
+    model: torch.nn.Module
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    from medlm import distributed
+    from medlm.data import load_disease_data, prompt_for, split_by_disease
+    from medlm.generate import check_generation_length
+    from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
+    from medlm.offline import resolve_base_name
+
+    resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
+    data = load_disease_data(config.dataset, config.max_samples)
+    split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
+    # joins torchrun's group, if any
+    device = distributed.start(resolve_device(config.device), config.collective_timeout_min)
+    precision = resolve_precision(config.precision, device)
+    tokenizer, model = load_tokenizer_and_model(config.model)
+    # every answer the run writes must fit the context: checked now, not after an epoch
+    prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
+    if prompts and (config.symptom_eval or config.sample_prompts
+                    or config.num_validation_samples):
+        encoded = tokenizer([prompt_for(name) for name in prompts], add_special_tokens=False)
+        check_generation_length(model, max(map(len, encoded["input_ids"])),
+                                config.max_new_tokens)
+    return Prepared(data, split, device, precision, tokenizer, model)
+
+
+def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
+                       resume_run_id: str | None = None,
+                       started: Callable[[str], None] | None = None) -> dict:
+    """One training run in MLflow, from prepared inputs to a registered model version; with
+    ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
+    run id as soon as there is one (a sweep records which child is in progress)."""
+    from medlm import distributed
+    from medlm.checkpoint import has_checkpoint, logged_epoch, saved_epochs
+    from medlm.data import LanguageDataset, make_loader
+    from medlm.generate import GenerationSettings
+    from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
+    from medlm.modeling import (
+        count_parameters,
+        describe_device,
+        effective_max_length,
+        tokenizer_sha256,
+    )
+    from medlm.tracking import MlflowTracker, library_versions, logged_metrics
+    from medlm.train import EpochResult, NonFiniteLossError, fit
+
+    data, split, device, precision = (prepared.data, prepared.split, prepared.device,
+                                      prepared.precision)
+    tokenizer, model = prepared.tokenizer, prepared.model
+    max_length = effective_max_length(config.max_length, model)
+    train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on)
+    validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
+    main_process, world_size = distributed.is_main(), distributed.world_size()
+    shard = {"shard": distributed.rank(), "num_shards": world_size}
+    pin_memory = device.type == "cuda"
+    train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
+                               seed=config.seed, pin_memory=pin_memory,
+                               group_by_length=config.group_by_length, loss_on=config.loss_on,
+                               **shard)
+    validation_loader = make_loader(validation_set, config.batch_size, tokenizer.pad_token_id,
+                                    train=False, pin_memory=pin_memory, loss_on=config.loss_on,
+                                    **shard)
+
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
+    model.generation_config = settings.to_generation_config(tokenizer)
+    validation_names = split.validation["Name"].drop_duplicates()
+    prompts = list(dict.fromkeys(
+        config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
+    references = {key: symptoms for key, (_, symptoms) in
+                  references_by_disease(data.frame).items()}
+    baselines = baseline_scores(split.train, split.validation)
+
+    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
+             "diseases; %d names grouped with a variant so that none is on both sides); %s on "
+             "%s (%s)%s", config.dataset, len(data.frame), data.dropped_rows, len(train_set),
+             len(validation_set), validation_names.str.casefold().nunique(),
+             split.grouped_names, config.model, describe_device(device), precision.name,
+             f", {world_size} processes" if world_size > 1 else "")
+    tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
+                            transformer=config.model, gpu=describe_device(device),
+                            batch_size=config.batch_size, select_by=config.select_by)
+    params = {
+        **config.to_params(),
+        "num_parameters": count_parameters(model),
+        "dataset_source": data.source,
+        "dataset_file_sha256": data.file_sha256,
+        "dataset_content_sha256": data.content_sha256,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "metric_version": METRIC_VERSION,
+        "rows_read": data.raw_rows,
+        "rows_dropped": data.dropped_rows,
+        "rows_train": len(train_set),
+        "rows_validation": len(validation_set),
+        "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
+        "split_grouped_names": split.grouped_names,
+        "split_validation_sha256": split.validation_sha256,
+        "split_name_groups": len(split.groups),
+        "max_length_effective": max(train_set.max_length, validation_set.max_length),
+        "device_type": device.type,
+        "device_name": describe_device(device),
+        "precision_effective": precision.name,
+        "world_size": world_size,
+        **library_versions(),
+    }
+    # Only the main process talks to MLflow and writes files; the others learn the run id.
+    run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id) if main_process
+           else contextlib.nullcontext(resume_run_id))
+    with run as run_id:
+        run_id = distributed.broadcast_object(run_id)
+        log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
+                 tracker.tracking_uri)
+        if started:
+            started(run_id)
+        checkpoint = Path(config.checkpoint_dir) / run_id
+        report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines)
+        try:
+            if resume_run_id and main_process:
+                saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
+                tracker.epochs = [EpochResult(**values) for values in saved
+                                  if values["epoch"] <= logged]
+                report.untuned = logged_metrics(run_id, "untuned_")
+                log.info("resuming after epoch %d from %s%s", len(saved), checkpoint,
+                         f" (epoch {len(saved)} was not fully logged: logging it now)"
+                         if logged < len(saved) else "")
+            elif main_process:
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
+                (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
+                tracker.log_baselines(baselines)
+                for name, (_, scores) in baselines.items():
+                    log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
+                             scores.symptom.f1, scores.word.f1)
+                if config.symptom_eval:
+                    model.to(device)
+                    report.score_untuned(model)
+                    tracker.log_untuned(report.untuned)
+            result = fit(model, train_loader, validation_loader, config, device, precision,
+                         callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
+                         resume=bool(resume_run_id),
+                         scorer=report.score if config.symptom_eval else None)
+        except KeyboardInterrupt:
+            if nested:
+                pass  # the sweep says how to resume it as a whole
+            elif has_checkpoint(checkpoint):
+                log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
+                            "with: %s", checkpoint,
+                            resume_command(run_id, config.checkpoint_dir, world_size))
+            else:
+                log.warning("stopped before the first epoch ended: nothing to resume")
+            raise
+        except NonFiniteLossError as error:
+            error.run_id = run_id  # a sweep records which child diverged
+            raise
+        best = result.best
+        summary = (f"validation loss {best.validation_loss:.4f}"
+                   + (f", {report.compared(best.scores)}" if best.scores else ""))
+        log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
+                 config.select_by, summary, " (stopped early)" if result.stopped_early else "",
+                 validation_names.str.casefold().nunique())
+        version, verdict = None, "not registered (--no-register)"
+        if main_process:
+            tracker.log_best(best)
+            if config.register:
+                version, verdict = tracker.log_and_register_model(
+                    model, tokenizer, best, params, config.select_by, promote=config.promote)
+    if main_process:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is over: nothing to resume
+        log.info("%s", verdict if version is None else
+                 f"registered {config.registered_model} version {version}; {verdict}")
+    return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
+            "best_epoch": best.epoch, "validation_loss": best.validation_loss,
+            "symptom_f1": best.scores.get("symptom_f1", float("nan")),
+            "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
+
+
+SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json
+
+
+def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
+    return Path(checkpoint_dir) / parent_id / SWEEP_FILE
+
+
+def save_sweep_state(path: Path, state: dict) -> None:
+    """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
+    from medlm.checkpoint import write_durably
+
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(item) for item in value]
+        return value
+
+    write_durably(path, json.dumps(strict(state), indent=2, allow_nan=False))
+
+
+def load_sweep_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
+                         "expected the file an interrupted sweep wrote") from None
+
+
+def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
+    """The command that continues run (or sweep) ``run_id``."""
+    import shlex
+
+    launcher = ("python" if world_size == 1 else
+                f"torchrun <the same options: {world_size} processes in all>")
+    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
+             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
+    return f"{launcher} -m experiments.run --resume {run_id}{where}"
+
+
+def diverged_row(run_id: str, row: dict) -> dict:
+    nan = float("nan")
+    return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
+            "symptom_f1": nan, "word_f1": nan, "version": None,
+            "status": "FAILED: loss diverged"}
+
+
+def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
+              resume: tuple[str, dict] | None = None) -> None:
+    """The grid as child runs under one parent run; the parent carries the best child.
+
+    The sweep's progress (its settings, each ended child's row, the child in progress) is kept
+    in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
+    state) continues an interrupted sweep: ended children are kept, the interrupted child
+    resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
+    process asks MLflow and writes files; it tells the others what it decided."""
+    import pandas as pd
+
+    from medlm import distributed
+    from medlm.checkpoint import has_checkpoint, write_durably
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
+    from medlm.train import NonFiniteLossError
+
+    first = configs[0]
+    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
+                           transformer=first.model, gpu="", batch_size=first.batch_size)
+    parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
+                     **{f"sweep_{name}": ", ".join(map(str, values))
+                        for name, values in grid.items()}, "sweep_size": len(configs)}
+    main_process, world_size = distributed.is_main(), distributed.world_size()
+    resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
+                                         "grid": grid, "world_size": world_size,
+                                         "children": [], "running": None})
+    children = list(state["children"])
+    run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
+           else contextlib.nullcontext(resume_id))
+    with run as parent_id:
+        parent_id = distributed.broadcast_object(parent_id)
+        state_file = sweep_state_file(first.checkpoint_dir, parent_id)
+
+        def record(**changes) -> None:
+            state.update(changes, children=children)  # every process keeps the same state
+            if main_process:
+                save_sweep_state(state_file, state)
+
+        try:
+            if main_process and not resume_id:  # what every child is trained on, then progress
+                write_durably(state_file.parent / DATA_FILE,
+                              json.dumps(data_fingerprint(prepared.data, prepared.split)))
+            record()
+            log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
+                     f" (resumed: {len(children)} ended before)" if resume_id else "")
+            loaded = True  # prepared.model is the untouched base
+            for index, config in enumerate(configs):
+                label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
+                row = {name: getattr(config, name) for name in SWEEPABLE}
+                if index < len(children):
+                    log.info("--- child %d/%d: %s: %s before the interruption (run %s)",
+                             index + 1, len(configs), label, children[index]["status"],
+                             children[index]["run_id"])
+                    continue
+                interrupted = state["running"] if index == len(children) else None
+                decision, summary = None, None
+                if interrupted and main_process:  # what became of the child in progress
+                    checkpoint = Path(config.checkpoint_dir) / interrupted
+                    status, summary = run_outcome(interrupted)
+                    if status == "FINISHED":  # it ended after all (e.g. resumed on its own)
+                        decision = "finished"
+                        shutil.rmtree(checkpoint, ignore_errors=True)
+                    elif has_checkpoint(checkpoint):
+                        decision = "resume"
+                    elif status == "FAILED":  # diverged, and its checkpoint already removed
+                        decision = "diverged"
+                    else:  # stopped before its first epoch ended: nothing to resume
+                        decision = "restart"
+                        end_abandoned_run(interrupted)
+                decision, summary = distributed.broadcast_object((decision, summary))
+                if decision in ("finished", "diverged"):
+                    log.info("--- child %d/%d: %s: %s (run %s)", index + 1, len(configs), label,
+                             decision.upper(), interrupted)
+                    children.append({"run_id": interrupted, **row, **summary,
+                                     "status": "FINISHED"} if summary else
+                                    diverged_row(interrupted, row))
+                    record(running=None)
+                    continue
+                resume_child = interrupted if decision == "resume" else None
+                if not loaded:
+                    prepared.model = load_tokenizer_and_model(config.model)[1]
+                loaded = False
+                log.info("--- child %d/%d: %s%s", index + 1, len(configs), label,
+                         f" (resuming run {resume_child})" if resume_child else
+                         f" (run {interrupted} was stopped before its first epoch ended: "
+                         "starting it again)" if interrupted else "")
+                if resume_child:  # its own saved settings, where this process keeps them
+                    config = replace(resume_config(resume_child, config.checkpoint_dir),
+                                     checkpoint_dir=config.checkpoint_dir,
+                                     collective_timeout_min=config.collective_timeout_min)
+                try:
+                    result = train_and_register(
+                        replace(config, run_name=label), prepared, nested=True,
+                        resume_run_id=resume_child,
+                        started=lambda run_id: record(running=run_id))
+                    children.append({**result, "status": "FINISHED"})
+                except NonFiniteLossError as error:  # common in an lr sweep: the others go on
+                    log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
+                                error)
+                    run_id = getattr(error, "run_id", "")
+                    if main_process and run_id:  # nothing there is worth resuming
+                        shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
+                    children.append(diverged_row(run_id, row))
+                record(running=None)
+        except BaseException as error:
+            if main_process:
+                command = resume_command(parent_id, first.checkpoint_dir, world_size)
+                log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
+                            "stopped" if isinstance(error, KeyboardInterrupt) else "failed",
+                            len(children), len(configs),
+                            "Resume" if isinstance(error, KeyboardInterrupt) else
+                            "After fixing the cause, resume", command)
+            raise
+        if not any(child["status"] == "FINISHED" for child in children):
+            if main_process:
+                shutil.rmtree(state_file.parent, ignore_errors=True)  # nothing to resume
+            raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
+                                     "expected at least one finite training loss; try a "
+                                     "lower --lr or fp32")
+        if not main_process:
+            return
+        order = ["validation_loss", "symptom_f1"]
+        if first.select_by == "symptom_f1":
+            order.reverse()
+        table = pd.DataFrame(children).sort_values(
+            order, ascending=[name == "validation_loss" for name in order])
+        table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
+                                 in enumerate(table["status"], start=1)])
+        table["best_epoch"] = table["best_epoch"].astype("Int64")
+        best = table.iloc[0]
+        log_sweep_summary(table, best, SWEEPABLE)
+    shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
+    with pd.option_context("display.width", 160, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
+             best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
+
+
+def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
+    """The interrupted run's own settings, as saved beside its checkpoint; checked before the
+    MLflow run is reopened, so a wrong process count does not mark it FAILED."""
+    from medlm import distributed
+    from medlm.checkpoint import check_world_size, has_checkpoint
+
+    saved = Path(checkpoint_dir) / run_id / "config.json"
+    if not (saved.is_file() and has_checkpoint(saved.parent)):
+        runs = sorted([path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
+                       if has_checkpoint(path.parent)]
+                      + [f"{path.parent.name} (a sweep)"
+                         for path in Path(checkpoint_dir).glob(f"*/{SWEEP_FILE}")])
+        raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
+                         f"here: {', '.join(runs) or 'none'}): expected the id of a run "
+                         "interrupted after at least one epoch")
+    check_world_size(saved.parent, distributed.environment_world_size())
+    return TrainConfig(**json.loads(saved.read_text()))
+
+
+def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float) -> None:
+    """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
+    checkpoint directory; everything that can refuse it is checked before the parent run is
+    reopened."""
+    from medlm import distributed
+    from medlm.checkpoint import has_checkpoint
+
+    state = load_sweep_state(sweep_state_file(directory, parent_id))
+    configs = [replace(TrainConfig(**saved), checkpoint_dir=directory,
+                       collective_timeout_min=collective_timeout_min)
+               for saved in state["configs"]]
+    processes = distributed.environment_world_size()
+    if state.get("world_size", 1) != processes:
+        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
+                         f"processes, this is {processes}: expected the same process count")
+    ended = len(state["children"])
+    interrupted = state["running"] if ended < len(configs) else None
+    child_checkpoint = Path(directory) / interrupted if interrupted else None
+    prepared = prepare(configs[min(ended, len(configs) - 1)])
+    check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
+    if child_checkpoint and has_checkpoint(child_checkpoint):
+        check_resume_data(child_checkpoint, prepared.data, prepared.split)
+    run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
+
+
+def data_fingerprint(data, split) -> dict[str, str]:
+    """What a checkpoint was trained on: the cleaned dataset's content and the validation names."""
+    return {"dataset_content_sha256": data.content_sha256,
+            "split_validation_sha256": split.validation_sha256}
+
+
+def check_resume_data(checkpoint: Path, data, split) -> None:
+    """A run resumes only on the rows and the split it was trained and validated on (a changed
+    dataset file, or a checkpoint of an older MedLM with another split rule, would silently mix
+    two experiments in one run)."""
+    saved = checkpoint / DATA_FILE
+    try:
+        recorded = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    expected = data_fingerprint(data, split)
+    changed = [key for key, value in expected.items() if recorded.get(key) != value]
+    if changed:
+        what = ("the dataset's content changed" if "dataset_content_sha256" in changed
+                else "another split of the data")
+        found = ", ".join(f"{key} {str(recorded.get(key, 'missing'))[:12]} vs "
+                          f"{expected[key][:12]}" for key in changed)
+        raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on other data "
+                         f"({what}: {found}): expected the same dataset and split; "
+                         "start a new run instead")
+
+
+def sweep_configs(common: dict, grid: dict[str, list]) -> list[TrainConfig]:
+    """One configuration per combination of the ``SWEEPABLE`` values in ``grid``."""
+    return [TrainConfig(**common, **dict(zip(grid, values, strict=True)))
+            for values in itertools.product(*grid.values())]
+
+
+def run(configs: list[TrainConfig], grid: dict[str, list] | None = None) -> None:
+    """Train one configuration, or a sweep of them under a parent run. Bad input (including
+    ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts."""
+    if len(configs) > 1 and any(config.promote for config in configs):
+        raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
+                         "would crown every child in turn; promote its best child's "
+                         "version afterwards, in mlflow ui)")
+    prepared = prepare(configs[0])
+    if len(configs) == 1:
+        train_and_register(configs[0], prepared)
+    else:
+        run_sweep(configs, grid or {}, prepared)
+
+
+def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float) -> None:
+    """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
+    but this machine's checkpoint directory and collective timeout."""
+    if sweep_state_file(checkpoint_dir, run_id).is_file():
+        resume_sweep(run_id, checkpoint_dir, collective_timeout_min)
+        return
+    config = replace(resume_config(run_id, checkpoint_dir), checkpoint_dir=checkpoint_dir,
+                     collective_timeout_min=collective_timeout_min)
+    prepared = prepare(config)
+    check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
+    train_and_register(config, prepared, resume_run_id=run_id)
