@@ -211,11 +211,24 @@ class MlflowTracker:
         yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
         key (whatever rule picked the champion's own best epoch).
         """
+        from mlflow.models import infer_signature
+
+        from medlm.data import PROMPT_SEPARATOR
+
+        # Served (pyfunc, `mlflow models serve`), a disease name becomes "Name |", the text
+        # the model was trained to continue, and only the continuation comes back; the
+        # generation settings are inference parameters with the run's values as defaults.
+        example = ["Kidney Failure"]
+        signature = infer_signature(example, ["Fatigue, swelling in the legs"],
+                                    params=serving_parameters(model.generation_config))
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
             task="text-generation",
             save_pretrained=True,
+            prompt_template="{prompt}" + PROMPT_SEPARATOR.rstrip(),
+            signature=signature,
+            input_example=example,
             pip_requirements=pip_requirements(),
             registered_model_name=self.registered_model,
             step=best.epoch,
@@ -270,6 +283,19 @@ class MlflowTracker:
 EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
                          "split_validation_sha256", "loss_on", "tokenizer_sha256",
                          "max_length_effective", "metric_version", "max_new_tokens")
+
+
+def serving_parameters(generation_config) -> dict[str, Any]:
+    """The generation settings a served model takes as inference parameters, with the values
+    it was trained and sampled with as defaults (MedLM's own where the model has none)."""
+    from medlm.generate import GenerationSettings
+
+    defaults = GenerationSettings()
+    names = {"max_new_tokens": int, "do_sample": bool, "top_k": int, "top_p": float,
+             "temperature": float, "repetition_penalty": float}
+    return {name: kind(value if (value := getattr(generation_config, name, None)) is not None
+                       else getattr(defaults, name))
+            for name, kind in names.items()}
 
 
 def evaluation_key(params: dict[str, Any]) -> dict[str, str]:

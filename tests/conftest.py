@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -153,3 +154,49 @@ os.rename(os.path.join(target, "csv-train.arrow"), os.path.join(target, name + "
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                    env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def background_server(command: list[str], ready_url: str, home: Path, timeout: float = 180,
+                      env: dict | None = None):
+    """Start ``command`` (a server) in its own process group, wait (bounded) until ``ready_url``
+    answers 200, and kill the group at the end; a server that does not come up fails the
+    test with its log."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    log_path = home / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, stdin=subprocess.DEVNULL, env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{command[:4]} did not start:\n{log_path.read_text()}")
+                time.sleep(1)
+            yield server
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()

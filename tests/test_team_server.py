@@ -8,17 +8,12 @@ failure.
 
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run_module
+from tests.conftest import background_server, free_port, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -53,41 +48,18 @@ def postgres_uri():
     admin.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tracking_server(postgres_uri, tmp_path_factory):
     """``mlflow server`` as a team would run it: runs and registry in PostgreSQL, artifacts
     proxied by the server into --artifacts-destination."""
     home = tmp_path_factory.mktemp("server")
     port = free_port()
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
-         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            os.killpg(server.pid, signal.SIGTERM)
-            pytest.fail(f"mlflow server did not start:\n{(home / 'server.log').read_text()}")
-        time.sleep(1)
-    yield url, home / "artifacts"
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
+    with background_server(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
+             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"], f"{url}/health", home):
+        yield url, home / "artifacts"
 
 
 def test_train_register_and_generate_through_a_postgresql_backed_server(
