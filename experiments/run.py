@@ -116,6 +116,13 @@ def build_parser() -> ArgumentParser:
                           help="make this run's version @champion without comparing it (the "
                                "champion otherwise moves only to a better version with the "
                                "same evaluation key)")
+    tracking.add_argument("--log-every-steps", type=non_negative_int,
+                          default=defaults.log_every_steps,
+                          help="per-step curves in MLflow (step/training_loss, "
+                               "step/learning_rate, step/grad_norm, step/tokens_per_sec) every N "
+                               "optimizer steps; 0 = per-epoch metrics only")
+    tracking.add_argument("--no-system-metrics", dest="system_metrics", action="store_false",
+                          help="do not log CPU, memory and GPU usage (system/* metrics)")
     parser.add_argument("--resume", metavar="RUN_ID", default=None,
                         help="continue an interrupted run from its last completed epoch, with "
                              "its own settings (other flags are ignored); a sweep's parent "

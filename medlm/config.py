@@ -57,6 +57,8 @@ class TrainConfig:
     register: bool = True  # False: log metrics and samples only (smoke runs)
     promote: bool = False  # make this run's version @champion without comparing
     checkpoint_dir: str = "checkpoints"  # a run's resumable state: <checkpoint_dir>/<run id>/
+    log_every_steps: int = 5  # per-step curves (loss, lr, grad norm, tokens/s); 0 = off
+    system_metrics: bool = True  # CPU, memory (and GPU) usage logged beside the run
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -67,7 +69,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(name, value, lambda v: v >= 1, "a whole number >= 1")
-        for name in ("warmup_steps", "patience", "num_validation_samples"):
+        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps"):
             _require(name, getattr(self, name), lambda v: v >= 0, "a whole number >= 0")
         _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")

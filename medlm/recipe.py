@@ -198,7 +198,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
              f", {world_size} processes" if world_size > 1 else "")
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
                             transformer=config.model, gpu=describe_device(device),
-                            batch_size=config.batch_size, select_by=config.select_by)
+                            batch_size=config.batch_size, select_by=config.select_by,
+                            system_metrics=config.system_metrics)
     params = {
         **config.to_params(),
         "num_parameters": count_parameters(model),
@@ -246,6 +247,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
                 (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
+                tracker.log_datasets(split.train, split.validation, data.source)
                 tracker.log_baselines(baselines)
                 for name, (_, scores) in baselines.items():
                     log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,

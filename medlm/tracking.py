@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from medlm import distributed
 from medlm.errors import MedLMError
 from medlm.train import EpochResult
 
@@ -66,8 +67,10 @@ class MlflowTracker:
 
     def __init__(self, experiment: str, run_name: str | None, registered_model: str,
                  transformer: str, gpu: str, batch_size: int,
-                 select_by: str = "validation_loss"):
+                 select_by: str = "validation_loss", system_metrics: bool = False):
         self.experiment = experiment
+        self.system_metrics = system_metrics
+        self.last_logged_step = 0  # per-step metrics up to here are in the run (resume)
         self.select_by = select_by
         self.run_name = run_name
         self.registered_model = registered_model
@@ -87,15 +90,23 @@ class MlflowTracker:
             experiment_id = mlflow.active_run().info.experiment_id
         else:
             experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+            # MLflow 3's UI shows its model-training views for this kind of experiment
+            MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind",
+                                              "custom_model_development")
+        if self.system_metrics and distributed.world_size() > 1:
+            mlflow.system_metrics.set_system_metrics_node_id(f"rank{distributed.rank()}")
         with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
                               run_name=None if resume_run_id else self.run_name,
-                              nested=nested) as active:
+                              nested=nested, log_system_metrics=self.system_metrics) as active:
             self.run_id = active.info.run_id
             try:
                 if not resume_run_id:
                     mlflow.log_params({key: _param_value(value)
                                        for key, value in params.items()})
+                else:
+                    self.last_logged_step = _last_step(self.run_id, STEP_METRICS[0])
                 yield self.run_id
+                mlflow.flush_async_logging()
             except KeyboardInterrupt:
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
                 raise
@@ -113,6 +124,35 @@ class MlflowTracker:
         self._log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
         mlflow.log_text(self.results_frame().to_csv(index=False), "results.csv")
         mlflow.log_figure(self.loss_figure(), "loss_curve.png")
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step curves (x-axis: optimizer steps since the run began), logged without
+        making the loop wait for MLflow; steps a resumed run had logged are not logged again."""
+        if step > self.last_logged_step:
+            mlflow.log_metrics({f"step/{name}": value for name, value in values.items()},
+                               step=step, synchronous=False)
+            self.last_logged_step = step
+
+    def log_datasets(self, train: pd.DataFrame, validation: pd.DataFrame, source: str) -> None:
+        """The training and validation rows as the run's inputs (the Datasets column and
+        lineage in the UI): the Hub dataset or the file they came from, and each one's content
+        digest."""
+        import pathlib
+        import warnings
+
+        import mlflow.data
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        local = os.path.expanduser(source)
+        origin = (pathlib.Path(local).resolve().as_uri() if os.path.exists(local)
+                  else HuggingFaceDatasetSource(path=source, split="train"))
+        name = os.path.splitext(os.path.basename(source.rstrip("/")))[0] or source
+        for context, frame in (("training", train), ("validation", validation)):
+            with warnings.catch_warnings():  # MLflow registers its file source twice
+                warnings.filterwarnings("ignore", "The specified dataset source can be")
+                dataset = mlflow.data.from_pandas(frame.reset_index(drop=True), source=origin,
+                                                  targets="Symptoms", name=f"{name}-{context}")
+            mlflow.log_input(dataset, context=context)
 
     def on_epoch_replay(self, model, result: EpochResult) -> None:
         """The epoch's logging again, after a kill that cut it short: what is already in the
@@ -234,6 +274,9 @@ class MlflowTracker:
             step=best.epoch,
         )
         version = str(info.registered_model_version)
+        # log_model(step=best epoch) links the run's metrics at that step (the best epoch's
+        # losses and scores) to the logged model: the Models tab shows them
+        scores = {"validation_loss": best.validation_loss, **best.scores}
         key = evaluation_key(params)
         tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
                 **{name: repr(value) for name, value in best.scores.items()},
@@ -241,6 +284,12 @@ class MlflowTracker:
         client = MlflowClient()
         for name, value in tags.items():
             client.set_model_version_tag(self.registered_model, version, name, value)
+        client.update_model_version(self.registered_model, version, description=(
+            f"{params.get('model')} fine-tuned on {params.get('dataset_source')} "
+            f"({params.get('rows_train')} training rows); best of {len(self.epochs)} epochs by "
+            f"{select_by}: epoch {best.epoch}, "
+            + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+            + f". Run {self.run_id}."))
         return version, self._maybe_crown(client, version, tags, select_by, promote)
 
     def _maybe_crown(self, client: MlflowClient, version: str, tags: dict[str, str],
@@ -351,6 +400,15 @@ def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str
                      **{f"best_{name}": str(best[name]) for name in sweepable}})
 
 
+STEP_METRICS = ("step/training_loss", "step/learning_rate", "step/grad_norm",
+                "step/tokens_per_sec")
+
+
+def _last_step(run_id: str, metric: str) -> int:
+    return max((point.step for point in MlflowClient().get_metric_history(run_id, metric)),
+               default=0)
+
+
 def compare_runs_hint() -> str:
     """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
     uri = mlflow.get_tracking_uri()
@@ -406,13 +464,37 @@ def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
     if model_uri.isdigit():
         model_uri = f"models:/{registered_model}/{model_uri}"
     match = _MODELS_URI.match(model_uri)
-    if match:
+    if match and not (match["alias"] or match["version"]) and _LOGGED_MODEL_ID.match(
+            match["name"]):  # MLflow 3: models:/m-<model id>, a logged model
+        _check_logged_model(model_uri, match["name"])
+    elif match and match["version"] == "latest":  # the newest version, as MLflow means it
+        _check_registry(model_uri, match["name"], None, None)
+        versions = MlflowClient().search_model_versions(f"name = '{match['name']}'")
+        if not versions:
+            raise MedLMError(f"model URI {model_uri!r}: registered model {match['name']!r} has "
+                             "no versions: expected one, trained with python -m experiments.run")
+        newest = max(int(version.version) for version in versions)
+        model_uri = f"models:/{match['name']}/{newest}"
+    elif match:
         _check_registry(model_uri, match["name"], match["alias"], match["version"])
     elif not re.match(r"^[a-z][a-z0-9+.-]*:/", model_uri):
         raise MedLMError(f"model URI {model_uri!r} is not a directory or URI: expected "
-                         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an offline "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                         "models:/m-MODEL_ID, runs:/RUN_ID/model, an offline "
                          f"base ({known_bases()}), a local directory or a .gguf file")
     return model_uri
+
+
+_LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
+
+
+def _check_logged_model(model_uri: str, model_id: str) -> None:
+    try:
+        MlflowClient().get_logged_model(model_id)
+    except MlflowException:
+        raise MedLMError(f"model URI {model_uri!r}: no logged model {model_id!r} at "
+                         f"{mlflow.get_tracking_uri()}: expected the id shown in the run's "
+                         "Models tab") from None
 
 
 def _check_registry(model_uri: str, name: str, alias: str | None, version: str | None) -> None:
@@ -449,7 +531,9 @@ def source_run(model_uri: str, registered_model: str = "medlm"):
     client = MlflowClient()
     match = _MODELS_URI.match(resolved)
     run_id = None
-    if match:
+    if match and _LOGGED_MODEL_ID.match(match["name"]) and not match["version"]:
+        run_id = client.get_logged_model(match["name"]).source_run_id
+    elif match:
         version = (client.get_model_version_by_alias(match["name"], match["alias"])
                    if match["alias"] else
                    client.get_model_version(match["name"], match["version"])

@@ -62,6 +62,10 @@ class FitResult:
 class Callback(Protocol):
     def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None: ...
 
+    # optional: ``on_step(step, values)`` every ``config.log_every_steps`` optimizer steps
+    # (``step`` counts from the run's start; ``values``: training_loss over those steps,
+    # learning_rate, grad_norm before clipping when clipping is on, tokens_per_sec)
+
 
 # Scores the model after an epoch's validation loss (say, symptom F1 of generated answers);
 # its figures join the EpochResult before the best epoch is chosen and the checkpoint written.
@@ -164,15 +168,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler,
                precision: Precision, device: torch.device,
-               max_grad_norm: float) -> tuple[torch.Tensor, int]:
+               max_grad_norm: float) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """One optimizer step over a window of batches (gradient accumulation).
 
     The loss is normalised by the window's real-token count, so accumulating k batches equals
     one batch k times as large. Under torchrun ``model`` is the DistributedDataParallel wrapper:
     the count is that of all processes' windows and gradients are averaged once per window, so
     the step equals one process's step over all their rows. Returns this process's summed token
-    loss as a device tensor (not read here: reading it would make the host wait for the device)
-    and its token count.
+    loss as a device tensor (not read here: reading it would make the host wait for the device),
+    its token count, and the gradient norm before clipping (a device tensor; None when clipping
+    is off).
     """
     window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
     divisor: int | torch.Tensor = window_tokens
@@ -187,16 +192,17 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
                 batch_loss_sum = token_loss_sum(model, _to(batch, device))
             scaler.scale(batch_loss_sum / divisor).backward()
         loss_sum += batch_loss_sum.detach()
+    grad_norm = None
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
     scaler.step(optimizer)  # skipped when the scaled gradients overflowed
     scaler.update()
     if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, window_tokens
+    return loss_sum, window_tokens, grad_norm
 
 
 def fit(
@@ -285,6 +291,8 @@ def fit(
         trained = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    step_callbacks = [callback for callback in callbacks if hasattr(callback, "on_step")
+                      ] if main_process and config.log_every_steps else []
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(train_loader.batch_sampler, "set_epoch"):
@@ -293,9 +301,10 @@ def fit(
         model.train()
         loss_sum = torch.zeros((), device=device)
         tokens = real_tokens = samples = step = 0
+        since = (0.0, 0, 0, time.perf_counter())  # loss, tokens, real tokens, time at last log
         with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
             for window in _windows(train_loader, config.grad_accum):
-                window_loss_sum, window_tokens = train_step(
+                window_loss_sum, window_tokens, grad_norm = train_step(
                     trained, window, optimizer, scaler, scheduler, precision, device,
                     config.max_grad_norm)
                 loss_sum += window_loss_sum
@@ -306,6 +315,20 @@ def fit(
                 step += 1
                 if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
+                global_step = (epoch - 1) * steps_per_epoch + step
+                if step_callbacks and global_step % config.log_every_steps == 0:
+                    # one host read per N steps; the tracker logs without waiting for MLflow
+                    loss_now, now = loss_sum.item(), time.perf_counter()
+                    values = {
+                        "training_loss": (loss_now - since[0]) / max(tokens - since[1], 1),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "tokens_per_sec": (real_tokens - since[2]) / max(now - since[3], 1e-9),
+                    }
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                    for callback in step_callbacks:
+                        callback.on_step(global_step, values)
+                    since = (loss_now, tokens, real_tokens, time.perf_counter())
         training_loss = loss_sum.item() / max(tokens, 1)
         train_seconds = time.perf_counter() - started
         if world_size > 1:

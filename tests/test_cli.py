@@ -169,6 +169,20 @@ def test_generate_accepts_versions_run_uris_and_is_repeatable(trained, workdir, 
     assert by_version.stdout == by_run.stdout
     assert by_version.stdout.startswith("[1] Kidney Failure | ")
     assert "[2] Kidney Failure | " in by_version.stdout
+    # MLflow's own spellings: the newest version, and MLflow 3's logged-model id (both were
+    # "no registered model" errors before)
+    (logged,) = [model for model in
+                 client_of(workdir).search_logged_models([run.info.experiment_id])
+                 if model.source_run_id == run.info.run_id]
+    for uri in ("models:/medlm/latest", f"models:/{logged.model_id}"):
+        other = run_module("experiments.generate", *args, "--model-uri", uri, cwd=workdir,
+                           env_extra=no_uri_env)
+        assert other.returncode == 0 and other.stdout == by_version.stdout, other.stderr
+
+
+def client_of(workdir):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def test_unknown_alias_is_one_line_listing_what_exists(trained, workdir, no_uri_env):

@@ -33,7 +33,8 @@ def client_for(directory):
 def losses(client, run_id):
     return {name: [(p.step, p.value) for p in sorted(client.get_metric_history(run_id, name),
                                                      key=lambda p: p.step)]
-            for name in ("training_loss", "validation_loss", "symptom_f1", "word_f1")}
+            for name in ("training_loss", "validation_loss", "symptom_f1", "word_f1",
+                         "step/training_loss", "step/learning_rate")}
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,

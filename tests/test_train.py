@@ -414,6 +414,37 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
+def test_per_step_values_reach_step_callbacks_every_n_optimizer_steps(tiny_model_dir,
+                                                                     small_frame):
+    """The curves MLflow draws between epochs: loss over the last N steps, learning rate,
+    the gradient norm clip_grad_norm_ measured (thrown away before) and tokens/s, numbered
+    by optimizer steps since the run began."""
+    from medlm.modeling import load_tokenizer_and_model
+
+    class StepRecorder:
+        def __init__(self):
+            self.steps = []
+
+        def on_step(self, step, values):
+            self.steps.append((step, values))
+
+        def on_epoch_end(self, model, result):
+            pass
+
+    tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+    train, validation = loaders(tokenizer, small_frame)
+    config = TrainConfig(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=2, progress=False)
+    recorder = StepRecorder()
+    fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
+    per_epoch = math.ceil(len(train) / 2)
+    assert [step for step, _ in recorder.steps] == list(range(2, 2 * per_epoch + 1, 2))
+    for _, values in recorder.steps:
+        assert set(values) == {"training_loss", "learning_rate", "grad_norm", "tokens_per_sec"}
+        assert values["learning_rate"] == 3e-3 and values["grad_norm"] > 0
+        assert math.isfinite(values["training_loss"]) and values["tokens_per_sec"] > 0
+    assert recorder.steps[-1][1]["training_loss"] < recorder.steps[0][1]["training_loss"]
+
+
 def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
         tiny_model_dir, small_frame, tmp_path, monkeypatch):
     """Power loss, unlike a kill, drops what the OS had not written yet: a rename that reached
