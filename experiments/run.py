@@ -21,6 +21,7 @@ from experiments._cli import (
     seed,
 )
 from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
+from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
 
 log = logging.getLogger("medlm")
@@ -125,8 +126,9 @@ def build_parser() -> ArgumentParser:
                           help="do not log CPU, memory and GPU usage (system/* metrics)")
     parser.add_argument("--resume", metavar="RUN_ID", default=None,
                         help="continue an interrupted run from its last completed epoch, with "
-                             "its own settings (other flags are ignored); a sweep's parent "
-                             "run id continues the whole sweep")
+                             "its own settings (other flags are ignored, except --epochs: the "
+                             "run's new number of epochs in all); a sweep's parent run id "
+                             "continues the whole sweep")
     parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
                         help="where each run keeps its resumable state (<dir>/<run id>/; "
                              "removed when the run finishes)")
@@ -143,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         if args.resume:
-            recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min)
+            # of the other flags, --epochs may change how long the run goes on
+            given = argv if argv is not None else sys.argv[1:]
+            epochs = None
+            if any(word == "--epochs" or word.startswith("--epochs=") for word in given):
+                if len(args.epochs) > 1:
+                    raise MedLMError("--epochs with --resume takes one value: expected the "
+                                     "run's new number of epochs in all")
+                epochs = args.epochs[0]
+            recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
+                          epochs)
             return 0
         if args.sample_prompts is None:
             args.sample_prompts = TrainConfig().sample_prompts

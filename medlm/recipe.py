@@ -574,14 +574,33 @@ def run(configs: list[TrainConfig], grid: dict[str, list] | None = None) -> None
         run_sweep(configs, grid or {}, prepared)
 
 
-def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float) -> None:
+def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
+           epochs: int | None = None) -> None:
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
-    but this machine's checkpoint directory and collective timeout."""
+    but this machine's checkpoint directory and collective timeout; ``epochs``, when given,
+    changes how many epochs the run has in all (at least those it has completed)."""
+    from medlm.checkpoint import saved_epochs, write_durably
+
     if sweep_state_file(checkpoint_dir, run_id).is_file():
+        if epochs is not None:
+            raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
+                             "no --epochs (a sweep resumes with its own grid)")
         resume_sweep(run_id, checkpoint_dir, collective_timeout_min)
         return
     config = replace(resume_config(run_id, checkpoint_dir), checkpoint_dir=checkpoint_dir,
                      collective_timeout_min=collective_timeout_min)
+    if epochs is not None and epochs != config.epochs:
+        done = len(saved_epochs(Path(checkpoint_dir) / run_id))
+        if epochs < done:
+            raise MedLMError(f"--epochs {epochs} with --resume {run_id!r} is invalid: the run "
+                             f"has completed {done} epochs: expected at least {done}")
+        log.info("run %s: %d epochs in all instead of %d%s", run_id, epochs, config.epochs,
+                 "" if config.scheduler == "constant" else
+                 f" (the {config.scheduler} learning-rate schedule is spread over the new "
+                 "total from the next step on)")
+        config = replace(config, epochs=epochs)
+        write_durably(Path(checkpoint_dir) / run_id / "config.json",
+                      json.dumps(asdict(config), indent=2))
     prepared = prepare(config)
     check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
     train_and_register(config, prepared, resume_run_id=run_id)

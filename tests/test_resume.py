@@ -280,3 +280,37 @@ def mlflow_table(run_id):
     import mlflow
 
     return mlflow.artifacts.load_text(f"runs:/{run_id}/sweep.csv")
+
+
+def test_a_resumed_run_may_be_given_more_epochs(mlflow_home, tiny_model_dir, dataset_csv,
+                                                monkeypatch, capsys):
+    """`--resume RUN_ID --epochs N` goes on to N epochs in all (before, --epochs was ignored
+    without a word); fewer than the run has completed is a one-line error."""
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    on_epoch_end = MlflowTracker.on_epoch_end
+
+    def interrupted_at_epoch_2(self, model, result):
+        if result.epoch == 2:
+            raise KeyboardInterrupt
+        on_epoch_end(self, model, result)
+
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", interrupted_at_epoch_2)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "2", "--lr", "3e-3", "--num-validation-samples", "0",
+            "--no-symptom-eval", "--no-progress"]
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", on_epoch_end)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    capsys.readouterr()
+    assert run_cli(run_entry_point.main, ["--resume", run.info.run_id, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "the run has completed 2 epochs: expected at least 2" in err
+    assert run_cli(run_entry_point.main, ["--resume", run.info.run_id, "--epochs", "3"]) == 0
+    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "training_loss"),
+                                   key=lambda m: m.step)] == [1, 2, 3]
+    assert client.get_run(run.info.run_id).data.metrics["best_epoch"] in (1, 2, 3)
