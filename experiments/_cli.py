@@ -145,9 +145,10 @@ def replace_options(parser: argparse.ArgumentParser, argv: list[str],
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model-uri, --registered-model and --device, as generate and evaluate take them."""
     parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number, "
-                             "runs:/RUN_ID/model, an offline base (smollm2-135m-instruct), a "
-                             "local model directory or a .gguf file")
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                             "models:/m-MODEL_ID (MLflow 3 logged model), a bare version "
+                             "number, runs:/RUN_ID/model, an offline base "
+                             "(smollm2-135m-instruct), a local model directory or a .gguf file")
     parser.add_argument("--registered-model", default="medlm",
                         help="registered model a bare version number refers to")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",

@@ -29,8 +29,9 @@ log = logging.getLogger("medlm")
 
 def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
-    parser = ArgumentParser(
-        prog="python -m experiments.run", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(  # no abbreviations: --resume must see --epochs as it is written
+        prog="python -m experiments.run", description=__doc__.strip().splitlines()[0],
+        allow_abbrev=False)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=defaults.dataset,
                       help="Hub dataset id, or a local CSV/TSV/Parquet/JSON file with Name and "
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = recipe.sweep_configs(common, grid)
         try:
             recipe.run(configs, grid)
-        except HubUnavailable as error:  # raised before any MLflow run: say what works offline
+        except HubUnavailable as error:  # setup failed, no run started: what works offline
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None
         log.info("compare runs: %s    generate: python -m experiments.generate "

@@ -57,7 +57,7 @@ class TrainConfig:
     register: bool = True  # False: log metrics and samples only (smoke runs)
     promote: bool = False  # make this run's version @champion without comparing
     checkpoint_dir: str = "checkpoints"  # a run's resumable state: <checkpoint_dir>/<run id>/
-    log_every_steps: int = 5  # per-step curves (loss, lr, grad norm, tokens/s); 0 = off
+    log_every_steps: int = 10  # per-step curves (loss, lr, grad norm, tokens/s); 0 = off
     system_metrics: bool = True  # CPU, memory (and GPU) usage logged beside the run
     progress: bool = True
 

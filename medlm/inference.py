@@ -7,9 +7,10 @@ import os
 
 
 def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
-    """(tokenizer, model) from the registry (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a
-    bare version), a run (``runs:/RUN_ID/model``), an MLflow model directory, a
-    ``save_pretrained`` directory, a .gguf file or an offline base name."""
+    """(tokenizer, model) from the registry (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``models:/NAME/latest``, a bare version), a logged model (``models:/m-MODEL_ID``), a run
+    (``runs:/RUN_ID/model``), an MLflow model directory, a ``save_pretrained`` directory, a
+    .gguf file or an offline base name."""
     from medlm.modeling import ensure_pad_token, load_tokenizer_and_model
     from medlm.tracking import load_logged_model, resolve_model_uri
 

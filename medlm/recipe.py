@@ -128,6 +128,13 @@ def prepare(config: TrainConfig) -> Prepared:
     from medlm.offline import resolve_base_name
 
     resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
+    if config.system_metrics:
+        import importlib.util
+
+        if importlib.util.find_spec("psutil") is None:  # MLflow would fail inside start_run
+            raise MedLMError("system metrics need psutil, which is not installed: expected "
+                             "pip install psutil (or pip install -e . again), or "
+                             "--no-system-metrics")
     data = load_disease_data(config.dataset, config.max_samples)
     split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
     # joins torchrun's group, if any
@@ -281,8 +288,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  validation_names.str.casefold().nunique())
         version, verdict = None, "not registered (--no-register)"
         if main_process:
-            tracker.log_best(best)
-            if config.register:
+            if not config.register:
+                tracker.log_best(best)
+            else:
                 version, verdict = tracker.log_and_register_model(
                     model, tokenizer, best, params, config.select_by, promote=config.promote)
     if main_process:
@@ -560,18 +568,24 @@ def sweep_configs(common: dict, grid: dict[str, list]) -> list[TrainConfig]:
             for values in itertools.product(*grid.values())]
 
 
-def run(configs: list[TrainConfig], grid: dict[str, list] | None = None) -> None:
-    """Train one configuration, or a sweep of them under a parent run. Bad input (including
-    ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts."""
+def run(configs: list[TrainConfig], grid: dict[str, list]) -> None:
+    """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
+    run. Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run
+    starts; a Hub failure later on (a sweep child's model) is a plain error."""
+    from medlm.hub import HubUnavailable
+
     if len(configs) > 1 and any(config.promote for config in configs):
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
                          "version afterwards, in mlflow ui)")
     prepared = prepare(configs[0])
-    if len(configs) == 1:
-        train_and_register(configs[0], prepared)
-    else:
-        run_sweep(configs, grid or {}, prepared)
+    try:
+        if len(configs) == 1:
+            train_and_register(configs[0], prepared)
+        else:
+            run_sweep(configs, grid, prepared)
+    except HubUnavailable as error:  # not the "start offline instead" of a failed setup
+        raise MedLMError(str(error)) from None
 
 
 def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
@@ -579,6 +593,7 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
     but this machine's checkpoint directory and collective timeout; ``epochs``, when given,
     changes how many epochs the run has in all (at least those it has completed)."""
+    from medlm import distributed
     from medlm.checkpoint import saved_epochs, write_durably
 
     if sweep_state_file(checkpoint_dir, run_id).is_file():
@@ -599,8 +614,9 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
                  f" (the {config.scheduler} learning-rate schedule is spread over the new "
                  "total from the next step on)")
         config = replace(config, epochs=epochs)
-        write_durably(Path(checkpoint_dir) / run_id / "config.json",
-                      json.dumps(asdict(config), indent=2))
     prepared = prepare(config)
     check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
+    if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
+        write_durably(Path(checkpoint_dir) / run_id / "config.json",
+                      json.dumps(asdict(config), indent=2))
     train_and_register(config, prepared, resume_run_id=run_id)

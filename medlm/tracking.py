@@ -23,7 +23,6 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from medlm import distributed
 from medlm.errors import MedLMError
 from medlm.train import EpochResult
 
@@ -89,12 +88,12 @@ class MlflowTracker:
         elif nested:  # a child lives in its parent's experiment
             experiment_id = mlflow.active_run().info.experiment_id
         else:
-            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-            # MLflow 3's UI shows its model-training views for this kind of experiment
-            MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind",
-                                              "custom_model_development")
-        if self.system_metrics and distributed.world_size() > 1:
-            mlflow.system_metrics.set_system_metrics_node_id(f"rank{distributed.rank()}")
+            experiment = mlflow.set_experiment(self.experiment)
+            experiment_id = experiment.experiment_id
+            if "mlflow.experimentKind" not in experiment.tags:  # a kind someone chose stays
+                # MLflow 3's UI shows its model-training views for this kind of experiment
+                MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind",
+                                                  "custom_model_development")
         with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
                               run_name=None if resume_run_id else self.run_name,
                               nested=nested, log_system_metrics=self.system_metrics) as active:
@@ -108,9 +107,11 @@ class MlflowTracker:
                 yield self.run_id
                 mlflow.flush_async_logging()
             except KeyboardInterrupt:
+                mlflow.flush_async_logging()  # queued step points belong to this run
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
                 raise
             except BaseException:
+                mlflow.flush_async_logging()
                 mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
                 raise
 
@@ -119,6 +120,9 @@ class MlflowTracker:
         return mlflow.get_tracking_uri()
 
     def on_epoch_end(self, model, result: EpochResult) -> None:
+        # the epoch's step points are written before it counts as logged: a resume never
+        # trains a completed epoch again, so a point still queued at a kill would be lost
+        mlflow.flush_async_logging()
         self.epochs.append(result)
         values = asdict(result)
         self._log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
@@ -237,10 +241,13 @@ class MlflowTracker:
     def log_untuned(self, scores: dict[str, float]) -> None:
         mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
 
-    def log_best(self, best: EpochResult) -> None:
+    def log_best(self, best: EpochResult, model_id: str | None = None) -> None:
+        """The best epoch's figures, once; with ``model_id`` also linked to that logged model
+        (MLflow 3: the Models tab shows them beside it)."""
         mlflow.log_metrics({"best_validation_loss": best.validation_loss,
                             "best_epoch": best.epoch,
-                            **{f"best_{name}": value for name, value in best.scores.items()}})
+                            **{f"best_{name}": value for name, value in best.scores.items()}},
+                           model_id=model_id)
 
     def log_and_register_model(self, model, tokenizer, best: EpochResult, params: dict[str, Any],
                                select_by: str, promote: bool = False) -> tuple[str, str]:
@@ -271,11 +278,13 @@ class MlflowTracker:
             input_example=example,
             pip_requirements=pip_requirements(),
             registered_model_name=self.registered_model,
-            step=best.epoch,
-        )
+            # log_model links every run metric logged at its step to the model (step/* and
+            # system/* points too, and at the default 0 the untuned scores): at -1 none is;
+            # the best epoch's figures are linked below, by name
+            step=-1,
+        )  # MLflow then checks the input example serves (the transformers flavor insists)
         version = str(info.registered_model_version)
-        # log_model(step=best epoch) links the run's metrics at that step (the best epoch's
-        # losses and scores) to the logged model: the Models tab shows them
+        self.log_best(best, model_id=info.model_id)
         scores = {"validation_loss": best.validation_loss, **best.scores}
         key = evaluation_key(params)
         tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
@@ -335,16 +344,19 @@ EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "valid
 
 
 def serving_parameters(generation_config) -> dict[str, Any]:
-    """The generation settings a served model takes as inference parameters, with the values
-    it was trained and sampled with as defaults (MedLM's own where the model has none)."""
+    """The generation settings a served model takes as inference parameters: greedy by default
+    (the answers the run scored), with the run's sampling settings as the defaults for a caller
+    who asks for ``do_sample`` (MedLM's own where the model has none)."""
     from medlm.generate import GenerationSettings
 
     defaults = GenerationSettings()
     names = {"max_new_tokens": int, "do_sample": bool, "top_k": int, "top_p": float,
              "temperature": float, "repetition_penalty": float}
-    return {name: kind(value if (value := getattr(generation_config, name, None)) is not None
-                       else getattr(defaults, name))
-            for name, kind in names.items()}
+    params = {name: kind(value if (value := getattr(generation_config, name, None)) is not None
+                         else getattr(defaults, name))
+              for name, kind in names.items()}
+    params["do_sample"] = False  # served answers are reproducible; {"do_sample": true} samples
+    return params
 
 
 def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
@@ -469,7 +481,8 @@ def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
         _check_logged_model(model_uri, match["name"])
     elif match and match["version"] == "latest":  # the newest version, as MLflow means it
         _check_registry(model_uri, match["name"], None, None)
-        versions = MlflowClient().search_model_versions(f"name = '{match['name']}'")
+        versions = MlflowClient().search_model_versions(
+            f"name = '{match['name']}'", max_results=1, order_by=["version_number DESC"])
         if not versions:
             raise MedLMError(f"model URI {model_uri!r}: registered model {match['name']!r} has "
                              "no versions: expected one, trained with python -m experiments.run")

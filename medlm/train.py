@@ -293,6 +293,11 @@ def fit(
 
     step_callbacks = [callback for callback in callbacks if hasattr(callback, "on_step")
                       ] if main_process and config.log_every_steps else []
+    # what the steps since the last per-step point added up to (across an epoch's end; the
+    # seconds count training only, not validation or scoring)
+    interval_loss = torch.zeros((), device=device)
+    interval_tokens = interval_real_tokens = 0
+    interval_seconds = 0.0
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(train_loader.batch_sampler, "set_epoch"):
@@ -301,7 +306,7 @@ def fit(
         model.train()
         loss_sum = torch.zeros((), device=device)
         tokens = real_tokens = samples = step = 0
-        since = (0.0, 0, 0, time.perf_counter())  # loss, tokens, real tokens, time at last log
+        mark = time.perf_counter()
         with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
             for window in _windows(train_loader, config.grad_accum):
                 window_loss_sum, window_tokens, grad_norm = train_step(
@@ -310,25 +315,37 @@ def fit(
                 loss_sum += window_loss_sum
                 tokens += window_tokens
                 samples += sum(len(batch["input_ids"]) for batch in window)
-                real_tokens += sum(int(batch["attention_mask"].sum()) for batch in window)
+                window_real_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
+                real_tokens += window_real_tokens
                 bar.update(len(window))
                 step += 1
                 if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
+                if not step_callbacks:
+                    continue
+                interval_loss += window_loss_sum
+                interval_tokens += window_tokens
+                interval_real_tokens += window_real_tokens
                 global_step = (epoch - 1) * steps_per_epoch + step
-                if step_callbacks and global_step % config.log_every_steps == 0:
-                    # one host read per N steps; the tracker logs without waiting for MLflow
-                    loss_now, now = loss_sum.item(), time.perf_counter()
+                if global_step % config.log_every_steps == 0:
+                    # one host read per N steps (rank 0's figures under torchrun); the tracker
+                    # logs without waiting for MLflow
+                    now = time.perf_counter()
+                    interval_seconds += now - mark
                     values = {
-                        "training_loss": (loss_now - since[0]) / max(tokens - since[1], 1),
+                        "training_loss": interval_loss.item() / max(interval_tokens, 1),
                         "learning_rate": scheduler.get_last_lr()[0],
-                        "tokens_per_sec": (real_tokens - since[2]) / max(now - since[3], 1e-9),
+                        "tokens_per_sec": interval_real_tokens / max(interval_seconds, 1e-9),
                     }
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
                     for callback in step_callbacks:
                         callback.on_step(global_step, values)
-                    since = (loss_now, tokens, real_tokens, time.perf_counter())
+                    interval_loss.zero_()
+                    interval_tokens = interval_real_tokens = 0
+                    interval_seconds, mark = 0.0, time.perf_counter()
+        if step_callbacks:
+            interval_seconds += time.perf_counter() - mark
         training_loss = loss_sum.item() / max(tokens, 1)
         train_seconds = time.perf_counter() - started
         if world_size > 1:

@@ -160,3 +160,19 @@ def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tiny_model_dir, da
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_system_metrics_without_psutil_is_a_user_error_before_any_run(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, capsys):
+    """MLflow raises only inside start_run, after the run exists: it stayed RUNNING, with a
+    traceback, for anyone who pulled without reinstalling."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "psutil" else find_spec(name, *args))
+    status, stderr = train(["--dataset", str(dataset_csv), "--model", str(tiny_model_dir)],
+                           capsys)
+    assert status == 2 and no_runs(mlflow_home)
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: system metrics need psutil, which is not installed")
