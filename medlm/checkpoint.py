@@ -55,9 +55,11 @@ def restore_rng(state: dict) -> None:
 def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler, scaler,
                     epochs: list, best_state: dict | None, epochs_without_improvement: int,
                     loader_state: dict, rng_states: list[dict] | None = None,
-                    precision: str | None = None) -> None:
+                    precision: str | None = None, step_interval: dict | None = None) -> None:
     """``rng_states``: one per process, in rank order (default: this process's only);
-    ``precision``: the effective one (fp32/bf16/fp16), checked when the run resumes."""
+    ``precision``: the effective one (fp32/bf16/fp16), checked when the run resumes;
+    ``step_interval``: what the steps since the last per-step point added up to, so a resumed
+    run's next point covers the same steps as an uninterrupted run's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -69,6 +71,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
         "epochs_without_improvement": epochs_without_improvement,
         "loader": loader_state,
         "precision": precision,
+        "step_interval": step_interval or {},
     }
     name = f"epoch-{len(epochs)}"
     partial = directory / f".{name}.partial"

@@ -298,6 +298,11 @@ def fit(
     interval_loss = torch.zeros((), device=device)
     interval_tokens = interval_real_tokens = 0
     interval_seconds = 0.0
+    if resume and state.get("step_interval"):  # the steps before the kill since the last point
+        interval_loss += state["step_interval"]["loss_sum"]
+        interval_tokens = state["step_interval"]["tokens"]
+        interval_real_tokens = state["step_interval"]["real_tokens"]
+        interval_seconds = state["step_interval"]["seconds"]
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(train_loader.batch_sampler, "set_epoch"):
@@ -392,7 +397,11 @@ def fit(
                                 best_state=best_state,
                                 epochs_without_improvement=epochs_without_improvement,
                                 loader_state=loader_state, rng_states=rng_states,
-                                precision=precision.name)
+                                precision=precision.name, step_interval={
+                                    "loss_sum": interval_loss.item(),
+                                    "tokens": interval_tokens,
+                                    "real_tokens": interval_real_tokens,
+                                    "seconds": interval_seconds})
         for callback in callbacks if main_process else ():
             callback.on_epoch_end(model, epoch_result)
         if checkpoint_dir and main_process:
