@@ -51,6 +51,9 @@ def build_parser() -> ArgumentParser:
                         default=SCORING_REPETITION_PENALTY,
                         help="of the greedy answers (1 = none, as in training runs' scores; "
                              "the seed notebook sampled with 1.2)")
+    parser.add_argument("--num-beams", type=positive_int, default=1,
+                        help="1: greedy answers, as training runs score them; N > 1: beam "
+                             "search over N beams")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
     add_model_arguments(parser)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
     table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
-                                       repetition_penalty=args.repetition_penalty)
+                                       repetition_penalty=args.repetition_penalty,
+                                       num_beams=args.num_beams)
     if args.output:
         table.to_csv(args.output, index=False)
     shown = table[["disease", "symptom_precision", "symptom_recall", "symptom_f1", "word_f1",
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.update({f"baseline: {name} (no model)": scores.as_metrics()
                  for name, (_, scores) in baselines.items()})
     same_scoring = (not scoring_note and args.repetition_penalty == SCORING_REPETITION_PENALTY
+                    and args.num_beams == 1
                     and params is not None and params.get("metric_version") == METRIC_VERSION)
     untuned = logged_metrics(run.info.run_id, "untuned_") if as_logged and same_scoring else {}
     if untuned:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     where = (f"{settings['dataset']}, seed {settings['seed']}, validation fraction "
              f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
              + (f", as run {run.info.run_id} logged" if as_logged else ""))
-    print(f"\n{len(table)} {args.split} diseases ({where}); greedy answers, "
+    decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
+    print(f"\n{len(table)} {args.split} diseases ({where}); {decoding}, "
           f"{settings['max_new_tokens']} new tokens, repetition penalty "
           f"{args.repetition_penalty:g}")
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):

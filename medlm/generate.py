@@ -22,6 +22,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.2
     num_return_sequences: int = 1
     seed: int | None = 42
+    num_beams: int = 1  # > 1: beam search (with do_sample=False, the most likely whole answer)
 
     def to_generation_config(self, tokenizer):
         from transformers import GenerationConfig
@@ -33,6 +34,7 @@ class GenerationSettings:
             **(sampling if self.do_sample else {}),
             repetition_penalty=self.repetition_penalty,
             num_return_sequences=self.num_return_sequences,
+            **({"num_beams": self.num_beams} if self.num_beams > 1 else {}),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -201,8 +201,10 @@ SCORING_REPETITION_PENALTY = 1.0
 
 
 def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, batch_size: int = 16,
-                      repetition_penalty: float = SCORING_REPETITION_PENALTY):
-    """Greedy-decode every distinct disease of ``frame`` and score it against its symptoms.
+                      repetition_penalty: float = SCORING_REPETITION_PENALTY,
+                      num_beams: int = 1):
+    """Greedy-decode (or, with ``num_beams`` > 1, beam-search) every distinct disease of
+    ``frame`` and score it against its symptoms.
 
     Returns (per-disease table as a DataFrame, micro-averaged ``AnswerScores``).
     """
@@ -210,7 +212,7 @@ def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, batch_s
 
     names = [name for name, _ in references_by_disease(frame).values()]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False,
-                                  repetition_penalty=repetition_penalty)
+                                  repetition_penalty=repetition_penalty, num_beams=num_beams)
     answers: list[str] = []
     for start in range(0, len(names), batch_size):
         answers += [texts[0] for texts in

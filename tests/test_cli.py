@@ -341,6 +341,13 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     assert "note: --max-new-tokens 8 overrides the run's 40" in other.stderr
     assert "as run" not in other.stdout and "untuned base" not in other.stdout
 
+    beams = run_module("experiments.evaluate", "--num-beams", "3", "--max-new-tokens", "8",
+                       "--output", str(tmp_path / "beams.csv"), cwd=workdir, env_extra=no_uri_env)
+    assert beams.returncode == 0, beams.stderr
+    assert "; beam search (3), 8 new tokens" in beams.stdout
+    assert "untuned base" not in beams.stdout  # the run's greedy epoch 0 is not comparable
+    assert sorted(pd.read_csv(tmp_path / "beams.csv")["disease"]) == sorted(table["disease"])
+
 
 def test_a_smoke_run_leaves_the_champion_where_it_was(trained, workdir, tiny_model_dir,
                                                       dataset_csv, no_uri_env):
