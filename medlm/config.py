@@ -108,6 +108,8 @@ class TrainConfig:
         """Flat, string-friendly view for MLflow params."""
         params = asdict(self)
         params["sample_prompts"] = "; ".join(self.sample_prompts)
+        if self.lora_rank and self.lora_alpha is None:
+            params["lora_alpha"] = 2 * self.lora_rank  # the effective default
         return params
 
 

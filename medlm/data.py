@@ -338,16 +338,17 @@ def prompt_for(name: str) -> str:
     return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip() + PROMPT_SEPARATOR.rstrip()
 
 
-def bos_prefix(tokenizer) -> str:
-    """The beginning-of-text token as text, for a tokenizer that starts every text with one
-    (Gemma: its answers fall apart without it), else ``""`` (GPT-2, SmolLM2). Training rows and
-    prompts are tokenized without special tokens and given this prefix, so they start as the
-    tokenizer's own encoding does, and as a served model's pipeline encodes a prompt."""
+def bos_ids(tokenizer) -> list[int]:
+    """``[beginning-of-text id]`` for a tokenizer that starts every text with one (Gemma: its
+    answers fall apart without it), else ``[]`` (GPT-2, SmolLM2). Training rows and prompts are
+    tokenized without special tokens and given this prefix as an id (not as text, which a
+    SentencePiece tokenizer would encode differently after it), so they start as the tokenizer's
+    own encoding does, and as a served model's pipeline encodes a prompt."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        return ""
-    ids = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token if ids and ids[0] == bos else ""
+        return []
+    ids = _encode_batch(tokenizer, ["a"], add_special_tokens=True)[0]
+    return [bos] if ids and ids[0] == bos else []
 
 
 class LanguageDataset(Dataset):
@@ -366,13 +367,13 @@ class LanguageDataset(Dataset):
         if tokenizer.eos_token_id is None:
             raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
                              "tokenizer with eos_token set")
-        prefix = bos_prefix(tokenizer)
-        texts = (prefix + frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
-        encoded = _encode_batch(tokenizer, texts)
+        prefix = bos_ids(tokenizer)
+        texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
+        encoded = [prefix + ids for ids in _encode_batch(tokenizer, texts)]
         self.prompt_lengths = [0] * len(encoded)
         if loss_on == "completion":
-            prompts = _encode_batch(tokenizer,
-                                    [prefix + prompt_for(name) for name in frame["Name"]])
+            prompts = [prefix + ids for ids in _encode_batch(
+                tokenizer, [prompt_for(name) for name in frame["Name"]])]
             # The shared prefix, should a tokenizer merge across the "|" boundary.
             self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
                                    zip(encoded, prompts, strict=True)]
@@ -404,7 +405,8 @@ def _common_prefix(ids: list[int], prefix: list[int]) -> int:
     return length
 
 
-def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+def _encode_batch(tokenizer, texts: list[str],
+                  add_special_tokens: bool = False) -> list[list[int]]:
     """Token ids of ``texts`` without special tokens, in one call.
 
     A fast tokenizer's Rust backend is asked directly and without character offsets, which
@@ -414,7 +416,7 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
     # The backend keeps the padding/truncation of the tokenizer's last __call__ (say, a
     # padding="max_length" elsewhere); switch them off for this call and put them back.
     padding, truncation = backend.padding, backend.truncation
@@ -422,7 +424,7 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     backend.no_truncation()
     try:
         return [encoding.ids for encoding in
-                backend.encode_batch_fast(texts, add_special_tokens=False)]
+                backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
     finally:
         if padding is not None:
             backend.enable_padding(**padding)

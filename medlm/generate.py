@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medlm.data import bos_prefix, prompt_for
+from medlm.data import bos_ids, prompt_for
 from medlm.errors import MedLMError
 
 
@@ -63,6 +63,15 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=[])
 
 
+def encode_prompts(tokenizer, prompts: list[str]):
+    """Prompts as a left-padded batch, each starting with the beginning-of-text id where the
+    tokenizer adds one (as training rows do). Pads on the tokenizer's own ``padding_side``."""
+    prefix = bos_ids(tokenizer)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return tokenizer.pad({"input_ids": [prefix + ids for ids in encoded]}, padding=True,
+                         return_tensors="pt")
+
+
 MAX_BATCH_SEQUENCES = 64  # sequences written in one model.generate call (bounds memory)
 
 
@@ -81,8 +90,7 @@ def generate(model, tokenizer, diseases: list[str],
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
-    prefix = bos_prefix(tokenizer)
-    prompts = [prefix + prompt_for(name) for name in diseases]
+    prompts = [prompt_for(name) for name in diseases]
     # (prompts, sequences per prompt) per call: several prompts with all their completions,
     # or one prompt's completions in parts when they alone exceed the bound
     if per_prompt <= MAX_BATCH_SEQUENCES:
@@ -95,8 +103,7 @@ def generate(model, tokenizer, diseases: list[str],
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        batches = [(tokenizer(chunk, return_tensors="pt", padding=True,
-                              add_special_tokens=False), count) for chunk, count in calls]
+        batches = [(encode_prompts(tokenizer, chunk), count) for chunk, count in calls]
     finally:
         tokenizer.padding_side = padding_side
     check_generation_length(model, max(batch["input_ids"].shape[1] for batch, _ in batches),

