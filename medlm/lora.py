@@ -37,8 +37,9 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
         raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
                          f"{type(model).__name__} ({error}): expected a transformers causal LM "
                          "with linear projections") from None
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in wrapped.parameters())
+    from medlm.modeling import count_parameters
+
+    trainable, total = trainable_parameters(wrapped), count_parameters(wrapped)
     log.info("LoRA rank %d (alpha %g): %d of %d parameters trained (%.2f%%)", rank,
              config.lora_alpha, trainable, total, 100 * trainable / total)
     return wrapped

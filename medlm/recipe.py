@@ -122,8 +122,8 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     from medlm import distributed
-    from medlm.data import bos_ids, load_disease_data, prompt_for, split_by_disease
-    from medlm.generate import check_generation_length
+    from medlm.data import load_disease_data, prompt_for, split_by_disease
+    from medlm.generate import check_generation_length, encode_prompts
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import resolve_base_name
 
@@ -145,9 +145,9 @@ def prepare(config: TrainConfig) -> Prepared:
     prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
-        encoded = tokenizer([prompt_for(name) for name in prompts], add_special_tokens=False)
-        check_generation_length(model, len(bos_ids(tokenizer))
-                                + max(map(len, encoded["input_ids"])), config.max_new_tokens)
+        # as generate() encodes them: the longest, with its beginning-of-text token if any
+        encoded = encode_prompts(tokenizer, [prompt_for(name) for name in prompts])
+        check_generation_length(model, encoded["input_ids"].shape[1], config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model)
 
 
