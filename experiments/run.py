@@ -149,6 +149,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from medlm import distributed, recipe
+    from medlm.timing import process_started
     from medlm.tracking import compare_runs_hint
 
     args = build_parser().parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "run's new number of epochs in all")
                 epochs = args.epochs[0]
             recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
-                          epochs)
+                          epochs, started=process_started())
             return 0
         if args.sample_prompts is None:
             args.sample_prompts = TrainConfig().sample_prompts
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   if key not in recipe.SWEEPABLE and key != "resume"}
         configs = recipe.sweep_configs(common, grid)
         try:
-            recipe.run(configs, grid)
+            recipe.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None

@@ -1,7 +1,10 @@
 """Resumable training state, written after every epoch, consistent as a whole.
 
 A run's checkpoint directory holds one complete epoch, ``epoch-N/``: ``model.safetensors`` (the
-weights after the epoch), ``best.safetensors`` (the best epoch's weights so far) and ``state.pt``
+weights training changes, after the epoch: every weight in full fine-tuning, only the adapters
+with LoRA, whose frozen base is loaded again from the model's source on resume),
+``best.safetensors`` (the best epoch's, when that is not this epoch: an improving epoch writes
+its weights once) and ``state.pt``
 (optimizer, scheduler, GradScaler, every process's RNG states, epoch results, early-stopping
 counter, effective precision), loaded back with ``torch.load(weights_only=True)``. An epoch is
 written into a hidden ``.epoch-N.partial/`` directory, renamed to ``epoch-N/`` in one step, and
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file
 
 from medlm.errors import MedLMError
 
@@ -55,8 +59,11 @@ def restore_rng(state: dict) -> None:
 def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler, scaler,
                     epochs: list, best_state: dict | None, epochs_without_improvement: int,
                     loader_state: dict, rng_states: list[dict] | None = None,
-                    precision: str | None = None, step_interval: dict | None = None) -> None:
-    """``rng_states``: one per process, in rank order (default: this process's only);
+                    precision: str | None = None, step_interval: dict | None = None,
+                    best_is_current: bool = False) -> None:
+    """``best_state``: the best epoch's trained weights (as ``trained_weights`` returns them),
+    not written when ``best_is_current`` (they are the model's); ``rng_states``: one per
+    process, in rank order (default: this process's only);
     ``precision``: the effective one (fp32/bf16/fp16), checked when the run resumes;
     ``step_interval``: what the steps since the last per-step point added up to, so a resumed
     run's next point covers the same steps as an uninterrupted run's."""
@@ -72,13 +79,15 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
         "loader": loader_state,
         "precision": precision,
         "step_interval": step_interval or {},
+        "best_is_current": best_is_current,
     }
     name = f"epoch-{len(epochs)}"
     partial = directory / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
     partial.mkdir()
-    save_model(model, str(partial / "model.safetensors"))
-    if best_state is not None:
+    save_file({name: tensor.contiguous() for name, tensor in trained_weights(model).items()},
+              str(partial / "model.safetensors"), metadata={"trained_only": "1"})
+    if best_state is not None and not best_is_current:
         save_file({k: v.contiguous() for k, v in best_state.items()},
                   str(partial / "best.safetensors"))
     torch.save(state, partial / "state.pt")
@@ -101,6 +110,24 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
 
 
 LATEST = "latest"
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """The weights training changes: every parameter in full fine-tuning, the adapters alone
+    with LoRA (tied weights once)."""
+    return {name: parameter.detach() for name, parameter in model.named_parameters()
+            if parameter.requires_grad}
+
+
+def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Load what ``trained_weights`` saved (or, from an older MedLM, a whole state dict)."""
+    missing = set(trained_weights(model)) - set(weights)
+    unexpected = set(weights) - set(model.state_dict())
+    if missing or unexpected:
+        raise MedLMError(f"the checkpoint's weights do not fit this model (missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): expected "
+                         "the model (and --lora-rank) the run was trained with")
+    model.load_state_dict(weights, strict=False)
 
 
 def write_durably(path: str | os.PathLike, text: str) -> None:
@@ -191,9 +218,19 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
     state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
-    load_model(model, str(directory / "model.safetensors"))
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), "pt") as file:
+        trained_only = (file.metadata() or {}).get("trained_only") == "1"
+    if trained_only:
+        load_trained_weights(model, load_file(str(weights)))
+    else:  # an older MedLM's: the whole model
+        load_model(model, str(weights))
     best = directory / "best.safetensors"
-    state["best_state"] = load_file(str(best)) if best.is_file() else None
+    if state.get("best_is_current"):
+        state["best_state"] = {name: tensor.to("cpu", copy=True)
+                               for name, tensor in trained_weights(model).items()}
+    else:
+        state["best_state"] = load_file(str(best)) if best.is_file() else None
     restore_rng(state["rng"][rank])
     return state
 

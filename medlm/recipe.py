@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from medlm.data import DiseaseData, DiseaseSplit
     from medlm.modeling import Precision
+    from medlm.timing import Stopwatch
 
 log = logging.getLogger("medlm")
 
@@ -39,7 +40,10 @@ class EpochReport:
     labelled held out or seen in training."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, baselines: dict):
+                 tracker, split, baselines: dict, stopwatch=None):
+        from medlm.timing import Stopwatch
+
+        self.stopwatch = stopwatch or Stopwatch()
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
         self.settings, self.tracker, self.split = settings, tracker, split
         self.baselines = {name: scores for name, (_, scores) in baselines.items()}
@@ -93,7 +97,8 @@ class EpochReport:
                  result.validation_loss, result.validation_perplexity,
                  result.epoch_duration_sec, result.train_tokens_per_sec,
                  " *best*" if result.is_best else "", scores)
-        completions = generate(model, self.tokenizer, self.prompts, self.settings)
+        with self.stopwatch.phase("samples"):
+            completions = generate(model, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
             side = self.split.side(prompt)
@@ -102,6 +107,23 @@ class EpochReport:
                          "generated": texts[0],
                          "reference": self.references.get(prompt.casefold(), "")})
         self.tracker.log_samples(rows)
+
+
+class TimeReport:
+    """After each epoch (the last callback, so that it counts the others' time): where the
+    epoch's wall time went, as ``time/*`` metrics at the epoch's step."""
+
+    def __init__(self, stopwatch, tracker):
+        self.stopwatch, self.tracker = stopwatch, tracker
+
+    def log_lap(self, step: int) -> None:
+        self.tracker.log_time(self.stopwatch.lap(), step)
+
+    def on_epoch_end(self, model, result) -> None:
+        self.log_lap(result.epoch)
+
+    def on_epoch_replay(self, model, result) -> None:
+        """The epoch's time was spent by the process that was killed: nothing to log."""
 
 
 SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
@@ -118,9 +140,24 @@ class Prepared:
     precision: Precision
     tokenizer: object  # a transformers tokenizer
     model: torch.nn.Module
+    stopwatch: Stopwatch = field(default_factory=lambda: _stopwatch())  # since set-up began
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def _stopwatch(started: float | None = None):
+    from medlm.timing import Stopwatch
+
+    return Stopwatch(started)
+
+
+def prepare(config: TrainConfig, started: float | None = None) -> Prepared:
+    """``started``: when the process began (``time.time()``), so that the run's start-up time
+    includes the interpreter and the imports; default now."""
+    stopwatch = _stopwatch(started)
+    with stopwatch.phase("startup"):
+        return _prepare(config, stopwatch)
+
+
+def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     from medlm import distributed
     from medlm.data import load_disease_data, prompt_for, split_by_disease
     from medlm.generate import check_generation_length, encode_prompts
@@ -148,7 +185,7 @@ def prepare(config: TrainConfig) -> Prepared:
         # as generate() encodes them: the longest, with its beginning-of-text token if any
         encoded = encode_prompts(tokenizer, [prompt_for(name) for name in prompts])
         check_generation_length(model, encoded["input_ids"].shape[1], config.max_new_tokens)
-    return Prepared(data, split, device, precision, tokenizer, model)
+    return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
@@ -169,15 +206,17 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         effective_max_length,
         tokenizer_sha256,
     )
+    from medlm.timing import describe as describe_time
     from medlm.tracking import MlflowTracker, library_versions, logged_metrics
     from medlm.train import EpochResult, NonFiniteLossError, fit
 
     data, split, device, precision = (prepared.data, prepared.split, prepared.device,
                                       prepared.precision)
-    tokenizer, model = prepared.tokenizer, prepared.model
+    tokenizer, model, stopwatch = prepared.tokenizer, prepared.model, prepared.stopwatch
     max_length = effective_max_length(config.max_length, model)
-    train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on)
-    validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
+    with stopwatch.phase("tokenization"):
+        train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on)
+        validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
     main_process, world_size = distributed.is_main(), distributed.world_size()
     shard = {"shard": distributed.rank(), "num_shards": world_size}
     pin_memory = device.type == "cuda"
@@ -196,14 +235,16 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         from medlm.lora import add_lora
 
         base_parameters = count_parameters(model)
-        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                         config.seed)
+        with stopwatch.phase("startup"):
+            model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                             config.seed)
     validation_names = split.validation["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
     references = {key: symptoms for key, (_, symptoms) in
                   references_by_disease(data.frame).items()}
-    baselines = baseline_scores(split.train, split.validation)
+    with stopwatch.phase("scoring"):
+        baselines = baseline_scores(split.train, split.validation)
 
     log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
              "diseases; %d names grouped with a variant so that none is on both sides); %s on "
@@ -242,14 +283,17 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     # Only the main process talks to MLflow and writes files; the others learn the run id.
     run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id) if main_process
            else contextlib.nullcontext(resume_run_id))
-    with run as run_id:
-        run_id = distributed.broadcast_object(run_id)
+    with contextlib.ExitStack() as run_scope:
+        with stopwatch.phase("logging"):
+            run_id = distributed.broadcast_object(run_scope.enter_context(run))
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  tracker.tracking_uri)
         if started:
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
-        report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines)
+        report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines,
+                             stopwatch)
+        timer = TimeReport(stopwatch, tracker)
         try:
             if resume_run_id and main_process:
                 saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
@@ -263,19 +307,26 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
                 (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
-                tracker.log_datasets(split.train, split.validation, data.source)
-                tracker.log_baselines(baselines)
+                with stopwatch.phase("logging"):
+                    tracker.log_datasets(split.train, split.validation, data.source)
+                    tracker.log_baselines(baselines)
                 for name, (_, scores) in baselines.items():
                     log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
                              scores.symptom.f1, scores.word.f1)
                 if config.symptom_eval:
                     model.to(device)
-                    report.score_untuned(model)
+                    with stopwatch.phase("scoring"):
+                        report.score_untuned(model)
                     tracker.log_untuned(report.untuned)
+            if main_process and not resume_run_id:
+                timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
+            else:
+                stopwatch.lap()  # a resumed run's epochs from here on
             result = fit(model, train_loader, validation_loader, config, device, precision,
-                         callbacks=[tracker, report], checkpoint_dir=str(checkpoint),
+                         callbacks=[tracker, report, timer], checkpoint_dir=str(checkpoint),
                          resume=bool(resume_run_id),
-                         scorer=report.score if config.symptom_eval else None)
+                         scorer=report.score if config.symptom_eval else None,
+                         stopwatch=stopwatch)
         except KeyboardInterrupt:
             if nested:
                 pass  # the sweep says how to resume it as a whole
@@ -295,21 +346,27 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
                  config.select_by, summary, " (stopped early)" if result.stopped_early else "",
                  validation_names.str.casefold().nunique())
-        model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
         version, verdict = None, "not registered (--no-register)"
-        if main_process:
-            if not config.register:
-                tracker.log_best(best)
-            else:
-                from medlm.offline import base_licence
+        with stopwatch.phase("model_logging"):
+            model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
+            if main_process:
+                if not config.register:
+                    tracker.log_best(best)
+                else:
+                    from medlm.offline import base_licence
 
-                version, verdict = tracker.log_and_register_model(
-                    model, tokenizer, best, params, config.select_by, promote=config.promote,
-                    licence=base_licence(config.model))
-    if main_process:
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is over: nothing to resume
-        log.info("%s", verdict if version is None else
-                 f"registered {config.registered_model} version {version}; {verdict}")
+                    version, verdict = tracker.log_and_register_model(
+                        model, tokenizer, best, params, config.select_by,
+                        promote=config.promote, licence=base_licence(config.model))
+        if main_process:
+            with stopwatch.phase("checkpoint"):
+                shutil.rmtree(checkpoint, ignore_errors=True)  # the run is over
+            log.info("%s", verdict if version is None else
+                     f"registered {config.registered_model} version {version}; {verdict}")
+            split_seconds = stopwatch.split()
+            tracker.log_time_split(split_seconds)
+            log.info("time: %s%s", describe_time(split_seconds),
+                     " (this process only: the run was resumed)" if resume_run_id else "")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
             "symptom_f1": best.scores.get("symptom_f1", float("nan")),
@@ -445,8 +502,10 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                     record(running=None)
                     continue
                 resume_child = interrupted if decision == "resume" else None
-                if not loaded:
-                    prepared.model = load_tokenizer_and_model(config.model)[1]
+                if not loaded:  # each child's time from its own start
+                    prepared.stopwatch = _stopwatch()
+                    with prepared.stopwatch.phase("startup"):
+                        prepared.model = load_tokenizer_and_model(config.model)[1]
                 loaded = False
                 log.info("--- child %d/%d: %s%s", index + 1, len(configs), label,
                          f" (resuming run {resume_child})" if resume_child else
@@ -581,17 +640,18 @@ def sweep_configs(common: dict, grid: dict[str, list]) -> list[TrainConfig]:
             for values in itertools.product(*grid.values())]
 
 
-def run(configs: list[TrainConfig], grid: dict[str, list]) -> None:
+def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:
     """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
-    run. Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run
-    starts; a Hub failure later on (a sweep child's model) is a plain error."""
+    run; ``started``: when the process began (its start-up counts in the first run's time).
+    Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts;
+    a Hub failure later on (a sweep child's model) is a plain error."""
     from medlm.hub import HubUnavailable
 
     if len(configs) > 1 and any(config.promote for config in configs):
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
                          "version afterwards, in mlflow ui)")
-    prepared = prepare(configs[0])
+    prepared = prepare(configs[0], started)
     try:
         if len(configs) == 1:
             train_and_register(configs[0], prepared)
@@ -602,7 +662,7 @@ def run(configs: list[TrainConfig], grid: dict[str, list]) -> None:
 
 
 def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
-           epochs: int | None = None) -> None:
+           epochs: int | None = None, started: float | None = None) -> None:
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
     but this machine's checkpoint directory and collective timeout; ``epochs``, when given,
     changes how many epochs the run has in all (at least those it has completed)."""
@@ -627,7 +687,7 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
                  f" (the {config.scheduler} learning-rate schedule is spread over the new "
                  "total from the next step on)")
         config = replace(config, epochs=epochs)
-    prepared = prepare(config)
+    prepared = prepare(config, started)
     check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
     if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
         write_durably(Path(checkpoint_dir) / run_id / "config.json",

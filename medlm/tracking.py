@@ -238,6 +238,24 @@ class MlflowTracker:
             mlflow.log_metrics(scores.as_metrics(f"baseline_{name}_"))
             mlflow.log_table(table.assign(baseline=name), artifact_file="baselines.json")
 
+    def log_time(self, split: dict[str, float], step: int) -> None:
+        """Where an epoch's wall time went (step 0: everything before the first epoch), one
+        metric per phase: ``time/training_sec``, ``time/scoring_sec``, ..."""
+        self._log_metrics({f"time/{name}_sec": value for name, value in split.items()}, step)
+
+    def log_time_split(self, split: dict[str, float]) -> None:
+        """Where the whole run's wall time went: ``time_total/*`` metrics (and
+        ``time_total/non_training_fraction``) and the table ``time_split.json``."""
+        from medlm.timing import LABELS, non_training_fraction
+
+        mlflow.log_metrics({**{f"time_total/{name}_sec": value for name, value in split.items()},
+                            "time_total/non_training_fraction": non_training_fraction(split)})
+        wall = split["wall"] or 1.0
+        mlflow.log_table(pd.DataFrame(
+            [{"phase": LABELS.get(name, name), "seconds": round(value, 3),
+              "percent": round(100 * value / wall, 1)} for name, value in split.items()]),
+            artifact_file="time_split.json")
+
     def log_untuned(self, scores: dict[str, float]) -> None:
         mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
 

@@ -21,6 +21,7 @@ from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
 from medlm.modeling import Precision
+from medlm.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def fit(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     scorer: Scorer | None = None,
+    stopwatch: Stopwatch | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
     ``model`` and return every epoch's figures.
@@ -232,17 +234,24 @@ def fit(
     process passes loaders built with its own ``shard``: the model is wrapped in
     DistributedDataParallel, losses and throughput are summed over all processes, and only rank
     0 shows progress, writes the checkpoint and calls the callbacks.
+
+    ``stopwatch`` (default: a new one) is told where the time goes: training steps,
+    validation, scoring, checkpoint writes, and the callbacks (``logging``, unless they time
+    themselves as another phase).
     """
     from medlm.checkpoint import (
         load_checkpoint,
+        load_trained_weights,
         logged_epoch,
         mark_logged,
         rng_state,
         save_checkpoint,
+        trained_weights,
     )
 
     if config.select_by != "validation_loss" and scorer is None:
         raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
+    stopwatch = stopwatch or Stopwatch()
     rank, world_size = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     progress = config.progress and main_process
@@ -312,7 +321,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         tokens = real_tokens = samples = step = 0
         mark = time.perf_counter()
-        with _bar(len(train_loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
+        with stopwatch.phase("training"), _bar(len(train_loader),
+                                               f"epoch {epoch}/{config.epochs}", progress) as bar:
             for window in _windows(train_loader, config.grad_accum):
                 window_loss_sum, window_tokens, grad_norm = train_step(
                     trained, window, optimizer, scaler, scheduler, precision, device,
@@ -362,7 +372,8 @@ def fit(
             raise NonFiniteLossError(
                 f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
                 f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
-        validation_loss = evaluate(model, validation_loader, device, precision, progress)
+        with stopwatch.phase("validation"):
+            validation_loss = evaluate(model, validation_loader, device, precision, progress)
 
         epoch_result = EpochResult(
             epoch=epoch,
@@ -375,35 +386,40 @@ def fit(
             learning_rate=scheduler.get_last_lr()[0],
         )
         if scorer is not None:
-            scores = scorer(model) if main_process else None
+            with stopwatch.phase("scoring"):
+                scores = scorer(model) if main_process else None
             epoch_result.scores = distributed.broadcast_object(
                 None if scores is None else {name: float(v) for name, v in scores.items()})
         value = epoch_result.selection_value(config.select_by)
         if not result.epochs or value < result.best.selection_value(config.select_by):
             epoch_result.is_best = True
-            best_state = {key: value.detach().to("cpu", copy=True)
-                          for key, value in model.state_dict().items()}
+            with stopwatch.phase("checkpoint"):  # kept in memory: the weights training changes
+                best_state = {key: value.to("cpu", copy=True)
+                              for key, value in trained_weights(model).items()}
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1
         result.epochs.append(epoch_result)
         if checkpoint_dir:
-            rng_states = distributed.gather_objects(rng_state())
-            if main_process:
-                loader_state = ({"generator": shuffle_generator.get_state()}
-                                if shuffle_generator is not None else {})
-                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
-                                scheduler=scheduler, scaler=scaler, epochs=result.epochs,
-                                best_state=best_state,
-                                epochs_without_improvement=epochs_without_improvement,
-                                loader_state=loader_state, rng_states=rng_states,
-                                precision=precision.name, step_interval={
-                                    "loss_sum": interval_loss.item(),
-                                    "tokens": interval_tokens,
-                                    "real_tokens": interval_real_tokens,
-                                    "seconds": interval_seconds})
-        for callback in callbacks if main_process else ():
-            callback.on_epoch_end(model, epoch_result)
+            with stopwatch.phase("checkpoint"):
+                rng_states = distributed.gather_objects(rng_state())
+                if main_process:
+                    loader_state = ({"generator": shuffle_generator.get_state()}
+                                    if shuffle_generator is not None else {})
+                    save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
+                                    scheduler=scheduler, scaler=scaler, epochs=result.epochs,
+                                    best_state=best_state,
+                                    epochs_without_improvement=epochs_without_improvement,
+                                    loader_state=loader_state, rng_states=rng_states,
+                                    precision=precision.name, step_interval={
+                                        "loss_sum": interval_loss.item(),
+                                        "tokens": interval_tokens,
+                                        "real_tokens": interval_real_tokens,
+                                        "seconds": interval_seconds},
+                                    best_is_current=epoch_result.is_best)
+        with stopwatch.phase("logging"):
+            for callback in callbacks if main_process else ():
+                callback.on_epoch_end(model, epoch_result)
         if checkpoint_dir and main_process:
             mark_logged(checkpoint_dir, epoch)
         if config.patience and epochs_without_improvement >= config.patience:
@@ -411,5 +427,5 @@ def fit(
             break
 
     if best_state is not None:
-        model.load_state_dict(best_state)
+        load_trained_weights(model, best_state)
     return result
