@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,9 +41,22 @@ def load_tokenizer_and_model(name_or_path: str):
     # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
     # up model cards and licenses by it).
     if is_gguf:
+        cached = dequantized_cache(path)
+        if cached.is_dir():  # de-quantized before: a plain fp32 model, read in a second
+            try:
+                return ensure_pad_token(AutoTokenizer.from_pretrained(str(cached)),
+                                        AutoModelForCausalLM.from_pretrained(
+                                            str(cached), dtype=torch.float32))
+            except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
+                log.warning("the de-quantized copy in %s is unreadable (%s): converting the "
+                            "GGUF file again", cached, first_line(error))
+                import shutil
+
+                shutil.rmtree(cached, ignore_errors=True)
         source = os.path.dirname(os.path.abspath(path))
         extra = {"gguf_file": os.path.basename(path)}
-        log.info("de-quantizing %s (GGUF) to fp32", name_or_path)
+        log.info("de-quantizing %s (GGUF) to fp32, once: later runs read %s", name_or_path,
+                 cached)
     else:
         source = os.path.abspath(path) if local else name_or_path
         extra = {}
@@ -66,7 +80,46 @@ def load_tokenizer_and_model(name_or_path: str):
                  name_or_path, offline)
     if is_gguf:
         _forget_gguf_quantization(model)
+        _save_dequantized(tokenizer, model, cached)
     return ensure_pad_token(tokenizer, model)
+
+
+def dequantized_cache(gguf_path: str) -> Path:
+    """Where a GGUF file's de-quantized model is kept (parsing a GGUF file and de-quantizing
+    it takes ~17 s for SmolLM2-135M; reading the result back, ~1 s): one directory per file,
+    keyed by its path, size, modification time and the transformers version that converted
+    it, under ``$MEDLM_CACHE/dequantized``."""
+    import hashlib
+
+    import transformers
+
+    from medlm.offline import cache_dir
+
+    stat = os.stat(gguf_path)
+    key = "|".join(map(str, (os.path.abspath(gguf_path), stat.st_size, stat.st_mtime_ns,
+                             transformers.__version__)))
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    return cache_dir() / "dequantized" / f"{Path(gguf_path).stem}-{digest}"
+
+
+def _save_dequantized(tokenizer, model, target: Path) -> None:
+    """Written beside, then renamed in one step: a kill leaves no half-written model to load.
+    A cache that cannot be written (read-only, full) only costs the next run the conversion."""
+    import shutil
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.save_pretrained(str(partial))
+            tokenizer.save_pretrained(str(partial))
+            os.replace(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as error:
+        log.warning("could not keep the de-quantized model in %s (%s): the next run converts "
+                    "the GGUF file again", target, error)
 
 
 def ensure_pad_token(tokenizer, model=None):

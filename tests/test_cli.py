@@ -58,6 +58,34 @@ def test_run_finishes_in_the_default_store_with_every_metric_every_epoch(trained
     assert "epoch 2: training loss" in result.stderr
 
 
+def test_the_run_says_where_its_wall_time_went(trained, workdir):
+    """Every phase's seconds, per epoch and in all, adding up to the run's wall time, which
+    starts with the process (the interpreter and the imports count as start-up)."""
+    from medlm.timing import PHASES
+
+    result, client, run = trained
+    metrics, run_id = run.data.metrics, run.info.run_id
+    total = {name: metrics[f"time_total/{name}_sec"] for name in (*PHASES, "other")}
+    assert sum(total.values()) == pytest.approx(metrics["time_total/wall_sec"], rel=1e-6)
+    assert all(total[name] > 0 for name in PHASES), total
+    assert total["startup"] > 0.5  # python, torch and transformers are not imported in 0.5 s
+    assert metrics["time_total/non_training_fraction"] == pytest.approx(
+        1 - total["training"] / metrics["time_total/wall_sec"])
+    for name in ("training", "validation", "scoring", "samples", "checkpoint", "wall"):
+        history = client.get_metric_history(run_id, f"time/{name}_sec")
+        assert sorted(point.step for point in history) == list(range(EPOCHS + 1)), name
+        assert all(point.value > 0 for point in history if point.step > 0), name
+    startup = {point.step: point.value
+               for point in client.get_metric_history(run_id, "time/startup_sec")}
+    assert startup == {0: pytest.approx(total["startup"]), 1: 0, 2: 0}
+    table = pd.read_json(client.download_artifacts(run_id, "time_split.json",
+                                                   str(workdir / "time")), orient="split")
+    assert "training" in set(table["phase"]) and table["percent"].sum() == pytest.approx(
+        200, abs=1)  # the phases and the wall itself (100%)
+    (line,) = [line for line in result.stderr.splitlines() if "time: " in line]
+    assert "s in all: " in line and "training" in line and "not training" in line
+
+
 def test_baselines_and_the_untuned_base_are_logged_and_shown_beside_every_epoch(trained):
     result, client, run = trained
     metrics = run.data.metrics

@@ -79,3 +79,39 @@ def test_the_offline_base_by_name_trains_registers_and_generates(tmp_path, datas
                                "--greedy", "--max-new-tokens", "8", cwd=tmp_path, env_extra=env)
         assert generated.returncode == 0, generated.stderr
         assert generated.stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_de_quantized_once_and_read_back_the_same(smollm2, tmp_path,
+                                                                monkeypatch, caplog):
+    """Start-up: the GGUF conversion (~17 s) happens on the first load only; later loads read
+    the same fp32 model and tokenizer back (~0.2 s); a damaged copy is converted again."""
+    import logging
+
+    from medlm.modeling import dequantized_cache
+    from medlm.offline import base_path
+
+    gguf = str(base_path(BASE))
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path))
+    tokenizer, model = smollm2
+    text = ["Kidney Failure | fatigue, swelling in the legs", "Asthma |"]
+    caplog.set_level(logging.INFO, logger="medlm")
+
+    def load_and_compare():
+        caplog.clear()
+        loaded_tokenizer, loaded = load_tokenizer_and_model(gguf)
+        assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert loaded_tokenizer.eos_token == tokenizer.eos_token
+        assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+        expected = model.state_dict()
+        assert all(torch.equal(tensor, expected[name])
+                   for name, tensor in loaded.state_dict().items())
+        return " ".join(record.getMessage() for record in caplog.records)
+
+    assert "de-quantizing" in load_and_compare()  # the first time
+    cached = dequantized_cache(gguf)
+    assert cached.is_relative_to(tmp_path) and (cached / "model.safetensors").is_file()
+    assert "de-quantizing" not in load_and_compare()
+    (cached / "model.safetensors").write_bytes(b"cut short by a full disk")
+    assert "unreadable" in load_and_compare()  # converted again, and kept again
+    assert "de-quantizing" not in load_and_compare()
