@@ -72,7 +72,7 @@ def encode_prompts(tokenizer, prompts: list[str]):
                          return_tensors="pt")
 
 
-MAX_BATCH_SEQUENCES = 64  # sequences written in one model.generate call (bounds memory)
+MAX_BATCH_SEQUENCES = 128  # sequences written in one model.generate call (bounds memory)
 
 
 def generate(model, tokenizer, diseases: list[str],

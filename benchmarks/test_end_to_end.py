@@ -1,0 +1,151 @@
+"""What a user waits for: a whole run of the offline recipe (README, "Best model offline") on a
+fixed subset, as a subprocess, against the same run of the code before the performance work
+(``BASELINE_COMMIT``, taken from git history), with the time split the run logs; and a scale
+row on the subset replicated ten times.
+
+Full mode: SmolLM2-135M with LoRA rank 16 on 120 rows, 2 epochs (the de-quantized base is
+cached, as it is from a user's second run on); ``MEDLM_BENCH_SHORT=1``: a tiny random GPT-2 on
+40 rows, 1 epoch, so the machinery cannot rot in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from bench_settings import DATASET_CSV, RESULTS, SHORT
+
+# The last commit before the performance work: what "today's run" meant when it began.
+BASELINE_COMMIT = "004f051f94c378a8d2058332ad53cf661e1564c4"
+REPOSITORY = Path(__file__).resolve().parents[1]
+ROWS = 40 if SHORT else 120
+EPOCHS = 1 if SHORT else 2
+SCALE = 10
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> str:
+    if SHORT:
+        from medlm.offline import random_gpt2
+
+        directory = tmp_path_factory.mktemp("tiny")
+        tokenizer, model = random_gpt2("tiny", seed=0)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return str(directory)
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.offline import find_base
+
+    if find_base("smollm2-135m-instruct") is None:
+        pytest.skip("python -m experiments.download smollm2-135m-instruct first")
+    load_tokenizer_and_model("smollm2-135m-instruct")  # the de-quantized copy, once
+    return "smollm2-135m-instruct"
+
+
+def recipe_flags(model: str, dataset: Path) -> list[str]:
+    flags = ["--model", model, "--dataset", str(dataset), "--epochs", str(EPOCHS),
+             "--lora-rank", "4" if SHORT else "16", "--lr", "1e-3", "--scheduler", "cosine",
+             "--warmup-steps", "10", "--patience", "1", "--registered-model", "bench",
+             "--no-progress"]
+    return flags + (["--max-new-tokens", "8"] if SHORT else [])
+
+
+def subset(directory: Path, scale: int) -> Path:
+    frame = pd.read_csv(DATASET_CSV).head(ROWS)
+    path = directory / f"subset-x{scale}.csv"
+    pd.concat([frame] * scale, ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+def run_recipe(source: Path, workdir: Path, flags: list[str]) -> float:
+    """Wall seconds of ``python -m experiments.run`` with ``source``'s medlm and experiments
+    (PYTHONPATH comes before the installed packages), in ``workdir`` (its MLflow store)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source)}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "experiments.run", *flags], cwd=workdir,
+                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    return seconds
+
+
+def logged_split(workdir: Path) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """The run's time_total/* and its per-epoch time/* metrics."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    total = {name.split("/")[1].removesuffix("_sec"): value
+             for name, value in run.data.metrics.items() if name.startswith("time_total/")}
+    epochs: dict[int, dict[str, float]] = {}
+    for name in run.data.metrics:
+        if name.startswith("time/"):
+            for point in client.get_metric_history(run.info.run_id, name):
+                epochs.setdefault(point.step, {})[name[5:].removesuffix("_sec")] = point.value
+    return total, epochs
+
+
+@pytest.fixture(scope="module")
+def baseline_tree(tmp_path_factory) -> Path:
+    """The baseline commit's files (git archive): its medlm and experiments packages."""
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", BASELINE_COMMIT],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"baseline commit {BASELINE_COMMIT} is not in this clone's history")
+    target = tmp_path_factory.mktemp("baseline")
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def test_offline_recipe_before_the_performance_work(benchmark, base_model, baseline_tree,
+                                                    tmp_path):
+    flags = recipe_flags(base_model, subset(tmp_path, 1))
+    seconds = benchmark.pedantic(lambda: run_recipe(baseline_tree, tmp_path, flags), rounds=1)
+    RESULTS["end to end: before (baseline commit)"] = {"wall s": seconds}
+    benchmark.extra_info["wall_sec"] = seconds
+
+
+def test_offline_recipe_now(benchmark, base_model, tmp_path):
+    flags = recipe_flags(base_model, subset(tmp_path, 1))
+    seconds = benchmark.pedantic(lambda: run_recipe(REPOSITORY, tmp_path, flags), rounds=1)
+    total, epochs = logged_split(tmp_path)
+    figures = {"wall s": seconds, "logged wall s": total["wall"],
+               "training %": 100 * total["training"] / total["wall"],
+               "not training %": 100 * total["non_training_fraction"]}
+    for phase in ("startup", "scoring", "samples", "checkpoint", "model_logging", "validation"):
+        figures[f"{phase} s"] = total[phase]
+    epoch_walls = [epochs[step]["wall"] for step in sorted(epochs) if step > 0]
+    figures["s per epoch"] = sum(epoch_walls) / len(epoch_walls)
+    before = RESULTS.get("end to end: before (baseline commit)")
+    if before:
+        figures["x shorter than before"] = before["wall s"] / seconds
+    RESULTS["end to end: now"] = figures
+    benchmark.extra_info.update(figures)
+    assert sum(value for name, value in total.items()
+               if name not in ("wall", "non_training_fraction")) == pytest.approx(total["wall"])
+
+
+def test_offline_recipe_now_on_ten_times_the_rows(benchmark, base_model, tmp_path):
+    """The subset replicated 10x, one epoch: per-row cost against the x1 run's epochs."""
+    flags = recipe_flags(base_model, subset(tmp_path, SCALE))
+    flags[flags.index("--epochs") + 1] = "1"
+    seconds = benchmark.pedantic(lambda: run_recipe(REPOSITORY, tmp_path, flags), rounds=1)
+    total, epochs = logged_split(tmp_path)
+    figures = {"wall s": seconds, "training %": 100 * total["training"] / total["wall"],
+               "not training %": 100 * total["non_training_fraction"],
+               "s per epoch": epochs[1]["wall"]}
+    now = RESULTS.get("end to end: now")
+    if now:
+        figures["epoch cost vs x1 (ideal 10)"] = epochs[1]["wall"] / now["s per epoch"]
+    RESULTS[f"end to end: now, data x{SCALE}, 1 epoch"] = figures
+    benchmark.extra_info.update(figures)
