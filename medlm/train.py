@@ -240,12 +240,12 @@ def fit(
     themselves as another phase).
     """
     from medlm.checkpoint import (
+        CheckpointWriter,
         load_checkpoint,
         load_trained_weights,
         logged_epoch,
         mark_logged,
         rng_state,
-        save_checkpoint,
         trained_weights,
     )
 
@@ -385,6 +385,10 @@ def fit(
             train_tokens_per_sec=real_tokens / train_seconds,
             learning_rate=scheduler.get_last_lr()[0],
         )
+        writer = None
+        if checkpoint_dir and main_process:  # the large files are written while it is scored
+            with stopwatch.phase("checkpoint"):
+                writer = CheckpointWriter(checkpoint_dir, epoch, model, optimizer)
         if scorer is not None:
             with stopwatch.phase("scoring"):
                 scores = scorer(model) if main_process else None
@@ -406,17 +410,16 @@ def fit(
                 if main_process:
                     loader_state = ({"generator": shuffle_generator.get_state()}
                                     if shuffle_generator is not None else {})
-                    save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler, epochs=result.epochs,
-                                    best_state=best_state,
-                                    epochs_without_improvement=epochs_without_improvement,
-                                    loader_state=loader_state, rng_states=rng_states,
-                                    precision=precision.name, step_interval={
-                                        "loss_sum": interval_loss.item(),
-                                        "tokens": interval_tokens,
-                                        "real_tokens": interval_real_tokens,
-                                        "seconds": interval_seconds},
-                                    best_is_current=epoch_result.is_best)
+                    writer.finish(scheduler=scheduler, scaler=scaler, epochs=result.epochs,
+                                  best_state=best_state,
+                                  epochs_without_improvement=epochs_without_improvement,
+                                  loader_state=loader_state, rng_states=rng_states,
+                                  precision=precision.name, step_interval={
+                                      "loss_sum": interval_loss.item(),
+                                      "tokens": interval_tokens,
+                                      "real_tokens": interval_real_tokens,
+                                      "seconds": interval_seconds},
+                                  best_is_current=epoch_result.is_best)
         with stopwatch.phase("logging"):
             for callback in callbacks if main_process else ():
                 callback.on_epoch_end(model, epoch_result)

@@ -33,6 +33,45 @@ def test_merged_adapters_compute_what_the_adapted_model_computes(tiny_model):
     assert torch.equal(merged.lm_head.weight, base_head)  # the head is not adapted
 
 
+def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
+        tiny_model_dir, dataset_csv, tmp_path):
+    """The frozen base is read again from the model's source on resume: each epoch writes only
+    the adapters (and their optimizer state), and the resumed run matches the whole one."""
+    from safetensors.torch import load_file
+
+    from medlm.checkpoint import current_epoch_directory
+    from medlm.config import TrainConfig
+    from medlm.data import load_disease_data
+    from medlm.lora import add_lora
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.train import fit
+    from tests.test_train import CPU, FP32, StopAfter, loaders
+
+    config = TrainConfig(epochs=2, lr=3e-3, progress=False, lora_rank=4)
+    small_frame = load_disease_data(str(dataset_csv), max_samples=80).frame
+
+    def attempt(directory, **kwargs):
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        model = add_lora(model, 4, seed=config.seed)
+        train, validation = loaders(tokenizer, small_frame)
+        return fit(model, train, validation, config, CPU, FP32, checkpoint_dir=str(directory),
+                   **kwargs), model
+
+    with pytest.raises(KeyboardInterrupt):
+        attempt(tmp_path / "run", callbacks=[StopAfter(1)])
+    saved = load_file(str(current_epoch_directory(tmp_path / "run") / "model.safetensors"))
+    model = add_lora(load_tokenizer_and_model(str(tiny_model_dir))[1], 4)
+    adapters = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == adapters and all("lora_" in name for name in saved)
+    resumed, resumed_model = attempt(tmp_path / "run", resume=True)
+    whole, whole_model = attempt(tmp_path / "whole")
+    assert [r.validation_loss for r in resumed.epochs] == [
+        r.validation_loss for r in whole.epochs]
+    expected = whole_model.state_dict()
+    assert all(torch.equal(value, expected[name])
+               for name, value in resumed_model.state_dict().items())
+
+
 def test_the_adapters_start_from_the_run_seed_and_leave_the_global_generator_alone():
     from medlm.lora import add_lora
     from medlm.offline import random_gpt2

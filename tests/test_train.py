@@ -496,3 +496,54 @@ def test_a_pointer_to_a_missing_epoch_falls_back_to_the_newest_whole_one(tmp_pat
     (tmp_path / "epoch-10" / "state.pt").write_bytes(b"")
     (tmp_path / "latest").write_text("epoch-11")
     assert current_epoch_directory(tmp_path) == tmp_path / "epoch-10"
+
+
+def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_epoch_before(
+        tiny_model_dir, small_frame, tmp_path, monkeypatch):
+    """The weights and optimizer state are written in the background while the epoch is
+    scored: a kill during scoring leaves the previous epoch whole (nothing names the half
+    write), and the resumed run ends with the uninterrupted run's losses and best weights.
+    An epoch that does not improve links the best epoch's weights instead of writing them."""
+    from safetensors.torch import load_file
+
+    from medlm import checkpoint
+    from medlm.checkpoint import saved_epochs
+    from medlm.modeling import load_tokenizer_and_model
+
+    config = TrainConfig(epochs=3, lr=3e-3, progress=False, select_by="symptom_f1")
+
+    def run(directory, scores, kill_at=None, resume=False):
+        calls = []
+
+        def scorer(model):
+            calls.append(1)
+            if len(calls) == kill_at:
+                assert any(directory.glob(".epoch-*.partial"))  # its write is under way
+                raise KeyboardInterrupt
+            return {"symptom_f1": scores[len(calls) - 1]}
+
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        train, validation = loaders(tokenizer, small_frame)
+        result = fit(model, train, validation, config, CPU, FP32,
+                     checkpoint_dir=str(directory), resume=resume, scorer=scorer)
+        return result, model
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", [0.5], kill_at=2)
+    assert current_epoch_directory(tmp_path / "run").name == "epoch-1"
+    assert [epoch["epoch"] for epoch in saved_epochs(tmp_path / "run")] == [1]
+    resumed, resumed_model = run(tmp_path / "run", [0.2, 0.1], resume=True)
+
+    written = []
+    save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, **kwargs: (
+        written.append(Path(path).name), save_file(tensors, path, **kwargs))[-1])
+    uninterrupted, model = run(tmp_path / "whole", [0.5, 0.2, 0.1])
+    assert [r.training_loss for r in resumed.epochs] == [
+        r.training_loss for r in uninterrupted.epochs]
+    assert resumed.best.epoch == uninterrupted.best.epoch == 1
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in resumed_model.named_parameters())
+    assert "best.safetensors" not in written  # epoch 1's weights, linked twice
+    best = load_file(str(tmp_path / "whole" / "epoch-3" / "best.safetensors"))
+    assert all(torch.equal(best[n], p) for n, p in model.named_parameters())
