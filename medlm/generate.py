@@ -8,6 +8,7 @@ import torch
 
 from medlm.data import bos_ids, prompt_for
 from medlm.errors import MedLMError
+from medlm.modeling import casts_cached
 
 
 @dataclass
@@ -111,7 +112,10 @@ def generate(model, tokenizer, diseases: list[str],
     was_training = model.training
     model.eval()
     texts = []
-    with forked_rng(device), torch.inference_mode():
+    # no_grad, not inference_mode: under inference_mode autocast casts every weight again at
+    # every step (its cast cache is off there); under no_grad each weight is cast once per
+    # call: scoring 78 names with distilgpt2 in bf16 spent a third of its time in those casts
+    with forked_rng(device), torch.no_grad(), casts_cached(model, device):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         for batch, count in batches:

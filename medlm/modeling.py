@@ -219,6 +219,22 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
 
 
+@contextlib.contextmanager
+def casts_cached(model, device: torch.device):
+    """Under autocast, let frozen weights (LoRA's base) be cast once per call too: autocast
+    caches the casts of leaf tensors that require grad only, so for the duration (under
+    no_grad, which builds no graph) they are marked as requiring it."""
+    frozen = ([parameter for parameter in model.parameters() if not parameter.requires_grad]
+              if torch.is_autocast_enabled(device.type) else [])
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
 def cpu_kind() -> str:
     """The CPU features that decide MedLM's speed, for every reported figure: ``AVX512-BF16``
     (or ``AMX-BF16``: native bf16), else the vector ISA torch dispatches to (``AVX512``,

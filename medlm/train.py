@@ -20,7 +20,7 @@ from medlm import distributed
 from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
-from medlm.modeling import Precision
+from medlm.modeling import Precision, casts_cached
 from medlm.timing import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -118,20 +118,23 @@ def _bar(total: int, description: str, enabled: bool) -> tqdm:
                 disable=not (enabled and sys.stderr.isatty()))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              precision: Precision, progress: bool = False) -> float:
     """Mean loss per real token over ``loader`` (over every process's share of it, under
-    torchrun: pass the plain model, not its DistributedDataParallel wrapper)."""
+    torchrun: pass the plain model, not its DistributedDataParallel wrapper).
+
+    One autocast region over every batch, under no_grad (not inference_mode, where autocast
+    keeps no cast cache): each weight is cast to the low precision once, not once per batch."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
     tokens = 0
-    with _bar(len(loader), "validation", progress) as bar:
+    with (_bar(len(loader), "validation", progress) as bar, precision.autocast(),
+          casts_cached(model, device)):
         for batch in loader:
             tokens += count_loss_tokens(batch)
-            with precision.autocast():
-                loss_sum += token_loss_sum(model, _to(batch, device))
+            loss_sum += token_loss_sum(model, _to(batch, device))
             bar.update()
     model.train(was_training)
     if distributed.is_enabled():

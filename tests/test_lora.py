@@ -72,6 +72,43 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
                for name, value in resumed_model.state_dict().items())
 
 
+def test_scoring_and_validation_under_autocast_leave_the_base_frozen(tiny_model_dir,
+                                                                   dataset_csv, monkeypatch):
+    """Generation and validation let autocast cache the frozen base's bf16 casts by marking it
+    as requiring grad for the call: afterwards the base is frozen again (a base that kept it
+    would be trained, and the checkpoint would hold it all), and the answers and loss are
+    those of the uncached computation."""
+    from medlm.data import LanguageDataset, load_disease_data, make_loader
+    from medlm.generate import GenerationSettings, generate
+    from medlm.lora import add_lora, trainable_parameters
+    from medlm.modeling import Precision, load_tokenizer_and_model
+    from medlm.train import evaluate
+
+    tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+    model = add_lora(model, 4)
+    trainable = trainable_parameters(model)
+    bf16, cpu = Precision("bf16", "cpu"), torch.device("cpu")
+    frame = load_disease_data(str(dataset_csv), max_samples=24).frame
+    loader = make_loader(LanguageDataset(frame, tokenizer), 8, tokenizer.pad_token_id,
+                         train=False)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    with bf16.autocast():
+        answers = generate(model, tokenizer, ["Asthma", "Kidney Failure"], settings)
+    loss = evaluate(model, loader, cpu, bf16)
+    assert trainable_parameters(model) == trainable
+    import contextlib
+
+    import medlm.generate
+    import medlm.train
+
+    for module in (medlm.generate, medlm.train):  # the same calls without the cache
+        monkeypatch.setattr(module, "casts_cached",
+                            lambda model, device: contextlib.nullcontext())
+    with bf16.autocast():
+        assert generate(model, tokenizer, ["Asthma", "Kidney Failure"], settings) == answers
+    assert evaluate(model, loader, cpu, bf16) == loss
+
+
 def test_the_adapters_start_from_the_run_seed_and_leave_the_global_generator_alone():
     from medlm.lora import add_lora
     from medlm.offline import random_gpt2
