@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from experiments._cli import (
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from medlm.data import load_disease_data, split_by_disease
     from medlm.inference import load_model_for_inference
     from medlm.metrics import METRIC_VERSION, baseline_scores, evaluate_symptoms
-    from medlm.modeling import resolve_device
+    from medlm.modeling import resolve_device, resolve_precision
     from medlm.tracking import logged_metrics, source_run
 
     run = source_run(args.model_uri, args.registered_model)
@@ -119,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
-                                       repetition_penalty=args.repetition_penalty,
-                                       num_beams=args.num_beams)
+    # decoded as a training run on this machine decodes its scored answers: bf16 autocast
+    # where it trains in bf16, fp32 elsewhere
+    precision = resolve_precision("auto", device)
+    with precision.autocast() if precision.name == "bf16" else contextlib.nullcontext():
+        table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
+                                           repetition_penalty=args.repetition_penalty,
+                                           num_beams=args.num_beams)
     if args.output:
         table.to_csv(args.output, index=False)
     shown = table[["disease", "symptom_precision", "symptom_recall", "symptom_f1", "word_f1",

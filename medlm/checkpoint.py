@@ -171,7 +171,7 @@ class CheckpointWriter:
         if not (self.previous / "state.pt").is_file():
             return False
         try:
-            previous = torch.load(self.previous / "state.pt", weights_only=True,
+            previous = torch.load(self.previous / "state.pt", weights_only=True, mmap=True,
                                   map_location="cpu")
         except Exception:  # noqa: BLE001 - unreadable: write the weights instead
             return False

@@ -73,7 +73,7 @@ def encode_prompts(tokenizer, prompts: list[str]):
                          return_tensors="pt")
 
 
-MAX_BATCH_SEQUENCES = 128  # sequences written in one model.generate call (bounds memory)
+MAX_BATCH_SEQUENCES = 128  # sequences (or beams) in one model.generate call: bounds memory
 
 
 def generate(model, tokenizer, diseases: list[str],
@@ -92,10 +92,12 @@ def generate(model, tokenizer, diseases: list[str],
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
     prompts = [prompt_for(name) for name in diseases]
-    # (prompts, sequences per prompt) per call: several prompts with all their completions,
-    # or one prompt's completions in parts when they alone exceed the bound
-    if per_prompt <= MAX_BATCH_SEQUENCES:
-        step = MAX_BATCH_SEQUENCES // per_prompt
+    # (prompts, sequences per prompt) per call: several prompts with all their completions
+    # (beam search: all their beams, kept together), or one prompt's completions in parts when
+    # they alone exceed the bound
+    beams = max(settings.num_beams, 1)
+    if beams > 1 or per_prompt <= MAX_BATCH_SEQUENCES:
+        step = max(MAX_BATCH_SEQUENCES // max(per_prompt, beams), 1)
         calls = [(prompts[start:start + step], per_prompt)
                  for start in range(0, len(prompts), step)]
     else:

@@ -54,5 +54,17 @@ def merge_lora(model):
     return model.merge_and_unload() if is_lora(model) else model
 
 
+def merged_copy(model):
+    """For writing answers: a LoRA model as the plain model it will be registered as (a copy
+    with the adapters folded in; the training model is left as it is), else ``model`` itself.
+    Decoding through peft's 210 adapter modules of SmolLM2 costs ~100 ms more per step than
+    the merged copy, which costs ~0.5 s to make."""
+    if not is_lora(model):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

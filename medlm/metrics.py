@@ -36,7 +36,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-METRIC_VERSION = "2"  # bump when a change to the rules makes old scores incomparable
+# bump when a change to the rules makes old scores incomparable; 3: a run's answers are decoded
+# under its bf16 autocast (where it trains in bf16), all validation names in one batch
+METRIC_VERSION = "3"
 MATCH_SHARE = 2 / 3  # the shorter phrase has at least this share of the longer's words
 STOPWORDS = frozenset("""
 a an the and or nor but of in on at to into onto from by for with within as is are be
@@ -200,7 +202,7 @@ def score_answers(answers: Sequence[str], frame):
 SCORING_REPETITION_PENALTY = 1.0
 
 
-def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40,
+def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, *,
                       repetition_penalty: float = SCORING_REPETITION_PENALTY,
                       num_beams: int = 1):
     """Greedy-decode (or, with ``num_beams`` > 1, beam-search) every distinct disease of

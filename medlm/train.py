@@ -229,9 +229,10 @@ def fit(
     name returned by ``scorer`` (called after each epoch's validation, on the main process);
     early stopping (``config.patience``) counts epochs without a better value of the same.
 
-    With ``checkpoint_dir``, the full training state is saved there after every epoch (before
-    the callbacks run); with ``resume``, training continues from that checkpoint and ends with
-    the same losses as an uninterrupted run.
+    With ``checkpoint_dir``, the training state is saved there after every epoch (before the
+    callbacks run; the weights training changes, not a frozen LoRA base); with ``resume``,
+    training continues from that checkpoint and ends with the same losses as an uninterrupted
+    run.
 
     Under torchrun (a process group with several processes, see ``medlm.distributed``) each
     process passes loaders built with its own ``shard``: the model is wrapped in
