@@ -4,7 +4,8 @@ fixed subset, as a subprocess, against the same run of the code before the perfo
 row on the subset replicated ten times.
 
 Full mode: SmolLM2-135M with LoRA rank 16 on 120 rows, 2 epochs (the de-quantized base is
-cached, as it is from a user's second run on); ``MEDLM_BENCH_SHORT=1``: a tiny random GPT-2 on
+cached, as it is from a user's second run on: the baseline converts the GGUF file, ~17 s, every
+time); ``MEDLM_BENCH_SHORT=1``: a tiny random GPT-2 on
 40 rows, 1 epoch, so the machinery cannot rot in CI.
 """
 
@@ -131,8 +132,8 @@ def test_offline_recipe_now(benchmark, base_model, tmp_path):
         figures["x shorter than before"] = before["wall s"] / seconds
     RESULTS["end to end: now"] = figures
     benchmark.extra_info.update(figures)
-    assert sum(value for name, value in total.items()
-               if name not in ("wall", "non_training_fraction")) == pytest.approx(total["wall"])
+    assert total["wall"] <= seconds  # the logged split covers the process, no more
+    assert total["other"] < 0.1 * total["wall"]  # and the phases name nearly all of it
 
 
 def test_offline_recipe_now_on_ten_times_the_rows(benchmark, base_model, tmp_path):
@@ -146,6 +147,7 @@ def test_offline_recipe_now_on_ten_times_the_rows(benchmark, base_model, tmp_pat
                "s per epoch": epochs[1]["wall"]}
     now = RESULTS.get("end to end: now")
     if now:
-        figures["epoch cost vs x1 (ideal 10)"] = epochs[1]["wall"] / now["s per epoch"]
+        # 10 would be per-row cost alone: scoring and samples do not grow (the same diseases)
+        figures["epoch cost vs x1"] = epochs[1]["wall"] / now["s per epoch"]
     RESULTS[f"end to end: now, data x{SCALE}, 1 epoch"] = figures
     benchmark.extra_info.update(figures)

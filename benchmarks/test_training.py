@@ -5,6 +5,7 @@ throughput, and per-sample cost on the dataset replicated ``SCALE`` times."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -193,8 +194,13 @@ def test_inference_throughput(benchmark, frame, tokenizer, fresh_model):
     model = fresh_model().eval()
     prompts = frame["Name"].head(BATCH).tolist()
     settings = GenerationSettings(max_new_tokens=16 if SHORT else 40)
-    completions = benchmark.pedantic(lambda: generate(model, tokenizer, prompts, settings),
-                                     rounds=ROUNDS + 1, warmup_rounds=1)
+    precision = resolve_precision("auto", CPU)  # as a run writes its samples: bf16 where native
+
+    def run():
+        with precision.autocast() if precision.name == "bf16" else contextlib.nullcontext():
+            return generate(model, tokenizer, prompts, settings)
+
+    completions = benchmark.pedantic(run, rounds=ROUNDS + 1, warmup_rounds=1)
     generated = sum(len(tokenizer(text[0])["input_ids"]) for text in completions)
     figures = {"prompts": len(prompts), "generated tokens/s": generated / benchmark.stats.stats.min}
     benchmark.extra_info.update(figures)

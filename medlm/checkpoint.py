@@ -123,14 +123,15 @@ class CheckpointWriter:
     def finish(self, *, scheduler, scaler, epochs: list, best_state: dict | None,
                epochs_without_improvement: int, loader_state: dict,
                rng_states: list[dict] | None = None, precision: str | None = None,
-               step_interval: dict | None = None, best_is_current: bool = False) -> None:
+               step_interval: dict | None = None, best_is_current: bool = False,
+               frozen: str | None = None) -> None:
         """``best_state``: the best epoch's trained weights (as ``trained_weights`` returns
         them), not written when ``best_is_current`` (they are the model's) and linked from the
         previous epoch's checkpoint when the best epoch is unchanged; ``rng_states``: one per
         process, in rank order (default: this process's only); ``precision``: the effective
         one (fp32/bf16/fp16), checked when the run resumes; ``step_interval``: what the steps
         since the last per-step point added up to, so a resumed run's next point covers the
-        same steps as an uninterrupted run's."""
+        same steps as an uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model."""
         state = {
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -141,6 +142,7 @@ class CheckpointWriter:
             "precision": precision,
             "step_interval": step_interval or {},
             "best_is_current": best_is_current,
+            "frozen_sha256": frozen,
         }
         directory, partial, name = self.directory, self.partial, self.name
         if best_state is not None and not best_is_current and not self._link_previous_best():
@@ -192,6 +194,22 @@ def trained_weights(model) -> dict[str, torch.Tensor]:
     with LoRA (tied weights once)."""
     return {name: parameter.detach() for name, parameter in model.named_parameters()
             if parameter.requires_grad}
+
+
+def frozen_sha256(model) -> str | None:
+    """Fingerprint of the weights training leaves alone (LoRA's base), which a checkpoint does
+    not hold: a resume that found other ones (the model's source changed) would silently train
+    another model. None when every weight is trained."""
+    import hashlib
+
+    digest, frozen = hashlib.sha256(), False
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            frozen = True
+            digest.update(name.encode("utf-8"))
+            digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                          .numpy().tobytes())
+    return digest.hexdigest() if frozen else None
 
 
 def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
@@ -300,6 +318,10 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     with safe_open(str(weights), "pt") as file:
         trained_only = (file.metadata() or {}).get("trained_only") == "1"
     if trained_only:
+        if state.get("frozen_sha256") not in (None, frozen_sha256(model)):
+            raise MedLMError(f"the checkpoint in {str(directory)!r} was trained on other frozen "
+                             "base weights than the model loaded now (its file or Hub "
+                             "revision changed): expected the base the run started from")
         load_trained_weights(model, load_file(str(weights)))
     else:  # an older MedLM's: the whole model
         load_model(model, str(weights))

@@ -87,29 +87,44 @@ def load_tokenizer_and_model(name_or_path: str):
 def dequantized_cache(gguf_path: str) -> Path:
     """Where a GGUF file's de-quantized model is kept (parsing a GGUF file and de-quantizing
     it takes ~17 s for SmolLM2-135M; reading the result back, ~1 s): one directory per file,
-    keyed by its path, size, modification time and the transformers version that converted
-    it, under ``$MEDLM_CACHE/dequantized``."""
+    keyed by its path, size, modification time, the transformers and gguf versions that
+    converted it and MedLM's own conversion (``DEQUANTIZED_FORMAT``), under
+    ``$MEDLM_CACHE/dequantized``."""
     import hashlib
+    from importlib.metadata import PackageNotFoundError, version
 
     import transformers
 
     from medlm.offline import cache_dir
 
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = ""
     stat = os.stat(gguf_path)
     key = "|".join(map(str, (os.path.abspath(gguf_path), stat.st_size, stat.st_mtime_ns,
-                             transformers.__version__)))
+                             transformers.__version__, gguf_version, DEQUANTIZED_FORMAT)))
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return cache_dir() / "dequantized" / f"{Path(gguf_path).stem}-{digest}"
 
 
+DEQUANTIZED_FORMAT = 1  # bump when what _save_dequantized writes changes
+
+
 def _save_dequantized(tokenizer, model, target: Path) -> None:
-    """Written beside, then renamed in one step: a kill leaves no half-written model to load.
-    A cache that cannot be written (read-only, full) only costs the next run the conversion."""
+    """Written beside, then renamed in one step: a kill leaves no half-written model to load
+    (and its leftover is removed by a later save). A cache that cannot be written (read-only,
+    full) only costs the next run the conversion; another process (a torchrun rank) that
+    wrote it first is as good."""
     import shutil
     import tempfile
+    import time
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*"):  # a killed save's, not a live one
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             model.save_pretrained(str(partial))
@@ -117,9 +132,10 @@ def _save_dequantized(tokenizer, model, target: Path) -> None:
             os.replace(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    except OSError as error:
-        log.warning("could not keep the de-quantized model in %s (%s): the next run converts "
-                    "the GGUF file again", target, error)
+    except Exception as error:  # noqa: BLE001 - OSError, SafetensorError, ...: only a cache
+        if not target.is_dir():
+            log.warning("could not keep the de-quantized model in %s (%s): the next run "
+                        "converts the GGUF file again", target, first_line(error))
 
 
 def ensure_pad_token(tokenizer, model=None):

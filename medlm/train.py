@@ -245,6 +245,7 @@ def fit(
     """
     from medlm.checkpoint import (
         CheckpointWriter,
+        frozen_sha256,
         load_checkpoint,
         load_trained_weights,
         logged_epoch,
@@ -297,6 +298,8 @@ def fit(
                 getattr(callback, "on_epoch_replay", callback.on_epoch_end)(
                     model, result.epochs[-1])
             mark_logged(checkpoint_dir, result.epochs[-1].epoch)
+    # a LoRA base is not in the checkpoint: its fingerprint is, for the resume to compare
+    frozen = frozen_sha256(model) if checkpoint_dir and main_process else None
     trained = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -423,7 +426,7 @@ def fit(
                                       "tokens": interval_tokens,
                                       "real_tokens": interval_real_tokens,
                                       "seconds": interval_seconds},
-                                  best_is_current=epoch_result.is_best)
+                                  best_is_current=epoch_result.is_best, frozen=frozen)
         with stopwatch.phase("logging"):
             for callback in callbacks if main_process else ():
                 callback.on_epoch_end(model, epoch_result)

@@ -36,7 +36,8 @@ def test_merged_adapters_compute_what_the_adapted_model_computes(tiny_model):
 def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
         tiny_model_dir, dataset_csv, tmp_path):
     """The frozen base is read again from the model's source on resume: each epoch writes only
-    the adapters (and their optimizer state), and the resumed run matches the whole one."""
+    the adapters (and their optimizer state), and the resumed run matches the whole one; a
+    base that changed in between is refused, not silently trained on."""
     from safetensors.torch import load_file
 
     from medlm.checkpoint import current_epoch_directory
@@ -50,8 +51,11 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
     config = TrainConfig(epochs=2, lr=3e-3, progress=False, lora_rank=4)
     small_frame = load_disease_data(str(dataset_csv), max_samples=80).frame
 
-    def attempt(directory, **kwargs):
+    def attempt(directory, other_base=False, **kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        if other_base:  # the base's file changed between the kill and the resume
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] += 1
         model = add_lora(model, 4, seed=config.seed)
         train, validation = loaders(tokenizer, small_frame)
         return fit(model, train, validation, config, CPU, FP32, checkpoint_dir=str(directory),
@@ -63,6 +67,10 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
     model = add_lora(load_tokenizer_and_model(str(tiny_model_dir))[1], 4)
     adapters = {name for name, p in model.named_parameters() if p.requires_grad}
     assert set(saved) == adapters and all("lora_" in name for name in saved)
+    from medlm.errors import MedLMError
+
+    with pytest.raises(MedLMError, match="other frozen base weights"):
+        attempt(tmp_path / "run", other_base=True, resume=True)
     resumed, resumed_model = attempt(tmp_path / "run", resume=True)
     whole, whole_model = attempt(tmp_path / "whole")
     assert [r.validation_loss for r in resumed.epochs] == [
