@@ -6,7 +6,9 @@ row on the subset replicated ten times.
 Full mode: SmolLM2-135M with LoRA rank 16 on 120 rows, 2 epochs (the de-quantized base is
 cached, as it is from a user's second run on: the baseline converts the GGUF file, ~17 s, every
 time); ``MEDLM_BENCH_SHORT=1``: a tiny random GPT-2 on
-40 rows, 1 epoch, so the machinery cannot rot in CI.
+40 rows, 1 epoch, so the machinery cannot rot in CI. ``MEDLM_BENCH_PRECISION=fp32`` adds
+``--precision fp32`` to both runs (with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``:
+an AVX512 machine restricted to AVX2 kernels, an approximation of an AVX2-only CPU).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def recipe_flags(model: str, dataset: Path) -> list[str]:
              "--lora-rank", "4" if SHORT else "16", "--lr", "1e-3", "--scheduler", "cosine",
              "--warmup-steps", "10", "--patience", "1", "--registered-model", "bench",
              "--no-progress"]
+    if os.environ.get("MEDLM_BENCH_PRECISION"):  # e.g. fp32 under an AVX2-only kernel set
+        flags += ["--precision", os.environ["MEDLM_BENCH_PRECISION"]]
     return flags + (["--max-new-tokens", "8"] if SHORT else [])
 
 
