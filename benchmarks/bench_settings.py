@@ -12,6 +12,10 @@ SHORT = os.environ.get("MEDLM_BENCH_SHORT", "") not in ("", "0")
 PRESET = "tiny" if SHORT else "distilgpt2"
 SCALE = 10 if SHORT else 100
 ROUNDS = 1 if SHORT else 2
+# "auto" (what --precision auto picks on this machine) or fp32/bf16 for every contender; with
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 and fp32, an
+# AVX512 machine approximates an AVX2-only CPU
+PRECISION = os.environ.get("MEDLM_BENCH_PRECISION", "auto")
 DATASET_CSV = Path(os.environ.get(
     "MEDLM_TEST_DATASET",
     Path(__file__).resolve().parents[2] / "shared" / "data" / "diseases_symptoms.csv"))

@@ -12,12 +12,12 @@ import time
 import pandas as pd
 import pytest
 import torch
-from bench_settings import PRESET, RESULTS, ROUNDS, SCALE, SHORT
+from bench_settings import PRECISION, PRESET, RESULTS, ROUNDS, SCALE, SHORT
 from seed_notebook import SeedLanguageDataset, seed_step
 
 from medlm.config import TrainConfig
 from medlm.data import LanguageDataset, make_loader
-from medlm.modeling import cpu_supports_bf16, resolve_precision
+from medlm.modeling import resolve_precision
 from medlm.train import make_optimizer, make_scheduler, train_step
 
 CPU = torch.device("cpu")
@@ -106,6 +106,7 @@ def trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, t
         TrainingArguments,
     )
 
+    low_precision = resolve_precision(PRECISION, CPU).name == "bf16"  # as MedLM's loop runs
     texts = (train_frame["Name"] + " | " + train_frame["Symptoms"] + tokenizer.eos_token)
     rows = [{"input_ids": ids} for ids in tokenizer(texts.tolist())["input_ids"]]
     step_ends: list[float] = []
@@ -120,7 +121,7 @@ def trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, t
         arguments = TrainingArguments(
             output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
             max_steps=WARMUP_STEPS + STEPS, learning_rate=5e-4,
-            train_sampling_strategy="group_by_length", bf16=cpu_supports_bf16(), use_cpu=True,
+            train_sampling_strategy="group_by_length", bf16=low_precision, use_cpu=True,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_pin_memory=False, seed=0)
         trainer = Trainer(model=model, args=arguments, train_dataset=rows,
@@ -134,12 +135,12 @@ def trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, t
     lengths = sorted(len(row["input_ids"]) for row in rows)
     real = sum(lengths) / len(lengths) * BATCH
     width = sum(lengths) / len(lengths) * 1.03  # its grouping pads like ours (measured 1.03)
-    peak = matmul_peak["bf16" if cpu_supports_bf16() else "fp32"]
+    peak = matmul_peak["bf16" if low_precision else "fp32"]
     report(name, benchmark, min(r[1] for r in results), real, width, model, peak)
 
 
 def ours(benchmark, frame, tokenizer, fresh_model, matmul_peak, name: str) -> dict:
-    precision = resolve_precision("auto", CPU)
+    precision = resolve_precision(PRECISION, CPU)
     dataset = LanguageDataset(frame, tokenizer)
     loader = make_loader(dataset, BATCH, tokenizer.pad_token_id, train=True, seed=0)
     batches = list(itertools.islice(loader, WARMUP_STEPS + STEPS))
@@ -194,7 +195,7 @@ def test_inference_throughput(benchmark, frame, tokenizer, fresh_model):
     model = fresh_model().eval()
     prompts = frame["Name"].head(BATCH).tolist()
     settings = GenerationSettings(max_new_tokens=16 if SHORT else 40)
-    precision = resolve_precision("auto", CPU)  # as a run writes its samples: bf16 where native
+    precision = resolve_precision(PRECISION, CPU)  # as a run writes its samples
 
     def run():
         with precision.autocast() if precision.name == "bf16" else contextlib.nullcontext():
