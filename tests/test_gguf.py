@@ -82,8 +82,8 @@ def test_the_offline_base_by_name_trains_registers_and_generates(tmp_path, datas
 
 
 @pytest.mark.slow
-def test_a_gguf_file_is_de_quantized_once_and_read_back_the_same(smollm2, tmp_path,
-                                                                monkeypatch, caplog):
+def test_a_gguf_file_is_de_quantized_once_and_read_back_the_same(tmp_path, monkeypatch,
+                                                                caplog):
     """Start-up: the GGUF conversion (~17 s) happens on the first load only; later loads read
     the same fp32 model and tokenizer back (~0.2 s); a damaged copy is converted again."""
     import logging
@@ -93,19 +93,21 @@ def test_a_gguf_file_is_de_quantized_once_and_read_back_the_same(smollm2, tmp_pa
 
     gguf = str(base_path(BASE))
     monkeypatch.setenv("MEDLM_CACHE", str(tmp_path))
-    tokenizer, model = smollm2
     text = ["Kidney Failure | fatigue, swelling in the legs", "Asthma |"]
     caplog.set_level(logging.INFO, logger="medlm")
+    first: dict = {}
 
     def load_and_compare():
         caplog.clear()
-        loaded_tokenizer, loaded = load_tokenizer_and_model(gguf)
-        assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-        assert loaded_tokenizer.eos_token == tokenizer.eos_token
-        assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
-        expected = model.state_dict()
-        assert all(torch.equal(tensor, expected[name])
-                   for name, tensor in loaded.state_dict().items())
+        tokenizer, model = load_tokenizer_and_model(gguf)
+        if not first:  # the conversion itself: what every later load must give back
+            first.update(tokenizer=tokenizer, weights=model.state_dict())
+        assert tokenizer(text)["input_ids"] == first["tokenizer"](text)["input_ids"]
+        assert tokenizer.eos_token == first["tokenizer"].eos_token
+        assert tokenizer.pad_token_id == first["tokenizer"].pad_token_id
+        assert model.state_dict().keys() == first["weights"].keys()
+        assert all(torch.equal(tensor, first["weights"][name])
+                   for name, tensor in model.state_dict().items())
         return " ".join(record.getMessage() for record in caplog.records)
 
     assert "de-quantizing" in load_and_compare()  # the first time
