@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 from experiments._cli import (
@@ -120,10 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    # decoded as a training run on this machine decodes its scored answers: bf16 autocast
-    # where it trains in bf16, fp32 elsewhere
-    precision = resolve_precision("auto", device)
-    with precision.autocast() if precision.name == "bf16" else contextlib.nullcontext():
+    # decoded as a training run on this machine decodes its scored answers
+    with resolve_precision("auto", device).answer_autocast():
         table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
                                            repetition_penalty=args.repetition_penalty,
                                            num_beams=args.num_beams)

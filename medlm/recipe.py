@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
+from medlm.timing import Stopwatch
 
 if TYPE_CHECKING:
     import torch
 
     from medlm.data import DiseaseData, DiseaseSplit
     from medlm.modeling import Precision
-    from medlm.timing import Stopwatch
 
 log = logging.getLogger("medlm")
 
@@ -41,15 +41,8 @@ class EpochReport:
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
                  tracker, split, baselines: dict, stopwatch=None, precision=None):
-        import contextlib
-
-        from medlm.timing import Stopwatch
-
         self.stopwatch = stopwatch or Stopwatch()
-        # answers are written under training's bf16 autocast (2.1x faster than fp32 for
-        # distilgpt2 on an AVX512-BF16 CPU); fp16 (older GPUs) decodes in fp32, where an
-        # overflow cannot stop the run after its checkpoint
-        self.autocast = (precision.autocast if precision is not None and precision.name == "bf16"
+        self.autocast = (precision.answer_autocast if precision is not None
                          else contextlib.nullcontext)
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
         self.settings, self.tracker, self.split = settings, tracker, split
@@ -155,19 +148,13 @@ class Prepared:
     precision: Precision
     tokenizer: object  # a transformers tokenizer
     model: torch.nn.Module
-    stopwatch: Stopwatch = field(default_factory=lambda: _stopwatch())  # since set-up began
-
-
-def _stopwatch(started: float | None = None):
-    from medlm.timing import Stopwatch
-
-    return Stopwatch(started)
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)  # since set-up began
 
 
 def prepare(config: TrainConfig, started: float | None = None) -> Prepared:
     """``started``: when the process began (``time.time()``), so that the run's start-up time
     includes the interpreter and the imports; default now."""
-    stopwatch = _stopwatch(started)
+    stopwatch = Stopwatch(started)
     with stopwatch.phase("startup"):
         return _prepare(config, stopwatch)
 
@@ -521,7 +508,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                     continue
                 resume_child = interrupted if decision == "resume" else None
                 if not loaded:  # each child's time from its own start
-                    prepared.stopwatch = _stopwatch()
+                    prepared.stopwatch = Stopwatch()
                     with prepared.stopwatch.phase("startup"):
                         prepared.model = load_tokenizer_and_model(config.model)[1]
                 loaded = False
