@@ -271,8 +271,14 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_improvement = 0
     shuffle_generator = getattr(train_loader, "generator", None)
+    # a LoRA base is not in the checkpoint: its fingerprint is, and a resume compares it
+    frozen = frozen_sha256(model) if checkpoint_dir and (main_process or resume) else None
     if resume:
         state = load_checkpoint(checkpoint_dir, model, rank, world_size)
+        if state.get("frozen_sha256") not in (None, frozen):
+            raise MedLMError(f"the checkpoint in {checkpoint_dir!r} was trained on other frozen "
+                             "base weights than the model loaded now (its file or Hub "
+                             "revision changed): expected the base the run started from")
         model.to(device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -298,8 +304,6 @@ def fit(
                 getattr(callback, "on_epoch_replay", callback.on_epoch_end)(
                     model, result.epochs[-1])
             mark_logged(checkpoint_dir, result.epochs[-1].epoch)
-    # a LoRA base is not in the checkpoint: its fingerprint is, for the resume to compare
-    frozen = frozen_sha256(model) if checkpoint_dir and main_process else None
     trained = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
