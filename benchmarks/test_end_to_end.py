@@ -1,7 +1,9 @@
-"""What a user waits for: a whole run of the offline recipe (README, "Best model offline") on a
-fixed subset, as a subprocess, against the same run of the code before the performance work
-(``BASELINE_COMMIT``, taken from git history), with the time split the run logs; and a scale
-row on the subset replicated ten times.
+"""What a user waits for. The Quick start's offline main command as it is now and with the
+defaults before the defaults issue (``DEFAULTS_BASELINE_COMMIT``: full fine-tuning, 10 epochs),
+on the whole dataset. And a whole run of the LoRA recipe on a fixed subset, as a subprocess,
+against the same run of the code before the performance work (``BASELINE_COMMIT``, taken from
+git history), with the time split the run logs; and a scale row on the subset replicated ten
+times.
 
 Full mode: SmolLM2-135M with LoRA rank 16 on 120 rows, 2 epochs (the de-quantized base is
 cached, as it is from a user's second run on: the baseline converts the GGUF file, ~17 s, every
@@ -36,13 +38,9 @@ SCALE = 10
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> str:
     if SHORT:
-        from medlm.offline import random_gpt2
+        from medlm.offline import save_random_gpt2
 
-        directory = tmp_path_factory.mktemp("tiny")
-        tokenizer, model = random_gpt2("tiny", seed=0)
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        return str(directory)
+        return str(save_random_gpt2(tmp_path_factory.mktemp("tiny"), "tiny", seed=0))
     from medlm.modeling import load_tokenizer_and_model
     from medlm.offline import find_base
 
@@ -99,17 +97,21 @@ def logged_split(workdir: Path) -> tuple[dict[str, float], dict[int, dict[str, f
     return total, epochs
 
 
-@pytest.fixture(scope="module")
-def baseline_tree(tmp_path_factory) -> Path:
-    """The baseline commit's files (git archive): its medlm and experiments packages."""
-    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", BASELINE_COMMIT],
+def archive_tree(commit: str, target: Path) -> Path:
+    """A commit's files (git archive): its medlm and experiments packages."""
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", commit],
                              capture_output=True)
     if archive.returncode != 0:
-        pytest.skip(f"baseline commit {BASELINE_COMMIT} is not in this clone's history")
-    target = tmp_path_factory.mktemp("baseline")
+        pytest.skip(f"baseline commit {commit} is not in this clone's history")
+    target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(target, filter="data")
     return target
+
+
+@pytest.fixture(scope="module")
+def baseline_tree(tmp_path_factory) -> Path:
+    return archive_tree(BASELINE_COMMIT, tmp_path_factory.mktemp("baseline"))
 
 
 def test_offline_recipe_before_the_performance_work(benchmark, base_model, baseline_tree,
@@ -154,4 +156,38 @@ def test_offline_recipe_now_on_ten_times_the_rows(benchmark, base_model, tmp_pat
         # 10 would be per-row cost alone: scoring and samples do not grow (the same diseases)
         figures["epoch cost vs x1"] = epochs[1]["wall"] / now["s per epoch"]
     RESULTS[f"end to end: now, data x{SCALE}, 1 epoch"] = figures
+    benchmark.extra_info.update(figures)
+
+
+# The last commit before the defaults issue: its bare command trained every weight for 10 epochs
+# at a constant rate, as the seed notebook did.
+DEFAULTS_BASELINE_COMMIT = "427b7b8"
+
+
+def main_command_flags(model: str) -> list[str]:
+    """The Quick start's offline command, verbatim but for the store and the progress bars (on
+    the whole dataset in full mode; short mode: 40 rows, 8-token answers)."""
+    flags = ["--lr", "5e-4", "--dataset", str(DATASET_CSV), "--model", model, "--no-progress",
+             "--registered-model", "bench-main"]
+    return flags + (["--max-samples", str(ROWS), "--max-new-tokens", "8"] if SHORT else [])
+
+
+def test_main_command_with_the_defaults_before(benchmark, base_model, tmp_path):
+    tree = archive_tree(DEFAULTS_BASELINE_COMMIT, tmp_path / "tree")
+    seconds = benchmark.pedantic(
+        lambda: run_recipe(tree, tmp_path, main_command_flags(base_model)), rounds=1)
+    RESULTS["main command: defaults before"] = {"wall s": seconds}
+    benchmark.extra_info["wall_sec"] = seconds
+
+
+def test_main_command_with_the_defaults_now(benchmark, base_model, tmp_path):
+    seconds = benchmark.pedantic(
+        lambda: run_recipe(REPOSITORY, tmp_path, main_command_flags(base_model)), rounds=1)
+    total, _ = logged_split(tmp_path)
+    figures = {"wall s": seconds, "training s": total["training"],
+               "scoring s": total["scoring"], "startup s": total["startup"]}
+    before = RESULTS.get("main command: defaults before")
+    if before:
+        figures["fraction of before"] = seconds / before["wall s"]
+    RESULTS["main command: defaults now"] = figures
     benchmark.extra_info.update(figures)

@@ -23,7 +23,7 @@ from medlm.hub import HubUnavailable
 from medlm.metrics import SCORING_REPETITION_PENALTY
 
 # Flags that default to the run's own logged params for a models:/ or runs:/ URI.
-FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "seed": (TrainConfig.seed, int),
+FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "split_seed": (TrainConfig.split_seed, int),
             "validation_fraction": (TrainConfig.validation_fraction, float),
             "max_samples": (None, int), "max_new_tokens": (TrainConfig.max_new_tokens, int)}
 
@@ -37,8 +37,8 @@ def build_parser() -> ArgumentParser:
                              + from_run % DEFAULT_DATASET)
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
                         help="validation: the diseases the run held out; all: every disease")
-    parser.add_argument("--seed", type=seed, default=None,
-                        help="split seed" + from_run % TrainConfig.seed)
+    parser.add_argument("--split-seed", "--seed", dest="split_seed", type=seed, default=None,
+                        help="which diseases are held out" + from_run % TrainConfig.split_seed)
     parser.add_argument("--validation-fraction", type=fraction, default=None,
                         help="share of diseases held out"
                              + from_run % TrainConfig.validation_fraction)
@@ -63,7 +63,11 @@ def build_parser() -> ArgumentParser:
 def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
     """Each ``FROM_RUN`` setting from its flag, else the run's logged param, else the default;
     and a note for every flag that overrides a different logged value."""
+    from medlm.tracking import split_seed_of  # imports MLflow: not for --help
+
     settings, notes = {}, {}
+    if run_params is not None and "split_seed" not in run_params and "seed" in run_params:
+        run_params = {**run_params, "split_seed": split_seed_of(run_params)}  # an older run
     for name, (default, parse) in FROM_RUN.items():
         logged = run_params is not None and name in run_params
         in_run = _parse(run_params[name], parse) if logged else default
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
                             "run trained on (another file, or the file changed)")
     if args.split == "validation":
-        split = split_by_disease(frame, settings["validation_fraction"], settings["seed"],
+        split = split_by_disease(frame, settings["validation_fraction"], settings["split_seed"],
                                  settings["dataset"])
         frame, baselines = split.validation, baseline_scores(split.train, split.validation)
         if params and not notes and params.get("split_validation_sha256") != (
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = pd.DataFrame([{"answers": label, **{shown_name: scores.get(name)
                                                   for name, shown_name in columns.items()}}
                             for label, scores in rows.items()])
-    where = (f"{settings['dataset']}, seed {settings['seed']}, validation fraction "
+    where = (f"{settings['dataset']}, split seed {settings['split_seed']}, validation fraction "
              f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
              + (f", as run {run.info.run_id} logged" if as_logged else ""))
     decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"

@@ -20,11 +20,28 @@ from experiments._cli import (
     run_cli,
     seed,
 )
-from medlm.config import DEVICES, LOSS_ON, PRECISIONS, SCHEDULERS, SELECT_BY, TrainConfig
+from medlm.config import (
+    AUTO_LORA_RANK,
+    DEVICES,
+    LOSS_ON,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULERS,
+    SELECT_BY,
+    TrainConfig,
+)
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
 
 log = logging.getLogger("medlm")
+
+
+def by_recipe(name: str, default: str | None = None) -> str:
+    """" (default: 4; --recipe seed-notebook: 10)": a recipe-set flag's values, for --help."""
+    ours = default or str(getattr(TrainConfig(), name))
+    others = "; ".join(f"--recipe {recipe}: {settings[name]}"
+                       for recipe, settings in RECIPES.items() if name in settings)
+    return f" (default: {ours}{'; ' + others if others else ''})"
 
 
 def build_parser() -> ArgumentParser:
@@ -39,13 +56,16 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--max-samples", type=positive_int, default=None,
                       help="use only the first N cleaned rows (quick runs)")
     data.add_argument("--max-length", type=positive_int, default=None,
-                      help="cap on tokens per row; longer rows are truncated (default: the "
-                           "model's context size)")
+                      help="cap on tokens per row; longer rows are truncated"
+                           + by_recipe("max_length", "the model's context size"))
     data.add_argument("--validation-fraction", type=positive_float,
                       default=defaults.validation_fraction,
                       help="share of distinct diseases held out for validation")
-    data.add_argument("--seed", type=seed, default=defaults.seed,
-                      help="seeds the split, shuffling, dropout and samples")
+    data.add_argument("--split-seed", type=seed, default=defaults.split_seed,
+                      help="which diseases are held out: runs compare only on the same split")
+    data.add_argument("--seed", type=seed, nargs="+", default=[defaults.seed],
+                      help="seeds initialisation, shuffling, dropout, LoRA adapters and "
+                           "samples (several values: a sweep, compared on one split)")
     model = parser.add_argument_group("model and hardware")
     model.add_argument("--model", default=defaults.model,
                        help="Hub model id, an offline base (smollm2-135m-instruct: python -m "
@@ -59,42 +79,61 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                        help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
                             "on older GPUs), else fp32")
-    train = parser.add_argument_group("training")
+    train = parser.add_argument_group(
+        "training (defaults: the best recipe measured, experiments/README.md)")
+    train.add_argument("--recipe", choices=tuple(RECIPES), default=defaults.recipe,
+                       help="a named set of the defaults below; flags given beside it win. "
+                            "seed-notebook: the seed notebook's settings (full fine-tuning, "
+                            "constant lr, 10 epochs, no early stopping, no clipping, random "
+                            "batches, rows cut at 128 tokens)")
     sweep = " (several values: a sweep)"
-    train.add_argument("--epochs", type=positive_int, nargs="+", default=[defaults.epochs],
-                       help="passes over the training set" + sweep)
-    train.add_argument("--batch-size", type=positive_int, nargs="+",
-                       default=[defaults.batch_size],
-                       help="rows per batch (under torchrun: of all processes together)" + sweep)
-    train.add_argument("--lr", type=positive_float, nargs="+", default=[defaults.lr],
-                       help="AdamW learning rate" + sweep)
-    train.add_argument("--weight-decay", type=non_negative_float, nargs="+",
-                       default=[defaults.weight_decay],
-                       help="AdamW weight decay (0 = the seed notebook's Adam)" + sweep)
-    train.add_argument("--max-grad-norm", type=non_negative_float,
-                       default=defaults.max_grad_norm, help="gradient clipping; 0 = off")
+    train.add_argument("--epochs", type=positive_int, nargs="+", default=None,
+                       help="passes over the training set" + sweep + by_recipe("epochs"))
+    train.add_argument("--batch-size", type=positive_int, nargs="+", default=None,
+                       help="rows per batch (under torchrun: of all processes together)" + sweep
+                            + by_recipe("batch_size"))
+    train.add_argument("--lr", type=positive_float, nargs="+", default=None,
+                       help="AdamW learning rate" + sweep + by_recipe("lr"))
+    train.add_argument("--weight-decay", type=non_negative_float, nargs="+", default=None,
+                       help="AdamW weight decay (0 = the seed notebook's Adam)" + sweep
+                            + by_recipe("weight_decay"))
+    train.add_argument("--max-grad-norm", type=non_negative_float, default=None,
+                       help="gradient clipping; 0 = off" + by_recipe("max_grad_norm"))
     train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
                        help="batches per optimizer step")
-    train.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler,
-                       help="learning-rate decay after warmup")
-    train.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
-                       help="optimizer steps of linear warmup")
+    train.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                       help="learning-rate decay after warmup" + by_recipe("scheduler"))
+    train.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                       help="optimizer steps of linear warmup" + by_recipe("warmup_steps"))
     train.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                       help="plain shuffled batches instead of batches of similar-length rows")
-    train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
+                       default=None,
+                       help="plain shuffled batches instead of batches of similar-length rows "
+                            "(--recipe seed-notebook does this)")
+    train.add_argument("--loss-on", choices=LOSS_ON, default=None,
                        help="full: the whole \"Name | Symptoms\" text; completion: only the "
-                            "symptoms (the loss skips the \"Name |\" prompt)")
-    train.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank,
+                            "symptoms (the loss skips the \"Name |\" prompt)"
+                            + by_recipe("loss_on"))
+    train.add_argument("--shuffle-symptoms", action="store_true", default=None,
+                       help="symptom-order augmentation: each training row's symptoms in a new "
+                            "order every epoch")
+    train.add_argument("--neftune-alpha", type=non_negative_float, default=None,
+                       help="NEFTune: noise on the input embeddings while training, of scale "
+                            "alpha / sqrt(tokens x width) (TRL suggests 5); 0 = off"
+                            + by_recipe("neftune_alpha"))
+    train.add_argument("--lora-rank", type=non_negative_int, default=None,
                        help="train LoRA adapters of this rank on every linear layer of the "
                             "blocks (peft) instead of every weight; merged into the base before "
-                            "the model is logged; 0 = full fine-tuning")
+                            "the model is logged; 0 = full fine-tuning"
+                            + by_recipe("lora_rank", f"{AUTO_LORA_RANK} on a pretrained base, "
+                                        "0 on one with random weights (experiments.init_model)"))
     train.add_argument("--lora-alpha", type=positive_float, default=None,
                        help="LoRA scaling (the update is multiplied by alpha / rank; default: "
                             "2 x --lora-rank)")
     train.add_argument("--lora-dropout", type=non_negative_float, default=defaults.lora_dropout,
                        help="dropout on the LoRA adapters' input")
-    train.add_argument("--patience", type=non_negative_int, default=defaults.patience,
-                       help="stop after N epochs without a better --select-by value; 0 = off")
+    train.add_argument("--patience", type=non_negative_int, default=None,
+                       help="stop after N epochs without a better --select-by value; 0 = off"
+                            + by_recipe("patience"))
     train.add_argument("--select-by", choices=SELECT_BY, default=defaults.select_by,
                        help="what picks the best epoch (the weights kept), early stopping and "
                             "the champion: the lowest validation loss or the highest symptom "
@@ -110,9 +149,12 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                          help="tokens generated per sample and per symptom-scored answer")
     samples.add_argument("--no-symptom-eval", dest="symptom_eval", action="store_false",
-                         help="skip scoring greedy answers for the validation diseases each "
-                              "epoch (symptom_precision/recall/f1, word_f1, and the untuned "
+                         help="skip scoring greedy answers for the validation diseases "
+                              "(symptom_precision/recall/f1, word_f1, and the untuned "
                               "base's epoch-0 score)")
+    samples.add_argument("--score-every-epoch", action="store_true",
+                         help="score the answers after every epoch, not only the best epoch's "
+                              "at the end (always so with --select-by symptom_f1)")
     tracking = parser.add_argument_group("MLflow (tracking URI: $MLFLOW_TRACKING_URI, else "
                                          "./mlflow.db)")
     tracking.add_argument("--experiment", default=defaults.experiment,
@@ -147,6 +189,21 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
+    """The runs the flags ask for: ``--recipe``'s settings under the flags given (a flag left
+    out is None), one run per combination of the swept values; and the swept values."""
+    from medlm.recipe import SWEEPABLE, sweep_configs
+
+    given = {key: value for key, value in vars(args).items()
+             if value is not None and key not in ("resume", "recipe")}
+    given.setdefault("sample_prompts", TrainConfig().sample_prompts)
+    base = TrainConfig.from_recipe(args.recipe, **{
+        key: value for key, value in given.items() if key not in SWEEPABLE})
+    grid = {name: list(dict.fromkeys(given.get(name, [getattr(base, name)])))
+            for name in SWEEPABLE}
+    return sweep_configs(base, grid), grid
+
+
 def main(argv: list[str] | None = None) -> int:
     from medlm import distributed, recipe
     from medlm.timing import process_started
@@ -167,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
                           epochs, started=process_started())
             return 0
-        if args.sample_prompts is None:
-            args.sample_prompts = TrainConfig().sample_prompts
-        grid = {name: list(dict.fromkeys(getattr(args, name))) for name in recipe.SWEEPABLE}
-        common = {key: value for key, value in vars(args).items()
-                  if key not in recipe.SWEEPABLE and key != "resume"}
-        configs = recipe.sweep_configs(common, grid)
+        configs, grid = configs_from_args(args)
         try:
             recipe.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline

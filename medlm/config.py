@@ -1,4 +1,6 @@
-"""Every knob of a training run, in one place, with the seed notebook's values as defaults."""
+"""Every knob of a training run, in one place. The defaults are the best recipe measured
+(``--recipe default``, experiments/README.md); ``RECIPES`` holds the alternatives as overrides of
+them, such as the seed notebook's settings."""
 
 from __future__ import annotations
 
@@ -16,6 +18,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("full", "completion")
 # What picks a run's best epoch, early stopping and the champion; higher is better for F1.
 SELECT_BY = ("validation_loss", "symptom_f1")
+# --lora-rank's default: adapters of this rank on a pretrained base, every weight trained on one
+# with random weights (experiments.init_model), where frozen random weights would learn nothing
+AUTO_LORA_RANK = 16
+
+# Settings that a --recipe changes from the defaults below; a flag given beside it wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the seed notebook: Adam (no decay, no clipping), lr 5e-4, batch 8, 10 epochs at a constant
+    # rate, every weight trained, random batches of rows cut at 128 tokens, no early stopping
+    "seed-notebook": {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
+                      "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
+                      "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
+                      "loss_on": "full"},
+}
 
 
 @dataclass
@@ -25,21 +41,27 @@ class TrainConfig:
     max_samples: int | None = None
     max_length: int | None = None  # None: the model's context size
     validation_fraction: float = 0.2
-    seed: int = 42
+    split_seed: int = 42  # which diseases are held out: part of what makes runs comparable
+    seed: int = 42  # initialisation, shuffling, dropout, adapters, samples
 
-    epochs: int = 10
+    recipe: str = "default"  # the name of the RECIPES entry the settings below came from
+    epochs: int = 4
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.0  # the seed used plain Adam; AdamW with 0.0 is the same update
     max_grad_norm: float = 1.0  # 0 turns clipping off
     grad_accum: int = 1
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    patience: int = 0  # epochs without a better --select-by value before stopping; 0 = off
+    scheduler: str = "cosine"
+    warmup_steps: int = 10
+    patience: int = 1  # epochs without a better --select-by value before stopping; 0 = off
     select_by: str = "validation_loss"
     group_by_length: bool = True  # batches of similar-length rows: far less padding
     loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of every weight
+    shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
+    neftune_alpha: float = 0.0  # > 0: NEFTune noise on the input embeddings while training
+    # > 0: train LoRA adapters of this rank (peft) instead of every weight; None: AUTO_LORA_RANK
+    # on a pretrained base, 0 on a randomly initialised one (``resolve_lora_rank``)
+    lora_rank: int | None = None
     lora_alpha: float | None = None  # LoRA scaling numerator; None: 2 x lora_rank
     lora_dropout: float = 0.0
 
@@ -52,7 +74,9 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["Kidney Failure"])
     num_validation_samples: int = 2  # the first N validation diseases are sampled too
     max_new_tokens: int = 40
-    symptom_eval: bool = True  # greedy-decode validation diseases each epoch, score symptoms
+    symptom_eval: bool = True  # greedy-decode validation diseases, score symptoms
+    # score every epoch, not only the best one (always, with --select-by symptom_f1)
+    score_every_epoch: bool = False
 
     experiment: str = "medlm"
     run_name: str | None = None
@@ -72,17 +96,24 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(name, value, lambda v: v >= 1, "a whole number >= 1")
-        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps",
-                     "lora_rank"):
+        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps"):
             _require(name, getattr(self, name), lambda v: v >= 0, "a whole number >= 0")
+        if self.lora_rank is not None:
+            _require("lora_rank", self.lora_rank, lambda v: v >= 0, "a whole number >= 0")
+        for name in ("seed", "split_seed"):
+            _require(name, getattr(self, name), lambda v: 0 <= v < 2**32,
+                     "a whole number from 0 to 2**32 - 1")
+        _require_choice("recipe", self.recipe, tuple(RECIPES))
         _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
+        _require("neftune_alpha", self.neftune_alpha, lambda v: math.isfinite(v) and v >= 0,
+                 "a number >= 0")
         if self.lora_alpha is not None:
             _require("lora_alpha", self.lora_alpha, lambda v: math.isfinite(v) and v > 0,
                      "a number > 0")
         _require("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1,
                  "a number >= 0 and < 1")
-        if not self.lora_rank and (self.lora_alpha is not None or self.lora_dropout):
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_dropout):
             raise MedLMError("--lora-alpha and --lora-dropout need --lora-rank: expected "
                              "--lora-rank N (N >= 1) with them, or neither")
         _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
@@ -98,16 +129,36 @@ class TrainConfig:
         if self.promote and not self.register:
             raise MedLMError("--promote with --no-register is invalid: expected one of them "
                              "(an unregistered run has no version to promote)")
+        if self.score_every_epoch and not self.symptom_eval:
+            raise MedLMError("--score-every-epoch with --no-symptom-eval is invalid: expected "
+                             "one of them")
         if self.select_by == "symptom_f1" and not self.symptom_eval:
             raise MedLMError("--select-by symptom_f1 needs the per-epoch symptom scores: "
                              "expected no --no-symptom-eval, or --select-by validation_loss")
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
 
+    @classmethod
+    def from_recipe(cls, recipe: str = "default", **settings: Any) -> TrainConfig:
+        """The ``recipe``'s settings, with ``settings`` (the flags a user gave) over them."""
+        _require_choice("recipe", recipe, tuple(RECIPES))
+        return cls(recipe=recipe, **{**RECIPES[recipe], **settings})
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """A config saved by ``asdict``; one saved before ``split_seed`` existed split by
+        ``seed`` (its recipe is spelled out flag by flag, whatever ``recipe`` says)."""
+        if "split_seed" not in saved:  # it scored every epoch, as MedLM then did
+            saved = {"split_seed": saved.get("seed", cls.seed), "score_every_epoch": True,
+                     **saved}
+        return cls(**saved)
+
     def to_params(self) -> dict[str, Any]:
         """Flat, string-friendly view for MLflow params."""
         params = asdict(self)
         params["sample_prompts"] = "; ".join(self.sample_prompts)
+        if self.lora_rank is None:
+            params["lora_rank"] = "auto"  # resolve_lora_rank has not been asked
         if self.lora_rank and self.lora_alpha is None:
             params["lora_alpha"] = 2 * self.lora_rank  # the effective default
         return params

@@ -363,31 +363,52 @@ class LanguageDataset(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int | None = None,
-                 loss_on: str = "full"):
+                 loss_on: str = "full", shuffle_symptoms_seed: int | None = None):
         if tokenizer.eos_token_id is None:
             raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
                              "tokenizer with eos_token set")
-        prefix = bos_ids(tokenizer)
-        texts = (frame["Name"] + PROMPT_SEPARATOR + frame["Symptoms"]).tolist()
-        encoded = [prefix + ids for ids in _encode_batch(tokenizer, texts)]
-        self.prompt_lengths = [0] * len(encoded)
+        self._tokenizer, self._prefix = tokenizer, bos_ids(tokenizer)
+        self._names, self._symptoms = frame["Name"].tolist(), frame["Symptoms"].tolist()
+        self._shuffle_seed = shuffle_symptoms_seed
+        self.prompt_lengths = [0] * len(self._names)
+        self._cap = max_length
+        self._encode(self._symptoms)
         if loss_on == "completion":
-            prompts = [prefix + ids for ids in _encode_batch(
-                tokenizer, [prompt_for(name) for name in frame["Name"]])]
+            prompts = [self._prefix + ids for ids in _encode_batch(
+                tokenizer, [prompt_for(name) for name in self._names])]
             # The shared prefix, should a tokenizer merge across the "|" boundary.
-            self.prompt_lengths = [_common_prefix(ids, prompt) for ids, prompt in
-                                   zip(encoded, prompts, strict=True)]
-        eos = tokenizer.eos_token_id
-        cap = max_length or max((len(ids) + 1 for ids in encoded), default=1)
+            self.prompt_lengths = [_common_prefix(ids.tolist(), prompt) for ids, prompt in
+                                   zip(self.examples, prompts, strict=True)]
+        if self.num_truncated:
+            log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated,
+                        self._cap)
+
+    def _encode(self, symptoms: list[str]) -> None:
+        texts = [name + PROMPT_SEPARATOR + text for name, text in
+                 zip(self._names, symptoms, strict=True)]
+        encoded = [self._prefix + ids for ids in _encode_batch(self._tokenizer, texts)]
+        eos = self._tokenizer.eos_token_id
+        if self._cap is None:  # fixed by the first encoding: an epoch's order changes no cap
+            self._cap = max((len(ids) + 1 for ids in encoded), default=1)
+        cap = self._cap
         self.num_truncated = sum(len(ids) + 1 > cap for ids in encoded)
         rows = [ids[:cap] if len(ids) + 1 > cap else [*ids, eos] for ids in encoded]
         self.lengths = [len(ids) for ids in rows]
         # One flat tensor split into views: far cheaper than a tensor per row.
         flat = torch.tensor([token for ids in rows for token in ids], dtype=torch.long)
         self.examples: list[torch.Tensor] = list(torch.split(flat, self.lengths)) if rows else []
-        if self.num_truncated:
-            log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated, cap)
         self.max_length = max(self.lengths, default=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Symptom-order augmentation (with ``shuffle_symptoms_seed``): each row's symptoms in
+        a new order for every epoch, drawn from (seed, epoch), so a resumed run sees the same
+        texts. The dataset's order is arbitrary, and the scores ignore order; without this the
+        model also learns which symptom comes first. The names, so the prompts, stay."""
+        if self._shuffle_seed is None:
+            return
+        rng = np.random.default_rng((self._shuffle_seed, epoch))
+        self._encode([", ".join(rng.permutation(text.split(", ")).tolist())
+                      for text in self._symptoms])
 
     def __len__(self) -> int:
         return len(self.examples)

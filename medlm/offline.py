@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,31 @@ def random_gpt2(preset: str = "tiny", seed: int = 0):
     return tokenizer, GPT2LMHeadModel(config)
 
 
+# In the config.json of a model saved by save_random_gpt2: its weights are random, not learned.
+RANDOM_WEIGHTS_MARK = "medlm_random_weights"
+
+
+def randomly_initialised(model: str) -> bool:
+    """True for a local model directory whose config says its weights are random (a base that
+    ``experiments.init_model`` wrote); False for anything else: a Hub id, an offline base, a
+    ``.gguf`` file, a fine-tuned model (the recipe drops the mark before logging it)."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get(RANDOM_WEIGHTS_MARK, False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def forget_random_weights(model) -> None:
+    """Drop ``RANDOM_WEIGHTS_MARK`` from a model about to be saved after training."""
+    if hasattr(model.config, RANDOM_WEIGHTS_MARK):
+        delattr(model.config, RANDOM_WEIGHTS_MARK)
+
+
 def save_random_gpt2(directory: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a random GPT-2 and its tokenizer with ``save_pretrained``; ``--model`` takes it."""
     tokenizer, model = random_gpt2(preset, seed)
+    setattr(model.config, RANDOM_WEIGHTS_MARK, True)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -40,8 +40,11 @@ class EpochReport:
     labelled held out or seen in training."""
 
     def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, baselines: dict, stopwatch=None, precision=None):
+                 tracker, split, baselines: dict, stopwatch=None, precision=None,
+                 device_name: str = ""):
         self.stopwatch = stopwatch or Stopwatch()
+        self.precision_name = precision.name if precision is not None else "fp32"
+        self.device_name = device_name
         self.autocast = (precision.answer_autocast if precision is not None
                          else contextlib.nullcontext)
         self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
@@ -49,13 +52,15 @@ class EpochReport:
         self.baselines = {name: scores for name, (_, scores) in baselines.items()}
         self.untuned: dict[str, float] = {}
         self._table = None
+        self._merged = None  # the epoch's answering model, made by score, used by the samples
 
     def score(self, model) -> dict[str, float]:
         from medlm.lora import merged_copy
         from medlm.metrics import evaluate_symptoms
 
+        self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
         with self.autocast():
-            self._table, overall = evaluate_symptoms(merged_copy(model), self.tokenizer,
+            self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
                                                      self.split.validation,
                                                      self.settings.max_new_tokens)
         return overall.as_metrics()
@@ -69,11 +74,34 @@ class EpochReport:
         self.on_epoch_end(model, result)
 
     def score_untuned(self, model) -> None:
-        """Epoch 0: the base model before any training, logged at step 0."""
-        scores = self.score(model)
+        """Epoch 0: the base model before any training, logged at step 0. Its answers are
+        decoded once per base and split (``medlm.untuned``), then kept for later runs."""
+        from medlm import untuned
+        from medlm.metrics import references_by_disease, score_answers
+
+        names = [name for name, _ in references_by_disease(self.split.validation).values()]
+        key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
+                                  self.precision_name, self.device_name)
+        answers = untuned.load_answers(key, names)
+        if answers is None:
+            scores = self.score(model)
+            self._merged = None  # the untrained adapters': not epoch 1's
+            untuned.save_answers(key, names, self._table["generated"].tolist())
+        else:
+            self._table, overall = score_answers(answers, self.split.validation)
+            scores = overall.as_metrics()
         self.tracker.log_symptom_scores(0, self._table, scores)
-        log.info("epoch 0 (untuned base): %s", self.compared(scores))
+        log.info("epoch 0 (untuned base%s): %s",
+                 ", answers kept from an earlier run" if answers is not None else "",
+                 self.compared(scores))
         self.untuned = scores
+
+    def score_best(self, model, best) -> None:
+        """After training, when epochs were not scored as they ended: the kept (best) epoch's
+        weights, logged at that epoch's step."""
+        best.scores = self.score(model)
+        self._merged = None
+        self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
 
     def compared(self, scores: dict[str, float]) -> str:
         """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
@@ -102,9 +130,10 @@ class EpochReport:
                  " *best*" if result.is_best else "", scores)
         from medlm.lora import merged_copy
 
+        answering = self._merged if self._merged is not None else merged_copy(model)
+        self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
         with self.stopwatch.phase("samples"), self.autocast():
-            completions = generate(merged_copy(model), self.tokenizer, self.prompts,
-                                   self.settings)
+            completions = generate(answering, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
             side = self.split.side(prompt)
@@ -134,7 +163,7 @@ class TimeReport:
         """Nothing to log: see the class."""
 
 
-SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay")
+SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay", "seed")
 DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was trained on
 
 
@@ -175,7 +204,8 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
                              "pip install psutil (or pip install -e . again), or "
                              "--no-system-metrics")
     data = load_disease_data(config.dataset, config.max_samples)
-    split = split_by_disease(data.frame, config.validation_fraction, config.seed, config.dataset)
+    split = split_by_disease(data.frame, config.validation_fraction, config.split_seed,
+                             config.dataset)
     # joins torchrun's group, if any
     device = distributed.start(resolve_device(config.device), config.collective_timeout_min)
     precision = resolve_precision(config.precision, device)
@@ -208,16 +238,19 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         effective_max_length,
         tokenizer_sha256,
     )
+    from medlm.offline import forget_random_weights
     from medlm.timing import describe as describe_time
     from medlm.tracking import MlflowTracker, library_versions, logged_metrics
-    from medlm.train import EpochResult, NonFiniteLossError, fit
+    from medlm.train import EpochResult, NonFiniteLossError, fit, noisy_embeddings
 
+    config = resolve_lora_rank(config)
     data, split, device, precision = (prepared.data, prepared.split, prepared.device,
                                       prepared.precision)
     tokenizer, model, stopwatch = prepared.tokenizer, prepared.model, prepared.stopwatch
     max_length = effective_max_length(config.max_length, model)
     with stopwatch.phase("tokenization"):
-        train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on)
+        train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on,
+                                    config.seed if config.shuffle_symptoms else None)
         validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
     main_process, world_size = distributed.is_main(), distributed.world_size()
     shard = {"shard": distributed.rank(), "num_shards": world_size}
@@ -294,7 +327,11 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines,
-                             stopwatch, precision)
+                             stopwatch, precision, describe_device(device))
+        # every epoch is scored only where the selection needs it (or it is asked for); else the
+        # best epoch alone, after training
+        score_epochs = config.symptom_eval and (config.score_every_epoch
+                                                or config.select_by == "symptom_f1")
         timer = TimeReport(stopwatch, tracker)
         try:
             if resume_run_id and main_process:
@@ -324,11 +361,12 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                 timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
             else:
                 stopwatch.lap()  # a resumed run's epochs from here on
-            result = fit(model, train_loader, validation_loader, config, device, precision,
-                         callbacks=[tracker, report, timer], checkpoint_dir=str(checkpoint),
-                         resume=bool(resume_run_id),
-                         scorer=report.score if config.symptom_eval else None,
-                         stopwatch=stopwatch)
+            with noisy_embeddings(model, config.neftune_alpha):
+                result = fit(model, train_loader, validation_loader, config, device, precision,
+                             callbacks=[tracker, report, timer], checkpoint_dir=str(checkpoint),
+                             resume=bool(resume_run_id),
+                             scorer=report.score if score_epochs else None,
+                             stopwatch=stopwatch)
         except KeyboardInterrupt:
             if nested:
                 pass  # the sweep says how to resume it as a whole
@@ -343,6 +381,12 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             error.run_id = run_id  # a sweep records which child diverged
             raise
         best = result.best
+        model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
+        if config.symptom_eval and not best.scores:
+            with stopwatch.phase("scoring"):
+                if main_process:
+                    report.score_best(model, best)
+                best.scores = distributed.broadcast_object(best.scores)
         summary = (f"validation loss {best.validation_loss:.4f}"
                    + (f", {report.compared(best.scores)}" if best.scores else ""))
         log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
@@ -350,7 +394,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  validation_names.str.casefold().nunique())
         version, verdict = None, "not registered (--no-register)"
         with stopwatch.phase("model_logging"):
-            model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
+            forget_random_weights(model)  # trained now: a later run may put LoRA on it
             if main_process:
                 if not config.register:
                     tracker.log_best(best)
@@ -420,6 +464,11 @@ def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
     return f"{launcher} -m experiments.run --resume {run_id}{where}"
 
 
+def sweep_value(value: float | int) -> str:
+    """A swept value in a child's name: 0.0005 as 0.0005, a seed as all its digits."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def diverged_row(run_id: str, row: dict) -> dict:
     nan = float("nan")
     return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
@@ -475,7 +524,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                      f" (resumed: {len(children)} ended before)" if resume_id else "")
             loaded = True  # prepared.model is the untouched base
             for index, config in enumerate(configs):
-                label = " ".join(f"{name}={getattr(config, name):g}" for name in SWEEPABLE)
+                label = " ".join(f"{name}={sweep_value(getattr(config, name))}"
+                                 for name in SWEEPABLE)
                 row = {name: getattr(config, name) for name in SWEEPABLE}
                 if index < len(children):
                     log.info("--- child %d/%d: %s: %s before the interruption (run %s)",
@@ -584,7 +634,7 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
     check_world_size(saved.parent, distributed.environment_world_size())
-    return TrainConfig(**json.loads(saved.read_text()))
+    return TrainConfig.from_saved(json.loads(saved.read_text()))
 
 
 def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
@@ -596,9 +646,12 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     from medlm.checkpoint import has_checkpoint
 
     state = load_sweep_state(sweep_state_file(directory, parent_id))
-    configs = [replace(TrainConfig(**saved), checkpoint_dir=directory,
+    configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
                        collective_timeout_min=collective_timeout_min)
                for saved in state["configs"]]
+    for child, config in zip(state["children"], configs, strict=False):
+        for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
+            child.setdefault(name, getattr(config, name))
     processes = distributed.environment_world_size()
     if state.get("world_size", 1) != processes:
         raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
@@ -640,10 +693,32 @@ def check_resume_data(checkpoint: Path, data, split) -> None:
                          "start a new run instead")
 
 
-def sweep_configs(common: dict, grid: dict[str, list]) -> list[TrainConfig]:
+def sweep_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
     """One configuration per combination of the ``SWEEPABLE`` values in ``grid``."""
-    return [TrainConfig(**common, **dict(zip(grid, values, strict=True)))
+    return [replace(base, **dict(zip(grid, values, strict=True)))
             for values in itertools.product(*grid.values())]
+
+
+def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
+    """``lora_rank=None`` made definite: LoRA adapters (``AUTO_LORA_RANK``) on a pretrained
+    base; every weight on a base with random weights (``experiments.init_model`` marks its
+    config), since adapters on frozen random weights would learn nothing."""
+    from medlm.config import AUTO_LORA_RANK
+    from medlm.offline import randomly_initialised
+
+    if config.lora_rank is not None:
+        return config
+    if randomly_initialised(config.model):
+        if config.lora_alpha is not None or config.lora_dropout:
+            raise MedLMError(f"--lora-alpha and --lora-dropout need LoRA, and {config.model} "
+                             "has random weights, which the default trains all of: expected "
+                             "--lora-rank N with them, or neither")
+        log.info("training every weight: %s has random weights (experiments.init_model), and "
+                 "LoRA adapters on frozen random weights would learn nothing", config.model)
+        return replace(config, lora_rank=0)
+    log.info("training LoRA adapters of rank %d on the pretrained base %s (--lora-rank 0: "
+             "every weight)", AUTO_LORA_RANK, config.model)
+    return replace(config, lora_rank=AUTO_LORA_RANK)
 
 
 def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:

@@ -362,7 +362,8 @@ class MlflowTracker:
         return f"champion stays at version {current.version}: {reason}"
 
 
-# What makes two runs' scores comparable: the same rows, split, loss, tokenizer and metric.
+# What makes two runs' scores comparable: the same rows, split, loss, tokenizer and metric
+# ("seed" is the split seed, see evaluation_key).
 EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
                          "split_validation_sha256", "loss_on", "tokenizer_sha256",
                          "max_length_effective", "metric_version", "max_new_tokens")
@@ -385,8 +386,18 @@ def serving_parameters(generation_config) -> dict[str, Any]:
 
 
 def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
-    """The params that must be equal for two runs' validation figures to be compared."""
+    """The params that must be equal for two runs' validation figures to be compared. Its
+    ``seed`` is the split seed: the training seed is not in it (two training seeds of one
+    recipe compare), and a run logged before ``split_seed`` existed, whose ``seed`` split the
+    data, keeps the key it had."""
+    params = {**params, "seed": split_seed_of(params)}
     return {name: str(_param_value(params.get(name))) for name in EVALUATION_KEY_PARAMS}
+
+
+def split_seed_of(params: dict[str, Any]) -> Any:
+    """A run's split seed from its params: ``split_seed``, or ``seed`` for a run logged before
+    the two were apart."""
+    return params.get("split_seed", params.get("seed"))
 
 
 def key_digest(key: dict[str, str]) -> str:
@@ -404,7 +415,8 @@ def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
         theirs = json.loads(champion_tags["evaluation_key_json"])
         ours = json.loads(tags["evaluation_key_json"])
         differences = "; ".join(
-            f"{name} {_short(theirs.get(name))} vs {_short(ours.get(name))}"
+            f"{'split_seed' if name == 'seed' else name} {_short(theirs.get(name))} vs "
+            f"{_short(ours.get(name))}"
             for name in EVALUATION_KEY_PARAMS if theirs.get(name) != ours.get(name))
         return f"not compared: a different evaluation ({differences})" + hint
     if select_by not in champion_tags or select_by not in tags:

@@ -144,6 +144,28 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     return loss_sum.item() / max(tokens, 1)
 
 
+@contextlib.contextmanager
+def noisy_embeddings(model: torch.nn.Module, alpha: float) -> Iterator[None]:
+    """NEFTune (Jain et al. 2023, as TRL's ``neftune_noise_alpha``): while the model trains,
+    uniform noise of scale ``alpha / sqrt(tokens x width)`` on the input embeddings; validation,
+    scoring and samples (eval mode) see none. ``alpha`` 0: nothing changes."""
+    if not alpha:
+        yield
+        return
+
+    def add_noise(module, inputs, output):
+        if module.training:
+            scale = alpha / math.sqrt(output.size(1) * output.size(2))
+            output = output + torch.zeros_like(output).uniform_(-scale, scale)
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW: the fused kernel on CUDA and CPU (on this project's CPU, one step over distilgpt2's
@@ -325,8 +347,9 @@ def fit(
         interval_seconds = state["step_interval"]["seconds"]
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
-        if hasattr(train_loader.batch_sampler, "set_epoch"):
-            train_loader.batch_sampler.set_epoch(epoch - 1)
+        for epoch_aware in (train_loader.batch_sampler, train_loader.dataset):
+            if hasattr(epoch_aware, "set_epoch"):  # the epoch's batches; its symptom orders
+                epoch_aware.set_epoch(epoch - 1)
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)

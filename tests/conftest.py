@@ -17,6 +17,27 @@ def dataset_csv() -> Path:
     return DATASET_CSV
 
 
+@pytest.fixture(scope="session", autouse=True)
+def untuned_answers_decoded_per_session(tmp_path_factory):
+    """$MEDLM_CACHE in a temporary directory, linked to the real one's downloaded bases and
+    de-quantized copies: each session decodes the untuned base's answers anew (a cache an
+    earlier session left would hide the code that writes it, and could hold stale answers),
+    and nothing is downloaded or converted twice."""
+    from medlm.offline import cache_dir
+
+    real, cache = cache_dir(), tmp_path_factory.mktemp("medlm-cache")
+    for name in ("bases", "dequantized"):
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(real / name, target_is_directory=True)
+    previous = os.environ.get("MEDLM_CACHE")
+    os.environ["MEDLM_CACHE"] = str(cache)
+    yield
+    if previous is None:
+        os.environ.pop("MEDLM_CACHE", None)
+    else:
+        os.environ["MEDLM_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from medlm.offline import gpt2_tokenizer

@@ -345,3 +345,32 @@ def test_each_process_validates_its_share_of_the_global_batch(gpt2_tokenizer, da
             assert len(batch["input_ids"]) <= -(-8 // num_shards)
         seen += [index for batch in loader.batch_sampler for index in batch]
     assert sorted(seen) == list(range(len(dataset)))
+
+
+def test_shuffled_symptoms_are_a_new_order_each_epoch_of_the_same_symptoms(gpt2_tokenizer):
+    frame = pd.DataFrame({"Name": ["Flu", "Asthma"],
+                          "Symptoms": ["fever, cough, sore throat, body aches, chills",
+                                       "wheezing, shortness of breath, chest tightness"]})
+
+    def texts(dataset):
+        return [gpt2_tokenizer.decode(ids) for ids in dataset.examples]
+
+    plain = LanguageDataset(frame, gpt2_tokenizer)
+    original = texts(plain)
+    plain.set_epoch(3)
+    assert texts(plain) == original  # no augmentation unless asked
+    shuffled = LanguageDataset(frame, gpt2_tokenizer, shuffle_symptoms_seed=5)
+    orders = []
+    for epoch in range(4):
+        shuffled.set_epoch(epoch)
+        orders.append(texts(shuffled))
+    assert len({tuple(order) for order in orders}) > 1
+    for order in orders:
+        for text, reference in zip(order, original, strict=True):
+            name, symptoms = text.removesuffix("<|endoftext|>").split(" | ")
+            assert name == reference.split(" | ")[0]
+            assert sorted(symptoms.split(", ")) == sorted(
+                reference.removesuffix("<|endoftext|>").split(" | ")[1].split(", "))
+    again = LanguageDataset(frame, gpt2_tokenizer, shuffle_symptoms_seed=5)
+    again.set_epoch(2)
+    assert texts(again) == orders[2]  # from (seed, epoch): a resumed run sees the same texts

@@ -29,7 +29,8 @@ def ddp_run(tmp_path_factory, tiny_model_dir, dataset_csv):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     result = torchrun("-m", "experiments.run", "--model", str(tiny_model_dir), "--dataset",
                       str(dataset_csv), "--max-samples", "120", "--epochs", str(EPOCHS),
-                      "--lr", "3e-3", cwd=workdir, env_extra={"MLFLOW_TRACKING_URI": uri})
+                      "--lr", "3e-3", "--patience", "0", "--score-every-epoch", cwd=workdir,
+                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     return workdir, result, client
@@ -82,6 +83,20 @@ def worker_outputs(tmp_path_factory, tiny_model_dir, dataset_csv):
     return outputs
 
 
+def assert_same_up_to_fp32_rounding(together: dict, alone: dict) -> None:
+    """Two processes all-reduce their gradients: fp32 sums in another order, on whichever
+    kernels the CPU has (AVX512-BF16, AVX512, AVX2), so the results differ by rounding, which
+    Adam's normalised steps carry on. A sum of the weights cancels (4957 of an absolute sum many
+    times that), so its rounding is measured against the absolute sum. The bounds are ~10x the
+    largest difference measured (1.7e-5 of the signed sum on an Intel Xeon without bf16); a
+    gradient not averaged, a row lost or a step skipped moves these figures by percents."""
+    for both, single in zip(together["losses"], alone["losses"], strict=True):
+        assert both == pytest.approx(single, rel=1e-4)
+    (signed, absolute), (signed_alone, absolute_alone) = together["weights"], alone["weights"]
+    assert absolute == pytest.approx(absolute_alone, rel=1e-4)
+    assert abs(signed - signed_alone) <= 1e-4 * absolute_alone
+
+
 def test_each_process_trains_on_its_own_shard_and_together_they_cover_the_training_set(
         worker_outputs):
     ranks = worker_outputs[2]
@@ -103,9 +118,7 @@ def test_two_processes_train_the_same_model_as_one(worker_outputs):
     assert ranks[0]["losses"] == ranks[1]["losses"]  # losses are all-reduced
     # --batch-size is the batch of all processes together: one step sees the same rows, so
     # without dropout the losses and weights match a single process up to float rounding.
-    for together, single in zip(ranks[0]["losses"], alone["losses"], strict=True):
-        assert together == pytest.approx(single, rel=1e-5)
-    assert ranks[0]["weights"] == pytest.approx(alone["weights"], rel=1e-5)
+    assert_same_up_to_fp32_rounding(ranks[0], alone)
     assert ranks[0]["losses"][-1][0] < ranks[0]["losses"][0][0]
 
 
@@ -126,9 +139,7 @@ def test_gradient_accumulation_under_torchrun_matches_one_process(tmp_path, tiny
                        for rank in range(nproc)]
     (alone,), ranks = runs[1], runs[2]
     assert ranks[0]["weights"] == ranks[1]["weights"]
-    for together, single in zip(ranks[0]["losses"], alone["losses"], strict=True):
-        assert together == pytest.approx(single, rel=1e-5)
-    assert ranks[0]["weights"] == pytest.approx(alone["weights"], rel=1e-5)
+    assert_same_up_to_fp32_rounding(ranks[0], alone)
 
 
 def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(

@@ -234,7 +234,11 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--lora-alpha", "16"], "--lora-alpha and --lora-dropout need --lora-rank"),
+    (["--lora-rank", "0", "--lora-alpha", "16"],
+     "--lora-alpha and --lora-dropout need --lora-rank"),
+    # a random base: the default trains every weight, so adapter settings need a rank
+    (["--lora-alpha", "16"], "has random weights, which the default trains all of: expected "
+                             "--lora-rank N with them"),
     (["--lora-rank", "-2"], "--lora-rank: '-2'"),
     (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
 ])

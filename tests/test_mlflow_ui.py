@@ -42,7 +42,8 @@ def test_a_default_run_shows_curves_datasets_system_metrics_and_its_model(
         result = run_module(
             "experiments.run", "--model", str(tiny_model_dir), "--dataset", str(dataset_csv),
             "--max-samples", "100", "--epochs", "2", "--lr", "3e-3", "--max-new-tokens", "4",
-            "--num-validation-samples", "0", cwd=tmp_path,
+            "--num-validation-samples", "0", "--patience", "0", "--score-every-epoch",
+            cwd=tmp_path,
             env_extra={"MLFLOW_TRACKING_URI": url,
                        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
         assert result.returncode == 0, result.stderr

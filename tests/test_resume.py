@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def args(model, csv):
     return ["--model", str(model), "--dataset", str(csv), "--epochs", "4", "--max-samples", "60",
-            "--lr", "3e-3", "--max-new-tokens", "4", "--num-validation-samples", "0"]
+            "--lr", "3e-3", "--max-new-tokens", "4", "--num-validation-samples", "0",
+            "--patience", "0", "--score-every-epoch"]
 
 
 def client_for(directory):
@@ -134,7 +135,8 @@ def test_an_epoch_killed_while_it_was_being_logged_is_logged_on_resume(
 
     monkeypatch.setattr(MlflowTracker, "log_samples", killed)
     args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
-            "40", "--epochs", "2", "--max-new-tokens", "8", "--no-progress"]
+            "40", "--epochs", "2", "--max-new-tokens", "8", "--no-progress", "--patience", "0",
+            "--score-every-epoch"]
     assert run_cli(run_entry_point.main, args) == 130
     monkeypatch.setattr(MlflowTracker, "log_samples", log_samples)
     client = MlflowClient()
@@ -223,8 +225,9 @@ def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
                              "--checkpoint-dir", str(mlflow_home / "ck"), cwd=elsewhere)
     assert resumed_run.returncode == 0, resumed_run.stderr
     err = resumed_run.stderr
-    assert "child 1/3: lr=0.003 batch_size=8 epochs=1 weight_decay=0: FINISHED before" in err
-    assert (f"child 2/3: lr=0.001 batch_size=8 epochs=1 weight_decay=0: FINISHED (run "
+    assert ("child 1/3: lr=0.003 batch_size=8 epochs=1 weight_decay=0 seed=42: FINISHED before"
+            in err)
+    assert (f"child 2/3: lr=0.001 batch_size=8 epochs=1 weight_decay=0 seed=42: FINISHED (run "
             f"{children[1].info.run_id})" if child_first else
             f"(resuming run {children[1].info.run_id})") in err
     parent, resumed = sweep_runs(client)
@@ -300,7 +303,7 @@ def test_a_resumed_run_may_be_given_more_epochs(mlflow_home, tiny_model_dir, dat
     monkeypatch.setattr(MlflowTracker, "on_epoch_end", interrupted_at_epoch_2)
     args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
             "40", "--epochs", "2", "--lr", "3e-3", "--num-validation-samples", "0",
-            "--no-symptom-eval", "--no-progress"]
+            "--no-symptom-eval", "--no-progress", "--patience", "0"]
     assert run_cli(run_entry_point.main, args) == 130
     monkeypatch.setattr(MlflowTracker, "on_epoch_end", on_epoch_end)
     client = MlflowClient()

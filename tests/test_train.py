@@ -18,6 +18,13 @@ from medlm.train import (
     token_loss_sum,
 )
 
+
+def plain(**settings) -> TrainConfig:
+    """The loop's own behaviour: a constant rate, no warmup and no early stopping unless a test
+    asks for them (the default recipe has all three)."""
+    return TrainConfig(**{"scheduler": "constant", "warmup_steps": 0, "patience": 0, **settings})
+
+
 CPU = torch.device("cpu")
 FP32 = resolve_precision("fp32", "cpu")
 
@@ -51,7 +58,7 @@ def test_loss_goes_down_and_every_epoch_is_reported(tiny_model, small_frame):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     recorder = Recorder()
-    config = TrainConfig(epochs=3, lr=3e-3, progress=False)
+    config = plain(epochs=3, lr=3e-3, progress=False)
     result = fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
     losses = [epoch.training_loss for epoch in result.epochs]
     assert [epoch.epoch for epoch in recorder.results] == [1, 2, 3]
@@ -94,7 +101,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, small_fram
         dataset = LanguageDataset(train_frame.head(16), tokenizer)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=CausalLMCollator(
             tokenizer.pad_token_id))
-        config = TrainConfig(epochs=1, lr=1e-3, grad_accum=accum, progress=False,
+        config = plain(epochs=1, lr=1e-3, grad_accum=accum, progress=False,
                              max_grad_norm=0)
         fit(model, loader, loader, config, CPU, FP32)
         weights.append(model.transformer.h[0].mlp.c_fc.weight.detach().clone())
@@ -105,7 +112,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(tiny_model, small_frame):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     # A learning rate this high overfits/diverges, so validation loss stops improving fast.
-    config = TrainConfig(epochs=8, lr=5e-2, patience=1, progress=False)
+    config = plain(epochs=8, lr=5e-2, patience=1, progress=False)
     result = fit(model, train, validation, config, CPU, FP32)
     assert result.stopped_early and len(result.epochs) < 8
     best = result.best
@@ -131,7 +138,7 @@ def test_select_by_symptom_f1_keeps_the_highest_scoring_epoch_and_stops_on_it(
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     scorer = ScriptedScorer([0.10, 0.30, 0.20, 0.25, 0.9])
-    config = TrainConfig(epochs=5, lr=3e-3, patience=2, select_by="symptom_f1", progress=False)
+    config = plain(epochs=5, lr=3e-3, patience=2, select_by="symptom_f1", progress=False)
     result = fit(model, train, validation, config, CPU, FP32, scorer=scorer)
     # Epoch 2 is best by F1 although validation loss falls every epoch; two epochs without a
     # better F1 stop the run before epoch 5.
@@ -147,7 +154,7 @@ def test_select_by_symptom_f1_without_a_scorer_is_refused(tiny_model, small_fram
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     with pytest.raises(ValueError, match="scorer"):
-        fit(model, train, validation, TrainConfig(epochs=1, select_by="symptom_f1"), CPU, FP32)
+        fit(model, train, validation, plain(epochs=1, select_by="symptom_f1"), CPU, FP32)
 
 
 def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
@@ -156,7 +163,7 @@ def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
         model.transformer.wte.weight[:] = float("nan")
     train, validation = loaders(tokenizer, small_frame)
     with pytest.raises(NonFiniteLossError, match="lower --lr"):
-        fit(model, train, validation, TrainConfig(epochs=2, progress=False), CPU, FP32)
+        fit(model, train, validation, plain(epochs=2, progress=False), CPU, FP32)
 
 
 def test_same_seed_same_losses(tiny_model_dir, small_frame):
@@ -166,7 +173,7 @@ def test_same_seed_same_losses(tiny_model_dir, small_frame):
     for _ in range(2):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
         train, validation = loaders(tokenizer, small_frame)
-        result = fit(model, train, validation, TrainConfig(epochs=2, progress=False), CPU,
+        result = fit(model, train, validation, plain(epochs=2, progress=False), CPU,
                      FP32)
         runs.append([(e.training_loss, e.validation_loss) for e in result.epochs])
     assert runs[0] == runs[1]
@@ -176,7 +183,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_model, small_frame):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     bf16 = Precision("bf16", "cpu")  # whatever this CPU has natively
-    result = fit(model, train, validation, TrainConfig(epochs=2, lr=3e-3, progress=False),
+    result = fit(model, train, validation, plain(epochs=2, lr=3e-3, progress=False),
                  CPU, bf16)
     assert result.epochs[1].training_loss < result.epochs[0].training_loss
     assert next(model.parameters()).dtype == torch.float32
@@ -186,7 +193,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_model, small_frame):
 def test_schedulers_warm_up_and_decay(tiny_model, small_frame, scheduler):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
-    config = TrainConfig(epochs=2, lr=1e-3, scheduler=scheduler, warmup_steps=2,
+    config = plain(epochs=2, lr=1e-3, scheduler=scheduler, warmup_steps=2,
                          progress=False)
     result = fit(model, train, validation, config, CPU, FP32)
     assert result.epochs[-1].learning_rate == pytest.approx(0.0, abs=1e-9)
@@ -222,7 +229,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
     from medlm.data import make_loader
     from medlm.modeling import load_tokenizer_and_model
 
-    config = TrainConfig(epochs=4, lr=3e-3, progress=False, group_by_length=group_by_length)
+    config = plain(epochs=4, lr=3e-3, progress=False, group_by_length=group_by_length)
 
     def attempt(**kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
@@ -341,7 +348,7 @@ def claim_written_on_cuda(state_file):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path):
-    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     claim_written_on_cuda(current_epoch_directory(tmp_path) / "state.pt")
     resumed = attempt(resume=True)
@@ -350,7 +357,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_fr
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, small_frame,
                                                              tmp_path):
-    config = TrainConfig(epochs=4, lr=3e-3, progress=False, patience=1)
+    config = plain(epochs=4, lr=3e-3, progress=False, patience=1)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     # as if epoch 1 had been the patience-th epoch without improvement: the run had stopped
     state_file = current_epoch_directory(tmp_path) / "state.pt"
@@ -362,7 +369,7 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, sma
 
 
 def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_path, caplog):
-    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     with caplog.at_level("WARNING", logger="medlm"):
         attempt(precision=Precision("bf16", "cpu"), resume=True)
@@ -383,7 +390,7 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     from medlm import checkpoint
     from medlm.checkpoint import saved_epochs
 
-    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     epoch_1 = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
 
@@ -433,7 +440,7 @@ def test_per_step_values_reach_step_callbacks_every_n_optimizer_steps(tiny_model
 
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     train, validation = loaders(tokenizer, small_frame)
-    config = TrainConfig(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=2, progress=False)
+    config = plain(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=2, progress=False)
     recorder = StepRecorder()
     fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
     per_epoch = math.ceil(len(train) / 2)
@@ -455,7 +462,7 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
 
     from medlm import checkpoint
 
-    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     events, fsync, replace = [], checkpoint._fsync, os.replace
     monkeypatch.setattr(checkpoint, "_fsync",
@@ -477,7 +484,7 @@ def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, 
                                                                 tmp_path, monkeypatch):
     """An fp32/bf16 run saves a disabled GradScaler's empty state; resumed where fp16 and its
     scaler are chosen (a T4 or V100), loading that state must not fail."""
-    config = TrainConfig(epochs=2, lr=3e-3, progress=False)
+    config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     monkeypatch.setattr(Precision, "needs_grad_scaler", property(lambda self: True))
     resumed = attempt(resume=True)  # GradScaler("cpu") enabled: as on a GPU with fp16
@@ -510,7 +517,7 @@ def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_
     from medlm.checkpoint import saved_epochs
     from medlm.modeling import load_tokenizer_and_model
 
-    config = TrainConfig(epochs=3, lr=3e-3, progress=False, select_by="symptom_f1")
+    config = plain(epochs=3, lr=3e-3, progress=False, select_by="symptom_f1")
 
     def run(directory, scores, kill_at=None, resume=False):
         calls = []
@@ -547,3 +554,24 @@ def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_
     assert "best.safetensors" not in written  # epoch 1's weights, linked twice
     best = load_file(str(tmp_path / "whole" / "epoch-3" / "best.safetensors"))
     assert all(torch.equal(best[n], p) for n, p in model.named_parameters())
+
+
+def test_neftune_noise_reaches_training_forwards_only_and_goes_with_the_context(tiny_model):
+    from medlm.train import noisy_embeddings
+
+    tokenizer, model = tiny_model
+    ids = torch.tensor([tokenizer.encode("Asthma | wheezing, cough")])
+    embeddings = model.get_input_embeddings()
+    clean = embeddings(ids)
+    with noisy_embeddings(model, 5.0):
+        model.train()
+        noisy = embeddings(ids)
+        width = clean.shape[1] * clean.shape[2]
+        difference = (noisy - clean).abs()
+        assert difference.max() > 0 and difference.max() <= 5.0 / math.sqrt(width) + 1e-6
+        model.eval()
+        assert torch.equal(embeddings(ids), clean)  # validation, scoring, samples: no noise
+    model.train()
+    assert torch.equal(embeddings(ids), clean)  # the hook is gone after training
+    with noisy_embeddings(model, 0.0):
+        assert torch.equal(embeddings(ids), clean)
