@@ -67,11 +67,27 @@ def subset(directory: Path, scale: int) -> Path:
     return path
 
 
+def cold_cache(workdir: Path) -> Path:
+    """A $MEDLM_CACHE of its own with the real one's bases and de-quantized copies: a run
+    timed here decodes the untuned base's answers itself, as a user's first run does."""
+    from medlm.offline import cache_dir
+
+    cache = workdir / "medlm-cache"
+    cache.mkdir(exist_ok=True)
+    for name in ("bases", "dequantized"):
+        (cache_dir() / name).mkdir(parents=True, exist_ok=True)
+        if not (cache / name).exists():
+            (cache / name).symlink_to(cache_dir() / name, target_is_directory=True)
+    return cache
+
+
 def run_recipe(source: Path, workdir: Path, flags: list[str]) -> float:
     """Wall seconds of ``python -m experiments.run`` with ``source``'s medlm and experiments
-    (PYTHONPATH comes before the installed packages), in ``workdir`` (its MLflow store)."""
+    (PYTHONPATH comes before the installed packages), in ``workdir`` (its MLflow store), with
+    no untuned answers kept from earlier runs (``cold_cache``)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source)}
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source),
+           "MEDLM_CACHE": str(cold_cache(workdir))}
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "experiments.run", *flags], cwd=workdir,
                             env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)

@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 42  # initialisation, shuffling, dropout, adapters, samples
 
     recipe: str = "default"  # the name of the RECIPES entry the settings below came from
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.0  # the seed used plain Adam; AdamW with 0.0 is the same update

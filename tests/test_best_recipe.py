@@ -1,7 +1,8 @@
-"""The bare offline main command (README, Quick start) on a subset of the data: the default
-recipe's model scores better on diseases it never saw than every answer that needs no model, and
-than the untuned base. Run by .ci/run (the base is downloaded there); see the README of
-experiments/ for the full-data figures."""
+"""The bare offline main command (README, Quick start): the default recipe's model scores
+better on diseases it never saw than every answer that needs no model, and than the untuned
+base. Run by .ci/run (the base is downloaded there): ~2.5 minutes on 2 Intel Xeon cores (fp32).
+experiments/README.md has the figures on two split and two training seeds (0.189-0.257 symptom
+F1 against 0.107-0.138 for the best no-model answer)."""
 
 import os
 
@@ -23,10 +24,10 @@ def recipe_run(tmp_path_factory, dataset_csv):
             pytest.fail(f"{BASE} is not downloaded: {fetch_command(BASE)}", pytrace=False)
         pytest.skip(f"{BASE} is not downloaded: {fetch_command(BASE)}")
     home = tmp_path_factory.mktemp("recipe")
-    # the Quick start's command, shortened: fewer rows and epochs, no model logged
+    # the Quick start's command on the whole dataset (on 200 rows and 2 epochs it scored 0.124
+    # against the lookup's 0.135: too few steps), without logging the model or samples
     result = run_module("experiments.run", "--lr", "5e-4", "--model", BASE, "--dataset",
-                        str(dataset_csv), "--max-samples", "200", "--epochs", "2",
-                        "--no-register", "--num-validation-samples", "0",
+                        str(dataset_csv), "--no-register", "--num-validation-samples", "0",
                         "--no-system-metrics", cwd=home,
                         env_extra={"MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr

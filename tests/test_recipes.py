@@ -37,7 +37,7 @@ def test_a_flag_given_beside_a_recipe_wins_and_the_rest_stays_the_recipes():
     (config,) = configs("--recipe", "seed-notebook", "--epochs", "3", "--lora-rank", "8")
     assert (config.epochs, config.lora_rank, config.scheduler) == (3, 8, "constant")
     (config,) = configs("--scheduler", "constant")
-    assert (config.scheduler, config.epochs, config.patience) == ("constant", 4, 1)
+    assert (config.scheduler, config.epochs, config.patience) == ("constant", 3, 1)
 
 
 def test_the_bare_command_is_the_default_recipe():
