@@ -87,7 +87,7 @@ def load_tokenizer_and_model(name_or_path: str):
 def dequantized_cache(gguf_path: str) -> Path:
     """Where a GGUF file's de-quantized model is kept (parsing a GGUF file and de-quantizing
     it takes ~17 s for SmolLM2-135M; reading the result back, ~0.2 s): one directory per file,
-    keyed by its path, size, modification time, the transformers and gguf versions that
+    keyed by its real path, size, modification time, the transformers and gguf versions that
     converted it and MedLM's own conversion (``DEQUANTIZED_FORMAT``), under
     ``$MEDLM_CACHE/dequantized``."""
     import hashlib
@@ -102,7 +102,9 @@ def dequantized_cache(gguf_path: str) -> Path:
     except PackageNotFoundError:
         gguf_version = ""
     stat = os.stat(gguf_path)
-    key = "|".join(map(str, (os.path.abspath(gguf_path), stat.st_size, stat.st_mtime_ns,
+    # the file itself, however reached: a cache directory that links to another one's bases
+    # (the tests' and benchmarks' own caches do) finds the same copy
+    key = "|".join(map(str, (os.path.realpath(gguf_path), stat.st_size, stat.st_mtime_ns,
                              transformers.__version__, gguf_version, DEQUANTIZED_FORMAT)))
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return cache_dir() / "dequantized" / f"{Path(gguf_path).stem}-{digest}"

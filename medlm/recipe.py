@@ -381,7 +381,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             error.run_id = run_id  # a sweep records which child diverged
             raise
         best = result.best
-        model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
+        with stopwatch.phase("model_logging"):
+            model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
         if config.symptom_eval and not best.scores:
             with stopwatch.phase("scoring"):
                 if main_process:
@@ -732,6 +733,8 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
                          "version afterwards, in mlflow ui)")
+    # each run's LoRA decision (and its errors) before any data, model or MLflow run
+    configs = [resolve_lora_rank(config) for config in configs]
     prepared = prepare(configs[0], started)
     try:
         if len(configs) == 1:

@@ -42,6 +42,7 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
     from medlm.data import prompt_for
     from medlm.generate import MAX_BATCH_SEQUENCES, GenerationSettings, encode_prompts
     from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
+    from medlm.modeling import tokenizer_sha256
     from medlm.offline import RANDOM_WEIGHTS_MARK
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA's
@@ -51,7 +52,8 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False,
                                   repetition_penalty=SCORING_REPETITION_PENALTY)
     parts = {"format": FORMAT, "class": type(base).__name__, "config": config,
-             "weights": weights_sha256(model), "names": names,
+             "weights": weights_sha256(model), "tokenizer": tokenizer_sha256(tokenizer),
+             "names": names,
              "prompts": prompts["input_ids"].tolist(),
              "attention": prompts["attention_mask"].tolist(),
              "generation": settings.to_generation_config(tokenizer).to_diff_dict(),
@@ -72,7 +74,7 @@ def load_answers(key: str, names: list[str]) -> list[str] | None:
     unreadable, or not for these names)."""
     try:
         saved = json.loads(_path(key).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: no home directory to expand
         return None
     if not isinstance(saved, dict) or saved.get("names") != names:
         return None
@@ -84,14 +86,20 @@ def load_answers(key: str, names: list[str]) -> list[str] | None:
 
 
 def save_answers(key: str, names: list[str], answers: list[str]) -> None:
-    """Written to a partial file and renamed, so a reader never sees half of one; a cache that
-    cannot be written only warns (the run has its scores)."""
-    path = _path(key)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    """Written to a partial file of its own and renamed, so a reader never sees half of one; a
+    cache that cannot be written only warns (the run has its scores)."""
+    import tempfile
+
+    partial = None
     try:
+        path = _path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"names": names, "answers": answers}))
-        partial.replace(path)
-    except OSError as error:
-        log.warning("could not keep the untuned base's answers in %s: %s", path.parent, error)
-        partial.unlink(missing_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                           suffix=".partial")
+        with os.fdopen(handle, "w") as file:
+            json.dump({"names": names, "answers": answers}, file)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:
+        log.warning("could not keep the untuned base's answers: %s", error)
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)

@@ -135,3 +135,20 @@ def test_training_seeds_share_one_split_one_untuned_decode_and_the_champion_rule
         assert run.data.metrics["best_symptom_f1"] == next(
             p.value for p in client.get_metric_history(run.info.run_id, "symptom_f1")
             if p.step == run.data.metrics["best_epoch"])
+
+
+def test_kept_untuned_answers_read_back_only_for_the_same_names(tmp_path, monkeypatch, caplog):
+    from medlm import untuned
+
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "cache"))
+    untuned.save_answers("k1", ["Flu", "Asthma"], ["fever", "wheezing"])
+    assert untuned.load_answers("k1", ["Flu", "Asthma"]) == ["fever", "wheezing"]
+    assert untuned.load_answers("k1", ["Asthma", "Flu"]) is None  # another order: not these
+    assert untuned.load_answers("k2", ["Flu", "Asthma"]) is None
+    (tmp_path / "cache" / "untuned" / "k3.json").write_text("{half a file")
+    assert untuned.load_answers("k3", ["Flu"]) is None
+    assert not list((tmp_path / "cache" / "untuned").glob("*.partial"))
+    monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")
+    untuned.save_answers("k1", ["Flu"], ["fever"])  # a cache that cannot be written: a warning
+    assert "could not keep the untuned base's answers" in caplog.text
