@@ -733,9 +733,9 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
                          "version afterwards, in mlflow ui)")
-    # each run's LoRA decision (and its errors) before any data, model or MLflow run
+    prepared = prepare(configs[0], started)  # a Hub or data error first, alone on its line
+    # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
     configs = [resolve_lora_rank(config) for config in configs]
-    prepared = prepare(configs[0], started)
     try:
         if len(configs) == 1:
             train_and_register(configs[0], prepared)
