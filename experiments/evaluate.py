@@ -66,8 +66,8 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     from medlm.tracking import split_seed_of  # imports MLflow: not for --help
 
     settings, notes = {}, {}
-    if run_params is not None and "split_seed" not in run_params and "seed" in run_params:
-        run_params = {**run_params, "split_seed": split_seed_of(run_params)}  # an older run
+    if run_params is not None and split_seed_of(run_params) is not None:  # older runs: "seed"
+        run_params = {**run_params, "split_seed": split_seed_of(run_params)}
     for name, (default, parse) in FROM_RUN.items():
         logged = run_params is not None and name in run_params
         in_run = _parse(run_params[name], parse) if logged else default
