@@ -23,6 +23,7 @@ from experiments._cli import (
 from medlm.config import (
     AUTO_LORA_RANK,
     DEVICES,
+    LORA_MODULES,
     LOSS_ON,
     PRECISIONS,
     RECIPES,
@@ -120,6 +121,10 @@ def build_parser() -> ArgumentParser:
                        help="NEFTune: noise on the input embeddings while training, of scale "
                             "alpha / sqrt(tokens x width) (TRL suggests 5); 0 = off"
                             + by_recipe("neftune_alpha"))
+    train.add_argument("--label-smoothing", type=non_negative_float, default=None,
+                       help="share of each target token's probability spread over the "
+                            "vocabulary in the training loss (not the validation loss); 0 = off"
+                            + by_recipe("label_smoothing"))
     train.add_argument("--lora-rank", type=non_negative_int, default=None,
                        help="train LoRA adapters of this rank on every linear layer of the "
                             "blocks (peft) instead of every weight; merged into the base before "
@@ -131,6 +136,10 @@ def build_parser() -> ArgumentParser:
                             "2 x --lora-rank)")
     train.add_argument("--lora-dropout", type=non_negative_float, default=defaults.lora_dropout,
                        help="dropout on the LoRA adapters' input")
+    train.add_argument("--lora-modules", choices=LORA_MODULES, default=defaults.lora_modules,
+                       help="the layers with adapters: every linear layer of the blocks, or the "
+                            "attention projections peft adapts by default (query and value in "
+                            "SmolLM2 or Gemma 3, GPT-2's c_attn)")
     train.add_argument("--patience", type=non_negative_int, default=None,
                        help="stop after N epochs without a better --select-by value; 0 = off"
                             + by_recipe("patience"))

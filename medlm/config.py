@@ -16,6 +16,10 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("full", "completion")
+# which linear layers of the blocks carry LoRA adapters: every one (peft's "all-linear"), or the
+# attention projections peft adapts by default (query and value in LLaMA-style models such as
+# SmolLM2 and Gemma 3, GPT-2's fused c_attn)
+LORA_MODULES = ("all-linear", "attention")
 # What picks a run's best epoch, early stopping and the champion; higher is better for F1.
 SELECT_BY = ("validation_loss", "symptom_f1")
 # --lora-rank's default: adapters of this rank on a pretrained base, every weight trained on one
@@ -59,11 +63,13 @@ class TrainConfig:
     loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
     shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
     neftune_alpha: float = 0.0  # > 0: NEFTune noise on the input embeddings while training
+    label_smoothing: float = 0.0  # of the training loss (the validation loss never has it)
     # > 0: train LoRA adapters of this rank (peft) instead of every weight; None: AUTO_LORA_RANK
     # on a pretrained base, 0 on a randomly initialised one (``resolve_lora_rank``)
     lora_rank: int | None = None
     lora_alpha: float | None = None  # LoRA scaling numerator; None: 2 x lora_rank
     lora_dropout: float = 0.0
+    lora_modules: str = "all-linear"  # LORA_MODULES
 
     device: str = "auto"
     precision: str = "auto"
@@ -113,9 +119,12 @@ class TrainConfig:
                      "a number > 0")
         _require("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1,
                  "a number >= 0 and < 1")
-        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_dropout):
-            raise MedLMError("--lora-alpha and --lora-dropout need --lora-rank: expected "
-                             "--lora-rank N (N >= 1) with them, or neither")
+        _require("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1,
+                 "a number >= 0 and < 1")
+        _require_choice("lora_modules", self.lora_modules, LORA_MODULES)
+        if self.lora_rank == 0 and self.sets_lora_options():
+            raise MedLMError("--lora-alpha, --lora-dropout and --lora-modules need --lora-rank: "
+                             "expected --lora-rank N (N >= 1) with them, or none of them")
         _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
         _require("collective_timeout_min", self.collective_timeout_min,
                  lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")
@@ -137,6 +146,11 @@ class TrainConfig:
                              "expected no --no-symptom-eval, or --select-by validation_loss")
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
+
+    def sets_lora_options(self) -> bool:
+        """Was any adapter setting changed from its default (meaningless without adapters)?"""
+        return (self.lora_alpha is not None or bool(self.lora_dropout)
+                or self.lora_modules != LORA_MODULES[0])
 
     @classmethod
     def from_recipe(cls, recipe: str = "default", **settings: Any) -> TrainConfig:

@@ -11,10 +11,11 @@ log = logging.getLogger(__name__)
 
 
 def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             seed: int = 0):
-    """``model`` with rank-``rank`` adapters on every linear layer of its blocks (peft's
-    ``all-linear``: attention and MLP projections, whatever the architecture names them; not the
-    output head) and everything else frozen. ``alpha`` defaults to ``2 * rank``. The adapters'
+             seed: int = 0, modules: str = "all-linear"):
+    """``model`` with rank-``rank`` adapters on every linear layer of its blocks (``modules``
+    "all-linear", peft's: attention and MLP projections, whatever the architecture names them;
+    not the output head), or on the attention projections alone ("attention": peft's default
+    targets for the architecture), and everything else frozen. ``alpha`` defaults to ``2 * rank``. The adapters'
     random start is drawn from ``seed`` (a fork of the global generator, left as it was), so a
     sweep's child or a resumed sweep starts as the same run on its own would."""
     import torch
@@ -26,7 +27,7 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
                          "(or pip install -e . again)") from None
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-        target_modules="all-linear", task_type="CAUSAL_LM",
+        target_modules="all-linear" if modules == "all-linear" else None, task_type="CAUSAL_LM",
         # GPT-2 keeps its projections as Conv1D, whose weights are stored transposed
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
     try:

@@ -272,7 +272,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         base_parameters = count_parameters(model)
         with stopwatch.phase("startup"):
             model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                             config.seed)
+                             config.seed, config.lora_modules)
     validation_names = split.validation["Name"].drop_duplicates()
     prompts = list(dict.fromkeys(
         config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
@@ -710,10 +710,10 @@ def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
     if config.lora_rank is not None:
         return config
     if randomly_initialised(config.model):
-        if config.lora_alpha is not None or config.lora_dropout:
-            raise MedLMError(f"--lora-alpha and --lora-dropout need LoRA, and {config.model} "
-                             "has random weights, which the default trains all of: expected "
-                             "--lora-rank N with them, or neither")
+        if config.sets_lora_options():
+            raise MedLMError(f"--lora-alpha, --lora-dropout and --lora-modules need LoRA, and "
+                             f"{config.model} has random weights, which the default trains all "
+                             "of: expected --lora-rank N with them, or none of them")
         log.info("training every weight: %s has random weights (experiments.init_model), and "
                  "LoRA adapters on frozen random weights would learn nothing", config.model)
         return replace(config, lora_rank=0)

@@ -77,14 +77,17 @@ class NonFiniteLossError(MedLMError):
     pass
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over real tokens (labels of -100 are skipped)."""
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum of next-token cross-entropy over real tokens (labels of -100 are skipped), with
+    ``label_smoothing`` of the target's probability spread over the vocabulary."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
         batch["labels"][:, 1:].flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
+        label_smoothing=label_smoothing,
     )
 
 
@@ -194,7 +197,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler,
                precision: Precision, device: torch.device,
-               max_grad_norm: float) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+               max_grad_norm: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """One optimizer step over a window of batches (gradient accumulation).
 
     The loss is normalised by the window's real-token count, so accumulating k batches equals
@@ -215,7 +219,7 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
         accumulating = index < len(window) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext():
             with precision.autocast():
-                batch_loss_sum = token_loss_sum(model, _to(batch, device))
+                batch_loss_sum = token_loss_sum(model, _to(batch, device), label_smoothing)
             scaler.scale(batch_loss_sum / divisor).backward()
         loss_sum += batch_loss_sum.detach()
     grad_norm = None
@@ -360,7 +364,7 @@ def fit(
             for window in _windows(train_loader, config.grad_accum):
                 window_loss_sum, window_tokens, grad_norm = train_step(
                     trained, window, optimizer, scaler, scheduler, precision, device,
-                    config.max_grad_norm)
+                    config.max_grad_norm, config.label_smoothing)
                 loss_sum += window_loss_sum
                 tokens += window_tokens
                 samples += sum(len(batch["input_ids"]) for batch in window)

@@ -151,6 +151,22 @@ def test_every_linear_layer_of_a_llama_style_block_gets_an_adapter_and_nothing_e
     assert trainable_parameters(model) < sum(p.numel() for p in model.parameters()) / 3
 
 
+def test_lora_modules_attention_adapts_the_query_and_value_projections_alone(tiny_model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medlm.lora import add_lora
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = add_lora(LlamaForCausalLM(config), rank=2, modules="attention")
+    adapted = {name.split(".")[-2] for name, _ in model.named_modules() if name.endswith("lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+    _, gpt2 = tiny_model
+    gpt2 = add_lora(gpt2, rank=2, modules="attention")
+    adapted = {name.split(".")[-2] for name, _ in gpt2.named_modules() if name.endswith("lora_A")}
+    assert adapted == {"c_attn"}
+
+
 def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_tokenizer):
     """Gemma starts every text with <bos>, and writes nonsense without it; GPT-2 does not."""
     from pathlib import Path
@@ -235,12 +251,15 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
 
 @pytest.mark.parametrize("flags, expected", [
     (["--lora-rank", "0", "--lora-alpha", "16"],
-     "--lora-alpha and --lora-dropout need --lora-rank"),
+     "--lora-alpha, --lora-dropout and --lora-modules need --lora-rank"),
+    (["--lora-rank", "0", "--lora-modules", "attention"],
+     "--lora-alpha, --lora-dropout and --lora-modules need --lora-rank"),
     # a random base: the default trains every weight, so adapter settings need a rank
     (["--lora-alpha", "16"], "has random weights, which the default trains all of: expected "
                              "--lora-rank N with them"),
     (["--lora-rank", "-2"], "--lora-rank: '-2'"),
     (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0 is invalid: expected a number >= 0 and < 1"),
 ])
 def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_csv,
                                             tiny_model_dir):

@@ -88,6 +88,24 @@ def test_padding_does_not_change_the_loss(tiny_model, gpt2_tokenizer):
                                                                            ["input_ids"]) - 1
 
 
+def test_label_smoothing_raises_the_training_loss_and_leaves_the_validation_loss_alone(
+        tiny_model_dir, small_frame):
+    """--label-smoothing changes what training minimises; the validation loss, which early
+    stopping and the champion compare across runs, stays the plain cross-entropy."""
+    from medlm.modeling import load_tokenizer_and_model
+
+    results = {}
+    for smoothing in (0.0, 0.2):
+        tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+        with torch.no_grad():  # confident predictions: a random model's are near uniform,
+            model.lm_head.weight *= 30  # where smoothing changes nothing
+        train, validation = loaders(tokenizer, small_frame)
+        config = plain(epochs=1, lr=1e-12, progress=False, label_smoothing=smoothing)
+        results[smoothing] = fit(model, train, validation, config, CPU, FP32).epochs[0]
+    assert results[0.2].training_loss != pytest.approx(results[0.0].training_loss, rel=1e-3)
+    assert results[0.2].validation_loss == pytest.approx(results[0.0].validation_loss, rel=1e-5)
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, small_frame):
     from medlm.modeling import load_tokenizer_and_model
 
