@@ -78,7 +78,6 @@ fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,
                    maximum=math.nextafter(1.0, 0.0))
 
 
-DEFAULT_MODEL_URI = "models:/medlm@champion"
 OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id
 OFFLINE_MODEL = "smollm2-135m-instruct"  # the offline base the quick start recommends
 
@@ -144,15 +143,25 @@ def replace_options(parser: argparse.ArgumentParser, argv: list[str],
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model-uri, --registered-model and --device, as generate and evaluate take them."""
-    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+    parser.add_argument("--model-uri", default=None,
+                        help="default: models:/REGISTERED_MODEL@champion (see "
+                             "--registered-model); "
+                             "models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
                              "models:/m-MODEL_ID (MLflow 3 logged model), a bare version "
                              "number, runs:/RUN_ID/model, an offline base "
                              "(smollm2-135m-instruct), a local model directory or a .gguf file")
     parser.add_argument("--registered-model", default="medlm",
-                        help="registered model a bare version number refers to")
+                        help="registered model whose @champion is the default --model-uri, and "
+                             "that a bare version number refers to")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                         help="auto: cuda, then mps, then cpu")
+
+
+def champion_unless_given(args: argparse.Namespace) -> argparse.Namespace:
+    """``--model-uri`` left out: the champion of ``--registered-model``."""
+    if args.model_uri is None:
+        args.model_uri = f"models:/{args.registered_model}@champion"
+    return args
 
 
 def quiet_libraries() -> None:

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from experiments._cli import (
     ArgumentParser,
     add_model_arguments,
+    champion_unless_given,
     fraction,
     offline_alternative,
     positive_float,
@@ -68,6 +70,8 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     settings, notes = {}, {}
     if run_params is not None and split_seed_of(run_params) is not None:  # older runs: "seed"
         run_params = {**run_params, "split_seed": split_seed_of(run_params)}
+    if run_params and os.path.isfile(run_params.get("dataset_path") or ""):  # typed relative
+        run_params = {**run_params, "dataset": run_params["dataset_path"]}
     for name, (default, parse) in FROM_RUN.items():
         logged = run_params is not None and name in run_params
         in_run = _parse(run_params[name], parse) if logged else default
@@ -84,7 +88,7 @@ def _parse(text: str, kind: type):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = champion_unless_given(build_parser().parse_args(argv))
     quiet_libraries()
 
     import pandas as pd

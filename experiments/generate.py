@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from experiments._cli import (
     ArgumentParser,
     add_model_arguments,
+    champion_unless_given,
     positive_float,
     positive_int,
     probability,
@@ -23,11 +25,18 @@ from medlm.generate import GenerationSettings
 MAX_RETURN_SEQUENCES = 100  # more is a typo, not a request: each is a full answer on the screen
 
 
+def disease_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: expected a disease name such as "
+                                         "\"Kidney Failure\"")
+    return text.strip()
+
+
 def build_parser() -> ArgumentParser:
     defaults = GenerationSettings()
     parser = ArgumentParser(
         prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("diseases", nargs="+", metavar="DISEASE",
+    parser.add_argument("diseases", nargs="+", metavar="DISEASE", type=disease_name,
                         help="disease name(s), e.g. \"Kidney Failure\"")
     parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                         help="tokens to write per completion")
@@ -52,7 +61,12 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = champion_unless_given(parser.parse_args(argv))
+    if args.greedy and args.num_return_sequences > 1:
+        parser.error(f"--num-return-sequences {args.num_return_sequences} with --greedy: "
+                     "greedy decoding writes one answer per disease: expected "
+                     "--num-return-sequences 1, or sampling (no --greedy)")
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_k=args.top_k,
         top_p=args.top_p, temperature=args.temperature,

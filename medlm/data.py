@@ -37,6 +37,13 @@ class DiseaseData:
     file_sha256: str | None  # of the file as read, when the source is a local file
 
     @property
+    def path(self) -> str | None:
+        """The local file's absolute path (``source`` as typed may be relative); None for a
+        Hub dataset."""
+        path = os.path.expanduser(self.source)
+        return os.path.abspath(path) if self.file_sha256 is not None else None
+
+    @property
     def content_sha256(self) -> str:
         """Hash of exactly the text the model trains on, whatever the source format."""
         text = self.frame[list(REQUIRED_COLUMNS)].to_csv(index=False)

@@ -296,6 +296,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "num_parameters": base_parameters or count_parameters(model),  # the model registered
         "trainable_parameters": trainable_parameters(model),
         "dataset_source": data.source,
+        "dataset_path": data.path,  # what experiments.evaluate reads from any directory
         "dataset_file_sha256": data.file_sha256,
         "dataset_content_sha256": data.content_sha256,
         "tokenizer_sha256": tokenizer_sha256(tokenizer),

@@ -235,6 +235,68 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     return loss_sum, window_tokens, grad_norm
 
 
+class StepCurve:
+    """Per-step points (``step/*`` metrics) every ``every`` optimizer steps: the training loss,
+    learning rate, gradient norm and tokens/s of the steps since the previous point (across an
+    epoch's end; the seconds count training only). ``flush`` gives the steps left at the end
+    their own point. ``state()`` goes into the checkpoint, so a resumed run's next point covers
+    the steps before the kill too."""
+
+    def __init__(self, callbacks: Sequence[Callback], every: int, device: torch.device,
+                 saved: dict | None = None):
+        self.callbacks = list(callbacks) if every else []
+        self.every = every
+        saved = saved or {}
+        self.loss_sum = torch.zeros((), device=device) + saved.get("loss_sum", 0.0)
+        self.tokens = saved.get("tokens", 0)
+        self.real_tokens = saved.get("real_tokens", 0)
+        self.seconds = saved.get("seconds", 0.0)
+        self.mark = time.perf_counter()
+        self.last: tuple[int, float, torch.Tensor | None] | None = None  # step, lr, grad norm
+
+    def start_timer(self) -> None:
+        self.mark = time.perf_counter()
+
+    def stop_timer(self) -> None:
+        self.seconds += time.perf_counter() - self.mark
+
+    def add(self, step: int, loss_sum: torch.Tensor, tokens: int, real_tokens: int,
+            learning_rate: float, grad_norm: torch.Tensor | None) -> None:
+        if not self.callbacks:
+            return
+        self.loss_sum += loss_sum
+        self.tokens += tokens
+        self.real_tokens += real_tokens
+        self.last = (step, learning_rate, grad_norm)
+        if step % self.every == 0:
+            self.stop_timer()
+            self._point()
+            self.start_timer()
+
+    def flush(self) -> None:
+        if self.callbacks and self.tokens and self.last is not None:
+            self._point()
+
+    def _point(self) -> None:
+        """One host read per point (rank 0's figures under torchrun); the tracker logs without
+        waiting for MLflow."""
+        step, learning_rate, grad_norm = self.last
+        values = {"training_loss": self.loss_sum.item() / max(self.tokens, 1),
+                  "learning_rate": learning_rate,
+                  "tokens_per_sec": self.real_tokens / max(self.seconds, 1e-9)}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        for callback in self.callbacks:
+            callback.on_step(step, values)
+        self.loss_sum.zero_()
+        self.tokens = self.real_tokens = 0
+        self.seconds = 0.0
+
+    def state(self) -> dict[str, float | int]:
+        return {"loss_sum": self.loss_sum.item(), "tokens": self.tokens,
+                "real_tokens": self.real_tokens, "seconds": self.seconds}
+
+
 def fit(
     model: torch.nn.Module,
     train_loader: DataLoader,
@@ -337,18 +399,9 @@ def fit(
         trained = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    step_callbacks = [callback for callback in callbacks if hasattr(callback, "on_step")
-                      ] if main_process and config.log_every_steps else []
-    # what the steps since the last per-step point added up to (across an epoch's end; the
-    # seconds count training only, not validation or scoring)
-    interval_loss = torch.zeros((), device=device)
-    interval_tokens = interval_real_tokens = 0
-    interval_seconds = 0.0
-    if resume and state.get("step_interval"):  # the steps before the kill since the last point
-        interval_loss += state["step_interval"]["loss_sum"]
-        interval_tokens = state["step_interval"]["tokens"]
-        interval_real_tokens = state["step_interval"]["real_tokens"]
-        interval_seconds = state["step_interval"]["seconds"]
+    curve = StepCurve([callback for callback in callbacks if hasattr(callback, "on_step")]
+                      if main_process else [], config.log_every_steps, device,
+                      state.get("step_interval") if resume else None)
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         for epoch_aware in (train_loader.batch_sampler, train_loader.dataset):
@@ -358,7 +411,7 @@ def fit(
         model.train()
         loss_sum = torch.zeros((), device=device)
         tokens = real_tokens = samples = step = 0
-        mark = time.perf_counter()
+        curve.start_timer()
         with stopwatch.phase("training"), _bar(len(train_loader),
                                                f"epoch {epoch}/{config.epochs}", progress) as bar:
             for window in _windows(train_loader, config.grad_accum):
@@ -374,31 +427,9 @@ def fit(
                 step += 1
                 if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
-                if not step_callbacks:
-                    continue
-                interval_loss += window_loss_sum
-                interval_tokens += window_tokens
-                interval_real_tokens += window_real_tokens
-                global_step = (epoch - 1) * steps_per_epoch + step
-                if global_step % config.log_every_steps == 0:
-                    # one host read per N steps (rank 0's figures under torchrun); the tracker
-                    # logs without waiting for MLflow
-                    now = time.perf_counter()
-                    interval_seconds += now - mark
-                    values = {
-                        "training_loss": interval_loss.item() / max(interval_tokens, 1),
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "tokens_per_sec": interval_real_tokens / max(interval_seconds, 1e-9),
-                    }
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
-                    for callback in step_callbacks:
-                        callback.on_step(global_step, values)
-                    interval_loss.zero_()
-                    interval_tokens = interval_real_tokens = 0
-                    interval_seconds, mark = 0.0, time.perf_counter()
-        if step_callbacks:
-            interval_seconds += time.perf_counter() - mark
+                curve.add((epoch - 1) * steps_per_epoch + step, window_loss_sum, window_tokens,
+                          window_real_tokens, scheduler.get_last_lr()[0], grad_norm)
+        curve.stop_timer()
         training_loss = loss_sum.item() / max(tokens, 1)
         train_seconds = time.perf_counter() - started
         if world_size > 1:
@@ -452,11 +483,7 @@ def fit(
                                   best_state=best_state,
                                   epochs_without_improvement=epochs_without_improvement,
                                   loader_state=loader_state, rng_states=rng_states,
-                                  precision=precision.name, step_interval={
-                                      "loss_sum": interval_loss.item(),
-                                      "tokens": interval_tokens,
-                                      "real_tokens": interval_real_tokens,
-                                      "seconds": interval_seconds},
+                                  precision=precision.name, step_interval=curve.state(),
                                   best_is_current=epoch_result.is_best, frozen=frozen)
         with stopwatch.phase("logging"):
             for callback in callbacks if main_process else ():
@@ -466,6 +493,7 @@ def fit(
         if config.patience and epochs_without_improvement >= config.patience:
             result.stopped_early = True
             break
+    curve.flush()  # the steps since the last point: a short run's curves are not empty
 
     if best_state is not None:
         load_trained_weights(model, best_state)

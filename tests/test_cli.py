@@ -225,6 +225,27 @@ def test_unknown_alias_is_one_line_listing_what_exists(trained, workdir, no_uri_
     assert "@champion -> 1" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_default_model_is_the_champion_of_the_registered_model_named(trained, workdir,
+                                                                        no_uri_env):
+    """--registered-model decides the default --model-uri too, not only bare versions."""
+    result = run_module("experiments.generate", "Asthma", "--registered-model", "smollm2",
+                        cwd=workdir, env_extra=no_uri_env)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.strip().count("\n") == 0 and "'smollm2'" in result.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["Asthma", "--greedy", "--num-return-sequences", "3"],
+     "--num-return-sequences 3 with --greedy"),
+    (["Asthma", " "], "' ' is empty: expected a disease name"),
+])
+def test_generate_refuses_what_it_cannot_do_in_one_line(flags, expected, tmp_path):
+    result = run_module("experiments.generate", *flags, cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
+
+
 def test_generate_reads_a_save_pretrained_directory(tiny_model_dir, tmp_path):
     result = run_module("experiments.generate", "Asthma", "--model-uri", str(tiny_model_dir),
                         "--greedy", "--max-new-tokens", "4", cwd=tmp_path)
@@ -380,6 +401,27 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     assert "; beam search (3), 8 new tokens" in beams.stdout
     assert "untuned base" not in beams.stdout  # the run's greedy epoch 0 is not comparable
     assert sorted(pd.read_csv(tmp_path / "beams.csv")["disease"]) == sorted(table["disease"])
+
+
+def test_evaluate_finds_a_dataset_the_run_named_by_a_relative_path_from_anywhere(
+        tmp_path, tiny_model_dir, dataset_csv):
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "project" / "data" / "d.csv").write_bytes(dataset_csv.read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        "data/d.csv", "--max-samples", "40", "--epochs", "1",
+                        "--num-validation-samples", "0", cwd=tmp_path / "project",
+                        env_extra=env)
+    assert result.returncode == 0, result.stderr
+    scored = run_module("experiments.evaluate", "--max-new-tokens", "4",
+                        cwd=tmp_path / "elsewhere", env_extra=env)
+    assert scored.returncode == 0, scored.stderr
+    assert "d.csv" in scored.stdout and "all rows" not in scored.stdout  # the run's 40 rows
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    assert run.data.params["dataset"] == "data/d.csv"  # what the user typed, kept
+    assert run.data.params["dataset_path"] == str(tmp_path / "project" / "data" / "d.csv")
 
 
 def test_a_smoke_run_leaves_the_champion_where_it_was(trained, workdir, tiny_model_dir,
