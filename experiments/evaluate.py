@@ -56,6 +56,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num-beams", type=positive_int, default=1,
                         help="1: greedy answers, as training runs score them; N > 1: beam "
                              "search over N beams")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="of the answers (default: the run's, for a models:/ or runs:/ URI "
+                             "where this machine has it natively; else auto)")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
     add_model_arguments(parser)
@@ -83,6 +86,28 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     return settings, notes
 
 
+def answer_precision(requested: str | None, logged: str | None, device):
+    """The precision answers are decoded in, and a note when it is not the run's.
+
+    A run decodes its scored answers in bf16 where it trained in bf16, else in fp32
+    (``Precision.answer_autocast``); the same here, so a run's figures are reproduced on another
+    machine. A run's bf16 on a machine without native bf16 (emulated: very slow) falls back to
+    this machine's ``auto``; ``--precision`` decides by hand."""
+    from medlm.modeling import resolve_precision
+
+    run_answers = None if logged is None else ("bf16" if logged == "bf16" else "fp32")
+    # unasked, the run's bf16 where this machine has it natively: auto
+    precision = resolve_precision(requested or ("fp32" if run_answers == "fp32" else "auto"),
+                                  device)
+    decoded = "bf16" if precision.name == "bf16" else "fp32"
+    if run_answers is None or decoded == run_answers:
+        return precision, None
+    return precision, (f"note: answers decoded in {decoded}, the run decoded its own in "
+                       f"{run_answers}" + ("" if requested else
+                                           f" (not native here; --precision {run_answers} "
+                                           "forces it)"))
+
+
 def _parse(text: str, kind: type):
     return None if text in ("", "None") else kind(text)
 
@@ -96,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from medlm.data import load_disease_data, split_by_disease
     from medlm.inference import load_model_for_inference
     from medlm.metrics import METRIC_VERSION, baseline_scores, evaluate_symptoms
-    from medlm.modeling import resolve_device, resolve_precision
+    from medlm.modeling import resolve_device
     from medlm.tracking import logged_metrics, source_run
 
     run = source_run(args.model_uri, args.registered_model)
@@ -119,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                 split.validation_sha256):
             notes["split"] = ("note: these validation diseases are not the ones the run held "
                               "out (it was split by an older MedLM)")
+    device = resolve_device(args.device)
+    precision, precision_note = answer_precision(
+        args.precision, params.get("precision_effective") if params else None, device)
+    if precision_note:
+        notes["precision"] = precision_note
     for note in notes.values():
         print(note + ": the run's held-out figures do not apply here", file=sys.stderr)
     if scoring_note:
         print(scoring_note + ": the run's untuned score does not apply here", file=sys.stderr)
     as_logged = run is not None and not notes and args.split == "validation"
-    device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    # decoded as a training run on this machine decodes its scored answers
-    with resolve_precision("auto", device).answer_autocast():
+    with precision.answer_autocast():  # as the run decoded its scored answers
         table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
                                            repetition_penalty=args.repetition_penalty,
                                            num_beams=args.num_beams)
@@ -159,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
              + (f", as run {run.info.run_id} logged" if as_logged else ""))
     decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
+    decoding += " in bf16" if precision.name == "bf16" else " in fp32"
     print(f"\n{len(table)} {args.split} diseases ({where}); {decoding}, "
           f"{settings['max_new_tokens']} new tokens, repetition penalty "
           f"{args.repetition_penalty:g}")

@@ -21,6 +21,7 @@ resumes (see ``fit``).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -33,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 
 from medlm.errors import MedLMError
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -47,10 +50,24 @@ def rng_state() -> dict:
     }
 
 
+def _restore_cuda_rng(states: list) -> None:
+    """One saved generator state per GPU the run saw: those that this machine's visible GPUs
+    can take are restored (``set_rng_state_all`` fails on fewer GPUs: a smaller slot, another
+    ``CUDA_VISIBLE_DEVICES``), the rest are reported."""
+    visible = torch.cuda.device_count()
+    for device, saved in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(saved, device)
+    if len(states) != visible:
+        log.warning("WARNING: the checkpoint holds the random state of %d GPU(s) and %d are "
+                    "visible now: %s; random draws on the GPU (dropout) are not those of an "
+                    "uninterrupted run", len(states), visible,
+                    f"restored the first {min(len(states), visible)}")
+
+
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _restore_cuda_rng(state["cuda"])
     if state.get("mps") is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
     random.setstate(_tuples(state["python"]))

@@ -382,6 +382,7 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     assert sorted(table["disease"]) == sorted(validation["Name"].drop_duplicates())
     assert f"as run {run.info.run_id} logged" in result.stdout
     assert "40 new tokens" in result.stdout and not result.stderr.strip()
+    assert re.search(r"greedy answers in (fp32|bf16), 40 new tokens", result.stdout)
     summary = result.stdout[result.stdout.index("answers"):]
     assert "this model" in summary and "baseline: constant (no model)" in summary
     assert "baseline: lookup (no model)" in summary and "untuned base" in summary
@@ -398,7 +399,7 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     beams = run_module("experiments.evaluate", "--num-beams", "3", "--max-new-tokens", "8",
                        "--output", str(tmp_path / "beams.csv"), cwd=workdir, env_extra=no_uri_env)
     assert beams.returncode == 0, beams.stderr
-    assert "; beam search (3), 8 new tokens" in beams.stdout
+    assert "; beam search (3) in " in beams.stdout
     assert "untuned base" not in beams.stdout  # the run's greedy epoch 0 is not comparable
     assert sorted(pd.read_csv(tmp_path / "beams.csv")["disease"]) == sorted(table["disease"])
 
@@ -442,3 +443,24 @@ def test_a_smoke_run_leaves_the_champion_where_it_was(trained, workdir, tiny_mod
     assert unregistered.returncode == 0, unregistered.stderr
     assert "not registered (--no-register)" in unregistered.stderr
     assert len(client.search_model_versions("name = 'medlm'")) == len(versions)
+
+
+@pytest.mark.parametrize("logged, native_bf16, requested, decoded, note", [
+    ("fp32", True, None, "fp32", None),  # was: this machine's auto, bf16
+    ("bf16", True, None, "bf16", None),
+    ("bf16", False, None, "fp32", "not native here; --precision bf16 forces it"),
+    ("fp16", True, None, "fp32", None),  # fp16 runs decode their answers in fp32
+    ("bf16", True, "fp32", "fp32", "answers decoded in fp32, the run decoded its own in bf16"),
+    (None, True, None, "bf16", None),  # not a run: this machine's auto
+])
+def test_evaluate_decodes_in_the_runs_precision_where_this_machine_has_it(
+        logged, native_bf16, requested, decoded, note, monkeypatch):
+    import torch
+
+    from experiments.evaluate import answer_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    precision, said = answer_precision(requested, logged, torch.device("cpu"))
+    assert ("bf16" if precision.name == "bf16" else "fp32") == decoded
+    assert (said is None) == (note is None) and (note is None or note in said)

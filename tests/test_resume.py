@@ -317,3 +317,30 @@ def test_a_resumed_run_may_be_given_more_epochs(mlflow_home, tiny_model_dir, dat
     assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "training_loss"),
                                    key=lambda m: m.step)] == [1, 2, 3]
     assert client.get_run(run.info.run_id).data.metrics["best_epoch"] in (1, 2, 3)
+
+
+@pytest.mark.parametrize("visible", [1, 3])
+def test_a_checkpoint_from_more_or_fewer_gpus_restores_what_fits(visible, monkeypatch, caplog):
+    """Saved on two GPUs, resumed where CUDA_VISIBLE_DEVICES shows another number: the states
+    that fit are restored and the rest reported (torch's set_rng_state_all raised IndexError)."""
+    import torch
+
+    from medlm.checkpoint import restore_rng, rng_state
+
+    restored = []
+
+    def set_rng_state(state, device="cuda"):  # torch's: default_generators[device] per GPU
+        if int(device) >= visible:
+            raise IndexError("tuple index out of range")
+        restored.append((int(device), state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    saved = {**rng_state(), "cuda": [torch.zeros(4, dtype=torch.uint8),
+                                     torch.ones(4, dtype=torch.uint8)], "mps": None}
+    with caplog.at_level("WARNING", logger="medlm"):
+        restore_rng(saved)
+    assert [device for device, _ in restored] == list(range(min(2, visible)))
+    assert "random state of 2 GPU(s) and %d are visible" % visible in caplog.text
