@@ -70,8 +70,9 @@ non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
 
 
-def whole_number_up_to(maximum: int) -> Callable[[str], int]:
-    return _number(int, 1, f"a whole number from 1 to {maximum}", maximum=maximum)
+def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
+    return _number(int, minimum, f"a whole number from {minimum} to {maximum}",
+                   maximum=maximum)
 
 
 fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,

@@ -19,12 +19,14 @@ from experiments._cli import (
     quiet_libraries,
     run_cli,
     seed,
+    whole_number_up_to,
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.hub import HubUnavailable
 from medlm.metrics import SCORING_REPETITION_PENALTY
 
 # Flags that default to the run's own logged params for a models:/ or runs:/ URI.
+at_least_two = whole_number_up_to(64, minimum=2)  # answers merged per disease by --consensus
 FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "split_seed": (TrainConfig.split_seed, int),
             "validation_fraction": (TrainConfig.validation_fraction, float),
             "max_samples": (None, int), "max_new_tokens": (TrainConfig.max_new_tokens, int)}
@@ -59,6 +61,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                         help="of the answers (default: the run's, for a models:/ or runs:/ URI "
                              "where this machine has it natively; else auto)")
+    parser.add_argument("--consensus", type=at_least_two, default=None, metavar="N",
+                        help="consensus decoding: each disease's greedy answer and N - 1 samples "
+                             "merged, keeping the symptoms at least two of them name "
+                             "(experiments/README.md measures 5)")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
     add_model_arguments(parser)
@@ -108,19 +114,40 @@ def answer_precision(requested: str | None, logged: str | None, device):
                                            "forces it)"))
 
 
+def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
+    """(per-disease table, micro-averaged scores) of the answers ``args`` asks for: greedy,
+    beam search or a consensus."""
+    from medlm.metrics import evaluate_symptoms, references_by_disease, score_answers
+
+    if args.consensus is None:
+        return evaluate_symptoms(model, tokenizer, frame, max_new_tokens,
+                                 repetition_penalty=args.repetition_penalty,
+                                 num_beams=args.num_beams)
+    from medlm.consensus import consensus_answers
+
+    names = [name for name, _ in references_by_disease(frame).values()]
+    return score_answers(consensus_answers(model, tokenizer, names, args.consensus,
+                                           max_new_tokens), frame)
+
+
 def _parse(text: str, kind: type):
     return None if text in ("", "None") else kind(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = champion_unless_given(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = champion_unless_given(parser.parse_args(argv))
+    if args.consensus is not None and (args.num_beams > 1 or args.repetition_penalty != (
+            SCORING_REPETITION_PENALTY)):
+        parser.error("--consensus writes its own answers: expected it without --num-beams and "
+                     "--repetition-penalty")
     quiet_libraries()
 
     import pandas as pd
 
     from medlm.data import load_disease_data, split_by_disease
     from medlm.inference import load_model_for_inference
-    from medlm.metrics import METRIC_VERSION, baseline_scores, evaluate_symptoms
+    from medlm.metrics import METRIC_VERSION, baseline_scores
     from medlm.modeling import resolve_device
     from medlm.tracking import logged_metrics, source_run
 
@@ -157,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
     with precision.answer_autocast():  # as the run decoded its scored answers
-        table, overall = evaluate_symptoms(model, tokenizer, frame, settings["max_new_tokens"],
-                                           repetition_penalty=args.repetition_penalty,
-                                           num_beams=args.num_beams)
+        table, overall = answer_and_score(model, tokenizer, frame, args,
+                                          settings["max_new_tokens"])
     if args.output:
         table.to_csv(args.output, index=False)
     shown = table[["disease", "symptom_precision", "symptom_recall", "symptom_f1", "word_f1",
@@ -173,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.update({f"baseline: {name} (no model)": scores.as_metrics()
                  for name, (_, scores) in baselines.items()})
     same_scoring = (not scoring_note and args.repetition_penalty == SCORING_REPETITION_PENALTY
-                    and args.num_beams == 1
+                    and args.num_beams == 1 and args.consensus is None
                     and params is not None and params.get("metric_version") == METRIC_VERSION)
     untuned = logged_metrics(run.info.run_id, "untuned_") if as_logged and same_scoring else {}
     if untuned:
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
              + (f", as run {run.info.run_id} logged" if as_logged else ""))
     decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
+    if args.consensus is not None:
+        decoding = f"consensus of {args.consensus} answers"
     decoding += " in bf16" if precision.name == "bf16" else " in fp32"
     print(f"\n{len(table)} {args.split} diseases ({where}); {decoding}, "
           f"{settings['max_new_tokens']} new tokens, repetition penalty "

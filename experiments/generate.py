@@ -56,6 +56,12 @@ def build_parser() -> ArgumentParser:
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
+    parser.add_argument("--consensus", type=whole_number_up_to(64, minimum=2), default=None,
+                        metavar="N",
+                        help="one answer per disease: its greedy answer and N - 1 samples "
+                             "merged, keeping the symptoms at least two of them name (the "
+                             "samples' own settings, not the flags above; 5 scores best, "
+                             "experiments/README.md)")
     add_model_arguments(parser)
     return parser
 
@@ -63,6 +69,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = champion_unless_given(parser.parse_args(argv))
+    if args.consensus is not None and (args.greedy or args.num_return_sequences > 1):
+        parser.error("--consensus writes one answer per disease from its own answers: expected "
+                     "it without --greedy and --num-return-sequences")
     if args.greedy and args.num_return_sequences > 1:
         parser.error(f"--num-return-sequences {args.num_return_sequences} with --greedy: "
                      "greedy decoding writes one answer per disease: expected "
@@ -81,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    completions = generate(model, tokenizer, args.diseases, settings)
+    if args.consensus is not None:
+        from medlm.consensus import consensus_answers
+
+        completions = [[answer] for answer in consensus_answers(
+            model, tokenizer, args.diseases, args.consensus, args.max_new_tokens, args.seed)]
+    else:
+        completions = generate(model, tokenizer, args.diseases, settings)
     for disease, texts in zip(args.diseases, completions, strict=True):
         for index, text in enumerate(texts, start=1):
             prefix = f"[{index}] " if len(texts) > 1 else ""

@@ -225,6 +225,21 @@ def test_unknown_alias_is_one_line_listing_what_exists(trained, workdir, no_uri_
     assert "@champion -> 1" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_consensus_answers_are_one_per_disease_and_scored_beside_the_baselines(
+        trained, workdir, no_uri_env):
+    written = run_module("experiments.generate", "Asthma", "Kidney Failure", "--consensus", "3",
+                         "--max-new-tokens", "6", cwd=workdir, env_extra=no_uri_env)
+    assert written.returncode == 0, written.stderr
+    lines = written.stdout.strip().splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["Asthma", "Kidney Failure"]
+    scored = run_module("experiments.evaluate", "--consensus", "3", "--max-new-tokens", "6",
+                        cwd=workdir, env_extra=no_uri_env)
+    assert scored.returncode == 0, scored.stderr
+    assert "consensus of 3 answers in " in scored.stdout
+    assert "baseline: lookup (no model)" in scored.stdout
+    assert "untuned base" not in scored.stdout  # the run's greedy epoch 0 is not comparable
+
+
 def test_the_default_model_is_the_champion_of_the_registered_model_named(trained, workdir,
                                                                         no_uri_env):
     """--registered-model decides the default --model-uri too, not only bare versions."""
@@ -238,6 +253,9 @@ def test_the_default_model_is_the_champion_of_the_registered_model_named(trained
     (["Asthma", "--greedy", "--num-return-sequences", "3"],
      "--num-return-sequences 3 with --greedy"),
     (["Asthma", " "], "' ' is empty: expected a disease name"),
+    (["Asthma", "--consensus", "3", "--greedy"], "--consensus writes one answer per disease"),
+    (["Asthma", "--consensus", "1"], "--consensus: '1' is invalid: expected a whole number "
+                                     "from 2 to 64"),
 ])
 def test_generate_refuses_what_it_cannot_do_in_one_line(flags, expected, tmp_path):
     result = run_module("experiments.generate", *flags, cwd=tmp_path,
