@@ -362,11 +362,18 @@ class MlflowTracker:
         return f"champion stays at version {current.version}: {reason}"
 
 
-# What makes two runs' scores comparable: the same rows, split, loss, tokenizer and metric
-# ("seed" is the split seed, see evaluation_key).
-EVALUATION_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
-                         "split_validation_sha256", "loss_on", "tokenizer_sha256",
-                         "max_length_effective", "metric_version", "max_new_tokens")
+# What makes two runs' scores comparable ("seed" is the split seed, see evaluation_key): the same
+# held-out diseases for any score; for the validation loss, the same loss (its target, tokens and
+# cut); for symptom F1, the same metric and answer length. The champion rule compares the
+# fields of its --select-by value; the key (its digest, shown in the UI) holds them all.
+SPLIT_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
+                    "split_validation_sha256")
+KEY_PARAMS_BY_SELECTION = {
+    "validation_loss": (*SPLIT_KEY_PARAMS, "loss_on", "tokenizer_sha256", "max_length_effective"),
+    "symptom_f1": (*SPLIT_KEY_PARAMS, "metric_version", "max_new_tokens"),
+}
+EVALUATION_KEY_PARAMS = tuple(dict.fromkeys(
+    name for names in KEY_PARAMS_BY_SELECTION.values() for name in names))
 
 
 def serving_parameters(generation_config) -> dict[str, Any]:
@@ -411,13 +418,18 @@ def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
     if "evaluation_key_json" not in champion_tags:
         return ("not compared: the champion has no evaluation key (registered before MedLM "
                 "recorded one)" + hint)
-    if champion_tags.get("evaluation_key") != tags["evaluation_key"]:
-        theirs = json.loads(champion_tags["evaluation_key_json"])
-        ours = json.loads(tags["evaluation_key_json"])
-        differences = "; ".join(
-            f"{'split_seed' if name == 'seed' else name} {_short(theirs.get(name))} vs "
-            f"{_short(ours.get(name))}"
-            for name in EVALUATION_KEY_PARAMS if theirs.get(name) != ours.get(name))
+    # a version registered before select_by was tagged was selected by the validation loss
+    champion_rule = champion_tags.get("select_by", "validation_loss")
+    if champion_rule != select_by:
+        return (f"not compared: the champion was selected by {champion_rule}, this version by "
+                f"{select_by}" + hint)
+    theirs = json.loads(champion_tags["evaluation_key_json"])
+    ours = json.loads(tags["evaluation_key_json"])
+    differences = "; ".join(
+        f"{'split_seed' if name == 'seed' else name} {_short(theirs.get(name))} vs "
+        f"{_short(ours.get(name))}"
+        for name in KEY_PARAMS_BY_SELECTION[select_by] if theirs.get(name) != ours.get(name))
+    if differences:
         return f"not compared: a different evaluation ({differences})" + hint
     if select_by not in champion_tags or select_by not in tags:
         return f"not compared: {select_by} is missing on one of the two versions" + hint

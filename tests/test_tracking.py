@@ -111,3 +111,18 @@ def test_unknown_registry_uris_list_what_exists(mlflow_home):
         resolve_model_uri("4")
     with pytest.raises(MedLMError, match="is not a directory or URI"):
         resolve_model_uri("no/such/dir")
+
+
+@pytest.mark.slow
+def test_the_champion_rule_compares_what_its_selection_depends_on(mlflow_home, tiny_model):
+    """Versions selected by different --select-by rules are not compared; a field the rule's
+    score does not depend on (the metric version, for the validation loss) does not stop it."""
+    register(tiny_model, 2.0, symptom_f1=0.30, select_by="symptom_f1")
+    _, message = register(tiny_model, 1.0, symptom_f1=0.10)  # by validation_loss
+    assert champion_version() == "1"
+    assert "the champion was selected by symptom_f1, this version by validation_loss" in message
+    register(tiny_model, 2.0, promote=True)  # version 3, by validation loss
+    _, message = register(tiny_model, 1.5, metric_version="9", max_new_tokens=20)
+    assert champion_version() == "4" and "new champion" in message
+    _, message = register(tiny_model, 1.0, loss_on="completion")
+    assert champion_version() == "4" and "loss_on full vs completion" in message
