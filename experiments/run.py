@@ -216,11 +216,12 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
 def main(argv: list[str] | None = None) -> int:
     from medlm import distributed, recipe
     from medlm.timing import process_started
-    from medlm.tracking import compare_runs_hint
+    from medlm.tracking import check_tracking_store, compare_runs_hint
 
     args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
+        check_tracking_store()
         if args.resume:
             # of the other flags, --epochs may change how long the run goes on
             given = argv if argv is not None else sys.argv[1:]

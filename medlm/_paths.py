@@ -1,6 +1,8 @@
 import hashlib
 import os
 
+from medlm.errors import MedLMError
+
 _FILE_SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".jsonl", ".gguf")
 
 
@@ -26,3 +28,21 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """``path`` is a directory MedLM can write in, or one it can create: its nearest existing
+    ancestor is a writable directory. Nothing is created (a run that fails on its data later
+    leaves no empty directories). ``what`` names the flag or variable, for the error."""
+    path = os.path.abspath(os.path.expanduser(path))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = f"{existing!r} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing!r} is not writable (permissions or a read-only filesystem)"
+    else:
+        return
+    raise MedLMError(f"{what} {path!r} cannot be written: {problem}: expected a directory "
+                     "MedLM can create and write in")

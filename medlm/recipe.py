@@ -723,6 +723,19 @@ def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
     return replace(config, lora_rank=AUTO_LORA_RANK)
 
 
+def check_output_paths(config: TrainConfig) -> None:
+    """Every place the run will write checked before any work, like a flag."""
+    from medlm._paths import check_writable
+    from medlm.offline import cache_dir
+    from medlm.tracking import artifact_directory
+
+    check_writable(config.checkpoint_dir, "--checkpoint-dir")
+    check_writable(cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
+    artifacts = artifact_directory(config.experiment)
+    if artifacts is not None:
+        check_writable(artifacts, f"experiment {config.experiment!r}'s artifact location")
+
+
 def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:
     """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
     run; ``started``: when the process began (its start-up counts in the first run's time).
@@ -734,6 +747,7 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
                          "version afterwards, in mlflow ui)")
+    check_output_paths(configs[0])
     prepared = prepare(configs[0], started)  # a Hub or data error first, alone on its line
     # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
     configs = [resolve_lora_rank(config) for config in configs]
@@ -772,6 +786,7 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
                  f" (the {config.scheduler} learning-rate schedule is spread over the new "
                  "total from the next step on)")
         config = replace(config, epochs=epochs)
+    check_output_paths(config)
     prepared = prepare(config, started)
     check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
     if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it

@@ -470,6 +470,50 @@ def _last_step(run_id: str, metric: str) -> int:
                default=0)
 
 
+STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
+
+
+def check_tracking_store() -> None:
+    """The tracking store answers, before any work (MLflow's own retries would make a dead
+    server cost minutes, then a traceback): else a one-line error naming the URI."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:  # an MLflow server's own liveness endpoint
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=STORE_TIMEOUT_S):
+                return
+        except (OSError, ValueError) as error:  # URLError, HTTPError, a timeout are OSErrors
+            reason = getattr(error, "reason", None) or error
+            raise MedLMError(
+                f"the tracking server {uri!r} (MLFLOW_TRACKING_URI) does not answer ({reason}): "
+                "expected a running MLflow server there (mlflow server --host HOST --port "
+                "PORT), or MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise MedLMError(
+            f"the tracking URI {uri!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
+            "of an MLflow server, sqlite:///PATH/mlflow.db in a writable directory, or "
+            "MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+
+
+def artifact_directory(experiment: str) -> str | None:
+    """The local directory a run of ``experiment`` writes its artifacts to: the experiment's
+    location, or for one not created yet MLflow's default ``./mlruns``; None where the store
+    keeps them (a tracking server, a remote artifact store)."""
+    from urllib.parse import urlparse
+
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return None
+    found = MlflowClient().get_experiment_by_name(experiment)
+    location = found.artifact_location if found is not None else "mlruns"
+    parsed = urlparse(location)
+    return (parsed.path or location) if parsed.scheme in ("", "file") else None
+
+
 def compare_runs_hint() -> str:
     """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
     uri = mlflow.get_tracking_uri()

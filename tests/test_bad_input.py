@@ -176,3 +176,71 @@ def test_system_metrics_without_psutil_is_a_user_error_before_any_run(
     assert status == 2 and no_runs(mlflow_home)
     assert stderr.strip().splitlines()[-1].startswith(
         "error: system metrics need psutil, which is not installed")
+
+
+def _listening_socket_that_never_answers():
+    """A port that accepts connections (into its backlog) and never replies: a hung server."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    return server
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("http://127.0.0.1:{closed}", "does not answer"),  # nothing listens: refused
+    ("http://127.0.0.1:{hung}", "does not answer"),  # listens, never replies: the bound
+    ("nosuchscheme://somewhere", "cannot be used"),
+    ("sqlite:///{tmp}/a-file/mlflow.db", "cannot be used"),  # a directory under a file
+])
+def test_a_tracking_store_that_cannot_be_used_is_one_line_within_seconds(
+        uri, expected, tmp_path, tiny_model_dir, dataset_csv):
+    import socket
+    import time
+
+    from tests.conftest import run_module
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    hung = _listening_socket_that_never_answers()
+    uri = uri.format(closed=closed.getsockname()[1], hung=hung.getsockname()[1], tmp=tmp_path)
+    closed.close()
+    (tmp_path / "a-file").write_text("not a directory")
+    started = time.monotonic()
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--epochs", "1", cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": uri})
+    elapsed = time.monotonic() - started
+    hung.close()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0] and expected in errors[0], result.stderr
+    assert elapsed < 60, f"{elapsed:.0f} s: MLflow's retries were not bounded"
+    assert not (tmp_path / "checkpoints").exists()  # no work done
+
+
+@pytest.mark.parametrize("where", ["--checkpoint-dir", "MEDLM_CACHE", "artifacts"])
+def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, tmp_path,
+                                                                  tiny_model_dir, dataset_csv):
+    """Under a file (as good as a read-only filesystem here, where the tests run as root)."""
+    from tests.conftest import run_module
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    flags, env = [], {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    if where == "--checkpoint-dir":
+        flags = ["--checkpoint-dir", str(blocked / "checkpoints")]
+    elif where == "MEDLM_CACHE":
+        env["MEDLM_CACHE"] = str(blocked / "cache")
+    else:  # the experiment's artifacts go to ./mlruns, which here is a file
+        (tmp_path / "mlruns").write_text("not a directory")
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--epochs", "1", *flags, cwd=tmp_path,
+                        env_extra=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot be written" in errors[0], result.stderr
+    assert "is a file" in errors[0] and "MLflow run" not in result.stderr  # before any run
