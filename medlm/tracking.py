@@ -260,8 +260,11 @@ class MlflowTracker:
         mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
 
     def log_best(self, best: EpochResult, model_id: str | None = None) -> None:
-        """The best epoch's figures, once; with ``model_id`` also linked to that logged model
-        (MLflow 3: the Models tab shows them beside it)."""
+        """The best epoch's figures, once (a run resumed after a kill in model logging has
+        them already); with ``model_id`` also linked to that logged model (MLflow 3: the
+        Models tab shows them beside it)."""
+        if "best_epoch" in MlflowClient().get_run(self.run_id).data.metrics:
+            return
         mlflow.log_metrics({"best_validation_loss": best.validation_loss,
                             "best_epoch": best.epoch,
                             **{f"best_{name}": value for name, value in best.scores.items()}},
@@ -277,6 +280,41 @@ class MlflowTracker:
         yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
         key (whatever rule picked the champion's own best epoch).
         """
+        version = self._version_of_this_run()
+        if version is None:
+            version = self._log_model(model, tokenizer, best)
+        else:  # a resumed run, killed after its model was registered: not a second version
+            self.log_best(best)
+        scores = {"validation_loss": best.validation_loss, **best.scores}
+        key = evaluation_key(params)
+        tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
+                **{name: repr(value) for name, value in best.scores.items()},
+                "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
+        if licence is not None:  # the base's terms go with what is made from it
+            tags["base_licence"] = licence[0]
+            if licence[1] is not None and not MlflowClient().list_artifacts(
+                    self.run_id, "base_licence"):
+                mlflow.log_artifact(str(licence[1]), artifact_path="base_licence")
+        client = MlflowClient()
+        for name, value in tags.items():
+            client.set_model_version_tag(self.registered_model, version, name, value)
+        client.update_model_version(self.registered_model, version, description=(
+            f"{params.get('model')} fine-tuned on {params.get('dataset_source')} "
+            f"({params.get('rows_train')} training rows); best of {len(self.epochs)} epochs by "
+            f"{select_by}: epoch {best.epoch}, "
+            + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+            + f". Run {self.run_id}."
+            + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
+               if licence is not None else "")))
+        return version, self._maybe_crown(client, version, tags, select_by, promote)
+
+    def _version_of_this_run(self) -> str | None:
+        versions = MlflowClient().search_model_versions(
+            f"name = '{self.registered_model}' and run_id = '{self.run_id}'")
+        return str(max(int(v.version) for v in versions)) if versions else None
+
+    def _log_model(self, model, tokenizer, best: EpochResult) -> str:
+        """Log the model, register it, log the best epoch's figures; the version."""
         from mlflow.models import infer_signature
 
         from medlm.data import PROMPT_SEPARATOR
@@ -302,29 +340,8 @@ class MlflowTracker:
             # the best epoch's figures are linked below, by name
             step=-1,
         )  # MLflow then checks the input example serves (the transformers flavor insists)
-        version = str(info.registered_model_version)
         self.log_best(best, model_id=info.model_id)
-        scores = {"validation_loss": best.validation_loss, **best.scores}
-        key = evaluation_key(params)
-        tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
-                **{name: repr(value) for name, value in best.scores.items()},
-                "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
-        if licence is not None:  # the base's terms go with what is made from it
-            tags["base_licence"] = licence[0]
-            if licence[1] is not None:
-                mlflow.log_artifact(str(licence[1]), artifact_path="base_licence")
-        client = MlflowClient()
-        for name, value in tags.items():
-            client.set_model_version_tag(self.registered_model, version, name, value)
-        client.update_model_version(self.registered_model, version, description=(
-            f"{params.get('model')} fine-tuned on {params.get('dataset_source')} "
-            f"({params.get('rows_train')} training rows); best of {len(self.epochs)} epochs by "
-            f"{select_by}: epoch {best.epoch}, "
-            + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
-            + f". Run {self.run_id}."
-            + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
-               if licence is not None else "")))
-        return version, self._maybe_crown(client, version, tags, select_by, promote)
+        return str(info.registered_model_version)
 
     def _maybe_crown(self, client: MlflowClient, version: str, tags: dict[str, str],
                      select_by: str, promote: bool) -> str:
@@ -337,6 +354,8 @@ class MlflowTracker:
         value = float(tags[select_by]) if select_by in tags else None
         shown = f"{select_by} {value:.4f}" if value is not None else f"no {select_by}"
         reason = None
+        if current is not None and current.version == version:  # crowned before a kill
+            return f"{label} is the champion ({shown})"
         if current is None:
             crowned = f"{label} is the first champion ({shown})"
         elif promote:

@@ -344,3 +344,37 @@ def test_a_checkpoint_from_more_or_fewer_gpus_restores_what_fits(visible, monkey
         restore_rng(saved)
     assert [device for device, _ in restored] == list(range(min(2, visible)))
     assert "random state of 2 GPU(s) and %d are visible" % visible in caplog.text
+
+
+def test_a_run_killed_while_its_model_was_registered_resumes_to_one_version(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch):
+    """Ctrl-C after the model was logged and registered, before its tags and alias were set:
+    the resume completes that version (tags, champion), logs best_* once, registers nothing
+    new. Before, every epoch was skipped and the model registered again: two versions."""
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    log_best = MlflowTracker.log_best
+
+    def killed_after(self, best, model_id=None):
+        log_best(self, best, model_id)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowTracker, "log_best", killed_after)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "1", "--max-new-tokens", "4", "--no-progress",
+            "--num-validation-samples", "0"]
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(MlflowTracker, "log_best", log_best)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    assert run.info.status == "KILLED"
+    assert len(client.search_model_versions("name = 'medlm'")) == 1
+    resumed = run_module("experiments.run", "--resume", run.info.run_id, cwd=mlflow_home)
+    assert resumed.returncode == 0, resumed.stderr
+    (version,) = client.search_model_versions("name = 'medlm'")
+    assert version.run_id == run.info.run_id and "evaluation_key" in version.tags
+    assert client.get_model_version_by_alias("medlm", "champion").version == version.version
+    assert len(client.get_metric_history(run.info.run_id, "best_validation_loss")) == 1
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
