@@ -114,6 +114,22 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
     return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
 
 
+def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The ``dest`` of every option ``argv`` gives (``--x v``, ``--x=v``, an unambiguous
+    prefix, as argparse accepts them)."""
+    by_option = {option: action.dest for action in parser._actions
+                 for option in action.option_strings if option.startswith("--")}
+    given = set()
+    for word in argv:
+        name = word.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        matches = [name] if name in by_option else [o for o in by_option if o.startswith(name)]
+        if len(matches) == 1:
+            given.add(by_option[matches[0]])
+    return given
+
+
 def replace_options(parser: argparse.ArgumentParser, argv: list[str],
                     replace: dict[str, str]) -> list[str]:
     """``argv`` without the options in ``replace`` (in any spelling argparse accepts: ``--x v``,

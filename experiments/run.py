@@ -11,6 +11,7 @@ import sys
 
 from experiments._cli import (
     ArgumentParser,
+    flags_given,
     non_negative_float,
     non_negative_int,
     offline_alternative,
@@ -213,6 +214,22 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
     return sweep_configs(base, grid), grid
 
 
+# What --resume takes beside the run id: where and how this machine runs it, and how many
+# epochs; anything else would change the run's math, which its checkpoint fixes.
+RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
+                "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
+                "device": "--device", "precision": "--precision", "progress": "--no-progress"}
+
+
+def check_resume_flags(given: set[str]) -> None:
+    refused = sorted(given - set(RESUME_FLAGS))
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        raise MedLMError(f"{flags} with --resume is invalid: a resumed run keeps the settings "
+                         f"it was started with: expected only {', '.join(RESUME_FLAGS.values())}"
+                         " beside --resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     from medlm import distributed, recipe
     from medlm.timing import process_started
@@ -223,16 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         check_tracking_store()
         if args.resume:
-            # of the other flags, --epochs may change how long the run goes on
-            given = argv if argv is not None else sys.argv[1:]
+            given = flags_given(build_parser(), argv if argv is not None else sys.argv[1:])
+            check_resume_flags(given)
             epochs = None
-            if any(word == "--epochs" or word.startswith("--epochs=") for word in given):
+            if "epochs" in given:  # how long the run goes on
                 if len(args.epochs) > 1:
                     raise MedLMError("--epochs with --resume takes one value: expected the "
                                      "run's new number of epochs in all")
                 epochs = args.epochs[0]
+            machine = {name: getattr(args, name) for name in ("device", "precision", "progress")
+                       if name in given}
             recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
-                          epochs, started=process_started())
+                          epochs, started=process_started(), machine=machine)
             return 0
         configs, grid = configs_from_args(args)
         try:

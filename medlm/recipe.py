@@ -639,8 +639,20 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     return TrainConfig.from_saved(json.loads(saved.read_text()))
 
 
+def on_this_machine(config: TrainConfig, machine: dict[str, str], run_id: str) -> TrainConfig:
+    """A resumed run's config with this machine's ``--device``, ``--precision`` and progress
+    bars (``machine``), said in one line where the first two differ from the run's own."""
+    changed = {name: value for name, value in machine.items()
+               if name != "progress" and getattr(config, name) != value}
+    if changed:
+        log.info("resuming %s with %s (it ran with %s)", run_id,
+                 ", ".join(f"--{name} {value}" for name, value in changed.items()),
+                 ", ".join(f"--{name} {getattr(config, name)}" for name in changed))
+    return replace(config, **machine)
+
+
 def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
-                 started: float | None = None) -> None:
+                 started: float | None = None, machine: dict[str, str] | None = None) -> None:
     """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
     checkpoint directory; everything that can refuse it is checked before the parent run is
     reopened."""
@@ -651,6 +663,9 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
                        collective_timeout_min=collective_timeout_min)
                for saved in state["configs"]]
+    if machine:
+        configs = [on_this_machine(config, machine, parent_id) for config in configs[:1]] + [
+            replace(config, **machine) for config in configs[1:]]
     for child, config in zip(state["children"], configs, strict=False):
         for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
             child.setdefault(name, getattr(config, name))
@@ -761,10 +776,12 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
 
 
 def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
-           epochs: int | None = None, started: float | None = None) -> None:
+           epochs: int | None = None, started: float | None = None,
+           machine: dict[str, str] | None = None) -> None:
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
-    but this machine's checkpoint directory and collective timeout; ``epochs``, when given,
-    changes how many epochs the run has in all (at least those it has completed)."""
+    but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
+    ``precision``, ``progress``, where given); ``epochs``, when given, changes how many epochs the run has in
+    all (at least those it has completed)."""
     from medlm import distributed
     from medlm.checkpoint import saved_epochs, write_durably
 
@@ -772,10 +789,12 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
         if epochs is not None:
             raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
                              "no --epochs (a sweep resumes with its own grid)")
-        resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started)
+        resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
         return
-    config = replace(resume_config(run_id, checkpoint_dir), checkpoint_dir=checkpoint_dir,
-                     collective_timeout_min=collective_timeout_min)
+    config = on_this_machine(replace(resume_config(run_id, checkpoint_dir),
+                                     checkpoint_dir=checkpoint_dir,
+                                     collective_timeout_min=collective_timeout_min),
+                             machine or {}, run_id)
     if epochs is not None and epochs != config.epochs:
         done = len(saved_epochs(Path(checkpoint_dir) / run_id))
         if epochs < done:

@@ -378,3 +378,39 @@ def test_a_run_killed_while_its_model_was_registered_resumes_to_one_version(
     assert client.get_model_version_by_alias("medlm", "champion").version == version.version
     assert len(client.get_metric_history(run.info.run_id, "best_validation_loss")) == 1
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch):
+    """A checkpoint from a GPU machine (its config says --device cuda --precision bf16) resumes
+    here with --device cpu --precision fp32, said in one line; --lr beside --resume is refused,
+    not silently ignored."""
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    log_samples = MlflowTracker.log_samples
+    monkeypatch.setattr(MlflowTracker, "log_samples",
+                        lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "2", "--max-new-tokens", "4", "--no-progress", "--patience", "0"]
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(MlflowTracker, "log_samples", log_samples)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    saved = mlflow_home / "checkpoints" / run.info.run_id / "config.json"
+    config = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**config, "device": "cuda", "precision": "bf16"}))
+
+    refused = run_module("experiments.run", "--resume", run.info.run_id, "--lr", "1e-3",
+                         cwd=mlflow_home)
+    assert refused.returncode == 2 and refused.stderr.count("error:") == 1
+    assert "--lr with --resume is invalid" in refused.stderr
+    elsewhere = run_module("experiments.run", "--resume", run.info.run_id, "--device", "cpu",
+                           "--precision", "fp32", cwd=mlflow_home)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert (f"resuming {run.info.run_id} with --device cpu, --precision fp32 (it ran with "
+            "--device cuda, --precision bf16)") in elsewhere.stderr
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [p.step for p in client.get_metric_history(run.info.run_id, "training_loss")] == [
+        1, 2]
