@@ -37,8 +37,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # bump when a change to the rules makes old scores incomparable; 3: a run's answers are decoded
-# under its bf16 autocast (where it trains in bf16), all validation names in one batch
-METRIC_VERSION = "3"
+# under its bf16 autocast (where it trains in bf16), all validation names in one batch;
+# 4: "-es" plurals meet their singulars ("rashes" / "rash")
+METRIC_VERSION = "4"
 MATCH_SHARE = 2 / 3  # the shorter phrase has at least this share of the longer's words
 STOPWORDS = frozenset("""
 a an the and or nor but of in on at to into onto from by for with within as is are be
@@ -55,12 +56,19 @@ _NOT_WORD = re.compile(r"[^\w]+")
 
 
 def word_form(word: str) -> str:
-    """One form per word: a plural ``s``/``ies`` dropped ("legs" -> "leg")."""
+    """One form per word: a plural ``s``/``ies`` dropped ("legs" -> "leg"), and an ``e`` after
+    ch/sh/ss/x/z, so an "-es" plural meets its singular ("rashes", "rash" -> "rash";
+    "patches" -> "patch"; "headaches", "headache" -> "headach")."""
     if len(word) > 3 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    if len(word) > 3 and word.endswith("e") and word[:-1].endswith(_ES_STEMS):
         return word[:-1]
     return word
+
+
+_ES_STEMS = ("ch", "sh", "ss", "x", "z")  # whose plural is "-es"
 
 
 def content_words(text: str) -> frozenset[str]:

@@ -39,6 +39,11 @@ def test_the_issue_example_scores_zero_not_one():
     ("difficulty breathing", "Breathing difficulties"),  # plural
     ("blurred vision", "blurred vision."),
     ("fever (sometimes high)", "high fever"),  # "sometimes" is a stopword, in any form
+    ("skin rashes", "skin rash"),  # "-es" plurals (metric version 4)
+    ("red patches", "red patch"),
+    ("weight losses", "weight loss"),
+    ("frequent headaches", "headache"),  # and an "-e" word's plain "s" plural still
+    ("bruises on the skin", "skin bruise"),
 ])
 def test_accepted_near_misses_match(generated, reference):
     assert phrases_match(generated, reference)
