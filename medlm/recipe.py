@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -680,7 +680,8 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
     if child_checkpoint and has_checkpoint(child_checkpoint):
         check_resume_data(child_checkpoint, prepared.data, prepared.split)
-    run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
+    with outage_is_resumable(directory, [parent_id]):
+        run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
 
 
 def data_fingerprint(data, split) -> dict[str, str]:
@@ -766,13 +767,40 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
     prepared = prepare(configs[0], started)  # a Hub or data error first, alone on its line
     # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
     configs = [resolve_lora_rank(config) for config in configs]
+    run_ids: list[str] = []  # the single run's id, for the outage message
     try:
-        if len(configs) == 1:
-            train_and_register(configs[0], prepared)
-        else:
-            run_sweep(configs, grid, prepared)
+        with outage_is_resumable(configs[0].checkpoint_dir, run_ids):
+            if len(configs) == 1:
+                train_and_register(configs[0], prepared, started=run_ids.append)
+            else:
+                run_sweep(configs, grid, prepared)
     except HubUnavailable as error:  # not the "start offline instead" of a failed setup
         raise MedLMError(str(error)) from None
+
+
+@contextlib.contextmanager
+def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None]:
+    """A tracking server that stops answering mid-run costs nothing computed: the error is one
+    line saying so and how to finish (the checkpoint stays; ``--resume`` logs what the server
+    missed once it is back)."""
+    from medlm.tracking import server_stopped_answering, tracking_uri
+
+    try:
+        yield
+    except MedLMError:
+        raise
+    except Exception as error:
+        if not server_stopped_answering():
+            raise
+        # a sweep's id is its parent run's, printed when it began
+        run_id = run_ids[0] if run_ids else "THE_SWEEP_RUN_ID"
+        raise MedLMError(
+            f"the tracking server {tracking_uri()} stopped answering during run {run_id} "
+            f"({type(error).__name__}): the completed epochs are checkpointed under "
+            f"{checkpoint_dir}; expected the server back: then finish the run with python -m "
+            f"experiments.run --resume {run_id}"
+            + (f" --checkpoint-dir {checkpoint_dir}" if checkpoint_dir != "checkpoints" else "")
+        ) from None
 
 
 def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
@@ -811,4 +839,5 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
         write_durably(Path(checkpoint_dir) / run_id / "config.json",
                       json.dumps(asdict(config), indent=2))
-    train_and_register(config, prepared, resume_run_id=run_id)
+    with outage_is_resumable(checkpoint_dir, [run_id]):
+        train_and_register(config, prepared, resume_run_id=run_id)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -25,6 +26,8 @@ from mlflow.exceptions import MlflowException
 
 from medlm.errors import MedLMError
 from medlm.train import EpochResult
+
+log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
@@ -107,12 +110,10 @@ class MlflowTracker:
                 yield self.run_id
                 mlflow.flush_async_logging()
             except KeyboardInterrupt:
-                mlflow.flush_async_logging()  # queued step points belong to this run
-                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+                _end_run_if_possible(RunStatus.KILLED)  # queued step points go first
                 raise
             except BaseException:
-                mlflow.flush_async_logging()
-                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+                _end_run_if_possible(RunStatus.FAILED)
                 raise
 
     @property
@@ -489,7 +490,35 @@ def _last_step(run_id: str, metric: str) -> int:
                default=0)
 
 
+def _end_run_if_possible(status: int) -> None:
+    """End the active run as ``status``, unless the store has gone away: then the error that
+    ended the run is the one to report, not this one's."""
+    try:
+        mlflow.flush_async_logging()
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as error:  # noqa: BLE001 - the store is down: nothing more to tell it
+        log.warning("could not mark the run %s in MLflow: %s", RunStatus.to_string(status),
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def server_stopped_answering() -> bool:
+    """Is the tracking URI a server that no longer answers (a run's error was its outage)?"""
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return False
+    try:
+        check_tracking_store()
+    except MedLMError:
+        return True
+    return False
+
+
 STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's own values win
 
 
 def check_tracking_store() -> None:
@@ -497,6 +526,10 @@ def check_tracking_store() -> None:
     server cost minutes, then a traceback): else a one-line error naming the URI."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
+        # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
+        # per call when the server goes away mid-run): a few tries are enough, the run resumes
+        for name, value in SERVER_RETRIES.items():
+            os.environ.setdefault(name, value)
         import urllib.error
         import urllib.request
 
