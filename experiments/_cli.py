@@ -114,19 +114,20 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
     return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
 
 
-def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The ``dest`` of every option ``argv`` gives (``--x v``, ``--x=v``, an unambiguous
-    prefix, as argparse accepts them)."""
+def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """``dest`` -> the option as spelled, for every option ``argv`` gives (``--x v`` or
+    ``--x=v``; an unambiguous prefix where the parser allows abbreviations)."""
     by_option = {option: action.dest for action in parser._actions
                  for option in action.option_strings if option.startswith("--")}
-    given = set()
+    given = {}
     for word in argv:
         name = word.split("=", 1)[0]
         if not name.startswith("--"):
             continue
-        matches = [name] if name in by_option else [o for o in by_option if o.startswith(name)]
+        matches = [name] if name in by_option else (
+            [o for o in by_option if o.startswith(name)] if parser.allow_abbrev else [])
         if len(matches) == 1:
-            given.add(by_option[matches[0]])
+            given.setdefault(by_option[matches[0]], matches[0])
     return given
 
 

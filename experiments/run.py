@@ -188,9 +188,11 @@ def build_parser() -> ArgumentParser:
                           help="do not log CPU, memory and GPU usage (system/* metrics)")
     parser.add_argument("--resume", metavar="RUN_ID", default=None,
                         help="continue an interrupted run from its last completed epoch, with "
-                             "its own settings (other flags are ignored, except --epochs: the "
-                             "run's new number of epochs in all); a sweep's parent run id "
-                             "continues the whole sweep")
+                             "its own settings; beside it only --epochs (the run's new number of "
+                             "epochs in all), this machine's --device and --precision, "
+                             "--checkpoint-dir, --collective-timeout, --no-progress and "
+                             "--no-system-metrics; a sweep's parent run id continues the whole "
+                             "sweep")
     parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
                         help="where each run keeps its resumable state (<dir>/<run id>/; "
                              "removed when the run finishes)")
@@ -218,13 +220,14 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
 # epochs; anything else would change the run's math, which its checkpoint fixes.
 RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
                 "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
-                "device": "--device", "precision": "--precision", "progress": "--no-progress"}
+                "device": "--device", "precision": "--precision", "progress": "--no-progress",
+                "system_metrics": "--no-system-metrics"}
 
 
-def check_resume_flags(given: set[str]) -> None:
-    refused = sorted(given - set(RESUME_FLAGS))
+def check_resume_flags(given: dict[str, str]) -> None:
+    refused = sorted(option for dest, option in given.items() if dest not in RESUME_FLAGS)
     if refused:
-        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        flags = ", ".join(refused)
         raise MedLMError(f"{flags} with --resume is invalid: a resumed run keeps the settings "
                          f"it was started with: expected only {', '.join(RESUME_FLAGS.values())}"
                          " beside --resume")
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
-        check_tracking_store()
+        if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
+            check_tracking_store()
         if args.resume:
             given = flags_given(build_parser(), argv if argv is not None else sys.argv[1:])
             check_resume_flags(given)
@@ -248,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise MedLMError("--epochs with --resume takes one value: expected the "
                                      "run's new number of epochs in all")
                 epochs = args.epochs[0]
-            machine = {name: getattr(args, name) for name in ("device", "precision", "progress")
-                       if name in given}
+            machine = {name: getattr(args, name) for name in
+                       ("device", "precision", "progress", "system_metrics") if name in given}
             recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
                           epochs, started=process_started(), machine=machine)
             return 0

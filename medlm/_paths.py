@@ -34,11 +34,13 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     """``path`` is a directory MedLM can write in, or one it can create: its nearest existing
     ancestor is a writable directory. Nothing is created (a run that fails on its data later
     leaves no empty directories). ``what`` names the flag or variable, for the error."""
-    path = os.path.abspath(os.path.expanduser(path))
+    path = os.path.abspath(path)  # as the writer will open it (no ~ expansion)
     existing = path
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    if os.path.islink(existing) and not os.path.exists(existing):
+        problem = f"{existing!r} is a link to nothing"
+    elif not os.path.isdir(existing):
         problem = f"{existing!r} is a file"
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing!r} is not writable (permissions or a read-only filesystem)"

@@ -29,16 +29,20 @@ class _Group:
     samples: set[int] = field(default_factory=set)
     positions: list[float] = field(default_factory=list)
     wordings: Counter[str] = field(default_factory=Counter)
+    shown: dict[str, str] = field(default_factory=dict)
 
 
 def _phrases(text: str) -> list[tuple[frozenset[str], str]]:
-    """The answer's distinct phrases, each as (content words, wording case-folded)."""
+    """The answer's distinct phrases, each as (content words, wording as written)."""
     seen, phrases = set(), []
     for raw in text.split(","):
         words = content_words(raw)
         if words and words not in seen:
             seen.add(words)
-            phrases.append((words, " ".join(raw.casefold().split())))
+            wording = " ".join(raw.split())
+            if not phrases and wording[1:2].islower():  # an answer's capital, not an acronym's
+                wording = wording[:1].lower() + wording[1:]
+            phrases.append((words, wording))
     return phrases
 
 
@@ -58,10 +62,12 @@ def consensus_answer(samples: Sequence[str], min_votes: int = MIN_VOTES) -> str:
                 groups.append(group)
             group.samples.add(index)
             group.positions.append(position / max(len(phrases), 1))
-            group.wordings[wording] += 1
+            # counted case-folded ("Fever", "fever"), written as first seen ("HIV" stays)
+            group.shown.setdefault(wording.casefold(), wording)
+            group.wordings[wording.casefold()] += 1
     kept = [g for g in groups if len(g.samples) >= min_votes]
     kept.sort(key=lambda g: sum(g.positions) / len(g.positions))
-    answer = ", ".join(g.wordings.most_common(1)[0][0] for g in kept)
+    answer = ", ".join(g.shown[g.wordings.most_common(1)[0][0]] for g in kept)
     return answer[:1].upper() + answer[1:]  # as the model writes its answers
 
 
@@ -74,4 +80,6 @@ def consensus_answers(model, tokenizer, diseases: list[str], voters: int = DEFAU
         max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0))
     samples = generate(model, tokenizer, diseases, GenerationSettings(
         max_new_tokens=max_new_tokens, num_return_sequences=voters - 1, seed=seed, **SAMPLING))
-    return [consensus_answer(first + rest) for first, rest in zip(greedy, samples, strict=True)]
+    # where no two answers agree, the greedy answer (an empty one would say nothing)
+    return [consensus_answer(first + rest) or first[0]
+            for first, rest in zip(greedy, samples, strict=True)]

@@ -479,7 +479,8 @@ def diverged_row(run_id: str, row: dict) -> dict:
 
 
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
-              resume: tuple[str, dict] | None = None) -> None:
+              resume: tuple[str, dict] | None = None,
+              started: Callable[[str], None] | None = None) -> None:
     """The grid as child runs under one parent run; the parent carries the best child.
 
     The sweep's progress (its settings, each ended child's row, the child in progress) is kept
@@ -510,6 +511,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
            else contextlib.nullcontext(resume_id))
     with run as parent_id:
         parent_id = distributed.broadcast_object(parent_id)
+        if started:  # told the parent's id: what resumes the sweep
+            started(parent_id)
         state_file = sweep_state_file(first.checkpoint_dir, parent_id)
 
         def record(**changes) -> None:
@@ -643,7 +646,7 @@ def on_this_machine(config: TrainConfig, machine: dict[str, str], run_id: str) -
     """A resumed run's config with this machine's ``--device``, ``--precision`` and progress
     bars (``machine``), said in one line where the first two differ from the run's own."""
     changed = {name: value for name, value in machine.items()
-               if name != "progress" and getattr(config, name) != value}
+               if name in ("device", "precision") and getattr(config, name) != value}
     if changed:
         log.info("resuming %s with %s (it ran with %s)", run_id,
                  ", ".join(f"--{name} {value}" for name, value in changed.items()),
@@ -746,7 +749,10 @@ def check_output_paths(config: TrainConfig) -> None:
     from medlm.tracking import artifact_directory
 
     check_writable(config.checkpoint_dir, "--checkpoint-dir")
-    check_writable(cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
+    try:  # a read-only cache is fine (a shared, pre-filled one): nothing new is kept, said once
+        check_writable(cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
+    except (MedLMError, RuntimeError) as error:  # RuntimeError: no home directory
+        log.warning("WARNING: %s; the run goes on, without keeping what it could reuse", error)
     artifacts = artifact_directory(config.experiment)
     if artifacts is not None:
         check_writable(artifacts, f"experiment {config.experiment!r}'s artifact location")
@@ -767,13 +773,13 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
     prepared = prepare(configs[0], started)  # a Hub or data error first, alone on its line
     # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
     configs = [resolve_lora_rank(config) for config in configs]
-    run_ids: list[str] = []  # the single run's id, for the outage message
+    run_ids: list[str] = []  # the run's (a sweep's: its parent's) id, for the outage message
     try:
         with outage_is_resumable(configs[0].checkpoint_dir, run_ids):
             if len(configs) == 1:
                 train_and_register(configs[0], prepared, started=run_ids.append)
             else:
-                run_sweep(configs, grid, prepared)
+                run_sweep(configs, grid, prepared, started=run_ids.append)
     except HubUnavailable as error:  # not the "start offline instead" of a failed setup
         raise MedLMError(str(error)) from None
 
@@ -792,15 +798,19 @@ def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[Non
     except Exception as error:
         if not server_stopped_answering():
             raise
-        # a sweep's id is its parent run's, printed when it began
-        run_id = run_ids[0] if run_ids else "THE_SWEEP_RUN_ID"
-        raise MedLMError(
-            f"the tracking server {tracking_uri()} stopped answering during run {run_id} "
-            f"({type(error).__name__}): the completed epochs are checkpointed under "
-            f"{checkpoint_dir}; expected the server back: then finish the run with python -m "
-            f"experiments.run --resume {run_id}"
-            + (f" --checkpoint-dir {checkpoint_dir}" if checkpoint_dir != "checkpoints" else "")
-        ) from None
+        from medlm import distributed
+        from medlm.checkpoint import has_checkpoint
+
+        where = f"the tracking server {tracking_uri()} stopped answering"
+        if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])
+                           and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file()):
+            raise MedLMError(f"{where} ({type(error).__name__}) before a first epoch was "
+                             "checkpointed: expected the server back: then start the run "
+                             "again") from None
+        command = resume_command(run_ids[0], checkpoint_dir, distributed.world_size())
+        raise MedLMError(f"{where} during run {run_ids[0]} ({type(error).__name__}): the "
+                         f"completed epochs are checkpointed under {checkpoint_dir}; expected "
+                         f"the server back: then finish the run with {command}") from None
 
 
 def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
@@ -808,8 +818,8 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
            machine: dict[str, str] | None = None) -> None:
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
     but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
-    ``precision``, ``progress``, where given); ``epochs``, when given, changes how many epochs the run has in
-    all (at least those it has completed)."""
+    ``precision``, ``progress``, ``system_metrics``, where given); ``epochs``, when given,
+    changes how many epochs the run has in all (at least those it has completed)."""
     from medlm import distributed
     from medlm.checkpoint import saved_epochs, write_durably
 

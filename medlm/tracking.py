@@ -264,7 +264,7 @@ class MlflowTracker:
         """The best epoch's figures, once (a run resumed after a kill in model logging has
         them already); with ``model_id`` also linked to that logged model (MLflow 3: the
         Models tab shows them beside it)."""
-        if "best_epoch" in MlflowClient().get_run(self.run_id).data.metrics:
+        if MlflowClient().get_run(self.run_id).data.metrics.get("best_epoch") == best.epoch:
             return
         mlflow.log_metrics({"best_validation_loss": best.validation_loss,
                             "best_epoch": best.epoch,
@@ -281,7 +281,7 @@ class MlflowTracker:
         yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
         key (whatever rule picked the champion's own best epoch).
         """
-        version = self._version_of_this_run()
+        version = self._version_of_this_run(best.epoch)
         if version is None:
             version = self._log_model(model, tokenizer, best)
         else:  # a resumed run, killed after its model was registered: not a second version
@@ -289,6 +289,7 @@ class MlflowTracker:
         scores = {"validation_loss": best.validation_loss, **best.scores}
         key = evaluation_key(params)
         tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
+                "best_epoch": str(best.epoch),
                 **{name: repr(value) for name, value in best.scores.items()},
                 "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
         if licence is not None:  # the base's terms go with what is made from it
@@ -309,10 +310,21 @@ class MlflowTracker:
                if licence is not None else "")))
         return version, self._maybe_crown(client, version, tags, select_by, promote)
 
-    def _version_of_this_run(self) -> str | None:
-        versions = MlflowClient().search_model_versions(
+    def _version_of_this_run(self, best_epoch: int) -> str | None:
+        """The version this run registered before it was interrupted, if it holds the weights
+        of ``best_epoch`` (a resume with more --epochs may have found a better one: a new
+        version then)."""
+        client = MlflowClient()
+        versions = client.search_model_versions(
             f"name = '{self.registered_model}' and run_id = '{self.run_id}'")
-        return str(max(int(v.version) for v in versions)) if versions else None
+        if not versions:
+            return None
+        newest = max(versions, key=lambda v: int(v.version))
+        recorded = newest.tags.get("best_epoch",
+                                   client.get_run(self.run_id).data.metrics.get("best_epoch"))
+        if recorded is not None and int(float(recorded)) != best_epoch:
+            return None
+        return str(newest.version)
 
     def _log_model(self, model, tokenizer, best: EpochResult) -> str:
         """Log the model, register it, log the best epoch's figures; the version."""
@@ -523,33 +535,45 @@ SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
 
 def check_tracking_store() -> None:
     """The tracking store answers, before any work (MLflow's own retries would make a dead
-    server cost minutes, then a traceback): else a one-line error naming the URI."""
+    server cost minutes, then a traceback): else a one-line error naming the URI (without a
+    password). A server is asked through MLflow's own client, so its TLS and credential
+    settings apply, once and within ``STORE_TIMEOUT_S``."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    server = uri.startswith(("http://", "https://"))
+    if server:
         # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
         # per call when the server goes away mid-run): a few tries are enough, the run resumes
         for name, value in SERVER_RETRIES.items():
             os.environ.setdefault(name, value)
-        import urllib.error
-        import urllib.request
-
-        try:  # an MLflow server's own liveness endpoint
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=STORE_TIMEOUT_S):
-                return
-        except (OSError, ValueError) as error:  # URLError, HTTPError, a timeout are OSErrors
-            reason = getattr(error, "reason", None) or error
-            raise MedLMError(
-                f"the tracking server {uri!r} (MLFLOW_TRACKING_URI) does not answer ({reason}): "
-                "expected a running MLflow server there (mlflow server --host HOST --port "
-                "PORT), or MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(STORE_TIMEOUT_S))} if server else {}
+    saved = {name: os.environ.get(name) for name in probe}
+    os.environ.update(probe)
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        text = str(error).strip()
+        reason = text.splitlines()[0][:300] if text else type(error).__name__
+        shown = _without_password(uri)
+        if server:
+            raise MedLMError(
+                f"the tracking server {shown!r} (MLFLOW_TRACKING_URI) does not answer ({reason}): "
+                "expected a running MLflow server there (mlflow server --host HOST --port "
+                "PORT), or MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
         raise MedLMError(
-            f"the tracking URI {uri!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
+            f"the tracking URI {shown!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
             "of an MLflow server, sqlite:///PATH/mlflow.db in a writable directory, or "
             "MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _without_password(uri: str) -> str:
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", uri)
 
 
 def artifact_directory(experiment: str) -> str | None:

@@ -221,7 +221,7 @@ def test_a_tracking_store_that_cannot_be_used_is_one_line_within_seconds(
     assert not (tmp_path / "checkpoints").exists()  # no work done
 
 
-@pytest.mark.parametrize("where", ["--checkpoint-dir", "MEDLM_CACHE", "artifacts"])
+@pytest.mark.parametrize("where", ["--checkpoint-dir", "dangling link", "artifacts"])
 def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, tmp_path,
                                                                   tiny_model_dir, dataset_csv):
     """Under a file (as good as a read-only filesystem here, where the tests run as root)."""
@@ -232,8 +232,8 @@ def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, tmp_path
     flags, env = [], {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     if where == "--checkpoint-dir":
         flags = ["--checkpoint-dir", str(blocked / "checkpoints")]
-    elif where == "MEDLM_CACHE":
-        env["MEDLM_CACHE"] = str(blocked / "cache")
+    elif where == "dangling link":  # a link to a directory that is gone
+        (tmp_path / "checkpoints").symlink_to(tmp_path / "gone")
     else:  # the experiment's artifacts go to ./mlruns, which here is a file
         (tmp_path / "mlruns").write_text("not a directory")
     result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
@@ -243,4 +243,20 @@ def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, tmp_path
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot be written" in errors[0], result.stderr
-    assert "is a file" in errors[0] and "MLflow run" not in result.stderr  # before any run
+    assert ("is a link to nothing" if where == "dangling link" else "is a file") in errors[0]
+    assert "MLflow run" not in result.stderr  # before any run
+
+
+def test_a_cache_the_run_cannot_write_is_a_warning_and_the_run_goes_on(
+        tmp_path, tiny_model_dir, dataset_csv):
+    """A shared, read-only $MEDLM_CACHE is a supported set-up: nothing new is kept in it."""
+    from tests.conftest import run_module
+
+    (tmp_path / "a-file").write_text("not a directory")
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--epochs", "1", "--max-samples", "40",
+                        "--max-new-tokens", "4", "--num-validation-samples", "0", cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   "MEDLM_CACHE": str(tmp_path / "a-file" / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: $MEDLM_CACHE" in result.stderr and "cannot be written" in result.stderr

@@ -406,6 +406,9 @@ def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
                          cwd=mlflow_home)
     assert refused.returncode == 2 and refused.stderr.count("error:") == 1
     assert "--lr with --resume is invalid" in refused.stderr
+    refused = run_module("experiments.run", "--resume", run.info.run_id, "--no-register",
+                         cwd=mlflow_home)  # named as typed, not by its dest ("--register")
+    assert refused.returncode == 2 and "--no-register with --resume" in refused.stderr
     elsewhere = run_module("experiments.run", "--resume", run.info.run_id, "--device", "cpu",
                            "--precision", "fp32", cwd=mlflow_home)
     assert elsewhere.returncode == 0, elsewhere.stderr
