@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
-        if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
-            check_tracking_store()
         if args.resume:
             given = flags_given(build_parser(), argv if argv is not None else sys.argv[1:])
             check_resume_flags(given)
+            if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
+                check_tracking_store()
             epochs = None
             if "epochs" in given:  # how long the run goes on
                 if len(args.epochs) > 1:
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
                           epochs, started=process_started(), machine=machine)
             return 0
-        configs, grid = configs_from_args(args)
+        configs, grid = configs_from_args(args)  # the flags first, then the store
+        if distributed.is_main():
+            check_tracking_store()
         try:
             recipe.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline

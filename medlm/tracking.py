@@ -539,6 +539,12 @@ def check_tracking_store() -> None:
     password). A server is asked through MLflow's own client, so its TLS and credential
     settings apply, once and within ``STORE_TIMEOUT_S``."""
     uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        from medlm._paths import check_writable  # a new store: created by the run, not here
+
+        check_writable(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))),
+                       f"the tracking store {uri!r}'s directory")
+        return
     server = uri.startswith(("http://", "https://"))
     if server:
         # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
@@ -582,9 +588,11 @@ def artifact_directory(experiment: str) -> str | None:
     keeps them (a tracking server, a remote artifact store)."""
     from urllib.parse import urlparse
 
-    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
         return None
-    found = MlflowClient().get_experiment_by_name(experiment)
+    new_store = uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))
+    found = None if new_store else MlflowClient().get_experiment_by_name(experiment)
     location = found.artifact_location if found is not None else "mlruns"
     parsed = urlparse(location)
     return (parsed.path or location) if parsed.scheme in ("", "file") else None

@@ -192,7 +192,7 @@ def _listening_socket_that_never_answers():
     ("http://127.0.0.1:{closed}", "does not answer"),  # nothing listens: refused
     ("http://127.0.0.1:{hung}", "does not answer"),  # listens, never replies: the bound
     ("nosuchscheme://somewhere", "cannot be used"),
-    ("sqlite:///{tmp}/a-file/mlflow.db", "cannot be used"),  # a directory under a file
+    ("sqlite:///{tmp}/a-file/mlflow.db", "cannot be written"),  # a directory under a file
 ])
 def test_a_tracking_store_that_cannot_be_used_is_one_line_within_seconds(
         uri, expected, tmp_path, tiny_model_dir, dataset_csv):
