@@ -15,9 +15,10 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
     """``model`` with rank-``rank`` adapters on every linear layer of its blocks (``modules``
     "all-linear", peft's: attention and MLP projections, whatever the architecture names them;
     not the output head), or on the attention projections alone ("attention": peft's default
-    targets for the architecture), and everything else frozen. ``alpha`` defaults to ``2 * rank``. The adapters'
-    random start is drawn from ``seed`` (a fork of the global generator, left as it was), so a
-    sweep's child or a resumed sweep starts as the same run on its own would."""
+    targets for the architecture), and everything else frozen. ``alpha`` defaults to
+    ``2 * rank``. The adapters' random start is drawn from ``seed`` (a fork of the global
+    generator, left as it was), so a sweep's child or a resumed sweep starts as the same run on
+    its own would."""
     import torch
 
     try:

@@ -50,7 +50,7 @@ def test_consensus_answers_merge_the_greedy_answer_and_seeded_samples(tiny_model
     samples = generate(model, tokenizer, names, GenerationSettings(
         max_new_tokens=6, num_return_sequences=2, seed=1, **SAMPLING))
     assert merged == [consensus_answer(own + rest) or own[0]
-                      for own, rest in zip(greedy, samples)]
+                      for own, rest in zip(greedy, samples, strict=True)]
 
 
 def test_acronyms_keep_their_case():

@@ -259,7 +259,8 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
                              "--lora-rank N with them"),
     (["--lora-rank", "-2"], "--lora-rank: '-2'"),
     (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
-    (["--label-smoothing", "1"], "--label-smoothing 1.0 is invalid: expected a number >= 0 and < 1"),
+    (["--label-smoothing", "1"],
+     "--label-smoothing 1.0 is invalid: expected a number >= 0 and < 1"),
 ])
 def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_csv,
                                             tiny_model_dir):

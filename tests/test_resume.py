@@ -343,7 +343,7 @@ def test_a_checkpoint_from_more_or_fewer_gpus_restores_what_fits(visible, monkey
     with caplog.at_level("WARNING", logger="medlm"):
         restore_rng(saved)
     assert [device for device, _ in restored] == list(range(min(2, visible)))
-    assert "random state of 2 GPU(s) and %d are visible" % visible in caplog.text
+    assert f"random state of 2 GPU(s) and {visible} are visible" in caplog.text
 
 
 def test_a_run_killed_while_its_model_was_registered_resumes_to_one_version(
