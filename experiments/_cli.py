@@ -114,20 +114,29 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
     return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
 
 
+def _long_option(parser: argparse.ArgumentParser, word: str, prefixes: bool) -> str | None:
+    """The long option ``word`` spells (``--x``, ``--x=v``, or with ``prefixes`` an
+    unambiguous prefix), else None."""
+    name = word.split("=", 1)[0]
+    if not name.startswith("--"):
+        return None
+    options = [option for action in parser._actions for option in action.option_strings
+               if option.startswith("--")]
+    if name in options:
+        return name
+    matches = [option for option in options if option.startswith(name)]
+    return matches[0] if prefixes and len(matches) == 1 else None
+
+
 def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
-    """``dest`` -> the option as spelled, for every option ``argv`` gives (``--x v`` or
-    ``--x=v``; an unambiguous prefix where the parser allows abbreviations)."""
-    by_option = {option: action.dest for action in parser._actions
-                 for option in action.option_strings if option.startswith("--")}
+    """``dest`` -> the option as spelled, for every option ``argv`` gives."""
+    dest = {option: action.dest for action in parser._actions
+            for option in action.option_strings}
     given = {}
     for word in argv:
-        name = word.split("=", 1)[0]
-        if not name.startswith("--"):
-            continue
-        matches = [name] if name in by_option else (
-            [o for o in by_option if o.startswith(name)] if parser.allow_abbrev else [])
-        if len(matches) == 1:
-            given.setdefault(by_option[matches[0]], matches[0])
+        option = _long_option(parser, word, parser.allow_abbrev)
+        if option is not None:
+            given.setdefault(dest[option], option)
     return given
 
 
@@ -135,15 +144,10 @@ def replace_options(parser: argparse.ArgumentParser, argv: list[str],
                     replace: dict[str, str]) -> list[str]:
     """``argv`` without the options in ``replace`` (in any spelling argparse accepts: ``--x v``,
     ``--x=v``, an unambiguous prefix), then those options with their new values."""
-    long_options = [option for action in parser._actions for option in action.option_strings
-                    if option.startswith("--")]
 
     def target(word: str) -> str | None:
-        name = word.split("=", 1)[0]
-        if name in long_options:
-            return name if name in replace else None
-        matches = [option for option in long_options if option.startswith(name)]
-        return matches[0] if len(matches) == 1 and matches[0] in replace else None
+        option = _long_option(parser, word, prefixes=True)
+        return option if option in replace else None
 
     kept, skip = [], False
     for word in argv:

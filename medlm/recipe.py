@@ -666,9 +666,9 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
                        collective_timeout_min=collective_timeout_min)
                for saved in state["configs"]]
-    if machine:
-        configs = [on_this_machine(config, machine, parent_id) for config in configs[:1]] + [
-            replace(config, **machine) for config in configs[1:]]
+    if machine:  # said once, for the sweep
+        configs = [on_this_machine(configs[0], machine, parent_id),
+                   *(replace(config, **machine) for config in configs[1:])]
     for child, config in zip(state["children"], configs, strict=False):
         for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
             child.setdefault(name, getattr(config, name))

@@ -517,9 +517,19 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _new_sqlite_file(uri: str) -> str | None:
+    """The file of a SQLite store that does not exist yet (the run creates it), else None."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    return path if path is not None and not os.path.exists(path) else None
+
+
 def server_stopped_answering() -> bool:
     """Is the tracking URI a server that no longer answers (a run's error was its outage)?"""
-    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+    if not _is_server(mlflow.get_tracking_uri()):
         return False
     try:
         check_tracking_store()
@@ -538,14 +548,17 @@ def check_tracking_store() -> None:
     server cost minutes, then a traceback): else a one-line error naming the URI (without a
     password). A server is asked through MLflow's own client, so its TLS and credential
     settings apply, once and within ``STORE_TIMEOUT_S``."""
+    from unittest import mock
+
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+    new_file = _new_sqlite_file(uri)
+    if new_file is not None:
         from medlm._paths import check_writable  # a new store: created by the run, not here
 
-        check_writable(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))),
+        check_writable(os.path.dirname(os.path.abspath(new_file)),
                        f"the tracking store {uri!r}'s directory")
         return
-    server = uri.startswith(("http://", "https://"))
+    server = _is_server(uri)
     if server:
         # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
         # per call when the server goes away mid-run): a few tries are enough, the run resumes
@@ -553,10 +566,9 @@ def check_tracking_store() -> None:
             os.environ.setdefault(name, value)
     probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(STORE_TIMEOUT_S))} if server else {}
-    saved = {name: os.environ.get(name) for name in probe}
-    os.environ.update(probe)
     try:
-        MlflowClient().search_experiments(max_results=1)
+        with mock.patch.dict(os.environ, probe):  # the probe's bounds, for this call only
+            MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
         text = str(error).strip()
         reason = text.splitlines()[0][:300] if text else type(error).__name__
@@ -570,12 +582,6 @@ def check_tracking_store() -> None:
             f"the tracking URI {shown!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
             "of an MLflow server, sqlite:///PATH/mlflow.db in a writable directory, or "
             "MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _without_password(uri: str) -> str:
@@ -589,10 +595,10 @@ def artifact_directory(experiment: str) -> str | None:
     from urllib.parse import urlparse
 
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if _is_server(uri):
         return None
-    new_store = uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))
-    found = None if new_store else MlflowClient().get_experiment_by_name(experiment)
+    found = (None if _new_sqlite_file(uri) is not None  # no experiment yet: nothing to ask
+             else MlflowClient().get_experiment_by_name(experiment))
     location = found.artifact_location if found is not None else "mlruns"
     parsed = urlparse(location)
     return (parsed.path or location) if parsed.scheme in ("", "file") else None
@@ -601,7 +607,7 @@ def artifact_directory(experiment: str) -> str | None:
 def compare_runs_hint() -> str:
     """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
     uri = mlflow.get_tracking_uri()
-    return uri if uri.startswith(("http://", "https://")) else "mlflow ui"
+    return uri if _is_server(uri) else "mlflow ui"
 
 
 def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
