@@ -34,6 +34,7 @@ from medlm.config import (
 )
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
+from medlm.prompts import PROMPT_FORMATS
 
 log = logging.getLogger("medlm")
 
@@ -115,6 +116,11 @@ def build_parser() -> ArgumentParser:
                        help="full: the whole \"Name | Symptoms\" text; completion: only the "
                             "symptoms (the loss skips the \"Name |\" prompt)"
                             + by_recipe("loss_on"))
+    train.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                       help="plain: \"Name | Symptoms\" rows; chat: the name and symptoms as "
+                            "the user's and the assistant's turns of the tokenizer's chat "
+                            "template; auto: chat where the tokenizer has a template"
+                            + by_recipe("prompt_format"))
     train.add_argument("--shuffle-symptoms", action="store_true", default=None,
                        help="symptom-order augmentation: each training row's symptoms in a new "
                             "order every epoch")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medlm.errors import MedLMError
+from medlm.prompts import PROMPT_FORMATS
 
 DEFAULT_DATASET = "QuyenAnhDE/Diseases_Symptoms"
 DEFAULT_MODEL = "distilgpt2"
@@ -34,7 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed-notebook": {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
                       "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
                       "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
-                      "loss_on": "full"},
+                      "loss_on": "full", "prompt_format": "plain"},
 }
 
 
@@ -60,7 +61,9 @@ class TrainConfig:
     patience: int = 1  # epochs without a better --select-by value before stopping; 0 = off
     select_by: str = "validation_loss"
     group_by_length: bool = True  # batches of similar-length rows: far less padding
-    loss_on: str = "full"  # "completion": the loss skips the "{Name} |" prompt tokens
+    loss_on: str = "full"  # "completion": the loss skips the prompt tokens
+    # "auto": the tokenizer's chat template where it has one, else "Name | Symptoms" (prompts.py)
+    prompt_format: str = "auto"
     shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
     neftune_alpha: float = 0.0  # > 0: NEFTune noise on the input embeddings while training
     label_smoothing: float = 0.0  # of the training loss (the validation loss never has it)
@@ -134,6 +137,7 @@ class TrainConfig:
         )
         _require_choice("scheduler", self.scheduler, SCHEDULERS)
         _require_choice("loss_on", self.loss_on, LOSS_ON)
+        _require_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _require_choice("select_by", self.select_by, SELECT_BY)
         if self.promote and not self.register:
             raise MedLMError("--promote with --no-register is invalid: expected one of them "
@@ -161,11 +165,12 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
         """A config saved by ``asdict``; one saved before ``split_seed`` existed split by
-        ``seed`` (its recipe is spelled out flag by flag, whatever ``recipe`` says)."""
+        ``seed`` (its recipe is spelled out flag by flag, whatever ``recipe`` says), and one
+        saved before ``prompt_format`` existed was trained on plain prompts."""
         if "split_seed" not in saved:  # it scored every epoch, as MedLM then did
             saved = {"split_seed": saved.get("seed", cls.seed), "score_every_epoch": True,
                      **saved}
-        return cls(**saved)
+        return cls(**{"prompt_format": "plain", **saved})  # the only format before there were two
 
     def to_params(self) -> dict[str, Any]:
         """Flat, string-friendly view for MLflow params."""

@@ -18,11 +18,11 @@ from torch.utils.data import Dataset, Sampler
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError, first_line
+from medlm.prompts import prompt_for, training_text
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("Name", "Symptoms")
-PROMPT_SEPARATOR = " | "
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
 
@@ -337,14 +337,6 @@ def split_by_disease(
                         frame[is_validation].reset_index(drop=True), groups)
 
 
-def prompt_for(name: str) -> str:
-    """The text a disease name becomes before the model writes its symptoms: ``"Name |"``.
-
-    A name already ending in the separator is not given a second one.
-    """
-    return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip() + PROMPT_SEPARATOR.rstrip()
-
-
 def bos_ids(tokenizer) -> list[int]:
     """``[beginning-of-text id]`` for a tokenizer that starts every text with one (Gemma: its
     answers fall apart without it), else ``[]`` (GPT-2, SmolLM2). Training rows and prompts are
@@ -359,22 +351,25 @@ def bos_ids(tokenizer) -> list[int]:
 
 
 class LanguageDataset(Dataset):
-    """Rows as ``"{Name} | {Symptoms}"`` + end-of-text (after the beginning-of-text token where
-    the tokenizer starts texts with one), tokenized once, up front, in batch.
+    """Rows as ``"{Name} | {Symptoms}"`` (or, with ``prompt_format="chat"``, the name and
+    symptoms as a chat's two turns: medlm.prompts) + end-of-text (after the beginning-of-text
+    token where the tokenizer starts texts with one), tokenized once, up front, in batch.
 
     ``max_length`` caps the tokens per row (pass the model's context size); longer rows are
     truncated with a warning and lose their end-of-text token, since their text did not end.
     ``self.max_length`` is then the longest example actually kept. With
-    ``loss_on="completion"`` each row also carries its ``"{Name} |"`` prompt length, which the
+    ``loss_on="completion"`` each row also carries its prompt's length, which the
     collator leaves out of the loss (another tokenizer pass, so only when asked).
     """
 
     def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int | None = None,
-                 loss_on: str = "full", shuffle_symptoms_seed: int | None = None):
+                 loss_on: str = "full", shuffle_symptoms_seed: int | None = None,
+                 prompt_format: str = "plain"):
         if tokenizer.eos_token_id is None:
             raise MedLMError("the tokenizer has no end-of-text token: expected a causal LM "
                              "tokenizer with eos_token set")
         self._tokenizer, self._prefix = tokenizer, bos_ids(tokenizer)
+        self._format = prompt_format
         self._names, self._symptoms = frame["Name"].tolist(), frame["Symptoms"].tolist()
         self._shuffle_seed = shuffle_symptoms_seed
         self.prompt_lengths = [0] * len(self._names)
@@ -382,7 +377,7 @@ class LanguageDataset(Dataset):
         self._encode(self._symptoms)
         if loss_on == "completion":
             prompts = [self._prefix + ids for ids in _encode_batch(
-                tokenizer, [prompt_for(name) for name in self._names])]
+                tokenizer, [prompt_for(name, tokenizer, prompt_format) for name in self._names])]
             # The shared prefix, should a tokenizer merge across the "|" boundary.
             self.prompt_lengths = [_common_prefix(ids.tolist(), prompt) for ids, prompt in
                                    zip(self.examples, prompts, strict=True)]
@@ -391,7 +386,7 @@ class LanguageDataset(Dataset):
                         self._cap)
 
     def _encode(self, symptoms: list[str]) -> None:
-        texts = [name + PROMPT_SEPARATOR + text for name, text in
+        texts = [training_text(name, text, self._tokenizer, self._format) for name, text in
                  zip(self._names, symptoms, strict=True)]
         encoded = [self._prefix + ids for ids in _encode_batch(self._tokenizer, texts)]
         eos = self._tokenizer.eos_token_id

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from medlm.data import bos_ids, prompt_for
+from medlm.data import bos_ids
 from medlm.errors import MedLMError
 from medlm.modeling import casts_cached
+from medlm.prompts import prompt_for, prompt_format_of
 
 
 @dataclass
@@ -91,7 +92,8 @@ def generate(model, tokenizer, diseases: list[str],
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
-    prompts = [prompt_for(name) for name in diseases]
+    prompt_format = prompt_format_of(model)  # the one it was trained on
+    prompts = [prompt_for(name, tokenizer, prompt_format) for name in diseases]
     # (prompts, sequences per prompt) per call: several prompts with all their completions
     # (beam search: all their beams, kept together), or one prompt's completions in parts when
     # they alone exceed the bound

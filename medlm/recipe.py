@@ -190,10 +190,11 @@ def prepare(config: TrainConfig, started: float | None = None) -> Prepared:
 
 def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     from medlm import distributed
-    from medlm.data import load_disease_data, prompt_for, split_by_disease
+    from medlm.data import load_disease_data, split_by_disease
     from medlm.generate import check_generation_length, encode_prompts
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import resolve_base_name
+    from medlm.prompts import prompt_for, resolve_prompt_format
 
     resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
     if config.system_metrics:
@@ -210,12 +211,14 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     device = distributed.start(resolve_device(config.device), config.collective_timeout_min)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
+    prompt_format = resolve_prompt_format(config.prompt_format, tokenizer, config.model)
     # every answer the run writes must fit the context: checked now, not after an epoch
     prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
         # as generate() encodes them: the longest, with its beginning-of-text token if any
-        encoded = encode_prompts(tokenizer, [prompt_for(name) for name in prompts])
+        encoded = encode_prompts(tokenizer, [prompt_for(name, tokenizer, prompt_format)
+                                             for name in prompts])
         check_generation_length(model, encoded["input_ids"].shape[1], config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 
@@ -239,19 +242,24 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         tokenizer_sha256,
     )
     from medlm.offline import forget_random_weights
+    from medlm.prompts import resolve_prompt_format, set_prompt_format
     from medlm.timing import describe as describe_time
     from medlm.tracking import MlflowTracker, library_versions, logged_metrics
     from medlm.train import EpochResult, NonFiniteLossError, fit, noisy_embeddings
 
-    config = resolve_lora_rank(config)
     data, split, device, precision = (prepared.data, prepared.split, prepared.device,
                                       prepared.precision)
     tokenizer, model, stopwatch = prepared.tokenizer, prepared.model, prepared.stopwatch
+    config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
+        config.prompt_format, tokenizer, config.model))
+    set_prompt_format(model, config.prompt_format)  # generation, scoring and serving read it
     max_length = effective_max_length(config.max_length, model)
     with stopwatch.phase("tokenization"):
         train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on,
-                                    config.seed if config.shuffle_symptoms else None)
-        validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on)
+                                    config.seed if config.shuffle_symptoms else None,
+                                    config.prompt_format)
+        validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on,
+                                         prompt_format=config.prompt_format)
     main_process, world_size = distributed.is_main(), distributed.world_size()
     shard = {"shard": distributed.rank(), "num_shards": world_size}
     pin_memory = device.type == "cuda"

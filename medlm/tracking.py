@@ -330,10 +330,11 @@ class MlflowTracker:
         """Log the model, register it, log the best epoch's figures; the version."""
         from mlflow.models import infer_signature
 
-        from medlm.data import PROMPT_SEPARATOR
+        from medlm.prompts import prompt_format_of, serving_template
 
-        # Served (pyfunc, `mlflow models serve`), a disease name becomes "Name |", the text
-        # the model was trained to continue, and only the continuation comes back; the
+        # Served (pyfunc, `mlflow models serve`), a disease name becomes the prompt the model
+        # was trained to continue ("Name |", or its chat template's), and only the
+        # continuation comes back; the
         # generation settings are inference parameters with the run's values as defaults.
         example = ["Kidney Failure"]
         signature = infer_signature(example, ["Fatigue, swelling in the legs"],
@@ -343,7 +344,7 @@ class MlflowTracker:
             name="model",
             task="text-generation",
             save_pretrained=True,
-            prompt_template="{prompt}" + PROMPT_SEPARATOR.rstrip(),
+            prompt_template=serving_template(tokenizer, prompt_format_of(model)),
             signature=signature,
             input_example=example,
             pip_requirements=pip_requirements(),
@@ -401,11 +402,15 @@ class MlflowTracker:
 SPLIT_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
                     "split_validation_sha256")
 KEY_PARAMS_BY_SELECTION = {
-    "validation_loss": (*SPLIT_KEY_PARAMS, "loss_on", "tokenizer_sha256", "max_length_effective"),
+    "validation_loss": (*SPLIT_KEY_PARAMS, "loss_on", "tokenizer_sha256", "max_length_effective",
+                        "prompt_format"),
     "symptom_f1": (*SPLIT_KEY_PARAMS, "metric_version", "max_new_tokens"),
 }
 EVALUATION_KEY_PARAMS = tuple(dict.fromkeys(
     name for names in KEY_PARAMS_BY_SELECTION.values() for name in names))
+# key params added after keys were first logged: at this value (or missing) they are left out of
+# the key, so a key logged before them reads, and digests, as it did
+KEY_PARAMS_LEFT_OUT_AT = {"prompt_format": "plain"}
 
 
 def serving_parameters(generation_config) -> dict[str, Any]:
@@ -430,7 +435,13 @@ def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
     recipe compare), and a run logged before ``split_seed`` existed, whose ``seed`` split the
     data, keeps the key it had."""
     params = {**params, "seed": split_seed_of(params)}
-    return {name: str(_param_value(params.get(name))) for name in EVALUATION_KEY_PARAMS}
+    return {name: str(_param_value(params.get(name))) for name in EVALUATION_KEY_PARAMS
+            if not _left_out(name, params)}
+
+
+def _left_out(name: str, params: dict[str, Any]) -> bool:
+    return (name in KEY_PARAMS_LEFT_OUT_AT
+            and params.get(name, KEY_PARAMS_LEFT_OUT_AT[name]) == KEY_PARAMS_LEFT_OUT_AT[name])
 
 
 def split_seed_of(params: dict[str, Any]) -> Any:

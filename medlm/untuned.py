@@ -39,16 +39,18 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
     count (fp32 sums in another order), the library versions, and MedLM's scoring rules."""
     import transformers
 
-    from medlm.data import prompt_for
     from medlm.generate import MAX_BATCH_SEQUENCES, GenerationSettings, encode_prompts
     from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
     from medlm.modeling import tokenizer_sha256
     from medlm.offline import RANDOM_WEIGHTS_MARK
+    from medlm.prompts import prompt_for, prompt_format_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA's
     config = {key: value for key, value in base.config.to_diff_dict().items()
               if key not in ("_name_or_path", "transformers_version", RANDOM_WEIGHTS_MARK)}
-    prompts = encode_prompts(tokenizer, [prompt_for(name) for name in names])
+    prompt_format = prompt_format_of(model)
+    prompts = encode_prompts(tokenizer, [prompt_for(name, tokenizer, prompt_format)
+                                         for name in names])
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False,
                                   repetition_penalty=SCORING_REPETITION_PENALTY)
     parts = {"format": FORMAT, "class": type(base).__name__, "config": config,
