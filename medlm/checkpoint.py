@@ -339,7 +339,9 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     else:  # an older MedLM's: the whole model
         load_model(model, str(weights))
     best = directory / "best.safetensors"
-    if state.get("best_is_current"):
+    if rank != 0:  # the main process alone keeps the best weights (it logs the model)
+        state["best_state"] = None
+    elif state.get("best_is_current"):
         state["best_state"] = {name: tensor.to("cpu", copy=True)
                                for name, tensor in trained_weights(model).items()}
     else:

@@ -212,7 +212,9 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
     divisor: int | torch.Tensor = window_tokens
     if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
-        all_tokens = torch.tensor(float(window_tokens), device=device)
+        # torch.full fills on the device from the value given at launch; torch.tensor(value,
+        # device=cuda) would copy from pageable host memory and wait for the stream each step
+        all_tokens = torch.full((), float(window_tokens), device=device)
         divisor = distributed.all_reduce(all_tokens) / distributed.world_size()
     loss_sum = torch.zeros((), device=device)
     for index, batch in enumerate(window):
@@ -311,7 +313,8 @@ def fit(
     stopwatch: Stopwatch | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
-    ``model`` and return every epoch's figures.
+    ``model`` and return every epoch's figures. Under torchrun the main process alone, which
+    logs the model, ends with the best weights; the others keep the last epoch's.
 
     "Best" is by ``config.select_by``: the lowest validation loss, or the highest score of that
     name returned by ``scorer`` (called after each epoch's validation, on the main process);
@@ -373,7 +376,7 @@ def fit(
         if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
             scaler.load_state_dict(state["scaler"])
         result.epochs = [EpochResult(**values) for values in state["epochs"]]
-        best_state = state["best_state"]
+        best_state = state["best_state"]  # None on the other processes
         epochs_without_improvement = state["epochs_without_improvement"]
         if shuffle_generator is not None and "generator" in state["loader"]:
             shuffle_generator.set_state(state["loader"]["generator"])
@@ -466,9 +469,10 @@ def fit(
         value = epoch_result.selection_value(config.select_by)
         if not result.epochs or value < result.best.selection_value(config.select_by):
             epoch_result.is_best = True
-            with stopwatch.phase("checkpoint"):  # kept in memory: the weights training changes
-                best_state = {key: value.to("cpu", copy=True)
-                              for key, value in trained_weights(model).items()}
+            if main_process:  # it alone logs the model: the others keep no host copy
+                with stopwatch.phase("checkpoint"):  # the weights training changes
+                    best_state = {key: value.to("cpu", copy=True)
+                                  for key, value in trained_weights(model).items()}
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1

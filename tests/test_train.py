@@ -1,4 +1,5 @@
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -596,3 +597,69 @@ def test_neftune_noise_reaches_training_forwards_only_and_goes_with_the_context(
     assert torch.equal(embeddings(ids), clean)  # the hook is gone after training
     with noisy_embeddings(model, 0.0):
         assert torch.equal(embeddings(ids), clean)
+
+
+def test_under_torchrun_a_step_copies_no_token_count_from_the_host(tiny_model_dir, small_frame,
+                                                                   monkeypatch):
+    """Issue 22 item 13: each optimizer step under torchrun made its token count a device
+    tensor with torch.tensor(count, device=...): on CUDA a copy from pageable host memory that
+    waits for the stream, every step. A one-process group stands in (the all-reduce is the
+    identity): the step is the plain step, and no host value is copied to the device."""
+    import copy
+
+    from medlm import distributed
+    from medlm.modeling import load_tokenizer_and_model
+
+    tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
+    window = one_window(tokenizer, small_frame)
+    reference = copy.deepcopy(model)
+    step_with(reference, window, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    monkeypatch.setattr(distributed, "is_enabled", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    monkeypatch.setattr(distributed, "all_reduce", lambda tensor, op="sum": tensor)
+    copies, real_tensor = [], torch.tensor
+
+    def recording_tensor(*args, **kwargs):  # MedLM's calls (the optimizer makes its own)
+        if kwargs.get("device") is not None and sys._getframe(1).f_globals["__name__"] in (
+                "medlm.train", "medlm.distributed"):
+            copies.append(kwargs["device"])
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
+    step_with(model, window, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    assert copies == []
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_under_torchrun_only_the_main_process_keeps_and_restores_the_best_weights(
+        tiny_model, small_frame, monkeypatch):
+    """Issue 22 item 14: every process kept a host copy of the best epoch's weights, though
+    only the main one logs the model. Scripted validation losses make epoch 1 the best of two:
+    the main process ends with epoch 1's weights, another process keeps epoch 2's (no copy)."""
+    import copy
+
+    import medlm.train
+    from medlm import distributed
+
+    tokenizer, model = tiny_model
+    train, validation = loaders(tokenizer, small_frame)
+    config = plain(epochs=2, lr=3e-3, progress=False)
+
+    def final_and_epoch_weights(rank):
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        trained, seen, losses = copy.deepcopy(model), [], iter([1.0, 2.0])
+
+        def scripted_validation(model, *args):
+            seen.append(model.lm_head.weight.detach().clone())
+            return next(losses)
+
+        monkeypatch.setattr(medlm.train, "evaluate", scripted_validation)
+        result = fit(trained, train, validation, config, CPU, FP32)
+        assert result.best.epoch == 1
+        return trained.lm_head.weight.detach(), seen
+
+    final, (first, second) = final_and_epoch_weights(0)
+    assert torch.equal(final, first) and not torch.equal(final, second)
+    final, (first, second) = final_and_epoch_weights(1)
+    assert torch.equal(final, second) and not torch.equal(final, first)
