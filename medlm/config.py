@@ -35,7 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed-notebook": {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
                       "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
                       "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
-                      "loss_on": "full", "prompt_format": "plain"},
+                      "loss_on": "full"},
 }
 
 
@@ -62,8 +62,10 @@ class TrainConfig:
     select_by: str = "validation_loss"
     group_by_length: bool = True  # batches of similar-length rows: far less padding
     loss_on: str = "full"  # "completion": the loss skips the prompt tokens
-    # "auto": the tokenizer's chat template where it has one, else "Name | Symptoms" (prompts.py)
-    prompt_format: str = "auto"
+    # "plain": "Name | Symptoms" rows; "chat": the tokenizer's chat template, which scored a
+    # little higher on SmolLM2 but makes rows 2.2x as long (prompts.py); "auto": chat where
+    # the tokenizer has a template
+    prompt_format: str = "plain"
     shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
     neftune_alpha: float = 0.0  # > 0: NEFTune noise on the input embeddings while training
     label_smoothing: float = 0.0  # of the training loss (the validation loss never has it)

@@ -1,15 +1,18 @@
-"""The text a disease name becomes before the model writes its symptoms, in one of two formats:
+"""The text a disease name becomes before the model writes its symptoms, in one of two formats
+(``--prompt-format``):
 
 - ``plain``: ``"Name |"``, then ``" symptoms"`` (the seed notebook's ``"Name | Symptoms"`` rows);
 - ``chat``: the tokenizer's own chat template with the name as the user's turn and the symptoms
-  as the assistant's (SmolLM2-Instruct was tuned on that shape: +0.016 held-out symptom F1 and
-  +0.031 word F1 over plain, paired over two split seeds and two training seeds each,
-  experiments/README.md).
+  as the assistant's. On SmolLM2-Instruct, which was tuned on that shape, it scored +0.016
+  held-out symptom F1 and +0.031 word F1 over plain (paired, two split seeds x two training
+  seeds), but its rows are 2.2x as long (51.6 tokens against 23.2: the template's system turn),
+  so each epoch trains on 2.2x the tokens; plain stays the default (experiments/README.md).
+- ``auto``: ``chat`` for a tokenizer that has a chat template, ``plain`` for one that has none
+  (distilgpt2, the Gemma 3 270M base).
 
-``--prompt-format auto`` (the default) is ``chat`` for a tokenizer that has a chat template and
-``plain`` for one that has none (distilgpt2, the Gemma 3 270M base). A model keeps the format it
-was trained on in its config (``PROMPT_FORMAT_ATTRIBUTE``), which is saved and registered with
-it, so generation, scoring and serving prompt it the same way; a model without one is plain.
+A model keeps the format it was trained on in its config (``PROMPT_FORMAT_ATTRIBUTE``), which
+is saved and registered with it, so generation, scoring and serving prompt it the same way; a
+model without one is plain.
 """
 
 from __future__ import annotations

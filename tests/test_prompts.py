@@ -1,6 +1,6 @@
-"""--prompt-format: the name and symptoms as a chat's two turns where the tokenizer has a chat
-template (the default, auto), kept with the model so that generation, scoring and serving
-prompt it as it was trained; "Name | Symptoms" elsewhere, and for every model saved before."""
+"""--prompt-format: "Name | Symptoms" (plain, the default, and every model saved before), or
+the name and symptoms as a chat's two turns (chat; auto where the tokenizer has a template),
+kept with the model so that generation, scoring and serving prompt it as it was trained."""
 
 import shutil
 
@@ -79,7 +79,7 @@ def test_a_config_saved_before_prompt_formats_resumes_on_plain_prompts():
     saved = {**TrainConfig(lora_rank=0).__dict__}
     del saved["prompt_format"]
     assert TrainConfig.from_saved(saved).prompt_format == "plain"
-    assert TrainConfig().prompt_format == "auto"
+    assert TrainConfig().prompt_format == "plain"
     assert TrainConfig.from_recipe("seed-notebook").prompt_format == "plain"
 
 
@@ -100,7 +100,7 @@ def test_a_chat_model_is_registered_generated_and_served_with_its_chat_prompt(
     trained = run_module("experiments.run", "--model", str(chat_model_dir), "--dataset",
                          str(dataset_csv), "--max-samples", "60", "--epochs", "1", "--lr",
                          "3e-3", "--num-validation-samples", "0", "--no-system-metrics",
-                         cwd=tmp_path, env_extra=env)
+                         "--prompt-format", "auto", cwd=tmp_path, env_extra=env)
     assert trained.returncode == 0, trained.stderr
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])[0]
