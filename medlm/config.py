@@ -35,7 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed-notebook": {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
                       "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
                       "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
-                      "loss_on": "full"},
+                      "loss_on": "full", "prompt_format": "plain"},
 }
 
 

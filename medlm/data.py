@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError, first_line
-from medlm.prompts import prompt_for, training_text
+from medlm.prompts import bos_ids, prompt_for, training_text
 
 log = logging.getLogger(__name__)
 
@@ -335,19 +335,6 @@ def split_by_disease(
     is_validation = keys.isin(validation_keys)
     return DiseaseSplit(frame[~is_validation].reset_index(drop=True),
                         frame[is_validation].reset_index(drop=True), groups)
-
-
-def bos_ids(tokenizer) -> list[int]:
-    """``[beginning-of-text id]`` for a tokenizer that starts every text with one (Gemma: its
-    answers fall apart without it), else ``[]`` (GPT-2, SmolLM2). Training rows and prompts are
-    tokenized without special tokens and given this prefix as an id (not as text, which a
-    SentencePiece tokenizer would encode differently after it), so they start as the tokenizer's
-    own encoding does, and as a served model's pipeline encodes a prompt."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = _encode_batch(tokenizer, ["a"], add_special_tokens=True)[0]
-    return [bos] if ids and ids[0] == bos else []
 
 
 class LanguageDataset(Dataset):

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from medlm.data import bos_ids
 from medlm.errors import MedLMError
 from medlm.modeling import casts_cached
-from medlm.prompts import prompt_for, prompt_format_of
+from medlm.prompts import bos_ids, prompt_for, prompt_format_of
 
 
 @dataclass

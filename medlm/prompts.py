@@ -46,6 +46,19 @@ def set_prompt_format(model, prompt_format: str) -> None:
     setattr(model.config, PROMPT_FORMAT_ATTRIBUTE, prompt_format)
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """``[beginning-of-text id]`` for a tokenizer that starts every text with one (Gemma: its
+    answers fall apart without it), else ``[]`` (GPT-2, SmolLM2). Training rows and prompts are
+    tokenized without special tokens and given this prefix as an id (not as text, which a
+    SentencePiece tokenizer would encode differently after it), so they start as the tokenizer's
+    own encoding does, and as a served model's pipeline encodes a prompt."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
 def _name(name: str) -> str:
     """A name already ending in the separator is not given a second one."""
     return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip()
@@ -53,8 +66,9 @@ def _name(name: str) -> str:
 
 def prompt_for(name: str, tokenizer=None, prompt_format: str = "plain") -> str:
     """What the model continues with the symptoms: ``"Name |"``, or the chat template's text up
-    to the assistant's turn (without a leading beginning-of-text token, which MedLM adds as an
-    id where the tokenizer starts texts with one)."""
+    to the assistant's turn. A template that starts with the beginning-of-text token's text
+    (Gemma's ``<bos>``) loses it where MedLM adds that token as an id (``bos_ids``); elsewhere
+    the text stays whole (SmolLM2's bos token is ``<|im_start|>``, its template's first word)."""
     if prompt_format == "plain":
         return _name(name) + PROMPT_SEPARATOR.rstrip()
     if prompt_format != "chat":
@@ -62,7 +76,7 @@ def prompt_for(name: str, tokenizer=None, prompt_format: str = "plain") -> str:
     text = tokenizer.apply_chat_template([{"role": "user", "content": _name(name)}],
                                          tokenize=False, add_generation_prompt=True)
     bos = getattr(tokenizer, "bos_token", None)
-    return text.removeprefix(bos) if bos else text
+    return text.removeprefix(bos) if bos and bos_ids(tokenizer) else text
 
 
 def training_text(name: str, symptoms: str, tokenizer=None, prompt_format: str = "plain") -> str:

@@ -469,8 +469,9 @@ def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
     theirs = json.loads(champion_tags["evaluation_key_json"])
     ours = json.loads(tags["evaluation_key_json"])
     differences = "; ".join(
-        f"{'split_seed' if name == 'seed' else name} {_short(theirs.get(name))} vs "
-        f"{_short(ours.get(name))}"
+        f"{'split_seed' if name == 'seed' else name} "
+        f"{_short(theirs.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))} vs "
+        f"{_short(ours.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))}"
         for name in KEY_PARAMS_BY_SELECTION[select_by] if theirs.get(name) != ours.get(name))
     if differences:
         return f"not compared: a different evaluation ({differences})" + hint

