@@ -36,6 +36,10 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
             torch.manual_seed(seed)
             wrapped = get_peft_model(model, config)
     except ValueError as error:
+        if modules != "all-linear":  # peft knows no default attention targets for it
+            raise MedLMError(f"--lora-modules {modules}: peft has no attention projections "
+                             f"on record for this {type(model).__name__} ({error}): expected "
+                             "--lora-modules all-linear") from None
         raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
                          f"{type(model).__name__} ({error}): expected a transformers causal LM "
                          "with linear projections") from None

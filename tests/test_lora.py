@@ -272,3 +272,24 @@ def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_c
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
+
+
+def test_attention_adapters_on_an_architecture_peft_has_no_targets_for_name_the_flag(
+        tiny_model):
+    """Before, --lora-modules attention on such a model failed with a --lora-rank message."""
+    from unittest import mock
+
+    from peft.utils import constants
+
+    from medlm.errors import MedLMError
+    from medlm.lora import add_lora
+
+    _, model = tiny_model
+    known = {name: targets for name, targets in
+             constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items()
+             if name != "gpt2"}
+    with mock.patch.dict(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, known,
+                         clear=True), pytest.raises(MedLMError) as error:
+        add_lora(model, 4, modules="attention")
+    assert str(error.value).startswith("--lora-modules attention: ")
+    assert "expected --lora-modules all-linear" in str(error.value)
