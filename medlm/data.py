@@ -19,6 +19,7 @@ from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError, first_line
 from medlm.prompts import bos_ids, prompt_for, training_text
+from medlm.tokens import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ class LanguageDataset(Dataset):
         self._cap = max_length
         self._encode(self._symptoms)
         if loss_on == "completion":
-            prompts = [self._prefix + ids for ids in _encode_batch(
+            prompts = [self._prefix + ids for ids in encode_texts(
                 tokenizer, [prompt_for(name, tokenizer, prompt_format) for name in self._names])]
             # The shared prefix, should a tokenizer merge across the "|" boundary.
             self.prompt_lengths = [_common_prefix(ids.tolist(), prompt) for ids, prompt in
@@ -375,7 +376,7 @@ class LanguageDataset(Dataset):
     def _encode(self, symptoms: list[str]) -> None:
         texts = [training_text(name, text, self._tokenizer, self._format) for name, text in
                  zip(self._names, symptoms, strict=True)]
-        encoded = [self._prefix + ids for ids in _encode_batch(self._tokenizer, texts)]
+        encoded = [self._prefix + ids for ids in encode_texts(self._tokenizer, texts)]
         eos = self._tokenizer.eos_token_id
         if self._cap is None:  # fixed by the first encoding: an epoch's order changes no cap
             self._cap = max((len(ids) + 1 for ids in encoded), default=1)
@@ -413,33 +414,6 @@ def _common_prefix(ids: list[int], prefix: list[int]) -> int:
             break
         length += 1
     return length
-
-
-def _encode_batch(tokenizer, texts: list[str],
-                  add_special_tokens: bool = False) -> list[list[int]]:
-    """Token ids of ``texts`` without special tokens, in one call.
-
-    A fast tokenizer's Rust backend is asked directly and without character offsets, which
-    nothing here needs (1.5x faster than ``tokenizer(texts)`` on this dataset, same ids).
-    """
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch_fast"):
-        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    # The backend keeps the padding/truncation of the tokenizer's last __call__ (say, a
-    # padding="max_length" elsewhere); switch them off for this call and put them back.
-    padding, truncation = backend.padding, backend.truncation
-    backend.no_padding()
-    backend.no_truncation()
-    try:
-        return [encoding.ids for encoding in
-                backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
-    finally:
-        if padding is not None:
-            backend.enable_padding(**padding)
-        if truncation is not None:
-            backend.enable_truncation(**truncation)
 
 
 class CausalLMCollator:

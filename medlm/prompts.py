@@ -18,6 +18,7 @@ model without one is plain.
 from __future__ import annotations
 
 from medlm.errors import MedLMError
+from medlm.tokens import encode_texts
 
 PROMPT_SEPARATOR = " | "
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -55,7 +56,7 @@ def bos_ids(tokenizer) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    ids = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
     return [bos] if ids and ids[0] == bos else []
 
 
