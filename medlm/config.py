@@ -63,7 +63,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar-length rows: far less padding
     loss_on: str = "full"  # "completion": the loss skips the prompt tokens
     # "plain": "Name | Symptoms" rows; "chat": the tokenizer's chat template, which scored a
-    # little higher on SmolLM2 but makes rows 2.2x as long (prompts.py); "auto": chat where
+    # little higher on SmolLM2 but makes rows 2.3x as long (prompts.py); "auto": chat where
     # the tokenizer has a template
     prompt_format: str = "plain"
     shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
