@@ -11,7 +11,8 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
     ``models:/NAME/latest``, a bare version), a logged model (``models:/m-MODEL_ID``), a run
     (``runs:/RUN_ID/model``), an MLflow model directory, a ``save_pretrained`` directory, a
     .gguf file or an offline base name."""
-    from medlm.modeling import ensure_pad_token, load_tokenizer_and_model
+    from medlm.modeling import load_tokenizer_and_model
+    from medlm.tokens import ensure_pad_token
     from medlm.tracking import load_logged_model, resolve_model_uri
 
     resolved = resolve_model_uri(model_uri, registered_model)

