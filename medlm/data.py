@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError, first_line
-from medlm.prompts import bos_ids, prompt_for, training_text
+from medlm.prompts import bos_ids, prompts_for, training_texts
 from medlm.tokens import encode_texts
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class LanguageDataset(Dataset):
         self._encode(self._symptoms)
         if loss_on == "completion":
             prompts = [self._prefix + ids for ids in encode_texts(
-                tokenizer, [prompt_for(name, tokenizer, prompt_format) for name in self._names])]
+                tokenizer, prompts_for(self._names, tokenizer, prompt_format))]
             # The shared prefix, should a tokenizer merge across the "|" boundary.
             self.prompt_lengths = [_common_prefix(ids.tolist(), prompt) for ids, prompt in
                                    zip(self.examples, prompts, strict=True)]
@@ -374,8 +374,7 @@ class LanguageDataset(Dataset):
                         self._cap)
 
     def _encode(self, symptoms: list[str]) -> None:
-        texts = [training_text(name, text, self._tokenizer, self._format) for name, text in
-                 zip(self._names, symptoms, strict=True)]
+        texts = training_texts(self._names, symptoms, self._tokenizer, self._format)
         encoded = [self._prefix + ids for ids in encode_texts(self._tokenizer, texts)]
         eos = self._tokenizer.eos_token_id
         if self._cap is None:  # fixed by the first encoding: an epoch's order changes no cap

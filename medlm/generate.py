@@ -8,7 +8,7 @@ import torch
 
 from medlm.errors import MedLMError
 from medlm.modeling import casts_cached
-from medlm.prompts import bos_ids, prompt_for, prompt_format_of
+from medlm.prompts import bos_ids, prompt_format_of, prompts_for
 
 
 @dataclass
@@ -91,8 +91,7 @@ def generate(model, tokenizer, diseases: list[str],
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
-    prompt_format = prompt_format_of(model)  # the one it was trained on
-    prompts = [prompt_for(name, tokenizer, prompt_format) for name in diseases]
+    prompts = prompts_for(diseases, tokenizer, prompt_format_of(model))  # as it was trained
     # (prompts, sequences per prompt) per call: several prompts with all their completions
     # (beam search: all their beams, kept together), or one prompt's completions in parts when
     # they alone exceed the bound

@@ -66,26 +66,36 @@ def _name(name: str) -> str:
     return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip()
 
 
-def prompt_for(name: str, tokenizer=None, prompt_format: str = "plain") -> str:
-    """What the model continues with the symptoms: ``"Name |"``, or the chat template's text up
-    to the assistant's turn. A template that starts with the beginning-of-text token's text
-    (Gemma's ``<bos>``) loses it where MedLM adds that token as an id (``bos_ids``); elsewhere
-    the text stays whole (SmolLM2's bos token is ``<|im_start|>``, its template's first word)."""
+def prompts_for(names: list[str], tokenizer=None, prompt_format: str = "plain") -> list[str]:
+    """What the model continues with the symptoms, per name: ``"Name |"``, or the chat
+    template's text up to the assistant's turn. A template that starts with the
+    beginning-of-text token's text (Gemma's ``<bos>``) loses it where MedLM adds that token as an
+    id (``bos_ids``, asked once for all names); elsewhere the text stays whole (SmolLM2's bos
+    token is ``<|im_start|>``, its template's first word)."""
     if prompt_format == "plain":
-        return _name(name) + PROMPT_SEPARATOR.rstrip()
+        return [_name(name) + PROMPT_SEPARATOR.rstrip() for name in names]
     if prompt_format != "chat":
         raise ValueError(f"unknown prompt format {prompt_format!r}")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _name(name)}],
-                                         tokenize=False, add_generation_prompt=True)
     bos = getattr(tokenizer, "bos_token", None)
-    return text.removeprefix(bos) if bos and bos_ids(tokenizer) else text
+    added_as_id = bos if bos and bos_ids(tokenizer) else ""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": _name(name)}],
+                                          tokenize=False, add_generation_prompt=True)
+            .removeprefix(added_as_id) for name in names]
 
 
-def training_text(name: str, symptoms: str, tokenizer=None, prompt_format: str = "plain") -> str:
-    """A training row's text (before its end-of-text token): the prompt, then the symptoms."""
+def prompt_for(name: str, tokenizer=None, prompt_format: str = "plain") -> str:
+    """One name's prompt (``prompts_for``)."""
+    return prompts_for([name], tokenizer, prompt_format)[0]
+
+
+def training_texts(names: list[str], symptoms: list[str], tokenizer=None,
+                   prompt_format: str = "plain") -> list[str]:
+    """Training rows' texts (before their end-of-text token): each prompt, then its symptoms."""
     if prompt_format == "plain":
-        return name + PROMPT_SEPARATOR + symptoms
-    return prompt_for(name, tokenizer, prompt_format) + symptoms
+        return [name + PROMPT_SEPARATOR + text
+                for name, text in zip(names, symptoms, strict=True)]
+    return [prompt + text for prompt, text in
+            zip(prompts_for(names, tokenizer, prompt_format), symptoms, strict=True)]
 
 
 def serving_template(tokenizer, prompt_format: str) -> str:

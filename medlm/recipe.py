@@ -194,7 +194,7 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     from medlm.generate import check_generation_length, encode_prompts
     from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
     from medlm.offline import resolve_base_name
-    from medlm.prompts import prompt_for, resolve_prompt_format
+    from medlm.prompts import prompts_for, resolve_prompt_format
 
     resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
     if config.system_metrics:
@@ -217,8 +217,7 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
         # as generate() encodes them: the longest, with its beginning-of-text token if any
-        encoded = encode_prompts(tokenizer, [prompt_for(name, tokenizer, prompt_format)
-                                             for name in prompts])
+        encoded = encode_prompts(tokenizer, prompts_for(prompts, tokenizer, prompt_format))
         check_generation_length(model, encoded["input_ids"].shape[1], config.max_new_tokens)
     return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 

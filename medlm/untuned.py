@@ -43,15 +43,13 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
     from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
     from medlm.modeling import tokenizer_sha256
     from medlm.offline import RANDOM_WEIGHTS_MARK
-    from medlm.prompts import PROMPT_FORMAT_ATTRIBUTE, prompt_for, prompt_format_of
+    from medlm.prompts import PROMPT_FORMAT_ATTRIBUTE, prompt_format_of, prompts_for
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA's
     config = {key: value for key, value in base.config.to_diff_dict().items()  # the format is
               if key not in ("_name_or_path", "transformers_version", RANDOM_WEIGHTS_MARK,
                              PROMPT_FORMAT_ATTRIBUTE)}  # in the prompts' ids
-    prompt_format = prompt_format_of(model)
-    prompts = encode_prompts(tokenizer, [prompt_for(name, tokenizer, prompt_format)
-                                         for name in names])
+    prompts = encode_prompts(tokenizer, prompts_for(names, tokenizer, prompt_format_of(model)))
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False,
                                   repetition_penalty=SCORING_REPETITION_PENALTY)
     parts = {"format": FORMAT, "class": type(base).__name__, "config": config,
