@@ -1,0 +1,64 @@
+"""The safety net for refactors: a short run of a tiny random GPT-2 through the whole recipe (the
+data, split, tokenization, batches, schedule, loop and logging the main command uses) must log
+the same per-epoch losses and scores as when they were pinned, to 1e-5.
+
+A change that moves any of them on purpose (a new default, another tokenization) updates the
+pins in the same commit, and says why: run this file with ``MEDLM_PRINT_PINS=1 -s`` to print
+the new ones. A refactor that moves them is a bug.
+
+The runs are fp32 on the CPU (never bf16 autocast, which an AVX512-BF16 machine would choose), so
+the pins hold on every CPU kind: their kernels sum in other orders, which moves these losses by
+about 1e-7 (checked with ``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``, the portable
+kernels, against this machine's AVX512 ones).
+"""
+
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from medlm.config import TrainConfig
+from medlm.recipe import prepare, train_and_register
+
+# per-epoch training and validation losses, and the no-model answers' scores, of each run
+PINS = {
+    "full fine-tuning": {"training_loss": [10.679686090818903, 8.722284930781024],
+                         "validation_loss": [9.663361080109127, 8.770533970424108]},
+    "lora": {"training_loss": [10.825890743371213, 10.658871781430376],
+             "validation_loss": [10.690233018663195, 10.635228717137897]},
+}
+BASELINE_SCORES = {
+    "baseline_constant_symptom_precision": 0.125,
+    "baseline_constant_symptom_recall": 0.18518518518518517,
+    "baseline_constant_symptom_f1": 0.14925373134328357,
+    "baseline_constant_word_f1": 0.15730337078651688,
+    "baseline_lookup_symptom_precision": 0.13157894736842105,
+    "baseline_lookup_symptom_recall": 0.18518518518518517,
+    "baseline_lookup_symptom_f1": 0.15384615384615383,
+    "baseline_lookup_word_f1": 0.1978021978021978,
+}
+SETTINGS = {
+    "full fine-tuning": {},  # the default on a random base: every weight
+    "lora": {"lora_rank": 4},  # the default's path on a pretrained base (here a random one)
+}
+
+
+def test_short_runs_log_their_pinned_losses_and_scores(tiny_model_dir, dataset_csv, mlflow_home):
+    client, logged, scores = MlflowClient(), {}, {}
+    for name, settings in SETTINGS.items():
+        config = TrainConfig.from_recipe(
+            "default", model=str(tiny_model_dir), dataset=str(dataset_csv), max_samples=40,
+            epochs=2, lr=1e-2, warmup_steps=2, seed=0, precision="fp32", device="cpu",
+            register=False, symptom_eval=False, system_metrics=False, progress=False,
+            sample_prompts=[], num_validation_samples=0, run_name=name, **settings)
+        run_id = train_and_register(config, prepare(config))["run_id"]
+        logged[name] = {key: [m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                      key=lambda m: m.step)]
+                        for key in ("training_loss", "validation_loss")}
+        scores[name] = {key: value for key, value in client.get_run(run_id).data.metrics.items()
+                        if key.startswith("baseline_")}
+    if os.environ.get("MEDLM_PRINT_PINS"):
+        print(f"\nPINS = {logged}\nBASELINE_SCORES = {scores['lora']}")
+    assert logged == {name: {key: pytest.approx(values, rel=1e-5) for key, values in pins.items()}
+                      for name, pins in PINS.items()}
+    assert scores == {name: pytest.approx(BASELINE_SCORES, rel=1e-5) for name in SETTINGS}
