@@ -64,7 +64,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--consensus", type=at_least_two, default=None, metavar="N",
                         help="consensus decoding: each disease's greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name "
-                             "(experiments/README.md measures 5)")
+                             "(experiments/RESULTS.md measures 5)")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
     add_model_arguments(parser)

@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
                         help="one answer per disease: its greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name (the "
                              "samples' own settings, not the flags above; 5 scores best, "
-                             "experiments/README.md)")
+                             "experiments/RESULTS.md)")
     add_model_arguments(parser)
     return parser
 

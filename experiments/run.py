@@ -83,7 +83,7 @@ def build_parser() -> ArgumentParser:
                        help="auto: bf16 autocast where the hardware has it (fp16 + GradScaler "
                             "on older GPUs), else fp32")
     train = parser.add_argument_group(
-        "training (defaults: the best recipe measured, experiments/README.md)")
+        "training (defaults: the best recipe measured, experiments/RESULTS.md)")
     train.add_argument("--recipe", choices=tuple(RECIPES), default=defaults.recipe,
                        help="a named set of the defaults below; flags given beside it win. "
                             "seed-notebook: the seed notebook's settings (full fine-tuning, "

@@ -1,5 +1,5 @@
 """Every knob of a training run, in one place. The defaults are the best recipe measured
-(``--recipe default``, experiments/README.md); ``RECIPES`` holds the alternatives as overrides of
+(``--recipe default``, experiments/RESULTS.md); ``RECIPES`` holds the alternatives as overrides of
 them, such as the seed notebook's settings."""
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ phrases as the symptom score splits them; phrases that name the same symptom
 (``phrases_match``) across answers form one group. A group that at least ``min_votes`` answers
 contain is kept, written as its most frequent wording, in the order of its mean relative
 position in the answers. A symptom one lucky sample names is dropped; a symptom several name
-is kept once. (experiments/README.md has the measurements: 5 voters, at least 2 agreeing.)
+is kept once. (experiments/RESULTS.md, "Consensus decoding", has the measurements: 5 voters,
+at least 2 agreeing.)
 """
 
 from __future__ import annotations

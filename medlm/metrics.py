@@ -205,8 +205,8 @@ def score_answers(answers: Sequence[str], frame):
 
 
 # Greedy answers for scoring: no repetition penalty. The seed's 1.2 penalises every token
-# already written, commas included, which is the separator the metric splits on (README,
-# "Symptom scores", has the measurement).
+# already written, commas included, which is the separator the metric splits on (experiments/
+# RESULTS.md, "Repetition penalty of the scored answers", has the measurement).
 SCORING_REPETITION_PENALTY = 1.0
 
 

@@ -293,7 +293,7 @@ def cuda_supports_bf16() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-# What emulated bf16 costs on a CPU without it (measured; see README, Precision).
+# What emulated bf16 costs on a CPU without it (measured; see experiments/README.md, Precision).
 CPU_EMULATED_BF16 = ("one distilgpt2 training step of 8x53 tokens took 187 s in bf16 autocast "
                      "against 4 s in fp32 on an AVX2-only AMD EPYC")
 
@@ -303,8 +303,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
 
     CUDA: bf16 where the GPU has it natively, else fp16 with a GradScaler. CPU: bf16 where the
     CPU has native bf16 (measured ~1.5x faster per epoch than fp32 for distilgpt2 on an
-    AVX512-BF16 CPU, same validation loss; see README), else fp32. MPS: fp32. The hardware is
-    asked through torch's own queries, so tests patch those, not an argument.
+    AVX512-BF16 CPU, same validation loss; experiments/README.md, Precision), else fp32. MPS:
+    fp32. The hardware is asked through torch's own queries, so tests patch those, not an argument.
     """
     device_type = torch.device(device).type
     if device_type == "cuda":

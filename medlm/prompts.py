@@ -7,7 +7,7 @@
   held-out symptom F1 and +0.031 word F1 over plain (paired, two split seeds x two training
   seeds), but its rows are 2.3x as long (52.6 tokens against 23.2 on average: 21 of the 30 the
   template adds are its system turn), so each epoch trains on 2.3x the tokens; plain stays the
-  default (experiments/README.md).
+  default (experiments/RESULTS.md).
 - ``auto``: ``chat`` for a tokenizer that has a chat template, ``plain`` for one that has none
   (distilgpt2, the Gemma 3 270M base).
 

@@ -11,6 +11,7 @@ The MLflow calls are in ``medlm.tracking``; the loop (``medlm.train``) imports n
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -53,6 +54,22 @@ class EpochReport:
         self.untuned: dict[str, float] = {}
         self._table = None
         self._merged = None  # the epoch's answering model, made by score, used by the samples
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, prepared: Prepared, parts: _RunParts,
+                tracker) -> EpochReport:
+        """The report of one run: its samples are ``config.sample_prompts`` and the first
+        ``config.num_validation_samples`` held-out diseases."""
+        from medlm.metrics import references_by_disease
+        from medlm.modeling import describe_device
+
+        prompts = list(dict.fromkeys(
+            config.sample_prompts + parts.validation_names[:config.num_validation_samples]))
+        references = {key: symptoms for key, (_, symptoms) in
+                      references_by_disease(prepared.data.frame).items()}
+        return cls(prepared.tokenizer, prompts, references, parts.settings, tracker,
+                   prepared.split, parts.baselines, prepared.stopwatch, prepared.precision,
+                   describe_device(prepared.device))
 
     def score(self, model) -> dict[str, float]:
         from medlm.lora import merged_copy
@@ -222,54 +239,43 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 
 
-def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
-                       resume_run_id: str | None = None,
-                       started: Callable[[str], None] | None = None) -> dict:
-    """One training run in MLflow, from prepared inputs to a registered model version; with
-    ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
-    run id as soon as there is one (a sweep records which child is in progress)."""
+@dataclass
+class _RunParts:
+    """What one run trains and scores, made from the prepared inputs and the resolved config."""
+
+    model: torch.nn.Module  # the base, with LoRA adapters where the config asks for them
+    train_set: object  # medlm.data.LanguageDataset
+    validation_set: object
+    train_loader: object  # torch DataLoader
+    validation_loader: object
+    settings: object  # medlm.generate.GenerationSettings of the samples
+    base_parameters: int | None  # with LoRA: the base's count, the model registered
+    baselines: dict
+    validation_names: list[str]  # one per held-out disease, as the data spells it
+
+
+def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
     from medlm import distributed
-    from medlm.checkpoint import has_checkpoint, logged_epoch, saved_epochs
     from medlm.data import LanguageDataset, make_loader
     from medlm.generate import GenerationSettings
-    from medlm.lora import merge_lora, trainable_parameters
-    from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
-    from medlm.modeling import (
-        count_parameters,
-        describe_device,
-        effective_max_length,
-        tokenizer_sha256,
-    )
-    from medlm.offline import forget_random_weights
-    from medlm.prompts import resolve_prompt_format, set_prompt_format
-    from medlm.timing import describe as describe_time
-    from medlm.tracking import MlflowTracker, library_versions, logged_metrics
-    from medlm.train import EpochResult, NonFiniteLossError, fit, noisy_embeddings
+    from medlm.metrics import baseline_scores
+    from medlm.modeling import count_parameters, effective_max_length
 
-    data, split, device, precision = (prepared.data, prepared.split, prepared.device,
-                                      prepared.precision)
-    tokenizer, model, stopwatch = prepared.tokenizer, prepared.model, prepared.stopwatch
-    config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
-        config.prompt_format, tokenizer, config.model))
-    set_prompt_format(model, config.prompt_format)  # generation, scoring and serving read it
+    tokenizer, split, model = prepared.tokenizer, prepared.split, prepared.model
     max_length = effective_max_length(config.max_length, model)
-    with stopwatch.phase("tokenization"):
+    with prepared.stopwatch.phase("tokenization"):
         train_set = LanguageDataset(split.train, tokenizer, max_length, config.loss_on,
                                     config.seed if config.shuffle_symptoms else None,
                                     config.prompt_format)
         validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on,
                                          prompt_format=config.prompt_format)
-    main_process, world_size = distributed.is_main(), distributed.world_size()
-    shard = {"shard": distributed.rank(), "num_shards": world_size}
-    pin_memory = device.type == "cuda"
-    train_loader = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
-                               seed=config.seed, pin_memory=pin_memory,
-                               group_by_length=config.group_by_length, loss_on=config.loss_on,
-                               **shard)
-    validation_loader = make_loader(validation_set, config.batch_size, tokenizer.pad_token_id,
-                                    train=False, pin_memory=pin_memory, loss_on=config.loss_on,
-                                    **shard)
-
+    loader = functools.partial(make_loader, batch_size=config.batch_size,
+                               pad_token_id=tokenizer.pad_token_id,
+                               pin_memory=prepared.device.type == "cuda", loss_on=config.loss_on,
+                               shard=distributed.rank(), num_shards=distributed.world_size())
+    train_loader = loader(train_set, train=True, seed=config.seed,
+                          group_by_length=config.group_by_length)
+    validation_loader = loader(validation_set, train=False)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
     model.generation_config = settings.to_generation_config(tokenizer)
     base_parameters = None
@@ -277,36 +283,36 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         from medlm.lora import add_lora
 
         base_parameters = count_parameters(model)
-        with stopwatch.phase("startup"):
+        with prepared.stopwatch.phase("startup"):
             model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
                              config.seed, config.lora_modules)
-    validation_names = split.validation["Name"].drop_duplicates()
-    prompts = list(dict.fromkeys(
-        config.sample_prompts + validation_names.head(config.num_validation_samples).tolist()))
-    references = {key: symptoms for key, (_, symptoms) in
-                  references_by_disease(data.frame).items()}
-    with stopwatch.phase("scoring"):
+    with prepared.stopwatch.phase("scoring"):
         baselines = baseline_scores(split.train, split.validation)
+    return _RunParts(model, train_set, validation_set, train_loader, validation_loader, settings,
+                     base_parameters, baselines,
+                     split.validation["Name"].drop_duplicates().tolist())
 
-    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
-             "diseases; %d names grouped with a variant so that none is on both sides); %s on "
-             "%s (%s)%s", config.dataset, len(data.frame), data.dropped_rows, len(train_set),
-             len(validation_set), validation_names.str.casefold().nunique(),
-             split.grouped_names, config.model, describe_device(device), precision.name,
-             f", {world_size} processes" if world_size > 1 else "")
-    tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
-                            transformer=config.model, gpu=describe_device(device),
-                            batch_size=config.batch_size, select_by=config.select_by,
-                            system_metrics=config.system_metrics)
-    params = {
+
+def _run_params(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> dict:
+    """The run's MLflow params: every setting, and what the data, split, tokenizer, device and
+    libraries were."""
+    from medlm import distributed
+    from medlm.lora import trainable_parameters
+    from medlm.metrics import METRIC_VERSION
+    from medlm.modeling import count_parameters, describe_device, tokenizer_sha256
+    from medlm.tracking import library_versions
+
+    data, split, device = prepared.data, prepared.split, prepared.device
+    train_set, validation_set = parts.train_set, parts.validation_set
+    return {
         **config.to_params(),
-        "num_parameters": base_parameters or count_parameters(model),  # the model registered
-        "trainable_parameters": trainable_parameters(model),
+        "num_parameters": parts.base_parameters or count_parameters(parts.model),
+        "trainable_parameters": trainable_parameters(parts.model),
         "dataset_source": data.source,
         "dataset_path": data.path,  # what experiments.evaluate reads from any directory
         "dataset_file_sha256": data.file_sha256,
         "dataset_content_sha256": data.content_sha256,
-        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(prepared.tokenizer),
         "metric_version": METRIC_VERSION,
         "rows_read": data.raw_rows,
         "rows_dropped": data.dropped_rows,
@@ -319,10 +325,129 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         "max_length_effective": max(train_set.max_length, validation_set.max_length),
         "device_type": device.type,
         "device_name": describe_device(device),
-        "precision_effective": precision.name,
-        "world_size": world_size,
+        "precision_effective": prepared.precision.name,
+        "world_size": distributed.world_size(),
         **library_versions(),
     }
+
+
+def _log_start(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> None:
+    from medlm import distributed
+    from medlm.modeling import describe_device
+
+    data, world_size = prepared.data, distributed.world_size()
+    log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
+             "diseases; %d names grouped with a variant so that none is on both sides); %s on "
+             "%s (%s)%s", config.dataset, len(data.frame), data.dropped_rows,
+             len(parts.train_set), len(parts.validation_set),
+             len({name.casefold() for name in parts.validation_names}),
+             prepared.split.grouped_names, config.model, describe_device(prepared.device),
+             prepared.precision.name, f", {world_size} processes" if world_size > 1 else "")
+
+
+def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker,
+               report: EpochReport, checkpoint: Path, resume_run_id: str | None) -> None:
+    """On the main process: a new run's checkpoint directory, datasets, baselines and untuned
+    scores; a resumed run's epochs and untuned scores read back."""
+    from medlm.checkpoint import logged_epoch, saved_epochs
+    from medlm.tracking import logged_metrics
+    from medlm.train import EpochResult
+
+    if resume_run_id:
+        saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
+        tracker.epochs = [EpochResult(**values) for values in saved if values["epoch"] <= logged]
+        report.untuned = logged_metrics(resume_run_id, "untuned_")
+        log.info("resuming after epoch %d from %s%s", len(saved), checkpoint,
+                 f" (epoch {len(saved)} was not fully logged: logging it now)"
+                 if logged < len(saved) else "")
+        return
+    data, split, stopwatch = prepared.data, prepared.split, prepared.stopwatch
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
+    with stopwatch.phase("logging"):
+        tracker.log_datasets(split.train, split.validation, data.source)
+        tracker.log_baselines(parts.baselines)
+    for name, (_, scores) in parts.baselines.items():
+        log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
+                 scores.symptom.f1, scores.word.f1)
+    if config.symptom_eval:
+        parts.model.to(prepared.device)
+        with stopwatch.phase("scoring"):
+            report.score_untuned(parts.model)
+        tracker.log_untuned(report.untuned)
+
+
+def _say_how_to_resume(nested: bool, checkpoint: Path, run_id: str, config: TrainConfig) -> None:
+    from medlm import distributed
+    from medlm.checkpoint import has_checkpoint
+
+    if nested:
+        return  # the sweep says how to resume it as a whole
+    if has_checkpoint(checkpoint):
+        log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: %s",
+                    checkpoint, resume_command(run_id, config.checkpoint_dir,
+                                               distributed.world_size()))
+    else:
+        log.warning("stopped before the first epoch ended: nothing to resume")
+
+
+def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: EpochReport) -> None:
+    """Where no epoch was scored as it ended: the kept one, now."""
+    from medlm import distributed
+
+    if config.symptom_eval and not best.scores:
+        with stopwatch.phase("scoring"):
+            if distributed.is_main():
+                report.score_best(model, best)
+            best.scores = distributed.broadcast_object(best.scores)
+
+
+def _log_model(config: TrainConfig, prepared: Prepared, model, best, tracker,
+               params: dict) -> tuple[str | None, str]:
+    """The kept epoch's model logged, and registered unless told not to: returns (version or
+    None, the champion rule's verdict)."""
+    from medlm import distributed
+    from medlm.offline import base_licence, forget_random_weights
+
+    main_process = distributed.is_main()
+    version, verdict = None, "not registered (--no-register)"
+    with prepared.stopwatch.phase("model_logging"):
+        forget_random_weights(model)  # trained now: a later run may put LoRA on it
+        if main_process and not config.register:
+            tracker.log_best(best)
+        elif main_process:
+            version, verdict = tracker.log_and_register_model(
+                model, prepared.tokenizer, best, params, config.select_by,
+                promote=config.promote, licence=base_licence(config.model))
+    return version, verdict
+
+
+def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
+                       resume_run_id: str | None = None,
+                       started: Callable[[str], None] | None = None) -> dict:
+    """One training run in MLflow, from prepared inputs to a registered model version; with
+    ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
+    run id as soon as there is one (a sweep records which child is in progress)."""
+    from medlm import distributed
+    from medlm.lora import merge_lora
+    from medlm.modeling import describe_device
+    from medlm.prompts import resolve_prompt_format, set_prompt_format
+    from medlm.timing import describe as describe_time
+    from medlm.tracking import MlflowTracker
+    from medlm.train import NonFiniteLossError, fit, noisy_embeddings
+
+    stopwatch, device, main_process = prepared.stopwatch, prepared.device, distributed.is_main()
+    config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
+        config.prompt_format, prepared.tokenizer, config.model))
+    set_prompt_format(prepared.model, config.prompt_format)  # generation, scoring, serving
+    parts = _run_parts(config, prepared)
+    _log_start(config, prepared, parts)
+    tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
+                            transformer=config.model, gpu=describe_device(device),
+                            batch_size=config.batch_size, select_by=config.select_by,
+                            system_metrics=config.system_metrics)
+    params = _run_params(config, prepared, parts)
     # Only the main process talks to MLflow and writes files; the others learn the run id.
     run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id) if main_process
            else contextlib.nullcontext(resume_run_id))
@@ -334,85 +459,41 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         if started:
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
-        report = EpochReport(tokenizer, prompts, references, settings, tracker, split, baselines,
-                             stopwatch, precision, describe_device(device))
-        # every epoch is scored only where the selection needs it (or it is asked for); else the
-        # best epoch alone, after training
+        report = EpochReport.for_run(config, prepared, parts, tracker)
+        timer = TimeReport(stopwatch, tracker)
+        # every epoch is scored where the selection needs it (or it is asked for); else the
+        # kept epoch alone, after training
         score_epochs = config.symptom_eval and (config.score_every_epoch
                                                 or config.select_by == "symptom_f1")
-        timer = TimeReport(stopwatch, tracker)
         try:
-            if resume_run_id and main_process:
-                saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
-                tracker.epochs = [EpochResult(**values) for values in saved
-                                  if values["epoch"] <= logged]
-                report.untuned = logged_metrics(run_id, "untuned_")
-                log.info("resuming after epoch %d from %s%s", len(saved), checkpoint,
-                         f" (epoch {len(saved)} was not fully logged: logging it now)"
-                         if logged < len(saved) else "")
-            elif main_process:
-                checkpoint.mkdir(parents=True, exist_ok=True)
-                (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
-                (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
-                with stopwatch.phase("logging"):
-                    tracker.log_datasets(split.train, split.validation, data.source)
-                    tracker.log_baselines(baselines)
-                for name, (_, scores) in baselines.items():
-                    log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
-                             scores.symptom.f1, scores.word.f1)
-                if config.symptom_eval:
-                    model.to(device)
-                    with stopwatch.phase("scoring"):
-                        report.score_untuned(model)
-                    tracker.log_untuned(report.untuned)
+            if main_process:
+                _begin_run(config, prepared, parts, tracker, report, checkpoint, resume_run_id)
             if main_process and not resume_run_id:
                 timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
             else:
                 stopwatch.lap()  # a resumed run's epochs from here on
-            with noisy_embeddings(model, config.neftune_alpha):
-                result = fit(model, train_loader, validation_loader, config, device, precision,
-                             callbacks=[tracker, report, timer], checkpoint_dir=str(checkpoint),
-                             resume=bool(resume_run_id),
+            with noisy_embeddings(parts.model, config.neftune_alpha):
+                result = fit(parts.model, parts.train_loader, parts.validation_loader, config,
+                             device, prepared.precision, callbacks=[tracker, report, timer],
+                             checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
                              scorer=report.score if score_epochs else None,
                              stopwatch=stopwatch)
         except KeyboardInterrupt:
-            if nested:
-                pass  # the sweep says how to resume it as a whole
-            elif has_checkpoint(checkpoint):
-                log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
-                            "with: %s", checkpoint,
-                            resume_command(run_id, config.checkpoint_dir, world_size))
-            else:
-                log.warning("stopped before the first epoch ended: nothing to resume")
+            _say_how_to_resume(nested, checkpoint, run_id, config)
             raise
         except NonFiniteLossError as error:
             error.run_id = run_id  # a sweep records which child diverged
             raise
         best = result.best
         with stopwatch.phase("model_logging"):
-            model = merge_lora(model)  # LoRA: folded into the base, a plain model from here on
-        if config.symptom_eval and not best.scores:
-            with stopwatch.phase("scoring"):
-                if main_process:
-                    report.score_best(model, best)
-                best.scores = distributed.broadcast_object(best.scores)
-        summary = (f"validation loss {best.validation_loss:.4f}"
-                   + (f", {report.compared(best.scores)}" if best.scores else ""))
-        log.info("best epoch %d by %s: %s%s (%d held-out diseases)", best.epoch,
-                 config.select_by, summary, " (stopped early)" if result.stopped_early else "",
-                 validation_names.str.casefold().nunique())
-        version, verdict = None, "not registered (--no-register)"
-        with stopwatch.phase("model_logging"):
-            forget_random_weights(model)  # trained now: a later run may put LoRA on it
-            if main_process:
-                if not config.register:
-                    tracker.log_best(best)
-                else:
-                    from medlm.offline import base_licence
-
-                    version, verdict = tracker.log_and_register_model(
-                        model, tokenizer, best, params, config.select_by,
-                        promote=config.promote, licence=base_licence(config.model))
+            model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
+        _score_kept_epoch(config, stopwatch, model, best, report)
+        log.info("best epoch %d by %s: validation loss %.4f%s%s (%d held-out diseases)",
+                 best.epoch, config.select_by, best.validation_loss,
+                 f", {report.compared(best.scores)}" if best.scores else "",
+                 " (stopped early)" if result.stopped_early else "",
+                 len({name.casefold() for name in parts.validation_names}))
+        version, verdict = _log_model(config, prepared, model, best, tracker, params)
         if main_process:
             split_seconds = stopwatch.split()
             try:  # telemetry: its failure must not fail a run that has its model

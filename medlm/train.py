@@ -299,6 +299,190 @@ class StepCurve:
                 "real_tokens": self.real_tokens, "seconds": self.seconds}
 
 
+@dataclass
+class _EpochTotals:
+    """One epoch's training figures, summed over every process under torchrun."""
+
+    loss: float  # mean per predicted token
+    seconds: float  # the slowest process's
+    samples: int
+    real_tokens: int
+
+    def result(self, epoch: int, validation_loss: float, seconds: float,
+               learning_rate: float) -> EpochResult:
+        return EpochResult(
+            epoch=epoch, training_loss=self.loss, validation_loss=validation_loss,
+            validation_perplexity=math.exp(min(validation_loss, 700.0)),
+            epoch_duration_sec=seconds, train_samples_per_sec=self.samples / self.seconds,
+            train_tokens_per_sec=self.real_tokens / self.seconds, learning_rate=learning_rate)
+
+
+def _scores(scorer: Scorer, model) -> dict[str, float]:
+    """The main process's scores of ``model``, on every process."""
+    scores = scorer(model) if distributed.is_main() else None
+    return distributed.broadcast_object(
+        None if scores is None else {name: float(v) for name, v in scores.items()})
+
+
+@dataclass
+class _Loop:
+    """The state a checkpoint saves beside the weights, and a resume restores."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    result: FitResult
+    steps_per_epoch: int
+    generator: torch.Generator | None  # the training batches' shuffle
+    frozen: str | None = None  # frozen_sha256 of a LoRA base, which the checkpoint lacks
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's trained weights
+    epochs_without_improvement: int = 0
+    step_interval: dict | None = None  # StepCurve's state at the checkpoint
+
+    def restore(self, checkpoint_dir: str, model, device: torch.device,
+                precision: Precision, patience: int) -> None:
+        from medlm.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint_dir, model, distributed.rank(),
+                                distributed.world_size())
+        if state.get("frozen_sha256") not in (None, self.frozen):
+            raise MedLMError(f"the checkpoint in {checkpoint_dir!r} was trained on other frozen "
+                             "base weights than the model loaded now (its file or Hub "
+                             "revision changed): expected the base the run started from")
+        model.to(device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
+            self.scaler.load_state_dict(state["scaler"])
+        self.result.epochs = [EpochResult(**values) for values in state["epochs"]]
+        self.best_state = state["best_state"]  # None on the other processes
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+        if self.generator is not None and "generator" in state["loader"]:
+            self.generator.set_state(state["loader"]["generator"])
+        self.step_interval = state.get("step_interval")
+        if state.get("precision") not in (None, precision.name):
+            log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
+                        "(another machine): the losses from here on are not bit-for-bit "
+                        "those of an uninterrupted run", precision.name, device.type,
+                        state["precision"])
+        if patience and self.epochs_without_improvement >= patience:
+            self.result.stopped_early = True  # it had stopped early before it was interrupted
+
+    def keep_if_best(self, epoch_result: EpochResult, model, select_by: str) -> None:
+        """Mark the epoch best (and copy its weights to the host, on the main process, which
+        alone logs the model) or count it as one more without improvement."""
+        from medlm.checkpoint import trained_weights
+
+        value = epoch_result.selection_value(select_by)
+        result = self.result
+        if not result.epochs or value < result.best.selection_value(select_by):
+            epoch_result.is_best = True
+            if distributed.is_main():
+                self.best_state = {key: weight.to("cpu", copy=True)
+                                   for key, weight in trained_weights(model).items()}
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        result.epochs.append(epoch_result)
+
+    def finish_checkpoint(self, writer, curve: StepCurve, precision: Precision) -> None:
+        """The epoch's checkpoint made whole (``writer`` began it: on the main process only)."""
+        from medlm.checkpoint import rng_state
+
+        rng_states = distributed.gather_objects(rng_state())
+        if writer is None:
+            return
+        writer.finish(scheduler=self.scheduler, scaler=self.scaler, epochs=self.result.epochs,
+                      best_state=self.best_state,
+                      epochs_without_improvement=self.epochs_without_improvement,
+                      loader_state={"generator": self.generator.get_state()}
+                      if self.generator is not None else {},
+                      rng_states=rng_states, precision=precision.name,
+                      step_interval=curve.state(), best_is_current=self.result.epochs[-1].is_best,
+                      frozen=self.frozen)
+
+
+def _start_loop(model, train_loader: DataLoader, config: TrainConfig, device: torch.device,
+                precision: Precision, checkpoint_dir: str | None, resume: bool) -> _Loop:
+    from medlm.checkpoint import frozen_sha256
+
+    optimizer = make_optimizer(model, config, device)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    fingerprint = checkpoint_dir and (distributed.is_main() or resume)
+    return _Loop(optimizer, make_scheduler(optimizer, config, steps_per_epoch * config.epochs),
+                 precision.grad_scaler(), FitResult(select_by=config.select_by), steps_per_epoch,
+                 getattr(train_loader, "generator", None),
+                 frozen_sha256(model) if fingerprint else None)
+
+
+def _replay_unlogged_epoch(checkpoint_dir: str, model, loop: _Loop,
+                           callbacks: Sequence[Callback]) -> None:
+    """Killed after the checkpoint, before the epoch's callbacks finished: produce what they
+    log now, from the checkpointed weights (callbacks may skip what is there)."""
+    from medlm.checkpoint import logged_epoch, mark_logged
+
+    epochs = loop.result.epochs
+    if epochs and logged_epoch(checkpoint_dir) < epochs[-1].epoch:
+        for callback in callbacks:
+            getattr(callback, "on_epoch_replay", callback.on_epoch_end)(model, epochs[-1])
+        mark_logged(checkpoint_dir, epochs[-1].epoch)
+
+
+def _train_epoch(trained, loader: DataLoader, loop: _Loop, config: TrainConfig, epoch: int,
+                 precision: Precision, device: torch.device, curve: StepCurve,
+                 progress: bool) -> _EpochTotals:
+    """One pass over ``loader``, an optimizer step per ``config.grad_accum`` batches."""
+    for epoch_aware in (loader.batch_sampler, loader.dataset):
+        if hasattr(epoch_aware, "set_epoch"):  # the epoch's batches; its symptom orders
+            epoch_aware.set_epoch(epoch - 1)
+    started = time.perf_counter()
+    trained.train()
+    loss_sum = torch.zeros((), device=device)
+    tokens = real_tokens = samples = step = 0
+    curve.start_timer()
+    with _bar(len(loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
+        for window in _windows(loader, config.grad_accum):
+            window_loss_sum, window_tokens, grad_norm = train_step(
+                trained, window, loop.optimizer, loop.scaler, loop.scheduler, precision, device,
+                config.max_grad_norm, config.label_smoothing)
+            loss_sum += window_loss_sum
+            tokens += window_tokens
+            samples += sum(len(batch["input_ids"]) for batch in window)
+            window_real_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
+            real_tokens += window_real_tokens
+            bar.update(len(window))
+            step += 1
+            if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
+            curve.add((epoch - 1) * loop.steps_per_epoch + step, window_loss_sum,
+                      window_tokens, window_real_tokens, loop.scheduler.get_last_lr()[0],
+                      grad_norm)
+    curve.stop_timer()
+    totals = _EpochTotals(loss_sum.item() / max(tokens, 1), time.perf_counter() - started,
+                          samples, real_tokens)
+    if distributed.world_size() > 1:
+        loss_sum_all, tokens, totals.samples, totals.real_tokens = (
+            distributed.all_reduce_numbers([loss_sum.item(), tokens, samples, real_tokens],
+                                           device))
+        totals.loss = loss_sum_all / max(tokens, 1)
+        (totals.seconds,) = distributed.all_reduce_numbers([totals.seconds], device, "max")
+    if not math.isfinite(totals.loss):
+        raise NonFiniteLossError(
+            f"training loss became {totals.loss} in epoch {epoch}: expected a finite loss "
+            f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
+    return totals
+
+
+def _wrapped(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What trains: the model, or under torchrun its DistributedDataParallel wrapper."""
+    if distributed.world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def fit(
     model: torch.nn.Module,
     train_loader: DataLoader,
@@ -322,183 +506,63 @@ def fit(
 
     With ``checkpoint_dir``, the training state is saved there after every epoch (before the
     callbacks run; the weights training changes, not a frozen LoRA base); with ``resume``,
-    training continues from that checkpoint and ends with the same losses as an uninterrupted
-    run.
+    training continues from it and ends with the losses of an uninterrupted run.
 
-    Under torchrun (a process group with several processes, see ``medlm.distributed``) each
-    process passes loaders built with its own ``shard``: the model is wrapped in
-    DistributedDataParallel, losses and throughput are summed over all processes, and only rank
-    0 shows progress, writes the checkpoint and calls the callbacks.
-
-    ``stopwatch`` (default: a new one) is told where the time goes: training steps,
-    validation, scoring, checkpoint writes, and the callbacks (``logging``, unless they time
-    themselves as another phase).
+    Under torchrun (``medlm.distributed``) each process passes loaders built with its own
+    ``shard``: the model is wrapped in DistributedDataParallel, losses and throughput are summed
+    over all processes, and rank 0 alone shows progress, checkpoints and calls the callbacks.
+    ``stopwatch`` is told where the time goes (``logging``: the callbacks).
     """
-    from medlm.checkpoint import (
-        CheckpointWriter,
-        frozen_sha256,
-        load_checkpoint,
-        load_trained_weights,
-        logged_epoch,
-        mark_logged,
-        rng_state,
-        trained_weights,
-    )
+    from medlm.checkpoint import CheckpointWriter, load_trained_weights, mark_logged
 
     if config.select_by != "validation_loss" and scorer is None:
         raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
     stopwatch = stopwatch or Stopwatch()
-    rank, world_size = distributed.rank(), distributed.world_size()
-    main_process = rank == 0
+    main_process = distributed.is_main()
     progress = config.progress and main_process
-    torch.manual_seed(config.seed + rank)  # each process its own dropout masks
+    torch.manual_seed(config.seed + distributed.rank())  # each process its own dropout masks
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, config, device)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
-    scaler = precision.grad_scaler()
-    result = FitResult(select_by=config.select_by)
-    best_state: dict[str, torch.Tensor] | None = None
-    epochs_without_improvement = 0
-    shuffle_generator = getattr(train_loader, "generator", None)
-    # a LoRA base is not in the checkpoint: its fingerprint is, and a resume compares it
-    frozen = frozen_sha256(model) if checkpoint_dir and (main_process or resume) else None
+    loop = _start_loop(model, train_loader, config, device, precision, checkpoint_dir, resume)
     if resume:
-        state = load_checkpoint(checkpoint_dir, model, rank, world_size)
-        if state.get("frozen_sha256") not in (None, frozen):
-            raise MedLMError(f"the checkpoint in {checkpoint_dir!r} was trained on other frozen "
-                             "base weights than the model loaded now (its file or Hub "
-                             "revision changed): expected the base the run started from")
-        model.to(device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
-            scaler.load_state_dict(state["scaler"])
-        result.epochs = [EpochResult(**values) for values in state["epochs"]]
-        best_state = state["best_state"]  # None on the other processes
-        epochs_without_improvement = state["epochs_without_improvement"]
-        if shuffle_generator is not None and "generator" in state["loader"]:
-            shuffle_generator.set_state(state["loader"]["generator"])
-        if state.get("precision") not in (None, precision.name):
-            log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
-                        "(another machine): the losses from here on are not bit-for-bit "
-                        "those of an uninterrupted run", precision.name, device.type,
-                        state["precision"])
-        if config.patience and epochs_without_improvement >= config.patience:
-            result.stopped_early = True  # it had stopped early before it was interrupted
-        if main_process and result.epochs and (
-                logged_epoch(checkpoint_dir) < result.epochs[-1].epoch):
-            # killed after the checkpoint, before the epoch's callbacks finished: produce what
-            # they log now, from the checkpointed weights (callbacks may skip what is there)
-            for callback in callbacks:
-                getattr(callback, "on_epoch_replay", callback.on_epoch_end)(
-                    model, result.epochs[-1])
-            mark_logged(checkpoint_dir, result.epochs[-1].epoch)
-    trained = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
+        loop.restore(checkpoint_dir, model, device, precision, config.patience)
+        if main_process:
+            _replay_unlogged_epoch(checkpoint_dir, model, loop, callbacks)
+    trained, result = _wrapped(model, device), loop.result
     curve = StepCurve([callback for callback in callbacks if hasattr(callback, "on_step")]
                       if main_process else [], config.log_every_steps, device,
-                      state.get("step_interval") if resume else None)
+                      loop.step_interval)
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
-        for epoch_aware in (train_loader.batch_sampler, train_loader.dataset):
-            if hasattr(epoch_aware, "set_epoch"):  # the epoch's batches; its symptom orders
-                epoch_aware.set_epoch(epoch - 1)
         started = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        tokens = real_tokens = samples = step = 0
-        curve.start_timer()
-        with stopwatch.phase("training"), _bar(len(train_loader),
-                                               f"epoch {epoch}/{config.epochs}", progress) as bar:
-            for window in _windows(train_loader, config.grad_accum):
-                window_loss_sum, window_tokens, grad_norm = train_step(
-                    trained, window, optimizer, scaler, scheduler, precision, device,
-                    config.max_grad_norm, config.label_smoothing)
-                loss_sum += window_loss_sum
-                tokens += window_tokens
-                samples += sum(len(batch["input_ids"]) for batch in window)
-                window_real_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
-                real_tokens += window_real_tokens
-                bar.update(len(window))
-                step += 1
-                if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
-                curve.add((epoch - 1) * steps_per_epoch + step, window_loss_sum, window_tokens,
-                          window_real_tokens, scheduler.get_last_lr()[0], grad_norm)
-        curve.stop_timer()
-        training_loss = loss_sum.item() / max(tokens, 1)
-        train_seconds = time.perf_counter() - started
-        if world_size > 1:
-            loss_sum_all, tokens, samples, real_tokens = distributed.all_reduce_numbers(
-                [loss_sum.item(), tokens, samples, real_tokens], device)
-            training_loss = loss_sum_all / max(tokens, 1)
-            (train_seconds,) = distributed.all_reduce_numbers([train_seconds], device, "max")
-        if not math.isfinite(training_loss):
-            raise NonFiniteLossError(
-                f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
-                f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
+        with stopwatch.phase("training"):
+            totals = _train_epoch(trained, train_loader, loop, config, epoch, precision, device,
+                                  curve, progress)
         with stopwatch.phase("validation"):
             validation_loss = evaluate(model, validation_loader, device, precision, progress)
-
-        epoch_result = EpochResult(
-            epoch=epoch,
-            training_loss=training_loss,
-            validation_loss=validation_loss,
-            validation_perplexity=math.exp(min(validation_loss, 700.0)),
-            epoch_duration_sec=time.perf_counter() - started,
-            train_samples_per_sec=samples / train_seconds,
-            train_tokens_per_sec=real_tokens / train_seconds,
-            learning_rate=scheduler.get_last_lr()[0],
-        )
+        epoch_result = totals.result(epoch, validation_loss, time.perf_counter() - started,
+                                     loop.scheduler.get_last_lr()[0])
         writer = None
         if checkpoint_dir and main_process:  # the large files are written while it is scored
             with stopwatch.phase("checkpoint"):
-                writer = CheckpointWriter(checkpoint_dir, epoch, model, optimizer)
+                writer = CheckpointWriter(checkpoint_dir, epoch, model, loop.optimizer)
         if scorer is not None:
             with stopwatch.phase("scoring"):
-                scores = scorer(model) if main_process else None
-            epoch_result.scores = distributed.broadcast_object(
-                None if scores is None else {name: float(v) for name, v in scores.items()})
-        value = epoch_result.selection_value(config.select_by)
-        if not result.epochs or value < result.best.selection_value(config.select_by):
-            epoch_result.is_best = True
-            if main_process:  # it alone logs the model: the others keep no host copy
-                with stopwatch.phase("checkpoint"):  # the weights training changes
-                    best_state = {key: value.to("cpu", copy=True)
-                                  for key, value in trained_weights(model).items()}
-            epochs_without_improvement = 0
-        else:
-            epochs_without_improvement += 1
-        result.epochs.append(epoch_result)
-        if checkpoint_dir:
-            with stopwatch.phase("checkpoint"):
-                rng_states = distributed.gather_objects(rng_state())
-                if main_process:
-                    loader_state = ({"generator": shuffle_generator.get_state()}
-                                    if shuffle_generator is not None else {})
-                    writer.finish(scheduler=scheduler, scaler=scaler, epochs=result.epochs,
-                                  best_state=best_state,
-                                  epochs_without_improvement=epochs_without_improvement,
-                                  loader_state=loader_state, rng_states=rng_states,
-                                  precision=precision.name, step_interval=curve.state(),
-                                  best_is_current=epoch_result.is_best, frozen=frozen)
+                epoch_result.scores = _scores(scorer, model)
+        with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the rest
+            loop.keep_if_best(epoch_result, model, config.select_by)
+            if checkpoint_dir:
+                loop.finish_checkpoint(writer, curve, precision)
         with stopwatch.phase("logging"):
             for callback in callbacks if main_process else ():
                 callback.on_epoch_end(model, epoch_result)
         if checkpoint_dir and main_process:
             mark_logged(checkpoint_dir, epoch)
-        if config.patience and epochs_without_improvement >= config.patience:
+        if config.patience and loop.epochs_without_improvement >= config.patience:
             result.stopped_early = True
             break
     curve.flush()  # the steps since the last point: a short run's curves are not empty
 
-    if best_state is not None:
-        load_trained_weights(model, best_state)
+    if loop.best_state is not None:
+        load_trained_weights(model, loop.best_state)
     return result

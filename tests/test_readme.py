@@ -1,22 +1,39 @@
-"""What README.md says about the code agrees with the code (numbers and file names that a
-change to the code would otherwise leave stale)."""
+"""What the READMEs say about the code agrees with the code (numbers and file names that a
+change to the code would otherwise leave stale), and README.md stays a page."""
 
+import ast
 import re
 from pathlib import Path
 
 from medlm.generate import MAX_BATCH_SEQUENCES
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+REPO_ROOT = Path(__file__).parent.parent
+README = "README.md"
+GUIDE = "experiments/README.md"  # the user's guide to the commands
+LIBRARY = "medlm/README.md"  # the modules and the symptom metric's rules
+DOCUMENTS = (README, GUIDE, LIBRARY, "experiments/RESULTS.md", "benchmarks/README.md")
 
 
-def section(title: str) -> str:
-    start = README.index(f"## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else None]
+def text(file: str) -> str:
+    return (REPO_ROOT / file).read_text()
+
+
+def section(file: str, title: str) -> str:
+    """The section `## title` of `file`, up to the next `## ` heading."""
+    document = text(file)
+    start = document.index(f"## {title}\n")
+    end = document.find("\n## ", start + 1)
+    return document[start:end if end > 0 else None]
+
+
+def test_the_readme_is_one_page():
+    assert len(text(README).splitlines()) <= 250
 
 
 def test_the_bound_on_sequences_per_generate_call_is_the_codes():
-    stated = re.findall(r"(\d+) sequences per model call", README)
+    stated = re.findall(r"(\d+) sequences per model call", section(GUIDE, "Inference"))
+    stated += re.findall(r"(\d+) sequences per model call",
+                         "".join(text(file) for file in DOCUMENTS))
     assert stated and all(int(number) == MAX_BATCH_SEQUENCES for number in stated)
 
 
@@ -34,7 +51,31 @@ def test_the_checkpoint_files_listed_are_those_a_lora_epoch_writes(tiny_model_di
     fit(add_lora(model, 2), train, validation, plain(epochs=1, progress=False), CPU, FP32,
         checkpoint_dir=str(tmp_path))
     written = {path.name for path in current_epoch_directory(tmp_path).iterdir()}
-    resume = section("Interruptions and resume")
+    resume = section(GUIDE, "Interruptions and resume")
     listed = set(re.findall(r"`(\w+\.(?:safetensors|pt))`", resume))
-    assert written <= listed, f"{written - listed} not in README's list"
+    assert written <= listed, f"{written - listed} not in {GUIDE}'s list"
     assert "adapters" in resume  # a LoRA run's model.safetensors holds the adapters alone
+
+
+def medlm_imports(module: Path) -> set[str]:
+    """The medlm modules `module` imports, at its top or inside a function."""
+    imported = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medlm."):
+            imported.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "medlm":
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[1] for alias in node.names
+                            if alias.name.startswith("medlm."))
+    return imported - {module.stem}
+
+
+def test_the_module_table_lists_every_module_in_import_order():
+    listed = re.findall(r"^\| `(\w+)\.py` \|", section(LIBRARY, "Modules"), flags=re.MULTILINE)
+    modules = {path.stem: path for path in (REPO_ROOT / "medlm").glob("*.py")
+               if path.stem != "__init__"}
+    assert sorted(listed) == sorted(modules), "medlm/README.md's table is not `ls medlm/`"
+    for position, name in enumerate(listed):
+        below = medlm_imports(modules[name]) & set(listed[position + 1:])
+        assert not below, f"{name}.py imports {below}, listed below it in {LIBRARY}"

@@ -15,8 +15,9 @@ from medlm.recipe import resolve_lora_rank
 from medlm.tracking import evaluation_key
 from tests.conftest import run_module
 
-# The seed notebook (README): distilgpt2, Adam at a constant 5e-4 (no decay, no clipping),
-# batch 8, 10 epochs, every weight trained, random batches of rows padded/cut to 128 tokens.
+# The seed notebook (experiments/README.md, The default recipe): distilgpt2, Adam at a constant
+# 5e-4 (no decay, no clipping), batch 8, 10 epochs, every weight trained, random batches of
+# rows padded/cut to 128 tokens.
 SEED_NOTEBOOK = {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
                  "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
                  "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
