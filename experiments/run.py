@@ -210,7 +210,8 @@ def build_parser() -> ArgumentParser:
 def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
     """The runs the flags ask for: ``--recipe``'s settings under the flags given (a flag left
     out is None), one run per combination of the swept values; and the swept values."""
-    from medlm.recipe import SWEEPABLE, sweep_configs
+    from medlm.recipe import SWEEPABLE
+    from medlm.sweep import sweep_configs
 
     given = {key: value for key, value in vars(args).items()
              if value is not None and key not in ("resume", "recipe")}
@@ -240,7 +241,7 @@ def check_resume_flags(given: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medlm import distributed, recipe
+    from medlm import distributed, launch
     from medlm.timing import process_started
     from medlm.tracking import check_tracking_store, compare_runs_hint
 
@@ -260,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                 epochs = args.epochs[0]
             machine = {name: getattr(args, name) for name in
                        ("device", "precision", "progress", "system_metrics") if name in given}
-            recipe.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
+            launch.resume(args.resume, args.checkpoint_dir, args.collective_timeout_min,
                           epochs, started=process_started(), machine=machine)
             return 0
         configs, grid = configs_from_args(args)  # the flags first, then the store
         if distributed.is_main():
             check_tracking_store()
         try:
-            recipe.run(configs, grid, started=process_started())
+            launch.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None

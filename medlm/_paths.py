@@ -1,5 +1,6 @@
 import hashlib
 import os
+from pathlib import Path
 
 from medlm.errors import MedLMError
 
@@ -48,3 +49,10 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         return
     raise MedLMError(f"{what} {path!r} cannot be written: {problem}: expected a directory "
                      "MedLM can create and write in")
+
+
+SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json
+
+
+def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
+    return Path(checkpoint_dir) / parent_id / SWEEP_FILE

@@ -1,18 +1,17 @@
-"""The training recipe, from flags to a registered model: setup (``prepare``: data, split,
+"""One training run, from flags to a registered model: setup (``prepare``: data, split,
 device, precision, model, every check a user could fail), train (``train_and_register``: one
 MLflow run through ``fit`` with the epoch report as a callback), register (the best epoch's
-weights as a model version, maybe the champion), cleanup (the checkpoint removed).
+weights as a model version, maybe the champion), cleanup (the checkpoint removed); and what a
+resumed run needs (its saved settings, the data check, the command that resumes it).
 
-``run`` trains one configuration or a sweep of them (child runs under a parent); ``resume``
-continues an interrupted run or sweep. ``experiments/run.py`` only parses flags and calls these.
-The MLflow calls are in ``medlm.tracking``; the loop (``medlm.train``) imports nothing of MLflow.
+Sweeps are ``medlm.sweep``; what ``experiments/run.py`` calls is ``medlm.launch``. The MLflow
+calls are in ``medlm.tracking``; the loop (``medlm.train``) imports nothing of MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import shutil
@@ -21,8 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medlm._paths import SWEEP_FILE, sweep_state_file
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
+from medlm.report import EpochReport, TimeReport
 from medlm.timing import Stopwatch
 
 if TYPE_CHECKING:
@@ -32,153 +33,6 @@ if TYPE_CHECKING:
     from medlm.modeling import Precision
 
 log = logging.getLogger("medlm")
-
-
-class EpochReport:
-    """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
-    the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
-    console line beside the best baseline and the untuned base, MLflow tables, and samples
-    labelled held out or seen in training."""
-
-    def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, baselines: dict, stopwatch=None, precision=None,
-                 device_name: str = ""):
-        self.stopwatch = stopwatch or Stopwatch()
-        self.precision_name = precision.name if precision is not None else "fp32"
-        self.device_name = device_name
-        self.autocast = (precision.answer_autocast if precision is not None
-                         else contextlib.nullcontext)
-        self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
-        self.settings, self.tracker, self.split = settings, tracker, split
-        self.baselines = {name: scores for name, (_, scores) in baselines.items()}
-        self.untuned: dict[str, float] = {}
-        self._table = None
-        self._merged = None  # the epoch's answering model, made by score, used by the samples
-
-    @classmethod
-    def for_run(cls, config: TrainConfig, prepared: Prepared, parts: _RunParts,
-                tracker) -> EpochReport:
-        """The report of one run: its samples are ``config.sample_prompts`` and the first
-        ``config.num_validation_samples`` held-out diseases."""
-        from medlm.metrics import references_by_disease
-        from medlm.modeling import describe_device
-
-        prompts = list(dict.fromkeys(
-            config.sample_prompts + parts.validation_names[:config.num_validation_samples]))
-        references = {key: symptoms for key, (_, symptoms) in
-                      references_by_disease(prepared.data.frame).items()}
-        return cls(prepared.tokenizer, prompts, references, parts.settings, tracker,
-                   prepared.split, parts.baselines, prepared.stopwatch, prepared.precision,
-                   describe_device(prepared.device))
-
-    def score(self, model) -> dict[str, float]:
-        from medlm.lora import merged_copy
-        from medlm.metrics import evaluate_symptoms
-
-        self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
-        with self.autocast():
-            self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
-                                                     self.split.validation,
-                                                     self.settings.max_new_tokens)
-        return overall.as_metrics()
-
-    def on_epoch_replay(self, model, result) -> None:
-        """After a kill that cut an epoch's logging short: score the checkpointed weights again
-        (greedy: the same answers) for the per-disease table, then log as usual; the tracker
-        skips what was already logged."""
-        if result.scores:
-            self.score(model)
-        self.on_epoch_end(model, result)
-
-    def score_untuned(self, model) -> None:
-        """Epoch 0: the base model before any training, logged at step 0. Its answers are
-        decoded once per base and split (``medlm.untuned``), then kept for later runs."""
-        from medlm import untuned
-        from medlm.metrics import references_by_disease, score_answers
-
-        names = [name for name, _ in references_by_disease(self.split.validation).values()]
-        key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
-                                  self.precision_name, self.device_name)
-        answers = untuned.load_answers(key, names)
-        if answers is None:
-            scores = self.score(model)
-            self._merged = None  # the untrained adapters': not epoch 1's
-            untuned.save_answers(key, names, self._table["generated"].tolist())
-        else:
-            self._table, overall = score_answers(answers, self.split.validation)
-            scores = overall.as_metrics()
-        self.tracker.log_symptom_scores(0, self._table, scores)
-        log.info("epoch 0 (untuned base%s): %s",
-                 ", answers kept from an earlier run" if answers is not None else "",
-                 self.compared(scores))
-        self.untuned = scores
-
-    def score_best(self, model, best) -> None:
-        """After training, when epochs were not scored as they ended: the kept (best) epoch's
-        weights, logged at that epoch's step."""
-        best.scores = self.score(model)
-        self._merged = None
-        self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
-
-    def compared(self, scores: dict[str, float]) -> str:
-        """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
-        untuned 0.000/0.013": each score beside the best answer that needs no model."""
-        best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
-        best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
-        text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
-                f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
-                f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
-        if self.untuned:
-            text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
-                     f"{self.untuned['word_f1']:.3f}")
-        return text
-
-    def on_epoch_end(self, model, result) -> None:
-        from medlm.generate import generate
-
-        scores = ""
-        if result.scores:
-            self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
-            scores = ", " + self.compared(result.scores)
-        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
-                 "%.1f s, %.0f tokens/s%s%s", result.epoch, result.training_loss,
-                 result.validation_loss, result.validation_perplexity,
-                 result.epoch_duration_sec, result.train_tokens_per_sec,
-                 " *best*" if result.is_best else "", scores)
-        from medlm.lora import merged_copy
-
-        answering = self._merged if self._merged is not None else merged_copy(model)
-        self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
-        with self.stopwatch.phase("samples"), self.autocast():
-            completions = generate(answering, self.tokenizer, self.prompts, self.settings)
-        rows = []
-        for prompt, texts in zip(self.prompts, completions, strict=True):
-            side = self.split.side(prompt)
-            log.info("  %s (%s) | %s", prompt, side, texts[0])
-            rows.append({"epoch": result.epoch, "prompt": prompt, "split": side,
-                         "generated": texts[0],
-                         "reference": self.references.get(prompt.casefold(), "")})
-        self.tracker.log_samples(rows)
-
-
-class TimeReport:
-    """After each epoch (the last callback, so that it counts the others' time): where the
-    epoch's wall time went, as ``time/*`` metrics at the epoch's step. An epoch whose logging a
-    kill cut short has none (its time was spent by the process that was killed); a resumed
-    run's totals are those of the process that finished it."""
-
-    def __init__(self, stopwatch, tracker):
-        self.stopwatch, self.tracker = stopwatch, tracker
-
-    def log_lap(self, step: int) -> None:
-        self.tracker.log_time(self.stopwatch.lap(), step)
-
-    def on_epoch_end(self, model, result) -> None:
-        self.log_lap(result.epoch)
-
-    def on_epoch_replay(self, model, result) -> None:
-        """Nothing to log: see the class."""
-
 
 SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay", "seed")
 DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was trained on
@@ -345,6 +199,22 @@ def _log_start(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> Non
              prepared.precision.name, f", {world_size} processes" if world_size > 1 else "")
 
 
+def _epoch_report(config: TrainConfig, prepared: Prepared, parts: _RunParts,
+                  tracker) -> EpochReport:
+    """The run's report: its samples are ``config.sample_prompts`` and the first
+    ``config.num_validation_samples`` held-out diseases."""
+    from medlm.metrics import references_by_disease
+    from medlm.modeling import describe_device
+
+    prompts = list(dict.fromkeys(
+        config.sample_prompts + parts.validation_names[:config.num_validation_samples]))
+    references = {key: symptoms for key, (_, symptoms) in
+                  references_by_disease(prepared.data.frame).items()}
+    return EpochReport(prepared.tokenizer, prompts, references, parts.settings, tracker,
+                       prepared.split, parts.baselines, prepared.stopwatch, prepared.precision,
+                       describe_device(prepared.device))
+
+
 def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker,
                report: EpochReport, checkpoint: Path, resume_run_id: str | None) -> None:
     """On the main process: a new run's checkpoint directory, datasets, baselines and untuned
@@ -459,7 +329,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         if started:
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
-        report = EpochReport.for_run(config, prepared, parts, tracker)
+        report = _epoch_report(config, prepared, parts, tracker)
         timer = TimeReport(stopwatch, tracker)
         # every epoch is scored where the selection needs it (or it is asked for); else the
         # kept epoch alone, after training
@@ -512,37 +382,6 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
 
 
-SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json
-
-
-def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
-    return Path(checkpoint_dir) / parent_id / SWEEP_FILE
-
-
-def save_sweep_state(path: Path, state: dict) -> None:
-    """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
-    from medlm.checkpoint import write_durably
-
-    def strict(value):
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {key: strict(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [strict(item) for item in value]
-        return value
-
-    write_durably(path, json.dumps(strict(state), indent=2, allow_nan=False))
-
-
-def load_sweep_state(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
-                         "expected the file an interrupted sweep wrote") from None
-
-
 def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
     """The command that continues run (or sweep) ``run_id``."""
     import shlex
@@ -552,163 +391,6 @@ def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
     where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
              else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
     return f"{launcher} -m experiments.run --resume {run_id}{where}"
-
-
-def sweep_value(value: float | int) -> str:
-    """A swept value in a child's name: 0.0005 as 0.0005, a seed as all its digits."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def diverged_row(run_id: str, row: dict) -> dict:
-    nan = float("nan")
-    return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
-            "symptom_f1": nan, "word_f1": nan, "version": None,
-            "status": "FAILED: loss diverged"}
-
-
-def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
-              resume: tuple[str, dict] | None = None,
-              started: Callable[[str], None] | None = None) -> None:
-    """The grid as child runs under one parent run; the parent carries the best child.
-
-    The sweep's progress (its settings, each ended child's row, the child in progress) is kept
-    in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
-    state) continues an interrupted sweep: ended children are kept, the interrupted child
-    resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
-    process asks MLflow and writes files; it tells the others what it decided."""
-    import pandas as pd
-
-    from medlm import distributed
-    from medlm.checkpoint import has_checkpoint, write_durably
-    from medlm.modeling import load_tokenizer_and_model
-    from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
-    from medlm.train import NonFiniteLossError
-
-    first = configs[0]
-    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
-                           transformer=first.model, gpu="", batch_size=first.batch_size)
-    parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
-                     **{f"sweep_{name}": ", ".join(map(str, values))
-                        for name, values in grid.items()}, "sweep_size": len(configs)}
-    main_process, world_size = distributed.is_main(), distributed.world_size()
-    resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
-                                         "grid": grid, "world_size": world_size,
-                                         "children": [], "running": None})
-    children = list(state["children"])
-    run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
-           else contextlib.nullcontext(resume_id))
-    with run as parent_id:
-        parent_id = distributed.broadcast_object(parent_id)
-        if started:  # told the parent's id: what resumes the sweep
-            started(parent_id)
-        state_file = sweep_state_file(first.checkpoint_dir, parent_id)
-
-        def record(**changes) -> None:
-            state.update(changes, children=children)  # every process keeps the same state
-            if main_process:
-                save_sweep_state(state_file, state)
-
-        try:
-            if main_process and not resume_id:  # what every child is trained on, then progress
-                write_durably(state_file.parent / DATA_FILE,
-                              json.dumps(data_fingerprint(prepared.data, prepared.split)))
-            record()
-            log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
-                     f" (resumed: {len(children)} ended before)" if resume_id else "")
-            loaded = True  # prepared.model is the untouched base
-            for index, config in enumerate(configs):
-                label = " ".join(f"{name}={sweep_value(getattr(config, name))}"
-                                 for name in SWEEPABLE)
-                row = {name: getattr(config, name) for name in SWEEPABLE}
-                if index < len(children):
-                    log.info("--- child %d/%d: %s: %s before the interruption (run %s)",
-                             index + 1, len(configs), label, children[index]["status"],
-                             children[index]["run_id"])
-                    continue
-                interrupted = state["running"] if index == len(children) else None
-                decision, summary = None, None
-                if interrupted and main_process:  # what became of the child in progress
-                    checkpoint = Path(config.checkpoint_dir) / interrupted
-                    status, summary = run_outcome(interrupted)
-                    if status == "FINISHED":  # it ended after all (e.g. resumed on its own)
-                        decision = "finished"
-                        shutil.rmtree(checkpoint, ignore_errors=True)
-                    elif has_checkpoint(checkpoint):
-                        decision = "resume"
-                    elif status == "FAILED":  # diverged, and its checkpoint already removed
-                        decision = "diverged"
-                    else:  # stopped before its first epoch ended: nothing to resume
-                        decision = "restart"
-                        end_abandoned_run(interrupted)
-                decision, summary = distributed.broadcast_object((decision, summary))
-                if decision in ("finished", "diverged"):
-                    log.info("--- child %d/%d: %s: %s (run %s)", index + 1, len(configs), label,
-                             decision.upper(), interrupted)
-                    children.append({"run_id": interrupted, **row, **summary,
-                                     "status": "FINISHED"} if summary else
-                                    diverged_row(interrupted, row))
-                    record(running=None)
-                    continue
-                resume_child = interrupted if decision == "resume" else None
-                if not loaded:  # each child's time from its own start
-                    prepared.stopwatch = Stopwatch()
-                    with prepared.stopwatch.phase("startup"):
-                        prepared.model = load_tokenizer_and_model(config.model)[1]
-                loaded = False
-                log.info("--- child %d/%d: %s%s", index + 1, len(configs), label,
-                         f" (resuming run {resume_child})" if resume_child else
-                         f" (run {interrupted} was stopped before its first epoch ended: "
-                         "starting it again)" if interrupted else "")
-                if resume_child:  # its own saved settings, where this process keeps them
-                    config = replace(resume_config(resume_child, config.checkpoint_dir),
-                                     checkpoint_dir=config.checkpoint_dir,
-                                     collective_timeout_min=config.collective_timeout_min)
-                try:
-                    result = train_and_register(
-                        replace(config, run_name=label), prepared, nested=True,
-                        resume_run_id=resume_child,
-                        started=lambda run_id: record(running=run_id))
-                    children.append({**result, "status": "FINISHED"})
-                except NonFiniteLossError as error:  # common in an lr sweep: the others go on
-                    log.warning("child %d/%d (%s) FAILED: %s", index + 1, len(configs), label,
-                                error)
-                    run_id = getattr(error, "run_id", "")
-                    if main_process and run_id:  # nothing there is worth resuming
-                        shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
-                    children.append(diverged_row(run_id, row))
-                record(running=None)
-        except BaseException as error:
-            if main_process:
-                command = resume_command(parent_id, first.checkpoint_dir, world_size)
-                log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
-                            "stopped" if isinstance(error, KeyboardInterrupt) else "failed",
-                            len(children), len(configs),
-                            "Resume" if isinstance(error, KeyboardInterrupt) else
-                            "After fixing the cause, resume", command)
-            raise
-        if not any(child["status"] == "FINISHED" for child in children):
-            if main_process:
-                shutil.rmtree(state_file.parent, ignore_errors=True)  # nothing to resume
-            raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
-                                     "expected at least one finite training loss; try a "
-                                     "lower --lr or fp32")
-        if not main_process:
-            return
-        order = ["validation_loss", "symptom_f1"]
-        if first.select_by == "symptom_f1":
-            order.reverse()
-        table = pd.DataFrame(children).sort_values(
-            order, ascending=[name == "validation_loss" for name in order])
-        table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
-                                 in enumerate(table["status"], start=1)])
-        table["best_epoch"] = table["best_epoch"].astype("Int64")
-        best = table.iloc[0]
-        log_sweep_summary(table, best, SWEEPABLE)
-    shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
-    with pd.option_context("display.width", 160, "display.max_columns", None):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
-             best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
 
 
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
@@ -742,39 +424,6 @@ def on_this_machine(config: TrainConfig, machine: dict[str, str], run_id: str) -
     return replace(config, **machine)
 
 
-def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
-                 started: float | None = None, machine: dict[str, str] | None = None) -> None:
-    """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
-    checkpoint directory; everything that can refuse it is checked before the parent run is
-    reopened."""
-    from medlm import distributed
-    from medlm.checkpoint import has_checkpoint
-
-    state = load_sweep_state(sweep_state_file(directory, parent_id))
-    configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
-                       collective_timeout_min=collective_timeout_min)
-               for saved in state["configs"]]
-    if machine:  # said once, for the sweep
-        configs = [on_this_machine(configs[0], machine, parent_id),
-                   *(replace(config, **machine) for config in configs[1:])]
-    for child, config in zip(state["children"], configs, strict=False):
-        for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
-            child.setdefault(name, getattr(config, name))
-    processes = distributed.environment_world_size()
-    if state.get("world_size", 1) != processes:
-        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
-                         f"processes, this is {processes}: expected the same process count")
-    ended = len(state["children"])
-    interrupted = state["running"] if ended < len(configs) else None
-    child_checkpoint = Path(directory) / interrupted if interrupted else None
-    prepared = prepare(configs[min(ended, len(configs) - 1)], started)
-    check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
-    if child_checkpoint and has_checkpoint(child_checkpoint):
-        check_resume_data(child_checkpoint, prepared.data, prepared.split)
-    with outage_is_resumable(directory, [parent_id]):
-        run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
-
-
 def data_fingerprint(data, split) -> dict[str, str]:
     """What a checkpoint was trained on: the cleaned dataset's content and the validation names."""
     return {"dataset_content_sha256": data.content_sha256,
@@ -800,12 +449,6 @@ def check_resume_data(checkpoint: Path, data, split) -> None:
         raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on other data "
                          f"({what}: {found}): expected the same dataset and split; "
                          "start a new run instead")
-
-
-def sweep_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
-    """One configuration per combination of the ``SWEEPABLE`` values in ``grid``."""
-    return [replace(base, **dict(zip(grid, values, strict=True)))
-            for values in itertools.product(*grid.values())]
 
 
 def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
@@ -846,32 +489,6 @@ def check_output_paths(config: TrainConfig) -> None:
         check_writable(artifacts, f"experiment {config.experiment!r}'s artifact location")
 
 
-def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:
-    """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
-    run; ``started``: when the process began (its start-up counts in the first run's time).
-    Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts;
-    a Hub failure later on (a sweep child's model) is a plain error."""
-    from medlm.hub import HubUnavailable
-
-    if len(configs) > 1 and any(config.promote for config in configs):
-        raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
-                         "would crown every child in turn; promote its best child's "
-                         "version afterwards, in mlflow ui)")
-    check_output_paths(configs[0])
-    prepared = prepare(configs[0], started)  # a Hub or data error first, alone on its line
-    # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
-    configs = [resolve_lora_rank(config) for config in configs]
-    run_ids: list[str] = []  # the run's (a sweep's: its parent's) id, for the outage message
-    try:
-        with outage_is_resumable(configs[0].checkpoint_dir, run_ids):
-            if len(configs) == 1:
-                train_and_register(configs[0], prepared, started=run_ids.append)
-            else:
-                run_sweep(configs, grid, prepared, started=run_ids.append)
-    except HubUnavailable as error:  # not the "start offline instead" of a failed setup
-        raise MedLMError(str(error)) from None
-
-
 @contextlib.contextmanager
 def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None]:
     """A tracking server that stops answering mid-run costs nothing computed: the error is one
@@ -899,43 +516,3 @@ def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[Non
         raise MedLMError(f"{where} during run {run_ids[0]} ({type(error).__name__}): the "
                          f"completed epochs are checkpointed under {checkpoint_dir}; expected "
                          f"the server back: then finish the run with {command}") from None
-
-
-def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
-           epochs: int | None = None, started: float | None = None,
-           machine: dict[str, str] | None = None) -> None:
-    """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
-    but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
-    ``precision``, ``progress``, ``system_metrics``, where given); ``epochs``, when given,
-    changes how many epochs the run has in all (at least those it has completed)."""
-    from medlm import distributed
-    from medlm.checkpoint import saved_epochs, write_durably
-
-    if sweep_state_file(checkpoint_dir, run_id).is_file():
-        if epochs is not None:
-            raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
-                             "no --epochs (a sweep resumes with its own grid)")
-        resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
-        return
-    config = on_this_machine(replace(resume_config(run_id, checkpoint_dir),
-                                     checkpoint_dir=checkpoint_dir,
-                                     collective_timeout_min=collective_timeout_min),
-                             machine or {}, run_id)
-    if epochs is not None and epochs != config.epochs:
-        done = len(saved_epochs(Path(checkpoint_dir) / run_id))
-        if epochs < done:
-            raise MedLMError(f"--epochs {epochs} with --resume {run_id!r} is invalid: the run "
-                             f"has completed {done} epochs: expected at least {done}")
-        log.info("run %s: %d epochs in all instead of %d%s", run_id, epochs, config.epochs,
-                 "" if config.scheduler == "constant" else
-                 f" (the {config.scheduler} learning-rate schedule is spread over the new "
-                 "total from the next step on)")
-        config = replace(config, epochs=epochs)
-    check_output_paths(config)
-    prepared = prepare(config, started)
-    check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
-    if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
-        write_durably(Path(checkpoint_dir) / run_id / "config.json",
-                      json.dumps(asdict(config), indent=2))
-    with outage_is_resumable(checkpoint_dir, [run_id]):
-        train_and_register(config, prepared, resume_run_id=run_id)

@@ -1,0 +1,140 @@
+"""The callbacks a run's loop reports through: ``EpochReport`` (each epoch's scores, console
+line, MLflow tables and samples) and ``TimeReport`` (where each epoch's time went)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from medlm.timing import Stopwatch
+
+log = logging.getLogger("medlm")
+
+class EpochReport:
+    """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
+    the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
+    console line beside the best baseline and the untuned base, MLflow tables, and samples
+    labelled held out or seen in training."""
+
+    def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
+                 tracker, split, baselines: dict, stopwatch=None, precision=None,
+                 device_name: str = ""):
+        self.stopwatch = stopwatch or Stopwatch()
+        self.precision_name = precision.name if precision is not None else "fp32"
+        self.device_name = device_name
+        self.autocast = (precision.answer_autocast if precision is not None
+                         else contextlib.nullcontext)
+        self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
+        self.settings, self.tracker, self.split = settings, tracker, split
+        self.baselines = {name: scores for name, (_, scores) in baselines.items()}
+        self.untuned: dict[str, float] = {}
+        self._table = None
+        self._merged = None  # the epoch's answering model, made by score, used by the samples
+
+    def score(self, model) -> dict[str, float]:
+        from medlm.lora import merged_copy
+        from medlm.metrics import evaluate_symptoms
+
+        self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
+        with self.autocast():
+            self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
+                                                     self.split.validation,
+                                                     self.settings.max_new_tokens)
+        return overall.as_metrics()
+
+    def on_epoch_replay(self, model, result) -> None:
+        """After a kill that cut an epoch's logging short: score the checkpointed weights again
+        (greedy: the same answers) for the per-disease table, then log as usual; the tracker
+        skips what was already logged."""
+        if result.scores:
+            self.score(model)
+        self.on_epoch_end(model, result)
+
+    def score_untuned(self, model) -> None:
+        """Epoch 0: the base model before any training, logged at step 0. Its answers are
+        decoded once per base and split (``medlm.untuned``), then kept for later runs."""
+        from medlm import untuned
+        from medlm.metrics import references_by_disease, score_answers
+
+        names = [name for name, _ in references_by_disease(self.split.validation).values()]
+        key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
+                                  self.precision_name, self.device_name)
+        answers = untuned.load_answers(key, names)
+        if answers is None:
+            scores = self.score(model)
+            self._merged = None  # the untrained adapters': not epoch 1's
+            untuned.save_answers(key, names, self._table["generated"].tolist())
+        else:
+            self._table, overall = score_answers(answers, self.split.validation)
+            scores = overall.as_metrics()
+        self.tracker.log_symptom_scores(0, self._table, scores)
+        log.info("epoch 0 (untuned base%s): %s",
+                 ", answers kept from an earlier run" if answers is not None else "",
+                 self.compared(scores))
+        self.untuned = scores
+
+    def score_best(self, model, best) -> None:
+        """After training, when epochs were not scored as they ended: the kept (best) epoch's
+        weights, logged at that epoch's step."""
+        best.scores = self.score(model)
+        self._merged = None
+        self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
+
+    def compared(self, scores: dict[str, float]) -> str:
+        """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
+        untuned 0.000/0.013": each score beside the best answer that needs no model."""
+        best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
+        best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
+        text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
+                f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
+                f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
+        if self.untuned:
+            text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
+                     f"{self.untuned['word_f1']:.3f}")
+        return text
+
+    def on_epoch_end(self, model, result) -> None:
+        from medlm.generate import generate
+
+        scores = ""
+        if result.scores:
+            self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
+            scores = ", " + self.compared(result.scores)
+        log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
+                 "%.1f s, %.0f tokens/s%s%s", result.epoch, result.training_loss,
+                 result.validation_loss, result.validation_perplexity,
+                 result.epoch_duration_sec, result.train_tokens_per_sec,
+                 " *best*" if result.is_best else "", scores)
+        from medlm.lora import merged_copy
+
+        answering = self._merged if self._merged is not None else merged_copy(model)
+        self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
+        with self.stopwatch.phase("samples"), self.autocast():
+            completions = generate(answering, self.tokenizer, self.prompts, self.settings)
+        rows = []
+        for prompt, texts in zip(self.prompts, completions, strict=True):
+            side = self.split.side(prompt)
+            log.info("  %s (%s) | %s", prompt, side, texts[0])
+            rows.append({"epoch": result.epoch, "prompt": prompt, "split": side,
+                         "generated": texts[0],
+                         "reference": self.references.get(prompt.casefold(), "")})
+        self.tracker.log_samples(rows)
+
+
+class TimeReport:
+    """After each epoch (the last callback, so that it counts the others' time): where the
+    epoch's wall time went, as ``time/*`` metrics at the epoch's step. An epoch whose logging a
+    kill cut short has none (its time was spent by the process that was killed); a resumed
+    run's totals are those of the process that finished it."""
+
+    def __init__(self, stopwatch, tracker):
+        self.stopwatch, self.tracker = stopwatch, tracker
+
+    def log_lap(self, step: int) -> None:
+        self.tracker.log_time(self.stopwatch.lap(), step)
+
+    def on_epoch_end(self, model, result) -> None:
+        self.log_lap(result.epoch)
+
+    def on_epoch_replay(self, model, result) -> None:
+        """Nothing to log: see the class."""

@@ -1,0 +1,283 @@
+"""Sweeps: the grid of ``SWEEPABLE`` values as child runs of ``medlm.recipe`` under one parent
+run, which carries the best child; their progress kept beside the checkpoints, so an
+interrupted sweep resumes as a whole (``resume_sweep``)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from medlm._paths import sweep_state_file
+from medlm.config import TrainConfig
+from medlm.errors import MedLMError
+from medlm.recipe import (
+    DATA_FILE,
+    SWEEPABLE,
+    Prepared,
+    check_resume_data,
+    data_fingerprint,
+    on_this_machine,
+    outage_is_resumable,
+    prepare,
+    resume_command,
+    resume_config,
+    train_and_register,
+)
+from medlm.timing import Stopwatch
+
+log = logging.getLogger("medlm")
+
+def save_sweep_state(path: Path, state: dict) -> None:
+    """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
+    from medlm.checkpoint import write_durably
+
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(item) for item in value]
+        return value
+
+    write_durably(path, json.dumps(strict(state), indent=2, allow_nan=False))
+
+
+def load_sweep_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
+                         "expected the file an interrupted sweep wrote") from None
+
+
+def sweep_value(value: float | int) -> str:
+    """A swept value in a child's name: 0.0005 as 0.0005, a seed as all its digits."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def diverged_row(run_id: str, row: dict) -> dict:
+    nan = float("nan")
+    return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
+            "symptom_f1": nan, "word_f1": nan, "version": None,
+            "status": "FAILED: loss diverged"}
+
+
+def _interrupted_child(interrupted: str, config: TrainConfig) -> tuple[str, dict | None]:
+    """What became of the child in progress when the sweep was interrupted (asked of MLflow,
+    on the main process): ``finished``, ``resume``, ``diverged`` or ``restart``."""
+    from medlm.checkpoint import has_checkpoint
+    from medlm.tracking import end_abandoned_run, run_outcome
+
+    checkpoint = Path(config.checkpoint_dir) / interrupted
+    status, summary = run_outcome(interrupted)
+    if status == "FINISHED":  # it ended after all (e.g. resumed on its own)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return "finished", summary
+    if has_checkpoint(checkpoint):
+        return "resume", summary
+    if status == "FAILED":  # diverged, and its checkpoint already removed
+        return "diverged", summary
+    end_abandoned_run(interrupted)  # stopped before its first epoch ended: nothing to resume
+    return "restart", summary
+
+
+def _train_child(config: TrainConfig, label: str, position: str, prepared: Prepared,
+                 resume_child: str | None, record: Callable[..., None]) -> dict:
+    """One child run (``position``: "2/3"); its row of the sweep's table (a diverged child's
+    too: the others go on, as is common in an lr sweep)."""
+    from medlm import distributed
+    from medlm.train import NonFiniteLossError
+
+    try:
+        result = train_and_register(replace(config, run_name=label), prepared, nested=True,
+                                    resume_run_id=resume_child,
+                                    started=lambda run_id: record(running=run_id))
+        return {**result, "status": "FINISHED"}
+    except NonFiniteLossError as error:
+        log.warning("child %s (%s) FAILED: %s", position, label, error)
+        run_id = getattr(error, "run_id", "")
+        if distributed.is_main() and run_id:  # nothing there is worth resuming
+            shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
+        return diverged_row(run_id, {name: getattr(config, name) for name in SWEEPABLE})
+
+
+def _sweep_table(children: list[dict], select_by: str):
+    """The children ranked by the selection (validation loss, then symptom F1; the other way
+    round with ``--select-by symptom_f1``); diverged ones last, unranked."""
+    import pandas as pd
+
+    order = ["validation_loss", "symptom_f1"]
+    if select_by == "symptom_f1":
+        order.reverse()
+    table = pd.DataFrame(children).sort_values(
+        order, ascending=[name == "validation_loss" for name in order])
+    table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
+                             in enumerate(table["status"], start=1)])
+    table["best_epoch"] = table["best_epoch"].astype("Int64")
+    return table
+
+
+def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
+              record: Callable[..., None]) -> None:
+    """Every child not ended yet, in order, each row appended to ``state["children"]`` (and
+    recorded) as it ends."""
+    from medlm import distributed
+    from medlm.modeling import load_tokenizer_and_model
+
+    children, main_process = state["children"], distributed.is_main()
+    loaded = True  # prepared.model is the untouched base
+    for index, config in enumerate(configs):
+        label = " ".join(f"{name}={sweep_value(getattr(config, name))}" for name in SWEEPABLE)
+        where = f"--- child {index + 1}/{len(configs)}: {label}"
+        if index < len(children):
+            log.info("%s: %s before the interruption (run %s)", where,
+                     children[index]["status"], children[index]["run_id"])
+            continue
+        interrupted = state["running"] if index == len(children) else None
+        decision, summary = distributed.broadcast_object(
+            _interrupted_child(interrupted, config) if interrupted and main_process
+            else (None, None))
+        if decision in ("finished", "diverged"):
+            log.info("%s: %s (run %s)", where, decision.upper(), interrupted)
+            row = {name: getattr(config, name) for name in SWEEPABLE}
+            children.append({"run_id": interrupted, **row, **summary, "status": "FINISHED"}
+                            if summary else diverged_row(interrupted, row))
+            record(running=None)
+            continue
+        resume_child = interrupted if decision == "resume" else None
+        if not loaded:  # each child's time from its own start
+            prepared.stopwatch = Stopwatch()
+            with prepared.stopwatch.phase("startup"):
+                prepared.model = load_tokenizer_and_model(config.model)[1]
+        loaded = False
+        log.info("%s%s", where, f" (resuming run {resume_child})" if resume_child else
+                 f" (run {interrupted} was stopped before its first epoch ended: starting it "
+                 "again)" if interrupted else "")
+        if resume_child:  # its own saved settings, where this process keeps them
+            config = replace(resume_config(resume_child, config.checkpoint_dir),
+                             checkpoint_dir=config.checkpoint_dir,
+                             collective_timeout_min=config.collective_timeout_min)
+        children.append(_train_child(config, label, f"{index + 1}/{len(configs)}", prepared,
+                                     resume_child, record))
+        record(running=None)
+
+
+def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
+              resume: tuple[str, dict] | None = None,
+              started: Callable[[str], None] | None = None) -> None:
+    """The grid as child runs under one parent run; the parent carries the best child.
+
+    The sweep's progress (its settings, each ended child's row, the child in progress) is kept
+    in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
+    state) continues an interrupted sweep: ended children are kept, the interrupted child
+    resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
+    process asks MLflow and writes files; it tells the others what it decided."""
+    import pandas as pd
+
+    from medlm import distributed
+    from medlm.checkpoint import write_durably
+    from medlm.tracking import MlflowTracker, log_sweep_summary
+    from medlm.train import NonFiniteLossError
+
+    first = configs[0]
+    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
+                           transformer=first.model, gpu="", batch_size=first.batch_size)
+    parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
+                     **{f"sweep_{name}": ", ".join(map(str, values))
+                        for name, values in grid.items()}, "sweep_size": len(configs)}
+    main_process, world_size = distributed.is_main(), distributed.world_size()
+    resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
+                                         "grid": grid, "world_size": world_size,
+                                         "children": [], "running": None})
+    run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
+           else contextlib.nullcontext(resume_id))
+    with run as parent_id:
+        parent_id = distributed.broadcast_object(parent_id)
+        if started:  # told the parent's id: what resumes the sweep
+            started(parent_id)
+        state_file = sweep_state_file(first.checkpoint_dir, parent_id)
+
+        def record(**changes) -> None:
+            state.update(changes)  # every process keeps the same state
+            if main_process:
+                save_sweep_state(state_file, state)
+
+        children = state["children"]
+        try:
+            if main_process and not resume_id:  # what every child is trained on, then progress
+                write_durably(state_file.parent / DATA_FILE,
+                              json.dumps(data_fingerprint(prepared.data, prepared.split)))
+            record()
+            log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
+                     f" (resumed: {len(children)} ended before)" if resume_id else "")
+            _children(configs, state, prepared, record)
+        except BaseException as error:
+            if main_process:
+                stopped = isinstance(error, KeyboardInterrupt)
+                log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
+                            "stopped" if stopped else "failed", len(children), len(configs),
+                            "Resume" if stopped else "After fixing the cause, resume",
+                            resume_command(parent_id, first.checkpoint_dir, world_size))
+            raise
+        if not any(child["status"] == "FINISHED" for child in children):
+            if main_process:
+                shutil.rmtree(state_file.parent, ignore_errors=True)  # nothing to resume
+            raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
+                                     "expected at least one finite training loss; try a "
+                                     "lower --lr or fp32")
+        if not main_process:
+            return
+        table = _sweep_table(children, first.select_by)
+        best = table.iloc[0]
+        log_sweep_summary(table, best, SWEEPABLE)
+    shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
+    with pd.option_context("display.width", 160, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
+             best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
+
+
+def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
+                 started: float | None = None, machine: dict[str, str] | None = None) -> None:
+    """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
+    checkpoint directory; everything that can refuse it is checked before the parent run is
+    reopened."""
+    from medlm import distributed
+    from medlm.checkpoint import has_checkpoint
+
+    state = load_sweep_state(sweep_state_file(directory, parent_id))
+    configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
+                       collective_timeout_min=collective_timeout_min)
+               for saved in state["configs"]]
+    if machine:  # said once, for the sweep
+        configs = [on_this_machine(configs[0], machine, parent_id),
+                   *(replace(config, **machine) for config in configs[1:])]
+    for child, config in zip(state["children"], configs, strict=False):
+        for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
+            child.setdefault(name, getattr(config, name))
+    processes = distributed.environment_world_size()
+    if state.get("world_size", 1) != processes:
+        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
+                         f"processes, this is {processes}: expected the same process count")
+    ended = len(state["children"])
+    interrupted = state["running"] if ended < len(configs) else None
+    child_checkpoint = Path(directory) / interrupted if interrupted else None
+    prepared = prepare(configs[min(ended, len(configs) - 1)], started)
+    check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
+    if child_checkpoint and has_checkpoint(child_checkpoint):
+        check_resume_data(child_checkpoint, prepared.data, prepared.split)
+    with outage_is_resumable(directory, [parent_id]):
+        run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
+
+
+def sweep_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
+    """One configuration per combination of the ``SWEEPABLE`` values in ``grid``."""
+    return [replace(base, **dict(zip(grid, values, strict=True)))
+            for values in itertools.product(*grid.values())]
