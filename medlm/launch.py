@@ -26,6 +26,7 @@ from medlm.sweep import resume_sweep, run_sweep
 
 log = logging.getLogger("medlm")
 
+
 def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:
     """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
     run; ``started``: when the process began (its start-up counts in the first run's time).

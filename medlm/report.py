@@ -10,6 +10,7 @@ from medlm.timing import Stopwatch
 
 log = logging.getLogger("medlm")
 
+
 class EpochReport:
     """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
     the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a

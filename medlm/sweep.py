@@ -33,6 +33,7 @@ from medlm.timing import Stopwatch
 
 log = logging.getLogger("medlm")
 
+
 def save_sweep_state(path: Path, state: dict) -> None:
     """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
     from medlm.checkpoint import write_durably
@@ -88,10 +89,11 @@ def _interrupted_child(interrupted: str, config: TrainConfig) -> tuple[str, dict
     return "restart", summary
 
 
-def _train_child(config: TrainConfig, label: str, position: str, prepared: Prepared,
+def _train_child(config: TrainConfig, label: str, position: str, row: dict, prepared: Prepared,
                  resume_child: str | None, record: Callable[..., None]) -> dict:
-    """One child run (``position``: "2/3"); its row of the sweep's table (a diverged child's
-    too: the others go on, as is common in an lr sweep)."""
+    """One child run (``position``: "2/3"; ``row``: its swept values, as the grid has them);
+    its row of the sweep's table (a diverged child's too: the others go on, as is common in an
+    lr sweep)."""
     from medlm import distributed
     from medlm.train import NonFiniteLossError
 
@@ -105,7 +107,7 @@ def _train_child(config: TrainConfig, label: str, position: str, prepared: Prepa
         run_id = getattr(error, "run_id", "")
         if distributed.is_main() and run_id:  # nothing there is worth resuming
             shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
-        return diverged_row(run_id, {name: getattr(config, name) for name in SWEEPABLE})
+        return diverged_row(run_id, row)
 
 
 def _sweep_table(children: list[dict], select_by: str):
@@ -140,13 +142,13 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
             log.info("%s: %s before the interruption (run %s)", where,
                      children[index]["status"], children[index]["run_id"])
             continue
+        row = {name: getattr(config, name) for name in SWEEPABLE}  # the grid's, not a resume's
         interrupted = state["running"] if index == len(children) else None
         decision, summary = distributed.broadcast_object(
             _interrupted_child(interrupted, config) if interrupted and main_process
             else (None, None))
         if decision in ("finished", "diverged"):
             log.info("%s: %s (run %s)", where, decision.upper(), interrupted)
-            row = {name: getattr(config, name) for name in SWEEPABLE}
             children.append({"run_id": interrupted, **row, **summary, "status": "FINISHED"}
                             if summary else diverged_row(interrupted, row))
             record(running=None)
@@ -164,8 +166,8 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
             config = replace(resume_config(resume_child, config.checkpoint_dir),
                              checkpoint_dir=config.checkpoint_dir,
                              collective_timeout_min=config.collective_timeout_min)
-        children.append(_train_child(config, label, f"{index + 1}/{len(configs)}", prepared,
-                                     resume_child, record))
+        children.append(_train_child(config, label, f"{index + 1}/{len(configs)}", row,
+                                     prepared, resume_child, record))
         record(running=None)
 
 

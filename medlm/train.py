@@ -428,19 +428,25 @@ def _replay_unlogged_epoch(checkpoint_dir: str, model, loop: _Loop,
         mark_logged(checkpoint_dir, epochs[-1].epoch)
 
 
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    """The epoch's batches, and its symptom orders (``--shuffle-symptoms``)."""
+    for epoch_aware in (loader.batch_sampler, loader.dataset):
+        if hasattr(epoch_aware, "set_epoch"):
+            epoch_aware.set_epoch(epoch - 1)
+
+
 def _train_epoch(trained, loader: DataLoader, loop: _Loop, config: TrainConfig, epoch: int,
                  precision: Precision, device: torch.device, curve: StepCurve,
-                 progress: bool) -> _EpochTotals:
-    """One pass over ``loader``, an optimizer step per ``config.grad_accum`` batches."""
-    for epoch_aware in (loader.batch_sampler, loader.dataset):
-        if hasattr(epoch_aware, "set_epoch"):  # the epoch's batches; its symptom orders
-            epoch_aware.set_epoch(epoch - 1)
+                 progress: bool, stopwatch: Stopwatch) -> _EpochTotals:
+    """One pass over ``loader``, an optimizer step per ``config.grad_accum`` batches (the
+    stopwatch's ``training``: the steps alone)."""
     started = time.perf_counter()
     trained.train()
     loss_sum = torch.zeros((), device=device)
     tokens = real_tokens = samples = step = 0
     curve.start_timer()
-    with _bar(len(loader), f"epoch {epoch}/{config.epochs}", progress) as bar:
+    with stopwatch.phase("training"), _bar(len(loader), f"epoch {epoch}/{config.epochs}",
+                                           progress) as bar:
         for window in _windows(loader, config.grad_accum):
             window_loss_sum, window_tokens, grad_norm = train_step(
                 trained, window, loop.optimizer, loop.scaler, loop.scheduler, precision, device,
@@ -534,10 +540,10 @@ def fit(
                       loop.step_interval)
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
+        _set_epoch(train_loader, epoch)
         started = time.perf_counter()
-        with stopwatch.phase("training"):
-            totals = _train_epoch(trained, train_loader, loop, config, epoch, precision, device,
-                                  curve, progress)
+        totals = _train_epoch(trained, train_loader, loop, config, epoch, precision, device,
+                              curve, progress, stopwatch)
         with stopwatch.phase("validation"):
             validation_loss = evaluate(model, validation_loader, device, precision, progress)
         epoch_result = totals.result(epoch, validation_loss, time.perf_counter() - started,
