@@ -105,7 +105,12 @@ class _RunParts:
     settings: object  # medlm.generate.GenerationSettings of the samples
     base_parameters: int | None  # with LoRA: the base's count, the model registered
     baselines: dict
-    validation_names: list[str]  # one per held-out disease, as the data spells it
+    validation_names: list[str]  # the held-out rows' names, each spelling once
+
+    @property
+    def held_out_diseases(self) -> int:
+        """Held-out diseases, told apart case-insensitively."""
+        return len({name.casefold() for name in self.validation_names})
 
 
 def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
@@ -194,7 +199,7 @@ def _log_start(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> Non
              "diseases; %d names grouped with a variant so that none is on both sides); %s on "
              "%s (%s)%s", config.dataset, len(data.frame), data.dropped_rows,
              len(parts.train_set), len(parts.validation_set),
-             len({name.casefold() for name in parts.validation_names}),
+             parts.held_out_diseases,
              prepared.split.grouped_names, config.model, describe_device(prepared.device),
              prepared.precision.name, f", {world_size} processes" if world_size > 1 else "")
 
@@ -362,7 +367,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  best.epoch, config.select_by, best.validation_loss,
                  f", {report.compared(best.scores)}" if best.scores else "",
                  " (stopped early)" if result.stopped_early else "",
-                 len({name.casefold() for name in parts.validation_names}))
+                 parts.held_out_diseases)
         version, verdict = _log_model(config, prepared, model, best, tracker, params)
         if main_process:
             split_seconds = stopwatch.split()

@@ -464,11 +464,12 @@ def _train_epoch(trained, loader: DataLoader, loop: _Loop, config: TrainConfig, 
                       window_tokens, window_real_tokens, loop.scheduler.get_last_lr()[0],
                       grad_norm)
     curve.stop_timer()
-    totals = _EpochTotals(loss_sum.item() / max(tokens, 1), time.perf_counter() - started,
+    epoch_loss_sum = loss_sum.item()  # the epoch's one read of the loss (a host sync)
+    totals = _EpochTotals(epoch_loss_sum / max(tokens, 1), time.perf_counter() - started,
                           samples, real_tokens)
     if distributed.world_size() > 1:
         loss_sum_all, tokens, totals.samples, totals.real_tokens = (
-            distributed.all_reduce_numbers([loss_sum.item(), tokens, samples, real_tokens],
+            distributed.all_reduce_numbers([epoch_loss_sum, tokens, samples, real_tokens],
                                            device))
         totals.loss = loss_sum_all / max(tokens, 1)
         (totals.seconds,) = distributed.all_reduce_numbers([totals.seconds], device, "max")
