@@ -18,7 +18,7 @@ def frame():
 
 @pytest.fixture(scope="session")
 def train_frame(frame):
-    from medlm.data import split_by_disease
+    from medlm.split import split_by_disease
 
     return split_by_disease(frame, 0.2, 42).train
 

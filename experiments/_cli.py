@@ -44,7 +44,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool = False,
-            maximum: float = math.inf) -> Callable[[str], float]:
+            maximum: float = math.inf, ok: Callable[[float], bool] | None = None,
+            ) -> Callable[[str], float]:
     """An argparse ``type=`` that names the bad text and the expected range."""
     kind = "whole number" if parse is int else "number"
 
@@ -54,7 +55,7 @@ def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool =
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
         too_small = value <= minimum if above_minimum else value < minimum
-        if not math.isfinite(value) or too_small or value > maximum:
+        if not math.isfinite(value) or too_small or value > maximum or (ok and not ok(value)):
             raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}")
         return value
 
@@ -68,6 +69,14 @@ non_negative_int = _number(int, 0, "a whole number >= 0")
 positive_float = _number(float, 0, "a number > 0", above_minimum=True)
 non_negative_float = _number(float, 0, "a number >= 0")
 probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
+
+
+def checked(kind: type, rule) -> Callable[[str], float]:
+    """An argparse ``type=`` for a ``TrainConfig`` setting: ``kind`` (int, float, str) parsed,
+    then the setting's own ``medlm.config.Rule`` (None: any value), in its words."""
+    if rule is None:
+        return kind
+    return _number(kind, -math.inf, rule.expected, ok=rule.ok)
 
 
 def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:

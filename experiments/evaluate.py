@@ -23,7 +23,7 @@ from experiments._cli import (
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.hub import HubUnavailable
-from medlm.metrics import SCORING_REPETITION_PENALTY
+from medlm.scoring import SCORING_REPETITION_PENALTY
 
 # Flags that default to the run's own logged params for a models:/ or runs:/ URI.
 at_least_two = whole_number_up_to(64, minimum=2)  # answers merged per disease by --consensus
@@ -74,7 +74,7 @@ def build_parser() -> ArgumentParser:
 def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
     """Each ``FROM_RUN`` setting from its flag, else the run's logged param, else the default;
     and a note for every flag that overrides a different logged value."""
-    from medlm.tracking import split_seed_of  # imports MLflow: not for --help
+    from medlm.registry import split_seed_of  # imports MLflow: not for --help
 
     settings, notes = {}, {}
     if run_params is not None and split_seed_of(run_params) is not None:  # older runs: "seed"
@@ -117,7 +117,8 @@ def answer_precision(requested: str | None, logged: str | None, device):
 def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
     """(per-disease table, micro-averaged scores) of the answers ``args`` asks for: greedy,
     beam search or a consensus."""
-    from medlm.metrics import evaluate_symptoms, references_by_disease, score_answers
+    from medlm.metrics import references_by_disease, score_answers
+    from medlm.scoring import evaluate_symptoms
 
     if args.consensus is None:
         return evaluate_symptoms(model, tokenizer, frame, max_new_tokens,
@@ -145,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from medlm.data import load_disease_data, split_by_disease
-    from medlm.inference import load_model_for_inference
+    from medlm.data import load_disease_data
+    from medlm.inference import load_model_for_inference, source_run
     from medlm.metrics import METRIC_VERSION, baseline_scores
     from medlm.modeling import resolve_device
-    from medlm.tracking import logged_metrics, source_run
+    from medlm.split import split_by_disease
+    from medlm.tracking import logged_metrics
 
     run = source_run(args.model_uri, args.registered_model)
     params = run.data.params if run else None

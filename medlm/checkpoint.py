@@ -14,7 +14,7 @@ replaced atomically); the previous epoch's directory is removed last. A kill at 
 leaves ``latest`` naming a complete epoch: never the weights of one epoch with the optimizer
 state of another.
 
-The checkpoint is written before the epoch's callbacks (metrics, symptom scores, samples) run,
+The checkpoint is written before the epoch's loggers (metrics, symptom scores, samples) run,
 and ``logged_epoch`` is written after them: a run killed in between produces them again when it
 resumes (see ``fit``).
 """

@@ -1,11 +1,21 @@
-"""Every knob of a training run, in one place. The defaults are the best recipe measured
-(``--recipe default``, experiments/RESULTS.md); ``RECIPES`` holds the alternatives as overrides of
-them, such as the seed notebook's settings."""
+"""Every setting of a training run, declared once: its default, its check, its help and its
+place on the command line (``experiments.run`` builds its flags from these fields). The defaults
+are the best recipe measured (experiments/RESULTS.md); a recipe file
+(``experiments/recipes/*.toml``, or any ``--config FILE``) changes some of them, such as the seed
+notebook's settings.
+
+A new setting is one ``setting(...)`` field of ``TrainConfig``: the flag, its help, its check
+(on the command line and in code alike) and the flags table follow from it.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from medlm.errors import MedLMError
@@ -26,121 +36,217 @@ SELECT_BY = ("validation_loss", "symptom_f1")
 # --lora-rank's default: adapters of this rank on a pretrained base, every weight trained on one
 # with random weights (experiments.init_model), where frozen random weights would learn nothing
 AUTO_LORA_RANK = 16
+# The named recipes: experiments/recipes/NAME.toml, settings that differ from the defaults.
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "recipes"
 
-# Settings that a --recipe changes from the defaults below; a flag given beside it wins.
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    # the seed notebook: Adam (no decay, no clipping), lr 5e-4, batch 8, 10 epochs at a constant
-    # rate, every weight trained, random batches of rows cut at 128 tokens, no early stopping
-    "seed-notebook": {"lr": 5e-4, "batch_size": 8, "epochs": 10, "scheduler": "constant",
-                      "warmup_steps": 0, "patience": 0, "lora_rank": 0, "max_grad_norm": 0.0,
-                      "weight_decay": 0.0, "group_by_length": False, "max_length": 128,
-                      "loss_on": "full", "prompt_format": "plain"},
-}
+
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric setting accepts, in the words its error uses."""
+
+    ok: Callable[[float], bool]
+    expected: str
+    whole: bool = False  # a whole number (int), not any number
+
+    def check(self, name: str, value: Any) -> None:
+        kind = int if self.whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not self.ok(value):
+            raise MedLMError(f"{flag_of(name)} {value!r} is invalid: expected {self.expected}")
+
+
+AT_LEAST_ONE = Rule(lambda v: v >= 1, "a whole number >= 1", whole=True)
+COUNT = Rule(lambda v: v >= 0, "a whole number >= 0", whole=True)
+SEED = Rule(lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1", whole=True)
+POSITIVE = Rule(lambda v: math.isfinite(v) and v > 0, "a number > 0")
+NON_NEGATIVE = Rule(lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+BELOW_ONE = Rule(lambda v: 0 <= v < 1, "a number >= 0 and < 1")
+FRACTION = Rule(lambda v: 0 < v < 1, "a number between 0 and 1")
+MINUTES = Rule(lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")
+
+# the flag groups of ``python -m experiments.run --help``, in order
+GROUPS = {"data": "data", "model": "model and hardware",
+          "training": "training (defaults: the best recipe measured, experiments/RESULTS.md)",
+          "samples": "samples written after every epoch",
+          "mlflow": "MLflow (tracking URI: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+          "run": "interruptions and output"}
+
+
+def setting(default: Any = MISSING, help: str = "", *, group: str, rule: Rule | None = None,
+            choices: tuple[str, ...] | None = None, sweep: bool = False, flag: str | None = None,
+            shown: str | None = None, metavar: str | None = None,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A ``TrainConfig`` field and its flag: ``help`` and ``group`` for --help, ``rule`` or
+    ``choices`` its check, ``sweep`` whether several values make a sweep, ``flag`` where the
+    flag is not the field's name, ``shown`` the default as --help words it, ``metavar`` the
+    value's name there."""
+    metadata = {"help": help, "group": group, "rule": rule, "choices": choices, "sweep": sweep,
+                "flag": flag, "shown": shown, "metavar": metavar}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a setting (``collective_timeout_min`` -> --collective-timeout)."""
+    found = next((f for f in fields(TrainConfig) if f.name == name), None)
+    return (found and found.metadata.get("flag")) or "--" + name.replace("_", "-")
 
 
 @dataclass
 class TrainConfig:
-    model: str = DEFAULT_MODEL
-    dataset: str = DEFAULT_DATASET
-    max_samples: int | None = None
-    max_length: int | None = None  # None: the model's context size
-    validation_fraction: float = 0.2
-    split_seed: int = 42  # which diseases are held out: part of what makes runs comparable
-    seed: int = 42  # initialisation, shuffling, dropout, adapters, samples
+    model: str = setting(
+        DEFAULT_MODEL, "Hub model id, an offline base (smollm2-135m-instruct: python -m "
+        "experiments.download), a save_pretrained directory or a .gguf file", group="model")
+    dataset: str = setting(
+        DEFAULT_DATASET, "Hub dataset id, or a local CSV/TSV/Parquet/JSON file with Name and "
+        "Symptoms columns", group="data")
+    max_samples: int | None = setting(
+        None, "use only the first N cleaned rows (quick runs)", group="data",
+        rule=AT_LEAST_ONE, shown="all")
+    max_length: int | None = setting(
+        None, "cap on tokens per row; longer rows are truncated", group="data",
+        rule=AT_LEAST_ONE, shown="the model's context size")
+    validation_fraction: float = setting(
+        0.2, "share of distinct diseases held out for validation", group="data", rule=FRACTION)
+    split_seed: int = setting(
+        42, "which diseases are held out: runs compare only on the same split", group="data",
+        rule=SEED)
 
-    recipe: str = "default"  # the name of the RECIPES entry the settings below came from
-    epochs: int = 3
-    batch_size: int = 8
-    lr: float = 5e-4
-    weight_decay: float = 0.0  # the seed used plain Adam; AdamW with 0.0 is the same update
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    grad_accum: int = 1
-    scheduler: str = "cosine"
-    warmup_steps: int = 10
-    patience: int = 1  # epochs without a better --select-by value before stopping; 0 = off
-    select_by: str = "validation_loss"
-    group_by_length: bool = True  # batches of similar-length rows: far less padding
-    loss_on: str = "full"  # "completion": the loss skips the prompt tokens
-    # "plain": "Name | Symptoms" rows; "chat": the tokenizer's chat template, which scored a
-    # little higher on SmolLM2 but makes rows 2.3x as long (prompts.py); "auto": chat where
-    # the tokenizer has a template
-    prompt_format: str = "plain"
-    shuffle_symptoms: bool = False  # each training row's symptoms in a new order every epoch
-    neftune_alpha: float = 0.0  # > 0: NEFTune noise on the input embeddings while training
-    label_smoothing: float = 0.0  # of the training loss (the validation loss never has it)
-    # > 0: train LoRA adapters of this rank (peft) instead of every weight; None: AUTO_LORA_RANK
-    # on a pretrained base, 0 on a randomly initialised one (``resolve_lora_rank``)
-    lora_rank: int | None = None
-    lora_alpha: float | None = None  # LoRA scaling numerator; None: 2 x lora_rank
-    lora_dropout: float = 0.0
-    lora_modules: str = "all-linear"  # LORA_MODULES
+    recipe: str = setting(
+        "default", "a named recipe, experiments/recipes/NAME.toml: the settings it changes from "
+        "the defaults below (flags given beside it win); seed-notebook: the seed notebook's "
+        "(full fine-tuning, constant lr, 10 epochs, no early stopping, no clipping, random "
+        "batches, rows cut at 128 tokens); chat-template: SmolLM2 prompted through its chat "
+        "template", group="training")
+    # the swept settings, in the order a sweep's table and run names show them: lr .. seed
+    lr: float = setting(5e-4, "AdamW learning rate", group="training", rule=POSITIVE, sweep=True)
+    batch_size: int = setting(
+        8, "rows per batch (under torchrun: of all processes together)", group="training",
+        rule=AT_LEAST_ONE, sweep=True)
+    epochs: int = setting(3, "passes over the training set", group="training",
+                          rule=AT_LEAST_ONE, sweep=True)
+    weight_decay: float = setting(  # the seed used plain Adam; AdamW with 0.0 is the same update
+        0.0, "AdamW weight decay (0 = the seed notebook's Adam)", group="training",
+        rule=NON_NEGATIVE, sweep=True)
+    seed: int = setting(
+        42, "seeds initialisation, shuffling, dropout, LoRA adapters and samples",
+        group="training", rule=SEED, sweep=True)
+    max_grad_norm: float = setting(1.0, "gradient clipping; 0 = off", group="training",
+                                   rule=NON_NEGATIVE)
+    grad_accum: int = setting(1, "batches per optimizer step", group="training",
+                              rule=AT_LEAST_ONE)
+    scheduler: str = setting("cosine", "learning-rate decay after warmup", group="training",
+                             choices=SCHEDULERS)
+    warmup_steps: int = setting(10, "optimizer steps of linear warmup", group="training",
+                                rule=COUNT)
+    patience: int = setting(
+        1, "stop after N epochs without a better --select-by value; 0 = off", group="training",
+        rule=COUNT)
+    select_by: str = setting(
+        "validation_loss", "what picks the best epoch (the weights kept), early stopping and "
+        "the champion: the lowest validation loss or the highest symptom F1 on the validation "
+        "diseases", group="training", choices=SELECT_BY)
+    group_by_length: bool = setting(
+        True, "batches of similar-length rows (far less padding); off: plain shuffled batches",
+        group="training")
+    loss_on: str = setting(
+        "full", "full: the whole \"Name | Symptoms\" text; completion: only the symptoms (the "
+        "loss skips the \"Name |\" prompt)", group="training", choices=LOSS_ON)
+    # chat scored a little higher on SmolLM2 but makes rows 2.3x as long (prompts.py)
+    prompt_format: str = setting(
+        "plain", "plain: \"Name | Symptoms\" rows; chat: the name and symptoms as the user's "
+        "and the assistant's turns of the tokenizer's chat template; auto: chat where the "
+        "tokenizer has a template", group="training", choices=PROMPT_FORMATS)
+    shuffle_symptoms: bool = setting(
+        False, "symptom-order augmentation: each training row's symptoms in a new order every "
+        "epoch", group="training")
+    neftune_alpha: float = setting(
+        0.0, "NEFTune: noise on the input embeddings while training, of scale alpha / "
+        "sqrt(tokens x width) (TRL suggests 5); 0 = off", group="training", rule=NON_NEGATIVE)
+    label_smoothing: float = setting(
+        0.0, "share of each target token's probability spread over the vocabulary in the "
+        "training loss (not the validation loss); 0 = off", group="training", rule=BELOW_ONE)
+    # None: AUTO_LORA_RANK on a pretrained base, 0 on a randomly initialised one
+    # (``resolve_lora_rank``)
+    lora_rank: int | None = setting(
+        None, "train LoRA adapters of this rank on every linear layer of the blocks (peft) "
+        "instead of every weight; merged into the base before the model is logged; 0 = full "
+        "fine-tuning", group="training", rule=COUNT,
+        shown=f"{AUTO_LORA_RANK} on a pretrained base, 0 on one with random weights "
+              "(experiments.init_model)")
+    lora_alpha: float | None = setting(
+        None, "LoRA scaling (the update is multiplied by alpha / rank)", group="training",
+        rule=POSITIVE, shown="2 x --lora-rank")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA adapters' input", group="training",
+                                  rule=BELOW_ONE)
+    lora_modules: str = setting(
+        "all-linear", "the layers with adapters: every linear layer of the blocks, or the "
+        "attention projections peft adapts by default (query and value in SmolLM2 or Gemma 3, "
+        "GPT-2's c_attn)", group="training", choices=LORA_MODULES)
 
-    device: str = "auto"
-    precision: str = "auto"
-    # torchrun: how long a process waits at a collective before the job fails (rank 0 scores
-    # and samples alone after each epoch while the others wait)
-    collective_timeout_min: float = 15.0
+    device: str = setting("auto", "auto: cuda, then mps, then cpu", group="model",
+                          choices=DEVICES)
+    precision: str = setting(
+        "auto", "auto: bf16 autocast where the hardware has it (fp16 + GradScaler on older "
+        "GPUs), else fp32", group="model", choices=PRECISIONS)
+    # rank 0 scores and samples alone after each epoch while the others wait
+    collective_timeout_min: float = setting(
+        15.0, "torchrun: minutes a process waits for the others at a collective before the job "
+        "fails (raise it if scoring after an epoch is slower)", group="model", rule=MINUTES,
+        flag="--collective-timeout")
 
-    sample_prompts: list[str] = field(default_factory=lambda: ["Kidney Failure"])
-    num_validation_samples: int = 2  # the first N validation diseases are sampled too
-    max_new_tokens: int = 40
-    symptom_eval: bool = True  # greedy-decode validation diseases, score symptoms
-    # score every epoch, not only the best one (always, with --select-by symptom_f1)
-    score_every_epoch: bool = False
+    sample_prompts: list[str] = setting(
+        help="disease to sample (repeatable); the first --num-validation-samples validation "
+        "diseases are added", group="samples", flag="--sample-prompt", metavar="DISEASE",
+        factory=lambda: ["Kidney Failure"])
+    num_validation_samples: int = setting(
+        2, "validation diseases sampled besides --sample-prompt", group="samples", rule=COUNT)
+    max_new_tokens: int = setting(
+        40, "tokens generated per sample and per symptom-scored answer", group="samples",
+        rule=AT_LEAST_ONE)
+    symptom_eval: bool = setting(
+        True, "score greedy answers for the validation diseases (symptom_precision/recall/f1, "
+        "word_f1, and the untuned base's epoch-0 score)", group="samples")
+    score_every_epoch: bool = setting(
+        False, "score the answers after every epoch, not only the best epoch's at the end "
+        "(always so with --select-by symptom_f1)", group="samples")
 
-    experiment: str = "medlm"
-    run_name: str | None = None
-    registered_model: str = "medlm"
-    register: bool = True  # False: log metrics and samples only (smoke runs)
-    promote: bool = False  # make this run's version @champion without comparing
-    checkpoint_dir: str = "checkpoints"  # a run's resumable state: <checkpoint_dir>/<run id>/
-    log_every_steps: int = 10  # per-step curves (loss, lr, grad norm, tokens/s); 0 = off
-    system_metrics: bool = True  # CPU, memory (and GPU) usage logged beside the run
-    progress: bool = True
+    experiment: str = setting("medlm", "MLflow experiment name", group="mlflow")
+    run_name: str | None = setting(None, "MLflow run name", group="mlflow", shown="MLflow's")
+    registered_model: str = setting(
+        "medlm", "Model Registry name the best model is registered under", group="mlflow")
+    register: bool = setting(
+        True, "log and register the model (off: smoke runs, metrics and samples only)",
+        group="mlflow")
+    promote: bool = setting(
+        False, "make this run's version @champion without comparing it (the champion otherwise "
+        "moves only to a better version with the same evaluation key)", group="mlflow")
+    checkpoint_dir: str = setting(
+        "checkpoints", "where each run keeps its resumable state (<dir>/<run id>/; removed "
+        "when the run finishes)", group="run")
+    log_every_steps: int = setting(
+        10, "per-step curves in MLflow (step/training_loss, step/learning_rate, "
+        "step/grad_norm, step/tokens_per_sec) every N optimizer steps; 0 = per-epoch metrics "
+        "only", group="mlflow", rule=COUNT)
+    system_metrics: bool = setting(True, "log CPU, memory and GPU usage (system/* metrics)",
+                                   group="mlflow")
+    progress: bool = setting(
+        True, "progress bars (they are off anyway when stderr is not a TTY)", group="run")
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "batch_size", "grad_accum", "max_new_tokens")
-        for name in positive_ints:
-            _require(name, getattr(self, name), lambda v: v >= 1, "a whole number >= 1")
-        for name in ("max_samples", "max_length"):
-            value = getattr(self, name)
-            if value is not None:
-                _require(name, value, lambda v: v >= 1, "a whole number >= 1")
-        for name in ("warmup_steps", "patience", "num_validation_samples", "log_every_steps"):
-            _require(name, getattr(self, name), lambda v: v >= 0, "a whole number >= 0")
-        if self.lora_rank is not None:
-            _require("lora_rank", self.lora_rank, lambda v: v >= 0, "a whole number >= 0")
-        for name in ("seed", "split_seed"):
-            _require(name, getattr(self, name), lambda v: 0 <= v < 2**32,
-                     "a whole number from 0 to 2**32 - 1")
-        _require_choice("recipe", self.recipe, tuple(RECIPES))
-        _require("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
-        _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
-        _require("neftune_alpha", self.neftune_alpha, lambda v: math.isfinite(v) and v >= 0,
-                 "a number >= 0")
-        if self.lora_alpha is not None:
-            _require("lora_alpha", self.lora_alpha, lambda v: math.isfinite(v) and v > 0,
-                     "a number > 0")
-        _require("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1,
-                 "a number >= 0 and < 1")
-        _require("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1,
-                 "a number >= 0 and < 1")
-        _require_choice("lora_modules", self.lora_modules, LORA_MODULES)
+        for declared in fields(self):
+            value, rule = getattr(self, declared.name), declared.metadata.get("rule")
+            if rule is not None and value is not None:
+                rule.check(declared.name, value)
+            if declared.metadata.get("choices"):
+                _require_choice(declared.name, value, declared.metadata["choices"])
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """The settings that are each valid but not together."""
         if self.lora_rank == 0 and self.sets_lora_options():
             raise MedLMError("--lora-alpha, --lora-dropout and --lora-modules need --lora-rank: "
                              "expected --lora-rank N (N >= 1) with them, or none of them")
-        _require("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0")
-        _require("collective_timeout_min", self.collective_timeout_min,
-                 lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")
-        _require(
-            "validation_fraction", self.validation_fraction, lambda v: 0 < v < 1,
-            "a number between 0 and 1",
-        )
-        _require_choice("scheduler", self.scheduler, SCHEDULERS)
-        _require_choice("loss_on", self.loss_on, LOSS_ON)
-        _require_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
-        _require_choice("select_by", self.select_by, SELECT_BY)
         if self.promote and not self.register:
             raise MedLMError("--promote with --no-register is invalid: expected one of them "
                              "(an unregistered run has no version to promote)")
@@ -150,8 +256,6 @@ class TrainConfig:
         if self.select_by == "symptom_f1" and not self.symptom_eval:
             raise MedLMError("--select-by symptom_f1 needs the per-epoch symptom scores: "
                              "expected no --no-symptom-eval, or --select-by validation_loss")
-        _require_choice("device", self.device, DEVICES)
-        _require_choice("precision", self.precision, PRECISIONS)
 
     def sets_lora_options(self) -> bool:
         """Was any adapter setting changed from its default (meaningless without adapters)?"""
@@ -160,9 +264,9 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "default", **settings: Any) -> TrainConfig:
-        """The ``recipe``'s settings, with ``settings`` (the flags a user gave) over them."""
-        _require_choice("recipe", recipe, tuple(RECIPES))
-        return cls(recipe=recipe, **{**RECIPES[recipe], **settings})
+        """The settings of ``recipe`` (a name in ``RECIPES_DIR`` or a .toml file), with
+        ``settings`` (the flags a user gave) over them."""
+        return cls(recipe=recipe, **{**read_recipe(recipe), **settings})
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
@@ -185,13 +289,65 @@ class TrainConfig:
         return params
 
 
-def _require(name: str, value: Any, ok, expected: str) -> None:
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-        raise MedLMError(f"{flag} {value!r} is invalid: expected {expected}")
+# the settings that take several values on the command line, one run of a sweep per combination
+SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig)
+                  if declared.metadata["sweep"])
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        flag = "--" + name.replace("_", "-")
-        raise MedLMError(f"{flag} {value!r} is invalid: expected one of {', '.join(choices)}")
+        raise MedLMError(f"{flag_of(name)} {value!r} is invalid: expected one of "
+                         f"{', '.join(choices)}")
+
+
+def setting_kinds() -> dict[str, type]:
+    """Each setting's type, None left out: ``int | None`` -> int, ``list[str]`` -> list."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        if typing.get_origin(hint) is list:
+            kinds[name] = list
+        else:
+            kinds[name] = next(kind for kind in typing.get_args(hint) or (hint,)
+                               if kind is not type(None))
+    return kinds
+
+
+def recipe_names() -> tuple[str, ...]:
+    """The named recipes: the files of ``RECIPES_DIR``."""
+    return tuple(sorted(path.stem for path in RECIPES_DIR.glob("*.toml")))
+
+
+def recipe_file(recipe: str) -> Path:
+    """The file of a named recipe, or ``recipe`` itself when it is a .toml path."""
+    if recipe.endswith(".toml"):
+        path = Path(recipe).expanduser()
+        if not path.is_file():
+            raise MedLMError(f"--config {recipe!r} is not a file: expected a TOML file of "
+                             "settings, such as experiments/recipes/seed-notebook.toml")
+        return path
+    path = RECIPES_DIR / f"{recipe}.toml"
+    if not path.is_file():
+        raise MedLMError(f"--recipe {recipe!r} is invalid: expected one of "
+                         f"{', '.join(recipe_names())} (or --config FILE.toml)")
+    return path
+
+
+def read_recipe(recipe: str) -> dict[str, Any]:
+    """A recipe's settings, checked: each a ``TrainConfig`` field of the field's type."""
+    path = recipe_file(recipe)
+    try:
+        settings = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise MedLMError(f"recipe {str(path)!r} is not TOML ({error}): expected lines of "
+                         "setting = value") from None
+    kinds = setting_kinds()
+    for name, value in settings.items():
+        if name not in kinds or name == "recipe":
+            raise MedLMError(f"recipe {str(path)!r}: {name!r} is not a setting: expected "
+                             f"one of {', '.join(kinds)}")
+        kind = kinds[name]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(
+                value, (int, float) if kind is float else kind):
+            raise MedLMError(f"recipe {str(path)!r}: {name} = {value!r} is invalid: expected "
+                             f"a {kind.__name__}")
+    return settings

@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from medlm.metrics import content_words, phrases_match
+from medlm.generate import GenerationSettings, generate
+from medlm.text import content_words, phrases_match
 
 DEFAULT_VOTERS = 5  # answers per disease: the greedy one and 4 samples
 MIN_VOTES = 2  # answers that must name a symptom for it to be kept
@@ -75,7 +76,6 @@ def consensus_answer(samples: Sequence[str], min_votes: int = MIN_VOTES) -> str:
 def consensus_answers(model, tokenizer, diseases: list[str], voters: int = DEFAULT_VOTERS,
                       max_new_tokens: int = 40, seed: int = 42) -> list[str]:
     """One merged answer per disease from its greedy answer and ``voters - 1`` samples."""
-    from medlm.generate import GenerationSettings, generate
 
     greedy = generate(model, tokenizer, diseases, GenerationSettings(
         max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0))

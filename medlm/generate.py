@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from medlm.errors import MedLMError
-from medlm.modeling import casts_cached
+from medlm.modeling import casts_cached, context_size
 from medlm.prompts import bos_ids, prompt_format_of, prompts_for
 
 
@@ -44,7 +44,6 @@ class GenerationSettings:
 def check_generation_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """A prompt and its answer must fit the model's context (GPT-2's position embeddings end
     there: beyond, generation fails with an IndexError deep inside the model)."""
-    from medlm.modeling import context_size
 
     context = context_size(model)
     if context is not None and prompt_tokens >= context:

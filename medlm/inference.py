@@ -1,9 +1,22 @@
-"""Inference: a trained model loaded from wherever a user names it, ready to write symptoms
-(``medlm.generate.generate``)."""
+"""Inference: a trained model loaded from wherever a user names it (a registry or run URI,
+checked up front so a miss lists what exists; a directory; a file; an offline base), ready to
+write symptoms (``medlm.generate.generate``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from medlm.errors import MedLMError
+from medlm.modeling import load_tokenizer_and_model
+from medlm.offline import known_bases, resolve_base_name
+from medlm.tokens import ensure_pad_token
 
 
 def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
@@ -11,9 +24,6 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
     ``models:/NAME/latest``, a bare version), a logged model (``models:/m-MODEL_ID``), a run
     (``runs:/RUN_ID/model``), an MLflow model directory, a ``save_pretrained`` directory, a
     .gguf file or an offline base name."""
-    from medlm.modeling import load_tokenizer_and_model
-    from medlm.tokens import ensure_pad_token
-    from medlm.tracking import load_logged_model, resolve_model_uri
 
     resolved = resolve_model_uri(model_uri, registered_model)
     if os.path.isfile(resolved) or (os.path.isdir(resolved) and
@@ -21,3 +31,120 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
         return load_tokenizer_and_model(resolved)
     tokenizer, model = load_logged_model(resolved, asked=model_uri)
     return ensure_pad_token(tokenizer, model)
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
+    """Accept ``models:/name@alias``, ``models:/name/3``, a bare version ``3``, ``runs:/...``,
+    an offline base name, a local directory or GGUF file; check registry URIs up front so a miss
+    lists what exists."""
+
+    local = os.path.expanduser(model_uri)
+    if os.path.isdir(local) or (os.path.isfile(local) and local.lower().endswith(".gguf")):
+        return local
+    base = resolve_base_name(model_uri)
+    if base:
+        return str(base)
+    if model_uri.isdigit():
+        model_uri = f"models:/{registered_model}/{model_uri}"
+    match = _MODELS_URI.match(model_uri)
+    if match and not (match["alias"] or match["version"]) and _LOGGED_MODEL_ID.match(
+            match["name"]):  # MLflow 3: models:/m-<model id>, a logged model
+        _check_logged_model(model_uri, match["name"])
+    elif match and match["version"] == "latest":  # the newest version, as MLflow means it
+        _check_registry(model_uri, match["name"], None, None)
+        versions = MlflowClient().search_model_versions(
+            f"name = '{match['name']}'", max_results=1, order_by=["version_number DESC"])
+        if not versions:
+            raise MedLMError(f"model URI {model_uri!r}: registered model {match['name']!r} has "
+                             "no versions: expected one, trained with python -m experiments.run")
+        newest = max(int(version.version) for version in versions)
+        model_uri = f"models:/{match['name']}/{newest}"
+    elif match:
+        _check_registry(model_uri, match["name"], match["alias"], match["version"])
+    elif not re.match(r"^[a-z][a-z0-9+.-]*:/", model_uri):
+        raise MedLMError(f"model URI {model_uri!r} is not a directory or URI: expected "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                         "models:/m-MODEL_ID, runs:/RUN_ID/model, an offline "
+                         f"base ({known_bases()}), a local directory or a .gguf file")
+    return model_uri
+
+
+_LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
+
+
+def _check_logged_model(model_uri: str, model_id: str) -> None:
+    try:
+        MlflowClient().get_logged_model(model_id)
+    except MlflowException:
+        raise MedLMError(f"model URI {model_uri!r}: no logged model {model_id!r} at "
+                         f"{mlflow.get_tracking_uri()}: expected the id shown in the run's "
+                         "Models tab") from None
+
+
+def _check_registry(model_uri: str, name: str, alias: str | None, version: str | None) -> None:
+    client = MlflowClient()
+    where = mlflow.get_tracking_uri()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        names = [model.name for model in client.search_registered_models()]
+        known = ", ".join(names) if names else "none"
+        raise MedLMError(f"model URI {model_uri!r}: no registered model {name!r} at {where} "
+                         f"(registered models: {known}); train one with python -m "
+                         "experiments.run") from None
+    versions = client.search_model_versions(f"name = '{name}'")
+    numbers = sorted((str(model_version.version) for model_version in versions), key=int)
+    aliases = ", ".join(f"@{alias_name} -> {number}"
+                        for alias_name, number in sorted(registered.aliases.items()))
+    known = f"versions: {', '.join(numbers) or 'none'}; aliases: {aliases or 'none'}"
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        elif version:
+            client.get_model_version(name, version)
+    except MlflowException:
+        missing = f"alias @{alias}" if alias else f"version {version}"
+        raise MedLMError(f"model URI {model_uri!r}: registered model {name!r} has no {missing} "
+                         f"at {where} ({known})") from None
+
+
+def source_run(model_uri: str, registered_model: str = "medlm"):
+    """The MLflow run a ``models:/`` or ``runs:/`` URI (or bare version) was logged by; None for
+    local directories and files."""
+    resolved = resolve_model_uri(model_uri, registered_model)
+    client = MlflowClient()
+    match = _MODELS_URI.match(resolved)
+    run_id = None
+    if match and _LOGGED_MODEL_ID.match(match["name"]) and not match["version"]:
+        run_id = client.get_logged_model(match["name"]).source_run_id
+    elif match:
+        version = (client.get_model_version_by_alias(match["name"], match["alias"])
+                   if match["alias"] else
+                   client.get_model_version(match["name"], match["version"])
+                   if match["version"] else None)
+        run_id = version.run_id if version is not None else None
+    elif resolved.startswith("runs:/"):
+        run_id = resolved.removeprefix("runs:/").split("/")[0]
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise MedLMError(f"model URI {model_uri!r}: no run {run_id!r} at "
+                         f"{mlflow.get_tracking_uri()}: expected a run id that exists") from None
+
+
+def load_logged_model(model_uri: str, asked: str | None = None):
+    """(tokenizer, model) of a logged transformers model (``models:/``, ``runs:/`` or an MLflow
+    model directory), as components; ``asked``: the URI as the user wrote it, for errors."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            components = mlflow.transformers.load_model(model_uri, return_type="components")
+    except MlflowException as error:
+        first_line = str(error).strip().splitlines()[0][:200]
+        raise MedLMError(f"could not load model URI {asked or model_uri!r} ({first_line}): "
+                         "expected a logged transformers model") from None
+    return components["tokenizer"], components["model"]

@@ -9,9 +9,12 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from medlm import distributed
 from medlm._paths import sweep_state_file
+from medlm.checkpoint import saved_epochs, write_durably
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
+from medlm.hub import HubUnavailable
 from medlm.recipe import (
     check_output_paths,
     check_resume_data,
@@ -32,7 +35,6 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
     run; ``started``: when the process began (its start-up counts in the first run's time).
     Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts;
     a Hub failure later on (a sweep child's model) is a plain error."""
-    from medlm.hub import HubUnavailable
 
     if len(configs) > 1 and any(config.promote for config in configs):
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
@@ -60,8 +62,6 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
     ``precision``, ``progress``, ``system_metrics``, where given); ``epochs``, when given,
     changes how many epochs the run has in all (at least those it has completed)."""
-    from medlm import distributed
-    from medlm.checkpoint import saved_epochs, write_durably
 
     if sweep_state_file(checkpoint_dir, run_id).is_file():
         if epochs is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from medlm.errors import MedLMError
+from medlm.modeling import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
         raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
                          f"{type(model).__name__} ({error}): expected a transformers causal LM "
                          "with linear projections") from None
-    from medlm.modeling import count_parameters
 
     trainable, total = trainable_parameters(wrapped), count_parameters(wrapped)
     log.info("LoRA rank %d (alpha %g): %d of %d parameters trained (%.2f%%)", rank,

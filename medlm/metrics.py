@@ -31,72 +31,18 @@ words). A model that has learnt something scores above both, on diseases it neve
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import pandas as pd
+
+from medlm.text import content_words, phrases_match, split_phrases
 
 # bump when a change to the rules makes old scores incomparable; 3: a run's answers are decoded
 # under its bf16 autocast (where it trains in bf16), all validation names in one batch;
 # 4: "-es" plurals meet their singulars ("rashes" / "rash")
 METRIC_VERSION = "4"
-MATCH_SHARE = 2 / 3  # the shorter phrase has at least this share of the longer's words
-STOPWORDS = frozenset("""
-a an the and or nor but of in on at to into onto from by for with within as is are be
-being been was were it its this that these those there their them they he she his her him
-which who whom what when where while than then so such very can may might could would should
-will also other some any all both each more most less due especially sometimes often usually
-like eg ie etc per about around over under up down out off
-""".split())
-MODIFIERS = frozenset("""
-severe mild moderate extreme persistent chronic frequent sudden excessive recurrent recurring
-occasional constant intense significant slight
-""".split())
-_NOT_WORD = re.compile(r"[^\w]+")
-
-
-def word_form(word: str) -> str:
-    """One form per word: a plural ``s``/``ies`` dropped ("legs" -> "leg"), and an ``e`` after
-    ch/sh/ss/x/z, so an "-es" plural meets its singular ("rashes", "rash" -> "rash";
-    "patches" -> "patch"; "headaches", "headache" -> "headach")."""
-    if len(word) > 3 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        word = word[:-1]
-    if len(word) > 3 and word.endswith("e") and word[:-1].endswith(_ES_STEMS):
-        return word[:-1]
-    return word
-
-
-_ES_STEMS = ("ch", "sh", "ss", "x", "z")  # whose plural is "-es"
-
-
-def content_words(text: str) -> frozenset[str]:
-    """The words of ``text`` that carry meaning, in one form: see the module docstring."""
-    ignored = STOPWORDS | MODIFIERS
-    return frozenset(word_form(word) for word in _NOT_WORD.sub(" ", text.casefold()).split()
-                     if word not in ignored and word_form(word) not in ignored
-                     and not word.isdigit())
-
-
-def split_phrases(text: str) -> list[frozenset[str]]:
-    """The distinct phrases of a comma-separated answer, each as its content words, in order."""
-    phrases: list[frozenset[str]] = []
-    for raw in text.split(","):
-        phrase = content_words(raw)
-        if phrase and phrase not in phrases:
-            phrases.append(phrase)
-    return phrases
-
-
-def phrases_match(generated: Iterable[str] | str, reference: Iterable[str] | str) -> bool:
-    """Do two phrases (text or content words) name the same symptom? See the module docstring."""
-    generated = content_words(generated) if isinstance(generated, str) else frozenset(generated)
-    reference = content_words(reference) if isinstance(reference, str) else frozenset(reference)
-    shorter, longer = sorted((generated, reference), key=len)
-    return bool(shorter) and shorter <= longer and len(shorter) >= MATCH_SHARE * len(longer) - 1e-9
-
-
 @dataclass(frozen=True)
 class SymptomScore:
     """Counts behind a precision/recall/F1: of phrases (symptom scores) or of words (word F1)."""
@@ -187,8 +133,6 @@ def score_answers(answers: Sequence[str], frame):
 
     Returns (per-disease table as a DataFrame, micro-averaged ``AnswerScores``).
     """
-    import pandas as pd
-
     references = list(references_by_disease(frame).values())
     if len(answers) != len(references):
         raise ValueError(f"{len(answers)} answers for {len(references)} diseases")
@@ -202,34 +146,6 @@ def score_answers(answers: Sequence[str], frame):
                      "word_f1": word.f1, "generated": answer, "reference": reference})
     return pd.DataFrame(rows), AnswerScores(micro_average(symptom_scores),
                                             micro_average(word_scores))
-
-
-# Greedy answers for scoring: no repetition penalty. The seed's 1.2 penalises every token
-# already written, commas included, which is the separator the metric splits on (experiments/
-# RESULTS.md, "Repetition penalty of the scored answers", has the measurement).
-SCORING_REPETITION_PENALTY = 1.0
-
-
-def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, *,
-                      repetition_penalty: float = SCORING_REPETITION_PENALTY,
-                      num_beams: int = 1):
-    """Greedy-decode (or, with ``num_beams`` > 1, beam-search) every distinct disease of
-    ``frame`` and score it against its symptoms.
-
-    The names go to ``generate`` together, which decodes them in as few batches as its bound
-    allows: a decoding step of SmolLM2-135M costs a fixed ~70 ms plus ~2.5 ms per sequence
-    (2-core AVX512-BF16 CPU, fp32), so 40 names take 6.9 s in one batch against 11.8 s in
-    batches of 16, and 78 names 10.2 s in one against 13.6 s in two.
-
-    Returns (per-disease table as a DataFrame, micro-averaged ``AnswerScores``).
-    """
-    from medlm.generate import GenerationSettings, generate
-
-    names = [name for name, _ in references_by_disease(frame).values()]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False,
-                                  repetition_penalty=repetition_penalty, num_beams=num_beams)
-    answers = [texts[0] for texts in generate(model, tokenizer, names, settings)]
-    return score_answers(answers, frame)
 
 
 def constant_answer(train_frame, size: int = 5) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub, model_in_cache
+from medlm.offline import cache_dir, known_bases, resolve_base_name
 from medlm.tokens import ensure_pad_token
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,6 @@ def load_tokenizer_and_model(name_or_path: str):
     precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
     token becomes end-of-text. ``trust_remote_code`` is never turned on.
     """
-    from medlm.offline import known_bases, resolve_base_name
 
     base = resolve_base_name(name_or_path)
     path = str(base) if base else os.path.expanduser(name_or_path)
@@ -37,23 +38,12 @@ def load_tokenizer_and_model(name_or_path: str):
                          "save_pretrained, or a .gguf file")
     local = os.path.isdir(path) or is_gguf
     offline = None if local else check_hub()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
     # up model cards and licenses by it).
     if is_gguf:
         cached = dequantized_cache(path)
-        if cached.is_dir():  # de-quantized before: a plain fp32 model, read in a second
-            try:
-                return ensure_pad_token(AutoTokenizer.from_pretrained(str(cached)),
-                                        AutoModelForCausalLM.from_pretrained(
-                                            str(cached), dtype=torch.float32))
-            except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
-                log.warning("the de-quantized copy in %s is unreadable (%s): converting the "
-                            "GGUF file again", cached, first_line(error))
-                import shutil
-
-                shutil.rmtree(cached, ignore_errors=True)
+        if (loaded := _read_dequantized(cached)) is not None:
+            return loaded
         source = os.path.dirname(os.path.abspath(path))
         extra = {"gguf_file": os.path.basename(path)}
         log.info("de-quantizing %s (GGUF) to fp32, once: later runs read %s", name_or_path,
@@ -63,19 +53,9 @@ def load_tokenizer_and_model(name_or_path: str):
         extra = {}
         if not local and not offline:
             log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        reason = first_line(error)
-        if offline:
-            cached = model_in_cache(name_or_path)  # then the reason is worth naming
-            raise HubUnavailable("model", name_or_path, offline, reason if cached else "") from None
-        where = "GGUF file" if is_gguf else "directory" if local else "Hub id"
-        hint = "" if local else f" (no Hub access? an offline base: {known_bases()})"
-        raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
-                         "expected a causal LM Hub id, save_pretrained directory or .gguf "
-                         f"file{hint}") from None
+    tokenizer, model = _from_pretrained(name_or_path, source, extra, offline,
+                                        "GGUF file" if is_gguf else "directory" if local
+                                        else "Hub id")
     if offline:
         log.info("model %s: from the local Hugging Face cache (the Hub is not reachable: %s)",
                  name_or_path, offline)
@@ -83,6 +63,45 @@ def load_tokenizer_and_model(name_or_path: str):
         _forget_gguf_quantization(model)
         _save_dequantized(tokenizer, model, cached)
     return ensure_pad_token(tokenizer, model)
+
+
+def _read_dequantized(cached: Path):
+    """(tokenizer, model) of a GGUF file de-quantized before (a plain fp32 model, read in a
+    second); None where there is none, or it is damaged in any way (then it is converted
+    again)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cached.is_dir():
+        return None
+    try:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(str(cached)),
+                                AutoModelForCausalLM.from_pretrained(str(cached),
+                                                                     dtype=torch.float32))
+    except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
+        log.warning("the de-quantized copy in %s is unreadable (%s): converting the GGUF file "
+                    "again", cached, first_line(error))
+        shutil.rmtree(cached, ignore_errors=True)
+        return None
+
+
+def _from_pretrained(name_or_path: str, source: str, extra: dict, offline: str | None,
+                     where: str):
+    """transformers' tokenizer and fp32 model from ``source``; a failure is one line naming
+    ``name_or_path`` (``where``: what kind of source it is), or ``HubUnavailable`` offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(source, **extra),
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra))
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        reason = first_line(error)
+        if offline:
+            cached = model_in_cache(name_or_path)  # then the reason is worth naming
+            raise HubUnavailable("model", name_or_path, offline, reason if cached else "") from None
+        hint = "" if where != "Hub id" else f" (no Hub access? an offline base: {known_bases()})"
+        raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
+                         "expected a causal LM Hub id, save_pretrained directory or .gguf "
+                         f"file{hint}") from None
 
 
 def dequantized_cache(gguf_path: str) -> Path:
@@ -96,7 +115,6 @@ def dequantized_cache(gguf_path: str) -> Path:
 
     import transformers
 
-    from medlm.offline import cache_dir
 
     try:
         gguf_version = version("gguf")

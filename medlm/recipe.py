@@ -1,11 +1,12 @@
 """One training run, from flags to a registered model: setup (``prepare``: data, split,
 device, precision, model, every check a user could fail), train (``train_and_register``: one
-MLflow run through ``fit`` with the epoch report as a callback), register (the best epoch's
+MLflow run through ``fit`` with the epoch report among its loggers), register (the best epoch's
 weights as a model version, maybe the champion), cleanup (the checkpoint removed); and what a
 resumed run needs (its saved settings, the data check, the command that resumes it).
 
 Sweeps are ``medlm.sweep``; what ``experiments/run.py`` calls is ``medlm.launch``. The MLflow
-calls are in ``medlm.tracking``; the loop (``medlm.train``) imports nothing of MLflow.
+calls are in ``medlm.tracking`` and ``medlm.registry``; the loop (``medlm.train``) imports
+nothing of MLflow.
 """
 
 from __future__ import annotations
@@ -18,23 +19,47 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from medlm._paths import SWEEP_FILE, sweep_state_file
-from medlm.config import TrainConfig
+import torch
+
+from medlm import distributed
+from medlm._paths import SWEEP_FILE, check_writable, sweep_state_file
+from medlm.checkpoint import check_world_size, has_checkpoint, logged_epoch, saved_epochs
+from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig, recipe_file
+from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
 from medlm.errors import MedLMError
+from medlm.generate import GenerationSettings, check_generation_length, encode_prompts
+from medlm.lora import add_lora, merge_lora, trainable_parameters
+from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
+from medlm.modeling import (
+    Precision,
+    count_parameters,
+    describe_device,
+    effective_max_length,
+    load_tokenizer_and_model,
+    resolve_device,
+    resolve_precision,
+    tokenizer_sha256,
+)
+from medlm.offline import (
+    base_licence,
+    cache_dir,
+    forget_random_weights,
+    randomly_initialised,
+    resolve_base_name,
+)
+from medlm.prompts import prompts_for, resolve_prompt_format, set_prompt_format
+from medlm.registry import register
 from medlm.report import EpochReport, TimeReport
+from medlm.split import DiseaseSplit, split_by_disease
+from medlm.store import artifact_directory, server_stopped_answering, tracking_uri
 from medlm.timing import Stopwatch
-
-if TYPE_CHECKING:
-    import torch
-
-    from medlm.data import DiseaseData, DiseaseSplit
-    from medlm.modeling import Precision
+from medlm.timing import describe as describe_time
+from medlm.tracking import MlflowTracker, library_versions, logged_metrics
+from medlm.train import EpochResult, FitResult, NonFiniteLossError, fit, noisy_embeddings
 
 log = logging.getLogger("medlm")
 
-SWEEPABLE = ("lr", "batch_size", "epochs", "weight_decay", "seed")
 DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was trained on
 
 
@@ -60,13 +85,6 @@ def prepare(config: TrainConfig, started: float | None = None) -> Prepared:
 
 
 def _prepare(config: TrainConfig, stopwatch) -> Prepared:
-    from medlm import distributed
-    from medlm.data import load_disease_data, split_by_disease
-    from medlm.generate import check_generation_length, encode_prompts
-    from medlm.modeling import load_tokenizer_and_model, resolve_device, resolve_precision
-    from medlm.offline import resolve_base_name
-    from medlm.prompts import prompts_for, resolve_prompt_format
-
     resolve_base_name(config.model)  # a mistyped or missing base fails before the data loads
     if config.system_metrics:
         import importlib.util
@@ -114,12 +132,6 @@ class _RunParts:
 
 
 def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
-    from medlm import distributed
-    from medlm.data import LanguageDataset, make_loader
-    from medlm.generate import GenerationSettings
-    from medlm.metrics import baseline_scores
-    from medlm.modeling import count_parameters, effective_max_length
-
     tokenizer, split, model = prepared.tokenizer, prepared.split, prepared.model
     max_length = effective_max_length(config.max_length, model)
     with prepared.stopwatch.phase("tokenization"):
@@ -139,7 +151,6 @@ def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
     model.generation_config = settings.to_generation_config(tokenizer)
     base_parameters = None
     if config.lora_rank:  # adapters on the base; the generation settings stay the base's
-        from medlm.lora import add_lora
 
         base_parameters = count_parameters(model)
         with prepared.stopwatch.phase("startup"):
@@ -155,11 +166,6 @@ def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
 def _run_params(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> dict:
     """The run's MLflow params: every setting, and what the data, split, tokenizer, device and
     libraries were."""
-    from medlm import distributed
-    from medlm.lora import trainable_parameters
-    from medlm.metrics import METRIC_VERSION
-    from medlm.modeling import count_parameters, describe_device, tokenizer_sha256
-    from medlm.tracking import library_versions
 
     data, split, device = prepared.data, prepared.split, prepared.device
     train_set, validation_set = parts.train_set, parts.validation_set
@@ -191,9 +197,6 @@ def _run_params(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> di
 
 
 def _log_start(config: TrainConfig, prepared: Prepared, parts: _RunParts) -> None:
-    from medlm import distributed
-    from medlm.modeling import describe_device
-
     data, world_size = prepared.data, distributed.world_size()
     log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
              "diseases; %d names grouped with a variant so that none is on both sides); %s on "
@@ -208,8 +211,6 @@ def _epoch_report(config: TrainConfig, prepared: Prepared, parts: _RunParts,
                   tracker) -> EpochReport:
     """The run's report: its samples are ``config.sample_prompts`` and the first
     ``config.num_validation_samples`` held-out diseases."""
-    from medlm.metrics import references_by_disease
-    from medlm.modeling import describe_device
 
     prompts = list(dict.fromkeys(
         config.sample_prompts + parts.validation_names[:config.num_validation_samples]))
@@ -224,9 +225,6 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
                report: EpochReport, checkpoint: Path, resume_run_id: str | None) -> None:
     """On the main process: a new run's checkpoint directory, datasets, baselines and untuned
     scores; a resumed run's epochs and untuned scores read back."""
-    from medlm.checkpoint import logged_epoch, saved_epochs
-    from medlm.tracking import logged_metrics
-    from medlm.train import EpochResult
 
     if resume_run_id:
         saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
@@ -242,6 +240,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
     (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
     with stopwatch.phase("logging"):
         tracker.log_datasets(split.train, split.validation, data.source)
+        tracker.log_recipe(recipe_file(config.recipe))
         tracker.log_baselines(parts.baselines)
     for name, (_, scores) in parts.baselines.items():
         log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
@@ -254,9 +253,6 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
 
 
 def _say_how_to_resume(nested: bool, checkpoint: Path, run_id: str, config: TrainConfig) -> None:
-    from medlm import distributed
-    from medlm.checkpoint import has_checkpoint
-
     if nested:
         return  # the sweep says how to resume it as a whole
     if has_checkpoint(checkpoint):
@@ -269,7 +265,6 @@ def _say_how_to_resume(nested: bool, checkpoint: Path, run_id: str, config: Trai
 
 def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: EpochReport) -> None:
     """Where no epoch was scored as it ended: the kept one, now."""
-    from medlm import distributed
 
     if config.symptom_eval and not best.scores:
         with stopwatch.phase("scoring"):
@@ -282,8 +277,6 @@ def _log_model(config: TrainConfig, prepared: Prepared, model, best, tracker,
                params: dict) -> tuple[str | None, str]:
     """The kept epoch's model logged, and registered unless told not to: returns (version or
     None, the champion rule's verdict)."""
-    from medlm import distributed
-    from medlm.offline import base_licence, forget_random_weights
 
     main_process = distributed.is_main()
     version, verdict = None, "not registered (--no-register)"
@@ -292,8 +285,8 @@ def _log_model(config: TrainConfig, prepared: Prepared, model, best, tracker,
         if main_process and not config.register:
             tracker.log_best(best)
         elif main_process:
-            version, verdict = tracker.log_and_register_model(
-                model, prepared.tokenizer, best, params, config.select_by,
+            version, verdict = register(
+                tracker, model, prepared.tokenizer, best, params, config.select_by,
                 promote=config.promote, licence=base_licence(config.model))
     return version, verdict
 
@@ -304,22 +297,14 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
     run id as soon as there is one (a sweep records which child is in progress)."""
-    from medlm import distributed
-    from medlm.lora import merge_lora
-    from medlm.modeling import describe_device
-    from medlm.prompts import resolve_prompt_format, set_prompt_format
-    from medlm.timing import describe as describe_time
-    from medlm.tracking import MlflowTracker
-    from medlm.train import NonFiniteLossError, fit, noisy_embeddings
-
-    stopwatch, device, main_process = prepared.stopwatch, prepared.device, distributed.is_main()
+    stopwatch, main_process = prepared.stopwatch, distributed.is_main()
     config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
         config.prompt_format, prepared.tokenizer, config.model))
     set_prompt_format(prepared.model, config.prompt_format)  # generation, scoring, serving
     parts = _run_parts(config, prepared)
     _log_start(config, prepared, parts)
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
-                            transformer=config.model, gpu=describe_device(device),
+                            transformer=config.model, gpu=describe_device(prepared.device),
                             batch_size=config.batch_size, select_by=config.select_by,
                             system_metrics=config.system_metrics)
     params = _run_params(config, prepared, parts)
@@ -335,30 +320,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = _epoch_report(config, prepared, parts, tracker)
-        timer = TimeReport(stopwatch, tracker)
-        # every epoch is scored where the selection needs it (or it is asked for); else the
-        # kept epoch alone, after training
-        score_epochs = config.symptom_eval and (config.score_every_epoch
-                                                or config.select_by == "symptom_f1")
-        try:
-            if main_process:
-                _begin_run(config, prepared, parts, tracker, report, checkpoint, resume_run_id)
-            if main_process and not resume_run_id:
-                timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
-            else:
-                stopwatch.lap()  # a resumed run's epochs from here on
-            with noisy_embeddings(parts.model, config.neftune_alpha):
-                result = fit(parts.model, parts.train_loader, parts.validation_loader, config,
-                             device, prepared.precision, callbacks=[tracker, report, timer],
-                             checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
-                             scorer=report.score if score_epochs else None,
-                             stopwatch=stopwatch)
-        except KeyboardInterrupt:
-            _say_how_to_resume(nested, checkpoint, run_id, config)
-            raise
-        except NonFiniteLossError as error:
-            error.run_id = run_id  # a sweep records which child diverged
-            raise
+        result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
+                        nested)
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
@@ -369,12 +332,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  " (stopped early)" if result.stopped_early else "",
                  parts.held_out_diseases)
         version, verdict = _log_model(config, prepared, model, best, tracker, params)
-        if main_process:
-            split_seconds = stopwatch.split()
-            try:  # telemetry: its failure must not fail a run that has its model
-                tracker.log_time_split(split_seconds)
-            except Exception as error:  # noqa: BLE001
-                log.warning("could not log the time split: %s", error)
+        split_seconds = _log_time_split(tracker, stopwatch) if main_process else {}
     if main_process:  # the run has ended FINISHED: nothing to resume any more
         shutil.rmtree(checkpoint, ignore_errors=True)
         log.info("%s", verdict if version is None else
@@ -385,6 +343,48 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
             "symptom_f1": best.scores.get("symptom_f1", float("nan")),
             "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
+
+
+def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,
+           report: EpochReport, checkpoint: Path, resume_run_id: str | None,
+           nested: bool) -> FitResult:
+    """The run's set-up logging (a new run's datasets, baselines and untuned scores; a resumed
+    run's epochs read back), then ``fit``; a Ctrl-C says how to resume."""
+    stopwatch, main_process = prepared.stopwatch, distributed.is_main()
+    timer = TimeReport(stopwatch, tracker)
+    # every epoch is scored where the selection needs it (or it is asked for); else the kept
+    # epoch alone, after training
+    score_epochs = config.symptom_eval and (config.score_every_epoch
+                                            or config.select_by == "symptom_f1")
+    try:
+        if main_process:
+            _begin_run(config, prepared, parts, tracker, report, checkpoint, resume_run_id)
+        if main_process and not resume_run_id:
+            timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
+        else:
+            stopwatch.lap()  # a resumed run's epochs from here on
+        with noisy_embeddings(parts.model, config.neftune_alpha):
+            return fit(parts.model, parts.train_loader, parts.validation_loader, config,
+                       prepared.device, prepared.precision, loggers=[tracker, report, timer],
+                       checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
+                       scorer=report.score if score_epochs else None, stopwatch=stopwatch)
+    except KeyboardInterrupt:
+        _say_how_to_resume(nested, checkpoint, checkpoint.name, config)
+        raise
+    except NonFiniteLossError as error:
+        error.run_id = checkpoint.name  # a sweep records which child diverged
+        raise
+
+
+def _log_time_split(tracker: MlflowTracker, stopwatch: Stopwatch) -> dict[str, float]:
+    """Where the run's time went, logged; telemetry, so its failure does not fail a run that
+    has its model."""
+    split_seconds = stopwatch.split()
+    try:
+        tracker.log_time_split(split_seconds)
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not log the time split: %s", error)
+    return split_seconds
 
 
 def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
@@ -401,8 +401,6 @@ def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     """The interrupted run's own settings, as saved beside its checkpoint; checked before the
     MLflow run is reopened, so a wrong process count does not mark it FAILED."""
-    from medlm import distributed
-    from medlm.checkpoint import check_world_size, has_checkpoint
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
     if not (saved.is_file() and has_checkpoint(saved.parent)):
@@ -460,8 +458,6 @@ def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
     """``lora_rank=None`` made definite: LoRA adapters (``AUTO_LORA_RANK``) on a pretrained
     base; every weight on a base with random weights (``experiments.init_model`` marks its
     config), since adapters on frozen random weights would learn nothing."""
-    from medlm.config import AUTO_LORA_RANK
-    from medlm.offline import randomly_initialised
 
     if config.lora_rank is not None:
         return config
@@ -480,9 +476,6 @@ def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
 
 def check_output_paths(config: TrainConfig) -> None:
     """Every place the run will write checked before any work, like a flag."""
-    from medlm._paths import check_writable
-    from medlm.offline import cache_dir
-    from medlm.tracking import artifact_directory
 
     check_writable(config.checkpoint_dir, "--checkpoint-dir")
     try:  # a read-only cache is fine (a shared, pre-filled one): nothing new is kept, said once
@@ -499,7 +492,6 @@ def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[Non
     """A tracking server that stops answering mid-run costs nothing computed: the error is one
     line saying so and how to finish (the checkpoint stays; ``--resume`` logs what the server
     missed once it is back)."""
-    from medlm.tracking import server_stopped_answering, tracking_uri
 
     try:
         yield
@@ -508,8 +500,6 @@ def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[Non
     except Exception as error:
         if not server_stopped_answering():
             raise
-        from medlm import distributed
-        from medlm.checkpoint import has_checkpoint
 
         where = f"the tracking server {tracking_uri()} stopped answering"
         if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])

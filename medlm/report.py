@@ -1,17 +1,24 @@
-"""The callbacks a run's loop reports through: ``EpochReport`` (each epoch's scores, console
-line, MLflow tables and samples) and ``TimeReport`` (where each epoch's time went)."""
+"""The loop's loggers (``medlm.train.Logger``) beside the MLflow run's own: ``EpochReport``
+(each epoch's scores, console line, MLflow tables and samples) and ``TimeReport`` (where each
+epoch's time went)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 
+from medlm import untuned
+from medlm.generate import generate
+from medlm.lora import merged_copy
+from medlm.metrics import references_by_disease, score_answers
+from medlm.scoring import evaluate_symptoms
 from medlm.timing import Stopwatch
+from medlm.train import Logger
 
 log = logging.getLogger("medlm")
 
 
-class EpochReport:
+class EpochReport(Logger):
     """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
     the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
     console line beside the best baseline and the untuned base, MLflow tables, and samples
@@ -33,9 +40,6 @@ class EpochReport:
         self._merged = None  # the epoch's answering model, made by score, used by the samples
 
     def score(self, model) -> dict[str, float]:
-        from medlm.lora import merged_copy
-        from medlm.metrics import evaluate_symptoms
-
         self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
         with self.autocast():
             self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
@@ -54,8 +58,6 @@ class EpochReport:
     def score_untuned(self, model) -> None:
         """Epoch 0: the base model before any training, logged at step 0. Its answers are
         decoded once per base and split (``medlm.untuned``), then kept for later runs."""
-        from medlm import untuned
-        from medlm.metrics import references_by_disease, score_answers
 
         names = [name for name, _ in references_by_disease(self.split.validation).values()]
         key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
@@ -95,8 +97,6 @@ class EpochReport:
         return text
 
     def on_epoch_end(self, model, result) -> None:
-        from medlm.generate import generate
-
         scores = ""
         if result.scores:
             self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
@@ -106,7 +106,6 @@ class EpochReport:
                  result.validation_loss, result.validation_perplexity,
                  result.epoch_duration_sec, result.train_tokens_per_sec,
                  " *best*" if result.is_best else "", scores)
-        from medlm.lora import merged_copy
 
         answering = self._merged if self._merged is not None else merged_copy(model)
         self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
@@ -122,8 +121,8 @@ class EpochReport:
         self.tracker.log_samples(rows)
 
 
-class TimeReport:
-    """After each epoch (the last callback, so that it counts the others' time): where the
+class TimeReport(Logger):
+    """After each epoch (the last logger, so that it counts the others' time): where the
     epoch's wall time went, as ``time/*`` metrics at the epoch's step. An epoch whose logging a
     kill cut short has none (its time was spent by the process that was killed); a resumed
     run's totals are those of the process that finished it."""

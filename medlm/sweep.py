@@ -13,12 +13,16 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pandas as pd
+
+from medlm import distributed
 from medlm._paths import sweep_state_file
-from medlm.config import TrainConfig
+from medlm.checkpoint import has_checkpoint, write_durably
+from medlm.config import SWEEPABLE, TrainConfig
 from medlm.errors import MedLMError
+from medlm.modeling import load_tokenizer_and_model
 from medlm.recipe import (
     DATA_FILE,
-    SWEEPABLE,
     Prepared,
     check_resume_data,
     data_fingerprint,
@@ -30,13 +34,14 @@ from medlm.recipe import (
     train_and_register,
 )
 from medlm.timing import Stopwatch
+from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
+from medlm.train import NonFiniteLossError
 
 log = logging.getLogger("medlm")
 
 
 def save_sweep_state(path: Path, state: dict) -> None:
     """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
-    from medlm.checkpoint import write_durably
 
     def strict(value):
         if isinstance(value, float) and value != value:
@@ -73,8 +78,6 @@ def diverged_row(run_id: str, row: dict) -> dict:
 def _interrupted_child(interrupted: str, config: TrainConfig) -> tuple[str, dict | None]:
     """What became of the child in progress when the sweep was interrupted (asked of MLflow,
     on the main process): ``finished``, ``resume``, ``diverged`` or ``restart``."""
-    from medlm.checkpoint import has_checkpoint
-    from medlm.tracking import end_abandoned_run, run_outcome
 
     checkpoint = Path(config.checkpoint_dir) / interrupted
     status, summary = run_outcome(interrupted)
@@ -94,8 +97,6 @@ def _train_child(config: TrainConfig, label: str, position: str, row: dict, prep
     """One child run (``position``: "2/3"; ``row``: its swept values, as the grid has them);
     its row of the sweep's table (a diverged child's too: the others go on, as is common in an
     lr sweep)."""
-    from medlm import distributed
-    from medlm.train import NonFiniteLossError
 
     try:
         result = train_and_register(replace(config, run_name=label), prepared, nested=True,
@@ -110,11 +111,9 @@ def _train_child(config: TrainConfig, label: str, position: str, row: dict, prep
         return diverged_row(run_id, row)
 
 
-def _sweep_table(children: list[dict], select_by: str):
+def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
     """The children ranked by the selection (validation loss, then symptom F1; the other way
     round with ``--select-by symptom_f1``); diverged ones last, unranked."""
-    import pandas as pd
-
     order = ["validation_loss", "symptom_f1"]
     if select_by == "symptom_f1":
         order.reverse()
@@ -130,8 +129,6 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
               record: Callable[..., None]) -> None:
     """Every child not ended yet, in order, each row appended to ``state["children"]`` (and
     recorded) as it ends."""
-    from medlm import distributed
-    from medlm.modeling import load_tokenizer_and_model
 
     children, main_process = state["children"], distributed.is_main()
     loaded = True  # prepared.model is the untouched base
@@ -171,6 +168,16 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
         record(running=None)
 
 
+def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTracker, dict]:
+    """The sweep's parent run and its params: the settings its children share, and the grid."""
+    first = configs[0]
+    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
+                           transformer=first.model, gpu="", batch_size=first.batch_size)
+    return parent, {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
+                    **{f"sweep_{name}": ", ".join(map(str, values))
+                       for name, values in grid.items()}, "sweep_size": len(configs)}
+
+
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
               resume: tuple[str, dict] | None = None,
               started: Callable[[str], None] | None = None) -> None:
@@ -181,19 +188,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
     state) continues an interrupted sweep: ended children are kept, the interrupted child
     resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
     process asks MLflow and writes files; it tells the others what it decided."""
-    import pandas as pd
-
-    from medlm import distributed
-    from medlm.checkpoint import write_durably
-    from medlm.tracking import MlflowTracker, log_sweep_summary
-    from medlm.train import NonFiniteLossError
-
     first = configs[0]
-    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
-                           transformer=first.model, gpu="", batch_size=first.batch_size)
-    parent_params = {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
-                     **{f"sweep_{name}": ", ".join(map(str, values))
-                        for name, values in grid.items()}, "sweep_size": len(configs)}
+    parent, parent_params = _parent(configs, grid)
     main_process, world_size = distributed.is_main(), distributed.world_size()
     resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
                                          "grid": grid, "world_size": world_size,
@@ -237,9 +233,14 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
         if not main_process:
             return
         table = _sweep_table(children, first.select_by)
-        best = table.iloc[0]
-        log_sweep_summary(table, best, SWEEPABLE)
+        log_sweep_summary(table, table.iloc[0], SWEEPABLE)
     shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
+    _print_table(table, parent_id)
+
+
+def _print_table(table: pd.DataFrame, parent_id: str) -> None:
+    """The sweep's table, best child first, and where the best child is."""
+    best = table.iloc[0]
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
@@ -251,8 +252,6 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
     checkpoint directory; everything that can refuse it is checked before the parent run is
     reopened."""
-    from medlm import distributed
-    from medlm.checkpoint import has_checkpoint
 
     state = load_sweep_state(sweep_state_file(directory, parent_id))
     configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,

@@ -1,4 +1,4 @@
-"""The training loop: plain PyTorch, one screen. It reports through callbacks, never to MLflow."""
+"""The training loop: plain PyTorch, one screen. It reports through ``Logger``s, never to MLflow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medlm import distributed
+from medlm.checkpoint import (
+    CheckpointWriter,
+    frozen_sha256,
+    load_checkpoint,
+    load_trained_weights,
+    logged_epoch,
+    mark_logged,
+    rng_state,
+    trained_weights,
+)
 from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
@@ -60,12 +69,24 @@ class FitResult:
         return min(self.epochs, key=lambda result: result.selection_value(self.select_by))
 
 
-class Callback(Protocol):
-    def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None: ...
+class Logger:
+    """Everything the loop reports, and when: the whole logging interface (torchtune's
+    ``MetricLoggerInterface``, in small). Every method does nothing here, so ``Logger()`` is the
+    logger of a run without tracking, and the base of those with it (``medlm.tracking``,
+    ``medlm.report``), which override what they log. Under torchrun only rank 0's are called."""
 
-    # optional: ``on_step(step, values)`` every ``config.log_every_steps`` optimizer steps
-    # (``step`` counts from the run's start; ``values``: training_loss over those steps,
-    # learning_rate, grad_norm before clipping when clipping is on, tokens_per_sec)
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        """Every ``config.log_every_steps`` optimizer steps (``step`` counts from the run's
+        start): ``values`` holds training_loss over those steps, learning_rate, tokens_per_sec
+        and, when clipping is on, grad_norm before clipping."""
+
+    def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None:
+        """After each epoch's validation, scoring and checkpoint."""
+
+    def on_epoch_replay(self, model: torch.nn.Module, result: EpochResult) -> None:
+        """At a resume, the last epoch again when a kill cut its ``on_epoch_end`` short (the
+        checkpoint came first): a logger skips what it had already logged."""
+        self.on_epoch_end(model, result)
 
 
 # Scores the model after an epoch's validation loss (say, symptom F1 of generated answers);
@@ -244,9 +265,9 @@ class StepCurve:
     their own point. ``state()`` goes into the checkpoint, so a resumed run's next point covers
     the steps before the kill too."""
 
-    def __init__(self, callbacks: Sequence[Callback], every: int, device: torch.device,
+    def __init__(self, loggers: Sequence[Logger], every: int, device: torch.device,
                  saved: dict | None = None):
-        self.callbacks = list(callbacks) if every else []
+        self.loggers = list(loggers) if every else []
         self.every = every
         saved = saved or {}
         self.loss_sum = torch.zeros((), device=device) + saved.get("loss_sum", 0.0)
@@ -264,7 +285,7 @@ class StepCurve:
 
     def add(self, step: int, loss_sum: torch.Tensor, tokens: int, real_tokens: int,
             learning_rate: float, grad_norm: torch.Tensor | None) -> None:
-        if not self.callbacks:
+        if not self.loggers:
             return
         self.loss_sum += loss_sum
         self.tokens += tokens
@@ -276,7 +297,7 @@ class StepCurve:
             self.start_timer()
 
     def flush(self) -> None:
-        if self.callbacks and self.tokens and self.last is not None:
+        if self.loggers and self.tokens and self.last is not None:
             self._point()
 
     def _point(self) -> None:
@@ -288,8 +309,8 @@ class StepCurve:
                   "tokens_per_sec": self.real_tokens / max(self.seconds, 1e-9)}
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        for callback in self.callbacks:
-            callback.on_step(step, values)
+        for logger in self.loggers:
+            logger.on_step(step, values)
         self.loss_sum.zero_()
         self.tokens = self.real_tokens = 0
         self.seconds = 0.0
@@ -341,8 +362,6 @@ class _Loop:
 
     def restore(self, checkpoint_dir: str, model, device: torch.device,
                 precision: Precision, patience: int) -> None:
-        from medlm.checkpoint import load_checkpoint
-
         state = load_checkpoint(checkpoint_dir, model, distributed.rank(),
                                 distributed.world_size())
         if state.get("frozen_sha256") not in (None, self.frozen):
@@ -371,7 +390,6 @@ class _Loop:
     def keep_if_best(self, epoch_result: EpochResult, model, select_by: str) -> None:
         """Mark the epoch best (and copy its weights to the host, on the main process, which
         alone logs the model) or count it as one more without improvement."""
-        from medlm.checkpoint import trained_weights
 
         value = epoch_result.selection_value(select_by)
         result = self.result
@@ -387,7 +405,6 @@ class _Loop:
 
     def finish_checkpoint(self, writer, curve: StepCurve, precision: Precision) -> None:
         """The epoch's checkpoint made whole (``writer`` began it: on the main process only)."""
-        from medlm.checkpoint import rng_state
 
         rng_states = distributed.gather_objects(rng_state())
         if writer is None:
@@ -403,28 +420,32 @@ class _Loop:
 
 
 def _start_loop(model, train_loader: DataLoader, config: TrainConfig, device: torch.device,
-                precision: Precision, checkpoint_dir: str | None, resume: bool) -> _Loop:
-    from medlm.checkpoint import frozen_sha256
-
+                precision: Precision, checkpoint_dir: str | None, resume: bool,
+                loggers: Sequence[Logger]) -> _Loop:
+    """The loop's state: new, or with ``resume`` restored from ``checkpoint_dir`` (and the last
+    epoch's logging replayed where a kill cut it short)."""
     optimizer = make_optimizer(model, config, device)
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     fingerprint = checkpoint_dir and (distributed.is_main() or resume)
-    return _Loop(optimizer, make_scheduler(optimizer, config, steps_per_epoch * config.epochs),
+    loop = _Loop(optimizer, make_scheduler(optimizer, config, steps_per_epoch * config.epochs),
                  precision.grad_scaler(), FitResult(select_by=config.select_by), steps_per_epoch,
                  getattr(train_loader, "generator", None),
                  frozen_sha256(model) if fingerprint else None)
+    if resume:
+        loop.restore(checkpoint_dir, model, device, precision, config.patience)
+        if distributed.is_main():
+            _replay_unlogged_epoch(checkpoint_dir, model, loop, loggers)
+    return loop
 
 
 def _replay_unlogged_epoch(checkpoint_dir: str, model, loop: _Loop,
-                           callbacks: Sequence[Callback]) -> None:
-    """Killed after the checkpoint, before the epoch's callbacks finished: produce what they
-    log now, from the checkpointed weights (callbacks may skip what is there)."""
-    from medlm.checkpoint import logged_epoch, mark_logged
-
+                           loggers: Sequence[Logger]) -> None:
+    """Killed after the checkpoint, before the epoch's loggers finished: they log it now, from
+    the checkpointed weights (skipping what is there)."""
     epochs = loop.result.epochs
     if epochs and logged_epoch(checkpoint_dir) < epochs[-1].epoch:
-        for callback in callbacks:
-            getattr(callback, "on_epoch_replay", callback.on_epoch_end)(model, epochs[-1])
+        for logger in loggers:
+            logger.on_epoch_replay(model, epochs[-1])
         mark_logged(checkpoint_dir, epochs[-1].epoch)
 
 
@@ -490,19 +511,34 @@ def _wrapped(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def fit(
-    model: torch.nn.Module,
-    train_loader: DataLoader,
-    validation_loader: DataLoader,
-    config: TrainConfig,
-    device: torch.device,
-    precision: Precision,
-    callbacks: Sequence[Callback] = (),
-    checkpoint_dir: str | None = None,
-    resume: bool = False,
-    scorer: Scorer | None = None,
-    stopwatch: Stopwatch | None = None,
-) -> FitResult:
+def _end_epoch(epoch_result: EpochResult, model, loop: _Loop, config: TrainConfig,
+               precision: Precision, curve: StepCurve, loggers: Sequence[Logger],
+               checkpoint_dir: str | None, scorer: Scorer | None, stopwatch: Stopwatch) -> None:
+    """After an epoch's validation: score it, keep it if best, checkpoint it, then log it (the
+    checkpoint first, so a kill while logging replays the epoch's logging at resume)."""
+    main_process = distributed.is_main()
+    writer = None
+    if checkpoint_dir and main_process:  # the large files are written while it is scored
+        with stopwatch.phase("checkpoint"):
+            writer = CheckpointWriter(checkpoint_dir, epoch_result.epoch, model, loop.optimizer)
+    if scorer is not None:
+        with stopwatch.phase("scoring"):
+            epoch_result.scores = _scores(scorer, model)
+    with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the rest
+        loop.keep_if_best(epoch_result, model, config.select_by)
+        if checkpoint_dir:
+            loop.finish_checkpoint(writer, curve, precision)
+    with stopwatch.phase("logging"):
+        for logger in loggers if main_process else ():
+            logger.on_epoch_end(model, epoch_result)
+    if checkpoint_dir and main_process:
+        mark_logged(checkpoint_dir, epoch_result.epoch)
+
+
+def fit(model: torch.nn.Module, train_loader: DataLoader, validation_loader: DataLoader,
+        config: TrainConfig, device: torch.device, precision: Precision,
+        loggers: Sequence[Logger] = (), checkpoint_dir: str | None = None, resume: bool = False,
+        scorer: Scorer | None = None, stopwatch: Stopwatch | None = None) -> FitResult:
     """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
     ``model`` and return every epoch's figures. Under torchrun the main process alone, which
     logs the model, ends with the best weights; the others keep the last epoch's.
@@ -512,15 +548,14 @@ def fit(
     early stopping (``config.patience``) counts epochs without a better value of the same.
 
     With ``checkpoint_dir``, the training state is saved there after every epoch (before the
-    callbacks run; the weights training changes, not a frozen LoRA base); with ``resume``,
+    loggers run; the weights training changes, not a frozen LoRA base); with ``resume``,
     training continues from it and ends with the losses of an uninterrupted run.
 
     Under torchrun (``medlm.distributed``) each process passes loaders built with its own
     ``shard``: the model is wrapped in DistributedDataParallel, losses and throughput are summed
-    over all processes, and rank 0 alone shows progress, checkpoints and calls the callbacks.
-    ``stopwatch`` is told where the time goes (``logging``: the callbacks).
+    over all processes, and rank 0 alone shows progress, checkpoints and calls the loggers.
+    ``stopwatch`` is told where the time goes (``logging``: the loggers).
     """
-    from medlm.checkpoint import CheckpointWriter, load_trained_weights, mark_logged
 
     if config.select_by != "validation_loss" and scorer is None:
         raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
@@ -530,14 +565,10 @@ def fit(
     torch.manual_seed(config.seed + distributed.rank())  # each process its own dropout masks
     model.to(device)
     model.train()
-    loop = _start_loop(model, train_loader, config, device, precision, checkpoint_dir, resume)
-    if resume:
-        loop.restore(checkpoint_dir, model, device, precision, config.patience)
-        if main_process:
-            _replay_unlogged_epoch(checkpoint_dir, model, loop, callbacks)
+    loop = _start_loop(model, train_loader, config, device, precision, checkpoint_dir, resume,
+                       loggers)
     trained, result = _wrapped(model, device), loop.result
-    curve = StepCurve([callback for callback in callbacks if hasattr(callback, "on_step")]
-                      if main_process else [], config.log_every_steps, device,
+    curve = StepCurve(loggers if main_process else [], config.log_every_steps, device,
                       loop.step_interval)
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
@@ -549,27 +580,12 @@ def fit(
             validation_loss = evaluate(model, validation_loader, device, precision, progress)
         epoch_result = totals.result(epoch, validation_loss, time.perf_counter() - started,
                                      loop.scheduler.get_last_lr()[0])
-        writer = None
-        if checkpoint_dir and main_process:  # the large files are written while it is scored
-            with stopwatch.phase("checkpoint"):
-                writer = CheckpointWriter(checkpoint_dir, epoch, model, loop.optimizer)
-        if scorer is not None:
-            with stopwatch.phase("scoring"):
-                epoch_result.scores = _scores(scorer, model)
-        with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the rest
-            loop.keep_if_best(epoch_result, model, config.select_by)
-            if checkpoint_dir:
-                loop.finish_checkpoint(writer, curve, precision)
-        with stopwatch.phase("logging"):
-            for callback in callbacks if main_process else ():
-                callback.on_epoch_end(model, epoch_result)
-        if checkpoint_dir and main_process:
-            mark_logged(checkpoint_dir, epoch)
+        _end_epoch(epoch_result, model, loop, config, precision, curve, loggers, checkpoint_dir,
+                   scorer, stopwatch)
         if config.patience and loop.epochs_without_improvement >= config.patience:
             result.stopped_early = True
             break
     curve.flush()  # the steps since the last point: a short run's curves are not empty
-
     if loop.best_state is not None:
         load_trained_weights(model, loop.best_state)
     return result

@@ -15,6 +15,13 @@ from pathlib import Path
 
 import torch
 
+from medlm.generate import MAX_BATCH_SEQUENCES, GenerationSettings, encode_prompts
+from medlm.metrics import METRIC_VERSION
+from medlm.modeling import tokenizer_sha256
+from medlm.offline import RANDOM_WEIGHTS_MARK, cache_dir
+from medlm.prompts import PROMPT_FORMAT_ATTRIBUTE, prompt_format_of, prompts_for
+from medlm.scoring import SCORING_REPETITION_PENALTY
+
 log = logging.getLogger("medlm")
 
 FORMAT = 1  # of the cached file; a change makes earlier files misses
@@ -39,11 +46,6 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
     count (fp32 sums in another order), the library versions, and MedLM's scoring rules."""
     import transformers
 
-    from medlm.generate import MAX_BATCH_SEQUENCES, GenerationSettings, encode_prompts
-    from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
-    from medlm.modeling import tokenizer_sha256
-    from medlm.offline import RANDOM_WEIGHTS_MARK
-    from medlm.prompts import PROMPT_FORMAT_ATTRIBUTE, prompt_format_of, prompts_for
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA's
     config = {key: value for key, value in base.config.to_diff_dict().items()  # the format is
@@ -65,8 +67,6 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
 
 
 def _path(key: str) -> Path:
-    from medlm.offline import cache_dir
-
     return cache_dir() / "untuned" / f"{key}.json"
 
 

@@ -13,9 +13,10 @@ import torch
 
 from medlm import distributed
 from medlm.config import TrainConfig
-from medlm.data import LanguageDataset, load_disease_data, make_loader, split_by_disease
+from medlm.data import LanguageDataset, load_disease_data, make_loader
 from medlm.modeling import load_tokenizer_and_model, resolve_precision
-from medlm.train import fit
+from medlm.split import split_by_disease
+from medlm.train import Logger, fit
 
 
 class RecordingDataset(LanguageDataset):
@@ -29,7 +30,7 @@ class RecordingDataset(LanguageDataset):
         return super().__getitem__(index)
 
 
-class StopAfterFirstEpoch:
+class StopAfterFirstEpoch(Logger):
     def on_epoch_end(self, model, result):
         raise KeyboardInterrupt
 
@@ -54,7 +55,7 @@ def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str
     validation = make_loader(LanguageDataset(validation_frame, tokenizer), config.batch_size,
                              tokenizer.pad_token_id, train=False, **shard)
     result = fit(model, train, validation, config, device, resolve_precision("fp32", device),
-                 callbacks=[StopAfterFirstEpoch()] if mode == "stop" else (),
+                 loggers=[StopAfterFirstEpoch()] if mode == "stop" else (),
                  checkpoint_dir=checkpoint or None, resume=mode == "resume")
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps({

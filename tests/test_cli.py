@@ -151,7 +151,8 @@ def test_samples_results_and_plot_are_logged(trained, workdir, dataset_csv):
     assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     table = json.loads((local / "symptom_scores.json").read_text())
     scores = pd.DataFrame(table["data"], columns=table["columns"])
-    from medlm.data import load_disease_data, split_by_disease
+    from medlm.data import load_disease_data
+    from medlm.split import split_by_disease
 
     validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42).validation
     assert len(scores) == (EPOCHS + 1) * validation["Name"].str.casefold().nunique()
@@ -393,7 +394,8 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:5] == ["disease", "precision", "recall", "f1", "word_f1"]
     # The run's own --dataset, --max-samples 60 and seed, from its params.
-    from medlm.data import load_disease_data, split_by_disease
+    from medlm.data import load_disease_data
+    from medlm.split import split_by_disease
 
     validation = split_by_disease(load_disease_data(str(dataset_csv), 60).frame, 0.2, 42).validation
     table = pd.read_csv(output)

@@ -14,10 +14,10 @@ from medlm.data import (
     clean_frame,
     load_disease_data,
     make_loader,
-    split_by_disease,
 )
 from medlm.errors import MedLMError
 from medlm.prompts import prompt_for
+from medlm.split import split_by_disease
 
 
 def test_loads_the_real_dataset_keeping_duplicates_and_other_columns(dataset_csv):

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from medlm.config import TrainConfig
-from medlm.data import LanguageDataset, load_disease_data, make_loader, split_by_disease
-from medlm.metrics import evaluate_symptoms
+from medlm.data import LanguageDataset, load_disease_data, make_loader
 from medlm.modeling import load_tokenizer_and_model, resolve_precision
 from medlm.offline import fetch_command, find_base
+from medlm.scoring import evaluate_symptoms
+from medlm.split import split_by_disease
 from medlm.train import fit
 from tests.conftest import run_module
 

@@ -62,7 +62,7 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
                    **kwargs), model
 
     with pytest.raises(KeyboardInterrupt):
-        attempt(tmp_path / "run", callbacks=[StopAfter(1)])
+        attempt(tmp_path / "run", loggers=[StopAfter(1)])
     saved = load_file(str(current_epoch_directory(tmp_path / "run") / "model.safetensors"))
     model = add_lora(load_tokenizer_and_model(str(tiny_model_dir))[1], 4)
     adapters = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -259,9 +259,9 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
     (["--lora-alpha", "16"], "has random weights, which the default trains all of: expected "
                              "--lora-rank N with them"),
     (["--lora-rank", "-2"], "--lora-rank: '-2'"),
-    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout: '1' is invalid"),
     (["--label-smoothing", "1"],
-     "--label-smoothing 1.0 is invalid: expected a number >= 0 and < 1"),
+     "--label-smoothing: '1' is invalid: expected a number >= 0 and < 1"),
 ])
 def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_csv,
                                             tiny_model_dir):

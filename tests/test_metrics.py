@@ -1,21 +1,20 @@
 import pandas as pd
 import pytest
 
-from medlm.data import load_disease_data, split_by_disease
+from medlm.data import load_disease_data
 from medlm.metrics import (
     SymptomScore,
     baseline_scores,
     constant_answer,
-    content_words,
     micro_average,
     nearest_name_answers,
-    phrases_match,
     references_by_disease,
     score_answers,
     score_symptoms,
     score_words,
-    split_phrases,
 )
+from medlm.split import split_by_disease
+from medlm.text import content_words, phrases_match, split_phrases
 
 
 def test_phrases_are_content_words_normalised_and_deduplicated():

@@ -162,8 +162,8 @@ def test_an_installed_package_copy_is_found_without_importing_it(fake_base, tmp_
 
 @pytest.mark.parametrize("name", ["smollm2", "SmolLM2-135M"])
 def test_an_unknown_short_name_lists_the_known_ones(name):
+    from medlm.inference import resolve_model_uri
     from medlm.modeling import load_tokenizer_and_model
-    from medlm.tracking import resolve_model_uri
 
     expected = f"unknown offline base '{name}': expected one of smollm2-135m-instruct"
     with pytest.raises(MedLMError, match=expected):

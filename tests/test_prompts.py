@@ -15,7 +15,7 @@ from medlm.errors import MedLMError
 from medlm.generate import GenerationSettings, generate
 from medlm.modeling import load_tokenizer_and_model
 from medlm.prompts import prompt_for, prompt_format_of, resolve_prompt_format, set_prompt_format
-from medlm.tracking import evaluation_key, key_digest
+from medlm.registry import evaluation_key, key_digest
 from tests.conftest import run_module
 
 TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }}\n"

@@ -79,3 +79,48 @@ def test_the_module_table_lists_every_module_in_import_order():
     for position, name in enumerate(listed):
         below = medlm_imports(modules[name]) & set(listed[position + 1:])
         assert not below, f"{name}.py imports {below}, listed below it in {LIBRARY}"
+
+
+def test_the_flags_table_is_what_help_says():
+    from experiments.run import flags_table
+
+    found = re.search(r"<!-- flags: [^>]*-->\n(.*?)<!-- /flags -->", text(GUIDE), flags=re.DOTALL)
+    assert found, f"{GUIDE} has no generated flags table"
+    assert found.group(1) == flags_table(), (
+        f"{GUIDE}'s flags table is stale: paste the output of python -c \"from experiments.run "
+        "import flags_table; print(flags_table(), end='')\" between its markers")
+
+
+def test_a_setting_declared_once_becomes_a_checked_flag_a_table_row_and_a_recipe_key(
+        monkeypatch, tmp_path):
+    """What adding a setting takes: one ``setting(...)`` field of TrainConfig. Its flag, check,
+    --help text, table row and recipe key follow; a bad value is refused in the field's words."""
+    import dataclasses
+
+    import pytest
+
+    from experiments import run
+    from medlm import config
+    from medlm.errors import MedLMError
+
+    @dataclasses.dataclass
+    class WithWarmupRatio(config.TrainConfig):
+        warmup_ratio: float = config.setting(
+            0.0, "share of the steps spent warming up", group="training", rule=config.BELOW_ONE)
+
+    monkeypatch.setattr(run, "TrainConfig", WithWarmupRatio)
+    monkeypatch.setattr(config, "TrainConfig", WithWarmupRatio)
+    args = run.build_parser().parse_args(["--warmup-ratio", "0.1"])
+    assert args.warmup_ratio == 0.1
+    assert "| `--warmup-ratio WARMUP_RATIO` | share of the steps spent warming up (default: " \
+           "0.0) |" in run.flags_table()
+    with pytest.raises(SystemExit):
+        run.build_parser().parse_args(["--warmup-ratio", "1.5"])
+    with pytest.raises(MedLMError, match="--warmup-ratio 2.0 is invalid: expected a number >= 0 "
+                                         "and < 1"):
+        WithWarmupRatio(warmup_ratio=2.0)
+    recipe = tmp_path / "warm.toml"
+    recipe.write_text("warmup_ratio = 0.25\n")
+    (config_,), _ = run.configs_from_args(run.build_parser().parse_args(
+        ["--config", str(recipe)]))
+    assert config_.warmup_ratio == 0.25 and config_.recipe == str(recipe)

@@ -10,9 +10,10 @@ from mlflow import MlflowClient
 
 from experiments.run import build_parser, configs_from_args
 from medlm.config import AUTO_LORA_RANK, TrainConfig
+from medlm.errors import MedLMError
 from medlm.offline import RANDOM_WEIGHTS_MARK, randomly_initialised
 from medlm.recipe import resolve_lora_rank
-from medlm.tracking import evaluation_key
+from medlm.registry import evaluation_key
 from tests.conftest import run_module
 
 # The seed notebook (experiments/README.md, The default recipe): distilgpt2, Adam at a constant
@@ -86,9 +87,9 @@ def test_a_config_saved_before_split_seed_resumes_on_its_own_split():
 
 
 def test_the_recipe_and_the_split_seed_are_checked_like_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--recipe", "best"])
-    assert "--recipe" in capsys.readouterr().err
+    with pytest.raises(MedLMError, match="--recipe 'best' is invalid: expected one of "
+                       "chat-template, default, seed-notebook"):
+        configs("--recipe", "best")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--split-seed", "-1"])
     assert "--split-seed" in capsys.readouterr().err

@@ -83,9 +83,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
 def test_a_checkpoint_of_other_data_does_not_resume(tmp_path, dataset_csv):
     from dataclasses import replace
 
-    from medlm.data import load_disease_data, split_by_disease
+    from medlm.data import load_disease_data
     from medlm.errors import MedLMError
     from medlm.recipe import DATA_FILE, check_resume_data, data_fingerprint
+    from medlm.split import split_by_disease
 
     data = load_disease_data(str(dataset_csv), 60)
     split = split_by_disease(data.frame, 0.2, 42)
@@ -248,13 +249,13 @@ def test_an_interrupted_sweep_resumes_with_the_children_it_has_not_finished(
 
 def test_a_sweep_child_stopped_before_its_first_epoch_starts_again(
         mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog):
-    import medlm.train
+    import medlm.recipe
 
     caplog.set_level(logging.INFO, logger="medlm")
     from experiments import run as run_entry_point
     from experiments._cli import run_cli
 
-    fit, calls = medlm.train.fit, []
+    fit, calls = medlm.recipe.fit, []
 
     def stopped_in_the_second_child(*args, **kwargs):
         calls.append(1)
@@ -262,10 +263,10 @@ def test_a_sweep_child_stopped_before_its_first_epoch_starts_again(
             raise KeyboardInterrupt
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(medlm.train, "fit", stopped_in_the_second_child)
+    monkeypatch.setattr(medlm.recipe, "fit", stopped_in_the_second_child)
     args = sweep_args(tiny_model_dir, dataset_csv, "3e-3", "1e-3")
     assert run_cli(run_entry_point.main, args) == 130
-    monkeypatch.setattr(medlm.train, "fit", fit)
+    monkeypatch.setattr(medlm.recipe, "fit", fit)
     client = MlflowClient()
     parent, children = sweep_runs(client)
     killed = children[1].info.run_id

@@ -2,8 +2,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from medlm import registry
 from medlm.errors import MedLMError
-from medlm.tracking import CHAMPION_ALIAS, MlflowTracker, resolve_model_uri
+from medlm.inference import resolve_model_uri
+from medlm.registry import CHAMPION_ALIAS
+from medlm.tracking import MlflowTracker
 from medlm.train import EpochResult
 
 
@@ -28,8 +31,8 @@ def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
         result = epoch(1, validation_loss)
         result.scores = {"symptom_f1": symptom_f1, "word_f1": symptom_f1}
         tracker.on_epoch_end(model, result)
-        return tracker.log_and_register_model(model, tokenizer, result,
-                                              {**FULL_DATA, **params}, select_by, promote)
+        return registry.register(tracker, model, tokenizer, result, {**FULL_DATA, **params},
+                                 select_by, promote)
 
 
 def champion_version():

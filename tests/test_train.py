@@ -9,9 +9,11 @@ from torch.utils.data import DataLoader
 
 from medlm.checkpoint import current_epoch_directory
 from medlm.config import TrainConfig
-from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data, split_by_disease
+from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data
 from medlm.modeling import Precision, resolve_precision
+from medlm.split import split_by_disease
 from medlm.train import (
+    Logger,
     NonFiniteLossError,
     count_loss_tokens,
     evaluate,
@@ -47,7 +49,7 @@ def small_frame(dataset_csv):
     return load_disease_data(str(dataset_csv), max_samples=80).frame
 
 
-class Recorder:
+class Recorder(Logger):
     def __init__(self):
         self.results = []
 
@@ -60,7 +62,7 @@ def test_loss_goes_down_and_every_epoch_is_reported(tiny_model, small_frame):
     train, validation = loaders(tokenizer, small_frame)
     recorder = Recorder()
     config = plain(epochs=3, lr=3e-3, progress=False)
-    result = fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
+    result = fit(model, train, validation, config, CPU, FP32, loggers=[recorder])
     losses = [epoch.training_loss for epoch in result.epochs]
     assert [epoch.epoch for epoch in recorder.results] == [1, 2, 3]
     assert losses[-1] < losses[0] - 0.5
@@ -231,7 +233,7 @@ def test_weight_decay_skips_biases_and_norms(tiny_model):
         p.numel() for p in model.parameters())
 
 
-class StopAfter:
+class StopAfter(Logger):
     """Simulates a kill once ``epoch`` has been checkpointed."""
 
     def __init__(self, epoch):
@@ -262,7 +264,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
 
     uninterrupted = attempt()
     with pytest.raises(KeyboardInterrupt):
-        attempt(checkpoint_dir=str(tmp_path), callbacks=[StopAfter(2)])
+        attempt(checkpoint_dir=str(tmp_path), loggers=[StopAfter(2)])
     resumed = attempt(checkpoint_dir=str(tmp_path), resume=True)
     assert [(e.training_loss, e.validation_loss) for e in resumed.epochs] == [
         (e.training_loss, e.validation_loss) for e in uninterrupted.epochs]
@@ -343,7 +345,7 @@ def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precisi
                    checkpoint_dir=str(checkpoint_dir), **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
-        attempt(callbacks=[StopAfter(1)])
+        attempt(loggers=[StopAfter(1)])
     return attempt
 
 
@@ -440,28 +442,25 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
-def test_per_step_values_reach_step_callbacks_every_n_optimizer_steps(tiny_model_dir,
+def test_per_step_values_reach_the_loggers_every_n_optimizer_steps(tiny_model_dir,
                                                                      small_frame):
     """The curves MLflow draws between epochs: loss over the last N steps, learning rate,
     the gradient norm clip_grad_norm_ measured (thrown away before) and tokens/s, numbered
     by optimizer steps since the run began."""
     from medlm.modeling import load_tokenizer_and_model
 
-    class StepRecorder:
+    class StepRecorder(Logger):
         def __init__(self):
             self.steps = []
 
         def on_step(self, step, values):
             self.steps.append((step, values))
 
-        def on_epoch_end(self, model, result):
-            pass
-
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     train, validation = loaders(tokenizer, small_frame)
     config = plain(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=3, progress=False)
     recorder = StepRecorder()
-    fit(model, train, validation, config, CPU, FP32, callbacks=[recorder])
+    fit(model, train, validation, config, CPU, FP32, loggers=[recorder])
     last = 2 * math.ceil(len(train) / 2)
     assert last % 3, "the run must end between two points for this test"
     # every 3 steps across the epochs' end, and the steps after the last of those: their own

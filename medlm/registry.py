@@ -1,0 +1,254 @@
+"""The MLflow Model Registry: a run's best epoch logged and registered as a version, tagged with
+its scores and evaluation key, and the champion rule that decides whether ``@champion`` moves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from medlm.generate import GenerationSettings
+from medlm.prompts import prompt_format_of, serving_template
+from medlm.tracking import MlflowTracker, param_value
+from medlm.train import EpochResult
+
+CHAMPION_ALIAS = "champion"
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements logged with the model, so it loads back with the same libraries."""
+    import safetensors
+    import torch
+    import transformers
+
+    def pin(name: str, version: str) -> str:
+        return f"{name}=={version.split('+')[0]}"  # drop local tags such as +cpu / +cu121
+
+    return [pin("torch", torch.__version__), pin("transformers", transformers.__version__),
+            pin("safetensors", safetensors.__version__), pin("mlflow", mlflow.__version__)]
+
+
+# What makes two runs' scores comparable ("seed" is the split seed, see evaluation_key): the same
+# held-out diseases for any score; for the validation loss, the same loss (its target, tokens and
+# cut); for symptom F1, the same metric and answer length. The champion rule compares the
+# fields of its --select-by value; the key (its digest, shown in the UI) holds them all.
+SPLIT_KEY_PARAMS = ("dataset_content_sha256", "max_samples", "seed", "validation_fraction",
+                    "split_validation_sha256")
+
+
+KEY_PARAMS_BY_SELECTION = {
+    "validation_loss": (*SPLIT_KEY_PARAMS, "loss_on", "tokenizer_sha256", "max_length_effective",
+                        "prompt_format"),
+    "symptom_f1": (*SPLIT_KEY_PARAMS, "metric_version", "max_new_tokens"),
+}
+
+
+EVALUATION_KEY_PARAMS = tuple(dict.fromkeys(
+    name for names in KEY_PARAMS_BY_SELECTION.values() for name in names))
+
+
+# key params added after keys were first logged: at this value (or missing) they are left out of
+# the key, so a key logged before them reads, and digests, as it did
+KEY_PARAMS_LEFT_OUT_AT = {"prompt_format": "plain"}
+
+
+def serving_parameters(generation_config) -> dict[str, Any]:
+    """The generation settings a served model takes as inference parameters: greedy by default
+    (the answers the run scored), with the run's sampling settings as the defaults for a caller
+    who asks for ``do_sample`` (MedLM's own where the model has none)."""
+
+    defaults = GenerationSettings()
+    names = {"max_new_tokens": int, "do_sample": bool, "top_k": int, "top_p": float,
+             "temperature": float, "repetition_penalty": float}
+    params = {name: kind(value if (value := getattr(generation_config, name, None)) is not None
+                         else getattr(defaults, name))
+              for name, kind in names.items()}
+    params["do_sample"] = False  # served answers are reproducible; {"do_sample": true} samples
+    return params
+
+
+def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
+    """The params that must be equal for two runs' validation figures to be compared. Its
+    ``seed`` is the split seed: the training seed is not in it (two training seeds of one
+    recipe compare), and a run logged before ``split_seed`` existed, whose ``seed`` split the
+    data, keeps the key it had."""
+    params = {**params, "seed": split_seed_of(params)}
+    return {name: str(param_value(params.get(name))) for name in EVALUATION_KEY_PARAMS
+            if not _left_out(name, params)}
+
+
+def _left_out(name: str, params: dict[str, Any]) -> bool:
+    return (name in KEY_PARAMS_LEFT_OUT_AT
+            and params.get(name, KEY_PARAMS_LEFT_OUT_AT[name]) == KEY_PARAMS_LEFT_OUT_AT[name])
+
+
+def split_seed_of(params: dict[str, Any]) -> Any:
+    """A run's split seed from its params: ``split_seed``, or ``seed`` for a run logged before
+    the two were apart."""
+    return params.get("split_seed", params.get("seed"))
+
+
+def key_digest(key: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
+                    select_by: str) -> str | None:
+    """Why the champion and a new version cannot be compared on ``select_by``; None if they can."""
+    hint = " (--promote makes it the champion anyway)"
+    if "evaluation_key_json" not in champion_tags:
+        return ("not compared: the champion has no evaluation key (registered before MedLM "
+                "recorded one)" + hint)
+    # a version registered before select_by was tagged was selected by the validation loss
+    champion_rule = champion_tags.get("select_by", "validation_loss")
+    if champion_rule != select_by:
+        return (f"not compared: the champion was selected by {champion_rule}, this version by "
+                f"{select_by}" + hint)
+    theirs = json.loads(champion_tags["evaluation_key_json"])
+    ours = json.loads(tags["evaluation_key_json"])
+    differences = "; ".join(
+        f"{'split_seed' if name == 'seed' else name} "
+        f"{_short(theirs.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))} vs "
+        f"{_short(ours.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))}"
+        for name in KEY_PARAMS_BY_SELECTION[select_by] if theirs.get(name) != ours.get(name))
+    if differences:
+        return f"not compared: a different evaluation ({differences})" + hint
+    if select_by not in champion_tags or select_by not in tags:
+        return f"not compared: {select_by} is missing on one of the two versions" + hint
+    return None
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "unset"
+    if value == "":
+        return "all"
+    return value[:12] if len(value) == 64 else value
+
+
+def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params: dict[str, Any],
+                           select_by: str, promote: bool = False,
+                           licence: tuple[str, Any] | None = None) -> tuple[str, str]:
+    """Log the run's model (transformers flavor, safetensors), register it and maybe crown it.
+
+    The version is tagged with its scores and its evaluation key (``evaluation_key``).
+    Returns (version, message): ``champion`` moves to it when no version holds the alias
+    yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
+    key (whatever rule picked the champion's own best epoch).
+    """
+    version = _version_of_this_run(tracker, best.epoch)
+    if version is None:
+        version = _log_model(tracker, model, tokenizer, best)
+    else:  # a resumed run, killed after its model was registered: not a second version
+        tracker.log_best(best)
+    scores = {"validation_loss": best.validation_loss, **best.scores}
+    key = evaluation_key(params)
+    tags = {"validation_loss": repr(best.validation_loss), "select_by": select_by,
+            "best_epoch": str(best.epoch),
+            **{name: repr(value) for name, value in best.scores.items()},
+            "evaluation_key": key_digest(key), "evaluation_key_json": json.dumps(key)}
+    if licence is not None:  # the base's terms go with what is made from it
+        tags["base_licence"] = licence[0]
+        if licence[1] is not None and not MlflowClient().list_artifacts(
+                tracker.run_id, "base_licence"):
+            mlflow.log_artifact(str(licence[1]), artifact_path="base_licence")
+    client = MlflowClient()
+    for name, value in tags.items():
+        client.set_model_version_tag(tracker.registered_model, version, name, value)
+    client.update_model_version(tracker.registered_model, version, description=(
+        f"{params.get('model')} fine-tuned on {params.get('dataset_source')} "
+        f"({params.get('rows_train')} training rows); best of {len(tracker.epochs)} epochs by "
+        f"{select_by}: epoch {best.epoch}, "
+        + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        + f". Run {tracker.run_id}."
+        + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
+           if licence is not None else "")))
+    return version, _maybe_crown(tracker, client, version, tags, select_by, promote)
+
+
+def _version_of_this_run(tracker: MlflowTracker, best_epoch: int) -> str | None:
+    """The version this run registered before it was interrupted, if it holds the weights
+    of ``best_epoch`` (a resume with more --epochs may have found a better one: a new
+    version then)."""
+    client = MlflowClient()
+    versions = client.search_model_versions(
+        f"name = '{tracker.registered_model}' and run_id = '{tracker.run_id}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    recorded = newest.tags.get("best_epoch",
+                               client.get_run(tracker.run_id).data.metrics.get("best_epoch"))
+    if recorded is not None and int(float(recorded)) != best_epoch:
+        return None
+    return str(newest.version)
+
+
+def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult) -> str:
+    """Log the model, register it, log the best epoch's figures; the version."""
+    # Served (pyfunc, `mlflow models serve`), a disease name becomes the prompt the model
+    # was trained to continue ("Name |", or its chat template's), and only the
+    # continuation comes back; the
+    # generation settings are inference parameters with the run's values as defaults.
+    example = ["Kidney Failure"]
+    signature = infer_signature(example, ["Fatigue, swelling in the legs"],
+                                params=serving_parameters(model.generation_config))
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        save_pretrained=True,
+        prompt_template=serving_template(tokenizer, prompt_format_of(model)),
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        registered_model_name=tracker.registered_model,
+        # log_model links every run metric logged at its step to the model (step/* and
+        # system/* points too, and at the default 0 the untuned scores): at -1 none is;
+        # the best epoch's figures are linked below, by name
+        step=-1,
+    )  # MLflow then checks the input example serves (the transformers flavor insists)
+    tracker.log_best(best, model_id=info.model_id)
+    return str(info.registered_model_version)
+
+
+def _maybe_crown(tracker: MlflowTracker, client: MlflowClient, version: str, tags: dict[str, str],
+                 select_by: str, promote: bool) -> str:
+    name = tracker.registered_model
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        current = None
+    label = f"{name} version {version}"
+    value = float(tags[select_by]) if select_by in tags else None
+    shown = f"{select_by} {value:.4f}" if value is not None else f"no {select_by}"
+    reason = None
+    if current is not None and current.version == version:  # crowned before a kill
+        return f"{label} is the champion ({shown})"
+    if current is None:
+        crowned = f"{label} is the first champion ({shown})"
+    elif promote:
+        crowned = f"{label} is the champion by --promote ({shown}), replacing version " \
+                  f"{current.version} without comparing"
+    else:
+        crowned, reason = None, _not_comparable(current.tags, tags, select_by)
+        if reason is None:
+            current_value = float(current.tags[select_by])
+            better = (value < current_value if select_by == "validation_loss"
+                      else value > current_value)
+            if better:
+                crowned = (f"{label} is the new champion: {shown} beats version "
+                           f"{current.version}'s {current_value:.4f} (same evaluation key)")
+            else:
+                reason = (f"{label}'s {shown} is not better than version "
+                          f"{current.version}'s {current_value:.4f}")
+    if crowned:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        mlflow.set_tag("champion", "true")
+        return crowned
+    mlflow.set_tag("champion", "false")
+    return f"champion stays at version {current.version}: {reason}"

@@ -1,0 +1,111 @@
+"""The MLflow tracking store: which one the runs go to, and whether it answers before any work.
+
+The tracking URI is MLflow's own resolution: ``MLFLOW_TRACKING_URI`` when set, else the local
+SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from unittest import mock
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+
+from medlm._paths import check_writable
+from medlm.errors import MedLMError
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _new_sqlite_file(uri: str) -> str | None:
+    """The file of a SQLite store that does not exist yet (the run creates it), else None."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    return path if path is not None and not os.path.exists(path) else None
+
+
+def server_stopped_answering() -> bool:
+    """Is the tracking URI a server that no longer answers (a run's error was its outage)?"""
+    if not _is_server(mlflow.get_tracking_uri()):
+        return False
+    try:
+        check_tracking_store()
+    except MedLMError:
+        return True
+    return False
+
+
+STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
+
+
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's own values win
+
+
+def check_tracking_store() -> None:
+    """The tracking store answers, before any work (MLflow's own retries would make a dead
+    server cost minutes, then a traceback): else a one-line error naming the URI (without a
+    password). A server is asked through MLflow's own client, so its TLS and credential
+    settings apply, once and within ``STORE_TIMEOUT_S``."""
+    uri = mlflow.get_tracking_uri()
+    new_file = _new_sqlite_file(uri)
+    if new_file is not None:
+        check_writable(os.path.dirname(os.path.abspath(new_file)),
+                       f"the tracking store {uri!r}'s directory")
+        return
+    server = _is_server(uri)
+    if server:
+        # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
+        # per call when the server goes away mid-run): a few tries are enough, the run resumes
+        for name, value in SERVER_RETRIES.items():
+            os.environ.setdefault(name, value)
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(STORE_TIMEOUT_S))} if server else {}
+    try:
+        with mock.patch.dict(os.environ, probe):  # the probe's bounds, for this call only
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
+        text = str(error).strip()
+        reason = text.splitlines()[0][:300] if text else type(error).__name__
+        shown = _without_password(uri)
+        if server:
+            raise MedLMError(
+                f"the tracking server {shown!r} (MLFLOW_TRACKING_URI) does not answer ({reason}): "
+                "expected a running MLflow server there (mlflow server --host HOST --port "
+                "PORT), or MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+        raise MedLMError(
+            f"the tracking URI {shown!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
+            "of an MLflow server, sqlite:///PATH/mlflow.db in a writable directory, or "
+            "MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+
+
+def _without_password(uri: str) -> str:
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", uri)
+
+
+def artifact_directory(experiment: str) -> str | None:
+    """The local directory a run of ``experiment`` writes its artifacts to: the experiment's
+    location, or for one not created yet MLflow's default ``./mlruns``; None where the store
+    keeps them (a tracking server, a remote artifact store)."""
+    uri = mlflow.get_tracking_uri()
+    if _is_server(uri):
+        return None
+    found = (None if _new_sqlite_file(uri) is not None  # no experiment yet: nothing to ask
+             else MlflowClient().get_experiment_by_name(experiment))
+    location = found.artifact_location if found is not None else "mlruns"
+    parsed = urlparse(location)
+    return (parsed.path or location) if parsed.scheme in ("", "file") else None
+
+
+def compare_runs_hint() -> str:
+    """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
+    uri = mlflow.get_tracking_uri()
+    return uri if _is_server(uri) else "mlflow ui"
