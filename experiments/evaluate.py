@@ -23,7 +23,7 @@ from experiments._cli import (
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.hub import HubUnavailable
-from medlm.scoring import SCORING_REPETITION_PENALTY
+from medlm.metrics import SCORING_REPETITION_PENALTY
 
 # Flags that default to the run's own logged params for a models:/ or runs:/ URI.
 at_least_two = whole_number_up_to(64, minimum=2)  # answers merged per disease by --consensus

@@ -11,8 +11,8 @@ import sys
 from experiments._cli import ArgumentParser, quiet_libraries, run_cli, seed
 
 
-def main(argv: list[str] | None = None) -> int:
-    from medlm.offline import PRESETS, save_random_gpt2
+def build_parser() -> ArgumentParser:
+    from medlm.offline import PRESETS
 
     parser = ArgumentParser(prog="python -m experiments.init_model",
                             description=__doc__.strip().splitlines()[0])
@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="distilgpt2",
                         help="architecture (distilgpt2: 6 layers, 768 wide, 12 heads)")
     parser.add_argument("--seed", type=seed, default=0, help="initialisation seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlm.offline import save_random_gpt2
+
+    args = build_parser().parse_args(argv)
     quiet_libraries()
     path = save_random_gpt2(args.directory, args.preset, args.seed)
     print(f"saved a random {args.preset} GPT-2 to {path}; train it with "

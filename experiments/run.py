@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from dataclasses import MISSING, Field, fields
@@ -48,23 +49,18 @@ def flag_help(declared: Field) -> str:
                       for name, settings in ((name, read_recipe(name)) for name in recipe_names())
                       if settings.get(declared.name, default) != default)
     sweep = " (several values: a sweep)" if declared.metadata["sweep"] else ""
-    if isinstance(default, bool):  # the flag is --no-NAME where the setting is on
-        shown = "on by default: this flag turns it off" if default else "off by default"
-    else:
-        shown = f"default: {declared.metadata['shown'] or _shown(default)}"
-    return f"{declared.metadata['help']}{sweep} ({shown}{recipes})"
+    shown = declared.metadata["shown"] or _shown(default)
+    return f"{declared.metadata['help']}{sweep} (default: {shown}{recipes})"
 
 
 def flag_options(declared: Field, kind: type) -> tuple[str, dict]:
-    """The flag of a setting and its ``add_argument`` options: a switch for an on/off setting
-    (--no-NAME where it is on by default), a repeatable flag for a list, else a value checked by
-    the setting's own rule or choices. Every default is None: the recipe's value applies."""
+    """The flag of a setting and its ``add_argument`` options: --NAME / --no-NAME for an on/off
+    setting, a repeatable flag for a list, else a value checked by the setting's own rule or
+    choices. Every default is None: the recipe's value applies."""
     flag = flag_of(declared.name)
     options = {"dest": declared.name, "default": None, "help": flag_help(declared)}
-    if kind is bool:
-        on = declared.default
-        return ("--no-" + flag[2:] if on else flag), {
-            **options, "action": "store_false" if on else "store_true"}
+    if kind is bool:  # --NAME and --no-NAME, so a flag can undo what a recipe sets
+        return flag, {**options, "action": argparse.BooleanOptionalAction}
     if kind is list:
         return flag, {**options, "action": "append", "metavar": declared.metadata["metavar"]}
     if declared.metadata["choices"]:
@@ -118,7 +114,8 @@ def flags_table() -> str:
             if action.choices:
                 metavar = " {" + ",".join(action.choices) + "}"
             text = " ".join(action.help.split()).replace("|", "\\|")
-            lines.append(f"| `{action.option_strings[0]}{metavar}` | {text} |")
+            flags = " / ".join(f"`{option}{metavar}`" for option in action.option_strings)
+            lines.append(f"| {flags} | {text} |")
     return "\n".join(lines[1:]) + "\n"
 
 
@@ -158,11 +155,11 @@ def check_resume_flags(given: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medlm import distributed, launch
+    args = build_parser().parse_args(argv)  # --help and a bad flag before the heavy imports
+    from medlm import distributed, launch  # torch, transformers, MLflow: seconds
     from medlm.store import check_tracking_store, compare_runs_hint
     from medlm.timing import process_started
 
-    args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
         if args.resume:

@@ -8,8 +8,7 @@ its weights once, an epoch that does not improve links the previous epoch's), ``
 and ``state.pt`` (scheduler, GradScaler, every process's RNG states, epoch results,
 early-stopping counter, effective precision), loaded back with
 ``torch.load(weights_only=True)``. An epoch is written into a hidden ``.epoch-N.partial/``
-directory (the large files in the background while the epoch is scored: ``CheckpointWriter``),
-renamed to ``epoch-N/`` in one step, and only then named by the ``latest`` file (itself
+directory, renamed to ``epoch-N/`` in one step, and only then named by the ``latest`` file (itself
 replaced atomically); the previous epoch's directory is removed last. A kill at any moment
 leaves ``latest`` naming a complete epoch: never the weights of one epoch with the optimizer
 state of another.
@@ -79,128 +78,76 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
                     epochs: list, best_state: dict | None, epochs_without_improvement: int,
                     loader_state: dict, rng_states: list[dict] | None = None,
                     precision: str | None = None, step_interval: dict | None = None,
-                    best_is_current: bool = False) -> None:
-    """Write epoch ``len(epochs)``'s checkpoint in one go (``CheckpointWriter`` in two)."""
-    writer = CheckpointWriter(directory, len(epochs), model, optimizer)
-    writer.finish(scheduler=scheduler, scaler=scaler, epochs=epochs, best_state=best_state,
-                  epochs_without_improvement=epochs_without_improvement,
-                  loader_state=loader_state, rng_states=rng_states, precision=precision,
-                  step_interval=step_interval, best_is_current=best_is_current)
+                    best_is_current: bool = False, frozen: str | None = None) -> None:
+    """Write epoch ``len(epochs)``'s checkpoint into ``.epoch-N.partial/``, then publish it.
+
+    ``best_state``: the best epoch's trained weights (as ``trained_weights`` returns them), not
+    written when ``best_is_current`` (they are the model's) and linked from the previous
+    epoch's checkpoint when the best epoch is unchanged; ``rng_states``: one per process, in
+    rank order (default: this process's only); ``precision``: the effective one (fp32/bf16/
+    fp16), checked when the run resumes; ``step_interval``: what the steps since the last
+    per-step point added up to, so a resumed run's next point covers the same steps as an
+    uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model."""
+    directory, name = Path(directory), f"epoch-{len(epochs)}"
+    partial = directory / f".{name}.partial"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
+    partial.mkdir()
+    save_file({name: tensor.contiguous() for name, tensor in trained_weights(model).items()},
+              str(partial / "model.safetensors"), metadata={"trained_only": "1"})
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    previous = directory / f"epoch-{len(epochs) - 1}"
+    if best_state is not None and not best_is_current and not _link_best(previous, partial):
+        save_file({k: v.contiguous() for k, v in best_state.items()},
+                  str(partial / "best.safetensors"))
+    torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng_states or [rng_state()], "epochs": [asdict(r) for r in epochs],
+                "epochs_without_improvement": epochs_without_improvement,
+                "loader": loader_state, "precision": precision,
+                "step_interval": step_interval or {}, "best_is_current": best_is_current,
+                "frozen_sha256": frozen}, partial / "state.pt")
+    _publish(directory, partial, name)
 
 
-_writing: list = []  # the background writes started in this process
+def _publish(directory: Path, partial: Path, name: str) -> None:
+    """Make the written epoch the one to resume from: every file on disk first (power loss),
+    the directory renamed in one step, and only then named by ``latest`` (itself replaced in
+    one step); the previous epoch is removed last."""
+    for file in partial.iterdir():
+        _fsync(file)
+    _fsync(partial)
+    shutil.rmtree(directory / name, ignore_errors=True)
+    os.replace(partial, directory / name)  # the epoch appears whole, in one step
+    _fsync(directory)
+    pointer = directory / "latest.partial"
+    pointer.write_text(name)
+    _fsync(pointer)
+    os.replace(pointer, directory / LATEST)  # and only now becomes the one to resume from
+    _fsync(directory)
+    for old in directory.glob("epoch-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    for legacy in ("model.safetensors", "best.safetensors", "state.pt"):
+        (directory / legacy).unlink(missing_ok=True)  # an older MedLM's flat layout
 
 
-class CheckpointWriter:
-    """Epoch ``epoch``'s checkpoint, written in two parts so that the disk works while the
-    epoch is scored: the large files (the trained weights, the optimizer state: ~1 GB for
-    distilgpt2, ~2.5 s) in a background thread started as soon as training and validation
-    end; the rest (state, best weights) by ``finish``, once the epoch's results are known,
-    followed by the same flush, rename and pointer as ever. Nothing names the epoch before
-    ``finish`` has flushed every file: a kill at any moment leaves the previous epoch whole.
-
-    Between the start and ``finish`` the weights and the optimizer must not change (scoring
-    only reads them)."""
-
-    def __init__(self, directory: str | os.PathLike, epoch: int, model, optimizer):
-        import threading
-
-        self.directory = Path(directory)
-        self.name = f"epoch-{epoch}"
-        self.previous = self.directory / f"epoch-{epoch - 1}"
-        self.partial = self.directory / f".{self.name}.partial"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for thread in _writing:  # an interrupted attempt's, in this process: let it end first
-            thread.join()
-        shutil.rmtree(self.partial, ignore_errors=True)  # left by a kill during an attempt
-        self.partial.mkdir()
-        self._error: BaseException | None = None
-        weights, optimizer_state = trained_weights(model), optimizer.state_dict()
-        self._thread = threading.Thread(target=self._write_large, name="medlm-checkpoint",
-                                        args=(weights, optimizer_state), daemon=True)
-        self._thread.start()
-        _writing[:] = [thread for thread in _writing if thread.is_alive()] + [self._thread]
-
-    def _write_large(self, weights: dict, optimizer_state: dict) -> None:
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in weights.items()},
-                      str(self.partial / "model.safetensors"), metadata={"trained_only": "1"})
-            torch.save(optimizer_state, self.partial / "optimizer.pt")
-            for file in ("model.safetensors", "optimizer.pt"):
-                _fsync(self.partial / file)
-        except BaseException as error:  # noqa: BLE001 - raised again by finish, in the loop
-            self._error = error
-
-    def wait(self) -> None:
-        """Wait for the large files; an error (or a kill) that stopped them is raised here."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def finish(self, *, scheduler, scaler, epochs: list, best_state: dict | None,
-               epochs_without_improvement: int, loader_state: dict,
-               rng_states: list[dict] | None = None, precision: str | None = None,
-               step_interval: dict | None = None, best_is_current: bool = False,
-               frozen: str | None = None) -> None:
-        """``best_state``: the best epoch's trained weights (as ``trained_weights`` returns
-        them), not written when ``best_is_current`` (they are the model's) and linked from the
-        previous epoch's checkpoint when the best epoch is unchanged; ``rng_states``: one per
-        process, in rank order (default: this process's only); ``precision``: the effective
-        one (fp32/bf16/fp16), checked when the run resumes; ``step_interval``: what the steps
-        since the last per-step point added up to, so a resumed run's next point covers the
-        same steps as an uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model."""
-        state = {
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_states or [rng_state()],
-            "epochs": [asdict(result) for result in epochs],
-            "epochs_without_improvement": epochs_without_improvement,
-            "loader": loader_state,
-            "precision": precision,
-            "step_interval": step_interval or {},
-            "best_is_current": best_is_current,
-            "frozen_sha256": frozen,
-        }
-        directory, partial, name = self.directory, self.partial, self.name
-        if best_state is not None and not best_is_current and not self._link_previous_best():
-            save_file({k: v.contiguous() for k, v in best_state.items()},
-                      str(partial / "best.safetensors"))
-        torch.save(state, partial / "state.pt")
-        self.wait()
-        for file in partial.iterdir():  # on disk before anything names them (power loss)
-            _fsync(file)
-        _fsync(partial)
-        shutil.rmtree(directory / name, ignore_errors=True)
-        os.replace(partial, directory / name)  # the epoch appears whole, in one step
-        _fsync(directory)
-        pointer = directory / "latest.partial"
-        pointer.write_text(name)
-        _fsync(pointer)
-        os.replace(pointer, directory / LATEST)  # and only now becomes the one to resume from
-        _fsync(directory)
-        for old in directory.glob("epoch-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        for legacy in ("model.safetensors", "best.safetensors", "state.pt"):
-            (directory / legacy).unlink(missing_ok=True)  # an older MedLM's flat layout
-
-    def _link_previous_best(self) -> bool:
-        """The best epoch did not change: its weights are in the previous epoch's checkpoint
-        (its best file, or its own weights when it was the best): a hard link, not a copy."""
-        if not (self.previous / "state.pt").is_file():
-            return False
-        try:
-            previous = torch.load(self.previous / "state.pt", weights_only=True, mmap=True,
-                                  map_location="cpu")
-        except Exception:  # noqa: BLE001 - unreadable: write the weights instead
-            return False
-        source = self.previous / ("model.safetensors" if previous.get("best_is_current")
-                                  else "best.safetensors")
-        try:
-            os.link(source, self.partial / "best.safetensors")
-        except OSError:  # no such file, or a filesystem without hard links
-            return False
-        return True
+def _link_best(previous: Path, partial: Path) -> bool:
+    """The best epoch did not change: its weights are in the previous epoch's checkpoint (its
+    best file, or its own weights when it was the best): a hard link, not a copy."""
+    if not (previous / "state.pt").is_file():
+        return False
+    try:
+        state = torch.load(previous / "state.pt", weights_only=True, mmap=True,
+                           map_location="cpu")
+    except Exception:  # noqa: BLE001 - unreadable: write the weights instead
+        return False
+    source = previous / ("model.safetensors" if state.get("best_is_current")
+                         else "best.safetensors")
+    try:
+        os.link(source, partial / "best.safetensors")
+    except OSError:  # no such file, or a filesystem without hard links
+        return False
+    return True
 
 
 LATEST = "latest"
@@ -328,7 +275,7 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
     state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
     _check_world_size(directory, len(state["rng"]), world_size)
-    if "optimizer" not in state:  # written beside, by the background part of the write
+    if "optimizer" not in state:  # written beside it (state.pt held it in older MedLMs)
         state["optimizer"] = torch.load(directory / "optimizer.pt", weights_only=True,
                                         map_location="cpu")
     weights = directory / "model.safetensors"

@@ -10,6 +10,8 @@ A new setting is one ``setting(...)`` field of ``TrainConfig``: the flag, its he
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import tomllib
 import typing
@@ -278,6 +280,19 @@ class TrainConfig:
                      **saved}
         return cls(**{"prompt_format": "plain", **saved})  # the only format before there were two
 
+    def to_recipe(self) -> str:
+        """The settings that differ from the defaults, as a recipe file: ``--config`` with it
+        trains this run's settings again (``recipe`` says where they came from)."""
+        lines = [f"# the settings of a run of recipe {self.recipe!r} that differ from MedLM's "
+                 "defaults", "# python -m experiments.run --config recipe.toml"]
+        defaults = TrainConfig()
+        for declared in fields(self):
+            value = getattr(self, declared.name)
+            if declared.name != "recipe" and value is not None and value != getattr(
+                    defaults, declared.name):
+                lines.append(f"{declared.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
     def to_params(self) -> dict[str, Any]:
         """Flat, string-friendly view for MLflow params."""
         params = asdict(self)
@@ -292,6 +307,16 @@ class TrainConfig:
 # the settings that take several values on the command line, one run of a sweep per combination
 SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig)
                   if declared.metadata["sweep"])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    return repr(value)
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -322,7 +347,7 @@ def recipe_file(recipe: str) -> Path:
     if recipe.endswith(".toml"):
         path = Path(recipe).expanduser()
         if not path.is_file():
-            raise MedLMError(f"--config {recipe!r} is not a file: expected a TOML file of "
+            raise MedLMError(f"recipe file {recipe!r} does not exist: expected a TOML file of "
                              "settings, such as experiments/recipes/seed-notebook.toml")
         return path
     path = RECIPES_DIR / f"{recipe}.toml"
@@ -334,7 +359,12 @@ def recipe_file(recipe: str) -> Path:
 
 def read_recipe(recipe: str) -> dict[str, Any]:
     """A recipe's settings, checked: each a ``TrainConfig`` field of the field's type."""
-    path = recipe_file(recipe)
+    return {name: list(value) if isinstance(value, list) else value
+            for name, value in _read_recipe(recipe_file(recipe))}
+
+
+@functools.cache  # per process: --help reads every named recipe
+def _read_recipe(path: Path) -> tuple[tuple[str, Any], ...]:
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -350,4 +380,7 @@ def read_recipe(recipe: str) -> dict[str, Any]:
                 value, (int, float) if kind is float else kind):
             raise MedLMError(f"recipe {str(path)!r}: {name} = {value!r} is invalid: expected "
                              f"a {kind.__name__}")
-    return settings
+        if kind is list and not all(isinstance(item, str) for item in value):
+            raise MedLMError(f"recipe {str(path)!r}: {name} = {value!r} is invalid: expected "
+                             "a list of strings")
+    return tuple(settings.items())

@@ -35,14 +35,18 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import pandas as pd
-
 from medlm.text import content_words, phrases_match, split_phrases
 
 # bump when a change to the rules makes old scores incomparable; 3: a run's answers are decoded
 # under its bf16 autocast (where it trains in bf16), all validation names in one batch;
 # 4: "-es" plurals meet their singulars ("rashes" / "rash")
 METRIC_VERSION = "4"
+# Greedy answers for scoring: no repetition penalty. The seed's 1.2 penalises every token
+# already written, commas included, which is the separator the metric splits on (experiments/
+# RESULTS.md, "Repetition penalty of the scored answers", has the measurement).
+SCORING_REPETITION_PENALTY = 1.0
+
+
 @dataclass(frozen=True)
 class SymptomScore:
     """Counts behind a precision/recall/F1: of phrases (symptom scores) or of words (word F1)."""
@@ -133,6 +137,8 @@ def score_answers(answers: Sequence[str], frame):
 
     Returns (per-disease table as a DataFrame, micro-averaged ``AnswerScores``).
     """
+    import pandas as pd  # deferred: the CLIs import this module before their --help
+
     references = list(references_by_disease(frame).values())
     if len(answers) != len(references):
         raise ValueError(f"{len(answers)} answers for {len(references)} diseases")

@@ -25,7 +25,7 @@ import torch
 from medlm import distributed
 from medlm._paths import SWEEP_FILE, check_writable, sweep_state_file
 from medlm.checkpoint import check_world_size, has_checkpoint, logged_epoch, saved_epochs
-from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig, recipe_file
+from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
 from medlm.errors import MedLMError
 from medlm.generate import GenerationSettings, check_generation_length, encode_prompts
@@ -240,7 +240,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
     (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
     with stopwatch.phase("logging"):
         tracker.log_datasets(split.train, split.validation, data.source)
-        tracker.log_recipe(recipe_file(config.recipe))
+        tracker.log_recipe(config.to_recipe())
         tracker.log_baselines(parts.baselines)
     for name, (_, scores) in parts.baselines.items():
         log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,

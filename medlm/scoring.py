@@ -4,12 +4,7 @@
 from __future__ import annotations
 
 from medlm.generate import GenerationSettings, generate
-from medlm.metrics import references_by_disease, score_answers
-
-# Greedy answers for scoring: no repetition penalty. The seed's 1.2 penalises every token
-# already written, commas included, which is the separator the metric splits on (experiments/
-# RESULTS.md, "Repetition penalty of the scored answers", has the measurement).
-SCORING_REPETITION_PENALTY = 1.0
+from medlm.metrics import SCORING_REPETITION_PENALTY, references_by_disease, score_answers
 
 
 def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, *,

@@ -1,6 +1,6 @@
-"""Sweeps: the grid of ``SWEEPABLE`` values as child runs of ``medlm.recipe`` under one parent
-run, which carries the best child; their progress kept beside the checkpoints, so an
-interrupted sweep resumes as a whole (``resume_sweep``)."""
+"""Sweeps: the grid of ``medlm.config.SWEEPABLE`` values as child runs of ``medlm.recipe``
+under one parent run, which carries the best child; their progress kept beside the
+checkpoints, so an interrupted sweep resumes as a whole (``resume_sweep``)."""
 
 from __future__ import annotations
 

@@ -138,9 +138,9 @@ class MlflowTracker(Logger):
                                                   targets="Symptoms", name=f"{name}-{context}")
             mlflow.log_input(dataset, context=context)
 
-    def log_recipe(self, path) -> None:
-        """The recipe file the run's settings came from, as the artifact ``recipe.toml``."""
-        mlflow.log_text(path.read_text(encoding="utf-8"), "recipe.toml")
+    def log_recipe(self, text: str) -> None:
+        """The run's settings as a recipe file (``TrainConfig.to_recipe``): ``recipe.toml``."""
+        mlflow.log_text(text, "recipe.toml")
 
     def on_epoch_replay(self, model, result: EpochResult) -> None:
         """The epoch's logging again, after a kill that cut it short: what is already in the

@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from medlm import distributed
 from medlm.checkpoint import (
-    CheckpointWriter,
     frozen_sha256,
     load_checkpoint,
     load_trained_weights,
     logged_epoch,
     mark_logged,
     rng_state,
+    save_checkpoint,
     trained_weights,
 )
 from medlm.config import TrainConfig
@@ -403,20 +403,21 @@ class _Loop:
             self.epochs_without_improvement += 1
         result.epochs.append(epoch_result)
 
-    def finish_checkpoint(self, writer, curve: StepCurve, precision: Precision) -> None:
-        """The epoch's checkpoint made whole (``writer`` began it: on the main process only)."""
-
+    def save(self, checkpoint_dir: str, model, curve: StepCurve, precision: Precision) -> None:
+        """The training state after this epoch, saved whole (every process's RNGs, gathered;
+        written by the main process)."""
         rng_states = distributed.gather_objects(rng_state())
-        if writer is None:
+        if not distributed.is_main():
             return
-        writer.finish(scheduler=self.scheduler, scaler=self.scaler, epochs=self.result.epochs,
-                      best_state=self.best_state,
-                      epochs_without_improvement=self.epochs_without_improvement,
-                      loader_state={"generator": self.generator.get_state()}
-                      if self.generator is not None else {},
-                      rng_states=rng_states, precision=precision.name,
-                      step_interval=curve.state(), best_is_current=self.result.epochs[-1].is_best,
-                      frozen=self.frozen)
+        save_checkpoint(checkpoint_dir, model=model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler, epochs=self.result.epochs,
+                        best_state=self.best_state,
+                        epochs_without_improvement=self.epochs_without_improvement,
+                        loader_state={"generator": self.generator.get_state()}
+                        if self.generator is not None else {},
+                        rng_states=rng_states, precision=precision.name,
+                        step_interval=curve.state(),
+                        best_is_current=self.result.epochs[-1].is_best, frozen=self.frozen)
 
 
 def _start_loop(model, train_loader: DataLoader, config: TrainConfig, device: torch.device,
@@ -517,17 +518,13 @@ def _end_epoch(epoch_result: EpochResult, model, loop: _Loop, config: TrainConfi
     """After an epoch's validation: score it, keep it if best, checkpoint it, then log it (the
     checkpoint first, so a kill while logging replays the epoch's logging at resume)."""
     main_process = distributed.is_main()
-    writer = None
-    if checkpoint_dir and main_process:  # the large files are written while it is scored
-        with stopwatch.phase("checkpoint"):
-            writer = CheckpointWriter(checkpoint_dir, epoch_result.epoch, model, loop.optimizer)
     if scorer is not None:
         with stopwatch.phase("scoring"):
             epoch_result.scores = _scores(scorer, model)
-    with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the rest
+    with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the state
         loop.keep_if_best(epoch_result, model, config.select_by)
         if checkpoint_dir:
-            loop.finish_checkpoint(writer, curve, precision)
+            loop.save(checkpoint_dir, model, curve, precision)
     with stopwatch.phase("logging"):
         for logger in loggers if main_process else ():
             logger.on_epoch_end(model, epoch_result)

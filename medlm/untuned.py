@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from medlm.generate import MAX_BATCH_SEQUENCES, GenerationSettings, encode_prompts
-from medlm.metrics import METRIC_VERSION
+from medlm import generate
+from medlm.generate import GenerationSettings, encode_prompts
+from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
 from medlm.modeling import tokenizer_sha256
 from medlm.offline import RANDOM_WEIGHTS_MARK, cache_dir
 from medlm.prompts import PROMPT_FORMAT_ATTRIBUTE, prompt_format_of, prompts_for
-from medlm.scoring import SCORING_REPETITION_PENALTY
 
 log = logging.getLogger("medlm")
 
@@ -60,7 +60,8 @@ def answers_key(model, tokenizer, names: list[str], max_new_tokens: int, precisi
              "prompts": prompts["input_ids"].tolist(),
              "attention": prompts["attention_mask"].tolist(),
              "generation": settings.to_generation_config(tokenizer).to_diff_dict(),
-             "batch": MAX_BATCH_SEQUENCES, "precision": precision, "device": device,
+             "batch": generate.MAX_BATCH_SEQUENCES,  # read when asked: a caller may change it
+             "precision": precision, "device": device,
              "threads": torch.get_num_threads(), "metric_version": METRIC_VERSION,
              "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -73,19 +73,20 @@ def mlflow_home(tmp_path, monkeypatch) -> Path:
         mlflow.end_run()
 
 
-def run_python(*args: str, cwd: Path, env_extra: dict | None = None):
+def run_python(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float = 600):
     """Run ``python ARGS`` (a script, or ``-m module``) as a user would, without a TTY, with
     this checkout importable."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def run_module(module: str, *args: str, cwd: Path, env_extra: dict | None = None):
+def run_module(module: str, *args: str, cwd: Path, env_extra: dict | None = None,
+               timeout: float = 600):
     """Run ``python -m module args`` as a user would, without a TTY."""
-    return run_python("-m", module, *args, cwd=cwd, env_extra=env_extra)
+    return run_python("-m", module, *args, cwd=cwd, env_extra=env_extra, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 random GPT-2 with the real GPT-2 tokenizer, with MLflow's default store in a fresh directory."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from medlm.config import TrainConfig
 from tests.conftest import run_module, write_hub_cache
 
 pytestmark = pytest.mark.slow
@@ -131,8 +131,14 @@ def test_params_describe_config_data_hardware_and_libraries(trained):
 def test_samples_results_and_plot_are_logged(trained, workdir, dataset_csv):
     _, client, run = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"samples.json", "results.csv", "loss_curve.png", "symptom_scores.json"} <= artifacts
+    assert {"samples.json", "results.csv", "loss_curve.png", "symptom_scores.json",
+            "recipe.toml"} <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "", str(workdir / "dl")))
+    # the run's settings as a recipe: --config with it trains the same settings again
+    again = TrainConfig.from_recipe(str(local / "recipe.toml"))
+    assert {name: str(value) for name, value in again.to_params().items()
+            if name != "recipe"} == {name: value for name, value in run.data.params.items()
+                                     if name in again.to_params() and name != "recipe"}
     table = json.loads((local / "samples.json").read_text())
     samples = pd.DataFrame(table["data"], columns=table["columns"])
     assert sorted(samples["epoch"].unique()) == list(range(1, EPOCHS + 1))
@@ -307,16 +313,20 @@ def test_bad_input_is_one_line_exit_2_and_no_run(case, tmp_path, dataset_csv, ti
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
-def test_help_documents_every_flag(tmp_path):
+def test_help_documents_every_setting(tmp_path):
+    """Every TrainConfig setting has its flag in --help (an on/off one that is on by default as
+    --no-NAME)."""
+    from dataclasses import fields
+
+    from medlm.config import TrainConfig, flag_of
+
     result = run_module("experiments.run", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    for flag in ("--dataset", "--model", "--lr", "--batch-size", "--epochs", "--weight-decay",
-                 "--max-grad-norm", "--grad-accum", "--scheduler", "--warmup-steps",
-                 "--patience", "--device", "--precision", "--seed", "--max-samples",
-                 "--max-length", "--max-new-tokens", "--experiment", "--run-name",
-                 "--registered-model", "--no-progress"):
-        assert flag in result.stdout, flag
-    assert os.linesep.join(result.stdout.splitlines())  # non-empty help text
+    for declared in fields(TrainConfig):
+        flag = flag_of(declared.name)
+        if declared.default is True:
+            flag = "--no-" + flag[2:]
+        assert f"{flag} " in result.stdout or f"{flag}\n" in result.stdout, flag
 
 
 def test_default_hub_ids_train_from_the_hub_cache_when_the_hub_does_not_answer(

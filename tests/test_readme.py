@@ -124,3 +124,39 @@ def test_a_setting_declared_once_becomes_a_checked_flag_a_table_row_and_a_recipe
     (config_,), _ = run.configs_from_args(run.build_parser().parse_args(
         ["--config", str(recipe)]))
     assert config_.warmup_ratio == 0.25 and config_.recipe == str(recipe)
+
+
+def readme_commands() -> list[str]:
+    """Every ``python -m experiments.*`` command README.md gives: code-block lines (comments
+    cut) and commands in backticks."""
+    document = text(README)
+    commands = [line.split("  #")[0].strip() for line in document.splitlines()
+                if line.startswith("python -m experiments.")]
+    commands += re.findall(r"`(python -m experiments\.[^`]+)`", document)
+    return list(dict.fromkeys(commands))
+
+
+def test_every_readme_command_is_accepted_by_its_command_line(dataset_csv):
+    """Each command parses as written (its flags exist and its values pass their checks), with
+    the dataset placeholder filled in; the offline main command itself runs in
+    tests/test_best_recipe.py, read from README.md."""
+    import importlib
+    import shlex
+
+    commands = readme_commands()
+    modules = {shlex.split(command)[2] for command in commands}
+    assert modules >= {"experiments.run", "experiments.generate", "experiments.evaluate",
+                       "experiments.download", "experiments.init_model"}, commands
+    for command in commands:
+        words = shlex.split(command.replace("PATH/TO/diseases_symptoms.csv", str(dataset_csv)))
+        parser = importlib.import_module(words[2]).build_parser()
+        assert parser.parse_args(words[3:]) is not None, command
+
+
+def offline_main_command() -> list[str]:
+    """README's offline main command, as words (tests/test_best_recipe.py runs it)."""
+    import shlex
+
+    (command,) = [command for command in readme_commands()
+                  if "--model smollm2-135m-instruct" in command and "experiments.run" in command]
+    return shlex.split(command)

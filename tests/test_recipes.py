@@ -4,6 +4,7 @@ decoded once per base and split, and only the kept epoch scored."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from mlflow import MlflowClient
@@ -154,3 +155,33 @@ def test_kept_untuned_answers_read_back_only_for_the_same_names(tmp_path, monkey
     (tmp_path / "a-file").write_text("")
     untuned.save_answers("k1", ["Flu"], ["fever"])  # a cache that cannot be written: a warning
     assert "could not keep the untuned base's answers" in caplog.text
+
+
+def test_a_runs_recipe_file_trains_its_settings_again_and_flags_undo_a_recipes_switches(
+        tmp_path):
+    """``to_recipe`` (the run's artifact recipe.toml) read back with --config gives the same
+    settings; an on/off setting a recipe turns off, a flag turns on again."""
+    (config,) = configs("--recipe", "seed-notebook", "--model", "my model", "--sample-prompt",
+                        'Flu "A"', "--max-samples", "60", "--no-register")
+    file = tmp_path / "recipe.toml"
+    file.write_text(config.to_recipe())
+    (again,) = configs("--config", str(file))
+    assert again == replace(config, recipe=str(file))
+    assert not config.group_by_length
+    (switched,) = configs("--recipe", "seed-notebook", "--group-by-length")
+    assert switched.group_by_length
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("lr = 'fast'\n", "lr = 'fast' is invalid: expected a float"),
+    ("learning_rate = 5e-4\n", "'learning_rate' is not a setting"),
+    ("sample_prompts = [1]\n", "expected a list of strings"),
+    ("lr = \n", "is not TOML"),
+])
+def test_a_bad_recipe_file_is_one_line_naming_the_setting(tmp_path, content, expected):
+    file = tmp_path / "bad.toml"
+    file.write_text(content)
+    with pytest.raises(MedLMError, match=expected):
+        configs("--config", str(file))
+    with pytest.raises(MedLMError, match="does not exist"):
+        configs("--config", str(tmp_path / "missing.toml"))

@@ -528,9 +528,8 @@ def test_a_pointer_to_a_missing_epoch_falls_back_to_the_newest_whole_one(tmp_pat
 
 def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_epoch_before(
         tiny_model_dir, small_frame, tmp_path, monkeypatch):
-    """The weights and optimizer state are written in the background while the epoch is
-    scored: a kill during scoring leaves the previous epoch whole (nothing names the half
-    write), and the resumed run ends with the uninterrupted run's losses and best weights.
+    """A kill while an epoch is scored (before its checkpoint is written) leaves the previous
+    epoch whole, and the resumed run ends with the uninterrupted run's losses and best weights.
     An epoch that does not improve links the best epoch's weights instead of writing them."""
     from safetensors.torch import load_file
 
@@ -546,7 +545,6 @@ def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_
         def scorer(model):
             calls.append(1)
             if len(calls) == kill_at:
-                assert any(directory.glob(".epoch-*.partial"))  # its write is under way
                 raise KeyboardInterrupt
             return {"symptom_f1": scores[len(calls) - 1]}
 
