@@ -94,8 +94,8 @@ def build_parser() -> ArgumentParser:
                         help="continue an interrupted run from its last completed epoch, with "
                              "its own settings; beside it only --epochs (the run's new number of "
                              "epochs in all), this machine's --device and --precision, "
-                             "--checkpoint-dir, --collective-timeout, --no-progress and "
-                             "--no-system-metrics; a sweep's parent run id continues the whole "
+                             "--checkpoint-dir, --collective-timeout, --[no-]progress and "
+                             "--[no-]system-metrics; a sweep's parent run id continues the whole "
                              "sweep")
     return parser
 
@@ -141,8 +141,8 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
 # epochs; anything else would change the run's math, which its checkpoint fixes.
 RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
                 "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
-                "device": "--device", "precision": "--precision", "progress": "--no-progress",
-                "system_metrics": "--no-system-metrics"}
+                "device": "--device", "precision": "--precision", "progress": "--[no-]progress",
+                "system_metrics": "--[no-]system-metrics"}
 
 
 def check_resume_flags(given: dict[str, str]) -> None:

@@ -250,14 +250,16 @@ class TrainConfig:
             raise MedLMError("--lora-alpha, --lora-dropout and --lora-modules need --lora-rank: "
                              "expected --lora-rank N (N >= 1) with them, or none of them")
         if self.promote and not self.register:
-            raise MedLMError("--promote with --no-register is invalid: expected one of them "
-                             "(an unregistered run has no version to promote)")
+            raise MedLMError("--promote with --no-register (register off) is invalid: expected "
+                             "--register with it (an unregistered run has no version to "
+                             "promote)")
         if self.score_every_epoch and not self.symptom_eval:
-            raise MedLMError("--score-every-epoch with --no-symptom-eval is invalid: expected "
-                             "one of them")
+            raise MedLMError("--score-every-epoch with --no-symptom-eval (scoring off) is "
+                             "invalid: expected --symptom-eval with it")
         if self.select_by == "symptom_f1" and not self.symptom_eval:
             raise MedLMError("--select-by symptom_f1 needs the per-epoch symptom scores: "
-                             "expected no --no-symptom-eval, or --select-by validation_loss")
+                             "expected --symptom-eval (not --no-symptom-eval), or --select-by "
+                             "validation_loss")
 
     def sets_lora_options(self) -> bool:
         """Was any adapter setting changed from its default (meaningless without adapters)?"""
@@ -282,13 +284,15 @@ class TrainConfig:
 
     def to_recipe(self) -> str:
         """The settings that differ from the defaults, as a recipe file: ``--config`` with it
-        trains this run's settings again (``recipe`` says where they came from)."""
+        trains them again. Where and how a run is tracked, checkpointed and run on this
+        machine (``NOT_RECIPE``) is no part of it, nor ``recipe``, which says where the
+        settings came from."""
         lines = [f"# the settings of a run of recipe {self.recipe!r} that differ from MedLM's "
                  "defaults", "# python -m experiments.run --config recipe.toml"]
         defaults = TrainConfig()
         for declared in fields(self):
             value = getattr(self, declared.name)
-            if declared.name != "recipe" and value is not None and value != getattr(
+            if declared.name not in NOT_RECIPE and value is not None and value != getattr(
                     defaults, declared.name):
                 lines.append(f"{declared.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
@@ -304,6 +308,12 @@ class TrainConfig:
         return params
 
 
+# what a recipe does not hold: which recipe it is, where the run is tracked and checkpointed,
+# and what this machine runs it on (the flags a resumed run may change)
+NOT_RECIPE = frozenset({"recipe", "device", "precision", "collective_timeout_min"}
+                       | {declared.name for declared in fields(TrainConfig)
+                          if declared.metadata["group"] in ("mlflow", "run")})
+
 # the settings that take several values on the command line, one run of a sweep per combination
 SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig)
                   if declared.metadata["sweep"])
@@ -312,11 +322,11 @@ SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig)
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string
-    return repr(value)
+    if isinstance(value, str):  # a TOML basic string is a JSON string, non-ASCII left as it is
+        return json.dumps(value, ensure_ascii=False)
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -359,12 +369,14 @@ def recipe_file(recipe: str) -> Path:
 
 def read_recipe(recipe: str) -> dict[str, Any]:
     """A recipe's settings, checked: each a ``TrainConfig`` field of the field's type."""
+    path = recipe_file(recipe).resolve()
+    status = path.stat()
     return {name: list(value) if isinstance(value, list) else value
-            for name, value in _read_recipe(recipe_file(recipe))}
+            for name, value in _read_recipe(path, status.st_mtime_ns, status.st_size)}
 
 
-@functools.cache  # per process: --help reads every named recipe
-def _read_recipe(path: Path) -> tuple[tuple[str, Any], ...]:
+@functools.cache  # --help reads every named recipe; an edited file is read again
+def _read_recipe(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, Any], ...]:
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:

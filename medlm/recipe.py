@@ -124,6 +124,7 @@ class _RunParts:
     base_parameters: int | None  # with LoRA: the base's count, the model registered
     baselines: dict
     validation_names: list[str]  # the held-out rows' names, each spelling once
+    recipe: str = ""  # the run's settings as asked, as a recipe file (TrainConfig.to_recipe)
 
     @property
     def held_out_diseases(self) -> int:
@@ -240,7 +241,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
     (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
     with stopwatch.phase("logging"):
         tracker.log_datasets(split.train, split.validation, data.source)
-        tracker.log_recipe(config.to_recipe())
+        tracker.log_recipe(parts.recipe)
         tracker.log_baselines(parts.baselines)
     for name, (_, scores) in parts.baselines.items():
         log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
@@ -298,10 +299,11 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
     ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
     run id as soon as there is one (a sweep records which child is in progress)."""
     stopwatch, main_process = prepared.stopwatch, distributed.is_main()
+    recipe = config.to_recipe()  # as asked: "auto" settings stay auto in the recipe
     config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
         config.prompt_format, prepared.tokenizer, config.model))
     set_prompt_format(prepared.model, config.prompt_format)  # generation, scoring, serving
-    parts = _run_parts(config, prepared)
+    parts = replace(_run_parts(config, prepared), recipe=recipe)
     _log_start(config, prepared, parts)
     tracker = MlflowTracker(config.experiment, config.run_name, config.registered_model,
                             transformer=config.model, gpu=describe_device(prepared.device),

@@ -1,6 +1,6 @@
 """The offline main command, read from README.md's Quick start: the default recipe's model scores
 better on diseases it never saw than every answer that needs no model, and than the untuned
-base. Run by .ci/run (the base is downloaded there): ~2.5 minutes on 2 Intel Xeon cores (fp32).
+base. Run by .ci/run (the base is downloaded there): 4-5 minutes on 2 Intel Xeon cores (fp32).
 experiments/RESULTS.md has the figures on two split and two training seeds (0.189-0.257 symptom
 F1 against 0.107-0.138 for the best no-model answer)."""
 

@@ -160,13 +160,15 @@ def test_kept_untuned_answers_read_back_only_for_the_same_names(tmp_path, monkey
 def test_a_runs_recipe_file_trains_its_settings_again_and_flags_undo_a_recipes_switches(
         tmp_path):
     """``to_recipe`` (the run's artifact recipe.toml) read back with --config gives the same
-    settings; an on/off setting a recipe turns off, a flag turns on again."""
+    settings, less where the run was tracked; an on/off setting a recipe turns off, a flag
+    turns on again."""
     (config,) = configs("--recipe", "seed-notebook", "--model", "my model", "--sample-prompt",
                         'Flu "A"', "--max-samples", "60", "--no-register")
     file = tmp_path / "recipe.toml"
     file.write_text(config.to_recipe())
     (again,) = configs("--config", str(file))
-    assert again == replace(config, recipe=str(file))
+    assert again == replace(config, recipe=str(file), register=True)  # tracking is no setting
+    assert "register" not in config.to_recipe()
     assert not config.group_by_length
     (switched,) = configs("--recipe", "seed-notebook", "--group-by-length")
     assert switched.group_by_length

@@ -526,7 +526,7 @@ def test_a_pointer_to_a_missing_epoch_falls_back_to_the_newest_whole_one(tmp_pat
     assert current_epoch_directory(tmp_path) == tmp_path / "epoch-10"
 
 
-def test_a_kill_while_an_epoch_is_scored_and_its_checkpoint_written_resumes_the_epoch_before(
+def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
         tiny_model_dir, small_frame, tmp_path, monkeypatch):
     """A kill while an epoch is scored (before its checkpoint is written) leaves the previous
     epoch whole, and the resumed run ends with the uninterrupted run's losses and best weights.
