@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule
 from medlm.errors import MedLMError
 
 EXIT_USAGE = 2
@@ -62,21 +63,20 @@ def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool =
     return check
 
 
-positive_int = _number(int, 1, "a whole number >= 1")
-seed = _number(int, 0, "a whole number from 0 to 2**32 - 1",
-               maximum=2**32 - 1)
-non_negative_int = _number(int, 0, "a whole number >= 0")
-positive_float = _number(float, 0, "a number > 0", above_minimum=True)
-non_negative_float = _number(float, 0, "a number >= 0")
-probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
-
-
-def checked(kind: type, rule) -> Callable[[str], float]:
-    """An argparse ``type=`` for a ``TrainConfig`` setting: ``kind`` (int, float, str) parsed,
-    then the setting's own ``medlm.config.Rule`` (None: any value), in its words."""
+def checked(kind: type, rule: Rule | None) -> Callable[[str], float]:
+    """An argparse ``type=`` for a setting: ``kind`` (int, float, str) parsed, then checked by
+    its ``medlm.config.Rule`` (None: any value), in the rule's words."""
     if rule is None:
         return kind
     return _number(kind, -math.inf, rule.expected, ok=rule.ok)
+
+
+# the checks the other CLIs share with TrainConfig's settings: the same rules
+positive_int = checked(int, AT_LEAST_ONE)
+seed = checked(int, SEED)
+positive_float = checked(float, POSITIVE)
+fraction = checked(float, FRACTION)
+probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
 
 
 def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
@@ -84,8 +84,6 @@ def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
                    maximum=maximum)
 
 
-fraction = _number(float, 0, "a number between 0 and 1", above_minimum=True,
-                   maximum=math.nextafter(1.0, 0.0))
 
 
 OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id

@@ -93,7 +93,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
     partial.mkdir()
-    save_file({name: tensor.contiguous() for name, tensor in trained_weights(model).items()},
+    save_file({key: tensor.contiguous() for key, tensor in trained_weights(model).items()},
               str(partial / "model.safetensors"), metadata={"trained_only": "1"})
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     previous = directory / f"epoch-{len(epochs) - 1}"

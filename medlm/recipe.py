@@ -253,12 +253,13 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
         tracker.log_untuned(report.untuned)
 
 
-def _say_how_to_resume(nested: bool, checkpoint: Path, run_id: str, config: TrainConfig) -> None:
+def _say_how_to_resume(nested: bool, checkpoint: Path, config: TrainConfig) -> None:
+    """After a Ctrl-C: the command that resumes the run (its checkpoint is named by its id)."""
     if nested:
         return  # the sweep says how to resume it as a whole
     if has_checkpoint(checkpoint):
         log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: %s",
-                    checkpoint, resume_command(run_id, config.checkpoint_dir,
+                    checkpoint, resume_command(checkpoint.name, config.checkpoint_dir,
                                                distributed.world_size()))
     else:
         log.warning("stopped before the first epoch ended: nothing to resume")
@@ -371,7 +372,7 @@ def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: M
                        checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
                        scorer=report.score if score_epochs else None, stopwatch=stopwatch)
     except KeyboardInterrupt:
-        _say_how_to_resume(nested, checkpoint, checkpoint.name, config)
+        _say_how_to_resume(nested, checkpoint, config)
         raise
     except NonFiniteLossError as error:
         error.run_id = checkpoint.name  # a sweep records which child diverged
