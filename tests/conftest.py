@@ -60,11 +60,38 @@ def tiny_model(tiny_model_dir):
     return load_tokenizer_and_model(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables made (MLflow's migrations take 1.5-2.5 s
+    for each new database) and no experiment: MLflow makes its Default experiment, with the
+    artifact root of the directory it is used from, when a store is opened empty. The slow
+    command tests (test_cli, test_best_recipe) start from no database, as a new user does."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    with contextlib.closing(sqlite3.connect(path)) as database, database:
+        database.execute("DELETE FROM experiments")
+    return path
+
+
 @pytest.fixture
-def mlflow_home(tmp_path, monkeypatch) -> Path:
+def tracking_store(tmp_path, _empty_store) -> str:
+    """The URI of a new, empty tracking store at ./mlflow.db in ``tmp_path``: where a command
+    run there with MLFLOW_TRACKING_URI unset or empty keeps its runs."""
+    import shutil
+
+    shutil.copyfile(_empty_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_home(tmp_path, tracking_store, monkeypatch) -> Path:
     """A private tracking store (SQLite + ./mlruns) in a temporary working directory."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
     import mlflow
 
     mlflow.set_tracking_uri(None)  # forget any URI an earlier test set

@@ -140,7 +140,8 @@ def test_a_row_longer_than_the_context_trains_truncated_with_a_warning(
 
 
 @pytest.mark.slow
-def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tiny_model_dir, dataset_csv):
+def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tracking_store, tiny_model_dir,
+                                                     dataset_csv):
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", "--model", str(tiny_model_dir), "--dataset",
          str(dataset_csv), "--epochs", "200", "--max-samples", "60", "--no-symptom-eval"],
@@ -156,8 +157,7 @@ def test_sigterm_marks_the_run_killed_and_exits_130(tmp_path, tiny_model_dir, da
     assert process.wait(timeout=120) == 130
     assert "marked KILLED" in rest and "Traceback" not in rest
     assert "python -m experiments.run --resume" in rest
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=tracking_store)
     (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
     assert run.info.status == "KILLED"
 
@@ -188,6 +188,7 @@ def _listening_socket_that_never_answers():
     return server
 
 
+@pytest.mark.slow  # a process of its own, with its imports: 6-12 s
 @pytest.mark.parametrize("uri, expected", [
     ("http://127.0.0.1:{closed}", "does not answer"),  # nothing listens: refused
     ("http://127.0.0.1:{hung}", "does not answer"),  # listens, never replies: the bound
@@ -222,41 +223,39 @@ def test_a_tracking_store_that_cannot_be_used_is_one_line_within_seconds(
 
 
 @pytest.mark.parametrize("where", ["--checkpoint-dir", "dangling link", "artifacts"])
-def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, tmp_path,
-                                                                  tiny_model_dir, dataset_csv):
+def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, mlflow_home,
+                                                                  tiny_model_dir, dataset_csv,
+                                                                  capsys):
     """Under a file (as good as a read-only filesystem here, where the tests run as root)."""
-    from tests.conftest import run_module
-
-    blocked = tmp_path / "a-file"
+    blocked = mlflow_home / "a-file"
     blocked.write_text("not a directory")
-    flags, env = [], {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    flags = []
     if where == "--checkpoint-dir":
         flags = ["--checkpoint-dir", str(blocked / "checkpoints")]
     elif where == "dangling link":  # a link to a directory that is gone
-        (tmp_path / "checkpoints").symlink_to(tmp_path / "gone")
+        (mlflow_home / "checkpoints").symlink_to(mlflow_home / "gone")
     else:  # the experiment's artifacts go to ./mlruns, which here is a file
-        (tmp_path / "mlruns").write_text("not a directory")
-    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
-                        str(dataset_csv), "--epochs", "1", *flags, cwd=tmp_path,
-                        env_extra=env)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot be written" in errors[0], result.stderr
+        (mlflow_home / "mlruns").write_text("not a directory")
+    status, stderr = train(["--model", str(tiny_model_dir), "--dataset", str(dataset_csv),
+                            "--epochs", "1", *flags], capsys)
+    assert status == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot be written" in errors[0], stderr
     assert ("is a link to nothing" if where == "dangling link" else "is a file") in errors[0]
-    assert "MLflow run" not in result.stderr  # before any run
+    assert no_runs(mlflow_home)  # before any run
 
 
 def test_a_cache_the_run_cannot_write_is_a_warning_and_the_run_goes_on(
-        tmp_path, tiny_model_dir, dataset_csv):
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, capsys, caplog):
     """A shared, read-only $MEDLM_CACHE is a supported set-up: nothing new is kept in it."""
-    from tests.conftest import run_module
-
-    (tmp_path / "a-file").write_text("not a directory")
-    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
-                        str(dataset_csv), "--epochs", "1", "--max-samples", "40",
-                        "--max-new-tokens", "4", "--num-validation-samples", "0", cwd=tmp_path,
-                        env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                   "MEDLM_CACHE": str(tmp_path / "a-file" / "cache")})
-    assert result.returncode == 0, result.stderr
-    assert "WARNING: $MEDLM_CACHE" in result.stderr and "cannot be written" in result.stderr
+    (mlflow_home / "a-file").write_text("not a directory")
+    monkeypatch.setenv("MEDLM_CACHE", str(mlflow_home / "a-file" / "cache"))
+    status, stderr = train(["--model", str(tiny_model_dir), "--dataset", str(dataset_csv),
+                            "--epochs", "1", "--max-samples", "40", "--max-new-tokens", "4",
+                            "--num-validation-samples", "0"], capsys)
+    assert status == 0, stderr
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("WARNING: $MEDLM_CACHE") and "cannot be written" in w
+               for w in warnings), warnings
+    uri = f"sqlite:///{mlflow_home / 'mlflow.db'}"  # to the end: trained and registered
+    assert MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("medlm", "1")

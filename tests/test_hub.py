@@ -83,6 +83,7 @@ def test_unreachable_hub_switches_libraries_already_imported_to_their_cache(monk
     assert silent_hub.connections == 1
 
 
+@pytest.mark.slow  # a process of its own, with its imports: 6-12 s
 def test_default_command_without_the_hub_says_what_to_type(tmp_path, silent_hub):
     """Done-when of the first-contact issue: the README's main command, offline, exits 2 after
     one question to the Hub with one line ending in the command that works."""
@@ -100,6 +101,7 @@ def test_default_command_without_the_hub_says_what_to_type(tmp_path, silent_hub)
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started
 
 
+@pytest.mark.slow  # a process of its own, with its imports: 6-12 s
 def test_evaluate_without_the_hub_says_what_to_type(tmp_path, tiny_model_dir, silent_hub):
     result = run_module("experiments.evaluate", "--model-uri", str(tiny_model_dir),
                         "--split", "all", cwd=tmp_path,

@@ -5,6 +5,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from experiments import run as run_command
+from experiments._cli import run_cli
 from tests.conftest import run_module
 
 
@@ -202,7 +204,7 @@ def test_texts_start_with_beginning_of_text_where_the_tokenizer_puts_one(gpt2_to
 
 @pytest.mark.slow
 def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
-        tmp_path, tiny_model_dir, dataset_csv):
+        tmp_path, tracking_store, tiny_model_dir, dataset_csv):
     from safetensors.torch import load_file
 
     env = {"MLFLOW_TRACKING_URI": ""}
@@ -213,7 +215,7 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
                         env_extra=env)
     assert result.returncode == 0, result.stderr
     assert "LoRA rank 8 (alpha 16)" in result.stderr
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_store
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
     params = run.data.params
@@ -263,15 +265,18 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
     (["--label-smoothing", "1"],
      "--label-smoothing: '1' is invalid: expected a number >= 0 and < 1"),
 ])
-def test_bad_lora_flags_are_one_line_errors(flags, expected, tmp_path, dataset_csv,
-                                            tiny_model_dir):
-    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
-                        str(dataset_csv), "--epochs", "1", *flags, cwd=tmp_path,
-                        env_extra={"MLFLOW_TRACKING_URI": ""})
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr
+def test_bad_lora_flags_are_one_line_errors(flags, expected, mlflow_home, dataset_csv,
+                                            tiny_model_dir, capsys):
+    """In-process (test_cli checks the same contract in a process of its own)."""
+    try:
+        status = run_cli(run_command.main, ["--model", str(tiny_model_dir), "--dataset",
+                                            str(dataset_csv), "--epochs", "1", *flags])
+    except SystemExit as stop:  # argparse's own errors
+        status = stop.code
+    stderr = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], stderr
 
 
 def test_attention_adapters_on_an_architecture_peft_has_no_targets_for_name_the_flag(

