@@ -222,7 +222,8 @@ def test_a_tracking_store_that_cannot_be_used_is_one_line_within_seconds(
     assert not (tmp_path / "checkpoints").exists()  # no work done
 
 
-@pytest.mark.parametrize("where", ["--checkpoint-dir", "dangling link", "artifacts"])
+@pytest.mark.parametrize("where", ["--checkpoint-dir", "dangling link", "artifacts",
+                                   "artifacts, first run"])
 def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, mlflow_home,
                                                                   tiny_model_dir, dataset_csv,
                                                                   capsys):
@@ -236,6 +237,8 @@ def test_a_path_the_run_cannot_write_is_one_line_before_any_work(where, mlflow_h
         (mlflow_home / "checkpoints").symlink_to(mlflow_home / "gone")
     else:  # the experiment's artifacts go to ./mlruns, which here is a file
         (mlflow_home / "mlruns").write_text("not a directory")
+        if where.endswith("first run"):  # no ./mlflow.db yet: a new user's first run
+            (mlflow_home / "mlflow.db").unlink()
     status, stderr = train(["--model", str(tiny_model_dir), "--dataset", str(dataset_csv),
                             "--epochs", "1", *flags], capsys)
     assert status == 2 and "Traceback" not in stderr
