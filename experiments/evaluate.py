@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -117,7 +118,8 @@ def answer_precision(requested: str | None, logged: str | None, device):
 def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
     """(per-disease table, micro-averaged scores) of the answers ``args`` asks for: greedy,
     beam search or a consensus."""
-    from medlm.metrics import references_by_disease, score_answers
+    from medlm.heldout import score_answers
+    from medlm.metrics import references_by_disease
     from medlm.scoring import evaluate_symptoms
 
     if args.consensus is None:
@@ -129,6 +131,15 @@ def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
     names = [name for name, _ in references_by_disease(frame).values()]
     return score_answers(consensus_answers(model, tokenizer, names, args.consensus,
                                            max_new_tokens), frame)
+
+
+def span(scores: dict[str, float], name: str) -> str:
+    """"0.211-0.303": the score's interval, or "-" where it has none (a run logged before
+    intervals were)."""
+    low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "-"
+    return f"{low:.4f}-{high:.4f}"
 
 
 def _parse(text: str, kind: type):
@@ -147,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from medlm.data import load_disease_data
+    from medlm.heldout import baseline_scores
     from medlm.inference import load_model_for_inference, source_run
-    from medlm.metrics import METRIC_VERSION, baseline_scores
+    from medlm.intervals import CONFIDENCE
+    from medlm.metrics import METRIC_VERSION
     from medlm.modeling import resolve_device
     from medlm.split import split_by_disease
     from medlm.tracking import logged_metrics
@@ -209,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = {"symptom_precision": "symptom P", "symptom_recall": "symptom R",
                "symptom_f1": "symptom F1", "word_f1": "word F1"}
     summary = pd.DataFrame([{"answers": label, **{shown_name: scores.get(name)
-                                                  for name, shown_name in columns.items()}}
+                                                  for name, shown_name in columns.items()},
+                             **{f"{columns[name]} {CONFIDENCE:.0%} CI": span(scores, name)
+                                for name in ("symptom_f1", "word_f1")}}
                             for label, scores in rows.items()])
     where = (f"{settings['dataset']}, split seed {settings['split_seed']}, validation fraction "
              f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"

@@ -107,19 +107,6 @@ def micro_average(scores: Iterable[SymptomScore]) -> SymptomScore:
                         sum(s.reference for s in scores))
 
 
-@dataclass(frozen=True)
-class AnswerScores:
-    """Micro-averaged scores of a set of answers: phrase level and whole-answer word level."""
-
-    symptom: SymptomScore
-    word: SymptomScore
-
-    def as_metrics(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}symptom_precision": self.symptom.precision,
-                f"{prefix}symptom_recall": self.symptom.recall,
-                f"{prefix}symptom_f1": self.symptom.f1, f"{prefix}word_f1": self.word.f1}
-
-
 def references_by_disease(frame) -> dict[str, tuple[str, str]]:
     """Disease key (case-folded name) -> (name as written, reference symptoms).
 
@@ -130,28 +117,6 @@ def references_by_disease(frame) -> dict[str, tuple[str, str]]:
         shown, phrases = references.setdefault(name.casefold(), (name, []))
         phrases += [p.strip() for p in symptoms.split(",") if p.strip() not in phrases]
     return {key: (shown, ", ".join(phrases)) for key, (shown, phrases) in references.items()}
-
-
-def score_answers(answers: Sequence[str], frame):
-    """Score one answer per distinct disease of ``frame`` (in ``references_by_disease`` order).
-
-    Returns (per-disease table as a DataFrame, micro-averaged ``AnswerScores``).
-    """
-    import pandas as pd  # deferred: the CLIs import this module before their --help
-
-    references = list(references_by_disease(frame).values())
-    if len(answers) != len(references):
-        raise ValueError(f"{len(answers)} answers for {len(references)} diseases")
-    rows, symptom_scores, word_scores = [], [], []
-    for (name, reference), answer in zip(references, answers, strict=True):
-        symptom, word = score_symptoms(answer, reference), score_words(answer, reference)
-        symptom_scores.append(symptom)
-        word_scores.append(word)
-        rows.append({"disease": name, "symptom_precision": symptom.precision,
-                     "symptom_recall": symptom.recall, "symptom_f1": symptom.f1,
-                     "word_f1": word.f1, "generated": answer, "reference": reference})
-    return pd.DataFrame(rows), AnswerScores(micro_average(symptom_scores),
-                                            micro_average(word_scores))
 
 
 def constant_answer(train_frame, size: int = 5) -> str:
@@ -182,15 +147,3 @@ def nearest_name_answers(train_frame, names: Sequence[str], fallback: str) -> li
         shared = best is not None and words & train_names[best]
         answers.append(train_symptoms[best] if shared else fallback)
     return answers
-
-
-def baseline_scores(train_frame, validation_frame) -> dict[str, tuple]:
-    """``{"constant": (table, AnswerScores), "lookup": (...)}`` on the validation diseases,
-    built from the training rows only."""
-    names = [name for name, _ in references_by_disease(validation_frame).values()]
-    constant = constant_answer(train_frame)
-    return {
-        "constant": score_answers([constant] * len(names), validation_frame),
-        "lookup": score_answers(nearest_name_answers(train_frame, names, constant),
-                                validation_frame),
-    }

@@ -29,8 +29,9 @@ from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
 from medlm.errors import MedLMError
 from medlm.generate import GenerationSettings, check_generation_length, encode_prompts
+from medlm.heldout import SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.lora import add_lora, merge_lora, trainable_parameters
-from medlm.metrics import METRIC_VERSION, baseline_scores, references_by_disease
+from medlm.metrics import METRIC_VERSION, references_by_disease
 from medlm.modeling import (
     Precision,
     count_parameters,
@@ -244,8 +245,9 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
         tracker.log_recipe(parts.recipe)
         tracker.log_baselines(parts.baselines)
     for name, (_, scores) in parts.baselines.items():
-        log.info("baseline %s (no model): symptom F1 %.3f, word F1 %.3f", name,
-                 scores.symptom.f1, scores.word.f1)
+        metrics = scores.as_metrics()
+        log.info("baseline %s (no model): symptom F1 %s, word F1 %s", name,
+                 interval_text(metrics, "symptom_f1"), interval_text(metrics, "word_f1"))
     if config.symptom_eval:
         parts.model.to(prepared.device)
         with stopwatch.phase("scoring"):
@@ -344,8 +346,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  " (this process only: the run was resumed)" if resume_run_id else "")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
-            "symptom_f1": best.scores.get("symptom_f1", float("nan")),
-            "word_f1": best.scores.get("word_f1", float("nan")), "version": version}
+            **{name: best.scores.get(name, float("nan")) for name in SUMMARY_SCORES},
+            "version": version}
 
 
 def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,

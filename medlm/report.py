@@ -9,8 +9,9 @@ import logging
 
 from medlm import untuned
 from medlm.generate import generate
+from medlm.heldout import interval_text, score_answers
 from medlm.lora import merged_copy
-from medlm.metrics import references_by_disease, score_answers
+from medlm.metrics import references_by_disease
 from medlm.scoring import evaluate_symptoms
 from medlm.timing import Stopwatch
 from medlm.train import Logger
@@ -84,11 +85,14 @@ class EpochReport(Logger):
         self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
 
     def compared(self, scores: dict[str, float]) -> str:
-        """"symptom F1 0.312, word F1 0.298 | no model 0.138 (constant)/0.133 (lookup) |
-        untuned 0.000/0.013": each score beside the best answer that needs no model."""
+        """"symptom F1 0.312 [0.251-0.372], word F1 0.298 [0.250-0.346] | no model 0.138
+        (constant)/0.133 (lookup) | untuned 0.000/0.013": each score, with its interval,
+        beside the best answer that needs no model (whose intervals the baseline lines
+        give)."""
         best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
         best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
-        text = (f"symptom F1 {scores['symptom_f1']:.3f}, word F1 {scores['word_f1']:.3f} | "
+        text = (f"symptom F1 {interval_text(scores, 'symptom_f1')}, word F1 "
+                f"{interval_text(scores, 'word_f1')} | "
                 f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
                 f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
         if self.untuned:

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from medlm.generate import GenerationSettings, generate
-from medlm.metrics import SCORING_REPETITION_PENALTY, references_by_disease, score_answers
+from medlm.heldout import score_answers
+from medlm.metrics import SCORING_REPETITION_PENALTY, references_by_disease
 
 
 def evaluate_symptoms(model, tokenizer, frame, max_new_tokens: int = 40, *,

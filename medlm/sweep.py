@@ -20,6 +20,7 @@ from medlm._paths import sweep_state_file
 from medlm.checkpoint import has_checkpoint, write_durably
 from medlm.config import SWEEPABLE, TrainConfig
 from medlm.errors import MedLMError
+from medlm.heldout import SUMMARY_SCORES, interval_text
 from medlm.modeling import load_tokenizer_and_model
 from medlm.recipe import (
     DATA_FILE,
@@ -71,7 +72,7 @@ def sweep_value(value: float | int) -> str:
 def diverged_row(run_id: str, row: dict) -> dict:
     nan = float("nan")
     return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
-            "symptom_f1": nan, "word_f1": nan, "version": None,
+            **dict.fromkeys(SUMMARY_SCORES, nan), "version": None,
             "status": "FAILED: loss diverged"}
 
 
@@ -243,8 +244,9 @@ def _print_table(table: pd.DataFrame, parent_id: str) -> None:
     best = table.iloc[0]
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    log.info("best child: run %s (validation loss %.4f, symptom F1 %.4f); parent run %s",
-             best["run_id"], best["validation_loss"], best["symptom_f1"], parent_id)
+    log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
+             best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
+             parent_id)
 
 
 def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,

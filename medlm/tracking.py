@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
+from medlm.heldout import SUMMARY_SCORES
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger
 
@@ -270,7 +271,7 @@ def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str
     (parent) run."""
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
-                        "best_symptom_f1": float(best["symptom_f1"])})
+                        **{f"best_{name}": float(best[name]) for name in SUMMARY_SCORES}})
     mlflow.set_tags({"best_child_run_id": best["run_id"],
                      **{f"best_{name}": str(best[name]) for name in sweepable}})
 
@@ -308,8 +309,7 @@ def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
     return run.info.status, {
         "best_epoch": int(metrics["best_epoch"]),
         "validation_loss": metrics["best_validation_loss"],
-        "symptom_f1": metrics.get("best_symptom_f1", float("nan")),
-        "word_f1": metrics.get("best_word_f1", float("nan")),
+        **{name: metrics.get(f"best_{name}", float("nan")) for name in SUMMARY_SCORES},
         "version": str(versions[0]) if versions else None}
 
 

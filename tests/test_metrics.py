@@ -2,14 +2,13 @@ import pandas as pd
 import pytest
 
 from medlm.data import load_disease_data
+from medlm.heldout import baseline_scores, score_answers
 from medlm.metrics import (
     SymptomScore,
-    baseline_scores,
     constant_answer,
     micro_average,
     nearest_name_answers,
     references_by_disease,
-    score_answers,
     score_symptoms,
     score_words,
 )

@@ -31,15 +31,31 @@ PINS = {
     "lora": {"training_loss": [10.825890743371213, 10.658871781430376],
              "validation_loss": [10.690233018663195, 10.635228717137897]},
 }
-BASELINE_SCORES = {
+BASELINE_SCORES = {  # with their intervals (medlm.intervals: SciPy's bootstrap, seeded)
     "baseline_constant_symptom_precision": 0.125,
+    "baseline_constant_symptom_precision_ci_low": 0.04,
+    "baseline_constant_symptom_precision_ci_high": 0.175,
     "baseline_constant_symptom_recall": 0.18518518518518517,
+    "baseline_constant_symptom_recall_ci_low": 0.05555555555555555,
+    "baseline_constant_symptom_recall_ci_high": 0.23076923076923078,
     "baseline_constant_symptom_f1": 0.14925373134328357,
+    "baseline_constant_symptom_f1_ci_low": 0.047619047619047616,
+    "baseline_constant_symptom_f1_ci_high": 0.19444444444444445,
     "baseline_constant_word_f1": 0.15730337078651688,
+    "baseline_constant_word_f1_ci_low": 0.13664596273291926,
+    "baseline_constant_word_f1_ci_high": 0.19607843137254902,
     "baseline_lookup_symptom_precision": 0.13157894736842105,
+    "baseline_lookup_symptom_precision_ci_low": 0.041666666666666664,
+    "baseline_lookup_symptom_precision_ci_high": 0.1794871794871795,
     "baseline_lookup_symptom_recall": 0.18518518518518517,
+    "baseline_lookup_symptom_recall_ci_low": 0.05555555555555555,
+    "baseline_lookup_symptom_recall_ci_high": 0.23076923076923078,
     "baseline_lookup_symptom_f1": 0.15384615384615383,
+    "baseline_lookup_symptom_f1_ci_low": 0.05263157894736842,
+    "baseline_lookup_symptom_f1_ci_high": 0.19718309859154928,
     "baseline_lookup_word_f1": 0.1978021978021978,
+    "baseline_lookup_word_f1_ci_low": 0.16129032258064516,
+    "baseline_lookup_word_f1_ci_high": 0.22077922077922077,
 }
 SETTINGS = {
     "full fine-tuning": {},  # the default on a random base: every weight
@@ -63,8 +79,9 @@ def test_short_runs_log_their_pinned_losses_and_scores(tiny_model_dir, dataset_c
                         if key.startswith("baseline_")}
     if os.environ.get("MEDLM_PRINT_PINS"):
         print(f"\nPINS = {logged}\nBASELINE_SCORES = {scores['lora']}")
-    # pinned with torch 2.13.0, transformers 5.24.0 and peft 0.21.2: a release that changes how
-    # a random GPT-2 or an adapter is initialised moves them too
+    # pinned with torch 2.13.0, transformers 5.24.0, peft 0.21.2 and scipy 1.17.1: a release
+    # that changes how a random GPT-2 or an adapter is initialised, or how SciPy's bootstrap
+    # draws, moves them too
     versions = library_versions()
     assert logged == {name: {key: pytest.approx(values, rel=1e-5) for key, values in pins.items()}
                       for name, pins in PINS.items()}, versions

@@ -1,0 +1,169 @@
+"""Two models compared on the same held-out diseases: the per-disease paired difference of each
+score, its bootstrap interval over name groups and a paired permutation p-value (SciPy), from
+the answers each run scored at its kept epoch (``symptom_scores.json``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from medlm.errors import MedLMError
+from medlm.heldout import SCORES, group_numbers
+from medlm.inference import source_run
+from medlm.intervals import CONFIDENCE, RESAMPLES, SEED, STATISTICS, group_sums
+from medlm.metrics import score_symptoms, score_words
+from medlm.registry import KEY_PARAMS_BY_SELECTION, evaluation_key
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+PERMUTATIONS = 9999  # the smallest p-value is 1 / (PERMUTATIONS + 1)
+
+
+@dataclass
+class Side:
+    """One model of a comparison: what was asked, its run, and its kept epoch's answers."""
+
+    asked: str
+    run: Run
+    answers: pd.DataFrame  # disease, generated, reference (one row per held-out disease)
+
+
+def find_run(asked: str, registered_model: str) -> Run:
+    """A run id, a version number of ``registered_model``, or a ``models:/`` / ``runs:/`` URI."""
+    if _RUN_ID.match(asked):
+        try:
+            return MlflowClient().get_run(asked)
+        except mlflow.exceptions.MlflowException:
+            raise MedLMError(f"{asked!r}: no such run at {mlflow.get_tracking_uri()}: expected "
+                             "a run id, a version number or a models:/ or runs:/ URI") from None
+    run = source_run(asked, registered_model)
+    if run is None:
+        raise MedLMError(f"{asked!r} is not a logged model: expected a run id, a version "
+                         "number or a models:/ or runs:/ URI (a local model has no held-out "
+                         "diseases to compare on)")
+    return run
+
+
+def kept_answers(run: Run, asked: str) -> pd.DataFrame:
+    """The answers the run scored at its kept epoch, one row per held-out disease."""
+    logged = {item.path for item in MlflowClient().list_artifacts(run.info.run_id)}
+    best = run.data.metrics.get("best_epoch")
+    if "symptom_scores.json" not in logged or best is None:
+        raise MedLMError(f"{asked!r} (run {run.info.run_id}) has no scored answers: expected "
+                         "a finished run trained with --symptom-eval (the default)")
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/symptom_scores.json")
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    kept = frame[frame["epoch"] == int(best)]
+    if kept.empty:
+        raise MedLMError(f"{asked!r} (run {run.info.run_id}): no answers logged at its kept "
+                         f"epoch {int(best)}: expected a run that scored its kept epoch")
+    return kept[["disease", "generated", "reference"]].reset_index(drop=True)
+
+
+def load_side(asked: str, registered_model: str) -> Side:
+    run = find_run(asked, registered_model)
+    return Side(asked, run, kept_answers(run, asked))
+
+
+def check_comparable(a: Side, b: Side) -> None:
+    """The same held-out diseases, metric and answer length, or a one-line refusal naming
+    what differs."""
+    keys = [evaluation_key(side.run.data.params) for side in (a, b)]
+    names = KEY_PARAMS_BY_SELECTION["symptom_f1"]
+    differ = [f"{'split_seed' if name == 'seed' else name} {keys[0].get(name)} vs "
+              f"{keys[1].get(name)}" for name in names if keys[0].get(name) != keys[1].get(name)]
+    if differ:
+        raise MedLMError(f"{a.asked} and {b.asked} were not scored on the same held-out diseases "
+                         f"by the same metric ({'; '.join(differ)}): expected two runs with the "
+                         "same evaluation key (dataset, split, metric, answer length)")
+
+
+def _counts(answers: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per disease: (matched, generated, reference) of its symptom and its word score."""
+    rows = {"symptom": [], "word": []}
+    for generated, reference in zip(answers["generated"], answers["reference"], strict=True):
+        for kind, score in (("symptom", score_symptoms(generated, reference)),
+                            ("word", score_words(generated, reference))):
+            rows[kind].append((score.matched, score.generated, score.reference))
+    return {kind: np.array(values, dtype=float) for kind, values in rows.items()}
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str, float]:
+    """B - A of a micro-averaged ``statistic`` on the same groups (rows of ``a`` and ``b``:
+    one group's summed counts each): the difference, its bootstrap interval (the groups
+    resampled together for both) and a two-sided paired permutation p-value (each group's two
+    answers swapped at random)."""
+    from scipy.stats import bootstrap, permutation_test  # deferred: ~1.7 s to import
+
+    function = STATISTICS[statistic]
+    both = np.concatenate([a, b])
+    size = len(a)
+
+    def difference(on_a, on_b, axis=-1):  # indices into ``both``
+        return (function(*np.moveaxis(both[on_b], -1, 0), axis=-1)
+                - function(*np.moveaxis(both[on_a], -1, 0), axis=-1))
+
+    indices = (np.arange(size), np.arange(size) + size)
+    value = float(difference(*indices))
+    spread = bootstrap(indices, difference, paired=True, vectorized=True, axis=-1,
+                       n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
+                       rng=np.random.default_rng(SEED))
+    test = permutation_test(indices, difference, permutation_type="samples", vectorized=True,
+                            axis=-1, n_resamples=PERMUTATIONS, rng=np.random.default_rng(SEED))
+    low, high = spread.confidence_interval
+    return {"difference": value, "ci_low": float(low), "ci_high": float(high),
+            "p_value": float(test.pvalue)}
+
+
+def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per score: A, B, B - A, its interval and p-value; one row per disease: each
+    side's symptom F1 and answer, largest difference first)."""
+    merged = a.answers.merge(b.answers, on="disease", suffixes=("_a", "_b"))
+    if len(merged) != len(a.answers) or len(merged) != len(b.answers):
+        raise MedLMError(f"{a.asked} and {b.asked} answered different diseases: expected the "
+                         "same held-out diseases")
+    names = pd.DataFrame({"Name": merged["disease"], "Symptoms": merged["reference_a"]})
+    groups = group_numbers(names)
+    sides = {side: _counts(merged.rename(columns={f"generated_{side}": "generated",
+                                                  "reference_a": "reference"}))
+             for side in ("a", "b")}
+    rows = []
+    for name, kind, statistic in SCORES:
+        grouped = [group_sums(sides[side][kind], groups) for side in ("a", "b")]
+        function = STATISTICS[statistic]
+        rows.append({"score": name, "A": float(function(*sides["a"][kind].T)),
+                     "B": float(function(*sides["b"][kind].T)),
+                     **paired_difference(*grouped, statistic)})
+    per_disease = pd.DataFrame({
+        "disease": merged["disease"], "group": groups,
+        "symptom_f1_a": _f1(sides["a"]["symptom"]), "symptom_f1_b": _f1(sides["b"]["symptom"]),
+        "generated_a": merged["generated_a"], "generated_b": merged["generated_b"]})
+    per_disease.insert(4, "difference", per_disease["symptom_f1_b"] - per_disease["symptom_f1_a"])
+    order = per_disease["difference"].abs().sort_values(ascending=False, kind="stable").index
+    return pd.DataFrame(rows), per_disease.loc[order].reset_index(drop=True)
+
+
+def _f1(counts: np.ndarray) -> np.ndarray:
+    """Each row's own F1 (one disease's counts)."""
+    return STATISTICS["f1"](*counts.T[:, :, None])
+
+
+def log_comparison(a: Side, b: Side, scores: pd.DataFrame, per_disease: pd.DataFrame) -> str:
+    """The comparison as an MLflow run of its own in A's experiment: which runs, each score's
+    difference, interval and p-value as metrics, both tables as CSV artifacts. Its run id."""
+    with mlflow.start_run(experiment_id=a.run.info.experiment_id,
+                          run_name=f"compare {a.asked} vs {b.asked}") as run:
+        mlflow.log_params({"a": a.asked, "b": b.asked, "a_run_id": a.run.info.run_id,
+                           "b_run_id": b.run.info.run_id,
+                           "held_out_diseases": len(per_disease), "confidence": CONFIDENCE})
+        mlflow.log_metrics({f"{row.score}_{name}": getattr(row, name) for row in
+                            scores.itertuples() for name in
+                            ("difference", "ci_low", "ci_high", "p_value")})
+        mlflow.log_text(scores.to_csv(index=False), "compare.csv")
+        mlflow.log_text(per_disease.to_csv(index=False), "compare_diseases.csv")
+        return run.info.run_id
