@@ -14,7 +14,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m experiments.compare",
                             description=__doc__.strip().splitlines()[0])
     parser.add_argument("a", metavar="A", help="the first model: a run id, a version number of "
-                        "--registered-model, or a models:/ or runs:/ URI")
+                        "--registered-model, or a models:/ or runs:/ URI; or several, "
+                        "comma-separated (training seeds of one recipe: their answers pooled)")
     parser.add_argument("b", metavar="B", help="the second model, the same ways; differences "
                         "are B - A")
     parser.add_argument("--registered-model", default="medlm",
@@ -37,8 +38,12 @@ def print_comparison(a, b, scores, per_disease, show: int) -> None:
 
     for label, side in (("A", a), ("B", b)):
         params = side.run.data.params
-        print(f"{label}: {side.asked} (run {side.run.info.run_id}: {params.get('model')}, "
-              f"recipe {params.get('recipe', '?')}, seed {params.get('seed')})")
+        runs = ", ".join(run.info.run_id for run in side.runs)
+        seeds = " ".join(str(run.data.params.get("seed")) for run in side.runs)
+        print(f"{label}: {side.asked} ({'runs' if len(side.runs) > 1 else 'run'} {runs}: "
+              f"{params.get('model')}, recipe {params.get('recipe', '?')}, "
+              f"{'seeds' if len(side.runs) > 1 else 'seed'} {seeds}"
+              + (", answers pooled" if len(side.runs) > 1 else "") + ")")
     print(f"{len(per_disease)} held-out diseases in {per_disease['group'].nunique()} name "
           f"groups, the same for both; B - A with its {CONFIDENCE:.0%} interval (name groups "
           "resampled) and a paired permutation p-value:")
@@ -62,12 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
 
-    from medlm.compare import check_comparable, compare, load_side, log_comparison
+    from medlm.compare import (
+        check_comparable,
+        compare,
+        load_side,
+        log_comparison,
+        scored_by_other_rules,
+    )
+    from medlm.metrics import METRIC_VERSION
     from medlm.store import check_tracking_store
 
     check_tracking_store()
     a, b = (load_side(asked, args.registered_model) for asked in (args.a, args.b))
     check_comparable(a, b)
+    older = scored_by_other_rules(a, b)
+    if older:
+        print(f"note: run(s) {', '.join(older)} logged their scores under an older metric "
+              f"version; all answers are scored here by today's rules (version "
+              f"{METRIC_VERSION}), so A and B differ from what those runs logged",
+              file=sys.stderr)
     scores, per_disease = compare(a, b)
     print_comparison(a, b, scores, per_disease, args.show)
     if args.output:

@@ -17,20 +17,26 @@ from medlm.errors import MedLMError
 from medlm.heldout import SCORES, group_numbers
 from medlm.inference import source_run
 from medlm.intervals import CONFIDENCE, RESAMPLES, SEED, STATISTICS, group_sums
-from medlm.metrics import score_symptoms, score_words
+from medlm.metrics import METRIC_VERSION, score_symptoms, score_words
 from medlm.registry import KEY_PARAMS_BY_SELECTION, evaluation_key
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-PERMUTATIONS = 9999  # the smallest p-value is 1 / (PERMUTATIONS + 1)
+PERMUTATIONS = 9999  # two-sided: the smallest p-value is 2 / (PERMUTATIONS + 1) = 0.0002
 
 
 @dataclass
 class Side:
-    """One model of a comparison: what was asked, its run, and its kept epoch's answers."""
+    """One side of a comparison: what was asked, its runs (one, or several training seeds of a
+    recipe: their answers pooled, counts summed per disease) and each run's kept-epoch
+    answers (disease, generated, reference; one row per held-out disease)."""
 
     asked: str
-    run: Run
-    answers: pd.DataFrame  # disease, generated, reference (one row per held-out disease)
+    runs: list[Run]
+    answers: list[pd.DataFrame]
+
+    @property
+    def run(self) -> Run:
+        return self.runs[0]
 
 
 def find_run(asked: str, registered_model: str) -> Run:
@@ -66,21 +72,36 @@ def kept_answers(run: Run, asked: str) -> pd.DataFrame:
 
 
 def load_side(asked: str, registered_model: str) -> Side:
-    run = find_run(asked, registered_model)
-    return Side(asked, run, kept_answers(run, asked))
+    """``asked``: one run (id, version, URI) or several, comma-separated."""
+    parts = [part.strip() for part in asked.split(",") if part.strip()]
+    runs = [find_run(part, registered_model) for part in parts]
+    return Side(asked, runs, [kept_answers(run, part) for run, part in
+                              zip(runs, parts, strict=True)])
+
+
+def scored_by_other_rules(a: Side, b: Side) -> list[str]:
+    """The runs whose symptom scores were logged under an older metric version: compare scores
+    their answers by today's rules, so its A and B differ from what those runs logged."""
+    return [run.info.run_id for side in (a, b) for run in side.runs
+            if run.data.params.get("metric_version") != METRIC_VERSION]
 
 
 def check_comparable(a: Side, b: Side) -> None:
     """The same held-out diseases, metric and answer length, or a one-line refusal naming
     what differs."""
-    keys = [evaluation_key(side.run.data.params) for side in (a, b)]
     names = KEY_PARAMS_BY_SELECTION["symptom_f1"]
-    differ = [f"{'split_seed' if name == 'seed' else name} {keys[0].get(name)} vs "
-              f"{keys[1].get(name)}" for name in names if keys[0].get(name) != keys[1].get(name)]
-    if differ:
-        raise MedLMError(f"{a.asked} and {b.asked} were not scored on the same held-out diseases "
-                         f"by the same metric ({'; '.join(differ)}): expected two runs with the "
-                         "same evaluation key (dataset, split, metric, answer length)")
+    first = evaluation_key(a.run.data.params)
+    for side in (a, b):
+        for run in side.runs:
+            key = evaluation_key(run.data.params)
+            differ = [f"{'split_seed' if name == 'seed' else name} {first.get(name)} vs "
+                      f"{key.get(name)}" for name in names if first.get(name) != key.get(name)]
+            if differ:
+                other = side.asked if len(side.runs) == 1 else f"run {run.info.run_id}"
+                raise MedLMError(f"{a.asked} and {other} were not scored on the same held-out "
+                                 f"diseases by the same metric ({'; '.join(differ)}): expected "
+                                 "runs with the same evaluation key (dataset, split, metric, "
+                                 "answer length)")
 
 
 def _counts(answers: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -103,6 +124,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str,
     function = STATISTICS[statistic]
     both = np.concatenate([a, b])
     size = len(a)
+    if size < 2:
+        raise MedLMError(f"{size} name group held out: expected at least two to compare on "
+                         "(more validation rows: --validation-fraction, --max-samples)")
 
     def difference(on_a, on_b, axis=-1):  # indices into ``both``
         return (function(*np.moveaxis(both[on_b], -1, 0), axis=-1)
@@ -123,15 +147,20 @@ def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str,
 def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per score: A, B, B - A, its interval and p-value; one row per disease: each
     side's symptom F1 and answer, largest difference first)."""
-    merged = a.answers.merge(b.answers, on="disease", suffixes=("_a", "_b"))
-    if len(merged) != len(a.answers) or len(merged) != len(b.answers):
-        raise MedLMError(f"{a.asked} and {b.asked} answered different diseases: expected the "
-                         "same held-out diseases")
-    names = pd.DataFrame({"Name": merged["disease"], "Symptoms": merged["reference_a"]})
-    groups = group_numbers(names)
-    sides = {side: _counts(merged.rename(columns={f"generated_{side}": "generated",
-                                                  "reference_a": "reference"}))
-             for side in ("a", "b")}
+    diseases = a.answers[0]["disease"]
+    for table in (*a.answers, *b.answers):
+        if sorted(table["disease"]) != sorted(diseases):
+            raise MedLMError(f"{a.asked} and {b.asked} answered different diseases: expected "
+                             "the same held-out diseases")
+    aligned = {label: [table.set_index("disease").loc[diseases].reset_index()
+                       for table in side.answers] for label, side in (("a", a), ("b", b))}
+    references = aligned["a"][0]["reference"]
+    groups = group_numbers(pd.DataFrame({"Name": diseases, "Symptoms": references}))
+    sides = {}
+    for label, tables in aligned.items():  # each side's counts summed over its runs
+        counted = [_counts(table.assign(reference=references)) for table in tables]
+        sides[label] = {kind: sum(counts[kind] for counts in counted)
+                        for kind in ("symptom", "word")}
     rows = []
     for name, kind, statistic in SCORES:
         grouped = [group_sums(sides[side][kind], groups) for side in ("a", "b")]
@@ -140,9 +169,10 @@ def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "B": float(function(*sides["b"][kind].T)),
                      **paired_difference(*grouped, statistic)})
     per_disease = pd.DataFrame({
-        "disease": merged["disease"], "group": groups,
+        "disease": diseases, "group": groups,
         "symptom_f1_a": _f1(sides["a"]["symptom"]), "symptom_f1_b": _f1(sides["b"]["symptom"]),
-        "generated_a": merged["generated_a"], "generated_b": merged["generated_b"]})
+        "generated_a": aligned["a"][0]["generated"],  # the first run's, where several
+        "generated_b": aligned["b"][0]["generated"]})
     per_disease.insert(4, "difference", per_disease["symptom_f1_b"] - per_disease["symptom_f1_a"])
     order = per_disease["difference"].abs().sort_values(ascending=False, kind="stable").index
     return pd.DataFrame(rows), per_disease.loc[order].reset_index(drop=True)
@@ -158,8 +188,9 @@ def log_comparison(a: Side, b: Side, scores: pd.DataFrame, per_disease: pd.DataF
     difference, interval and p-value as metrics, both tables as CSV artifacts. Its run id."""
     with mlflow.start_run(experiment_id=a.run.info.experiment_id,
                           run_name=f"compare {a.asked} vs {b.asked}") as run:
-        mlflow.log_params({"a": a.asked, "b": b.asked, "a_run_id": a.run.info.run_id,
-                           "b_run_id": b.run.info.run_id,
+        mlflow.log_params({"a": a.asked, "b": b.asked,
+                           **{f"{label}_run_id": ",".join(run.info.run_id for run in side.runs)
+                              for label, side in (("a", a), ("b", b))},
                            "held_out_diseases": len(per_disease), "confidence": CONFIDENCE})
         mlflow.log_metrics({f"{row.score}_{name}": getattr(row, name) for row in
                             scores.itertuples() for name in

@@ -21,6 +21,7 @@ from medlm.checkpoint import has_checkpoint, write_durably
 from medlm.config import SWEEPABLE, TrainConfig
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
+from medlm.intervals import CONFIDENCE
 from medlm.modeling import load_tokenizer_and_model
 from medlm.recipe import (
     DATA_FILE,
@@ -34,6 +35,7 @@ from medlm.recipe import (
     resume_config,
     train_and_register,
 )
+from medlm.seeds import over_seeds
 from medlm.timing import Stopwatch
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
@@ -118,8 +120,11 @@ def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
     order = ["validation_loss", "symptom_f1"]
     if select_by == "symptom_f1":
         order.reverse()
-    table = pd.DataFrame(children).sort_values(
-        order, ascending=[name == "validation_loss" for name in order])
+    table = pd.DataFrame(children)
+    # numbers, NaN where a resumed sweep's JSON wrote null or a row from before intervals has none
+    scores = ["validation_loss", *SUMMARY_SCORES]
+    table[scores] = table.reindex(columns=scores).astype(float)
+    table = table.sort_values(order, ascending=[name == "validation_loss" for name in order])
     table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
                              in enumerate(table["status"], start=1)])
     table["best_epoch"] = table["best_epoch"].astype("Int64")
@@ -234,16 +239,21 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
         if not main_process:
             return
         table = _sweep_table(children, first.select_by)
-        log_sweep_summary(table, table.iloc[0], SWEEPABLE)
+        by_seed = over_seeds(table, SWEEPABLE)
+        log_sweep_summary(table, table.iloc[0], SWEEPABLE, by_seed)
     shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
-    _print_table(table, parent_id)
+    _print_table(table, parent_id, by_seed)
 
 
-def _print_table(table: pd.DataFrame, parent_id: str) -> None:
-    """The sweep's table, best child first, and where the best child is."""
+def _print_table(table: pd.DataFrame, parent_id: str, by_seed: pd.DataFrame | None) -> None:
+    """The sweep's table, best child first, each recipe over its training seeds where it had
+    several, and where the best child is."""
     best = table.iloc[0]
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if by_seed is not None:
+            print(f"\nover training seeds (mean and {CONFIDENCE:.0%} t-interval):")
+            print(by_seed.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
              best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
              parent_id)

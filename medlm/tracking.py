@@ -266,10 +266,14 @@ def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
             if name.startswith(prefix)}
 
 
-def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str, ...]) -> None:
-    """The sweep's table (``sweep.csv``), its best child's scores and settings, on the active
-    (parent) run."""
+def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str, ...],
+                      by_seed: pd.DataFrame | None = None) -> None:
+    """The sweep's table (``sweep.csv``), each recipe over its training seeds
+    (``sweep_seeds.csv``, where some had several), its best child's scores and settings, on
+    the active (parent) run."""
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
+    if by_seed is not None:
+        mlflow.log_text(by_seed.to_csv(index=False), "sweep_seeds.csv")
     mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
                         **{f"best_{name}": float(best[name]) for name in SUMMARY_SCORES}})
     mlflow.set_tags({"best_child_run_id": best["run_id"],

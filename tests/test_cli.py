@@ -396,6 +396,30 @@ def test_several_values_run_a_sweep_of_child_runs_under_one_parent(tmp_path, tin
     assert [row[0] for row in ranked] == ["1", "2"] and ranked[0][1] == best.info.run_id
 
 
+def test_a_sweep_over_training_seeds_gives_each_recipe_one_figure(tmp_path, tiny_model_dir,
+                                                                  dataset_csv):
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "40", "--epochs", "1",
+                        "--lr", "3e-3", "--seed", "1", "2",
+                        "--num-validation-samples", "0", "--no-register", cwd=tmp_path,
+                        env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    assert "over training seeds (mean and 95% t-interval):" in result.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    path = client.download_artifacts(parent.info.run_id, "sweep_seeds.csv", str(tmp_path))
+    by_seed = pd.read_csv(path)
+    assert by_seed["lr"].tolist() == [3e-3] and by_seed["seeds"].tolist() == ["1 2"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
+    for row in by_seed.itertuples():
+        f1s = [run.data.metrics["best_symptom_f1"] for run in children
+               if float(run.data.params["lr"]) == row.lr]
+        assert row.symptom_f1 == pytest.approx(sum(f1s) / 2)
+        assert row.symptom_f1_ci_low <= row.symptom_f1 <= row.symptom_f1_ci_high
+
+
 def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no_uri_env,
                                                            dataset_csv, tmp_path):
     _, _, run = trained

@@ -3,6 +3,7 @@
 import math
 
 import mlflow
+import pandas as pd
 import pytest
 
 from experiments import compare as compare_command
@@ -94,3 +95,20 @@ def test_a_run_without_scored_answers_is_a_one_line_error(mlflow_home, split, ca
     scored = logged_run(["fever"] * len(references_by_disease(split.validation)), split)
     status, _, err = compared(capsys, bare.info.run_id, scored)
     assert status == 2 and "has no scored answers" in err and "--symptom-eval" in err
+
+
+def test_a_side_can_be_several_runs_whose_answers_are_pooled(mlflow_home, split, capsys):
+    """Two training seeds of one recipe against one run: each disease's counts summed over
+    the seeds, so the side's score is that of all its answers together."""
+    baselines = baseline_scores(split.train, split.validation)
+    answers = {name: baselines[name][0]["generated"].tolist() for name in ("constant", "lookup")}
+    constant, lookup = (logged_run(answers[name], split, seed=seed)
+                        for name, seed in (("constant", "1"), ("lookup", "2")))
+    twice = pd.concat([split.validation,  # each disease again, under another name
+                       split.validation.assign(Name=split.validation["Name"] + " (2)")])
+    _, pooled = score_answers(answers["constant"] + answers["lookup"], twice)
+    status, out, err = compared(capsys, f"{constant},{lookup}", constant)
+    assert status == 0, err
+    _, a, b, _, _, _ = score_row(out, "symptom_f1")
+    assert float(a) == pytest.approx(pooled.symptom.f1, abs=1e-4)
+    assert "seeds 1 2, answers pooled" in out

@@ -116,3 +116,28 @@ def test_a_run_logs_prints_and_registers_each_score_with_its_interval(
     description = client.get_model_version("medlm", result["version"]).description
     assert f"symptom_f1 {interval_text(metrics, 'best_symptom_f1', 4)}" in description
     assert "95% intervals over the held-out name groups" in description
+
+
+def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_seeds():
+    import pandas as pd
+    from scipy import stats
+
+    from medlm.config import SWEEPABLE
+    from medlm.seeds import over_seeds
+
+    rows = [{"lr": lr, "batch_size": 8, "epochs": 3, "weight_decay": 0.0, "seed": seed,
+             "validation_loss": 2.0 + lr * 1000 + seed / 100, "symptom_f1": 0.2 + seed / 100,
+             "word_f1": 0.3, "status": "FINISHED"}
+            for lr in (5e-4, 1e-4) for seed in (1, 2, 3)]
+    rows.append({**rows[0], "seed": 4, "symptom_f1": float("nan"),
+                 "validation_loss": float("nan"), "status": "FAILED: loss diverged"})
+    table = over_seeds(pd.DataFrame(rows), SWEEPABLE)
+    assert table["lr"].tolist() == [5e-4, 1e-4] and table["seeds"].tolist() == ["1 2 3"] * 2
+    first = table.iloc[0]
+    f1s = [0.21, 0.22, 0.23]
+    low, high = stats.t.interval(0.95, 2, loc=0.22, scale=stats.sem(f1s))
+    assert first["symptom_f1"] == pytest.approx(0.22)
+    assert (first["symptom_f1_ci_low"], first["symptom_f1_ci_high"]) == pytest.approx((low, high))
+    assert first["word_f1_ci_low"] == first["word_f1_ci_high"] == pytest.approx(0.3)
+    # one seed per recipe: nothing to aggregate
+    assert over_seeds(pd.DataFrame(rows[:1] + rows[3:4]), SWEEPABLE) is None
