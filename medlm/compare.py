@@ -75,6 +75,9 @@ def load_side(asked: str, registered_model: str) -> Side:
     """``asked``: one run (id, version, URI) or several, comma-separated."""
     parts = [part.strip() for part in asked.split(",") if part.strip()]
     runs = [find_run(part, registered_model) for part in parts]
+    ids = [run.info.run_id for run in runs]
+    if len(set(ids)) < len(ids):
+        raise MedLMError(f"{asked!r} names a run twice: expected each run once")
     return Side(asked, runs, [kept_answers(run, part) for run, part in
                               zip(runs, parts, strict=True)])
 
@@ -157,9 +160,11 @@ def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
     references = aligned["a"][0]["reference"]
     groups = group_numbers(pd.DataFrame({"Name": diseases, "Symptoms": references}))
     sides = {}
-    for label, tables in aligned.items():  # each side's counts summed over its runs
+    for label, tables in aligned.items():  # each side's counts averaged over its runs
         counted = [_counts(table.assign(reference=references)) for table in tables]
-        sides[label] = {kind: sum(counts[kind] for counts in counted)
+        # the mean, not the sum: every ratio is the same, and a permutation that swaps a
+        # group's two sides swaps like for like when the sides have different run counts
+        sides[label] = {kind: sum(counts[kind] for counts in counted) / len(counted)
                         for kind in ("symptom", "word")}
     rows = []
     for name, kind, statistic in SCORES:
@@ -187,7 +192,7 @@ def log_comparison(a: Side, b: Side, scores: pd.DataFrame, per_disease: pd.DataF
     """The comparison as an MLflow run of its own in A's experiment: which runs, each score's
     difference, interval and p-value as metrics, both tables as CSV artifacts. Its run id."""
     with mlflow.start_run(experiment_id=a.run.info.experiment_id,
-                          run_name=f"compare {a.asked} vs {b.asked}") as run:
+                          run_name=f"compare {a.asked} vs {b.asked}"[:250]) as run:
         mlflow.log_params({"a": a.asked, "b": b.asked,
                            **{f"{label}_run_id": ",".join(run.info.run_id for run in side.runs)
                               for label, side in (("a", a), ("b", b))},

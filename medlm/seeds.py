@@ -40,6 +40,7 @@ def over_seeds(table: pd.DataFrame, sweepable: tuple[str, ...]) -> pd.DataFrame 
         return None
     rows = []
     for values, children in finished.groupby(recipe, sort=False):
+        children = children.sort_values("seed")
         row = dict(zip(recipe, values, strict=True))
         row["seeds"] = " ".join(str(seed) for seed in children["seed"])
         for score in SEED_SCORES:

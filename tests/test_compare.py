@@ -112,3 +112,20 @@ def test_a_side_can_be_several_runs_whose_answers_are_pooled(mlflow_home, split,
     _, a, b, _, _, _ = score_row(out, "symptom_f1")
     assert float(a) == pytest.approx(pooled.symptom.f1, abs=1e-4)
     assert "seeds 1 2, answers pooled" in out
+    status, _, err = compared(capsys, f"{constant},{constant}", lookup)
+    assert status == 2 and "names a run twice" in err
+
+
+def test_a_side_of_more_runs_is_tested_like_for_like(mlflow_home, split, capsys):
+    """Two runs with the same answers are one model: A1,A2 against B gives what A1 against B
+    gives, p-value included (counts summed over a side's runs would weigh its groups double
+    in the permutations and move p)."""
+    baselines = baseline_scores(split.train, split.validation)
+    constant, lookup = (baselines[name][0]["generated"].tolist() for name in ("constant",
+                                                                              "lookup"))
+    one, two = (logged_run(constant, split, seed=seed) for seed in ("1", "2"))
+    other = logged_run(lookup, split, seed="3")
+    _, single, _ = compared(capsys, one, other)
+    _, pooled, _ = compared(capsys, f"{one},{two}", other)
+    for score in ("symptom_f1", "word_f1"):
+        assert score_row(pooled, score)[1:] == score_row(single, score)[1:]
