@@ -95,7 +95,10 @@ def test_the_readme_evaluate_command_scores_the_champion_beside_the_baselines(re
         assert row in result.stdout, result.stdout
     # greedy answers of the registered model on the run's held-out diseases: its kept epoch's
     (row,) = [line.split() for line in result.stdout.splitlines()
-              if line.strip().startswith("this model")]  # symptom P, R, F1, word F1
-    assert [float(value) for value in row[2:]] == pytest.approx(
+              if line.strip().startswith("this model")]  # P, R, F1, word F1, 2 intervals
+    assert [float(value) for value in row[2:6]] == pytest.approx(
         [metrics[f"best_{name}"] for name in ("symptom_precision", "symptom_recall",
                                               "symptom_f1", "word_f1")], abs=1e-4)
+    assert row[6:] == [f"{metrics[f'best_{name}_ci_low']:.4f}-"  # the same answers, intervals
+                       f"{metrics[f'best_{name}_ci_high']:.4f}" for name in ("symptom_f1",
+                                                                             "word_f1")]
