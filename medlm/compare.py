@@ -14,10 +14,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from medlm.errors import MedLMError
-from medlm.heldout import SCORES, group_numbers
+from medlm.heldout import SCORES, answer_counts, group_numbers
 from medlm.inference import source_run
 from medlm.intervals import CONFIDENCE, RESAMPLES, SEED, STATISTICS, group_sums
-from medlm.metrics import METRIC_VERSION, score_symptoms, score_words
+from medlm.metrics import METRIC_VERSION
 from medlm.registry import KEY_PARAMS_BY_SELECTION, evaluation_key
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -27,7 +27,7 @@ PERMUTATIONS = 9999  # two-sided: the smallest p-value is 2 / (PERMUTATIONS + 1)
 @dataclass
 class Side:
     """One side of a comparison: what was asked, its runs (one, or several training seeds of a
-    recipe: their answers pooled, counts summed per disease) and each run's kept-epoch
+    recipe: their answers pooled, counts averaged per disease) and each run's kept-epoch
     answers (disease, generated, reference; one row per held-out disease)."""
 
     asked: str
@@ -107,16 +107,6 @@ def check_comparable(a: Side, b: Side) -> None:
                                  "answer length)")
 
 
-def _counts(answers: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Per disease: (matched, generated, reference) of its symptom and its word score."""
-    rows = {"symptom": [], "word": []}
-    for generated, reference in zip(answers["generated"], answers["reference"], strict=True):
-        for kind, score in (("symptom", score_symptoms(generated, reference)),
-                            ("word", score_words(generated, reference))):
-            rows[kind].append((score.matched, score.generated, score.reference))
-    return {kind: np.array(values, dtype=float) for kind, values in rows.items()}
-
-
 def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str, float]:
     """B - A of a micro-averaged ``statistic`` on the same groups (rows of ``a`` and ``b``:
     one group's summed counts each): the difference, its bootstrap interval (the groups
@@ -161,7 +151,7 @@ def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
     groups = group_numbers(pd.DataFrame({"Name": diseases, "Symptoms": references}))
     sides = {}
     for label, tables in aligned.items():  # each side's counts averaged over its runs
-        counted = [_counts(table.assign(reference=references)) for table in tables]
+        counted = [answer_counts(table["generated"], references) for table in tables]
         # the mean, not the sum: every ratio is the same, and a permutation that swaps a
         # group's two sides swaps like for like when the sides have different run counts
         sides[label] = {kind: sum(counts[kind] for counts in counted) / len(counted)

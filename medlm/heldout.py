@@ -70,11 +70,22 @@ def group_numbers(frame: pd.DataFrame) -> list[int]:
     return [group_of[key] for key in references_by_disease(frame)]
 
 
+def count_rows(scores: Sequence[SymptomScore]) -> np.ndarray:
+    """One row per answer: (matched, generated, reference), what the intervals resample."""
+    return np.array([(s.matched, s.generated, s.reference) for s in scores], dtype=float)
+
+
+def answer_counts(answers: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+    """``count_rows`` of each answer's symptom and word score against its reference."""
+    return {kind: count_rows([score(answer, reference) for answer, reference
+                              in zip(answers, references, strict=True)])
+            for kind, score in (("symptom", score_symptoms), ("word", score_words))}
+
+
 def score_intervals(symptom: list[SymptomScore], word: list[SymptomScore],
                     groups: list[int]) -> dict[str, tuple[float, float]]:
-    counts = {kind: intervals.group_sums(
-        np.array([(s.matched, s.generated, s.reference) for s in scores], dtype=float), groups)
-        for kind, scores in (("symptom", symptom), ("word", word))}
+    counts = {kind: intervals.group_sums(count_rows(scores), groups)
+              for kind, scores in (("symptom", symptom), ("word", word))}
     return {name: intervals.interval(counts[kind], statistic)
             for name, kind, statistic in SCORES}
 

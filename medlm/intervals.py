@@ -63,7 +63,8 @@ def interval(counts: np.ndarray, statistic: str,
     jackknife = [float(function(*np.delete(counts, i, axis=0).T)) for i in range(len(counts))]
     if max(jackknife) == min(jackknife) == value:  # every resample scores the same
         return value, value
-    # deferred: importing scipy.stats takes ~1.7 s, and the CLIs import this before --help
+    # deferred: importing scipy.stats takes ~1.7 s, paid only where an interval is computed
+    # (not by the commands that read CONFIDENCE before their --help or their first score)
     from scipy.stats import bootstrap
 
     for method in ("BCa", "percentile"):
