@@ -107,11 +107,12 @@ def check_comparable(a: Side, b: Side) -> None:
                                  "answer length)")
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str, float]:
-    """B - A of a micro-averaged ``statistic`` on the same groups (rows of ``a`` and ``b``:
-    one group's summed counts each): the difference, its bootstrap interval (the groups
-    resampled together for both) and a two-sided paired permutation p-value (each group's two
-    answers swapped at random)."""
+def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str,
+                      p_value: bool = True) -> dict[str, float]:
+    """B - A of a micro-averaged ``statistic`` (``intervals.STATISTICS``) on the same groups
+    (rows of ``a`` and ``b``: one group's summed counts each): the difference, its bootstrap
+    interval (the groups resampled together for both) and, with ``p_value``, a two-sided
+    paired permutation p-value (each group's two answers swapped at random)."""
     from scipy.stats import bootstrap, permutation_test  # deferred: ~1.7 s to import
 
     function = STATISTICS[statistic]
@@ -130,16 +131,34 @@ def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str) -> dict[str,
     spread = bootstrap(indices, difference, paired=True, vectorized=True, axis=-1,
                        n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
                        rng=np.random.default_rng(SEED))
-    test = permutation_test(indices, difference, permutation_type="samples", vectorized=True,
-                            axis=-1, n_resamples=PERMUTATIONS, rng=np.random.default_rng(SEED))
     low, high = spread.confidence_interval
-    return {"difference": value, "ci_low": float(low), "ci_high": float(high),
-            "p_value": float(test.pvalue)}
+    result = {"difference": value, "ci_low": float(low), "ci_high": float(high)}
+    if p_value:
+        test = permutation_test(indices, difference, permutation_type="samples",
+                                vectorized=True, axis=-1, n_resamples=PERMUTATIONS,
+                                rng=np.random.default_rng(SEED))
+        result["p_value"] = float(test.pvalue)
+    return result
 
 
-def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per score: A, B, B - A, its interval and p-value; one row per disease: each
-    side's symptom F1 and answer, largest difference first)."""
+@dataclass
+class _Counted:
+    """Both sides' counts on the same diseases (one row per disease, in ``diseases`` order)."""
+
+    diseases: pd.Series
+    groups: list[int]
+    aligned: dict[str, list[pd.DataFrame]]  # "a", "b": each run's answers in that order
+    counts: dict[str, dict[str, np.ndarray]]  # "a", "b" -> "symptom", "word" -> counts
+
+    def paired(self, kind: str, statistic: str, p_value: bool = True) -> dict[str, float]:
+        function = STATISTICS[statistic]
+        grouped = [group_sums(self.counts[side][kind], self.groups) for side in ("a", "b")]
+        return {"A": float(function(*self.counts["a"][kind].T)),
+                "B": float(function(*self.counts["b"][kind].T)),
+                **paired_difference(*grouped, statistic, p_value=p_value)}
+
+
+def _counted(a: Side, b: Side) -> _Counted:
     diseases = a.answers[0]["disease"]
     for table in (*a.answers, *b.answers):
         if sorted(table["disease"]) != sorted(diseases):
@@ -156,15 +175,24 @@ def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
         # group's two sides swaps like for like when the sides have different run counts
         sides[label] = {kind: sum(counts[kind] for counts in counted) / len(counted)
                         for kind in ("symptom", "word")}
-    rows = []
-    for name, kind, statistic in SCORES:
-        grouped = [group_sums(sides[side][kind], groups) for side in ("a", "b")]
-        function = STATISTICS[statistic]
-        rows.append({"score": name, "A": float(function(*sides["a"][kind].T)),
-                     "B": float(function(*sides["b"][kind].T)),
-                     **paired_difference(*grouped, statistic)})
+    return _Counted(diseases, groups, aligned, sides)
+
+
+def paired_score(a: Side, b: Side, score: str) -> dict[str, float]:
+    """``score`` (a name of ``heldout.SCORES``) of A and B, B - A and its interval (no
+    p-value): what the champion rule weighs."""
+    _, kind, statistic = next(row for row in SCORES if row[0] == score)
+    return _counted(a, b).paired(kind, statistic, p_value=False)
+
+
+def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per score: A, B, B - A, its interval and p-value; one row per disease: each
+    side's symptom F1 and answer, largest difference first)."""
+    counted = _counted(a, b)
+    rows = [{"score": name, **counted.paired(kind, statistic)} for name, kind, statistic in SCORES]
+    sides, aligned = counted.counts, counted.aligned
     per_disease = pd.DataFrame({
-        "disease": diseases, "group": groups,
+        "disease": counted.diseases, "group": counted.groups,
         "symptom_f1_a": _f1(sides["a"]["symptom"]), "symptom_f1_b": _f1(sides["b"]["symptom"]),
         "generated_a": aligned["a"][0]["generated"],  # the first run's, where several
         "generated_b": aligned["b"][0]["generated"]})

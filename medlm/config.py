@@ -222,7 +222,8 @@ class TrainConfig:
         group="mlflow")
     promote: bool = setting(
         False, "make this run's version @champion without comparing it (the champion otherwise "
-        "moves only to a better version with the same evaluation key)", group="mlflow")
+        "moves only to a version better with confidence on the same evaluation key)",
+        group="mlflow")
     checkpoint_dir: str = setting(
         "checkpoints", "where each run keeps its resumable state (<dir>/<run id>/; removed "
         "when the run finishes)", group="run")

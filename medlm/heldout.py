@@ -62,12 +62,21 @@ def interval_text(metrics: dict[str, float], name: str, digits: int = 3) -> str:
     return text
 
 
+def _group_of(frame: pd.DataFrame) -> dict[str, int]:
+    return {name: number for number, group in enumerate(group_diseases(frame)) for name in group}
+
+
 def group_numbers(frame: pd.DataFrame) -> list[int]:
     """For each distinct disease of ``frame`` (in ``references_by_disease`` order), the number
     of its name group: the unit the intervals resample."""
-    group_of = {name: number for number, group in enumerate(group_diseases(frame))
-                for name in group}
+    group_of = _group_of(frame)
     return [group_of[key] for key in references_by_disease(frame)]
+
+
+def row_group_numbers(frame: pd.DataFrame) -> list[int]:
+    """``group_numbers`` for each row of ``frame`` (a disease's rows share its group)."""
+    group_of = _group_of(frame)
+    return [group_of[name.casefold()] for name in frame["Name"]]
 
 
 def count_rows(scores: Sequence[SymptomScore]) -> np.ndarray:

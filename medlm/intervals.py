@@ -38,11 +38,18 @@ def _f1(matched, generated, reference, axis=-1):
     return _ratio(2 * matched.sum(axis=axis), generated.sum(axis=axis) + reference.sum(axis=axis))
 
 
-STATISTICS = {"precision": _precision, "recall": _recall, "f1": _f1}
+def _mean(total, count, axis=-1):
+    """A per-token mean of summed rows (loss sum, tokens): the validation loss."""
+    return _ratio(total.sum(axis=axis), count.sum(axis=axis))
+
+
+# each a function of the columns of summed rows (counts: matched, generated, reference)
+STATISTICS = {"precision": _precision, "recall": _recall, "f1": _f1, "mean": _mean}
 
 
 def group_sums(counts: np.ndarray, groups: Sequence[int]) -> np.ndarray:
-    """``counts`` (one row per disease: matched, generated, reference) summed per group
+    """``counts`` (one row per disease or validation row: matched, generated, reference; or
+    loss sum, tokens) summed per group
     (``groups[i]`` is disease i's group number): one row per group."""
     groups = np.asarray(groups)
     sums = np.zeros((groups.max(initial=-1) + 1, counts.shape[1]))

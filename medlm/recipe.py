@@ -24,6 +24,7 @@ import torch
 
 from medlm import distributed
 from medlm._paths import SWEEP_FILE, check_writable, sweep_state_file
+from medlm.champion import maybe_crown, validation_loss_table
 from medlm.checkpoint import check_world_size, has_checkpoint, logged_epoch, saved_epochs
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
@@ -57,7 +58,14 @@ from medlm.store import artifact_directory, server_stopped_answering, tracking_u
 from medlm.timing import Stopwatch
 from medlm.timing import describe as describe_time
 from medlm.tracking import MlflowTracker, library_versions, logged_metrics
-from medlm.train import EpochResult, FitResult, NonFiniteLossError, fit, noisy_embeddings
+from medlm.train import (
+    EpochResult,
+    FitResult,
+    NonFiniteLossError,
+    fit,
+    noisy_embeddings,
+    row_losses,
+)
 
 log = logging.getLogger("medlm")
 
@@ -277,8 +285,8 @@ def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: Epoch
             best.scores = distributed.broadcast_object(best.scores)
 
 
-def _log_model(config: TrainConfig, prepared: Prepared, model, best, tracker,
-               params: dict) -> tuple[str | None, str]:
+def _log_model(config: TrainConfig, prepared: Prepared, parts: _RunParts, model, best,
+               tracker, params: dict) -> tuple[str | None, str]:
     """The kept epoch's model logged, and registered unless told not to: returns (version or
     None, the champion rule's verdict)."""
 
@@ -289,10 +297,21 @@ def _log_model(config: TrainConfig, prepared: Prepared, model, best, tracker,
         if main_process and not config.register:
             tracker.log_best(best)
         elif main_process:
-            version, verdict = register(
-                tracker, model, prepared.tokenizer, best, params, config.select_by,
-                promote=config.promote, licence=base_licence(config.model))
+            tracker.log_row_losses(_row_losses(config, prepared, parts, model))
+            version, tags = register(tracker, model, prepared.tokenizer, best, params,
+                                     config.select_by, licence=base_licence(config.model))
+            verdict = maybe_crown(tracker, version, tags, config.select_by, config.promote)
     return version, verdict
+
+
+def _row_losses(config: TrainConfig, prepared: Prepared, parts: _RunParts, model):
+    """The kept model's loss on each validation row, in one process (all the rows, whatever
+    share of them its validation loader holds under torchrun)."""
+    rows = make_loader(parts.validation_set, config.batch_size, prepared.tokenizer.pad_token_id,
+                       train=False, loss_on=config.loss_on)
+    with prepared.stopwatch.phase("validation"):
+        losses = row_losses(model, rows, prepared.device, prepared.precision)
+    return validation_loss_table(losses, prepared.split.validation)
 
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
@@ -336,7 +355,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                  f", {report.compared(best.scores)}" if best.scores else "",
                  " (stopped early)" if result.stopped_early else "",
                  parts.held_out_diseases)
-        version, verdict = _log_model(config, prepared, model, best, tracker, params)
+        version, verdict = _log_model(config, prepared, parts, model, best, tracker, params)
         split_seconds = _log_time_split(tracker, stopwatch) if main_process else {}
     if main_process:  # the run has ended FINISHED: nothing to resume any more
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,5 +1,5 @@
 """The MLflow Model Registry: a run's best epoch logged and registered as a version, tagged with
-its scores and evaluation key, and the champion rule that decides whether ``@champion`` moves."""
+its scores and evaluation key (which ``medlm.champion`` compares)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from medlm.generate import GenerationSettings
@@ -99,50 +98,12 @@ def key_digest(key: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _not_comparable(champion_tags: dict[str, str], tags: dict[str, str],
-                    select_by: str) -> str | None:
-    """Why the champion and a new version cannot be compared on ``select_by``; None if they can."""
-    hint = " (--promote makes it the champion anyway)"
-    if "evaluation_key_json" not in champion_tags:
-        return ("not compared: the champion has no evaluation key (registered before MedLM "
-                "recorded one)" + hint)
-    # a version registered before select_by was tagged was selected by the validation loss
-    champion_rule = champion_tags.get("select_by", "validation_loss")
-    if champion_rule != select_by:
-        return (f"not compared: the champion was selected by {champion_rule}, this version by "
-                f"{select_by}" + hint)
-    theirs = json.loads(champion_tags["evaluation_key_json"])
-    ours = json.loads(tags["evaluation_key_json"])
-    differences = "; ".join(
-        f"{'split_seed' if name == 'seed' else name} "
-        f"{_short(theirs.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))} vs "
-        f"{_short(ours.get(name, KEY_PARAMS_LEFT_OUT_AT.get(name)))}"
-        for name in KEY_PARAMS_BY_SELECTION[select_by] if theirs.get(name) != ours.get(name))
-    if differences:
-        return f"not compared: a different evaluation ({differences})" + hint
-    if select_by not in champion_tags or select_by not in tags:
-        return f"not compared: {select_by} is missing on one of the two versions" + hint
-    return None
-
-
-def _short(value: str | None) -> str:
-    if value is None:
-        return "unset"
-    if value == "":
-        return "all"
-    return value[:12] if len(value) == 64 else value
-
-
 def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params: dict[str, Any],
-                           select_by: str, promote: bool = False,
-                           licence: tuple[str, Any] | None = None) -> tuple[str, str]:
-    """Log the run's model (transformers flavor, safetensors), register it and maybe crown it.
-
-    The version is tagged with its scores and its evaluation key (``evaluation_key``).
-    Returns (version, message): ``champion`` moves to it when no version holds the alias
-    yet, when ``promote``, or when it beats the champion's ``select_by`` value on the same
-    key (whatever rule picked the champion's own best epoch).
-    """
+             select_by: str, licence: tuple[str, Any] | None = None) -> tuple[str, dict]:
+    """Log the run's model (transformers flavor, safetensors) and register it (once, if the
+    run was resumed after it was registered). The version is tagged with its scores and its
+    evaluation key (``evaluation_key``); returns (version, its tags), which
+    ``champion.maybe_crown`` decides on."""
     version = _version_of_this_run(tracker, best.epoch)
     if version is None:
         version = _log_model(tracker, model, tokenizer, best)
@@ -169,7 +130,7 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
         + scores_text(scores) + f". Run {tracker.run_id}."
         + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
            if licence is not None else "")))
-    return version, _maybe_crown(tracker, client, version, tags, select_by, promote)
+    return version, tags
 
 
 def scores_text(scores: dict[str, float]) -> str:
@@ -225,41 +186,3 @@ def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult) -> s
     )  # MLflow then checks the input example serves (the transformers flavor insists)
     tracker.log_best(best, model_id=info.model_id)
     return str(info.registered_model_version)
-
-
-def _maybe_crown(tracker: MlflowTracker, client: MlflowClient, version: str, tags: dict[str, str],
-                 select_by: str, promote: bool) -> str:
-    name = tracker.registered_model
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException:
-        current = None
-    label = f"{name} version {version}"
-    value = float(tags[select_by]) if select_by in tags else None
-    shown = f"{select_by} {value:.4f}" if value is not None else f"no {select_by}"
-    reason = None
-    if current is not None and current.version == version:  # crowned before a kill
-        return f"{label} is the champion ({shown})"
-    if current is None:
-        crowned = f"{label} is the first champion ({shown})"
-    elif promote:
-        crowned = f"{label} is the champion by --promote ({shown}), replacing version " \
-                  f"{current.version} without comparing"
-    else:
-        crowned, reason = None, _not_comparable(current.tags, tags, select_by)
-        if reason is None:
-            current_value = float(current.tags[select_by])
-            better = (value < current_value if select_by == "validation_loss"
-                      else value > current_value)
-            if better:
-                crowned = (f"{label} is the new champion: {shown} beats version "
-                           f"{current.version}'s {current_value:.4f} (same evaluation key)")
-            else:
-                reason = (f"{label}'s {shown} is not better than version "
-                          f"{current.version}'s {current_value:.4f}")
-    if crowned:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-        mlflow.set_tag("champion", "true")
-        return crowned
-    mlflow.set_tag("champion", "false")
-    return f"champion stays at version {current.version}: {reason}"

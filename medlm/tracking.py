@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
            "train_samples_per_sec", "train_tokens_per_sec", "learning_rate")
+# the kept model's loss on each validation row: what the champion rule pairs
+VALIDATION_LOSSES = "validation_losses.json"
 RESULTS_COLUMNS = ("epoch", "transformer", "batch_size", "gpu", "training_loss",
                    "validation_loss", "epoch_duration_sec")
 
@@ -254,9 +256,10 @@ class MlflowTracker(Logger):
                             **{f"best_{name}": value for name, value in best.scores.items()}},
                            model_id=model_id)
 
-
-
-
+    def log_row_losses(self, table: pd.DataFrame) -> None:
+        """The kept model's loss on each validation row (``champion.validation_loss_table``),
+        replacing what a run interrupted after it logged them had."""
+        mlflow.log_dict(table.to_dict(orient="split", index=False), VALIDATION_LOSSES)
 
 
 def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -166,6 +167,30 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
                                                                   device)
         return loss_sum_all / max(tokens_all, 1)
     return loss_sum.item() / max(tokens, 1)
+
+
+@torch.no_grad()
+def row_losses(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+               precision: Precision) -> np.ndarray:
+    """Each row's summed loss and predicted-token count, in dataset order (one row each of
+    ``loader.dataset``; ``loader.batch_sampler`` a list of index lists, as ``make_loader``
+    builds for validation in one process): what a paired comparison of two models resamples.
+    Their sums' ratio is ``evaluate``'s mean."""
+    was_training = model.training
+    model.eval()
+    rows = np.zeros((len(loader.dataset), 2))
+    with precision.autocast(), casts_cached(model, device):
+        for indices, batch in zip(loader.batch_sampler, loader, strict=True):
+            batch = _to(batch, device)
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                     ignore_index=IGNORE_INDEX, reduction="none")
+            rows[indices, 0] = losses.sum(dim=1).cpu().numpy()
+            rows[indices, 1] = (labels != IGNORE_INDEX).sum(dim=1).cpu().numpy()
+    model.train(was_training)
+    return rows
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from medlm import registry
+from medlm import champion, registry
 from medlm.errors import MedLMError
 from medlm.inference import resolve_model_uri
 from medlm.registry import CHAMPION_ALIAS
@@ -22,8 +24,30 @@ FULL_DATA = {"dataset_content_sha256": "a" * 64, "max_samples": None, "seed": 42
              "metric_version": "2", "max_new_tokens": 40}
 
 
+DISEASES = ["Asthma", "Gout", "Mumps", "Rabies", "Scurvy", "Tetanus", "Anthrax", "Cholera",
+            "Leprosy", "Malaria", "Measles", "Rickets", "Typhus", "Yaws", "Croup", "Pertussis",
+            "Shingles", "Lupus", "Psoriasis", "Glaucoma"]
+
+
+def evidence_tables(validation_loss, symptom_f1, spread=0.0, noise_seed=0):
+    """What a run logs for the champion rule to pair: each validation row's loss (mean
+    ``validation_loss``, each row's off by up to ``spread``) and the kept epoch's answers (the
+    first ``symptom_f1`` share of the diseases answered right, the rest wrong)."""
+    rng = np.random.default_rng(noise_seed)
+    losses = validation_loss + spread * rng.uniform(-1, 1, len(DISEASES))
+    frame = pd.DataFrame({"Name": DISEASES, "Symptoms": [f"{name} ache, {name} rash"
+                                                         for name in DISEASES]})
+    rows = champion.validation_loss_table(
+        np.column_stack([10 * losses, np.full(len(DISEASES), 10)]), frame)
+    right = round(symptom_f1 * len(DISEASES))
+    answers = pd.DataFrame({"disease": DISEASES, "reference": frame["Symptoms"],
+                            "generated": [reference if number < right else "fever, cough"
+                                          for number, reference in enumerate(frame["Symptoms"])]})
+    return rows, answers
+
+
 def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
-             select_by="validation_loss", **params):
+             select_by="validation_loss", spread=0.0, noise_seed=0, row_losses=True, **params):
     tokenizer, model = tiny_model
     tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
                             batch_size=8)
@@ -31,8 +55,13 @@ def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
         result = epoch(1, validation_loss)
         result.scores = {"symptom_f1": symptom_f1, "word_f1": symptom_f1}
         tracker.on_epoch_end(model, result)
-        return registry.register(tracker, model, tokenizer, result, {**FULL_DATA, **params},
-                                 select_by, promote)
+        rows, answers = evidence_tables(validation_loss, symptom_f1, spread, noise_seed)
+        tracker.log_symptom_scores(1, answers, {})
+        if row_losses:
+            tracker.log_row_losses(rows)
+        version, tags = registry.register(tracker, model, tokenizer, result,
+                                          {**FULL_DATA, **params}, select_by)
+        return version, champion.maybe_crown(tracker, version, tags, select_by, promote)
 
 
 def champion_version():
@@ -63,12 +92,37 @@ def test_champion_moves_only_to_a_better_version_with_the_same_evaluation_key(ml
 
 
 @pytest.mark.slow
-def test_champion_by_symptom_f1_wants_a_higher_f1(mlflow_home, tiny_model):
+def test_champion_by_symptom_f1_wants_a_higher_f1_with_confidence(mlflow_home, tiny_model):
     register(tiny_model, 2.0, symptom_f1=0.30, select_by="symptom_f1")
     _, message = register(tiny_model, 1.0, symptom_f1=0.25, select_by="symptom_f1")
     assert champion_version() == "1" and "not better than version 1's 0.3000" in message
+    # one more disease of 20 answered right: better, but on one name group alone
     _, message = register(tiny_model, 3.0, symptom_f1=0.35, select_by="symptom_f1")
-    assert champion_version() == "3" and "symptom_f1 0.3500 beats" in message
+    assert champion_version() == "1"
+    assert "symptom_f1 0.3500 is not better than version 1's 0.3000 with confidence" in message
+    assert "(+0.0500, 95% CI +0.0000..+0.1" in message and "same held-out diseases" in message
+    _, message = register(tiny_model, 3.0, symptom_f1=0.80, select_by="symptom_f1")
+    assert champion_version() == "4" and "symptom_f1 0.8000 beats version 1's 0.3000" in message
+    assert "with confidence (+0.5000, 95% CI +0." in message
+
+
+@pytest.mark.slow
+def test_champion_by_loss_waits_for_a_lower_loss_on_the_same_rows(mlflow_home, tiny_model):
+    """A lower mean loss that is lower on some rows and higher on others does not move the
+    alias; one lower on the rows as a whole does; a champion without per-row losses is not
+    compared."""
+    register(tiny_model, 2.0, spread=0.5)
+    _, message = register(tiny_model, 1.98, spread=0.5, noise_seed=1)
+    assert champion_version() == "1"
+    assert "validation_loss 1.9800 is not better than version 1's 2.0000 with confidence" \
+        in message and "paired on the same validation rows" in message
+    _, message = register(tiny_model, 1.5, spread=0.5, noise_seed=2)
+    assert champion_version() == "3" and "beats version 1's 2.0000 with confidence" in message
+    register(tiny_model, 1.0, promote=True, row_losses=False)
+    _, message = register(tiny_model, 0.5)
+    assert champion_version() == "4"
+    assert "not compared with confidence: the champion's run has no per-row validation " \
+        "losses" in message and "--promote" in message
 
 
 @pytest.mark.slow
