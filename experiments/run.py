@@ -121,8 +121,8 @@ def flags_table() -> str:
 
 def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
     """The runs the flags ask for: the recipe's settings (``--config`` or ``--recipe``) under
-    the flags given (a flag left
-    out is None), one run per combination of the swept values; and the swept values."""
+    the flags given (a flag left out is None), one run per combination of the swept values
+    (and, with ``--folds K``, per fold); and the swept values."""
     from medlm.sweep import sweep_configs
 
     if args.config and args.recipe:
@@ -134,6 +134,8 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
         key: value for key, value in given.items() if key not in SWEEPABLE})
     grid = {name: list(dict.fromkeys(given.get(name, [getattr(base, name)])))
             for name in SWEEPABLE}
+    if base.folds and base.fold is None:  # a cross-validation: every fold in turn
+        grid["fold"] = list(range(base.folds))
     return sweep_configs(base, grid), grid
 
 

@@ -7,7 +7,7 @@ resampled together, lies wholly on the better side of 0.
 
 The rule compares two models, not two recipes: the same recipe with another training seed is
 another model, and takes the alias when it is better with confidence on these diseases. Whether
-a recipe is better is a question for several seeds (``medlm.seeds``, ``experiments.compare
+a recipe is better is a question for several seeds (``medlm.repeats``, ``experiments.compare
 A1,A2 B1,B2``)."""
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from medlm.compare import load_side, paired_difference, paired_score
+from medlm.compare import Side, kept_answers, paired_difference, paired_score
 from medlm.errors import MedLMError
 from medlm.heldout import row_group_numbers
 from medlm.intervals import CONFIDENCE, group_sums
 from medlm.registry import CHAMPION_ALIAS, KEY_PARAMS_BY_SELECTION, KEY_PARAMS_LEFT_OUT_AT
-from medlm.tracking import VALIDATION_LOSSES, MlflowTracker
+from medlm.tracking import VALIDATION_LOSSES, MlflowTracker, logged_row_losses
 
 _PROMOTE_HINT = " (--promote makes it the champion anyway)"
 
@@ -40,17 +41,15 @@ def validation_loss_table(losses: np.ndarray, frame: pd.DataFrame) -> pd.DataFra
                          "tokens": losses[:, 1].astype(int)})
 
 
-def _logged_row_losses(run_id: str) -> pd.DataFrame | None:
-    if VALIDATION_LOSSES not in {item.path for item in MlflowClient().list_artifacts(run_id)}:
-        return None
-    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{VALIDATION_LOSSES}")
-    return pd.DataFrame(table["data"], columns=table["columns"])
-
-
-def loss_evidence(champion_run_id: str, run_id: str) -> dict[str, float] | str:
-    """The paired difference (this run minus the champion's) of the validation loss per token
-    on the same rows, with its interval; or why there is none."""
-    theirs, ours = _logged_row_losses(champion_run_id), _logged_row_losses(run_id)
+def loss_evidence(champion: ModelVersion, version: ModelVersion) -> dict[str, float] | str:
+    """The paired difference (``version`` minus ``champion``) of the validation loss per token
+    on the same rows, each at its version's kept epoch, with its interval; or why there is
+    none."""
+    try:
+        theirs, ours = (logged_row_losses(side.run_id, int(side.tags["best_epoch"]))
+                        for side in (champion, version))
+    except (MlflowException, KeyError, ValueError) as error:  # a deleted run, an old version
+        return f"the versions' per-row validation losses cannot be read ({error})"
     if theirs is None or ours is None:
         which = "the champion's run" if theirs is None else "this run"
         return (f"{which} has no per-row validation losses ({VALIDATION_LOSSES}; logged by "
@@ -61,17 +60,24 @@ def loss_evidence(champion_run_id: str, run_id: str) -> dict[str, float] | str:
         return "their validation rows differ (diseases or token counts)"
     grouped = [group_sums(table[["loss_sum", "tokens"]].to_numpy(float), ours["group"])
                for table in (theirs, ours)]
-    return paired_difference(*grouped, "mean", p_value=False)
-
-
-def score_evidence(champion_run_id: str, run_id: str, registered_model: str,
-                   score: str) -> dict[str, float] | str:
-    """The paired difference (this run minus the champion's) of ``score`` on the same held-out
-    diseases, from each run's kept-epoch answers, with its interval; or why there is none."""
     try:
-        return paired_score(load_side(champion_run_id, registered_model),
-                            load_side(run_id, registered_model), score)
-    except MedLMError as error:
+        return paired_difference(*grouped, "mean", p_value=False)
+    except MedLMError as error:  # one name group held out: nothing to resample
+        return str(error)
+
+
+def score_evidence(champion: ModelVersion, version: ModelVersion,
+                   score: str) -> dict[str, float] | str:
+    """The paired difference (``version`` minus ``champion``) of ``score`` on the same held-out
+    diseases, from each version's kept-epoch answers, with its interval; or why there is
+    none."""
+    try:
+        a, b = (Side(f"version {side.version}", [run := MlflowClient().get_run(side.run_id)],
+                     [kept_answers(run, f"version {side.version}",
+                                   int(side.tags["best_epoch"]))])
+                for side in (champion, version))
+        return paired_score(a, b, score)
+    except (MedLMError, MlflowException, KeyError, ValueError) as error:
         return str(error)
 
 
@@ -108,14 +114,14 @@ def _short(value: str | None) -> str:
     return value[:12] if len(value) == 64 else value
 
 
-def _versus(current, tracker: MlflowTracker, label: str, shown: str,
-            select_by: str) -> tuple[str | None, str | None]:
+def _versus(current: ModelVersion, tracker: MlflowTracker, version: str, label: str,
+            shown: str, select_by: str) -> tuple[str | None, str | None]:
     """(what crowns ``label``, or why not) against the comparable champion ``current``."""
+    new = MlflowClient().get_model_version(tracker.registered_model, version)
     if select_by == "validation_loss":
-        evidence, rows = loss_evidence(current.run_id, tracker.run_id), "validation rows"
+        evidence, rows = loss_evidence(current, new), "validation rows"
     else:
-        evidence, rows = score_evidence(current.run_id, tracker.run_id,
-                                        tracker.registered_model, select_by), "held-out diseases"
+        evidence, rows = score_evidence(current, new, select_by), "held-out diseases"
     if isinstance(evidence, str):
         return None, f"not compared with confidence: {evidence}" + _PROMOTE_HINT
     low, high = evidence["ci_low"], evidence["ci_high"]
@@ -154,7 +160,7 @@ def maybe_crown(tracker: MlflowTracker, version: str, tags: dict[str, str], sele
     else:
         crowned, reason = None, _not_comparable(current.tags, tags, select_by)
         if reason is None:
-            crowned, reason = _versus(current, tracker, label, shown, select_by)
+            crowned, reason = _versus(current, tracker, version, label, shown, select_by)
     if crowned:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         mlflow.set_tag("champion", "true")

@@ -55,10 +55,11 @@ def find_run(asked: str, registered_model: str) -> Run:
     return run
 
 
-def kept_answers(run: Run, asked: str) -> pd.DataFrame:
-    """The answers the run scored at its kept epoch, one row per held-out disease."""
+def kept_answers(run: Run, asked: str, epoch: int | None = None) -> pd.DataFrame:
+    """The answers the run scored at its kept epoch (or at ``epoch``: a registered version's
+    own, where a resumed run kept a later one), one row per held-out disease."""
     logged = {item.path for item in MlflowClient().list_artifacts(run.info.run_id)}
-    best = run.data.metrics.get("best_epoch")
+    best = run.data.metrics.get("best_epoch") if epoch is None else epoch
     if "symptom_scores.json" not in logged or best is None:
         raise MedLMError(f"{asked!r} (run {run.info.run_id}) has no scored answers: expected "
                          "a finished run trained with --symptom-eval (the default)")

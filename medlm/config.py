@@ -63,6 +63,7 @@ POSITIVE = Rule(lambda v: math.isfinite(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 BELOW_ONE = Rule(lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 FRACTION = Rule(lambda v: 0 < v < 1, "a number between 0 and 1")
+FOLDS = Rule(lambda v: v == 0 or v >= 2, "0 (off) or a whole number >= 2", whole=True)
 MINUTES = Rule(lambda v: math.isfinite(v) and v > 0, "a number of minutes > 0")
 
 # the flag groups of ``python -m experiments.run --help``, in order
@@ -113,6 +114,14 @@ class TrainConfig:
     split_seed: int = setting(
         42, "which diseases are held out: runs compare only on the same split", group="data",
         rule=SEED)
+    folds: int = setting(
+        0, "cross-validation: K runs, child runs of one parent, each holding out another K-th "
+        "of the disease name groups (every disease held out once; --validation-fraction "
+        "unused); the parent logs each score's mean, standard deviation and interval over the "
+        "folds; 0 = one split by --validation-fraction", group="data", rule=FOLDS)
+    fold: int | None = setting(
+        None, "with --folds K: train only this fold (0 to K-1), say one per machine",
+        group="data", rule=COUNT, shown="each in turn")
 
     recipe: str = setting(
         "default", "a named recipe, experiments/recipes/NAME.toml: the settings it changes from "
@@ -217,9 +226,9 @@ class TrainConfig:
     run_name: str | None = setting(None, "MLflow run name", group="mlflow", shown="MLflow's")
     registered_model: str = setting(
         "medlm", "Model Registry name the best model is registered under", group="mlflow")
-    register: bool = setting(
-        True, "log and register the model (off: smoke runs, metrics and samples only)",
-        group="mlflow")
+    register: bool | None = setting(
+        None, "log and register the model (off: smoke runs, metrics and samples only)",
+        group="mlflow", shown="on; off with --folds, whose runs estimate")
     promote: bool = setting(
         False, "make this run's version @champion without comparing it (the champion otherwise "
         "moves only to a version better with confidence on the same evaluation key)",
@@ -237,6 +246,8 @@ class TrainConfig:
         True, "progress bars (they are off anyway when stderr is not a TTY)", group="run")
 
     def __post_init__(self) -> None:
+        if self.register is None:  # a cross-validation run estimates; it registers if asked
+            self.register = not self.folds
         for declared in fields(self):
             value, rule = getattr(self, declared.name), declared.metadata.get("rule")
             if rule is not None and value is not None:
@@ -254,6 +265,11 @@ class TrainConfig:
             raise MedLMError("--promote with --no-register (register off) is invalid: expected "
                              "--register with it (an unregistered run has no version to "
                              "promote)")
+        if self.fold is not None and not self.fold < self.folds:
+            raise MedLMError(f"--fold {self.fold} is invalid: expected "
+                             + (f"0 to {self.folds - 1} (--folds {self.folds})" if self.folds
+                                else "--folds K beside it (the fold of a K-fold "
+                                "cross-validation)"))
         if self.score_every_epoch and not self.symptom_eval:
             raise MedLMError("--score-every-epoch with --no-symptom-eval (scoring off) is "
                              "invalid: expected --symptom-eval with it")

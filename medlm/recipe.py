@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -53,7 +54,7 @@ from medlm.offline import (
 from medlm.prompts import prompts_for, resolve_prompt_format, set_prompt_format
 from medlm.registry import register
 from medlm.report import EpochReport, TimeReport
-from medlm.split import DiseaseSplit, split_by_disease
+from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, tracking_uri
 from medlm.timing import Stopwatch
 from medlm.timing import describe as describe_time
@@ -85,6 +86,13 @@ class Prepared:
     stopwatch: Stopwatch = field(default_factory=Stopwatch)  # since set-up began
 
 
+def split_for(config: TrainConfig, data: DiseaseData) -> DiseaseSplit:
+    """The run's held-out diseases: its fold of ``--folds``, or the ``--validation-fraction``
+    split."""
+    return split_rows(data.frame, config.validation_fraction, config.split_seed, config.folds,
+                      config.fold, config.dataset)
+
+
 def prepare(config: TrainConfig, started: float | None = None) -> Prepared:
     """``started``: when the process began (``time.time()``), so that the run's start-up time
     includes the interpreter and the imports; default now."""
@@ -103,15 +111,15 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
                              "pip install psutil (or pip install -e . again), or "
                              "--no-system-metrics")
     data = load_disease_data(config.dataset, config.max_samples)
-    split = split_by_disease(data.frame, config.validation_fraction, config.split_seed,
-                             config.dataset)
+    split = split_for(config, data)
     # joins torchrun's group, if any
     device = distributed.start(resolve_device(config.device), config.collective_timeout_min)
     precision = resolve_precision(config.precision, device)
     tokenizer, model = load_tokenizer_and_model(config.model)
     prompt_format = resolve_prompt_format(config.prompt_format, tokenizer, config.model)
     # every answer the run writes must fit the context: checked now, not after an epoch
-    prompts = list(dict.fromkeys([*config.sample_prompts, *split.validation["Name"]]))
+    held_out = data.frame if config.folds else split.validation  # over the folds: every row
+    prompts = list(dict.fromkeys([*config.sample_prompts, *held_out["Name"]]))
     if prompts and (config.symptom_eval or config.sample_prompts
                     or config.num_validation_samples):
         # as generate() encodes them: the longest, with its beginning-of-text token if any
@@ -297,7 +305,7 @@ def _log_model(config: TrainConfig, prepared: Prepared, parts: _RunParts, model,
         if main_process and not config.register:
             tracker.log_best(best)
         elif main_process:
-            tracker.log_row_losses(_row_losses(config, prepared, parts, model))
+            tracker.log_row_losses(_row_losses(config, prepared, parts, model), best.epoch)
             version, tags = register(tracker, model, prepared.tokenizer, best, params,
                                      config.select_by, licence=base_licence(config.model))
             verdict = maybe_crown(tracker, version, tags, config.select_by, config.promote)
@@ -307,7 +315,8 @@ def _log_model(config: TrainConfig, prepared: Prepared, parts: _RunParts, model,
 def _row_losses(config: TrainConfig, prepared: Prepared, parts: _RunParts, model):
     """The kept model's loss on each validation row, in one process (all the rows, whatever
     share of them its validation loader holds under torchrun)."""
-    rows = make_loader(parts.validation_set, config.batch_size, prepared.tokenizer.pad_token_id,
+    per_process = math.ceil(config.batch_size / distributed.world_size())  # as it validates
+    rows = make_loader(parts.validation_set, per_process, prepared.tokenizer.pad_token_id,
                        train=False, loss_on=config.loss_on)
     with prepared.stopwatch.phase("validation"):
         losses = row_losses(model, rows, prepared.device, prepared.precision)
@@ -364,6 +373,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("time: %s%s", describe_time(split_seconds),
                  " (this process only: the run was resumed)" if resume_run_id else "")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
+            **({"fold": config.fold} if config.folds else {}),
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
             **{name: best.scores.get(name, float("nan")) for name in SUMMARY_SCORES},
             "version": version}

@@ -1,5 +1,5 @@
 """The held-out diseases: names grouped so that no disease, and no variant of one, is on both
-sides of the split; then a seeded split of the groups."""
+sides of the split; then a seeded split of the groups, or one fold of a cross-validation."""
 
 from __future__ import annotations
 
@@ -161,3 +161,44 @@ def split_by_disease(
     is_validation = keys.isin(validation_keys)
     return DiseaseSplit(frame[~is_validation].reset_index(drop=True),
                         frame[is_validation].reset_index(drop=True), groups)
+
+
+def fold_of_groups(groups: list[list[str]], folds: int, seed: int) -> list[int]:
+    """Each group's fold (0 to ``folds`` - 1): the groups shuffled by ``seed``, then, largest
+    first, each to the fold with the fewest names so far (the first of those on a tie), so the
+    folds are as even as whole groups allow."""
+    sizes = [0] * folds
+    fold_of = [0] * len(groups)
+    shuffled = np.random.default_rng(seed).permutation(len(groups))
+    for index in sorted(shuffled, key=lambda index: -len(groups[index])):
+        fold = min(range(folds), key=sizes.__getitem__)
+        fold_of[index] = fold
+        sizes[fold] += len(groups[index])
+    return fold_of
+
+
+def split_fold(frame: pd.DataFrame, folds: int, fold: int, seed: int = 42,
+               source: str = "dataset") -> DiseaseSplit:
+    """Fold ``fold`` of a ``folds``-fold cross-validation over the name groups
+    (``group_diseases``): its groups held out, the others trained on. Over the folds, every
+    disease is held out once."""
+    groups = group_diseases(frame)
+    if len(groups) < folds:
+        raise MedLMError(f"--folds {folds} is invalid for {source!r}: its distinct disease "
+                         f"names form {len(groups)} groups: expected at most {len(groups)} "
+                         "folds (one group or more held out in each)")
+    held_out = {name for group, group_fold in zip(groups, fold_of_groups(groups, folds, seed),
+                                                  strict=True)
+                if group_fold == fold for name in group}
+    is_validation = frame["Name"].str.casefold().isin(held_out)
+    return DiseaseSplit(frame[~is_validation].reset_index(drop=True),
+                        frame[is_validation].reset_index(drop=True), groups)
+
+
+def split_rows(frame: pd.DataFrame, validation_fraction: float, seed: int, folds: int = 0,
+               fold: int | None = None, source: str = "dataset") -> DiseaseSplit:
+    """A run's split: fold ``fold`` of ``folds`` (``split_fold``) where it has folds, else
+    ``split_by_disease``."""
+    if folds:
+        return split_fold(frame, folds, fold or 0, seed, source)
+    return split_by_disease(frame, validation_fraction, seed, source)

@@ -1,5 +1,6 @@
-"""Sweeps: the grid of ``medlm.config.SWEEPABLE`` values as child runs of ``medlm.recipe``
-under one parent run, which carries the best child; their progress kept beside the
+"""Sweeps: the grid of ``medlm.config.SWEEPABLE`` values (and, with ``--folds``, the folds of
+a cross-validation) as child runs of ``medlm.recipe`` under one parent run, which carries the
+best child, or the best recipe's scores over the folds; their progress kept beside the
 checkpoints, so an interrupted sweep resumes as a whole (``resume_sweep``)."""
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from medlm.recipe import (
     prepare,
     resume_command,
     resume_config,
+    split_for,
     train_and_register,
 )
-from medlm.seeds import over_seeds
+from medlm.repeats import over
 from medlm.timing import Stopwatch
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
@@ -64,6 +66,12 @@ def load_sweep_state(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
                          "expected the file an interrupted sweep wrote") from None
+
+
+def sweep_axes(config: TrainConfig) -> tuple[str, ...]:
+    """What tells a sweep's children apart: the sweepable settings, and ``fold`` with
+    ``--folds``."""
+    return (*SWEEPABLE, "fold") if config.folds else SWEEPABLE
 
 
 def sweep_value(value: float | int) -> str:
@@ -138,14 +146,15 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
 
     children, main_process = state["children"], distributed.is_main()
     loaded = True  # prepared.model is the untouched base
+    axes = sweep_axes(configs[0])
     for index, config in enumerate(configs):
-        label = " ".join(f"{name}={sweep_value(getattr(config, name))}" for name in SWEEPABLE)
+        label = " ".join(f"{name}={sweep_value(getattr(config, name))}" for name in axes)
         where = f"--- child {index + 1}/{len(configs)}: {label}"
         if index < len(children):
             log.info("%s: %s before the interruption (run %s)", where,
                      children[index]["status"], children[index]["run_id"])
             continue
-        row = {name: getattr(config, name) for name in SWEEPABLE}  # the grid's, not a resume's
+        row = {name: getattr(config, name) for name in axes}  # the grid's, not a resume's
         interrupted = state["running"] if index == len(children) else None
         decision, summary = distributed.broadcast_object(
             _interrupted_child(interrupted, config) if interrupted and main_process
@@ -169,6 +178,8 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
             config = replace(resume_config(resume_child, config.checkpoint_dir),
                              checkpoint_dir=config.checkpoint_dir,
                              collective_timeout_min=config.collective_timeout_min)
+        if config.folds:  # each fold holds out its own diseases
+            prepared.split = split_for(config, prepared.data)
         children.append(_train_child(config, label, f"{index + 1}/{len(configs)}", row,
                                      prepared, resume_child, record))
         record(running=None)
@@ -179,7 +190,8 @@ def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTr
     first = configs[0]
     parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
                            transformer=first.model, gpu="", batch_size=first.batch_size)
-    return parent, {**{k: v for k, v in first.to_params().items() if k not in SWEEPABLE},
+    return parent, {**{k: v for k, v in first.to_params().items()
+                       if k not in sweep_axes(first)},
                     **{f"sweep_{name}": ", ".join(map(str, values))
                        for name, values in grid.items()}, "sweep_size": len(configs)}
 
@@ -216,8 +228,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
         children = state["children"]
         try:
             if main_process and not resume_id:  # what every child is trained on, then progress
-                write_durably(state_file.parent / DATA_FILE,
-                              json.dumps(data_fingerprint(prepared.data, prepared.split)))
+                write_durably(state_file.parent / DATA_FILE, json.dumps(
+                    data_fingerprint(prepared.data, split_for(first, prepared.data))))
             record()
             log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
                      f" (resumed: {len(children)} ended before)" if resume_id else "")
@@ -239,24 +251,50 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
         if not main_process:
             return
         table = _sweep_table(children, first.select_by)
-        by_seed = over_seeds(table, SWEEPABLE)
-        log_sweep_summary(table, table.iloc[0], SWEEPABLE, by_seed)
+        axes = sweep_axes(first)
+        by_seed = over(table, axes, "seed")
+        by_fold = _ranked(over(table, axes, "fold"), first.select_by) if first.folds else None
+        log_sweep_summary(table, table.iloc[0], axes, by_seed, by_fold)
     shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
-    _print_table(table, parent_id, by_seed)
+    _print_table(table, parent_id, by_seed, by_fold)
 
 
-def _print_table(table: pd.DataFrame, parent_id: str, by_seed: pd.DataFrame | None) -> None:
-    """The sweep's table, best child first, each recipe over its training seeds where it had
-    several, and where the best child is."""
+def _ranked(by_fold: pd.DataFrame | None, select_by: str) -> pd.DataFrame | None:
+    """The recipes ranked by their mean over the folds of ``select_by``."""
+    if by_fold is None:
+        return None
+    return by_fold.sort_values(select_by, ascending=select_by == "validation_loss",
+                               kind="stable").reset_index(drop=True)
+
+
+def _print_table(table: pd.DataFrame, parent_id: str, by_seed: pd.DataFrame | None,
+                 by_fold: pd.DataFrame | None) -> None:
+    """The sweep's table, best child first; each recipe over its training seeds, or its folds,
+    where it had several; and where the best child is."""
     best = table.iloc[0]
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        if by_seed is not None:
-            print(f"\nover training seeds (mean and {CONFIDENCE:.0%} t-interval):")
-            print(by_seed.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for title, repeats in (("training seeds", by_seed), ("folds, best first", by_fold)):
+            if repeats is not None:
+                print(f"\nover {title} (mean, standard deviation and {CONFIDENCE:.0%} "
+                      "t-interval):")
+                print(repeats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if by_fold is not None:
+        log.info("cross-validated: symptom F1 %s, validation loss %s over %s folds; parent run "
+                 "%s", _mean_text(by_fold.iloc[0], "symptom_f1"),
+                 _mean_text(by_fold.iloc[0], "validation_loss"),
+                 len(by_fold.iloc[0]["folds"].split()), parent_id)
+        return
     log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
              best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
              parent_id)
+
+
+def _mean_text(row: pd.Series, score: str) -> str:
+    """"0.2412 ± 0.0310 [0.2027-0.2797]": the mean over the folds, its standard deviation
+    and its interval."""
+    return (f"{row[score]:.4f} ± {row[f'{score}_std']:.4f} "
+            f"[{row[f'{score}_ci_low']:.4f}-{row[f'{score}_ci_high']:.4f}]")
 
 
 def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
@@ -273,7 +311,7 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
         configs = [on_this_machine(configs[0], machine, parent_id),
                    *(replace(config, **machine) for config in configs[1:])]
     for child, config in zip(state["children"], configs, strict=False):
-        for name in SWEEPABLE:  # rows of a sweep begun before a value was sweepable
+        for name in sweep_axes(config):  # rows of a sweep begun before a value was sweepable
             child.setdefault(name, getattr(config, name))
     processes = distributed.environment_world_size()
     if state.get("world_size", 1) != processes:
@@ -283,7 +321,8 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
     interrupted = state["running"] if ended < len(configs) else None
     child_checkpoint = Path(directory) / interrupted if interrupted else None
     prepared = prepare(configs[min(ended, len(configs) - 1)], started)
-    check_resume_data(Path(directory) / parent_id, prepared.data, prepared.split)
+    check_resume_data(Path(directory) / parent_id, prepared.data,
+                      split_for(configs[0], prepared.data))
     if child_checkpoint and has_checkpoint(child_checkpoint):
         check_resume_data(child_checkpoint, prepared.data, prepared.split)
     with outage_is_resumable(directory, [parent_id]):

@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
 from medlm.heldout import SUMMARY_SCORES
+from medlm.intervals import CONFIDENCE
+from medlm.repeats import REPEAT_SCORES
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger
 
@@ -256,10 +258,26 @@ class MlflowTracker(Logger):
                             **{f"best_{name}": value for name, value in best.scores.items()}},
                            model_id=model_id)
 
-    def log_row_losses(self, table: pd.DataFrame) -> None:
-        """The kept model's loss on each validation row (``champion.validation_loss_table``),
-        replacing what a run interrupted after it logged them had."""
+    def log_row_losses(self, table: pd.DataFrame, epoch: int) -> None:
+        """The kept model's loss on each validation row (``champion.validation_loss_table``)
+        at its ``epoch``: added to those of other epochs (a run resumed with more epochs keeps
+        a version per kept epoch), replacing this epoch's rows if it had them."""
+        table = table.assign(epoch=epoch)
+        logged = logged_row_losses(self.run_id)
+        if logged is not None:
+            table = pd.concat([logged[logged["epoch"] != epoch], table])
         mlflow.log_dict(table.to_dict(orient="split", index=False), VALIDATION_LOSSES)
+
+
+def logged_row_losses(run_id: str, epoch: int | None = None) -> pd.DataFrame | None:
+    """A run's ``VALIDATION_LOSSES`` (at ``epoch``, if given); None where it has none."""
+    if VALIDATION_LOSSES not in {item.path for item in MlflowClient().list_artifacts(run_id)}:
+        return None
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{VALIDATION_LOSSES}")
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    if epoch is not None:
+        frame = frame[frame["epoch"] == epoch].reset_index(drop=True)
+    return frame if not frame.empty else None
 
 
 def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
@@ -269,18 +287,52 @@ def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
             if name.startswith(prefix)}
 
 
-def log_sweep_summary(table: pd.DataFrame, best: pd.Series, sweepable: tuple[str, ...],
-                      by_seed: pd.DataFrame | None = None) -> None:
-    """The sweep's table (``sweep.csv``), each recipe over its training seeds
-    (``sweep_seeds.csv``, where some had several), its best child's scores and settings, on
-    the active (parent) run."""
+def log_sweep_summary(table: pd.DataFrame, best: pd.Series, axes: tuple[str, ...],
+                      by_seed: pd.DataFrame | None = None,
+                      by_fold: pd.DataFrame | None = None) -> None:
+    """On the active (parent) run: the sweep's table (``sweep.csv``), each recipe over its
+    training seeds (``sweep_seeds.csv``, where some had several); and either the best child's
+    scores and settings, or with ``by_fold`` (ranked) each recipe over its folds
+    (``sweep_folds.csv``, ``cv_scores.png``) and the best recipe's ``cv_<score>``,
+    ``_std``, ``_ci_low`` and ``_ci_high``."""
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     if by_seed is not None:
         mlflow.log_text(by_seed.to_csv(index=False), "sweep_seeds.csv")
+    if by_fold is not None:
+        mlflow.log_text(by_fold.to_csv(index=False), "sweep_folds.csv")
+        mlflow.log_figure(_cv_figure(by_fold, axes), "cv_scores.png")
+        top = by_fold.iloc[0]
+        mlflow.log_metrics({f"cv_{name}": float(top[name]) for name in by_fold.columns
+                            if name.startswith(REPEAT_SCORES)})
+        mlflow.set_tags({f"best_{name}": str(top[name]) for name in axes if name in top})
+        return
     mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
                         **{f"best_{name}": float(best[name]) for name in SUMMARY_SCORES}})
     mlflow.set_tags({"best_child_run_id": best["run_id"],
-                     **{f"best_{name}": str(best[name]) for name in sweepable}})
+                     **{f"best_{name}": str(best[name]) for name in axes}})
+
+
+def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
+    """Each recipe's mean over the folds with its interval as error bars: symptom F1 and
+    validation loss side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    varied = [name for name in axes if name in by_fold and by_fold[name].nunique() > 1]
+    labels = [" ".join(f"{name}={row[name]:g}" for name in varied) or "recipe"
+              for _, row in by_fold.iterrows()]
+    figure = Figure(figsize=(4 + 1.2 * len(labels), 4), dpi=100, layout="constrained")
+    for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"),
+                           strict=True):
+        means = by_fold[score].astype(float)
+        errors = [means - by_fold[f"{score}_ci_low"], by_fold[f"{score}_ci_high"] - means]
+        plot.errorbar(range(len(labels)), means, yerr=errors, fmt="o", capsize=4)
+        plot.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        plot.set_title(f"{score} over {len(by_fold.iloc[0]['folds'].split())} folds "
+                       f"(mean, {CONFIDENCE:.0%} CI)")
+    return figure
 
 
 STEP_METRICS = ("step/training_loss", "step/learning_rate", "step/grad_norm",

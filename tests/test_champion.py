@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from medlm import champion
 from medlm.config import TrainConfig
 from medlm.recipe import prepare, train_and_register
-from medlm.tracking import VALIDATION_LOSSES
+from medlm.tracking import VALIDATION_LOSSES, logged_row_losses
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,16 @@ def test_a_seed_rerun_moves_the_champion_only_with_confidence_and_a_better_model
     caplog.set_level(logging.INFO, logger="medlm")
     first = train(tiny_model_dir, dataset_csv, seed=1)
     assert champion_version() == first["version"] == "1"
-    table = MlflowClient().download_artifacts(first["run_id"], VALIDATION_LOSSES)
-    rows = champion._logged_row_losses(first["run_id"])
-    assert table and len(rows) == 12  # 60 rows, a fifth held out
+    rows = logged_row_losses(first["run_id"], epoch=1)
+    assert len(rows) == 12 and VALIDATION_LOSSES == "validation_losses.json"  # a fifth of 60
     # the rows' losses add up to the run's validation loss
     assert rows["loss_sum"].sum() / rows["tokens"].sum() == pytest.approx(
         first["validation_loss"], rel=1e-4)
 
     rerun = train(tiny_model_dir, dataset_csv, seed=2)  # the champion's recipe, another seed
-    evidence = champion.loss_evidence(first["run_id"], rerun["run_id"])
+    client = MlflowClient()
+    evidence = champion.loss_evidence(client.get_model_version("medlm", "1"),
+                                      client.get_model_version("medlm", "2"))
     assert evidence["difference"] == pytest.approx(
         rerun["validation_loss"] - first["validation_loss"], abs=1e-4)
     moved = champion_version() == rerun["version"]

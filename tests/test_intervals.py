@@ -123,7 +123,7 @@ def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_see
     from scipy import stats
 
     from medlm.config import SWEEPABLE
-    from medlm.seeds import over_seeds
+    from medlm.repeats import over
 
     rows = [{"lr": lr, "batch_size": 8, "epochs": 3, "weight_decay": 0.0, "seed": seed,
              "validation_loss": 2.0 + lr * 1000 + seed / 100, "symptom_f1": 0.2 + seed / 100,
@@ -131,7 +131,7 @@ def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_see
             for lr in (5e-4, 1e-4) for seed in (3, 1, 2)]  # ranked, not in seed order
     rows.append({**rows[1], "seed": 4, "symptom_f1": float("nan"),
                  "validation_loss": float("nan"), "status": "FAILED: loss diverged"})
-    table = over_seeds(pd.DataFrame(rows), SWEEPABLE)
+    table = over(pd.DataFrame(rows), SWEEPABLE, "seed")
     assert table["lr"].tolist() == [5e-4, 1e-4] and table["seeds"].tolist() == ["1 2 3"] * 2
     first = table.iloc[0]
     f1s = [0.21, 0.22, 0.23]
@@ -140,4 +140,4 @@ def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_see
     assert (first["symptom_f1_ci_low"], first["symptom_f1_ci_high"]) == pytest.approx((low, high))
     assert first["word_f1_ci_low"] == first["word_f1_ci_high"] == pytest.approx(0.3)
     # one seed per recipe: nothing to aggregate
-    assert over_seeds(pd.DataFrame([rows[0], rows[3]]), SWEEPABLE) is None
+    assert over(pd.DataFrame([rows[0], rows[3]]), SWEEPABLE, "seed") is None

@@ -29,25 +29,26 @@ DISEASES = ["Asthma", "Gout", "Mumps", "Rabies", "Scurvy", "Tetanus", "Anthrax",
             "Shingles", "Lupus", "Psoriasis", "Glaucoma"]
 
 
-def evidence_tables(validation_loss, symptom_f1, spread=0.0, noise_seed=0):
+def evidence_tables(validation_loss, symptom_f1, spread=0.0, noise_seed=0, diseases=DISEASES):
     """What a run logs for the champion rule to pair: each validation row's loss (mean
     ``validation_loss``, each row's off by up to ``spread``) and the kept epoch's answers (the
     first ``symptom_f1`` share of the diseases answered right, the rest wrong)."""
     rng = np.random.default_rng(noise_seed)
-    losses = validation_loss + spread * rng.uniform(-1, 1, len(DISEASES))
-    frame = pd.DataFrame({"Name": DISEASES, "Symptoms": [f"{name} ache, {name} rash"
-                                                         for name in DISEASES]})
+    losses = validation_loss + spread * rng.uniform(-1, 1, len(diseases))
+    frame = pd.DataFrame({"Name": diseases, "Symptoms": [f"{name} ache, {name} rash"
+                                                         for name in diseases]})
     rows = champion.validation_loss_table(
-        np.column_stack([10 * losses, np.full(len(DISEASES), 10)]), frame)
-    right = round(symptom_f1 * len(DISEASES))
-    answers = pd.DataFrame({"disease": DISEASES, "reference": frame["Symptoms"],
+        np.column_stack([10 * losses, np.full(len(diseases), 10)]), frame)
+    right = round(symptom_f1 * len(diseases))
+    answers = pd.DataFrame({"disease": diseases, "reference": frame["Symptoms"],
                             "generated": [reference if number < right else "fever, cough"
                                           for number, reference in enumerate(frame["Symptoms"])]})
     return rows, answers
 
 
 def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
-             select_by="validation_loss", spread=0.0, noise_seed=0, row_losses=True, **params):
+             select_by="validation_loss", spread=0.0, noise_seed=0, row_losses=True,
+             diseases=DISEASES, **params):
     tokenizer, model = tiny_model
     tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
                             batch_size=8)
@@ -55,10 +56,11 @@ def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
         result = epoch(1, validation_loss)
         result.scores = {"symptom_f1": symptom_f1, "word_f1": symptom_f1}
         tracker.on_epoch_end(model, result)
-        rows, answers = evidence_tables(validation_loss, symptom_f1, spread, noise_seed)
+        rows, answers = evidence_tables(validation_loss, symptom_f1, spread, noise_seed,
+                                        diseases)
         tracker.log_symptom_scores(1, answers, {})
         if row_losses:
-            tracker.log_row_losses(rows)
+            tracker.log_row_losses(rows, 1)
         version, tags = registry.register(tracker, model, tokenizer, result,
                                           {**FULL_DATA, **params}, select_by)
         return version, champion.maybe_crown(tracker, version, tags, select_by, promote)
@@ -123,6 +125,37 @@ def test_champion_by_loss_waits_for_a_lower_loss_on_the_same_rows(mlflow_home, t
     assert champion_version() == "4"
     assert "not compared with confidence: the champion's run has no per-row validation " \
         "losses" in message and "--promote" in message
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_more_epochs_is_paired_on_each_versions_own_epoch(mlflow_home,
+                                                                            tiny_model):
+    """Killed after registering epoch 1, resumed with more epochs, a run registers its new best
+    epoch as a second version: compared on that epoch's rows, not its first version's."""
+    tokenizer, model = tiny_model
+    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
+                            batch_size=8)
+    with tracker.run({"lr": 1e-3}):
+        messages = []
+        for number, loss in ((1, 2.0), (2, 1.0)):
+            result = epoch(number, loss)
+            tracker.on_epoch_end(model, result)
+            tracker.log_row_losses(evidence_tables(loss, 0.2)[0], number)
+            version, tags = registry.register(tracker, model, tokenizer, result, FULL_DATA,
+                                              "validation_loss")
+            messages.append(champion.maybe_crown(tracker, version, tags, "validation_loss",
+                                                 False))
+    assert champion_version() == "2", messages
+    assert "(-1.0000, 95% CI -1.0000..-1.0000" in messages[1]
+
+
+@pytest.mark.slow
+def test_one_held_out_name_group_is_not_compared_and_fails_nothing(mlflow_home, tiny_model):
+    variants = ["Asthma", "Childhood asthma", "Severe asthma"]  # one name group
+    register(tiny_model, 2.0, diseases=variants)
+    _, message = register(tiny_model, 1.0, diseases=variants)
+    assert champion_version() == "1"
+    assert "not compared with confidence: 1 name group held out" in message
 
 
 @pytest.mark.slow

@@ -1,0 +1,54 @@
+"""Several runs of one recipe as one figure: a sweep's children that differ only by their
+training ``seed``, or only by their cross-validation ``fold``; each score's mean over them,
+its standard deviation and its Student-t interval (the runs are the sample: a few, so t rather
+than a bootstrap; one finished run has no interval; folds share training rows, so their
+interval is the usual cross-validation approximation, a little narrow)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from medlm.intervals import CONFIDENCE
+
+REPEAT_SCORES = ("validation_loss", "symptom_f1", "word_f1")
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float,
+                                                                                float, float]:
+    """(mean, standard deviation, low, high) of ``values`` (NaNs left out); NaN where there
+    are too few."""
+    values = [value for value in values if not math.isnan(value)]
+    if not values:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan, math.nan
+    # deferred: importing scipy.stats takes ~1.7 s, and only a sweep over seeds or folds needs it
+    from scipy.stats import t
+
+    spread = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    half = t.ppf(0.5 + confidence / 2, len(values) - 1) * spread / math.sqrt(len(values))
+    return mean, spread, mean - half, mean + half
+
+
+def over(table: pd.DataFrame, axes: tuple[str, ...], axis: str) -> pd.DataFrame | None:
+    """One row per recipe (the values of ``axes`` other than ``axis``, "seed" or "fold") of a
+    sweep's finished children: which values of ``axis`` finished (column ``seeds`` or
+    ``folds``), and each of ``REPEAT_SCORES`` as its mean with ``_std``, ``_ci_low`` and
+    ``_ci_high``. None when no recipe has two."""
+    finished = table[table["status"] == "FINISHED"]
+    recipe = [name for name in axes if name != axis]
+    if finished.empty or finished.groupby(recipe).size().max() < 2:
+        return None
+    rows = []
+    for values, children in finished.groupby(recipe, sort=False):
+        children = children.sort_values(axis)
+        row = dict(zip(recipe, values, strict=True))
+        row[f"{axis}s"] = " ".join(str(value) for value in children[axis])
+        for score in REPEAT_SCORES:
+            (row[score], row[f"{score}_std"], row[f"{score}_ci_low"],
+             row[f"{score}_ci_high"]) = mean_interval(children[score].astype(float).tolist())
+        rows.append(row)
+    return pd.DataFrame(rows)
