@@ -93,6 +93,13 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     return settings, notes
 
 
+def fold_of_run(params: dict[str, str] | None) -> tuple[int, int | None]:
+    """(folds, fold) of a cross-validation run (``--folds``), or (0, None)."""
+    folds = int((params or {}).get("folds") or 0)
+    fold = (params or {}).get("fold")
+    return folds, int(fold) if folds and fold not in (None, "None") else None
+
+
 def answer_precision(requested: str | None, logged: str | None, device):
     """The precision answers are decoded in, and a note when it is not the run's.
 
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from medlm.intervals import CONFIDENCE
     from medlm.metrics import METRIC_VERSION
     from medlm.modeling import resolve_device
-    from medlm.split import split_by_disease
+    from medlm.split import split_rows
     from medlm.tracking import logged_metrics
 
     run = source_run(args.model_uri, args.registered_model)
@@ -179,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
                             "run trained on (another file, or the file changed)")
     if args.split == "validation":
-        split = split_by_disease(frame, settings["validation_fraction"], settings["split_seed"],
-                                 settings["dataset"])
+        folds, fold = fold_of_run(params)
+        split = split_rows(frame, settings["validation_fraction"], settings["split_seed"],
+                           folds, fold, settings["dataset"])
         frame, baselines = split.validation, baseline_scores(split.train, split.validation)
         if params and not notes and params.get("split_validation_sha256") != (
                 split.validation_sha256):
@@ -226,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                              **{f"{columns[name]} {CONFIDENCE:.0%} CI": span(scores, name)
                                 for name in ("symptom_f1", "word_f1")}}
                             for label, scores in rows.items()])
-    where = (f"{settings['dataset']}, split seed {settings['split_seed']}, validation fraction "
-             f"{settings['validation_fraction']}, {settings['max_samples'] or 'all'} rows"
+    folds, fold = fold_of_run(params)
+    held_out = (f"fold {fold} of {folds}" if folds and args.split == "validation" else
+                f"validation fraction {settings['validation_fraction']}")
+    where = (f"{settings['dataset']}, split seed {settings['split_seed']}, {held_out}, "
+             f"{settings['max_samples'] or 'all'} rows"
              + (f", as run {run.info.run_id} logged" if as_logged else ""))
     decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
     if args.consensus is not None:

@@ -56,6 +56,7 @@ def test_bad_dataset_files(case, mlflow_home, tiny_model_dir, capsys):
     ("--lr", "abc", "'abc' is not a number"), ("--lr", "0", "expected a number > 0"),
     ("--batch-size", "-8", "expected a whole number >= 1"),
     ("--epochs", "2.5", "'2.5' is not a whole number"),
+    ("--folds", "1", "'1' is invalid: expected 0 (off) or a whole number >= 2"),
 ])
 def test_bad_flags(flag, value, expected, mlflow_home, tiny_model_dir, dataset_csv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -64,6 +65,19 @@ def test_bad_flags(flag, value, expected, mlflow_home, tiny_model_dir, dataset_c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err and flag in err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--fold", "2"], "--fold 2 is invalid: expected --folds K beside it"),
+    (["--folds", "3", "--fold", "3"], "--fold 3 is invalid: expected 0 to 2 (--folds 3)"),
+])
+def test_a_fold_outside_the_folds(flags, expected, mlflow_home, tiny_model_dir, dataset_csv,
+                                  capsys):
+    code = run_cli(run_module_under_test.main,
+                   ["--dataset", str(dataset_csv), "--model", str(tiny_model_dir), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and expected in err
+    assert no_runs(mlflow_home)
 
 
 @pytest.mark.parametrize("module", ["run", "evaluate", "generate", "init_model"])

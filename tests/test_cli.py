@@ -404,7 +404,7 @@ def test_a_sweep_over_training_seeds_gives_each_recipe_one_figure(tmp_path, tiny
                         "--num-validation-samples", "0", "--no-register", cwd=tmp_path,
                         env_extra={"MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
-    assert "over training seeds (mean and 95% t-interval):" in result.stdout
+    assert "over training seeds (mean, standard deviation and 95% t-interval):" in result.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
@@ -418,6 +418,38 @@ def test_a_sweep_over_training_seeds_gives_each_recipe_one_figure(tmp_path, tiny
                if float(run.data.params["lr"]) == row.lr]
         assert row.symptom_f1 == pytest.approx(sum(f1s) / 2)
         assert row.symptom_f1_ci_low <= row.symptom_f1 <= row.symptom_f1_ci_high
+
+
+def test_folds_cross_validate_as_children_of_a_parent_with_mean_and_interval(
+        tmp_path, tiny_model_dir, dataset_csv):
+    result = run_module("experiments.run", "--model", str(tiny_model_dir), "--dataset",
+                        str(dataset_csv), "--max-samples", "40", "--epochs", "1",
+                        "--lr", "3e-3", "--folds", "3", "--num-validation-samples", "0",
+                        cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    assert "over folds, best first (mean, standard deviation and 95% t-interval):" \
+        in result.stdout
+    assert "cross-validated: symptom F1 " in result.stderr and " over 3 folds" in result.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
+    assert sorted(run.data.params["fold"] for run in children) == ["0", "1", "2"]
+    assert client.search_registered_models() == []  # a cross-validation estimates
+    # every row held out once, by folds of other diseases
+    assert sum(int(run.data.params["rows_validation"]) for run in children) == 40
+    assert len({run.data.params["split_validation_sha256"] for run in children}) == 3
+    losses = [run.data.metrics["best_validation_loss"] for run in children]
+    metrics = parent.data.metrics
+    assert metrics["cv_validation_loss"] == pytest.approx(sum(losses) / 3)
+    assert metrics["cv_validation_loss_ci_low"] < metrics["cv_validation_loss"] \
+        < metrics["cv_validation_loss_ci_high"]
+    assert metrics["cv_validation_loss_std"] == pytest.approx(pd.Series(losses).std())
+    for name in ("symptom_f1", "word_f1"):
+        assert {f"cv_{name}", f"cv_{name}_std", f"cv_{name}_ci_low"} <= set(metrics)
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.csv", "sweep_folds.csv", "cv_scores.png"} <= artifacts
 
 
 def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no_uri_env,

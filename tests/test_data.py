@@ -17,7 +17,7 @@ from medlm.data import (
 )
 from medlm.errors import MedLMError
 from medlm.prompts import prompt_for
-from medlm.split import split_by_disease
+from medlm.split import split_by_disease, split_fold
 
 
 def test_loads_the_real_dataset_keeping_duplicates_and_other_columns(dataset_csv):
@@ -101,6 +101,26 @@ def test_split_is_grouped_by_disease_seeded_and_about_80_20(dataset_csv):
     assert again_validation["Name"].tolist() == validation["Name"].tolist()
     other_validation = split_by_disease(frame, 0.2, seed=7).validation
     assert other_validation["Name"].tolist() != validation["Name"].tolist()
+
+
+def test_folds_hold_out_every_disease_once_in_even_seeded_folds_of_whole_groups(dataset_csv):
+    frame = load_disease_data(str(dataset_csv)).frame
+    folds = [split_fold(frame, 5, fold, seed=42) for fold in range(5)]
+    held_out = [set(split.validation["Name"].str.casefold()) for split in folds]
+    names = set(frame["Name"].str.casefold())
+    assert set().union(*held_out) == names and sum(map(len, held_out)) == len(names)
+    for split, names_out in zip(folds, held_out, strict=True):
+        assert len(split.train) + len(split.validation) == len(frame)
+        assert not set(split.train["Name"].str.casefold()) & names_out
+        for group in split.groups:  # no group on both sides
+            assert set(group) <= names_out or not set(group) & names_out
+    largest_group = max(map(len, folds[0].groups))
+    assert max(map(len, held_out)) - min(map(len, held_out)) <= largest_group
+    assert split_fold(frame, 5, 2, seed=42).validation.equals(folds[2].validation)
+    assert not split_fold(frame, 5, 2, seed=7).validation.equals(folds[2].validation)
+    small = pd.DataFrame({"Name": ["Flu", "Cold", "Gout"], "Symptoms": ["a", "b", "c"]})
+    with pytest.raises(MedLMError, match=r"--folds 4 is invalid .* 3 groups: expected at most 3"):
+        split_fold(small, 4, 0)
 
 
 def test_split_keeps_case_variants_of_a_name_together():
