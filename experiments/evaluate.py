@@ -23,6 +23,7 @@ from experiments._cli import (
     whole_number_up_to,
 )
 from medlm.config import DEFAULT_DATASET, TrainConfig
+from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
 from medlm.metrics import SCORING_REPETITION_PENALTY
 
@@ -97,7 +98,10 @@ def fold_of_run(params: dict[str, str] | None) -> tuple[int, int | None]:
     """(folds, fold) of a cross-validation run (``--folds``), or (0, None)."""
     folds = int((params or {}).get("folds") or 0)
     fold = (params or {}).get("fold")
-    return folds, int(fold) if folds and fold not in (None, "None") else None
+    if folds and fold in (None, "None"):
+        raise MedLMError(f"the run has --folds {folds} but no fold (a cross-validation's "
+                         "parent?): expected one fold's run, a child of the parent")
+    return folds, int(fold) if folds else None
 
 
 def answer_precision(requested: str | None, logged: str | None, device):

@@ -134,6 +134,10 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
         key: value for key, value in given.items() if key not in SWEEPABLE})
     grid = {name: list(dict.fromkeys(given.get(name, [getattr(base, name)])))
             for name in SWEEPABLE}
+    if base.folds and "validation_fraction" in given:
+        raise MedLMError(f"--validation-fraction with --folds {base.folds} is invalid: each "
+                         f"fold holds out 1/{base.folds} of the diseases: expected one of the "
+                         "two")
     if base.folds and base.fold is None:  # a cross-validation: every fold in turn
         grid["fold"] = list(range(base.folds))
     return sweep_configs(base, grid), grid

@@ -136,12 +136,18 @@ def _versus(current: ModelVersion, tracker: MlflowTracker, version: str, label: 
 
 
 def maybe_crown(tracker: MlflowTracker, version: str, tags: dict[str, str], select_by: str,
-                promote: bool) -> str:
+                promote: bool, fold: bool = False) -> str:
     """Move ``@champion`` to ``version`` when no version holds it yet, when ``promote``, or
     when it is better than the champion with confidence (module docstring); say which, or
-    why not. The run's tag ``champion`` records the outcome."""
+    why not. A ``fold`` of a cross-validation (trained without one of its folds, and held out
+    on diseases no other run is) moves it only when ``promote``. The run's tag ``champion``
+    records the outcome."""
     client = MlflowClient()
     name = tracker.registered_model
+    if fold and not promote:
+        mlflow.set_tag("champion", "false")
+        return (f"{name} version {version} is not made the champion: a cross-validation fold"
+                + _PROMOTE_HINT)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException:

@@ -326,8 +326,10 @@ class TrainConfig:
 
 
 # what a recipe does not hold: which recipe it is, where the run is tracked and checkpointed,
-# and what this machine runs it on (the flags a resumed run may change)
-NOT_RECIPE = frozenset({"recipe", "device", "precision", "collective_timeout_min"}
+# what this machine runs it on (the flags a resumed run may change), and which fold of a
+# cross-validation it held out (its recipe.toml trains the recipe, not the fold)
+NOT_RECIPE = frozenset({"recipe", "device", "precision", "collective_timeout_min", "folds",
+                        "fold"}
                        | {declared.name for declared in fields(TrainConfig)
                           if declared.metadata["group"] in ("mlflow", "run")})
 

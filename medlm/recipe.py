@@ -308,7 +308,8 @@ def _log_model(config: TrainConfig, prepared: Prepared, parts: _RunParts, model,
             tracker.log_row_losses(_row_losses(config, prepared, parts, model), best.epoch)
             version, tags = register(tracker, model, prepared.tokenizer, best, params,
                                      config.select_by, licence=base_licence(config.model))
-            verdict = maybe_crown(tracker, version, tags, config.select_by, config.promote)
+            verdict = maybe_crown(tracker, version, tags, config.select_by, config.promote,
+                                  fold=bool(config.folds))
     return version, verdict
 
 

@@ -33,22 +33,26 @@ def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[
     return mean, spread, mean - half, mean + half
 
 
-def over(table: pd.DataFrame, axes: tuple[str, ...], axis: str) -> pd.DataFrame | None:
-    """One row per recipe (the values of ``axes`` other than ``axis``, "seed" or "fold") of a
-    sweep's finished children: which values of ``axis`` finished (column ``seeds`` or
-    ``folds``), and each of ``REPEAT_SCORES`` as its mean with ``_std``, ``_ci_low`` and
-    ``_ci_high``. None when no recipe has two."""
+def over(table: pd.DataFrame, axes: tuple[str, ...], axis: str,
+         pooled: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """One row per recipe (the values of ``axes`` other than ``axis``, "seed" or "fold", and
+    ``pooled``) of a sweep's finished children: which values of ``axis`` finished (column
+    ``seeds`` or ``folds``), and each of ``REPEAT_SCORES`` as its mean with ``_std``,
+    ``_ci_low`` and ``_ci_high`` over them; the runs of one value of ``axis`` that differ by
+    ``pooled`` ("seed", over folds) are averaged first. None when no recipe has two."""
     finished = table[table["status"] == "FINISHED"]
-    recipe = [name for name in axes if name != axis]
-    if finished.empty or finished.groupby(recipe).size().max() < 2:
+    recipe = [name for name in axes if name != axis and name not in pooled]
+    if finished.empty or finished.groupby(recipe)[axis].nunique().max() < 2:
         return None
     rows = []
     for values, children in finished.groupby(recipe, sort=False):
-        children = children.sort_values(axis)
+        by_value = children.groupby(axis)[list(REPEAT_SCORES)].mean()  # sorted by the value
         row = dict(zip(recipe, values, strict=True))
-        row[f"{axis}s"] = " ".join(str(value) for value in children[axis])
+        row[f"{axis}s"] = " ".join(str(value) for value in by_value.index)
+        for name in pooled:
+            row[f"{name}s"] = " ".join(str(value) for value in sorted(set(children[name])))
         for score in REPEAT_SCORES:
             (row[score], row[f"{score}_std"], row[f"{score}_ci_low"],
-             row[f"{score}_ci_high"]) = mean_interval(children[score].astype(float).tolist())
+             row[f"{score}_ci_high"]) = mean_interval(by_value[score].astype(float).tolist())
         rows.append(row)
     return pd.DataFrame(rows)

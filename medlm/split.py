@@ -200,5 +200,7 @@ def split_rows(frame: pd.DataFrame, validation_fraction: float, seed: int, folds
     """A run's split: fold ``fold`` of ``folds`` (``split_fold``) where it has folds, else
     ``split_by_disease``."""
     if folds:
-        return split_fold(frame, folds, fold or 0, seed, source)
+        if fold is None:
+            raise ValueError(f"a run of --folds {folds} holds out one fold: expected its fold")
+        return split_fold(frame, folds, fold, seed, source)
     return split_by_disease(frame, validation_fraction, seed, source)

@@ -250,28 +250,57 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                                      "lower --lr or fp32")
         if not main_process:
             return
-        table = _sweep_table(children, first.select_by)
-        axes = sweep_axes(first)
-        by_seed = over(table, axes, "seed")
-        by_fold = _ranked(over(table, axes, "fold"), first.select_by) if first.folds else None
-        log_sweep_summary(table, table.iloc[0], axes, by_seed, by_fold)
+        tables = _summary(children, first)
     shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
-    _print_table(table, parent_id, by_seed, by_fold)
+    _print_table(*tables, parent_id)
 
 
-def _ranked(by_fold: pd.DataFrame | None, select_by: str) -> pd.DataFrame | None:
-    """The recipes ranked by their mean over the folds of ``select_by``."""
+def _summary(children: list[dict], first: TrainConfig) -> tuple[pd.DataFrame, ...]:
+    """The sweep's tables (its children ranked; each recipe over its seeds, and over its
+    folds, or None), logged on the parent run. A cross-validation ranks recipes by their
+    mean over the folds, never one fold's child against another's."""
+    table = _sweep_table(children, first.select_by)
+    axes = sweep_axes(first)
+    if not first.folds:
+        by_seed = over(table, axes, "seed")
+        log_sweep_summary(table, axes, by_seed, best=table.iloc[0])
+        return table, by_seed, None
+    by_fold = _ranked(over(table, axes, "fold", pooled=("seed",)), first)
+    table = _by_recipe(table, axes, by_fold)
+    log_sweep_summary(table, axes, by_fold=by_fold)
+    return table, None, by_fold
+
+
+def _ranked(by_fold: pd.DataFrame | None, first: TrainConfig) -> pd.DataFrame | None:
+    """The recipes ranked by their mean over the folds of ``select_by``; ``complete``: every
+    fold finished (a recipe that diverged on some folds is ranked after those, on fewer)."""
     if by_fold is None:
         return None
-    return by_fold.sort_values(select_by, ascending=select_by == "validation_loss",
+    by_fold.insert(0, "complete", by_fold["folds"].str.split().str.len() == first.folds)
+    return by_fold.sort_values(["complete", first.select_by],
+                               ascending=[False, first.select_by == "validation_loss"],
                                kind="stable").reset_index(drop=True)
 
 
-def _print_table(table: pd.DataFrame, parent_id: str, by_seed: pd.DataFrame | None,
-                 by_fold: pd.DataFrame | None) -> None:
-    """The sweep's table, best child first; each recipe over its training seeds, or its folds,
-    where it had several; and where the best child is."""
-    best = table.iloc[0]
+def _by_recipe(table: pd.DataFrame, axes: tuple[str, ...],
+               by_fold: pd.DataFrame | None) -> pd.DataFrame:
+    """A cross-validation's children in recipe order (its rank over the folds), then fold."""
+    recipe = [name for name in axes if name not in ("fold", "seed")]
+    ranks = ({tuple(row): str(rank) for rank, row in
+              enumerate(by_fold[recipe].itertuples(index=False, name=None), start=1)}
+             if by_fold is not None else {})
+    table["rank"] = [ranks.get(tuple(row), "-")
+                     for row in table[recipe].itertuples(index=False, name=None)]
+    order = table["rank"].map(lambda rank: int(rank) if rank != "-" else len(table) + 1)
+    return (table.assign(order=order).sort_values(["order", *[n for n in axes if n != "fold"],
+                                                   "fold"], kind="stable")
+            .drop(columns="order").reset_index(drop=True))
+
+
+def _print_table(table: pd.DataFrame, by_seed: pd.DataFrame | None,
+                 by_fold: pd.DataFrame | None, parent_id: str) -> None:
+    """The sweep's table, best child (or, cross-validated, best recipe) first; each recipe over
+    its training seeds, or its folds, where it had several; and where the best is."""
     with pd.option_context("display.width", 160, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         for title, repeats in (("training seeds", by_seed), ("folds, best first", by_fold)):
@@ -279,15 +308,19 @@ def _print_table(table: pd.DataFrame, parent_id: str, by_seed: pd.DataFrame | No
                 print(f"\nover {title} (mean, standard deviation and {CONFIDENCE:.0%} "
                       "t-interval):")
                 print(repeats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if by_fold is not None:
+    if "fold" not in table:
+        best = table.iloc[0]
+        log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
+                 best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
+                 parent_id)
+    elif by_fold is not None and by_fold.iloc[0]["complete"]:
+        top = by_fold.iloc[0]
         log.info("cross-validated: symptom F1 %s, validation loss %s over %s folds; parent run "
-                 "%s", _mean_text(by_fold.iloc[0], "symptom_f1"),
-                 _mean_text(by_fold.iloc[0], "validation_loss"),
-                 len(by_fold.iloc[0]["folds"].split()), parent_id)
-        return
-    log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
-             best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
-             parent_id)
+                 "%s", _mean_text(top, "symptom_f1"), _mean_text(top, "validation_loss"),
+                 len(top["folds"].split()), parent_id)
+    else:
+        log.warning("no recipe finished every fold: no cross-validated figure; parent run %s",
+                    parent_id)
 
 
 def _mean_text(row: pd.Series, score: str) -> str:

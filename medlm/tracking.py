@@ -287,14 +287,14 @@ def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
             if name.startswith(prefix)}
 
 
-def log_sweep_summary(table: pd.DataFrame, best: pd.Series, axes: tuple[str, ...],
-                      by_seed: pd.DataFrame | None = None,
-                      by_fold: pd.DataFrame | None = None) -> None:
-    """On the active (parent) run: the sweep's table (``sweep.csv``), each recipe over its
-    training seeds (``sweep_seeds.csv``, where some had several); and either the best child's
-    scores and settings, or with ``by_fold`` (ranked) each recipe over its folds
-    (``sweep_folds.csv``, ``cv_scores.png``) and the best recipe's ``cv_<score>``,
-    ``_std``, ``_ci_low`` and ``_ci_high``."""
+def log_sweep_summary(table: pd.DataFrame, axes: tuple[str, ...],
+                      by_seed: pd.DataFrame | None = None, by_fold: pd.DataFrame | None = None,
+                      best: pd.Series | None = None) -> None:
+    """On the active (parent) run: the sweep's table (``sweep.csv``); each recipe over its
+    training seeds (``sweep_seeds.csv``, where some had several); the ``best`` child's scores
+    and settings; or, for a cross-validation (``by_fold``, ranked), each recipe over its folds
+    (``sweep_folds.csv``, ``cv_scores.png``) and the best recipe's ``cv_<score>``, ``_std``,
+    ``_ci_low`` and ``_ci_high`` where it finished every fold."""
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     if by_seed is not None:
         mlflow.log_text(by_seed.to_csv(index=False), "sweep_seeds.csv")
@@ -302,14 +302,20 @@ def log_sweep_summary(table: pd.DataFrame, best: pd.Series, axes: tuple[str, ...
         mlflow.log_text(by_fold.to_csv(index=False), "sweep_folds.csv")
         mlflow.log_figure(_cv_figure(by_fold, axes), "cv_scores.png")
         top = by_fold.iloc[0]
-        mlflow.log_metrics({f"cv_{name}": float(top[name]) for name in by_fold.columns
-                            if name.startswith(REPEAT_SCORES)})
-        mlflow.set_tags({f"best_{name}": str(top[name]) for name in axes if name in top})
-        return
-    mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
-                        **{f"best_{name}": float(best[name]) for name in SUMMARY_SCORES}})
-    mlflow.set_tags({"best_child_run_id": best["run_id"],
-                     **{f"best_{name}": str(best[name]) for name in axes}})
+        if top["complete"]:
+            mlflow.log_metrics({f"cv_{name}": float(top[name]) for name in by_fold.columns
+                                if name.startswith(REPEAT_SCORES)})
+            mlflow.set_tags({f"best_{name}": str(top[name]) for name in axes if name in top})
+    if best is not None:
+        mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),
+                            **{f"best_{name}": float(best[name]) for name in SUMMARY_SCORES}})
+        mlflow.set_tags({"best_child_run_id": best["run_id"],
+                         **{f"best_{name}": str(best[name]) for name in axes}})
+
+
+def _shown(value) -> str:
+    """A swept value as a label: 0.0005 as 0.0005, a seed with all its digits."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
@@ -321,7 +327,7 @@ def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
     from matplotlib.figure import Figure
 
     varied = [name for name in axes if name in by_fold and by_fold[name].nunique() > 1]
-    labels = [" ".join(f"{name}={row[name]:g}" for name in varied) or "recipe"
+    labels = [" ".join(f"{name}={_shown(row[name])}" for name in varied) or "recipe"
               for _, row in by_fold.iterrows()]
     figure = Figure(figsize=(4 + 1.2 * len(labels), 4), dpi=100, layout="constrained")
     for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"),

@@ -70,6 +70,8 @@ def test_bad_flags(flag, value, expected, mlflow_home, tiny_model_dir, dataset_c
 @pytest.mark.parametrize("flags, expected", [
     (["--fold", "2"], "--fold 2 is invalid: expected --folds K beside it"),
     (["--folds", "3", "--fold", "3"], "--fold 3 is invalid: expected 0 to 2 (--folds 3)"),
+    (["--folds", "3", "--validation-fraction", "0.3"],
+     "--validation-fraction with --folds 3 is invalid"),
 ])
 def test_a_fold_outside_the_folds(flags, expected, mlflow_home, tiny_model_dir, dataset_csv,
                                   capsys):

@@ -139,5 +139,32 @@ def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_see
     assert first["symptom_f1"] == pytest.approx(0.22)
     assert (first["symptom_f1_ci_low"], first["symptom_f1_ci_high"]) == pytest.approx((low, high))
     assert first["word_f1_ci_low"] == first["word_f1_ci_high"] == pytest.approx(0.3)
+    assert first["symptom_f1_std"] == pytest.approx(0.01)
     # one seed per recipe: nothing to aggregate
     assert over(pd.DataFrame([rows[0], rows[3]]), SWEEPABLE, "seed") is None
+
+
+def test_folds_rank_recipes_that_finished_every_fold_first_with_seeds_averaged_per_fold():
+    import pandas as pd
+
+    from medlm.config import SWEEPABLE, TrainConfig
+    from medlm.repeats import over
+    from medlm.sweep import _ranked
+
+    def child(lr, seed, fold, loss, status="FINISHED"):
+        return {"lr": lr, "batch_size": 8, "epochs": 3, "weight_decay": 0.0, "seed": seed,
+                "fold": fold, "validation_loss": loss, "symptom_f1": 0.3 - loss / 10,
+                "word_f1": 0.3, "status": status}
+
+    rows = [child(1e-4, seed, fold, 2.0 + fold / 10 + seed / 100)
+            for seed in (1, 2) for fold in range(3)]
+    rows += [child(1e-3, 1, 0, 1.0), child(1e-3, 1, 1, 0.9),  # lower, but on two folds
+             child(1e-3, 1, 2, float("nan"), "FAILED: loss diverged")]
+    ranked = _ranked(over(pd.DataFrame(rows), (*SWEEPABLE, "fold"), "fold", pooled=("seed",)),
+                     TrainConfig(folds=3))
+    assert ranked["lr"].tolist() == [1e-4, 1e-3] and ranked["complete"].tolist() == [True, False]
+    top = ranked.iloc[0]
+    assert top["folds"] == "0 1 2" and top["seeds"] == "1 2"
+    # each fold's two seeds averaged (2.015, 2.115, 2.215), then the mean and sd over the folds
+    assert top["validation_loss"] == pytest.approx(2.115)
+    assert top["validation_loss_std"] == pytest.approx(0.1)

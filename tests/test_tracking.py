@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from medlm import champion, registry
 from medlm.errors import MedLMError
@@ -48,7 +49,7 @@ def evidence_tables(validation_loss, symptom_f1, spread=0.0, noise_seed=0, disea
 
 def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
              select_by="validation_loss", spread=0.0, noise_seed=0, row_losses=True,
-             diseases=DISEASES, **params):
+             diseases=DISEASES, fold=False, **params):
     tokenizer, model = tiny_model
     tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
                             batch_size=8)
@@ -63,7 +64,8 @@ def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
             tracker.log_row_losses(rows, 1)
         version, tags = registry.register(tracker, model, tokenizer, result,
                                           {**FULL_DATA, **params}, select_by)
-        return version, champion.maybe_crown(tracker, version, tags, select_by, promote)
+        return version, champion.maybe_crown(tracker, version, tags, select_by, promote,
+                                             fold=fold)
 
 
 def champion_version():
@@ -147,6 +149,16 @@ def test_a_run_resumed_with_more_epochs_is_paired_on_each_versions_own_epoch(mlf
                                                  False))
     assert champion_version() == "2", messages
     assert "(-1.0000, 95% CI -1.0000..-1.0000" in messages[1]
+
+
+@pytest.mark.slow
+def test_a_cross_validation_folds_version_is_crowned_only_by_promote(mlflow_home, tiny_model):
+    _, message = register(tiny_model, 2.0, fold=True)
+    assert "is not made the champion: a cross-validation fold" in message
+    with pytest.raises(MlflowException):
+        champion_version()
+    register(tiny_model, 2.0, fold=True, promote=True)
+    assert champion_version() == "2"
 
 
 @pytest.mark.slow
