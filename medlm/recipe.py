@@ -53,6 +53,7 @@ from medlm.offline import (
 )
 from medlm.prompts import prompts_for, resolve_prompt_format, set_prompt_format
 from medlm.registry import register
+from medlm.repeats import REFERENCE_SCORES
 from medlm.report import EpochReport, TimeReport
 from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, tracking_uri
@@ -374,10 +375,20 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         log.info("time: %s%s", describe_time(split_seconds),
                  " (this process only: the run was resumed)" if resume_run_id else "")
     return {"run_id": run_id, **{name: getattr(config, name) for name in SWEEPABLE},
-            **({"fold": config.fold} if config.folds else {}),
+            **({"fold": config.fold, **_reference_scores(parts, report)} if config.folds else {}),
             "best_epoch": best.epoch, "validation_loss": best.validation_loss,
             **{name: best.scores.get(name, float("nan")) for name in SUMMARY_SCORES},
             "version": version}
+
+
+def _reference_scores(parts: _RunParts, report: EpochReport) -> dict[str, float]:
+    """A fold's ``REFERENCE_SCORES``: its baselines' and untuned base's held-out F1s."""
+    scores = {f"baseline_{name}_{score}": answers.as_metrics()[score]
+              for name, (_, answers) in parts.baselines.items()
+              for score in ("symptom_f1", "word_f1")}
+    scores.update({f"untuned_{score}": report.untuned.get(score, float("nan"))
+                   for score in ("symptom_f1", "word_f1")})
+    return {name: scores.get(name, float("nan")) for name in REFERENCE_SCORES}
 
 
 def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,

@@ -37,7 +37,7 @@ from medlm.recipe import (
     split_for,
     train_and_register,
 )
-from medlm.repeats import over
+from medlm.repeats import REFERENCE_SCORES, over
 from medlm.timing import Stopwatch
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
@@ -130,7 +130,8 @@ def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
         order.reverse()
     table = pd.DataFrame(children)
     # numbers, NaN where a resumed sweep's JSON wrote null or a row from before intervals has none
-    scores = ["validation_loss", *SUMMARY_SCORES]
+    scores = ["validation_loss", *SUMMARY_SCORES,
+              *(name for name in REFERENCE_SCORES if name in table)]
     table[scores] = table.reindex(columns=scores).astype(float)
     table = table.sort_values(order, ascending=[name == "validation_loss" for name in order])
     table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
@@ -315,9 +316,12 @@ def _print_table(table: pd.DataFrame, by_seed: pd.DataFrame | None,
                  parent_id)
     elif by_fold is not None and by_fold.iloc[0]["complete"]:
         top = by_fold.iloc[0]
-        log.info("cross-validated: symptom F1 %s, validation loss %s over %s folds; parent run "
-                 "%s", _mean_text(top, "symptom_f1"), _mean_text(top, "validation_loss"),
-                 len(top["folds"].split()), parent_id)
+        log.info("cross-validated over %d folds (mean ± sd [%s interval]): symptom F1 %s "
+                 "(no model: constant %.3f, lookup %.3f; untuned %.3f), word F1 %s, validation "
+                 "loss %s; parent run %s", len(top["folds"].split()), f"{CONFIDENCE:.0%}",
+                 _mean_text(top, "symptom_f1"), top.get("baseline_constant_symptom_f1"),
+                 top.get("baseline_lookup_symptom_f1"), top.get("untuned_symptom_f1"),
+                 _mean_text(top, "word_f1"), _mean_text(top, "validation_loss"), parent_id)
     else:
         log.warning("no recipe finished every fold: no cross-validated figure; parent run %s",
                     parent_id)

@@ -19,7 +19,7 @@ from mlflow.entities import RunStatus
 
 from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
-from medlm.repeats import REPEAT_SCORES
+from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger
 
@@ -304,7 +304,7 @@ def log_sweep_summary(table: pd.DataFrame, axes: tuple[str, ...],
         top = by_fold.iloc[0]
         if top["complete"]:
             mlflow.log_metrics({f"cv_{name}": float(top[name]) for name in by_fold.columns
-                                if name.startswith(REPEAT_SCORES)})
+                                if name.startswith((*REPEAT_SCORES, *REFERENCE_SCORES))})
             mlflow.set_tags({f"best_{name}": str(top[name]) for name in axes if name in top})
     if best is not None:
         mlflow.log_metrics({"best_validation_loss": float(best["validation_loss"]),

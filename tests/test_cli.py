@@ -429,7 +429,8 @@ def test_folds_cross_validate_as_children_of_a_parent_with_mean_and_interval(
     assert result.returncode == 0, result.stderr
     assert "over folds, best first (mean, standard deviation and 95% t-interval):" \
         in result.stdout
-    assert "cross-validated: symptom F1 " in result.stderr and " over 3 folds" in result.stderr
+    assert ("cross-validated over 3 folds (mean ± sd [95% interval]): symptom F1 "
+            in result.stderr and "(no model: constant 0." in result.stderr)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
@@ -448,6 +449,9 @@ def test_folds_cross_validate_as_children_of_a_parent_with_mean_and_interval(
     assert metrics["cv_validation_loss_std"] == pytest.approx(pd.Series(losses).std())
     for name in ("symptom_f1", "word_f1"):
         assert {f"cv_{name}", f"cv_{name}_std", f"cv_{name}_ci_low"} <= set(metrics)
+    for name in ("baseline_constant_symptom_f1", "baseline_lookup_word_f1", "untuned_word_f1"):
+        folds = [run.data.metrics[name] for run in children]  # each fold's own held-out diseases
+        assert metrics[f"cv_{name}"] == pytest.approx(sum(folds) / 3), name
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.csv", "sweep_folds.csv", "cv_scores.png"} <= artifacts
 
