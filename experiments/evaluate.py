@@ -98,7 +98,7 @@ def fold_of_run(params: dict[str, str] | None) -> tuple[int, int | None]:
     """(folds, fold) of a cross-validation run (``--folds``), or (0, None)."""
     folds = int((params or {}).get("folds") or 0)
     fold = (params or {}).get("fold")
-    if folds and fold in (None, "None"):
+    if folds and fold in (None, "None", ""):
         raise MedLMError(f"the run has --folds {folds} but no fold (a cross-validation's "
                          "parent?): expected one fold's run, a child of the parent")
     return folds, int(fold) if folds else None

@@ -117,8 +117,9 @@ class TrainConfig:
     folds: int = setting(
         0, "cross-validation: K runs, child runs of one parent, each holding out another K-th "
         "of the disease name groups (every disease held out once; --validation-fraction "
-        "unused); the parent logs each score's mean, standard deviation and interval over the "
-        "folds; 0 = one split by --validation-fraction", group="data", rule=FOLDS)
+        "is refused beside it); the parent logs each score's mean, standard deviation and "
+        "interval over the folds; 0 = one split by --validation-fraction", group="data",
+        rule=FOLDS)
     fold: int | None = setting(
         None, "with --folds K: train only this fold (0 to K-1), say one per machine",
         group="data", rule=COUNT, shown="each in turn")
@@ -262,9 +263,9 @@ class TrainConfig:
             raise MedLMError("--lora-alpha, --lora-dropout and --lora-modules need --lora-rank: "
                              "expected --lora-rank N (N >= 1) with them, or none of them")
         if self.promote and not self.register:
-            raise MedLMError("--promote with --no-register (register off) is invalid: expected "
-                             "--register with it (an unregistered run has no version to "
-                             "promote)")
+            raise MedLMError("--promote with --no-register (register off; off by default "
+                             "with --folds) is invalid: expected --register with it (an "
+                             "unregistered run has no version to promote)")
         if self.fold is not None and not self.fold < self.folds:
             raise MedLMError(f"--fold {self.fold} is invalid: expected "
                              + (f"0 to {self.folds - 1} (--folds {self.folds})" if self.folds

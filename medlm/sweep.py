@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -262,7 +263,7 @@ def _summary(children: list[dict], first: TrainConfig) -> tuple[pd.DataFrame, ..
     mean over the folds, never one fold's child against another's."""
     table = _sweep_table(children, first.select_by)
     axes = sweep_axes(first)
-    if not first.folds:
+    if not _cross_validated(table):  # (--folds K --fold I with a grid: one fold, plain ranks)
         by_seed = over(table, axes, "seed")
         log_sweep_summary(table, axes, by_seed, best=table.iloc[0])
         return table, by_seed, None
@@ -270,6 +271,11 @@ def _summary(children: list[dict], first: TrainConfig) -> tuple[pd.DataFrame, ..
     table = _by_recipe(table, axes, by_fold)
     log_sweep_summary(table, axes, by_fold=by_fold)
     return table, None, by_fold
+
+
+def _cross_validated(table: pd.DataFrame) -> bool:
+    """Do the children hold out several folds of a cross-validation?"""
+    return "fold" in table and table["fold"].nunique() > 1
 
 
 def _ranked(by_fold: pd.DataFrame | None, first: TrainConfig) -> pd.DataFrame | None:
@@ -290,8 +296,9 @@ def _by_recipe(table: pd.DataFrame, axes: tuple[str, ...],
     ranks = ({tuple(row): str(rank) for rank, row in
               enumerate(by_fold[recipe].itertuples(index=False, name=None), start=1)}
              if by_fold is not None else {})
-    table["rank"] = [ranks.get(tuple(row), "-")
-                     for row in table[recipe].itertuples(index=False, name=None)]
+    table["rank"] = [ranks.get(tuple(row), "-") if status == "FINISHED" else "-"
+                     for row, status in zip(table[recipe].itertuples(index=False, name=None),
+                                            table["status"], strict=True)]
     order = table["rank"].map(lambda rank: int(rank) if rank != "-" else len(table) + 1)
     return (table.assign(order=order).sort_values(["order", *[n for n in axes if n != "fold"],
                                                    "fold"], kind="stable")
@@ -309,7 +316,7 @@ def _print_table(table: pd.DataFrame, by_seed: pd.DataFrame | None,
                 print(f"\nover {title} (mean, standard deviation and {CONFIDENCE:.0%} "
                       "t-interval):")
                 print(repeats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if "fold" not in table:
+    if not _cross_validated(table):
         best = table.iloc[0]
         log.info("best child: run %s (validation loss %.4f, symptom F1 %s); parent run %s",
                  best["run_id"], best["validation_loss"], interval_text(best, "symptom_f1", 4),
@@ -319,8 +326,9 @@ def _print_table(table: pd.DataFrame, by_seed: pd.DataFrame | None,
         log.info("cross-validated over %d folds (mean ± sd [%s interval]): symptom F1 %s "
                  "(no model: constant %.3f, lookup %.3f; untuned %.3f), word F1 %s, validation "
                  "loss %s; parent run %s", len(top["folds"].split()), f"{CONFIDENCE:.0%}",
-                 _mean_text(top, "symptom_f1"), top.get("baseline_constant_symptom_f1"),
-                 top.get("baseline_lookup_symptom_f1"), top.get("untuned_symptom_f1"),
+                 _mean_text(top, "symptom_f1"), *(top.get(name, math.nan) for name in (
+                     "baseline_constant_symptom_f1", "baseline_lookup_symptom_f1",
+                     "untuned_symptom_f1")),
                  _mean_text(top, "word_f1"), _mean_text(top, "validation_loss"), parent_id)
     else:
         log.warning("no recipe finished every fold: no cross-validated figure; parent run %s",

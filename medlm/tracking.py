@@ -362,8 +362,9 @@ def _end_run_if_possible(status: int) -> None:
 
 
 def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
-    """A run's status, and for a finished run its best epoch, scores and registered version:
-    what a sweep's table needs of a child that ended while the sweep was down."""
+    """A run's status, and for a finished run its best epoch, scores (a fold's reference
+    scores too) and registered version: what a sweep's table needs of a child that ended while
+    the sweep was down."""
     client = MlflowClient()
     run = client.get_run(run_id)
     if run.info.status != "FINISHED":
@@ -375,6 +376,8 @@ def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
         "best_epoch": int(metrics["best_epoch"]),
         "validation_loss": metrics["best_validation_loss"],
         **{name: metrics.get(f"best_{name}", float("nan")) for name in SUMMARY_SCORES},
+        **({name: metrics.get(name, float("nan")) for name in REFERENCE_SCORES}
+           if run.data.params.get("folds", "0") not in ("0", "") else {}),
         "version": str(versions[0]) if versions else None}
 
 

@@ -168,3 +168,31 @@ def test_folds_rank_recipes_that_finished_every_fold_first_with_seeds_averaged_p
     # each fold's two seeds averaged (2.015, 2.115, 2.215), then the mean and sd over the folds
     assert top["validation_loss"] == pytest.approx(2.115)
     assert top["validation_loss_std"] == pytest.approx(0.1)
+
+
+def test_a_cross_validations_table_ranks_recipes_and_says_its_figure_without_references(caplog):
+    import logging
+
+    import pandas as pd
+
+    from medlm.config import SWEEPABLE, TrainConfig
+    from medlm.repeats import over
+    from medlm.sweep import _by_recipe, _cross_validated, _print_table, _ranked
+
+    caplog.set_level(logging.INFO, logger="medlm")
+    axes = (*SWEEPABLE, "fold")
+    rows = [{"run_id": f"r{lr}{fold}", "lr": lr, "batch_size": 8, "epochs": 3,
+             "weight_decay": 0.0, "seed": 42, "fold": fold, "validation_loss": 2 + lr * 100,
+             "symptom_f1": 0.2, "word_f1": 0.3, "status": "FINISHED"}
+            for lr in (1e-2, 1e-3) for fold in (0, 1)]
+    rows[0] = {**rows[0], "validation_loss": float("nan"), "status": "FAILED: loss diverged"}
+    table = pd.DataFrame(rows)
+    assert _cross_validated(table) and not _cross_validated(table[table["fold"] == 0])
+    by_fold = _ranked(over(table, axes, "fold", pooled=("seed",)), TrainConfig(folds=2))
+    ranked = _by_recipe(table, axes, by_fold)
+    # the recipe that finished both folds first; the diverged child unranked, last
+    assert ranked["lr"].tolist() == [1e-3, 1e-3, 1e-2, 1e-2]
+    assert ranked["rank"].tolist() == ["1", "1", "2", "-"]
+    _print_table(ranked, None, by_fold, "parent")  # rows from before reference scores
+    (line,) = [r.message for r in caplog.records if r.message.startswith("cross-validated")]
+    assert "over 2 folds" in line and "constant nan" in line
