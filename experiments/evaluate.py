@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
                             "run trained on (another file, or the file changed)")
+    folds, fold = fold_of_run(params)
     if args.split == "validation":
-        folds, fold = fold_of_run(params)
         split = split_rows(frame, settings["validation_fraction"], settings["split_seed"],
                            folds, fold, settings["dataset"])
         frame, baselines = split.validation, baseline_scores(split.train, split.validation)
@@ -238,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                              **{f"{columns[name]} {CONFIDENCE:.0%} CI": span(scores, name)
                                 for name in ("symptom_f1", "word_f1")}}
                             for label, scores in rows.items()])
-    folds, fold = fold_of_run(params)
     held_out = (f"fold {fold} of {folds}" if folds and args.split == "validation" else
                 f"validation fraction {settings['validation_fraction']}")
     where = (f"{settings['dataset']}, split seed {settings['split_seed']}, {held_out}, "

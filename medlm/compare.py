@@ -19,6 +19,7 @@ from medlm.inference import source_run
 from medlm.intervals import CONFIDENCE, RESAMPLES, SEED, STATISTICS, group_sums
 from medlm.metrics import METRIC_VERSION
 from medlm.registry import KEY_PARAMS_BY_SELECTION, evaluation_key
+from medlm.tracking import logged_table
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PERMUTATIONS = 9999  # two-sided: the smallest p-value is 2 / (PERMUTATIONS + 1) = 0.0002
@@ -58,13 +59,11 @@ def find_run(asked: str, registered_model: str) -> Run:
 def kept_answers(run: Run, asked: str, epoch: int | None = None) -> pd.DataFrame:
     """The answers the run scored at its kept epoch (or at ``epoch``: a registered version's
     own, where a resumed run kept a later one), one row per held-out disease."""
-    logged = {item.path for item in MlflowClient().list_artifacts(run.info.run_id)}
     best = run.data.metrics.get("best_epoch") if epoch is None else epoch
-    if "symptom_scores.json" not in logged or best is None:
+    frame = None if best is None else logged_table(run.info.run_id, "symptom_scores.json")
+    if frame is None:
         raise MedLMError(f"{asked!r} (run {run.info.run_id}) has no scored answers: expected "
                          "a finished run trained with --symptom-eval (the default)")
-    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/symptom_scores.json")
-    frame = pd.DataFrame(table["data"], columns=table["columns"])
     kept = frame[frame["epoch"] == int(best)]
     if kept.empty:
         raise MedLMError(f"{asked!r} (run {run.info.run_id}): no answers logged at its kept "

@@ -339,6 +339,12 @@ SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig)
                   if declared.metadata["sweep"])
 
 
+def sweep_value(value: Any) -> str:
+    """A swept value as a child's name and a plot's label show it: 0.0005 as 0.0005, a seed
+    as all its digits (numpy's numbers, from a table, alike)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

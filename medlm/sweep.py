@@ -20,7 +20,7 @@ import pandas as pd
 from medlm import distributed
 from medlm._paths import sweep_state_file
 from medlm.checkpoint import has_checkpoint, write_durably
-from medlm.config import SWEEPABLE, TrainConfig
+from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
 from medlm.intervals import CONFIDENCE
@@ -73,11 +73,6 @@ def sweep_axes(config: TrainConfig) -> tuple[str, ...]:
     """What tells a sweep's children apart: the sweepable settings, and ``fold`` with
     ``--folds``."""
     return (*SWEEPABLE, "fold") if config.folds else SWEEPABLE
-
-
-def sweep_value(value: float | int) -> str:
-    """A swept value in a child's name: 0.0005 as 0.0005, a seed as all its digits."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def diverged_row(run_id: str, row: dict) -> dict:

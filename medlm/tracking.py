@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
+from medlm.config import sweep_value
 from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
 from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
@@ -171,14 +172,9 @@ class MlflowTracker(Logger):
         """Append rows to a table artifact; while replaying an epoch, only if that epoch's rows
         are not there yet."""
         if self._replay and "epoch" in frame and (frame["epoch"] == self._replay[0]).any():
-            # the file itself: mlflow.load_table finds runs by a tag that a kill may have cut
-            # off after the file was written, and searches only the active experiment
-            present = {item.path for item in MlflowClient().list_artifacts(self.run_id)}
-            logged = pd.DataFrame()
-            if artifact_file in present:
-                table = mlflow.artifacts.load_dict(f"runs:/{self.run_id}/{artifact_file}")
-                logged = pd.DataFrame(table["data"], columns=table["columns"])
-            if "epoch" in logged and (logged["epoch"] == self._replay[0]).any():
+            logged = logged_table(self.run_id, artifact_file)
+            if logged is not None and "epoch" in logged and (
+                    logged["epoch"] == self._replay[0]).any():
                 return
         mlflow.log_table(frame, artifact_file=artifact_file)
 
@@ -263,20 +259,29 @@ class MlflowTracker(Logger):
         at its ``epoch``: added to those of other epochs (a run resumed with more epochs keeps
         a version per kept epoch), replacing this epoch's rows if it had them."""
         table = table.assign(epoch=epoch)
-        logged = logged_row_losses(self.run_id)
+        logged = logged_table(self.run_id, VALIDATION_LOSSES)
         if logged is not None:
             table = pd.concat([logged[logged["epoch"] != epoch], table])
         mlflow.log_dict(table.to_dict(orient="split", index=False), VALIDATION_LOSSES)
 
 
-def logged_row_losses(run_id: str, epoch: int | None = None) -> pd.DataFrame | None:
-    """A run's ``VALIDATION_LOSSES`` (at ``epoch``, if given); None where it has none."""
-    if VALIDATION_LOSSES not in {item.path for item in MlflowClient().list_artifacts(run_id)}:
+def logged_table(run_id: str, artifact_file: str) -> pd.DataFrame | None:
+    """A table artifact of the run (``mlflow.log_table``'s or ``log_dict``'s split form), read
+    from the file itself, or None where the run has none. (``mlflow.load_table`` finds runs by
+    a tag that a kill may have cut off after the file was written, and searches only the
+    active experiment.)"""
+    if artifact_file not in {item.path for item in MlflowClient().list_artifacts(run_id)}:
         return None
-    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{VALIDATION_LOSSES}")
-    frame = pd.DataFrame(table["data"], columns=table["columns"])
-    if epoch is not None:
-        frame = frame[frame["epoch"] == epoch].reset_index(drop=True)
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def logged_row_losses(run_id: str, epoch: int) -> pd.DataFrame | None:
+    """A run's ``VALIDATION_LOSSES`` at ``epoch``; None where it has none."""
+    frame = logged_table(run_id, VALIDATION_LOSSES)
+    if frame is None:
+        return None
+    frame = frame[frame["epoch"] == epoch].reset_index(drop=True)
     return frame if not frame.empty else None
 
 
@@ -313,11 +318,6 @@ def log_sweep_summary(table: pd.DataFrame, axes: tuple[str, ...],
                          **{f"best_{name}": str(best[name]) for name in axes}})
 
 
-def _shown(value) -> str:
-    """A swept value as a label: 0.0005 as 0.0005, a seed with all its digits."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
     """Each recipe's mean over the folds with its interval as error bars: symptom F1 and
     validation loss side by side."""
@@ -327,7 +327,7 @@ def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
     from matplotlib.figure import Figure
 
     varied = [name for name in axes if name in by_fold and by_fold[name].nunique() > 1]
-    labels = [" ".join(f"{name}={_shown(row[name])}" for name in varied) or "recipe"
+    labels = [" ".join(f"{name}={sweep_value(row[name])}" for name in varied) or "recipe"
               for _, row in by_fold.iterrows()]
     figure = Figure(figsize=(4 + 1.2 * len(labels), 4), dpi=100, layout="constrained")
     for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"),

@@ -103,14 +103,22 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum of next-token cross-entropy over real tokens (labels of -100 are skipped), with
     ``label_smoothing`` of the target's probability spread over the vocabulary."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = _next_token(model, batch)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
+        logits.flatten(0, 1),
+        labels.flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
         label_smoothing=label_smoothing,
     )
+
+
+def _next_token(model: torch.nn.Module,
+                batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of each position but the last (in fp32) and the label each predicts: the
+    next token's."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1].float(), batch["labels"][:, 1:]
 
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -181,12 +189,9 @@ def row_losses(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     rows = np.zeros((len(loader.dataset), 2))
     with precision.autocast(), casts_cached(model, device):
         for indices, batch in zip(loader.batch_sampler, loader, strict=True):
-            batch = _to(batch, device)
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                     ignore_index=IGNORE_INDEX, reduction="none")
+            logits, labels = _next_token(model, _to(batch, device))
+            losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                     reduction="none")
             rows[indices, 0] = losses.sum(dim=1).cpu().numpy()
             rows[indices, 1] = (labels != IGNORE_INDEX).sum(dim=1).cpu().numpy()
     model.train(was_training)
