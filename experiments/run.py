@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None
         log.info("compare runs: %s    generate: python -m experiments.generate "
-                 "\"Kidney Failure\"", compare_runs_hint())
+                 "\"Kidney Failure\"", compare_runs_hint(configs[0].experiment))
         return 0
     finally:
         distributed.stop()

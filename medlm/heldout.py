@@ -62,6 +62,16 @@ def interval_text(metrics: dict[str, float], name: str, digits: int = 3) -> str:
     return text
 
 
+def scores_text(scores: dict[str, float]) -> str:
+    """"validation_loss 2.4939, symptom_f1 0.2569 [0.2112-0.3031], ... ([low-high]: 95%
+    intervals over the held-out name groups)"."""
+    shown = [name for name in scores if not name.endswith(("_ci_low", "_ci_high"))]
+    text = ", ".join(f"{name} {interval_text(scores, name, digits=4)}" for name in shown)
+    if len(shown) < len(scores):
+        text += f" ([low-high]: {intervals.CONFIDENCE:.0%} intervals over the held-out name groups)"
+    return text
+
+
 def _group_of(frame: pd.DataFrame) -> dict[str, int]:
     return {name: number for number, group in enumerate(group_diseases(frame)) for name in group}
 

@@ -1,6 +1,6 @@
 """What ``python -m experiments.run`` calls: ``run`` (one configuration, or a sweep of them)
-and ``resume`` (an interrupted run or sweep), each checking what it can before any MLflow run
-starts."""
+and ``resume`` (an interrupted run or sweep), and what ``python -m experiments.search`` calls:
+``search``; each checks what it can before any MLflow run starts."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from medlm.recipe import (
     resume_config,
     train_and_register,
 )
+from medlm.search import SearchOptions, run_search
 from medlm.sweep import resume_sweep, run_sweep
 
 log = logging.getLogger("medlm")
@@ -52,6 +53,18 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
             else:
                 run_sweep(configs, grid, prepared, started=run_ids.append)
     except HubUnavailable as error:  # not the "start offline instead" of a failed setup
+        raise MedLMError(str(error)) from None
+
+
+def search(config: TrainConfig, space: dict, options: SearchOptions,
+           started: float | None = None) -> None:
+    """A hyperparameter search (``medlm.search``) of ``config`` over ``space``: the data and
+    model checked and loaded before the study is joined or a run started."""
+    check_output_paths(config)
+    prepared = prepare(config, started)
+    try:
+        run_search(config, space, options, prepared)
+    except HubUnavailable as error:
         raise MedLMError(str(error)) from None
 
 

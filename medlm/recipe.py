@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from medlm.offline import (
 from medlm.prompts import prompts_for, resolve_prompt_format, set_prompt_format
 from medlm.registry import register
 from medlm.repeats import REFERENCE_SCORES
-from medlm.report import EpochReport, TimeReport
+from medlm.report import EpochReport, TimeReport, run_description
 from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, tracking_uri
 from medlm.timing import Stopwatch
@@ -63,6 +63,7 @@ from medlm.tracking import MlflowTracker, library_versions, logged_metrics
 from medlm.train import (
     EpochResult,
     FitResult,
+    Logger,
     NonFiniteLossError,
     fit,
     noisy_embeddings,
@@ -327,10 +328,14 @@ def _row_losses(config: TrainConfig, prepared: Prepared, parts: _RunParts, model
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
                        resume_run_id: str | None = None,
-                       started: Callable[[str], None] | None = None) -> dict:
+                       started: Callable[[str], None] | None = None,
+                       parent_run_id: str | None = None,
+                       loggers: Sequence[Logger] = ()) -> dict:
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
-    run id as soon as there is one (a sweep records which child is in progress)."""
+    run id as soon as there is one (a sweep records which child is in progress);
+    ``parent_run_id``: the run is its child (a search's trial); ``loggers`` are told each
+    epoch after the run's own (a search's pruner, which may stop the run: ``RunStopped``)."""
     stopwatch, main_process = prepared.stopwatch, distributed.is_main()
     recipe = config.to_recipe()  # as asked: "auto" settings stay auto in the recipe
     config = replace(resolve_lora_rank(config), prompt_format=resolve_prompt_format(
@@ -344,8 +349,9 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
                             system_metrics=config.system_metrics)
     params = _run_params(config, prepared, parts)
     # Only the main process talks to MLflow and writes files; the others learn the run id.
-    run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id) if main_process
-           else contextlib.nullcontext(resume_run_id))
+    run = (tracker.run(params, nested=nested, resume_run_id=resume_run_id,
+                       parent_run_id=parent_run_id, description=run_description(config))
+           if main_process else contextlib.nullcontext(resume_run_id))
     with contextlib.ExitStack() as run_scope:
         with stopwatch.phase("logging"):
             run_id = distributed.broadcast_object(run_scope.enter_context(run))
@@ -355,8 +361,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = _epoch_report(config, prepared, parts, tracker)
-        result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
-                        nested)
+        result = _train(config, prepared, parts, tracker, [report, *loggers], checkpoint,
+                        resume_run_id, nested)
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
@@ -370,6 +376,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         split_seconds = _log_time_split(tracker, stopwatch) if main_process else {}
     if main_process:  # the run has ended FINISHED: nothing to resume any more
         shutil.rmtree(checkpoint, ignore_errors=True)
+        tracker.describe(run_description(config, best, len(result.epochs)))
         log.info("%s", verdict if version is None else
                  f"registered {config.registered_model} version {version}; {verdict}")
         log.info("time: %s%s", describe_time(split_seconds),
@@ -392,10 +399,12 @@ def _reference_scores(parts: _RunParts, report: EpochReport) -> dict[str, float]
 
 
 def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,
-           report: EpochReport, checkpoint: Path, resume_run_id: str | None,
+           reports: list[Logger], checkpoint: Path, resume_run_id: str | None,
            nested: bool) -> FitResult:
     """The run's set-up logging (a new run's datasets, baselines and untuned scores; a resumed
-    run's epochs read back), then ``fit``; a Ctrl-C says how to resume."""
+    run's epochs read back), then ``fit``; a Ctrl-C says how to resume. ``reports``: the
+    run's ``EpochReport``, then any other loggers."""
+    report = reports[0]
     stopwatch, main_process = prepared.stopwatch, distributed.is_main()
     timer = TimeReport(stopwatch, tracker)
     # every epoch is scored where the selection needs it (or it is asked for); else the kept
@@ -411,7 +420,8 @@ def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: M
             stopwatch.lap()  # a resumed run's epochs from here on
         with noisy_embeddings(parts.model, config.neftune_alpha):
             return fit(parts.model, parts.train_loader, parts.validation_loader, config,
-                       prepared.device, prepared.precision, loggers=[tracker, report, timer],
+                       prepared.device, prepared.precision,
+                       loggers=[tracker, report, timer, *reports[1:]],
                        checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
                        scorer=report.score if score_epochs else None, stopwatch=stopwatch)
     except KeyboardInterrupt:

@@ -12,8 +12,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from medlm.generate import GenerationSettings
-from medlm.heldout import interval_text
-from medlm.intervals import CONFIDENCE
+from medlm.heldout import scores_text
 from medlm.prompts import prompt_format_of, serving_template
 from medlm.tracking import MlflowTracker, param_value
 from medlm.train import EpochResult
@@ -131,16 +130,6 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
         + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
            if licence is not None else "")))
     return version, tags
-
-
-def scores_text(scores: dict[str, float]) -> str:
-    """"validation_loss 2.4939, symptom_f1 0.2569 [0.2112-0.3031], ... ([low-high]: 95%
-    intervals over the held-out name groups)"."""
-    shown = [name for name in scores if not name.endswith(("_ci_low", "_ci_high"))]
-    text = ", ".join(f"{name} {interval_text(scores, name, digits=4)}" for name in shown)
-    if len(shown) < len(scores):
-        text += f" ([low-high]: {CONFIDENCE:.0%} intervals over the held-out name groups)"
-    return text
 
 
 def _version_of_this_run(tracker: MlflowTracker, best_epoch: int) -> str | None:

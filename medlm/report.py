@@ -9,7 +9,7 @@ import logging
 
 from medlm import untuned
 from medlm.generate import generate
-from medlm.heldout import interval_text, score_answers
+from medlm.heldout import interval_text, score_answers, scores_text
 from medlm.lora import merged_copy
 from medlm.metrics import references_by_disease
 from medlm.scoring import evaluate_symptoms
@@ -17,6 +17,19 @@ from medlm.timing import Stopwatch
 from medlm.train import Logger
 
 log = logging.getLogger("medlm")
+
+
+def run_description(config, best=None, epochs: int | None = None) -> str:
+    """A run's description in the UI: base, recipe and what it trains; once it has ended,
+    its kept epoch and that epoch's scores with their intervals."""
+    trains = ("full fine-tuning" if not config.lora_rank else f"LoRA rank {config.lora_rank}")
+    text = (f"{config.model}, recipe {config.recipe} ({trains}, lr {config.lr:g}, "
+            f"{config.epochs} epochs)"
+            + (f", fold {config.fold} of {config.folds}" if config.folds else ""))
+    if best is None:
+        return text + ": training"
+    return (f"{text}: best epoch {best.epoch} of {epochs} by {config.select_by}: "
+            + scores_text({"validation_loss": best.validation_loss, **best.scores}))
 
 
 class EpochReport(Logger):

@@ -105,7 +105,17 @@ def artifact_directory(experiment: str) -> str | None:
     return (parsed.path or location) if parsed.scheme in ("", "file") else None
 
 
-def compare_runs_hint() -> str:
-    """Where to look at the runs: the team server's own UI, or ``mlflow ui`` for a local store."""
+MLFLOW_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
+
+
+def compare_runs_hint(experiment: str) -> str:
+    """Where to look at the runs of ``experiment``: its page in the team server's UI, or in
+    ``mlflow ui``'s for a local store, opened on the model-training view (MLflow 3 opens an
+    experiment on its GenAI traces otherwise)."""
     uri = mlflow.get_tracking_uri()
-    return uri if _is_server(uri) else "mlflow ui"
+    found = MlflowClient().get_experiment_by_name(experiment)
+    page = (f"/#/experiments/{found.experiment_id}?workflowType=machine_learning"
+            if found is not None else "")
+    if _is_server(uri):
+        return uri.rstrip("/") + page
+    return f"mlflow ui, then {MLFLOW_UI}{page}"

@@ -22,7 +22,7 @@ from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
 from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
 from medlm.timing import LABELS, non_training_fraction
-from medlm.train import EpochResult, Logger
+from medlm.train import EpochResult, Logger, RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_d
            "train_samples_per_sec", "train_tokens_per_sec", "learning_rate")
 # the kept model's loss on each validation row: what the champion rule pairs
 VALIDATION_LOSSES = "validation_losses.json"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as a run's description
 RESULTS_COLUMNS = ("epoch", "transformer", "batch_size", "gpu", "training_loss",
                    "validation_loss", "epoch_duration_sec")
 
@@ -67,24 +68,25 @@ class MlflowTracker(Logger):
 
     @contextlib.contextmanager
     def run(self, params: dict[str, Any], nested: bool = False,
-            resume_run_id: str | None = None) -> Iterator[str]:
-        """Start the run (a child of the active run when ``nested``; the run ``resume_run_id``
-        again when resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM) or
-        FAILED."""
+            resume_run_id: str | None = None, parent_run_id: str | None = None,
+            description: str | None = None) -> Iterator[str]:
+        """Start the run (a child of the active run when ``nested``, or of ``parent_run_id``,
+        which another process may hold: a search's trials; the run ``resume_run_id`` again when
+        resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM, a search's
+        pruning) or FAILED."""
         if resume_run_id:  # the run's own experiment (a new process has another active one)
             experiment_id = MlflowClient().get_run(resume_run_id).info.experiment_id
-        elif nested:  # a child lives in its parent's experiment
+        elif parent_run_id:  # a child lives in its parent's experiment
+            experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+        elif nested:
             experiment_id = mlflow.active_run().info.experiment_id
         else:
-            experiment = mlflow.set_experiment(self.experiment)
-            experiment_id = experiment.experiment_id
-            if "mlflow.experimentKind" not in experiment.tags:  # a kind someone chose stays
-                # MLflow 3's UI shows its model-training views for this kind of experiment
-                MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind",
-                                                  "custom_model_development")
+            experiment_id = training_experiment(self.experiment)
         with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
                               run_name=None if resume_run_id else self.run_name,
-                              nested=nested, log_system_metrics=self.system_metrics) as active:
+                              nested=nested, parent_run_id=parent_run_id,
+                              description=None if resume_run_id else description,
+                              log_system_metrics=self.system_metrics) as active:
             self.run_id = active.info.run_id
             try:
                 if not resume_run_id:
@@ -94,12 +96,16 @@ class MlflowTracker(Logger):
                     self.last_logged_step = _last_step(self.run_id, STEP_METRICS[0])
                 yield self.run_id
                 mlflow.flush_async_logging()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, RunStopped):
                 _end_run_if_possible(RunStatus.KILLED)  # queued step points go first
                 raise
             except BaseException:
                 _end_run_if_possible(RunStatus.FAILED)
                 raise
+
+    def describe(self, text: str) -> None:
+        """The run's description, as the UI shows it above the run's page (ended or not)."""
+        MlflowClient().set_tag(self.run_id, DESCRIPTION_TAG, text)
 
     @property
     def tracking_uri(self) -> str:
@@ -343,6 +349,16 @@ def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
 
 STEP_METRICS = ("step/training_loss", "step/learning_rate", "step/grad_norm",
                 "step/tokens_per_sec")
+
+
+def training_experiment(name: str) -> str:
+    """The id of the experiment ``name`` (created if new), marked as a model-training
+    experiment: MLflow 3's UI opens its training views for it, not the GenAI ones."""
+    experiment = mlflow.set_experiment(name)
+    if "mlflow.experimentKind" not in experiment.tags:  # a kind someone chose stays
+        MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind",
+                                          "custom_model_development")
+    return experiment.experiment_id
 
 
 def _last_step(run_id: str, metric: str) -> int:

@@ -99,6 +99,11 @@ class NonFiniteLossError(MedLMError):
     pass
 
 
+class RunStopped(Exception):
+    """Raised by a logger to end the run early on purpose (a search pruning a trial that is
+    clearly worse): the run is marked KILLED and the caller decides what follows."""
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum of next-token cross-entropy over real tokens (labels of -100 are skipped), with

@@ -1,0 +1,413 @@
+"""A hyperparameter search on Optuna: each trial a run of ``medlm.recipe`` under one parent
+run, pruned after an epoch that is clearly worse than the trials before it, in a study that
+any number of processes, on any number of machines, join by running the same command against
+the same storage. The parent's run id is kept in the study, so every process nests its trials
+under it; the best trial's settings and scores are kept on the parent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunStatus, RunTag
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from medlm.errors import MedLMError
+from medlm.heldout import SUMMARY_SCORES, interval_text
+from medlm.modeling import load_tokenizer_and_model
+from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
+from medlm.report import run_description
+from medlm.space import contains, describe
+from medlm.timing import Stopwatch
+from medlm.tracking import DESCRIPTION_TAG, end_abandoned_run, param_value, training_experiment
+from medlm.train import EpochResult, Logger, NonFiniteLossError, RunStopped
+
+log = logging.getLogger("medlm")
+
+LOCAL_STORAGE = "medlm-search.journal"  # the study beside the runs when no --storage is given
+PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute that names its parent run
+SETTINGS_ATTR = "medlm_settings"  # what every trial shares: a joining process must match it
+PARENT_WAIT_SEC = 300  # how long a joining process waits for the creator to start the parent
+# the settings of this machine, not of the search: a joining process may differ in them
+MACHINE = ("device", "precision", "progress", "system_metrics", "checkpoint_dir",
+           "collective_timeout_min")
+
+
+@dataclass
+class SearchOptions:
+    """How the search runs: its study and where it is stored, how many trials in all, and
+    how trials are drawn and pruned."""
+    study: str = "medlm-search"
+    storage: str | None = None  # None: LOCAL_STORAGE; a URL: a database (postgresql://...)
+    trials: int = 12
+    sampler: str = "tpe"  # tpe | random
+    pruner: str = "median"  # median | none
+    seed: int = 42
+    startup_trials: int = 4  # trials the pruner and TPE see before they act
+
+
+def redacted(url: str) -> str:
+    """A storage URL without its password, as logs and params show it."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    """The study's storage: a database URL (PostgreSQL for a team: trials' heartbeats let a
+    process that died mid-trial be noticed and its trial run again), or a local journal file,
+    which Optuna's file locks make safe for several processes on one machine (SQLite is not:
+    it locks the whole database for each write)."""
+    url = url or LOCAL_STORAGE
+    if "://" not in url:
+        Path(url).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(Path(url).expanduser())))
+    if url.startswith(("postgresql://", "postgres://")):  # psycopg 3: MedLM's PostgreSQL driver
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=60, grace_period=180,
+            failed_trial_callback=_rerun_stale_trial)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy's errors name the cause
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MedLMError(f"--storage {redacted(url)!r} cannot be opened ({reason}): expected a "
+                         "reachable database URL (postgresql://user:password@host:port/db) or "
+                         "a file path") from None
+
+
+def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose process stopped beating (killed, its machine gone): its MLflow run marked
+    KILLED, and its settings queued to run again."""
+    if trial.user_attrs.get("run_id"):
+        end_abandoned_run(trial.user_attrs["run_id"])
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
+
+
+def _sampler(options: SearchOptions, created: bool) -> optuna.samplers.BaseSampler:
+    """TPE (constant liar: a trial running elsewhere counts as a poor one, so processes do not
+    draw the same point) or random. The process that created the study draws from ``seed``;
+    one that joins it from its own seed, so the processes do not repeat each other's draws."""
+    seed = options.seed if created else hash((options.seed, socket.gethostname(), os.getpid()))
+    seed %= 2**32
+    if options.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                      n_startup_trials=options.startup_trials)
+
+
+def _pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
+    """After an epoch, a trial whose value is worse than the median of the trials before it at
+    the same epoch stops (once ``startup_trials`` trials have finished); ``none``: never."""
+    if options.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials,
+                                       n_warmup_steps=0)
+
+
+def search_settings(config, space: dict[str, BaseDistribution]) -> str:
+    """What every trial of a study shares (the settings not searched, not this machine's, and
+    the space), as the study keeps it."""
+    shared = {name: param_value(value) for name, value in config.to_params().items()
+              if name not in space and name not in MACHINE}
+    return json.dumps({"settings": shared, "space": describe(space)}, sort_keys=True)
+
+
+def join_study(options: SearchOptions, direction: str,
+               settings: str) -> tuple[optuna.Study, bool]:
+    """The study ``options.study``, created if it is new (then True) or joined; a joining
+    process whose settings or direction differ from the study's is refused."""
+    storage = open_storage(options.storage)
+    created = True
+    try:
+        study = optuna.create_study(storage=storage, study_name=options.study,
+                                    direction=direction, sampler=_sampler(options, True),
+                                    pruner=_pruner(options))
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+        study = optuna.load_study(study_name=options.study, storage=storage,
+                                  sampler=_sampler(options, False), pruner=_pruner(options))
+    if created:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+        return study, True
+    kept = study.user_attrs.get(SETTINGS_ATTR)
+    if study.direction.name.lower() != direction or (kept is not None and kept != settings):
+        theirs, ours = json.loads(kept or "{}"), json.loads(settings)
+        differ = sorted(name for name in {*theirs.get("settings", {}), *ours["settings"]}
+                        if theirs.get("settings", {}).get(name) != ours["settings"].get(name))
+        if theirs.get("space") != ours["space"]:
+            differ.append(f"the space ({theirs.get('space')})")
+        raise MedLMError(f"--study {options.study!r} exists with other settings "
+                         f"({', '.join(differ) or 'the direction'}): expected the same "
+                         "settings as the processes that began it, or a new --study name")
+    return study, False
+
+
+def _parent_params(config, space: dict[str, BaseDistribution], options: SearchOptions) -> dict:
+    params = {name: value for name, value in config.to_params().items() if name not in space}
+    return {**params, "search_space": describe(space), "search_study": options.study,
+            "search_storage": redacted(options.storage or LOCAL_STORAGE),
+            "search_sampler": options.sampler, "search_pruner": options.pruner,
+            "search_trials": options.trials}
+
+
+def _start_parent(study: optuna.Study, config, space, options: SearchOptions) -> str:
+    """The search's parent run, created by the process that created the study; its id kept
+    in the study."""
+    client = MlflowClient()
+    run = client.create_run(
+        training_experiment(config.experiment),
+        run_name=config.run_name or f"search {options.study}",
+        tags={DESCRIPTION_TAG: f"Optuna search {options.study!r}: {options.trials} trials of "
+                               f"{run_description(config).removesuffix(': training')}, "
+                               f"varying {describe(space)}",
+              "medlm.search_study": options.study})
+    client.log_batch(run.info.run_id, params=[Param(name, str(param_value(value))[:6000])
+                                              for name, value in
+                                              _parent_params(config, space, options).items()])
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def parent_run(study: optuna.Study, created: bool, config, space,
+               options: SearchOptions) -> str:
+    """The parent run's id: started here if this process created the study, else the one the
+    creator keeps in it (waited for, while the creator sets up); marked RUNNING again when a
+    process joins or resumes the search."""
+    if created:
+        return _start_parent(study, config, space, options)
+    deadline = time.monotonic() + PARENT_WAIT_SEC
+    while PARENT_ATTR not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise MedLMError(f"--study {options.study!r} has no parent run after "
+                             f"{PARENT_WAIT_SEC} s: expected the process that created it to "
+                             "start one (it may have failed: delete the study, or use a new "
+                             "--study name)")
+        time.sleep(2)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    parent_id = study.user_attrs[PARENT_ATTR]
+    MlflowClient().update_run(parent_id, status="RUNNING")
+    return parent_id
+
+
+class Pruning(Logger):
+    """The trial's value after each epoch, told to Optuna; a trial the pruner stops ends its
+    run (``RunStopped``: KILLED) after the epoch is logged."""
+
+    def __init__(self, trial: optuna.Trial, select_by: str):
+        self.trial, self.select_by = trial, select_by
+        self.pruned_after: int | None = None
+
+    def on_epoch_end(self, model, result: EpochResult) -> None:
+        value = result.validation_loss if self.select_by == "validation_loss" else (
+            result.scores.get(self.select_by, math.nan))
+        self.trial.report(value, result.epoch)
+        if self.trial.should_prune():
+            self.pruned_after = result.epoch
+            raise RunStopped(f"trial {self.trial.number} pruned after epoch {result.epoch}")
+
+
+def suggest(trial: optuna.Trial, name: str, drawn: BaseDistribution) -> Any:
+    if isinstance(drawn, CategoricalDistribution):
+        return trial.suggest_categorical(name, drawn.choices)
+    if isinstance(drawn, FloatDistribution):
+        return trial.suggest_float(name, drawn.low, drawn.high, log=drawn.log)
+    return trial.suggest_int(name, drawn.low, drawn.high, log=drawn.log)
+
+
+def _counted(study: optuna.Study) -> int:
+    """Trials that have used up the search's budget, or are using it: all but those queued
+    (they will run) and those an interruption failed (queued again)."""
+    return sum(1 for trial in study.get_trials(deepcopy=False)
+               if trial.state not in (TrialState.FAIL, TrialState.WAITING)
+               or "diverged" in trial.user_attrs)
+
+
+class _Trials:
+    """The objective: each trial a child run of the parent with the drawn settings."""
+
+    def __init__(self, config, space, prepared: Prepared, parent_id: str):
+        self.config, self.space, self.prepared, self.parent_id = config, space, prepared, parent_id
+        self.fresh_model = True  # prepared.model is the untouched base
+
+    def _model(self) -> None:
+        if not self.fresh_model:  # each trial from the base, its time from its own start
+            self.prepared.stopwatch = Stopwatch()
+            with self.prepared.stopwatch.phase("startup"):
+                self.prepared.model = load_tokenizer_and_model(self.config.model)[1]
+        self.fresh_model = False
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        drawn = {name: suggest(trial, name, value) for name, value in self.space.items()}
+        config = replace(self.config, **drawn, run_name=f"trial {trial.number}")
+        log.info("--- trial %d: %s", trial.number,
+                 " ".join(f"{name}={value:g}" if isinstance(value, float) else
+                          f"{name}={value}" for name, value in drawn.items()))
+        trial.set_user_attr("host", socket.gethostname())
+        self._model()
+        pruning = Pruning(trial, config.select_by)
+        try:
+            result = train_and_register(
+                config, self.prepared, parent_run_id=self.parent_id, loggers=[pruning],
+                started=lambda run_id: trial.set_user_attr("run_id", run_id))
+        except RunStopped:
+            self._forget(trial, tag=("medlm.pruned_after_epoch", pruning.pruned_after))
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_after}") from None
+        except NonFiniteLossError as error:  # marked, and the search goes on
+            trial.set_user_attr("diverged", str(error))
+            self._forget(trial, tag=("medlm.diverged", "true"))
+            log.warning("trial %d FAILED: %s", trial.number, error)
+            return math.nan
+        except KeyboardInterrupt:  # run again first when the search resumes
+            trial.study.enqueue_trial(drawn, user_attrs={"rerun_of": trial.number})
+            raise
+        for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
+            value = result.get(name)
+            trial.set_user_attr(name, None if isinstance(value, float) and math.isnan(value)
+                                else value)
+        return result[config.select_by]
+
+    def _forget(self, trial: optuna.Trial, tag: tuple[str, Any]) -> None:
+        """A stopped trial's checkpoint removed (nothing will resume it), its run tagged."""
+        run_id = trial.user_attrs.get("run_id")
+        if run_id:
+            shutil.rmtree(Path(self.config.checkpoint_dir) / run_id, ignore_errors=True)
+            MlflowClient().set_tag(run_id, tag[0], str(tag[1]))
+
+
+def _note_best(parent_id: str, select_by: str):
+    """An Optuna callback: after each trial, the study's best so far on the parent run (its
+    settings as tags, its scores as metrics at the trial's number)."""
+
+    def note(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state != TrialState.COMPLETE:
+            return
+        try:
+            best = study.best_trial
+        except ValueError:
+            return
+        if best.number != trial.number:
+            return
+        attrs = best.user_attrs
+        metrics = {f"best_{name}": attrs[name] for name in ("validation_loss", *SUMMARY_SCORES)
+                   if isinstance(attrs.get(name), int | float)}
+        tags = {"best_trial": best.number, "best_run_id": attrs.get("run_id", ""),
+                "best_version": attrs.get("version") or "",
+                **{f"best_{name}": value for name, value in best.params.items()}}
+        MlflowClient().log_batch(
+            parent_id, metrics=[mlflow.entities.Metric(name, value, int(time.time() * 1000),
+                                                       best.number)
+                                for name, value in metrics.items()],
+            tags=[RunTag(name, str(value)) for name, value in tags.items()])
+        log.info("best so far: trial %d (%s %s)", best.number, select_by,
+                 interval_text(attrs, select_by, 4) if select_by in attrs else best.value)
+
+    return note
+
+
+def _budget(total: int):
+    """An Optuna callback: this process stops once the study holds ``total`` trials (those of
+    every process, running ones included)."""
+
+    def check(study: optuna.Study, trial: FrozenTrial) -> None:
+        if _counted(study) >= total:
+            study.stop()
+
+    return check
+
+
+def _close_parent(study: optuna.Study, parent_id: str, status: int) -> None:
+    """The parent run ended as ``status`` when no other process is running a trial; else it
+    stays RUNNING for the last one to end."""
+    if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
+        MlflowClient().set_terminated(parent_id, RunStatus.to_string(status))
+
+
+def run_search(config, space: dict[str, BaseDistribution], options: SearchOptions,
+               prepared: Prepared) -> optuna.Study:
+    """Join (or begin) the study and run trials until it holds ``options.trials``; the recipe
+    as given is its first trial where the space holds it. Ctrl-C stops this process: the
+    trial it was running is queued to run first when the same command is given again."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # MedLM says what each trial did
+    direction = "minimize" if config.select_by == "validation_loss" else "maximize"
+    study, created = join_study(options, direction, search_settings(config, space))
+    if created and contains(space, vars(resolve_lora_rank(config))):
+        study.enqueue_trial({name: getattr(config, name) for name in space},
+                            user_attrs={"recipe": config.recipe})
+    parent_id = parent_run(study, created, config, space, options)
+    left = options.trials - _counted(study)
+    log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,
+             redacted(options.storage or LOCAL_STORAGE), options.trials - max(left, 0),
+             options.trials, "begun before" if not created else "so far", parent_id)
+    try:
+        if left > 0:
+            study.optimize(_Trials(config, space, prepared, parent_id), n_trials=left,
+                           callbacks=[_budget(options.trials),
+                                      _note_best(parent_id, config.select_by)])
+    except KeyboardInterrupt:
+        _close_parent(study, parent_id, RunStatus.KILLED)
+        log.warning("search stopped; the same command again resumes it (the interrupted "
+                    "trial runs again first)")
+        raise
+    except BaseException:
+        _close_parent(study, parent_id, RunStatus.FAILED)
+        raise
+    _close_parent(study, parent_id, RunStatus.FINISHED)
+    table = trials_table(study)
+    MlflowClient().log_text(parent_id, table.to_csv(index=False), "search_trials.csv")
+    with pd.option_context("display.width", 160, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    log.info("%s", pruning_summary(table))
+    return study
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every trial of the study: its number, state, settings, value, scores, duration, host
+    and run, best first."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        state = "DIVERGED" if "diverged" in attrs else trial.state.name
+        rows.append({"trial": trial.number, "state": state, **trial.params,
+                     "value": trial.value, "best_epoch": attrs.get("best_epoch"),
+                     **{name: attrs.get(name) for name in SUMMARY_SCORES},
+                     "epochs_run": (max(trial.intermediate_values) if trial.intermediate_values
+                                    else None),
+                     "seconds": (trial.duration.total_seconds() if trial.duration else None),
+                     "host": attrs.get("host"), "run_id": attrs.get("run_id"),
+                     "version": attrs.get("version")})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["order"] = table["state"].map({"COMPLETE": 0, "PRUNED": 1}).fillna(2)
+    ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
+    return (table.sort_values(["order", "value"], ascending=[True, ascending])
+            .drop(columns="order").reset_index(drop=True))
+
+
+def pruning_summary(table: pd.DataFrame) -> str:
+    """How many trials were pruned, and the time they ran against a finished trial's."""
+    if table.empty:
+        return "no trials"
+    complete, pruned = table[table["state"] == "COMPLETE"], table[table["state"] == "PRUNED"]
+    text = (f"{len(complete)} trials finished, {len(pruned)} pruned, "
+            f"{(~table['state'].isin(['COMPLETE', 'PRUNED'])).sum()} failed or interrupted")
+    if len(pruned) and len(complete):
+        text += (f"; a pruned trial ran {pruned['seconds'].mean():.0f} s on average, a "
+                 f"finished one {complete['seconds'].mean():.0f} s")
+    return text
