@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 import optuna
 import pandas as pd
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus, RunTag
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
@@ -32,7 +34,13 @@ from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
 from medlm.report import run_description
 from medlm.space import contains, describe
 from medlm.timing import Stopwatch
-from medlm.tracking import DESCRIPTION_TAG, end_abandoned_run, param_value, training_experiment
+from medlm.tracking import (
+    DESCRIPTION_TAG,
+    end_abandoned_run,
+    param_value,
+    project_parent,
+    training_experiment,
+)
 from medlm.train import EpochResult, Logger, NonFiniteLossError, RunStopped
 
 log = logging.getLogger("medlm")
@@ -80,15 +88,23 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             optuna.storages.journal.JournalFileBackend(str(Path(url).expanduser())))
     if url.startswith(("postgresql://", "postgres://")):  # psycopg 3: MedLM's PostgreSQL driver
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=60, grace_period=180,
-            failed_trial_callback=_rerun_stale_trial)
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy's errors name the cause
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MedLMError(f"--storage {redacted(url)!r} cannot be opened ({reason}): expected a "
-                         "reachable database URL (postgresql://user:password@host:port/db) or "
-                         "a file path") from None
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=60, grace_period=180,
+                failed_trial_callback=_rerun_stale_trial)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # another process is creating the tables of a new database at the same moment
+            time.sleep(1 + attempt)
+        except Exception as error:  # noqa: BLE001 - SQLAlchemy's errors name the cause
+            reason = (str(error).strip().splitlines()[0] if str(error).strip()
+                      else type(error).__name__)
+            raise MedLMError(f"--storage {redacted(url)!r} cannot be opened ({reason}): "
+                             "expected a reachable database URL (postgresql://user:password@"
+                             "host:port/db) or a file path") from None
+    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                      failed_trial_callback=_rerun_stale_trial)
 
 
 def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -170,13 +186,16 @@ def _start_parent(study: optuna.Study, config, space, options: SearchOptions) ->
     """The search's parent run, created by the process that created the study; its id kept
     in the study."""
     client = MlflowClient()
+    experiment_id = training_experiment(config.experiment)
+    launcher = project_parent(experiment_id)  # `mlflow run . -e search`
     run = client.create_run(
-        training_experiment(config.experiment),
+        experiment_id,
         run_name=config.run_name or f"search {options.study}",
         tags={DESCRIPTION_TAG: f"Optuna search {options.study!r}: {options.trials} trials of "
                                f"{run_description(config).removesuffix(': training')}, "
                                f"varying {describe(space)}",
-              "medlm.search_study": options.study})
+              "medlm.search_study": options.study,
+              **({"mlflow.parentRunId": launcher} if launcher else {})})
     client.log_batch(run.info.run_id, params=[Param(name, str(param_value(value))[:6000])
                                               for name, value in
                                               _parent_params(config, space, options).items()])
@@ -258,7 +277,7 @@ class _Trials:
         log.info("--- trial %d: %s", trial.number,
                  " ".join(f"{name}={value:g}" if isinstance(value, float) else
                           f"{name}={value}" for name, value in drawn.items()))
-        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")  # which process
         self._model()
         pruning = Pruning(trial, config.select_by)
         try:

@@ -6,6 +6,7 @@ SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from unittest import mock
@@ -103,6 +104,14 @@ def artifact_directory(experiment: str) -> str | None:
     location = found.artifact_location if found is not None else "mlruns"
     parsed = urlparse(location)
     return (parsed.path or location) if parsed.scheme in ("", "file") else None
+
+
+@functools.cache
+def launched_by() -> str | None:
+    """The run ``mlflow run`` opened for this command, if it launched it (``MLproject``): its
+    id, taken out of ``MLFLOW_RUN_ID`` so that MedLM's own runs are new runs (that run holds
+    the -P values as typed, which MedLM's params would contradict)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None) or None
 
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves

@@ -21,6 +21,7 @@ from medlm.config import sweep_value
 from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
 from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
+from medlm.store import launched_by
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger, RunStopped
 
@@ -82,12 +83,16 @@ class MlflowTracker(Logger):
             experiment_id = mlflow.active_run().info.experiment_id
         else:
             experiment_id = training_experiment(self.experiment)
+            parent_run_id = project_parent(experiment_id)
         with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
                               run_name=None if resume_run_id else self.run_name,
                               nested=nested, parent_run_id=parent_run_id,
                               description=None if resume_run_id else description,
                               log_system_metrics=self.system_metrics) as active:
             self.run_id = active.info.run_id
+            if launched_by() and not resume_run_id:  # each run names the other
+                mlflow.set_tag("medlm.launched_by_run", launched_by())
+                MlflowClient().set_tag(launched_by(), "medlm.run_id", self.run_id)
             try:
                 if not resume_run_id:
                     mlflow.log_params({key: param_value(value)
@@ -359,6 +364,15 @@ def training_experiment(name: str) -> str:
         MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind",
                                           "custom_model_development")
     return experiment.experiment_id
+
+
+def project_parent(experiment_id: str) -> str | None:
+    """The run ``mlflow run`` opened, as the parent of a top-level run in the same experiment
+    (in another, the two runs name each other in tags)."""
+    launcher = launched_by()
+    if launcher and MlflowClient().get_run(launcher).info.experiment_id == experiment_id:
+        return launcher
+    return None
 
 
 def _last_step(run_id: str, metric: str) -> int:

@@ -8,6 +8,7 @@ failure.
 
 import os
 import secrets
+import subprocess
 import sys
 
 import pytest
@@ -25,8 +26,8 @@ def unavailable(reason: str):
 
 
 @pytest.fixture(scope="module")
-def postgres_uri():
-    """A fresh, empty database for this module, dropped afterwards."""
+def postgres_server():
+    """The PostgreSQL server: an admin connection, and the URI of a database on it by name."""
     server = os.environ.get("MEDLM_TEST_POSTGRES_URI")
     if not server:
         unavailable("PostgreSQL not available: set MEDLM_TEST_POSTGRES_URI to a role that may "
@@ -40,12 +41,29 @@ def postgres_uri():
         admin = psycopg.connect(server, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as error:
         unavailable(f"cannot reach PostgreSQL at MEDLM_TEST_POSTGRES_URI: {error}".strip())
+    base, _, _ = server.rpartition("/")
+    yield admin, base
+    admin.close()
+
+
+def fresh_database(postgres_server):
+    admin, base = postgres_server
     name = f"medlm_test_{secrets.token_hex(4)}"
     admin.execute(f"CREATE DATABASE {name}")
-    base, _, _ = server.rpartition("/")
     yield f"{base}/{name}"
     admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_uri(postgres_server):
+    """A fresh, empty database for this module's MLflow server, dropped afterwards."""
+    yield from fresh_database(postgres_server)
+
+
+@pytest.fixture
+def optuna_uri(postgres_server):
+    """Another database, for an Optuna study (it has tables of its own)."""
+    yield from fresh_database(postgres_server)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +111,44 @@ def test_train_register_and_generate_through_a_postgresql_backed_server(
     line = generated.stdout.strip().splitlines()[-1]
     assert line.startswith("Kidney Failure |") and len(line) > len("Kidney Failure |")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_two_processes_share_one_search_and_nest_every_trial_under_one_parent(
+        tracking_server, optuna_uri, tiny_model_dir, dataset_csv, tmp_path):
+    """The same command started twice at once, as on two machines: one study in PostgreSQL,
+    no trial drawn twice, every trial a child of the one parent run."""
+    import optuna
+
+    url, _ = tracking_server
+    command = [sys.executable, "-m", "experiments.search", "--model", str(tiny_model_dir),
+               "--dataset", str(dataset_csv), "--max-samples", "40", "--epochs", "1",
+               "--no-symptom-eval", "--num-validation-samples", "0", "--no-system-metrics",
+               "--no-progress", "--param", "lr=1e-4..1e-2:log", "--param",
+               "weight_decay=0..0.1", "--trials", "6", "--study", "team",
+               "--storage", optuna_uri]
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=environment, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+
+    study = optuna.load_study(study_name="team", storage=optuna_uri.replace(
+        "postgresql://", "postgresql+psycopg://"))
+    trials = study.get_trials()
+    assert 6 <= len(trials) <= 7  # two processes may each begin the sixth
+    assert {trial.state.name for trial in trials} <= {"COMPLETE", "PRUNED"}
+    assert len({tuple(sorted(trial.params.items())) for trial in trials}) == len(trials)
+    assert len({trial.user_attrs["host"] for trial in trials}) == 2  # both did trials
+
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert parent.info.run_id == study.user_attrs["mlflow_parent_run_id"]
+    assert parent.info.status == "FINISHED"
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId")
+                == parent.info.run_id]
+    assert sorted(run.info.run_id for run in children) == sorted(
+        trial.user_attrs["run_id"] for trial in trials)
+    assert parent.data.tags["best_run_id"] == study.best_trial.user_attrs["run_id"]
