@@ -87,6 +87,13 @@ class Prepared:
     model: torch.nn.Module
     stopwatch: Stopwatch = field(default_factory=Stopwatch)  # since set-up began
 
+    def reload_model(self, model: str) -> None:
+        """The untouched base again, for the next run of a sweep or search (a run trains
+        ``model`` in place); that run's time counts from here, its start-up included."""
+        self.stopwatch = Stopwatch()
+        with self.stopwatch.phase("startup"):
+            self.model = load_tokenizer_and_model(model)[1]
+
 
 def split_for(config: TrainConfig, data: DiseaseData) -> DiseaseSplit:
     """The run's held-out diseases: its fold of ``--folds``, or the ``--validation-fraction``
@@ -361,8 +368,8 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = _epoch_report(config, prepared, parts, tracker)
-        result = _train(config, prepared, parts, tracker, [report, *loggers], checkpoint,
-                        resume_run_id, nested)
+        result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
+                        nested, loggers)
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
@@ -399,12 +406,11 @@ def _reference_scores(parts: _RunParts, report: EpochReport) -> dict[str, float]
 
 
 def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,
-           reports: list[Logger], checkpoint: Path, resume_run_id: str | None,
-           nested: bool) -> FitResult:
+           report: EpochReport, checkpoint: Path, resume_run_id: str | None,
+           nested: bool, loggers: Sequence[Logger] = ()) -> FitResult:
     """The run's set-up logging (a new run's datasets, baselines and untuned scores; a resumed
-    run's epochs read back), then ``fit``; a Ctrl-C says how to resume. ``reports``: the
-    run's ``EpochReport``, then any other loggers."""
-    report = reports[0]
+    run's epochs read back), then ``fit``, which tells ``loggers`` each epoch after the run's
+    own; a Ctrl-C says how to resume."""
     stopwatch, main_process = prepared.stopwatch, distributed.is_main()
     timer = TimeReport(stopwatch, tracker)
     # every epoch is scored where the selection needs it (or it is asked for); else the kept
@@ -421,7 +427,7 @@ def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: M
         with noisy_embeddings(parts.model, config.neftune_alpha):
             return fit(parts.model, parts.train_loader, parts.validation_loader, config,
                        prepared.device, prepared.precision,
-                       loggers=[tracker, report, timer, *reports[1:]],
+                       loggers=[tracker, report, timer, *loggers],
                        checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
                        scorer=report.score if score_epochs else None, stopwatch=stopwatch)
     except KeyboardInterrupt:

@@ -27,13 +27,12 @@ from mlflow.entities import Param, RunStatus, RunTag
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from medlm.config import sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
-from medlm.modeling import load_tokenizer_and_model
 from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
 from medlm.report import run_description
 from medlm.space import contains, describe
-from medlm.timing import Stopwatch
 from medlm.tracking import (
     DESCRIPTION_TAG,
     end_abandoned_run,
@@ -89,11 +88,14 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     if url.startswith(("postgresql://", "postgres://")):  # psycopg 3: MedLM's PostgreSQL driver
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    def database() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                          failed_trial_callback=_rerun_stale_trial)
+
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=60, grace_period=180,
-                failed_trial_callback=_rerun_stale_trial)
+            return database()
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # another process is creating the tables of a new database at the same moment
             time.sleep(1 + attempt)
@@ -103,8 +105,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             raise MedLMError(f"--storage {redacted(url)!r} cannot be opened ({reason}): "
                              "expected a reachable database URL (postgresql://user:password@"
                              "host:port/db) or a file path") from None
-    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                      failed_trial_callback=_rerun_stale_trial)
+    return database()
 
 
 def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -266,17 +267,14 @@ class _Trials:
 
     def _model(self) -> None:
         if not self.fresh_model:  # each trial from the base, its time from its own start
-            self.prepared.stopwatch = Stopwatch()
-            with self.prepared.stopwatch.phase("startup"):
-                self.prepared.model = load_tokenizer_and_model(self.config.model)[1]
+            self.prepared.reload_model(self.config.model)
         self.fresh_model = False
 
     def __call__(self, trial: optuna.Trial) -> float:
         drawn = {name: suggest(trial, name, value) for name, value in self.space.items()}
         config = replace(self.config, **drawn, run_name=f"trial {trial.number}")
         log.info("--- trial %d: %s", trial.number,
-                 " ".join(f"{name}={value:g}" if isinstance(value, float) else
-                          f"{name}={value}" for name, value in drawn.items()))
+                 " ".join(f"{name}={sweep_value(value)}" for name, value in drawn.items()))
         trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")  # which process
         self._model()
         pruning = Pruning(trial, config.select_by)

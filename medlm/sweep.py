@@ -24,7 +24,6 @@ from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
 from medlm.intervals import CONFIDENCE
-from medlm.modeling import load_tokenizer_and_model
 from medlm.recipe import (
     DATA_FILE,
     Prepared,
@@ -39,7 +38,6 @@ from medlm.recipe import (
     train_and_register,
 )
 from medlm.repeats import REFERENCE_SCORES, over
-from medlm.timing import Stopwatch
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
 
@@ -163,10 +161,8 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
             record(running=None)
             continue
         resume_child = interrupted if decision == "resume" else None
-        if not loaded:  # each child's time from its own start
-            prepared.stopwatch = Stopwatch()
-            with prepared.stopwatch.phase("startup"):
-                prepared.model = load_tokenizer_and_model(config.model)[1]
+        if not loaded:  # each child from the base, its time from its own start
+            prepared.reload_model(config.model)
         loaded = False
         log.info("%s%s", where, f" (resuming run {resume_child})" if resume_child else
                  f" (run {interrupted} was stopped before its first epoch ended: starting it "
