@@ -47,6 +47,9 @@ def build_parser() -> ArgumentParser:
                         help="trials finished before TPE models the space and the pruner acts")
     search.add_argument("--sampler-seed", type=seed, default=42,
                         help="the draws of the process that begins the study")
+    search.add_argument("--replay", metavar="STUDY", default=None,
+                        help="a new study first runs every trial of STUDY (same storage, same "
+                             "flags), in order: e.g. the same trials with --pruner none")
     add_settings(parser)
     parser.add_argument("--config", metavar="FILE.toml", default=None,
                         help="a recipe file of the settings every trial shares")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MedLMError(f"{flag_of(name)} with --param {name}=... is invalid: expected "
                              "one of the two (the search draws it)")
     search_args = ("param", "space", "trials", "study", "storage", "sampler", "pruner",
-                   "startup_trials", "sampler_seed")
+                   "startup_trials", "sampler_seed", "replay")
     settings = {key: value for key, value in vars(args).items() if key not in search_args}
     configs, grid = configs_from_args(type(args)(resume=None, **settings))
     if len(configs) > 1:
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     check_tracking_store()
     options = SearchOptions(study=args.study, storage=args.storage, trials=args.trials,
                             sampler=args.sampler, pruner=args.pruner, seed=args.sampler_seed,
-                            startup_trials=args.startup_trials)
+                            startup_trials=args.startup_trials, replay=args.replay)
     search(configs[0], space, options)
     print(f"compare runs: {compare_runs_hint(configs[0].experiment)}", file=sys.stderr)
     return 0

@@ -64,6 +64,7 @@ class SearchOptions:
     pruner: str = "median"  # median | none
     seed: int = 42
     startup_trials: int = 4  # trials the pruner and TPE see before they act
+    replay: str | None = None  # a study in the same storage whose trials a new study runs first
 
 
 def redacted(url: str) -> str:
@@ -175,12 +176,44 @@ def join_study(options: SearchOptions, direction: str,
     return study, False
 
 
+def replayed(options: SearchOptions, settings: str) -> list[dict[str, Any]]:
+    """The settings of every trial of ``options.replay`` (a study of the same settings and
+    space: the same trials under another pruner or sampler), in its order; checked before
+    the new study is created."""
+    if not options.replay:
+        return []
+    try:
+        source = optuna.load_study(study_name=options.replay,
+                                   storage=open_storage(options.storage))
+    except KeyError:
+        raise MedLMError(f"--replay {options.replay!r} is not a study in this --storage: "
+                         "expected the name of an earlier search's --study") from None
+    if source.user_attrs.get(SETTINGS_ATTR) != settings:
+        raise MedLMError(f"--replay {options.replay!r} was run with other settings or another "
+                         "space: expected the same flags as that search (only --pruner, "
+                         "--sampler and --study may differ)")
+    return [trial.params for trial in sorted(source.get_trials(deepcopy=False),
+                                             key=lambda trial: trial.number) if trial.params]
+
+
+def queue_first(study: optuna.Study, config, space: dict[str, BaseDistribution],
+                replay: list[dict[str, Any]]) -> None:
+    """What a new study runs first: the trials it replays, else the recipe as given, where
+    the space holds it."""
+    for number, params in enumerate(replay):
+        study.enqueue_trial(params, user_attrs={"replay_of": number})
+    if not replay and contains(space, vars(resolve_lora_rank(config))):
+        study.enqueue_trial({name: getattr(config, name) for name in space},
+                            user_attrs={"recipe": config.recipe})
+
+
 def _parent_params(config, space: dict[str, BaseDistribution], options: SearchOptions) -> dict:
     params = {name: value for name, value in config.to_params().items() if name not in space}
     return {**params, "search_space": describe(space), "search_study": options.study,
             "search_storage": redacted(options.storage or LOCAL_STORAGE),
             "search_sampler": options.sampler, "search_pruner": options.pruner,
-            "search_trials": options.trials}
+            "search_trials": options.trials,
+            **({"search_replay": options.replay} if options.replay else {})}
 
 
 def _start_parent(study: optuna.Study, config, space, options: SearchOptions) -> str:
@@ -362,10 +395,11 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
     trial it was running is queued to run first when the same command is given again."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # MedLM says what each trial did
     direction = "minimize" if config.select_by == "validation_loss" else "maximize"
-    study, created = join_study(options, direction, search_settings(config, space))
-    if created and contains(space, vars(resolve_lora_rank(config))):
-        study.enqueue_trial({name: getattr(config, name) for name in space},
-                            user_attrs={"recipe": config.recipe})
+    settings = search_settings(config, space)
+    replay = replayed(options, settings)
+    study, created = join_study(options, direction, settings)
+    if created:
+        queue_first(study, config, space, replay)
     parent_id = parent_run(study, created, config, space, options)
     left = options.trials - _counted(study)
     log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,

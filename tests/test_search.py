@@ -155,6 +155,21 @@ def test_a_search_nests_its_trials_prunes_the_bad_ones_and_registers_the_rest(
     assert table[1].split()[:2] == [str(best.number), "COMPLETE"]  # the best first
     assert "?workflowType=machine_learning" in result.stderr
 
+    # the same trials again without pruning: each runs its 2 epochs
+    flags = ["experiments.search", "--model", str(tiny_model_dir), "--dataset",
+             str(dataset_csv), *TINY, "--epochs", "2", "--warmup-steps", "0",
+             "--no-symptom-eval", "--param", "lr=5e-4,1e-7", "--trials", "4",
+             "--study", "replayed", "--replay", "medlm-search", "--pruner", "none"]
+    other = run_module(*flags[:-6], "--epochs", "3", *flags[-6:], cwd=tmp_path,
+                       env_extra={"MLFLOW_TRACKING_URI": ""})  # --epochs given twice: last wins
+    assert other.returncode == 2 and "--replay 'medlm-search' was run with other" in other.stderr
+    replay = run_module(*flags, cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    replayed = optuna.load_study(study_name="replayed", storage=study._storage).get_trials()
+    assert [t.params for t in replayed] == [t.params for t in trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and max(t.intermediate_values) == 2
+               for t in replayed)
+
 
 @pytest.mark.slow
 def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny_model_dir,
