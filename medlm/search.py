@@ -202,8 +202,9 @@ def queue_first(study: optuna.Study, config, space: dict[str, BaseDistribution],
     the space holds it."""
     for number, params in enumerate(replay):
         study.enqueue_trial(params, user_attrs={"replay_of": number})
-    if not replay and contains(space, vars(resolve_lora_rank(config))):
-        study.enqueue_trial({name: getattr(config, name) for name in space},
+    recipe = vars(resolve_lora_rank(config))  # a LoRA recipe's rank as its runs train it
+    if not replay and contains(space, recipe):
+        study.enqueue_trial({name: recipe[name] for name in space},
                             user_attrs={"recipe": config.recipe})
 
 

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from medlm.errors import MedLMError
-from medlm.search import Pruning, redacted
+from medlm.search import Pruning, queue_first, redacted, suggest
 from medlm.space import DEFAULT_SPACE, contains, parse_params, read_space_file, search_space
 from medlm.train import EpochResult, RunStopped
 from tests.conftest import run_module
@@ -38,6 +38,21 @@ def test_the_default_space_holds_the_default_recipe(tmp_path):
     assert set(space) == set(DEFAULT_SPACE)
     assert contains(space, {**vars(TrainConfig()), "lora_rank": 16})
     assert not contains(space, {**vars(TrainConfig()), "lora_rank": 16, "lr": 1e-2})
+
+
+def test_a_new_search_draws_the_recipe_first_with_the_lora_rank_its_runs_train():
+    """The default recipe leaves the LoRA rank to the base (a pretrained one: 16); the first
+    trial must draw that rank, not the recipe's unset one."""
+    from medlm.config import TrainConfig
+    from medlm.recipe import resolve_lora_rank
+
+    config = TrainConfig(model="distilgpt2")
+    assert config.lora_rank is None
+    study, space = optuna.create_study(), search_space({})
+    queue_first(study, config, space, replay=[])
+    trial = study.ask()
+    drawn = {name: suggest(trial, name, value) for name, value in space.items()}
+    assert drawn == {name: getattr(resolve_lora_rank(config), name) for name in space}
 
 
 def test_a_space_file_reads_like_the_flags(tmp_path):
