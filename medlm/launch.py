@@ -25,7 +25,7 @@ from medlm.recipe import (
     resume_config,
     train_and_register,
 )
-from medlm.search import SearchOptions, run_search
+from medlm.search import SearchOptions, check_comparable, run_search
 from medlm.sweep import resume_sweep, run_sweep
 
 log = logging.getLogger("medlm")
@@ -60,6 +60,7 @@ def search(config: TrainConfig, space: dict, options: SearchOptions,
            started: float | None = None) -> None:
     """A hyperparameter search (``medlm.search``) of ``config`` over ``space``: the data and
     model checked and loaded before the study is joined or a run started."""
+    check_comparable(space, config.select_by)
     check_output_paths(config)
     prepared = prepare(config, started)
     try:

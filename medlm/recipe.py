@@ -283,7 +283,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
 def _say_how_to_resume(nested: bool, checkpoint: Path, config: TrainConfig) -> None:
     """After a Ctrl-C: the command that resumes the run (its checkpoint is named by its id)."""
     if nested:
-        return  # the sweep says how to resume it as a whole
+        return  # the sweep, or the search, says how to resume it as a whole
     if has_checkpoint(checkpoint):
         log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: %s",
                     checkpoint, resume_command(checkpoint.name, config.checkpoint_dir,
@@ -369,7 +369,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = _epoch_report(config, prepared, parts, tracker)
         result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
-                        nested, loggers)
+                        nested or parent_run_id is not None, loggers)
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model

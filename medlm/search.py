@@ -31,8 +31,10 @@ from medlm.config import sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
 from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
+from medlm.registry import KEY_PARAMS_BY_SELECTION
 from medlm.report import run_description
 from medlm.space import contains, describe
+from medlm.store import launched_by
 from medlm.tracking import (
     DESCRIPTION_TAG,
     end_abandoned_run,
@@ -65,6 +67,21 @@ class SearchOptions:
     seed: int = 42
     startup_trials: int = 4  # trials the pruner and TPE see before they act
     replay: str | None = None  # a study in the same storage whose trials a new study runs first
+
+
+def check_comparable(space: dict[str, BaseDistribution], select_by: str) -> None:
+    """Trials are compared by ``select_by``: a setting that changes what it measures (the
+    champion rule's evaluation key: the validation loss's tokens, F1's answer length) cannot
+    be searched by it."""
+    measured = KEY_PARAMS_BY_SELECTION[select_by]
+    changes = sorted(name for name in space
+                     if name in measured or f"{name}_effective" in measured)
+    if changes:
+        other = "symptom_f1" if select_by == "validation_loss" else "validation_loss"
+        raise MedLMError(f"--param {', '.join(changes)} with --select-by {select_by} is "
+                         f"invalid: it changes what {select_by} measures, so trials could "
+                         f"not be compared: expected --select-by {other}, or a space "
+                         "without it")
 
 
 def redacted(url: str) -> str:
@@ -117,6 +134,30 @@ def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Trials of this machine left RUNNING by a process that is gone (SIGKILL, a crash: a
+    journal file has no heartbeat to tell): failed, their runs marked KILLED, their settings
+    queued to run again."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        name, _, pid = str(trial.user_attrs.get("host", "")).rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                log.warning("trial %d: its process %s is gone; it runs again", trial.number,
+                            pid)
+                _rerun_stale_trial(study, study._storage.get_trial(trial._trial_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _sampler(options: SearchOptions, created: bool) -> optuna.samplers.BaseSampler:
     """TPE (constant liar: a trial running elsewhere counts as a poor one, so processes do not
     draw the same point) or random. The process that created the study draws from ``seed``;
@@ -163,9 +204,10 @@ def join_study(options: SearchOptions, direction: str,
     if created:
         study.set_user_attr(SETTINGS_ATTR, settings)
         return study, True
-    kept = study.user_attrs.get(SETTINGS_ATTR)
-    if study.direction.name.lower() != direction or (kept is not None and kept != settings):
-        theirs, ours = json.loads(kept or "{}"), json.loads(settings)
+    study = _wait_for(study, SETTINGS_ATTR, options)
+    kept = study.user_attrs[SETTINGS_ATTR]
+    if study.direction.name.lower() != direction or kept != settings:
+        theirs, ours = json.loads(kept), json.loads(settings)
         differ = sorted(name for name in {*theirs.get("settings", {}), *ours["settings"]}
                         if theirs.get("settings", {}).get(name) != ours["settings"].get(name))
         if theirs.get("space") != ours["space"]:
@@ -217,20 +259,42 @@ def _parent_params(config, space: dict[str, BaseDistribution], options: SearchOp
             **({"search_replay": options.replay} if options.replay else {})}
 
 
+def _wait_for(study: optuna.Study, attr: str, options: SearchOptions) -> optuna.Study:
+    """The study once its creator has set ``attr`` (it sets its settings, then starts the
+    parent run, just after creating it)."""
+    deadline = time.monotonic() + PARENT_WAIT_SEC
+    while attr not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise MedLMError(f"--study {options.study!r} has no {attr} after "
+                             f"{PARENT_WAIT_SEC} s: expected the process that created it to "
+                             "set it (it may have failed: delete the study, or use a new "
+                             "--study name)")
+        time.sleep(2)
+        try:
+            study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        except KeyError:  # the creator failed and took the study away
+            raise MedLMError(f"--study {options.study!r} was removed by the process that "
+                             "created it, which failed: expected it to be run again") from None
+    return study
+
+
 def _start_parent(study: optuna.Study, config, space, options: SearchOptions) -> str:
     """The search's parent run, created by the process that created the study; its id kept
     in the study."""
     client = MlflowClient()
     experiment_id = training_experiment(config.experiment)
-    launcher = project_parent(experiment_id)  # `mlflow run . -e search`
+    launcher, parent_of = launched_by(), project_parent(experiment_id)  # `mlflow run -e search`
     run = client.create_run(
         experiment_id,
         run_name=config.run_name or f"search {options.study}",
         tags={DESCRIPTION_TAG: f"Optuna search {options.study!r}: {options.trials} trials of "
-                               f"{run_description(config).removesuffix(': training')}, "
-                               f"varying {describe(space)}",
+                               f"{config.model}, recipe {config.recipe}, varying "
+                               f"{describe(space)}",
               "medlm.search_study": options.study,
-              **({"mlflow.parentRunId": launcher} if launcher else {})})
+              **({"mlflow.parentRunId": parent_of} if parent_of else {}),
+              **({"medlm.launched_by_run": launcher} if launcher else {})})
+    if launcher:  # each run names the other
+        client.set_tag(launcher, "medlm.run_id", run.info.run_id)
     client.log_batch(run.info.run_id, params=[Param(name, str(param_value(value))[:6000])
                                               for name, value in
                                               _parent_params(config, space, options).items()])
@@ -245,16 +309,7 @@ def parent_run(study: optuna.Study, created: bool, config, space,
     process joins or resumes the search."""
     if created:
         return _start_parent(study, config, space, options)
-    deadline = time.monotonic() + PARENT_WAIT_SEC
-    while PARENT_ATTR not in study.user_attrs:
-        if time.monotonic() > deadline:
-            raise MedLMError(f"--study {options.study!r} has no parent run after "
-                             f"{PARENT_WAIT_SEC} s: expected the process that created it to "
-                             "start one (it may have failed: delete the study, or use a new "
-                             "--study name)")
-        time.sleep(2)
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
-    parent_id = study.user_attrs[PARENT_ATTR]
+    parent_id = _wait_for(study, PARENT_ATTR, options).user_attrs[PARENT_ATTR]
     MlflowClient().update_run(parent_id, status="RUNNING")
     return parent_id
 
@@ -317,15 +372,18 @@ class _Trials:
                 config, self.prepared, parent_run_id=self.parent_id, loggers=[pruning],
                 started=lambda run_id: trial.set_user_attr("run_id", run_id))
         except RunStopped:
-            self._forget(trial, tag=("medlm.pruned_after_epoch", pruning.pruned_after))
+            self._forget(trial, config, ("medlm.pruned_after_epoch", pruning.pruned_after),
+                         f"pruned after epoch {pruning.pruned_after}")
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_after}") from None
         except NonFiniteLossError as error:  # marked, and the search goes on
             trial.set_user_attr("diverged", str(error))
-            self._forget(trial, tag=("medlm.diverged", "true"))
+            self._forget(trial, config, ("medlm.diverged", "true"), "diverged")
             log.warning("trial %d FAILED: %s", trial.number, error)
             return math.nan
-        except KeyboardInterrupt:  # run again first when the search resumes
+        except KeyboardInterrupt:  # run again, from its start, first when the search resumes
             trial.study.enqueue_trial(drawn, user_attrs={"rerun_of": trial.number})
+            self._forget(trial, config, ("medlm.rerun_by_search", "true"),
+                         "interrupted; the search runs these settings again when resumed")
             raise
         for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
             value = result.get(name)
@@ -333,12 +391,20 @@ class _Trials:
                                 else value)
         return result[config.select_by]
 
-    def _forget(self, trial: optuna.Trial, tag: tuple[str, Any]) -> None:
-        """A stopped trial's checkpoint removed (nothing will resume it), its run tagged."""
+    def _forget(self, trial: optuna.Trial, config, tag: tuple[str, Any], ended: str) -> None:
+        """A stopped trial's checkpoint removed (nothing will resume it), its run tagged and
+        its description saying how it ended."""
         run_id = trial.user_attrs.get("run_id")
-        if run_id:
-            shutil.rmtree(Path(self.config.checkpoint_dir) / run_id, ignore_errors=True)
-            MlflowClient().set_tag(run_id, tag[0], str(tag[1]))
+        if not run_id:
+            return
+        shutil.rmtree(Path(self.config.checkpoint_dir) / run_id, ignore_errors=True)
+        try:
+            MlflowClient().log_batch(run_id, tags=[
+                RunTag(tag[0], str(tag[1])),
+                RunTag(DESCRIPTION_TAG, f"{run_description(config).removesuffix(': training')}"
+                                        f": trial {trial.number}, {ended}")])
+        except Exception as error:  # noqa: BLE001 - the store is down: the trial's end stands
+            log.warning("could not tag trial %d's run: %s", trial.number, error)
 
 
 def _note_best(parent_id: str, select_by: str):
@@ -399,9 +465,15 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
     settings = search_settings(config, space)
     replay = replayed(options, settings)
     study, created = join_study(options, direction, settings)
-    if created:
-        queue_first(study, config, space, replay)
-    parent_id = parent_run(study, created, config, space, options)
+    try:
+        if created:
+            queue_first(study, config, space, replay)
+        parent_id = parent_run(study, created, config, space, options)
+    except BaseException:
+        if created:  # else a joining process would wait for a parent that never comes
+            optuna.delete_study(study_name=options.study, storage=study._storage)
+        raise
+    fail_dead_trials(study)
     left = options.trials - _counted(study)
     log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,
              redacted(options.storage or LOCAL_STORAGE), options.trials - max(left, 0),

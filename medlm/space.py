@@ -8,6 +8,7 @@ A spec is ``LOW..HIGH`` (uniform; a whole-number setting draws whole numbers), `
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -24,9 +25,11 @@ from medlm.config import NOT_RECIPE, TrainConfig, setting_kinds
 from medlm.errors import MedLMError
 
 # What a plain ``python -m experiments.search`` varies: the levers the default recipe was
-# chosen among (experiments/RESULTS.md), each range holding the default's own value.
+# chosen among (experiments/RESULTS.md), each range holding the default's own value. Not
+# loss_on: it changes the tokens the validation loss is over (the default --select-by), so
+# trials of both could not be compared by it (``medlm.search.check_comparable``).
 DEFAULT_SPACE = {"lr": "1e-4..3e-3:log", "lora_rank": "8,16,32", "warmup_steps": "0..30",
-                 "weight_decay": "0..0.1", "epochs": "2..5", "loss_on": "full,completion"}
+                 "weight_decay": "0..0.1", "epochs": "2..5"}
 
 # what a search may not vary: where and how runs are tracked and run, the split (every trial
 # must hold out the same diseases to be compared), and the selection itself
@@ -52,6 +55,8 @@ def _value(name: str, kind: type, text: Any) -> Any:
                  float(text) if kind is int else kind(text))
     except (KeyError, ValueError):
         raise MedLMError(f"--param {name}: {text!r} is invalid: expected {expected}") from None
+    if kind in (int, float) and not math.isfinite(value):
+        raise MedLMError(f"--param {name}: {text!r} is invalid: expected a finite number")
     if kind is int and isinstance(value, float):
         if value != int(value):
             raise MedLMError(f"--param {name}: {text!r} is invalid: expected a whole number")
@@ -111,15 +116,16 @@ def parse_params(specs: list[str]) -> dict[str, str]:
 
 
 def read_space_file(path: str) -> dict[str, Any]:
-    """A TOML file of specs, by setting name."""
+    """A TOML file of specs, by setting name (``warmup-steps`` as ``warmup_steps``)."""
     try:
-        return tomllib.loads(Path(path).read_text())
+        specs = tomllib.loads(Path(path).read_text())
     except OSError as error:
         raise MedLMError(f"--space {path!r}: {error.strerror or error}: expected a readable "
                          "TOML file") from None
     except tomllib.TOMLDecodeError as error:
         raise MedLMError(f"--space {path!r} is not valid TOML ({error}): expected lines like "
                          "lr = \"1e-4..3e-3:log\"") from None
+    return {name.replace("-", "_"): spec for name, spec in specs.items()}
 
 
 def search_space(specs: dict[str, Any]) -> dict[str, BaseDistribution]:

@@ -122,9 +122,14 @@ def compare_runs_hint(experiment: str) -> str:
     ``mlflow ui``'s for a local store, opened on the model-training view (MLflow 3 opens an
     experiment on its GenAI traces otherwise)."""
     uri = mlflow.get_tracking_uri()
-    found = MlflowClient().get_experiment_by_name(experiment)
+    try:
+        found = MlflowClient().get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - the server has gone away since the run: its address
+        found = None
     page = (f"/#/experiments/{found.experiment_id}?workflowType=machine_learning"
             if found is not None else "")
-    if _is_server(uri):
-        return uri.rstrip("/") + page
+    if _is_server(uri):  # without a user:password@ a console or log must not show
+        parsed = urlparse(uri)
+        address = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+        return address.rstrip("/") + page
     return f"mlflow ui, then {MLFLOW_UI}{page}"

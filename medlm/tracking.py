@@ -75,6 +75,7 @@ class MlflowTracker(Logger):
         which another process may hold: a search's trials; the run ``resume_run_id`` again when
         resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM, a search's
         pruning) or FAILED."""
+        top_level = not (nested or parent_run_id)  # a sweep's or search's parent names it
         if resume_run_id:  # the run's own experiment (a new process has another active one)
             experiment_id = MlflowClient().get_run(resume_run_id).info.experiment_id
         elif parent_run_id:  # a child lives in its parent's experiment
@@ -90,7 +91,7 @@ class MlflowTracker(Logger):
                               description=None if resume_run_id else description,
                               log_system_metrics=self.system_metrics) as active:
             self.run_id = active.info.run_id
-            if launched_by() and not resume_run_id:  # each run names the other
+            if launched_by() and top_level and not resume_run_id:  # each run names the other
                 mlflow.set_tag("medlm.launched_by_run", launched_by())
                 MlflowClient().set_tag(launched_by(), "medlm.run_id", self.run_id)
             try:
@@ -103,10 +104,20 @@ class MlflowTracker(Logger):
                 mlflow.flush_async_logging()
             except (KeyboardInterrupt, RunStopped):
                 _end_run_if_possible(RunStatus.KILLED)  # queued step points go first
+                self._say_ended(description, "stopped")
                 raise
             except BaseException:
                 _end_run_if_possible(RunStatus.FAILED)
+                self._say_ended(description, "failed")
                 raise
+
+    def _say_ended(self, description: str | None, how: str) -> None:
+        """A run that did not finish says so in its description (it said "training")."""
+        if description:
+            try:
+                self.describe(f"{description.removesuffix(': training')}: {how}")
+            except Exception:  # noqa: BLE001, S110 - the store is down: the run's end stands
+                pass
 
     def describe(self, text: str) -> None:
         """The run's description, as the UI shows it above the run's page (ended or not)."""

@@ -4,6 +4,7 @@ them (trials nested under one parent run, pruned, resumed, registered by the cha
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -11,9 +12,19 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 from medlm.errors import MedLMError
-from medlm.search import Pruning, queue_first, redacted, suggest
+from medlm.search import (
+    Pruning,
+    SearchOptions,
+    fail_dead_trials,
+    join_study,
+    open_storage,
+    queue_first,
+    redacted,
+    suggest,
+)
 from medlm.space import DEFAULT_SPACE, contains, parse_params, read_space_file, search_space
 from medlm.train import EpochResult, RunStopped
 from tests.conftest import run_module
@@ -57,9 +68,24 @@ def test_a_new_search_draws_the_recipe_first_with_the_lora_rank_its_runs_train()
 
 def test_a_space_file_reads_like_the_flags(tmp_path):
     path = tmp_path / "space.toml"
-    path.write_text('lr = "1e-4..1e-3:log"\nlora_rank = [4, 8]\n')
+    path.write_text('lr = "1e-4..1e-3:log"\nlora-rank = [4, 8]\n')  # a flag's spelling too
     assert search_space(read_space_file(str(path))) == search_space(
         parse_params(["lr=1e-4..1e-3:log", "lora_rank=4,8"]))
+
+
+def test_a_setting_that_changes_what_the_selection_measures_is_searched_only_by_the_other():
+    """Completion-only losses are over fewer (easier) tokens than full ones: a search by
+    validation loss would crown loss_on=completion for its yardstick, not its model."""
+    from medlm.search import check_comparable
+
+    with pytest.raises(MedLMError, match="--param loss_on with --select-by validation_loss "
+                                         "is invalid.*expected --select-by symptom_f1"):
+        check_comparable(search_space(parse_params(["loss_on=full,completion"])),
+                         "validation_loss")
+    with pytest.raises(MedLMError, match="--param max_length with"):
+        check_comparable(search_space(parse_params(["max_length=64,128"])), "validation_loss")
+    check_comparable(search_space(parse_params(["loss_on=full,completion"])), "symptom_f1")
+    check_comparable(search_space({}), "validation_loss")  # the default space: comparable
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -73,6 +99,8 @@ def test_a_space_file_reads_like_the_flags(tmp_path):
     ("loss_on=full,everything", "'everything' is invalid: expected one of full, completion"),
     ("scheduler=a..b", "expected A,B,C"),
     ("lr=1e-4..1e-3:sqrt", "expected LOW..HIGH or LOW..HIGH:log"),
+    ("epochs=1..inf", "'inf' is invalid: expected a finite number"),
+    ("lr=nan..1e-3", "'nan' is invalid: expected a finite number"),
 ])
 def test_a_bad_spec_names_what_is_wrong(spec, message):
     with pytest.raises(MedLMError, match=None) as raised:
@@ -89,6 +117,40 @@ def test_the_storage_password_never_reaches_a_log():
     assert (redacted("postgresql://medlm:secret@db:5432/optuna")
             == "postgresql://medlm:***@db:5432/optuna")
     assert redacted("medlm-search.journal") == "medlm-search.journal"
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_trial_whose_process_died_runs_again_and_one_alive_is_left(tmp_path):
+    """A journal file has no heartbeat: a SIGKILLed process's trial would stay RUNNING (and
+    count against the budget) forever."""
+    study = optuna.create_study(storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal"))))
+    here = socket.gethostname()
+    for pid in (dead_pid(), os.getpid()):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        trial.set_user_attr("host", f"{here}:{pid}")
+    elsewhere = study.ask()  # another machine's: its own process or heartbeat tells
+    elsewhere.set_user_attr("host", f"not-{here}:{dead_pid()}")
+    fail_dead_trials(study)
+    dead, alive, other, again = study.get_trials()
+    assert [dead.state, alive.state, other.state] == [TrialState.FAIL, TrialState.RUNNING,
+                                                      TrialState.RUNNING]
+    assert again.state == TrialState.WAITING and again.params == dead.params
+
+
+def test_a_process_joining_before_the_study_has_its_settings_waits_then_gives_up(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("medlm.search.PARENT_WAIT_SEC", 0)
+    storage = str(tmp_path / "s.journal")
+    optuna.create_study(study_name="s", storage=open_storage(storage))  # no settings yet
+    with pytest.raises(MedLMError, match="--study 's' has no medlm_settings after 0 s"):
+        join_study(SearchOptions(study="s", storage=storage), "minimize", "{}")
 
 
 def epoch(number: int, loss: float) -> EpochResult:
@@ -201,11 +263,16 @@ def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny
         if line.startswith("epoch 1:"):
             break
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
+    _, said = process.communicate(timeout=120)
     assert process.returncode == 130
+    assert "search stopped; the same command again resumes it" in said
+    assert "--resume" not in said  # not the hint of a single run
     _, runs = runs_of(tmp_path)
     assert sorted(run.info.status for run in runs) == ["KILLED", "KILLED"]  # parent, trial
     (interrupted,) = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert interrupted.data.tags["mlflow.note.content"].endswith(
+        "trial 0, interrupted; the search runs these settings again when resumed")
+    assert not (tmp_path / "checkpoints" / interrupted.info.run_id).exists()  # nothing resumes it
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                            env=environment)

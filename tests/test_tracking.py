@@ -191,6 +191,30 @@ def test_a_failing_run_is_marked_failed_not_left_running(mlflow_home):
     assert mlflow.get_run(tracker.run_id).info.status == "KILLED"
 
 
+@pytest.mark.parametrize(("error", "status", "says"), [
+    (RuntimeError, "FAILED", "failed"), (KeyboardInterrupt, "KILLED", "stopped")])
+def test_a_run_that_did_not_finish_does_not_say_training(mlflow_home, error, status, says):
+    tracker = MlflowTracker("medlm-test", "boom", "medlm", transformer="tiny", gpu="cpu",
+                            batch_size=8)
+    with pytest.raises(error), tracker.run({"lr": 1e-3}, description="tiny, lr 1: training"):
+        raise error
+    run = mlflow.get_run(tracker.run_id)
+    assert run.info.status == status
+    assert run.data.tags["mlflow.note.content"] == f"tiny, lr 1: {says}"
+
+
+def test_the_compare_hint_shows_no_password_and_survives_a_server_gone(monkeypatch):
+    from medlm.store import compare_runs_hint
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri("http://alice:secret@127.0.0.1:9")  # nothing listens on port 9
+    try:
+        assert compare_runs_hint("medlm") == "http://127.0.0.1:9"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_results_csv_has_the_seed_notebooks_columns(mlflow_home, tiny_model):
     tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
                             batch_size=8)
