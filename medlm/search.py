@@ -30,8 +30,9 @@ from optuna.trial import FrozenTrial, TrialState
 from medlm.config import sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
+from medlm.processes import is_gone, this_process
 from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
-from medlm.registry import KEY_PARAMS_BY_SELECTION
+from medlm.registry import KEY_PARAMS_BY_SELECTION, SPLIT_KEY_PARAMS
 from medlm.report import run_description
 from medlm.space import contains, describe
 from medlm.store import launched_by
@@ -73,7 +74,7 @@ def check_comparable(space: dict[str, BaseDistribution], select_by: str) -> None
     """Trials are compared by ``select_by``: a setting that changes what it measures (the
     champion rule's evaluation key: the validation loss's tokens, F1's answer length) cannot
     be searched by it."""
-    measured = KEY_PARAMS_BY_SELECTION[select_by]
+    measured = set(KEY_PARAMS_BY_SELECTION[select_by]) - set(SPLIT_KEY_PARAMS)  # unsearchable
     changes = sorted(name for name in space
                      if name in measured or f"{name}_effective" in measured)
     if changes:
@@ -126,36 +127,44 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     return database()
 
 
+def _run_again(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose process died: its settings queued to run again, once (a trial that kills
+    its process each time is not retried for ever)."""
+    if "rerun_of" in trial.user_attrs:
+        log.warning("trial %d: its process died, as the run it repeats did; not run again",
+                    trial.number)
+        return
+    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+
+
 def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A trial whose process stopped beating (killed, its machine gone): its MLflow run marked
-    KILLED, and its settings queued to run again."""
+    """A trial whose process is gone (killed, its machine gone; a database tells by its
+    heartbeat, a journal file by ``fail_dead_trials``): queued to run again, and its MLflow
+    run marked KILLED."""
+    _run_again(study, trial)
     if trial.user_attrs.get("run_id"):
-        end_abandoned_run(trial.user_attrs["run_id"])
-    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
+        try:
+            end_abandoned_run(trial.user_attrs["run_id"])
+        except Exception as error:  # noqa: BLE001 - the store is down: the trial runs again
+            log.warning("could not mark trial %d's run KILLED: %s", trial.number, error)
 
 
 def fail_dead_trials(study: optuna.Study) -> None:
-    """Trials of this machine left RUNNING by a process that is gone (SIGKILL, a crash: a
-    journal file has no heartbeat to tell): failed, their runs marked KILLED, their settings
-    queued to run again."""
-    host = socket.gethostname()
+    """Trials of a journal file left RUNNING by a process of this machine that is gone
+    (SIGKILL, a crash; a journal has no heartbeat to tell): failed, and run again."""
+    if not isinstance(study._storage, optuna.storages.JournalStorage):
+        return  # a database's heartbeats tell
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        name, _, pid = str(trial.user_attrs.get("host", "")).rpartition(":")
-        if name == host and pid.isdigit() and not _alive(int(pid)):
-            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                log.warning("trial %d: its process %s is gone; it runs again", trial.number,
-                            pid)
-                _rerun_stale_trial(study, study._storage.get_trial(trial._trial_id))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        if not is_gone(str(trial.user_attrs.get("process", ""))):
+            continue
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process failed it first
+        if failed:
+            log.warning("trial %d: its process (%s) is gone; it runs again", trial.number,
+                        trial.user_attrs.get("host"))
+            _rerun_stale_trial(study, trial)
 
 
 def _sampler(options: SearchOptions, created: bool) -> optuna.samplers.BaseSampler:
@@ -199,8 +208,11 @@ def join_study(options: SearchOptions, direction: str,
                                     pruner=_pruner(options))
     except optuna.exceptions.DuplicatedStudyError:
         created = False
-        study = optuna.load_study(study_name=options.study, storage=storage,
-                                  sampler=_sampler(options, False), pruner=_pruner(options))
+        try:
+            study = optuna.load_study(study_name=options.study, storage=storage,
+                                      sampler=_sampler(options, False), pruner=_pruner(options))
+        except KeyError:  # its creator failed and took it away
+            raise MedLMError(_REMOVED.format(options.study)) from None
     if created:
         study.set_user_attr(SETTINGS_ATTR, settings)
         return study, True
@@ -218,10 +230,10 @@ def join_study(options: SearchOptions, direction: str,
     return study, False
 
 
-def replayed(options: SearchOptions, settings: str) -> list[dict[str, Any]]:
-    """The settings of every trial of ``options.replay`` (a study of the same settings and
-    space: the same trials under another pruner or sampler), in its order; checked before
-    the new study is created."""
+def replayed(options: SearchOptions, settings: str) -> list[tuple[int, dict[str, Any]]]:
+    """Each trial that ran in ``options.replay`` (a study of the same settings and space: the
+    same trials under another pruner or sampler), as its number and settings, in its order;
+    checked before the new study is created."""
     if not options.replay:
         return []
     try:
@@ -234,15 +246,17 @@ def replayed(options: SearchOptions, settings: str) -> list[dict[str, Any]]:
         raise MedLMError(f"--replay {options.replay!r} was run with other settings or another "
                          "space: expected the same flags as that search (only --pruner, "
                          "--sampler and --study may differ)")
-    return [trial.params for trial in sorted(source.get_trials(deepcopy=False),
-                                             key=lambda trial: trial.number) if trial.params]
+    ran = [trial for trial in source.get_trials(deepcopy=False)  # each setting once: not
+           if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)  # what failed and ran
+           or "diverged" in trial.user_attrs]  # again, nor what is queued or running
+    return [(trial.number, trial.params) for trial in sorted(ran, key=lambda t: t.number)]
 
 
 def queue_first(study: optuna.Study, config, space: dict[str, BaseDistribution],
-                replay: list[dict[str, Any]]) -> None:
+                replay: list[tuple[int, dict[str, Any]]]) -> None:
     """What a new study runs first: the trials it replays, else the recipe as given, where
     the space holds it."""
-    for number, params in enumerate(replay):
+    for number, params in replay:
         study.enqueue_trial(params, user_attrs={"replay_of": number})
     recipe = vars(resolve_lora_rank(config))  # a LoRA recipe's rank as its runs train it
     if not replay and contains(space, recipe):
@@ -263,19 +277,23 @@ def _wait_for(study: optuna.Study, attr: str, options: SearchOptions) -> optuna.
     """The study once its creator has set ``attr`` (it sets its settings, then starts the
     parent run, just after creating it)."""
     deadline = time.monotonic() + PARENT_WAIT_SEC
-    while attr not in study.user_attrs:
-        if time.monotonic() > deadline:
-            raise MedLMError(f"--study {options.study!r} has no {attr} after "
-                             f"{PARENT_WAIT_SEC} s: expected the process that created it to "
-                             "set it (it may have failed: delete the study, or use a new "
-                             "--study name)")
-        time.sleep(2)
-        try:
-            study = optuna.load_study(study_name=study.study_name, storage=study._storage)
-        except KeyError:  # the creator failed and took the study away
-            raise MedLMError(f"--study {options.study!r} was removed by the process that "
-                             "created it, which failed: expected it to be run again") from None
+    try:
+        while attr not in study.user_attrs:
+            if time.monotonic() > deadline:
+                raise MedLMError(f"--study {options.study!r} has no {attr} after "
+                                 f"{PARENT_WAIT_SEC} s: expected the process that created it "
+                                 "to set it (it may have failed: delete the study, or use a "
+                                 "new --study name)")
+            time.sleep(2)
+            study = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                                      sampler=study.sampler, pruner=study.pruner)
+    except KeyError:  # its creator failed and took it away
+        raise MedLMError(_REMOVED.format(options.study)) from None
     return study
+
+
+_REMOVED = ("--study {!r} was removed by the process that created it, which failed: expected "
+            "the command to be run again")
 
 
 def _start_parent(study: optuna.Study, config, space, options: SearchOptions) -> str:
@@ -293,13 +311,22 @@ def _start_parent(study: optuna.Study, config, space, options: SearchOptions) ->
               "medlm.search_study": options.study,
               **({"mlflow.parentRunId": parent_of} if parent_of else {}),
               **({"medlm.launched_by_run": launcher} if launcher else {})})
-    if launcher:  # each run names the other
-        client.set_tag(launcher, "medlm.run_id", run.info.run_id)
-    client.log_batch(run.info.run_id, params=[Param(name, str(param_value(value))[:6000])
+    try:
+        if launcher:  # each run names the other
+            client.set_tag(launcher, "medlm.run_id", run.info.run_id)
+        _describe_parent(client, run.info.run_id, study, config, space, options)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    return run.info.run_id
+
+
+def _describe_parent(client: MlflowClient, run_id: str, study: optuna.Study, config, space,
+                     options: SearchOptions) -> None:
+    client.log_batch(run_id, params=[Param(name, str(param_value(value))[:6000])
                                               for name, value in
                                               _parent_params(config, space, options).items()])
-    study.set_user_attr(PARENT_ATTR, run.info.run_id)
-    return run.info.run_id
+    study.set_user_attr(PARENT_ATTR, run_id)
 
 
 def parent_run(study: optuna.Study, created: bool, config, space,
@@ -360,14 +387,15 @@ class _Trials:
         self.fresh_model = False
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")  # as shown
+        trial.set_user_attr("process", this_process())  # as medlm.processes tells it gone
         drawn = {name: suggest(trial, name, value) for name, value in self.space.items()}
         config = replace(self.config, **drawn, run_name=f"trial {trial.number}")
         log.info("--- trial %d: %s", trial.number,
                  " ".join(f"{name}={sweep_value(value)}" for name, value in drawn.items()))
-        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")  # which process
-        self._model()
         pruning = Pruning(trial, config.select_by)
         try:
+            self._model()
             result = train_and_register(
                 config, self.prepared, parent_run_id=self.parent_id, loggers=[pruning],
                 started=lambda run_id: trial.set_user_attr("run_id", run_id))
@@ -380,7 +408,7 @@ class _Trials:
             self._forget(trial, config, ("medlm.diverged", "true"), "diverged")
             log.warning("trial %d FAILED: %s", trial.number, error)
             return math.nan
-        except KeyboardInterrupt:  # run again, from its start, first when the search resumes
+        except KeyboardInterrupt:  # run again, from its start, when the search resumes
             trial.study.enqueue_trial(drawn, user_attrs={"rerun_of": trial.number})
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
@@ -442,6 +470,7 @@ def _budget(total: int):
     every process, running ones included)."""
 
     def check(study: optuna.Study, trial: FrozenTrial) -> None:
+        fail_dead_trials(study)  # a process that died since: its trial counts no more
         if _counted(study) >= total:
             study.stop()
 
@@ -451,6 +480,7 @@ def _budget(total: int):
 def _close_parent(study: optuna.Study, parent_id: str, status: int) -> None:
     """The parent run ended as ``status`` when no other process is running a trial; else it
     stays RUNNING for the last one to end."""
+    fail_dead_trials(study)
     if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
         MlflowClient().set_terminated(parent_id, RunStatus.to_string(status))
 
@@ -459,7 +489,7 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
                prepared: Prepared) -> optuna.Study:
     """Join (or begin) the study and run trials until it holds ``options.trials``; the recipe
     as given is its first trial where the space holds it. Ctrl-C stops this process: the
-    trial it was running is queued to run first when the same command is given again."""
+    trial it was running is queued to run again when the same command is given again."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # MedLM says what each trial did
     direction = "minimize" if config.select_by == "validation_loss" else "maximize"
     settings = search_settings(config, space)
@@ -473,6 +503,9 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
         if created:  # else a joining process would wait for a parent that never comes
             optuna.delete_study(study_name=options.study, storage=study._storage)
         raise
+    if options.replay and not created:
+        log.info("--replay %s: the study %r exists, so its queue stands", options.replay,
+                 options.study)
     fail_dead_trials(study)
     left = options.trials - _counted(study)
     log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,
@@ -486,7 +519,7 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
     except KeyboardInterrupt:
         _close_parent(study, parent_id, RunStatus.KILLED)
         log.warning("search stopped; the same command again resumes it (the interrupted "
-                    "trial runs again first)")
+                    "trial runs again)")
         raise
     except BaseException:
         _close_parent(study, parent_id, RunStatus.FAILED)

@@ -125,7 +125,11 @@ def read_space_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise MedLMError(f"--space {path!r} is not valid TOML ({error}): expected lines like "
                          "lr = \"1e-4..3e-3:log\"") from None
-    return {name.replace("-", "_"): spec for name, spec in specs.items()}
+    named = {name.replace("-", "_"): spec for name, spec in specs.items()}
+    if len(named) < len(specs):
+        raise MedLMError(f"--space {path!r} names a setting twice (as NAME and its flag "
+                         "spelling): expected one range per setting")
+    return named
 
 
 def search_space(specs: dict[str, Any]) -> dict[str, BaseDistribution]:

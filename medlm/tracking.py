@@ -103,12 +103,12 @@ class MlflowTracker(Logger):
                 yield self.run_id
                 mlflow.flush_async_logging()
             except (KeyboardInterrupt, RunStopped):
-                _end_run_if_possible(RunStatus.KILLED)  # queued step points go first
-                self._say_ended(description, "stopped")
+                if _end_run_if_possible(RunStatus.KILLED):  # queued step points go first
+                    self._say_ended(description, "stopped")
                 raise
             except BaseException:
-                _end_run_if_possible(RunStatus.FAILED)
-                self._say_ended(description, "failed")
+                if _end_run_if_possible(RunStatus.FAILED):  # else the store is down
+                    self._say_ended(description, "failed")
                 raise
 
     def _say_ended(self, description: str | None, how: str) -> None:
@@ -391,15 +391,17 @@ def _last_step(run_id: str, metric: str) -> int:
                default=0)
 
 
-def _end_run_if_possible(status: int) -> None:
-    """End the active run as ``status``, unless the store has gone away: then the error that
-    ended the run is the one to report, not this one's."""
+def _end_run_if_possible(status: int) -> bool:
+    """End the active run as ``status`` (True), unless the store has gone away (False): then
+    the error that ended the run is the one to report, not this one's."""
     try:
         mlflow.flush_async_logging()
         mlflow.end_run(RunStatus.to_string(status))
     except Exception as error:  # noqa: BLE001 - the store is down: nothing more to tell it
         log.warning("could not mark the run %s in MLflow: %s", RunStatus.to_string(status),
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return False
+    return True
 
 
 def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:

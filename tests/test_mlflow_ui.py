@@ -1,10 +1,19 @@
 """What `mlflow ui` draws for a default run, read as the UI reads it: through a real `mlflow
-server`'s REST API on 127.0.0.1, after a short training logged to that server."""
+server`'s REST API on 127.0.0.1, after a short training logged to that server; then the pages
+themselves, drawn by a real headless Chromium (Debian's ``chromium`` package; the check is
+skipped without it, unless ``MEDLM_REQUIRE_BROWSER=1``, which ``.ci/run`` sets). Its
+screenshots are left in ``MEDLM_UI_SCREENSHOTS`` when that names a folder."""
 
+import html
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +33,43 @@ def post(url: str, path: str, body: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def drawn(url: str, screenshot: Path | None = None) -> str:
+    """The text of the page at ``url`` as headless Chromium draws it (its scripts run for 20 s
+    of virtual time); its screenshot saved to ``screenshot`` when given."""
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("MEDLM_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is missing (MEDLM_REQUIRE_BROWSER=1): apt-get install chromium")
+        pytest.skip("no headless browser: apt-get install chromium to check the drawn pages")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--virtual-time-budget=20000", "--window-size=1400,1000"]
+    if screenshot is not None:
+        subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True,
+                       timeout=180, check=True)
+    page = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                          timeout=180, check=True).stdout
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+def check_the_drawn_pages(printed_url: str, run_id: str, run_name: str, version: str,
+                          shots: Path) -> None:
+    """The URL the run printed opens the training runs; the run's page draws its charts; the
+    registered model lists its version."""
+    shots = Path(os.environ.get("MEDLM_UI_SCREENSHOTS") or shots)
+    shots.mkdir(parents=True, exist_ok=True)
+    runs_table = drawn(printed_url, shots / "runs-table.png")
+    assert "Run Name" in runs_table and run_name in runs_table, runs_table[:2000]
+    assert "1 matching runs" in runs_table or "1 matching run" in runs_table, runs_table[:2000]
+    base, _, _ = printed_url.partition("/#/")
+    charts = drawn(f"{base}/#/experiments/{printed_url.split('/experiments/')[1].split('?')[0]}"
+                   f"/runs/{run_id}/model-metrics", shots / "run-charts.png")
+    sections = dict(re.findall(r"(\w[\w ]*?) \((\d+)\) Add chart", charts))
+    assert int(sections.get("Model metrics", 0)) >= 5, charts[:2000]  # losses, F1s, ...
+    model = drawn(f"{base}/#/models/medlm", shots / "registered-model.png")
+    assert f"Version {version}" in model, model[:2000]
 
 
 def test_a_default_run_shows_curves_datasets_system_metrics_and_its_model(
@@ -93,3 +139,9 @@ def test_a_default_run_shows_curves_datasets_system_metrics_and_its_model(
         model_metrics = {metric["key"] for metric in model["data"]["metrics"]}
         assert {"best_validation_loss", "best_symptom_f1", "best_epoch"} <= model_metrics
         assert not any(key.startswith(("step/", "system/")) for key in model_metrics), model_metrics
+
+        printed = re.search(r"compare runs: (\S+)", result.stderr).group(1)
+        assert printed == (f"{url}/#/experiments/{experiment['experiment_id']}"
+                           "?workflowType=machine_learning")
+        check_the_drawn_pages(printed, run_id, run["info"]["run_name"], version["version"],
+                              tmp_path / "screenshots")

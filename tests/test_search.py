@@ -4,7 +4,6 @@ them (trials nested under one parent run, pruned, resumed, registered by the cha
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,9 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from medlm import processes
 from medlm.errors import MedLMError
+from medlm.processes import this_process
 from medlm.search import (
     Pruning,
     SearchOptions,
@@ -130,18 +131,41 @@ def test_a_trial_whose_process_died_runs_again_and_one_alive_is_left(tmp_path):
     count against the budget) forever."""
     study = optuna.create_study(storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal"))))
-    here = socket.gethostname()
-    for pid in (dead_pid(), os.getpid()):
+    here = this_process().rsplit("|", 2)[0]  # this machine: host, boot, PID namespace
+    parent = os.getppid()  # alive, and not this process
+    names = [f"{here}|{dead_pid()}|1",  # gone
+             f"{here}|{parent}|{processes._started(parent)}",  # alive
+             f"{here}|{parent}|1",  # its PID now another process's
+             this_process(),  # this process, which is running no trial
+             f"another-host|{here.split('|', 1)[1]}|{dead_pid()}|1"]  # its heartbeat tells
+    for name in names:
         trial = study.ask()
         trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-        trial.set_user_attr("host", f"{here}:{pid}")
-    elsewhere = study.ask()  # another machine's: its own process or heartbeat tells
-    elsewhere.set_user_attr("host", f"not-{here}:{dead_pid()}")
+        trial.set_user_attr("process", name)
     fail_dead_trials(study)
-    dead, alive, other, again = study.get_trials()
-    assert [dead.state, alive.state, other.state] == [TrialState.FAIL, TrialState.RUNNING,
-                                                      TrialState.RUNNING]
-    assert again.state == TrialState.WAITING and again.params == dead.params
+    fail_dead_trials(study)  # a second process doing the same at once: nothing more
+    trials = study.get_trials()
+    assert [trial.state for trial in trials[:5]] == [
+        TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL,
+        TrialState.RUNNING]
+    again = trials[5:]
+    assert [trial.state for trial in again] == [TrialState.WAITING] * 3
+    assert [trial.system_attrs["fixed_params"] for trial in again] == [  # queued settings
+        trials[n].params for n in (0, 2, 3)]
+    assert [trial.user_attrs["rerun_of"] for trial in again] == [0, 2, 3]
+
+
+def test_a_trial_whose_process_dies_twice_is_not_run_a_third_time(tmp_path):
+    study = optuna.create_study(storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal"))))
+    trial = study.ask()
+    trial.set_user_attr("process", this_process())
+    fail_dead_trials(study)
+    rerun = study.ask()  # the queued copy
+    assert rerun.user_attrs["rerun_of"] == 0
+    rerun.set_user_attr("process", this_process())
+    fail_dead_trials(study)
+    assert [trial.state for trial in study.get_trials()] == [TrialState.FAIL] * 2
 
 
 def test_a_process_joining_before_the_study_has_its_settings_waits_then_gives_up(
