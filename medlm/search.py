@@ -110,7 +110,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
 
     def database() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                          failed_trial_callback=_rerun_stale_trial)
+                                          heartbeat_stale_trial_callback=_rerun_stale_trial)
 
     for attempt in range(5):
         try:
@@ -562,8 +562,11 @@ def pruning_summary(table: pd.DataFrame) -> str:
     if table.empty:
         return "no trials"
     complete, pruned = table[table["state"] == "COMPLETE"], table[table["state"] == "PRUNED"]
+    running = (table["state"] == "RUNNING").sum()
     text = (f"{len(complete)} trials finished, {len(pruned)} pruned, "
-            f"{(~table['state'].isin(['COMPLETE', 'PRUNED'])).sum()} failed or interrupted")
+            + (f"{running} running, " if running else "")
+            + f"{(~table['state'].isin(['COMPLETE', 'PRUNED', 'RUNNING'])).sum()} failed or "
+            "interrupted")
     if len(pruned) and len(complete):
         text += (f"; a pruned trial ran {pruned['seconds'].mean():.0f} s on average, a "
                  f"finished one {complete['seconds'].mean():.0f} s")
