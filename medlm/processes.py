@@ -53,5 +53,6 @@ def is_gone(name: str) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # another user's process: alive
-        pass
-    return bool(started) and _started(pid) != started
+        return False
+    now = _started(pid)  # "" where unreadable (hidepid): then alive, as far as can be told
+    return bool(started) and bool(now) and now != started

@@ -129,12 +129,12 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
 
 def _run_again(study: optuna.Study, trial: FrozenTrial) -> None:
     """A trial whose process died: its settings queued to run again, once (a trial that kills
-    its process each time is not retried for ever)."""
-    if "rerun_of" in trial.user_attrs:
+    its process each time is not retried for ever; a Ctrl-C is not a death)."""
+    if trial.user_attrs.get("died", 0) >= 1:
         log.warning("trial %d: its process died, as the run it repeats did; not run again",
                     trial.number)
         return
-    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number, "died": 1})
 
 
 def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -153,7 +153,8 @@ def fail_dead_trials(study: optuna.Study) -> None:
     """Trials of a journal file left RUNNING by a process of this machine that is gone
     (SIGKILL, a crash; a journal has no heartbeat to tell): failed, and run again."""
     if not isinstance(study._storage, optuna.storages.JournalStorage):
-        return  # a database's heartbeats tell
+        optuna.storages.fail_stale_trials(study)  # a database's heartbeats tell
+        return
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_gone(str(trial.user_attrs.get("process", ""))):
             continue
@@ -316,7 +317,10 @@ def _start_parent(study: optuna.Study, config, space, options: SearchOptions) ->
             client.set_tag(launcher, "medlm.run_id", run.info.run_id)
         _describe_parent(client, run.info.run_id, study, config, space, options)
     except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        try:
+            client.set_terminated(run.info.run_id, "FAILED")
+        except Exception as error:  # noqa: BLE001 - the store is down: its error is the one
+            log.warning("could not mark the search's parent run FAILED: %s", error)
         raise
     return run.info.run_id
 
@@ -409,7 +413,8 @@ class _Trials:
             log.warning("trial %d FAILED: %s", trial.number, error)
             return math.nan
         except KeyboardInterrupt:  # run again, from its start, when the search resumes
-            trial.study.enqueue_trial(drawn, user_attrs={"rerun_of": trial.number})
+            trial.study.enqueue_trial(drawn, user_attrs={
+                "rerun_of": trial.number, "died": trial.user_attrs.get("died", 0)})
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
             raise
@@ -513,7 +518,9 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
              options.trials, "begun before" if not created else "so far", parent_id)
     try:
         if left > 0:
-            study.optimize(_Trials(config, space, prepared, parent_id), n_trials=left,
+            # until the study holds its trials (_budget): a trial of a process that died
+            # since, failed and queued again, is run here too
+            study.optimize(_Trials(config, space, prepared, parent_id), n_trials=None,
                            callbacks=[_budget(options.trials),
                                       _note_best(parent_id, config.select_by)])
     except KeyboardInterrupt:
@@ -562,11 +569,12 @@ def pruning_summary(table: pd.DataFrame) -> str:
     if table.empty:
         return "no trials"
     complete, pruned = table[table["state"] == "COMPLETE"], table[table["state"] == "PRUNED"]
-    running = (table["state"] == "RUNNING").sum()
+    running, queued = ((table["state"] == state).sum() for state in ("RUNNING", "WAITING"))
     text = (f"{len(complete)} trials finished, {len(pruned)} pruned, "
             + (f"{running} running, " if running else "")
-            + f"{(~table['state'].isin(['COMPLETE', 'PRUNED', 'RUNNING'])).sum()} failed or "
-            "interrupted")
+            + (f"{queued} queued, " if queued else "")
+            + f"{(~table['state'].isin(['COMPLETE', 'PRUNED', 'RUNNING', 'WAITING'])).sum()} "
+            "failed or interrupted")
     if len(pruned) and len(complete):
         text += (f"; a pruned trial ran {pruned['seconds'].mean():.0f} s on average, a "
                  f"finished one {complete['seconds'].mean():.0f} s")
