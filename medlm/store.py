@@ -6,14 +6,21 @@ SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+from collections.abc import Iterator
 from unittest import mock
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, as before
+    fcntl = None
 
 from medlm._paths import check_writable
 from medlm.errors import MedLMError
@@ -61,7 +68,6 @@ def check_tracking_store() -> None:
     if new_file is not None:
         check_writable(os.path.dirname(os.path.abspath(new_file)),
                        f"the tracking store {uri!r}'s directory")
-        return
     server = _is_server(uri)
     if server:
         # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
@@ -71,7 +77,8 @@ def check_tracking_store() -> None:
     probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(STORE_TIMEOUT_S))} if server else {}
     try:
-        with mock.patch.dict(os.environ, probe):  # the probe's bounds, for this call only
+        with mock.patch.dict(os.environ, probe), _one_process_at_a_time(uri):
+            # the probe's bounds, for this call only; a new SQLite file gets its tables here
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
         text = str(error).strip()
@@ -86,6 +93,25 @@ def check_tracking_store() -> None:
             f"the tracking URI {shown!r} cannot be used ({reason}): expected http(s)://HOST:PORT "
             "of an MLflow server, sqlite:///PATH/mlflow.db in a writable directory, or "
             "MLFLOW_TRACKING_URI unset for ./mlflow.db") from None
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(uri: str) -> Iterator[None]:
+    """For a SQLite store: the first open in this process (which creates or migrates its
+    tables) while no other MedLM process opens it, by a lock on the database's directory. Two
+    runs started together in a new directory would otherwise both run MLflow's migrations and
+    one would fail ("duplicate column name"); an open that finds the tables made is quick."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    path = os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///")))
+    os.makedirs(path, exist_ok=True)  # as MLflow would, opening the store
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(directory)  # and the lock with it
 
 
 def _without_password(uri: str) -> str:

@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from medlm.config import sweep_value
 from medlm.heldout import SUMMARY_SCORES
@@ -164,7 +165,7 @@ class MlflowTracker(Logger):
                 warnings.filterwarnings("ignore", "The specified dataset source can be")
                 dataset = mlflow.data.from_pandas(frame.reset_index(drop=True), source=origin,
                                                   targets="Symptoms", name=f"{name}-{context}")
-            mlflow.log_input(dataset, context=context)
+            _log_input(dataset, context)
 
     def log_recipe(self, text: str) -> None:
         """The run's settings as a recipe file (``TrainConfig.to_recipe``): ``recipe.toml``."""
@@ -285,6 +286,16 @@ class MlflowTracker(Logger):
         if logged is not None:
             table = pd.concat([logged[logged["epoch"] != epoch], table])
         mlflow.log_dict(table.to_dict(orient="split", index=False), VALIDATION_LOSSES)
+
+
+def _log_input(dataset, context: str) -> None:
+    """``mlflow.log_input``, tried twice: two runs that log the same rows at the same moment
+    both find the dataset missing and one insert fails (UNIQUE constraint); the second try
+    finds it (MLflow reuses a logged dataset and a run's existing input)."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException:
+        mlflow.log_input(dataset, context=context)
 
 
 def logged_table(run_id: str, artifact_file: str) -> pd.DataFrame | None:
