@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule
+from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule, check_mlflow_name
 from medlm.errors import MedLMError
 
 EXIT_USAGE = 2
@@ -170,6 +170,16 @@ def replace_options(parser: argparse.ArgumentParser, argv: list[str],
     return kept
 
 
+def registered_model_name(text: str) -> str:
+    """An argparse ``type=`` for ``--registered-model``: TrainConfig's check, in its words."""
+    try:
+        check_mlflow_name("registered_model", text)
+    except MedLMError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(
+            "--registered-model ")) from None
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model-uri, --registered-model and --device, as generate and evaluate take them."""
     parser.add_argument("--model-uri", default=None,
@@ -179,7 +189,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "models:/m-MODEL_ID (MLflow 3 logged model), a bare version "
                              "number, runs:/RUN_ID/model, an offline base "
                              "(smollm2-135m-instruct), a local model directory or a .gguf file")
-    parser.add_argument("--registered-model", default="medlm",
+    parser.add_argument("--registered-model", default="medlm", type=registered_model_name,
                         help="registered model whose @champion is the default --model-uri, and "
                              "that a bare version number refers to")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",

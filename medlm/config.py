@@ -256,6 +256,8 @@ class TrainConfig:
             if declared.metadata.get("choices"):
                 _require_choice(declared.name, value, declared.metadata["choices"])
         self._check_combinations()
+        check_mlflow_name("experiment", self.experiment)
+        check_mlflow_name("registered_model", self.registered_model)
 
     def _check_combinations(self) -> None:
         """The settings that are each valid but not together."""
@@ -353,6 +355,29 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):  # a TOML basic string is a JSON string, non-ASCII left as it is
         return json.dumps(value, ensure_ascii=False)
     return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def check_mlflow_name(name: str, value: str) -> None:
+    """An experiment or registered-model name that MLflow accepts, checked before any run
+    starts (a refused model name would otherwise be found at registration, after training,
+    and ``--resume`` keeps it). A model name may not hold quotes or backslashes either: the
+    registry searches MedLM writes (``name = '...'``) could not quote it."""
+    from mlflow.exceptions import MlflowException  # deferred: MLflow takes seconds to import
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    model = name == "registered_model"
+    try:
+        (_validate_model_name if model else _validate_experiment_name)(value)
+        problem = next((f"it holds {char!r}" for char in "'\"\\" if model and char in value),
+                       None)
+    except MlflowException as error:
+        problem = error.message.rstrip(".")
+    if problem:
+        expected = ("a registered-model name without / : ' \" or \\ (e.g. medlm-smollm2)"
+                    if model else "a non-empty MLflow experiment name of at most 500 characters")
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise MedLMError(f"{flag_of(name)} {shown!r} is invalid ({problem[:120]}): expected "
+                         f"{expected}")
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

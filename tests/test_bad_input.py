@@ -278,3 +278,31 @@ def test_a_cache_the_run_cannot_write_is_a_warning_and_the_run_goes_on(
                for w in warnings), warnings
     uri = f"sqlite:///{mlflow_home / 'mlflow.db'}"  # to the end: trained and registered
     assert MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("medlm", "1")
+
+
+BAD_NAMES = [("--registered-model", "team/medlm", "Names cannot contain '/' or ':'"),
+             ("--registered-model", "../medlm", "Names cannot contain '/' or ':'"),
+             ("--registered-model", "it's", "it holds \"'\"")]
+
+
+@pytest.mark.parametrize("module, flag, value, expected", [
+    *[(module, *case) for module in ("run", "generate", "evaluate") for case in BAD_NAMES],
+    ("run", "--experiment", "", "expected a non-empty MLflow experiment name")])
+def test_a_name_mlflow_refuses_is_refused_before_any_run(module, flag, value, expected,
+                                                         mlflow_home, tiny_model_dir,
+                                                         dataset_csv, capsys):
+    """Found at registration, after training, a bad model name would cost the run (and
+    --resume keeps it); a quote broke MLflow's filter syntax with a traceback."""
+    import importlib
+
+    argv = {"run": ["--dataset", str(dataset_csv), "--model", str(tiny_model_dir)],
+            "generate": ["Asthma"], "evaluate": []}[module]
+    try:
+        status = run_cli(importlib.import_module(f"experiments.{module}").main,
+                         [*argv, flag, value])
+    except SystemExit as exit_info:  # argparse's own error path
+        status = exit_info.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.count("\n") == 0, err
+    assert expected in err and flag in err and "Traceback" not in err
+    assert no_runs(mlflow_home)
