@@ -169,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from medlm.data import load_disease_data
+    from medlm.generate import drop_unanswerable
     from medlm.heldout import baseline_scores
     from medlm.inference import load_model_for_inference, source_run
     from medlm.intervals import CONFIDENCE
     from medlm.metrics import METRIC_VERSION
     from medlm.modeling import resolve_device
+    from medlm.prompts import prompt_format_of
     from medlm.split import split_rows
     from medlm.tracking import logged_metrics
 
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         data = load_disease_data(settings["dataset"], settings["max_samples"])
     except HubUnavailable as error:
         raise offline_alternative(error, build_parser(), argv, "--dataset", None, None) from None
+    tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
+    drop_unanswerable(data, model, tokenizer, settings["max_new_tokens"],
+                      prompt_format_of(model))  # as the run did before its split
     frame, baselines = data.frame, {}
     if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
@@ -208,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     if scoring_note:
         print(scoring_note + ": the run's untuned score does not apply here", file=sys.stderr)
     as_logged = run is not None and not notes and args.split == "validation"
-    tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
     with precision.answer_autocast():  # as the run decoded its scored answers
         table, overall = answer_and_score(model, tokenizer, frame, args,

@@ -3,6 +3,7 @@ disease is ``medlm.split``)."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import math
@@ -57,10 +58,30 @@ def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseDat
     raw, file_sha256 = _read_source(source)
     frame, dropped = clean_frame(raw, source)
     if dropped:
-        log.warning("dropped %d of %d rows with an empty Name or Symptoms", dropped, len(raw))
+        log.warning("dropped %d of %d rows with an empty or punctuation-only Name or Symptoms",
+                    dropped, len(raw))
     if max_samples is not None:
         frame = frame.head(max_samples).reset_index(drop=True)
     return DiseaseData(frame, source, len(raw), dropped, file_sha256)
+
+
+def drop_long_names(data: DiseaseData, prompt_tokens: Sequence[int], most: int,
+                    why: str) -> bool:
+    """Drop the rows whose prompt (``prompt_tokens``, one per row) is longer than ``most``
+    tokens, counted in ``dropped_rows`` and warned with their names; True if any. Meant for
+    before the split, so training and held-out rows lose such a name alike: held out, its
+    answer cannot be written; in training, truncation would keep the name and cut every
+    symptom.
+    ``why``: the limit, as the warning words it."""
+    too_long = np.asarray(prompt_tokens) > most
+    if not too_long.any():
+        return False
+    names = data.frame["Name"][too_long]
+    shown = ", ".join(repr(name if len(name) <= 60 else name[:57] + "...") for name in names)
+    log.warning("dropped %d row(s) whose disease name %s: %s", len(names), why, shown)
+    data.frame = data.frame[~too_long].reset_index(drop=True)
+    data.dropped_rows += len(names)
+    return True
 
 
 def _read_source(source: str) -> tuple[pd.DataFrame, str | None]:
@@ -78,9 +99,14 @@ def _read_file(path: str) -> pd.DataFrame:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".parquet",):
         with open(path, "rb") as handle:
-            if b"\x00" in handle.read(1 << 16):
-                raise MedLMError(f"dataset file {path!r} is binary, not text (it has NUL "
-                                 "bytes): expected a UTF-8 CSV, Parquet or JSON file")
+            head = handle.read(1 << 16)
+        encoding = _wide_encoding(head)
+        if encoding:
+            raise MedLMError(f"dataset file {path!r} is {encoding} text: expected UTF-8 "
+                             "(re-save it as UTF-8)")
+        if b"\x00" in head:
+            raise MedLMError(f"dataset file {path!r} is binary, not text (it has NUL "
+                             "bytes): expected a UTF-8 CSV, Parquet or JSON file")
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
@@ -96,8 +122,35 @@ def _read_file(path: str) -> pd.DataFrame:
                          "expected a UTF-8 CSV, Parquet or JSON file (re-save it as UTF-8)"
                          ) from None
     except (ValueError, OSError, pd.errors.ParserError) as error:
-        raise MedLMError(f"dataset file {path!r} could not be parsed ({first_line(error)}): "
-                         "expected a CSV, Parquet or JSON file") from None
+        detail = first_line(error)
+        if suffix not in (".parquet", ".json", ".jsonl", ".tsv"):
+            # a file separated by something else fails to parse when its rows hold different
+            # numbers of commas: then its header says more than the parser does
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                header = handle.readline()
+            detail = ("," not in header and _separator_hint(header)) or detail
+        raise MedLMError(f"dataset file {path!r} could not be parsed ({detail}): expected a "
+                         "CSV, Parquet or JSON file") from None
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" where the file's first bytes are such text (a spreadsheet's
+    "Unicode text" export): by its byte-order mark, or without one by the NUL bytes that pad
+    Latin letters to 2 or 4 bytes. Such a file would otherwise be called binary."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    sample = head[:4096]
+    if not sample.strip(b"\x00"):
+        return None
+    for width, name in ((4, "UTF-32"), (2, "UTF-16")):
+        units = [sample[i:i + width] for i in range(0, len(sample) - width + 1, width)]
+        padding = b"\x00" * (width // 2)
+        if units and (all(unit.endswith(padding) for unit in units)
+                      or all(unit.startswith(padding) for unit in units)):
+            return name
+    return None
 
 
 def _first_bad_byte(path: str) -> str:
@@ -140,34 +193,43 @@ def clean_frame(raw: pd.DataFrame, source: str = "dataset") -> tuple[pd.DataFram
     """Normalize Name and Symptoms the way the seed did, drop empty rows; return (frame, dropped).
 
     Symptoms are split on commas, each phrase stripped, empty phrases removed and re-joined with
-    ", ". Duplicated disease names are kept (they carry different symptom lists). Other columns
-    are kept untouched. Column names match case-insensitively.
+    ", ". A name or phrase of punctuation alone (``...``, ``-``, ``?``: a placeholder, not a
+    symptom) counts as empty, so the model is not trained to write it. Duplicated disease names
+    are kept (they carry different symptom lists). Other columns are kept untouched. Column
+    names match case-insensitively.
     """
     by_lower = {str(column).strip().lower(): column for column in raw.columns}
     missing = [name for name in REQUIRED_COLUMNS if name.lower() not in by_lower]
     if missing:
         found = ", ".join(map(str, raw.columns)) or "none"
-        hint = ""
-        if len(raw.columns) == 1:
-            separator = next((s for s in (";", "\t", "|") if s in str(raw.columns[0])), None)
-            if separator:
-                hint = f"; the header looks {separator!r}-separated, expected commas"
+        hint = _separator_hint(str(raw.columns[0])) if len(raw.columns) == 1 else ""
         raise MedLMError(f"dataset {source!r} has columns [{found}]: expected columns "
                          f"{' and '.join(REQUIRED_COLUMNS)} (missing {', '.join(missing)}"
-                         f"{hint})")
+                         f"{'; ' * bool(hint)}{hint})")
     if raw.empty:
         raise MedLMError(f"dataset {source!r} has a header but no rows: expected at least one "
                          "row with Name and Symptoms")
     frame = raw.rename(columns={by_lower[name.lower()]: name for name in REQUIRED_COLUMNS})
     frame = frame.copy()
-    frame["Name"] = frame["Name"].map(_as_text).str.split().str.join(" ")
+    frame["Name"] = frame["Name"].map(_as_text).map(_join_words)
     frame["Symptoms"] = frame["Symptoms"].map(_as_text).map(_join_phrases)
     keep = (frame["Name"] != "") & (frame["Symptoms"] != "")
     frame = frame[keep].reset_index(drop=True)
     if frame.empty:
         raise MedLMError(f"dataset {source!r} has no usable rows ({len(raw)} read, all with an "
-                         "empty Name or Symptoms): expected rows with both filled in")
+                         "empty or punctuation-only Name or Symptoms): expected rows with "
+                         "both filled in")
     return frame, int((~keep).sum())
+
+
+def _separator_hint(header: str) -> str:
+    """"the header looks ';'-separated, expected commas" where a header holds a ``;``, tab or
+    ``|``, else "": what a file separated by something else most likely is."""
+    separator = next((s for s in (";", "\t", "|") if s in header), None)
+    if separator is None:
+        return ""
+    tsv = " or a file named .tsv" if separator == "\t" else ""
+    return f"the header looks {separator!r}-separated, expected commas{tsv}"
 
 
 def _as_text(value: object) -> str:
@@ -178,8 +240,14 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
+def _join_words(text: str) -> str:
+    """``text`` with its whitespace runs made single spaces; "" where it has no letter or
+    digit."""
+    return " ".join(text.split()) if any(char.isalnum() for char in text) else ""
+
+
 def _join_phrases(symptoms: str) -> str:
-    phrases = (" ".join(phrase.split()) for phrase in symptoms.split(","))
+    phrases = (_join_words(phrase) for phrase in symptoms.split(","))
     return ", ".join(phrase for phrase in phrases if phrase)
 
 

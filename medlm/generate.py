@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from medlm.data import drop_long_names
 from medlm.errors import MedLMError
 from medlm.modeling import casts_cached, context_size
 from medlm.prompts import bos_ids, prompt_format_of, prompts_for
+from medlm.tokens import encode_texts
 
 
 @dataclass
@@ -41,18 +43,59 @@ class GenerationSettings:
         )
 
 
-def check_generation_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+def check_generation_length(model, prompt_tokens: int, max_new_tokens: int,
+                            disease: str | None = None) -> None:
     """A prompt and its answer must fit the model's context (GPT-2's position embeddings end
-    there: beyond, generation fails with an IndexError deep inside the model)."""
+    there: beyond, generation fails with an IndexError deep inside the model). ``disease``: the
+    name whose prompt this is, named in the error."""
 
     context = context_size(model)
+    named = f" ({shown_name(disease)})" if disease is not None else ""
     if context is not None and prompt_tokens >= context:
-        raise MedLMError(f"a prompt of {prompt_tokens} tokens does not fit this model's context "
-                         f"of {context} tokens: expected shorter prompts (disease names)")
+        raise MedLMError(f"a prompt of {prompt_tokens} tokens{named} does not fit this model's "
+                         f"context of {context} tokens: expected shorter prompts (disease names)")
     if context is not None and prompt_tokens + max_new_tokens > context:
         raise MedLMError(f"--max-new-tokens {max_new_tokens} is too long for this model: a "
-                         f"prompt of {prompt_tokens} tokens plus the answer must fit its context "
-                         f"of {context} tokens: expected at most {context - prompt_tokens}")
+                         f"prompt of {prompt_tokens} tokens{named} plus the answer must fit its "
+                         f"context of {context} tokens: expected at most {context - prompt_tokens}")
+
+
+def check_prompts_fit(model, tokenizer, diseases: list[str], max_new_tokens: int,
+                      prompt_format: str) -> None:
+    """``check_generation_length`` for the longest of the diseases' prompts, naming it."""
+    lengths = prompt_lengths(tokenizer, diseases, prompt_format)
+    longest = max(range(len(diseases)), key=lengths.__getitem__)
+    check_generation_length(model, lengths[longest], max_new_tokens, diseases[longest])
+
+
+def drop_unanswerable(data, model, tokenizer, max_new_tokens: int, prompt_format: str) -> bool:
+    """Drop the rows (``medlm.data.drop_long_names``: counted, named in a warning) whose
+    disease name leaves no room in the model's context for a ``max_new_tokens`` answer,
+    before the split, so that a run and ``experiments.evaluate`` hold out the same rows; True
+    if any. An answer too long for every name is the flag's fault: the error names it."""
+    context = context_size(model)
+    if context is None:
+        return False
+    names = data.frame["Name"].tolist()
+    lengths = prompt_lengths(tokenizer, names, prompt_format)
+    shortest = min(range(len(names)), key=lengths.__getitem__)
+    check_generation_length(model, lengths[shortest], max_new_tokens, names[shortest])
+    return drop_long_names(data, lengths, context - max_new_tokens,
+                           f"leaves no room in the model's context of {context} tokens for a "
+                           f"--max-new-tokens {max_new_tokens} answer")
+
+
+def prompt_lengths(tokenizer, diseases: list[str], prompt_format: str) -> list[int]:
+    """Tokens of each disease's prompt as ``generate()`` encodes it, beginning-of-text
+    included."""
+    prefix = len(bos_ids(tokenizer))
+    return [prefix + len(ids) for ids in
+            encode_texts(tokenizer, prompts_for(diseases, tokenizer, prompt_format))]
+
+
+def shown_name(name: str) -> str:
+    """``name`` quoted, cut short where it is too long to read in a one-line message."""
+    return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
 def forked_rng(device: torch.device):
@@ -90,7 +133,9 @@ def generate(model, tokenizer, diseases: list[str],
     device = next(model.parameters()).device
     per_prompt = settings.num_return_sequences
     config = settings.to_generation_config(tokenizer)
-    prompts = prompts_for(diseases, tokenizer, prompt_format_of(model))  # as it was trained
+    prompt_format = prompt_format_of(model)  # as it was trained
+    check_prompts_fit(model, tokenizer, diseases, settings.max_new_tokens, prompt_format)
+    prompts = prompts_for(diseases, tokenizer, prompt_format)
     # (prompts, sequences per prompt) per call: several prompts with all their completions
     # (beam search: all their beams, kept together), or one prompt's completions in parts when
     # they alone exceed the bound
@@ -108,8 +153,6 @@ def generate(model, tokenizer, diseases: list[str],
         batches = [(encode_prompts(tokenizer, chunk), count) for chunk, count in calls]
     finally:
         tokenizer.padding_side = padding_side
-    check_generation_length(model, max(batch["input_ids"].shape[1] for batch, _ in batches),
-                            settings.max_new_tokens)
     was_training = model.training
     model.eval()
     texts = []

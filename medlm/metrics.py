@@ -31,7 +31,7 @@ words). A model that has learnt something scores above both, on diseases it neve
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -136,14 +136,26 @@ def constant_answer(train_frame, size: int = 5) -> str:
 def nearest_name_answers(train_frame, names: Sequence[str], fallback: str) -> list[str]:
     """For each name, the symptoms of the training disease whose name shares the most content
     words (ties: the fewest extra words, then the first row); ``fallback`` where none shares
-    a word. No model: what a lookup table by name scores."""
-    train_names = [content_words(name) for name in train_frame["Name"]]
+    a word. No model: what a lookup table by name scores.
+
+    An index from each content word to the training names that hold it means only names
+    sharing a word are scored: comparing every pair took 18 s of a 20,000-row start-up. Equal
+    word sets are indexed once, by their first row, which wins their ties anyway.
+    """
+    first_rows: dict[frozenset[str], int] = {}
+    for row, name in enumerate(train_frame["Name"]):
+        first_rows.setdefault(content_words(name), row)
+    rows_with: dict[str, list[int]] = defaultdict(list)
+    word_count: dict[int, int] = {}
+    for words, row in first_rows.items():
+        word_count[row] = len(words)
+        for word in words:
+            rows_with[word].append(row)
     train_symptoms = train_frame["Symptoms"].tolist()
     answers = []
     for name in names:
-        words = content_words(name)
-        best = max(range(len(train_names)), default=None,
-                   key=lambda i: (len(words & train_names[i]), -len(train_names[i]), -i))
-        shared = best is not None and words & train_names[best]
-        answers.append(train_symptoms[best] if shared else fallback)
+        shared = Counter(row for word in content_words(name) for row in rows_with.get(word, ()))
+        best = max(shared, default=None,
+                   key=lambda row: (shared[row], -word_count[row], -row))
+        answers.append(fallback if best is None else train_symptoms[best])
     return answers

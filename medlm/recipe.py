@@ -26,11 +26,17 @@ import torch
 from medlm import distributed
 from medlm._paths import SWEEP_FILE, check_writable, sweep_state_file
 from medlm.champion import maybe_crown, validation_loss_table
-from medlm.checkpoint import check_world_size, has_checkpoint, logged_epoch, saved_epochs
+from medlm.checkpoint import (
+    check_readable,
+    check_world_size,
+    has_checkpoint,
+    logged_epoch,
+    saved_epochs,
+)
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
 from medlm.errors import MedLMError
-from medlm.generate import GenerationSettings, check_generation_length, encode_prompts
+from medlm.generate import GenerationSettings, check_prompts_fit, drop_unanswerable
 from medlm.heldout import SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.lora import add_lora, merge_lora, trainable_parameters
 from medlm.metrics import METRIC_VERSION, references_by_disease
@@ -51,7 +57,7 @@ from medlm.offline import (
     randomly_initialised,
     resolve_base_name,
 )
-from medlm.prompts import prompts_for, resolve_prompt_format, set_prompt_format
+from medlm.prompts import resolve_prompt_format, set_prompt_format
 from medlm.registry import register
 from medlm.repeats import REFERENCE_SCORES
 from medlm.report import EpochReport, TimeReport, run_description
@@ -127,13 +133,12 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     tokenizer, model = load_tokenizer_and_model(config.model)
     prompt_format = resolve_prompt_format(config.prompt_format, tokenizer, config.model)
     # every answer the run writes must fit the context: checked now, not after an epoch
-    held_out = data.frame if config.folds else split.validation  # over the folds: every row
-    prompts = list(dict.fromkeys([*config.sample_prompts, *held_out["Name"]]))
-    if prompts and (config.symptom_eval or config.sample_prompts
-                    or config.num_validation_samples):
-        # as generate() encodes them: the longest, with its beginning-of-text token if any
-        encoded = encode_prompts(tokenizer, prompts_for(prompts, tokenizer, prompt_format))
-        check_generation_length(model, encoded["input_ids"].shape[1], config.max_new_tokens)
+    if config.sample_prompts:
+        check_prompts_fit(model, tokenizer, config.sample_prompts, config.max_new_tokens,
+                          prompt_format)
+    if (config.symptom_eval or config.num_validation_samples) and drop_unanswerable(
+            data, model, tokenizer, config.max_new_tokens, prompt_format):
+        split = split_for(config, data)  # as every later split of these rows will be
     return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 
 

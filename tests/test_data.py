@@ -83,6 +83,46 @@ def test_bad_files_give_one_line_errors(tmp_path, content, expected):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_tab_separated_file_named_csv_gets_the_tab_hint(tmp_path, dataset_csv):
+    """Before: the CSV parser's "Expected 8 fields in line 5, saw 12", with no word of tabs."""
+    path = tmp_path / "diseases.csv"
+    pd.read_csv(dataset_csv, dtype=str).to_csv(path, sep="\t", index=False)
+    with pytest.raises(MedLMError, match=re.escape("the header looks '\\t'-separated, expected "
+                                                   "commas")) as error:
+        load_disease_data(str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert ".tsv" in str(error.value)
+
+
+@pytest.mark.parametrize("encoding,expected", [
+    ("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"),
+    ("utf-32", "UTF-32"), ("utf-32-le", "UTF-32"),
+])
+def test_utf16_and_utf32_files_are_named_by_their_encoding(tmp_path, dataset_csv, encoding,
+                                                           expected):
+    """Before: "is binary, not text (it has NUL bytes)", which a spreadsheet's "Unicode text"
+    export is not."""
+    path = tmp_path / "diseases.csv"
+    path.write_text(dataset_csv.read_text(encoding="utf-8"), encoding=encoding)
+    with pytest.raises(MedLMError) as error:
+        load_disease_data(str(path))
+    message = str(error.value)
+    assert f"is {expected} text: expected UTF-8" in message and "re-save it as UTF-8" in message
+    assert str(path) in message and "\n" not in message and "binary" not in message
+
+
+def test_punctuation_only_names_and_symptoms_are_dropped_and_counted(tmp_path, caplog):
+    path = tmp_path / "d.csv"
+    path.write_text('Name,Symptoms\nFlu,"Fever, ..., cough, -"\nCold,...\nAsthma,-\nGout, ? \n'
+                    '"?!",Rash\n--,Itching\nMigraine,Headache\n')
+    with caplog.at_level(logging.WARNING):
+        data = load_disease_data(str(path))
+    assert data.frame["Name"].tolist() == ["Flu", "Migraine"]
+    assert data.frame["Symptoms"].tolist() == ["Fever, cough", "Headache"]
+    assert data.dropped_rows == 5
+    assert "dropped 5 of 7 rows" in caplog.text and "punctuation" in caplog.text
+
+
 def test_missing_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(MedLMError, match="not found"):
         load_disease_data(str(tmp_path / "nope.csv"))

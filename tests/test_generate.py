@@ -1,6 +1,11 @@
+import logging
+import re
+
+import pandas as pd
 import pytest
 import torch
 
+from medlm.errors import MedLMError
 from medlm.generate import GenerationSettings, generate
 
 
@@ -90,3 +95,48 @@ def test_sampling_forks_the_accelerators_generator_too(monkeypatch, device_type)
     with forked_rng(torch.device(device_type)):
         calls.append("sample")
     assert calls == ["get", "sample", "set"]
+
+
+LONG_NAME = "Hereditary " + " ".join(f"Zorbulan{index} Quixatic" for index in range(60))
+
+
+def test_generate_names_the_disease_too_long_for_the_context(tiny_model):
+    """Before: "a prompt of N tokens does not fit", which left the user to find the name."""
+    tokenizer, model = tiny_model
+    with pytest.raises(MedLMError, match=re.escape(LONG_NAME[:40])) as error:
+        generate(model, tokenizer, ["Flu", LONG_NAME], GenerationSettings(max_new_tokens=4))
+    assert "context of 256 tokens" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("folds", [0, 5])
+def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
+        tiny_model_dir, dataset_csv, tmp_path, caplog, folds):
+    """Before: held out (always so over --folds), the name stopped the run with a message that
+    named no disease; in training, the row was truncated to its name, every symptom cut."""
+    from medlm.config import TrainConfig
+    from medlm.recipe import prepare
+
+    path = tmp_path / "diseases.csv"
+    rows = pd.read_csv(dataset_csv, dtype=str)
+    rows.loc[len(rows)] = {"Name": LONG_NAME, "Symptoms": "Fever, cough"}
+    rows.to_csv(path, index=False)
+    config = TrainConfig.from_recipe(
+        "default", model=str(tiny_model_dir), dataset=str(path), system_metrics=False,
+        folds=folds, fold=0 if folds else None, max_new_tokens=40)
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(config)
+    names = {*prepared.split.train["Name"], *prepared.split.validation["Name"]}
+    assert LONG_NAME not in names and len(names) == rows["Name"].nunique() - 1
+    assert prepared.data.dropped_rows == 1 and len(prepared.data.frame) == 400
+    assert LONG_NAME[:40] in caplog.text and "--max-new-tokens 40" in caplog.text
+
+
+def test_a_sample_prompt_too_long_for_the_context_is_named(tiny_model_dir, dataset_csv):
+    from medlm.config import TrainConfig
+    from medlm.recipe import prepare
+
+    config = TrainConfig.from_recipe(
+        "default", model=str(tiny_model_dir), dataset=str(dataset_csv), system_metrics=False,
+        sample_prompts=["Flu", LONG_NAME + LONG_NAME])
+    with pytest.raises(MedLMError, match=re.escape(LONG_NAME[:40])):
+        prepare(config)

@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -125,6 +126,51 @@ def test_lookup_answers_with_the_training_disease_sharing_most_name_words():
                           "Symptoms": ["ckd", "stone", "wheeze"]})
     answers = nearest_name_answers(train, ["Polycystic Kidney Disease", "Gout"], "constant")
     assert answers == ["ckd", "constant"]
+
+
+def brute_force_nearest_name_answers(train_frame, names, fallback):
+    """nearest_name_answers before its index: every name against every training name."""
+    train_names = [content_words(name) for name in train_frame["Name"]]
+    train_symptoms = train_frame["Symptoms"].tolist()
+    answers = []
+    for name in names:
+        words = content_words(name)
+        best = max(range(len(train_names)), default=None,
+                   key=lambda i: (len(words & train_names[i]), -len(train_names[i]), -i))
+        shared = best is not None and words & train_names[best]
+        answers.append(train_symptoms[best] if shared else fallback)
+    return answers
+
+
+@pytest.mark.parametrize("split_seed", [42, 7, 2024])
+def test_lookup_answers_exactly_as_comparing_every_name_pair(dataset_csv, split_seed):
+    """On the real data, the held-out names and (with every tie among equal and duplicated
+    names) the training names themselves get the very answers the all-pairs lookup gave."""
+    split = split_by_disease(load_disease_data(str(dataset_csv)).frame, 0.2, split_seed)
+    names = [name for name, _ in references_by_disease(split.validation).values()]
+    names += split.train["Name"].tolist() + ["", "Gout", "the of"]
+    constant = constant_answer(split.train)
+    answers = nearest_name_answers(split.train, names, constant)
+    assert answers == brute_force_nearest_name_answers(split.train, names, constant)
+    assert nearest_name_answers(split.train.head(0), names[:3], constant) == [constant] * 3
+
+
+def test_lookup_of_a_20000_row_dataset_answers_as_comparing_every_pair(dataset_csv):
+    """Names made of the real names' words, so that many share some: 4,000 held-out names
+    against 16,000 training names, and a sample of them checked against the all-pairs lookup
+    (which took 18 s for all of them)."""
+    real = load_disease_data(str(dataset_csv)).frame
+    vocabulary = sorted({word for name in real["Name"] for word in name.split()})
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({
+        "Name": [" ".join(rng.choice(vocabulary, rng.integers(1, 5))) for _ in range(20_000)],
+        "Symptoms": rng.choice(real["Symptoms"], 20_000)})
+    train, held_out = frame.iloc[:16_000], frame["Name"].iloc[16_000:].tolist()
+    answers = nearest_name_answers(train, held_out, "constant")
+    assert len(answers) == len(held_out) and answers.count("constant") < len(held_out) // 2
+    sample = list(range(0, len(held_out), 80))
+    assert [answers[i] for i in sample] == brute_force_nearest_name_answers(
+        train, [held_out[i] for i in sample], "constant")
 
 
 @pytest.fixture(scope="module")
