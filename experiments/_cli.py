@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from medlm import stop
 from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule, check_mlflow_name
 from medlm.errors import MedLMError
 
@@ -232,7 +233,25 @@ def _main_process() -> bool:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    stop.ask(name)  # a raise lost in a __del__ or gc callback still stops at the next step
+    raise KeyboardInterrupt(name)
+
+
+def credentials_out_of_tracking_uri() -> None:
+    """A server's ``user:password@`` in ``MLFLOW_TRACKING_URI`` moved to
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, MLflow's own way to send them
+    (the same basic auth; values already set there win, as they did), so that no line MLflow
+    prints (its "View run ... at URL") or MedLM prints can show the password."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    os.environ["MLFLOW_TRACKING_URI"] = parts._replace(
+        netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -245,6 +264,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     meets the same mistake.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    credentials_out_of_tracking_uri()
     try:
         return main(argv)
     except MedLMError as error:
@@ -256,3 +276,5 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             print(f"interrupted ({str(interrupt) or 'SIGINT'}); the MLflow run, if one had "
                   "started, is marked KILLED", file=sys.stderr)
         return 130
+    finally:
+        stop.clear()  # the command asked to stop has ended

@@ -27,6 +27,7 @@ from medlm.config import (
     read_recipe,
     recipe_names,
     setting_kinds,
+    sweep_value,
 )
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
@@ -144,20 +145,73 @@ def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
 
 
 # What --resume takes beside the run id: where and how this machine runs it, and how many
-# epochs; anything else would change the run's math, which its checkpoint fixes.
+# epochs; anything else would change the run's math, which its checkpoint fixes, unless it
+# repeats the value the run was started with (the same command plus --resume).
 RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
                 "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
                 "device": "--device", "precision": "--precision", "progress": "--[no-]progress",
                 "system_metrics": "--[no-]system-metrics"}
 
 
-def check_resume_flags(given: dict[str, str]) -> None:
-    refused = sorted(option for dest, option in given.items() if dest not in RESUME_FLAGS)
+def saved_settings(run_id: str, checkpoint_dir: str) -> list[TrainConfig]:
+    """The settings an interrupted run (one) or sweep (one per run) was started with."""
+    from medlm._paths import sweep_state_file  # medlm.recipe imports torch: seconds
+    from medlm.recipe import resume_config
+    from medlm.sweep import load_sweep_state
+
+    state_file = sweep_state_file(checkpoint_dir, run_id)
+    if state_file.is_file():
+        return [TrainConfig.from_saved(saved)
+                for saved in load_sweep_state(state_file)["configs"]]
+    return [resume_config(run_id, checkpoint_dir)]
+
+
+def _distinct(values: list) -> list:
+    return [value for index, value in enumerate(values) if value not in values[:index]]
+
+
+def _spelled(dest: str, values: list) -> str:
+    """A setting's values as flags: ``--lr 0.001 0.003``, ``--no-register``, ``no --max-length``
+    (not set)."""
+    if dest in ("recipe", "config"):
+        return " ".join(f"--{'config' if value.endswith('.toml') else 'recipe'} {value}"
+                        for value in values)
+    flag = flag_of(dest)
+    if values == [None]:
+        return f"no {flag}"
+    if all(isinstance(value, bool) for value in values):
+        return " ".join(flag if value else f"--no-{flag[2:]}" for value in values)
+    if all(isinstance(value, list) for value in values):
+        return " ".join(f"{flag} {item}" for value in values for item in value) or f"{flag} []"
+    return f"{flag} {' '.join(sweep_value(value) for value in values)}"
+
+
+def check_resume_flags(args: argparse.Namespace, given: dict[str, str]) -> dict[str, str]:
+    """The flags ``given`` beside --resume less those that repeat the run's saved settings;
+    one outside ``RESUME_FLAGS`` that differs is refused, named with its given and saved
+    values."""
+    asked = [dest for dest in given if dest != "resume"]
+    if not asked:
+        return given
+    saved = saved_settings(args.resume, args.checkpoint_dir or TrainConfig().checkpoint_dir)
+    differ = {}
+    for dest in asked:
+        value = getattr(args, dest)
+        values = _distinct(value) if dest in SWEEPABLE else [value]
+        saved_values = _distinct([getattr(config, "recipe" if dest == "config" else dest)
+                                  for config in saved])
+        if values != saved_values:
+            differ[dest] = (_spelled(dest, values), _spelled(dest, saved_values))
+    refused = [differ[dest] for dest in sorted(differ, key=given.get)
+               if dest not in RESUME_FLAGS]
     if refused:
-        flags = ", ".join(refused)
-        raise MedLMError(f"{flags} with --resume is invalid: a resumed run keeps the settings "
-                         f"it was started with: expected only {', '.join(RESUME_FLAGS.values())}"
-                         " beside --resume")
+        kind = "sweep" if len(saved) > 1 else "run"
+        raise MedLMError(
+            f"{', '.join(mine for mine, _ in refused)} with --resume is invalid: {kind} "
+            f"{args.resume} was started with {', '.join(theirs for _, theirs in refused)}: "
+            "expected the values it was started with, or no such flags (a resumed run keeps "
+            f"its settings; only {', '.join(RESUME_FLAGS.values())} may differ)")
+    return {dest: option for dest, option in given.items() if dest == "resume" or dest in differ}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         if args.resume:
-            given = flags_given(build_parser(), argv if argv is not None else sys.argv[1:])
-            check_resume_flags(given)
+            given = check_resume_flags(args, flags_given(
+                build_parser(), argv if argv is not None else sys.argv[1:]))
             if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
                 check_tracking_store()
             epochs = None

@@ -20,19 +20,27 @@ resumes (see ``fit``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import os
+import pickle
 import random
+import shlex
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 
-from medlm.errors import MedLMError
+from medlm._paths import SWEEP_FILE
+from medlm.config import TrainConfig
+from medlm.errors import MedLMError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +95,89 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
     rank order (default: this process's only); ``precision``: the effective one (fp32/bf16/
     fp16), checked when the run resumes; ``step_interval``: what the steps since the last
     per-step point added up to, so a resumed run's next point covers the same steps as an
-    uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model."""
+    uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model. A disk that fills up
+    meanwhile is one line (``MedLMError``), the previous epoch's checkpoint left whole."""
     directory, name = Path(directory), f"epoch-{len(epochs)}"
     partial = directory / f".{name}.partial"
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
-    partial.mkdir()
-    save_file({key: tensor.contiguous() for key, tensor in trained_weights(model).items()},
-              str(partial / "model.safetensors"), metadata={"trained_only": "1"})
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    previous = directory / f"epoch-{len(epochs) - 1}"
-    if best_state is not None and not best_is_current and not _link_best(previous, partial):
-        save_file({k: v.contiguous() for k, v in best_state.items()},
-                  str(partial / "best.safetensors"))
-    torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_states or [rng_state()], "epochs": [asdict(r) for r in epochs],
-                "epochs_without_improvement": epochs_without_improvement,
-                "loader": loader_state, "precision": precision,
-                "step_interval": step_interval or {}, "best_is_current": best_is_current,
-                "frozen_sha256": frozen}, partial / "state.pt")
-    _publish(directory, partial, name)
+    with _disk_full_is_resumable(directory, partial, len(rng_states or [None])):
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
+        partial.mkdir()
+        save_file({key: tensor.contiguous() for key, tensor in trained_weights(model).items()},
+                  str(partial / "model.safetensors"), metadata={"trained_only": "1"})
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        previous = directory / f"epoch-{len(epochs) - 1}"
+        if best_state is not None and not best_is_current and not _link_best(previous, partial):
+            save_file({k: v.contiguous() for k, v in best_state.items()},
+                      str(partial / "best.safetensors"))
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_states or [rng_state()], "epochs": [asdict(r) for r in epochs],
+                    "epochs_without_improvement": epochs_without_improvement,
+                    "loader": loader_state, "precision": precision,
+                    "step_interval": step_interval or {}, "best_is_current": best_is_current,
+                    "frozen_sha256": frozen}, partial / "state.pt")
+        _publish(directory, partial, name)
+
+
+# what torch (a short write: "unexpected pos N vs M") and safetensors say for a full disk
+DISK_FULL_WORDS = ("No space left on device", "unexpected pos", "file write failed",
+                   "StorageFull")
+
+
+def disk_full(error: BaseException) -> bool:
+    """Did a write fail for want of space (or of quota)?"""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (isinstance(error, RuntimeError | SafetensorError)
+            and any(words in str(error) for words in DISK_FULL_WORDS))
+
+
+@contextlib.contextmanager
+def _disk_full_is_resumable(directory: Path, partial: Path, world_size: int) -> Iterator[None]:
+    """An epoch becomes the one to resume from only once written whole (``_publish``): a disk
+    that fills up before leaves the last good epoch as it was; what the new one had written is
+    removed, and the error says where, and how to go on."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = current_epoch_directory(directory)
+        good = (f"the last good checkpoint, {kept.name.replace('-', ' ')}, is kept in {kept}: "
+                if kept is not None else "")
+        epoch = partial.name.removeprefix(".").removesuffix(".partial").replace("-", " ")
+        raise MedLMError(f"no space left on device in {directory.parent} ({epoch}'s checkpoint "
+                         f"of run {directory.name} could not be written, and what it had written "
+                         f"is removed): {good}expected free space there, then "
+                         f"{how_to_go_on(directory, world_size)}") from None
+
+
+def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
+    """The command that continues run (or sweep) ``run_id``."""
+    launcher = ("python" if world_size == 1 else
+                f"torchrun <the same options: {world_size} processes in all>")
+    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
+             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
+    return f"{launcher} -m experiments.run --resume {run_id}{where}"
+
+
+def how_to_go_on(checkpoint: Path, world_size: int) -> str:
+    """What continues the run checkpointed in ``checkpoint`` (``<checkpoint dir>/<run id>``):
+    its sweep's resume, when a sweep is running it (the sweep resumes its child), else its own
+    from its last whole epoch, else a new start."""
+    root = str(checkpoint.parent)
+    for sweep in checkpoint.parent.glob(f"*/{SWEEP_FILE}"):
+        try:
+            running = json.loads(sweep.read_text()).get("running")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if running == checkpoint.name:
+            return ("resume the sweep with: "
+                    f"{resume_command(sweep.parent.name, root, world_size)}")
+    if current_epoch_directory(checkpoint) is None:
+        return "start the run again (no epoch of it was checkpointed)"
+    return f"resume the run with: {resume_command(checkpoint.name, root, world_size)}"
 
 
 def _publish(directory: Path, partial: Path, name: str) -> None:
@@ -271,18 +342,17 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     the state. A run continues with as many processes as it was trained with (the batches each
     process draws depend on it)."""
     directory = _required_epoch_directory(directory)
-    # map_location: a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun
-    # rank deserialises onto cuda:0; the optimizer moves its state to the parameters' device.
-    state = _upgrade(torch.load(directory / "state.pt", weights_only=True, map_location="cpu"))
+    state = _upgrade(_torch_load(directory / "state.pt"))
     _check_world_size(directory, len(state["rng"]), world_size)
     if "optimizer" not in state:  # written beside it (state.pt held it in older MedLMs)
-        state["optimizer"] = torch.load(directory / "optimizer.pt", weights_only=True,
-                                        map_location="cpu")
+        state["optimizer"] = _torch_load(directory / "optimizer.pt")
     weights = directory / "model.safetensors"
-    with safe_open(str(weights), "pt") as file:
+    with _reading(weights), safe_open(str(weights), "pt") as file:
         trained_only = (file.metadata() or {}).get("trained_only") == "1"
     if trained_only:  # the caller compares state["frozen_sha256"] with the model's
-        load_trained_weights(model, load_file(str(weights)))
+        with _reading(weights):
+            trained = load_file(str(weights))
+        load_trained_weights(model, trained)
     else:  # an older MedLM's: the whole model
         load_model(model, str(weights))
     best = directory / "best.safetensors"
@@ -291,17 +361,66 @@ def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
     elif state.get("best_is_current"):
         state["best_state"] = {name: tensor.to("cpu", copy=True)
                                for name, tensor in trained_weights(model).items()}
+    elif best.is_file():
+        with _reading(best):
+            state["best_state"] = load_file(str(best))
     else:
-        state["best_state"] = load_file(str(best)) if best.is_file() else None
+        state["best_state"] = None
     restore_rng(state["rng"][rank])
     return state
 
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = _upgrade(torch.load(_required_epoch_directory(directory) / "state.pt",
-                                weights_only=True, mmap=True, map_location="cpu"))
+    state = _upgrade(_torch_load(_required_epoch_directory(directory) / "state.pt", mmap=True))
     _check_world_size(directory, len(state["rng"]), world_size)
+
+
+def check_readable(directory: str | os.PathLike) -> None:
+    """Every file of the epoch a run resumes from opens: one cut short (a full disk, a copy
+    that stopped) or overwritten fails now, in one line naming it, not after the data and the
+    model have loaded. Headers and archive directories are read, not the tensors."""
+    current = _required_epoch_directory(directory)
+    state = _torch_load(current / "state.pt", mmap=True)
+    if "optimizer" not in state:  # written beside it (state.pt held it in older MedLMs)
+        _torch_load(current / "optimizer.pt", mmap=True)
+    for name in ("model.safetensors", "best.safetensors"):
+        path = current / name
+        if path.is_file() or name == "model.safetensors":
+            with _reading(path), safe_open(str(path), "pt") as file:
+                file.keys()
+
+
+# what torch and safetensors raise for a file cut short, overwritten or missing
+DAMAGED = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError,
+           FileNotFoundError)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A checkpoint file that cannot be read is one line naming it, and what to do."""
+    try:
+        yield
+    except DAMAGED as error:
+        epoch = path.parent
+        whole = sorted((other for other in epoch.parent.glob("epoch-*")
+                        if other != epoch and other.name[6:].isdigit()
+                        and (other / "state.pt").is_file()), key=lambda other: int(other.name[6:]))
+        earlier = (f", or resume from {whole[-1].name}, which is there too: write "
+                   f"{whole[-1].name} into {epoch.parent / LATEST}" if whole else "")
+        empty = path.is_file() and path.stat().st_size == 0
+        reason = "an empty file" if empty else first_line(error)[:200]
+        raise MedLMError(f"the checkpoint file {path} is damaged ({reason}): "
+                         f"expected a whole file, as the run wrote it: start the run again"
+                         f"{earlier}") from None
+
+
+def _torch_load(path: Path, mmap: bool = False):
+    """``torch.load`` of a checkpoint's state (tensors and plain values only). map_location:
+    a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun rank
+    deserialises onto cuda:0; the optimizer moves its state to the parameters' device."""
+    with _reading(path):
+        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
 
 
 def _check_world_size(directory, saved_world_size: int, world_size: int) -> None:
@@ -326,5 +445,4 @@ def _tuples(value):
 
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
-    return torch.load(_required_epoch_directory(directory) / "state.pt", weights_only=True,
-                      mmap=True, map_location="cpu")["epochs"]
+    return _torch_load(_required_epoch_directory(directory) / "state.pt", mmap=True)["epochs"]

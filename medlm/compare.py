@@ -19,6 +19,7 @@ from medlm.inference import source_run
 from medlm.intervals import CONFIDENCE, RESAMPLES, SEED, STATISTICS, group_sums
 from medlm.metrics import METRIC_VERSION
 from medlm.registry import KEY_PARAMS_BY_SELECTION, evaluation_key
+from medlm.store import shown_tracking_uri
 from medlm.tracking import logged_table
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -46,7 +47,7 @@ def find_run(asked: str, registered_model: str) -> Run:
         try:
             return MlflowClient().get_run(asked)
         except mlflow.exceptions.MlflowException:
-            raise MedLMError(f"{asked!r}: no such run at {mlflow.get_tracking_uri()}: expected "
+            raise MedLMError(f"{asked!r}: no such run at {shown_tracking_uri()}: expected "
                              "a run id, a version number or a models:/ or runs:/ URI") from None
     run = source_run(asked, registered_model)
     if run is None:

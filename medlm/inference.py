@@ -8,14 +8,20 @@ import contextlib
 import io
 import os
 import re
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.utils.model_utils import FLAVOR_CONFIG_CODE
+from sqlalchemy.exc import SQLAlchemyError
 
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, first_line
 from medlm.modeling import load_tokenizer_and_model
 from medlm.offline import known_bases, resolve_base_name
+from medlm.store import shown_tracking_uri
 from medlm.tokens import ensure_pad_token
 
 
@@ -80,13 +86,16 @@ def _check_logged_model(model_uri: str, model_id: str) -> None:
         MlflowClient().get_logged_model(model_id)
     except MlflowException:
         raise MedLMError(f"model URI {model_uri!r}: no logged model {model_id!r} at "
-                         f"{mlflow.get_tracking_uri()}: expected the id shown in the run's "
+                         f"{shown_tracking_uri()}: expected the id shown in the run's "
                          "Models tab") from None
 
 
 def _check_registry(model_uri: str, name: str, alias: str | None, version: str | None) -> None:
-    client = MlflowClient()
-    where = mlflow.get_tracking_uri()
+    try:
+        client = MlflowClient()  # opens the store: a damaged SQLite file fails here
+    except SQLAlchemyError as error:
+        raise _unreadable_store(error) from None
+    where = shown_tracking_uri()
     try:
         registered = client.get_registered_model(name)
     except MlflowException:
@@ -134,17 +143,73 @@ def source_run(model_uri: str, registered_model: str = "medlm"):
         return client.get_run(run_id)
     except MlflowException:
         raise MedLMError(f"model URI {model_uri!r}: no run {run_id!r} at "
-                         f"{mlflow.get_tracking_uri()}: expected a run id that exists") from None
+                         f"{shown_tracking_uri()}: expected a run id that exists") from None
 
 
 def load_logged_model(model_uri: str, asked: str | None = None):
     """(tokenizer, model) of a logged transformers model (``models:/``, ``runs:/`` or an MLflow
-    model directory), as components; ``asked``: the URI as the user wrote it, for errors."""
+    model directory), as components; ``asked``: the URI as the user wrote it, for errors.
+
+    Its files are checked before MLflow loads them (``_check_logged_files``): MLflow's loader
+    turns ``trust_remote_code`` on by itself for a class transformers does not have, and reads
+    missing weights as a traceback."""
+    shown = asked or model_uri
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            components = mlflow.transformers.load_model(model_uri, return_type="components")
-    except MlflowException as error:
-        first_line = str(error).strip().splitlines()[0][:200]
-        raise MedLMError(f"could not load model URI {asked or model_uri!r} ({first_line}): "
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+            _check_logged_files(shown, local)
+            components = mlflow.transformers.load_model(local, return_type="components")
+    except (MlflowException, OSError) as error:
+        raise MedLMError(f"could not load model URI {shown!r} ({first_line(error)[:200]}): "
                          "expected a logged transformers model") from None
+    except SQLAlchemyError as error:
+        raise _unreadable_store(error) from None
     return components["tokenizer"], components["model"]
+
+
+def _check_logged_files(model_uri: str, local: str) -> None:
+    """The logged model in ``local`` (``model_uri``'s files) has every file it was logged with,
+    its weights in safetensors, and no class or code that transformers does not have (which
+    MLflow's loader would run: MedLM never runs a model's own code)."""
+    import transformers  # heavy: only once a logged model is about to load anyway
+
+    described = Path(local) / MLMODEL_FILE_NAME
+    if not described.is_file():
+        raise MedLMError(f"model URI {model_uri!r}: files missing in {local}: MLmodel (its "
+                         "artifacts were deleted?): expected the files the model was logged "
+                         "with; log it again (python -m experiments.run)")
+    flavor = Model.load(str(described)).flavors.get("transformers")
+    if flavor is None:
+        raise MedLMError(f"model URI {model_uri!r} is not a transformers model: expected one "
+                         "logged with mlflow.transformers (python -m experiments.run does)")
+    classes = [flavor.get("pipeline_model_type"),
+               *(flavor.get(f"{name}_type") for name in flavor.get("components", []))]
+    needs = [f"class {name}" for name in classes if not hasattr(transformers, str(name))]
+    if flavor.get(FLAVOR_CONFIG_CODE):
+        needs.append(f"code paths {flavor[FLAVOR_CONFIG_CODE]}")
+    if needs:
+        raise MedLMError(f"model URI {model_uri!r} needs code that comes with it "
+                         f"({', '.join(needs)}: not in transformers), and MedLM never runs a "
+                         "model's own code: expected a model of an architecture built into "
+                         "transformers, as python -m experiments.run logs it")
+    if "model_binary" not in flavor:  # weights on the Hub, at a pinned revision
+        return
+    weights = Path(local) / flavor["model_binary"]
+    expected = [weights / "config.json", *(Path(local) / "components" / name
+                                          for name in flavor.get("components", []))]
+    missing = [path for path in expected if not path.exists()]
+    if not list(weights.glob("*.safetensors")):
+        missing.append(weights / "model.safetensors")
+    if missing:
+        names = ", ".join(str(path.relative_to(local)) for path in missing)
+        raise MedLMError(f"model URI {model_uri!r}: files missing in {local}: {names} (deleted "
+                         "from the artifact store?): expected the files the model was logged "
+                         "with, weights in safetensors; log it again (python -m experiments.run)")
+
+
+def _unreadable_store(error: Exception) -> MedLMError:
+    """A tracking store that cannot be read (a damaged ``mlflow.db``), in one line."""
+    return MedLMError(f"the tracking store {shown_tracking_uri()} cannot "
+                      f"be read ({first_line(error)[:200]}): expected an MLflow tracking "
+                      "database; a damaged mlflow.db is left as it is: restore it from a "
+                      "backup, or move it aside to start an empty one")

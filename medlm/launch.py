@@ -9,6 +9,9 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from medlm import distributed
 from medlm._paths import sweep_state_file
 from medlm.checkpoint import saved_epochs, write_durably
@@ -26,6 +29,7 @@ from medlm.recipe import (
     train_and_register,
 )
 from medlm.search import SearchOptions, check_comparable, run_search
+from medlm.store import shown_tracking_uri
 from medlm.sweep import resume_sweep, run_sweep
 
 log = logging.getLogger("medlm")
@@ -75,16 +79,26 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
     but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
     ``precision``, ``progress``, ``system_metrics``, where given); ``epochs``, when given,
-    changes how many epochs the run has in all (at least those it has completed)."""
+    changes how many epochs the run has in all (at least those it has completed). What it
+    resumes (the checkpoint, the MLflow run) is checked before any data or model loads."""
 
-    if sweep_state_file(checkpoint_dir, run_id).is_file():
-        if epochs is not None:
-            raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
-                             "no --epochs (a sweep resumes with its own grid)")
+    sweep = sweep_state_file(checkpoint_dir, run_id).is_file()
+    if sweep and epochs is not None:
+        raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
+                         "no --epochs (a sweep resumes with its own grid)")
+    saved = None if sweep else resume_config(run_id, checkpoint_dir)
+    if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException:
+            raise MedLMError(f"--resume {run_id!r}: no such run in the tracking store "
+                             f"{shown_tracking_uri()} (its checkpoint is in "
+                             f"{Path(checkpoint_dir) / run_id}): expected the tracking store it "
+                             "was started with (MLFLOW_TRACKING_URI as it was then)") from None
+    if sweep:
         resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
         return
-    config = on_this_machine(replace(resume_config(run_id, checkpoint_dir),
-                                     checkpoint_dir=checkpoint_dir,
+    config = on_this_machine(replace(saved, checkpoint_dir=checkpoint_dir,
                                      collective_timeout_min=collective_timeout_min),
                              machine or {}, run_id)
     if epochs is not None and epochs != config.epochs:

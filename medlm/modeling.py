@@ -26,7 +26,10 @@ def load_tokenizer_and_model(name_or_path: str):
 
     Weights stay fp32 whatever the checkpoint's dtype (a GGUF file is de-quantized): mixed
     precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
-    token becomes end-of-text. ``trust_remote_code`` is never turned on.
+    token becomes end-of-text. ``trust_remote_code`` is never turned on: a model whose
+    architecture transformers has built in loads as that (code its config names is ignored),
+    one that needs its own code is refused; weights load from safetensors only, never from a
+    pickle (``pytorch_model.bin``).
     """
 
     base = resolve_base_name(name_or_path)
@@ -74,9 +77,10 @@ def _read_dequantized(cached: Path):
     if not cached.is_dir():
         return None
     try:
-        return ensure_pad_token(AutoTokenizer.from_pretrained(str(cached)),
-                                AutoModelForCausalLM.from_pretrained(str(cached),
-                                                                     dtype=torch.float32))
+        return ensure_pad_token(
+            AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False),
+            AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32,
+                                                 trust_remote_code=False, use_safetensors=True))
     except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
         log.warning("the de-quantized copy in %s is unreadable (%s): converting the GGUF file "
                     "again", cached, first_line(error))
@@ -87,13 +91,31 @@ def _read_dequantized(cached: Path):
 def _from_pretrained(name_or_path: str, source: str, extra: dict, offline: str | None,
                      where: str):
     """transformers' tokenizer and fp32 model from ``source``; a failure is one line naming
-    ``name_or_path`` (``where``: what kind of source it is), or ``HubUnavailable`` offline."""
+    ``name_or_path`` (``where``: what kind of source it is), or ``HubUnavailable`` offline.
+
+    No code that comes with a model runs (``trust_remote_code=False``: transformers would
+    otherwise ask on stdin, and a ``y`` imports the directory's Python), and no pickle is
+    unpickled (``use_safetensors``; a GGUF file is its own format)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    weights = extra if "gguf_file" in extra else {**extra, "use_safetensors": True}
     try:
-        return (AutoTokenizer.from_pretrained(source, **extra),
-                AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra))
+        return (AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra),
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                     trust_remote_code=False, **weights))
     except (OSError, ValueError, KeyError, ImportError) as error:
+        if "trust_remote_code" in str(error):
+            raise MedLMError(f"model {name_or_path!r} needs the Python code that comes with it "
+                             "(its config's auto_map names an architecture transformers does "
+                             "not have), and MedLM never runs a model's own code: expected a "
+                             "model of an architecture built into transformers (GPT-2, Llama, "
+                             "...)") from None
+        pickles = _pickled_weights(source) if where == "directory" else []
+        if pickles:
+            raise MedLMError(f"model {name_or_path!r} holds its weights only as a pickle "
+                             f"({', '.join(pickles)}), which MedLM does not load (unpickling can "
+                             "run code): expected model.safetensors: re-save the model with "
+                             "save_pretrained (safetensors is its default)") from None
         reason = first_line(error)
         if offline:
             cached = model_in_cache(name_or_path)  # then the reason is worth naming
@@ -102,6 +124,14 @@ def _from_pretrained(name_or_path: str, source: str, extra: dict, offline: str |
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
                          "expected a causal LM Hub id, save_pretrained directory or .gguf "
                          f"file{hint}") from None
+
+
+def _pickled_weights(directory: str) -> list[str]:
+    """The pickled weight files of a directory that holds no safetensors ones."""
+    names = sorted(path.name for path in Path(directory).iterdir() if path.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return []
+    return [name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
 
 
 def dequantized_cache(gguf_path: str) -> Path:

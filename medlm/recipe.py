@@ -31,6 +31,7 @@ from medlm.checkpoint import (
     check_world_size,
     has_checkpoint,
     logged_epoch,
+    resume_command,
     saved_epochs,
 )
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
@@ -62,7 +63,7 @@ from medlm.registry import register
 from medlm.repeats import REFERENCE_SCORES
 from medlm.report import EpochReport, TimeReport, run_description
 from medlm.split import DiseaseSplit, split_rows
-from medlm.store import artifact_directory, server_stopped_answering, tracking_uri
+from medlm.store import artifact_directory, server_stopped_answering, shown_tracking_uri
 from medlm.timing import Stopwatch
 from medlm.timing import describe as describe_time
 from medlm.tracking import MlflowTracker, library_versions, logged_metrics
@@ -297,12 +298,16 @@ def _say_how_to_resume(nested: bool, checkpoint: Path, config: TrainConfig) -> N
         log.warning("stopped before the first epoch ended: nothing to resume")
 
 
-def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: EpochReport) -> None:
-    """Where no epoch was scored as it ended: the kept one, now."""
+def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: EpochReport,
+                      resumed: bool) -> None:
+    """Where no epoch was scored as it ended: the kept one, now; a ``resumed`` run may have
+    logged them before a kill (the same greedy answers): logged once."""
 
     if config.symptom_eval and not best.scores:
         with stopwatch.phase("scoring"):
             if distributed.is_main():
+                if resumed:
+                    report.tracker.skip_logged(best.epoch)
                 report.score_best(model, best)
             best.scores = distributed.broadcast_object(best.scores)
 
@@ -368,7 +373,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         with stopwatch.phase("logging"):
             run_id = distributed.broadcast_object(run_scope.enter_context(run))
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
-                 tracker.tracking_uri)
+                 shown_tracking_uri())
         if started:
             started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
@@ -378,7 +383,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
-        _score_kept_epoch(config, stopwatch, model, best, report)
+        _score_kept_epoch(config, stopwatch, model, best, report, bool(resume_run_id))
         log.info("best epoch %d by %s: validation loss %.4f%s%s (%d held-out diseases)",
                  best.epoch, config.select_by, best.validation_loss,
                  f", {report.compared(best.scores)}" if best.scores else "",
@@ -454,20 +459,10 @@ def _log_time_split(tracker: MlflowTracker, stopwatch: Stopwatch) -> dict[str, f
     return split_seconds
 
 
-def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
-    """The command that continues run (or sweep) ``run_id``."""
-    import shlex
-
-    launcher = ("python" if world_size == 1 else
-                f"torchrun <the same options: {world_size} processes in all>")
-    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
-             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
-    return f"{launcher} -m experiments.run --resume {run_id}{where}"
-
-
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     """The interrupted run's own settings, as saved beside its checkpoint; checked before the
-    MLflow run is reopened, so a wrong process count does not mark it FAILED."""
+    MLflow run is reopened, so a wrong process count does not mark it FAILED, and before the
+    data and model load, so a damaged checkpoint file is named in a second."""
 
     saved = Path(checkpoint_dir) / run_id / "config.json"
     if not (saved.is_file() and has_checkpoint(saved.parent)):
@@ -479,6 +474,7 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
     check_world_size(saved.parent, distributed.environment_world_size())
+    check_readable(saved.parent)
     return TrainConfig.from_saved(json.loads(saved.read_text()))
 
 
@@ -568,7 +564,7 @@ def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[Non
         if not server_stopped_answering():
             raise
 
-        where = f"the tracking server {tracking_uri()} stopped answering"
+        where = f"the tracking server {shown_tracking_uri()} stopped answering"
         if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])
                            and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file()):
             raise MedLMError(f"{where} ({type(error).__name__}) before a first epoch was "

@@ -3,17 +3,27 @@ its scores and evaluation key (which ``medlm.champion`` compares)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.models import infer_signature
 
+from medlm import distributed
+from medlm.checkpoint import disk_full, how_to_go_on
+from medlm.errors import MedLMError
 from medlm.generate import GenerationSettings
 from medlm.heldout import scores_text
 from medlm.prompts import prompt_format_of, serving_template
+from medlm.store import artifact_directory, without_password
 from medlm.tracking import MlflowTracker, param_value
 from medlm.train import EpochResult
 
@@ -105,7 +115,9 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
     ``champion.maybe_crown`` decides on."""
     version = _version_of_this_run(tracker, best.epoch)
     if version is None:
-        version = _log_model(tracker, model, tokenizer, best)
+        _fail_unfinished_models(tracker.run_id)
+        with _disk_full_is_resumable(tracker, params):
+            version = _log_model(tracker, model, tokenizer, best)
     else:  # a resumed run, killed after its model was registered: not a second version
         tracker.log_best(best)
     scores = {"validation_loss": best.validation_loss, **best.scores}
@@ -130,6 +142,47 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
         + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
            if licence is not None else "")))
     return version, tags
+
+
+@contextlib.contextmanager
+def _disk_full_is_resumable(tracker: MlflowTracker, params: dict[str, Any]) -> Iterator[None]:
+    """Model logging that runs out of space costs nothing trained (the run's checkpoint is
+    removed only once the run has its model): one line saying where the space ran out and how
+    to finish the run."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        checkpoint = Path(str(params.get("checkpoint_dir", "checkpoints"))) / tracker.run_id
+        raise MedLMError(f"no space left on device in {_model_destination(tracker.experiment)} "
+                         f"while logging run {tracker.run_id}'s model: its training is kept in "
+                         f"{checkpoint}: expected free space there, then "
+                         f"{how_to_go_on(checkpoint, distributed.world_size())}") from None
+
+
+def _model_destination(experiment: str) -> str:
+    """Where a logged model's files go: the experiment's artifact directory (or the artifact
+    store's URI), and the temporary directory MLflow saves them to first where that is on
+    another filesystem."""
+    store = artifact_directory(experiment) or without_password(mlflow.get_artifact_uri())
+    temporary = tempfile.gettempdir()
+    try:
+        same_filesystem = os.stat(store).st_dev == os.stat(temporary).st_dev
+    except OSError:  # a remote store
+        same_filesystem = False
+    return store if same_filesystem else f"{store} or {temporary} (where the model is saved first)"
+
+
+def _fail_unfinished_models(run_id: str) -> None:
+    """Mark FAILED the logged models of the run that a kill left PENDING (half-written): the
+    resumed run logs its model anew, and the Models tab shows one model ready."""
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for logged in client.search_logged_models([experiment_id],
+                                              filter_string=f"source_run_id = '{run_id}'"):
+        if logged.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
 
 
 def _version_of_this_run(tracker: MlflowTracker, best_epoch: int) -> str | None:

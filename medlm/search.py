@@ -27,6 +27,7 @@ from mlflow.entities import Param, RunStatus, RunTag
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from medlm import stop
 from medlm.config import sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
@@ -35,7 +36,7 @@ from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
 from medlm.registry import KEY_PARAMS_BY_SELECTION, SPLIT_KEY_PARAMS
 from medlm.report import run_description
 from medlm.space import contains, describe
-from medlm.store import launched_by
+from medlm.store import launched_by, without_password
 from medlm.tracking import (
     DESCRIPTION_TAG,
     end_abandoned_run,
@@ -85,15 +86,6 @@ def check_comparable(space: dict[str, BaseDistribution], select_by: str) -> None
                          "without it")
 
 
-def redacted(url: str) -> str:
-    """A storage URL without its password, as logs and params show it."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-
-
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     """The study's storage: a database URL (PostgreSQL for a team: trials' heartbeats let a
     process that died mid-trial be noticed and its trial run again), or a local journal file,
@@ -121,7 +113,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         except Exception as error:  # noqa: BLE001 - SQLAlchemy's errors name the cause
             reason = (str(error).strip().splitlines()[0] if str(error).strip()
                       else type(error).__name__)
-            raise MedLMError(f"--storage {redacted(url)!r} cannot be opened ({reason}): "
+            raise MedLMError(f"--storage {without_password(url)!r} cannot be opened ({reason}): "
                              "expected a reachable database URL (postgresql://user:password@"
                              "host:port/db) or a file path") from None
     return database()
@@ -268,7 +260,7 @@ def queue_first(study: optuna.Study, config, space: dict[str, BaseDistribution],
 def _parent_params(config, space: dict[str, BaseDistribution], options: SearchOptions) -> dict:
     params = {name: value for name, value in config.to_params().items() if name not in space}
     return {**params, "search_space": describe(space), "search_study": options.study,
-            "search_storage": redacted(options.storage or LOCAL_STORAGE),
+            "search_storage": without_password(options.storage or LOCAL_STORAGE),
             "search_sampler": options.sampler, "search_pruner": options.pruner,
             "search_trials": options.trials,
             **({"search_replay": options.replay} if options.replay else {})}
@@ -514,7 +506,7 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
     fail_dead_trials(study)
     left = options.trials - _counted(study)
     log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,
-             redacted(options.storage or LOCAL_STORAGE), options.trials - max(left, 0),
+             without_password(options.storage or LOCAL_STORAGE), options.trials - max(left, 0),
              options.trials, "begun before" if not created else "so far", parent_id)
     try:
         if left > 0:
@@ -522,7 +514,9 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
             # since, failed and queued again, is run here too
             study.optimize(_Trials(config, space, prepared, parent_id), n_trials=None,
                            callbacks=[_budget(options.trials),
-                                      _note_best(parent_id, config.select_by)])
+                                      _note_best(parent_id, config.select_by),
+                                      # a SIGTERM whose raise was lost (medlm.stop)
+                                      lambda study, trial: stop.raise_if_asked()])
     except KeyboardInterrupt:
         _close_parent(study, parent_id, RunStatus.KILLED)
         log.warning("search stopped; the same command again resumes it (the interrupted "

@@ -68,6 +68,7 @@ def check_tracking_store() -> None:
     if new_file is not None:
         check_writable(os.path.dirname(os.path.abspath(new_file)),
                        f"the tracking store {uri!r}'s directory")
+        return  # made by the first run (first_open), so that bad input leaves no file
     server = _is_server(uri)
     if server:
         # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
@@ -77,13 +78,12 @@ def check_tracking_store() -> None:
     probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(STORE_TIMEOUT_S))} if server else {}
     try:
-        with mock.patch.dict(os.environ, probe), _one_process_at_a_time(uri):
-            # the probe's bounds, for this call only; a new SQLite file gets its tables here
+        with mock.patch.dict(os.environ, probe), first_open():  # the probe's bounds, here only
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
         text = str(error).strip()
         reason = text.splitlines()[0][:300] if text else type(error).__name__
-        shown = _without_password(uri)
+        shown = without_password(uri)
         if server:
             raise MedLMError(
                 f"the tracking server {shown!r} (MLFLOW_TRACKING_URI) does not answer ({reason}): "
@@ -96,11 +96,13 @@ def check_tracking_store() -> None:
 
 
 @contextlib.contextmanager
-def _one_process_at_a_time(uri: str) -> Iterator[None]:
-    """For a SQLite store: the first open in this process (which creates or migrates its
-    tables) while no other MedLM process opens it, by a lock on the database's directory. Two
-    runs started together in a new directory would otherwise both run MLflow's migrations and
-    one would fail ("duplicate column name"); an open that finds the tables made is quick."""
+def first_open() -> Iterator[None]:
+    """For a SQLite store: this process's first use of it (which creates or migrates its
+    tables) while no other MedLM process is in its own, by a lock on the database's directory.
+    Two runs started together in a new directory would otherwise both run MLflow's migrations
+    and one would fail ("duplicate column name"); an open that finds the tables made is
+    quick."""
+    uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///") or fcntl is None:
         yield
         return
@@ -114,8 +116,16 @@ def _one_process_at_a_time(uri: str) -> Iterator[None]:
         os.close(directory)  # and the lock with it
 
 
-def _without_password(uri: str) -> str:
-    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", uri)
+def without_password(uri: str) -> str:
+    """``uri`` with the password of its ``user:password@`` shown as ``***``: the only form of a
+    tracking or storage URI a printed line, an error or a param may hold."""
+    return re.sub(r"^([a-z0-9+.-]+://[^/:@]*):[^/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+
+
+def shown_tracking_uri() -> str:
+    """The tracking URI as MedLM prints it: without a password."""
+    return without_password(mlflow.get_tracking_uri())
+
 
 
 def artifact_directory(experiment: str) -> str | None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from medlm import distributed
+from medlm import distributed, stop
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import has_checkpoint, write_durably
+from medlm.checkpoint import has_checkpoint, resume_command, write_durably
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
@@ -32,7 +32,6 @@ from medlm.recipe import (
     on_this_machine,
     outage_is_resumable,
     prepare,
-    resume_command,
     resume_config,
     split_for,
     train_and_register,
@@ -143,6 +142,7 @@ def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
     loaded = True  # prepared.model is the untouched base
     axes = sweep_axes(configs[0])
     for index, config in enumerate(configs):
+        stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop): no next child
         label = " ".join(f"{name}={sweep_value(getattr(config, name))}" for name in axes)
         where = f"--- child {index + 1}/{len(configs)}: {label}"
         if index < len(children):

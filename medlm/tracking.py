@@ -22,7 +22,7 @@ from medlm.config import sweep_value
 from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
 from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
-from medlm.store import launched_by
+from medlm.store import first_open, launched_by
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger, RunStopped
 
@@ -172,15 +172,19 @@ class MlflowTracker(Logger):
         mlflow.log_text(text, "recipe.toml")
 
     def on_epoch_replay(self, model, result: EpochResult) -> None:
-        """The epoch's logging again, after a kill that cut it short: what is already in the
-        run (metrics at this step, table rows of this epoch) is not logged twice."""
+        """The epoch's logging again, after a kill that cut it short."""
+        self.skip_logged(result.epoch)
+        self.on_epoch_end(model, result)
+
+    def skip_logged(self, epoch: int) -> None:
+        """From now on, what the run already has at ``epoch`` (metrics at that step, table rows
+        of that epoch) is not logged again: a resumed run logging what a kill cut short."""
         client = MlflowClient()
         names = client.get_run(self.run_id).data.metrics
-        self._replay = (result.epoch, {
+        self._replay = (epoch, {
             name for name in names
-            if any(metric.step == result.epoch
+            if any(metric.step == epoch
                    for metric in client.get_metric_history(self.run_id, name))})
-        self.on_epoch_end(model, result)
 
     _replay: tuple[int, set[str]] | None = None  # (epoch, metrics already logged at it)
 
@@ -381,7 +385,8 @@ STEP_METRICS = ("step/training_loss", "step/learning_rate", "step/grad_norm",
 def training_experiment(name: str) -> str:
     """The id of the experiment ``name`` (created if new), marked as a model-training
     experiment: MLflow 3's UI opens its training views for it, not the GenAI ones."""
-    experiment = mlflow.set_experiment(name)
+    with first_open():  # a new store's tables made by one process at a time
+        experiment = mlflow.set_experiment(name)
     if "mlflow.experimentKind" not in experiment.tags:  # a kind someone chose stays
         MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind",
                                           "custom_model_development")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medlm import distributed
+from medlm import distributed, stop
 from medlm.checkpoint import (
     frozen_sha256,
     load_checkpoint,
@@ -520,6 +520,7 @@ def _train_epoch(trained, loader: DataLoader, loop: _Loop, config: TrainConfig, 
             curve.add((epoch - 1) * loop.steps_per_epoch + step, window_loss_sum,
                       window_tokens, window_real_tokens, loop.scheduler.get_last_lr()[0],
                       grad_norm)
+            stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop)
     curve.stop_timer()
     epoch_loss_sum = loss_sum.item()  # the epoch's one read of the loss (a host sync)
     totals = _EpochTotals(epoch_loss_sum / max(tokens, 1), time.perf_counter() - started,
@@ -604,6 +605,7 @@ def fit(model: torch.nn.Module, train_loader: DataLoader, validation_loader: Dat
                       loop.step_interval)
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
+        stop.raise_if_asked()
         _set_epoch(train_loader, epoch)
         started = time.perf_counter()
         totals = _train_epoch(trained, train_loader, loop, config, epoch, precision, device,

@@ -127,23 +127,24 @@ def run_module(module: str, *args: str, cwd: Path, env_extra: dict | None = None
 @pytest.fixture(autouse=True)
 def hub_decision_is_per_test(monkeypatch):
     """medlm.hub decides once per process whether the Hub answers and may switch the Hub
-    libraries to cache-only mode; each test starts undecided and online-capable again."""
+    libraries to cache-only mode; each test starts undecided and online-capable again.
+
+    The offline variables a user keeps in the shell (without Hub access, commonly all three)
+    are cleared for each test, here and in the commands it starts, and restored after: a test
+    that wants one sets it. The Hub libraries read them once, on import: they are set back
+    too."""
     import medlm.hub
 
     monkeypatch.setattr(medlm.hub, "_decided", {})
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # restored, or removed, after
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.setenv(name, "")
-            monkeypatch.delenv(name)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "")  # so that the value before, or its absence, is restored
+        monkeypatch.delenv(name)
     import datasets.config
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
-                        huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     for attribute in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setattr(datasets.config, attribute, getattr(datasets.config, attribute))
+        monkeypatch.setattr(datasets.config, attribute, False)
 
 
 class SilentHost:

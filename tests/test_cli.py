@@ -556,3 +556,109 @@ def test_evaluate_decodes_in_the_runs_precision_where_this_machine_has_it(
     precision, said = answer_precision(requested, logged, torch.device("cpu"))
     assert ("bf16" if precision.name == "bf16" else "fp32") == decoded
     assert (said is None) == (note is None) and (note is None or note in said)
+
+
+# A tiny model trained on a few rows, in this process or in a command of its own (argv: the
+# model directory, the dataset); `signal_here()` is called after the first optimizer step.
+FIT_TINY_MODEL = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+from medlm import train
+from medlm.config import TrainConfig
+from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data
+from medlm.modeling import load_tokenizer_and_model, resolve_precision
+
+def fit_tiny_model(model_dir, csv, signal_here, steps):
+    tokenizer, model = load_tokenizer_and_model(model_dir)
+    rows = LanguageDataset(load_disease_data(csv, max_samples=16).frame, tokenizer)
+    loader = DataLoader(rows, batch_size=4, collate_fn=CausalLMCollator(tokenizer.pad_token_id))
+    config = TrainConfig(epochs=2, scheduler="constant", warmup_steps=0, patience=0,
+                         progress=False)
+    step = train.train_step
+
+    def counted_step(*args, **kwargs):
+        answer = step(*args, **kwargs)
+        steps.append(len(steps) + 1)
+        if len(steps) == 1:
+            signal_here()
+        return answer
+
+    train.train_step = counted_step
+    try:
+        train.fit(model, loader, loader, config, torch.device("cpu"),
+                  resolve_precision("fp32", "cpu"))
+    finally:
+        train.train_step = step
+    return 0
+"""
+
+
+def test_a_sigterm_lost_in_a_destructor_still_stops_training_at_the_next_step(
+        tiny_model_dir, dataset_csv, monkeypatch, capsys):
+    """A signal handler's raise is lost when the signal lands while a ``__del__`` (or a
+    garbage-collector callback) runs: Python prints "Exception ignored" and goes on, and a
+    scheduler's SIGKILL then left the MLflow run RUNNING. The handler also records the stop:
+    training stops at its next optimizer step."""
+    import signal
+    import sys
+
+    from experiments._cli import _interrupt, run_cli
+
+    namespace: dict = {}
+    exec(FIT_TINY_MODEL, namespace)
+
+    class Finalized:
+        def __del__(self):  # SIGTERM arriving while this runs
+            _interrupt(signal.SIGTERM, None)
+
+    lost, steps = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lost.append)
+    status = run_cli(lambda argv: namespace["fit_tiny_model"](
+        str(tiny_model_dir), str(dataset_csv), Finalized, steps))
+    assert [type(unraisable.exc_value) for unraisable in lost] == [KeyboardInterrupt]
+    assert status == 130 and steps == [1]  # not the 2 epochs' 8 steps
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+
+
+def test_a_sigterm_landing_in_a_garbage_collector_callback_stops_the_command(
+        tmp_path, tiny_model_dir, dataset_csv):
+    """A real SIGTERM, sent while the command provably runs a gc callback (it says so from
+    inside one, then spins there until the signal comes): exit status 130, not a finished run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    script = FIT_TINY_MODEL + """
+import gc, time
+from experiments._cli import run_cli
+
+def spin_in_gc_once():
+    def spin(phase, info):
+        gc.callbacks.remove(spin)
+        print("in a gc callback", flush=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pass
+
+    gc.callbacks.append(spin)
+    garbage = [[index] for index in range(100_000)]  # allocations: the collector runs
+
+sys.exit(run_cli(lambda argv: fit_tiny_model(sys.argv[1], sys.argv[2], spin_in_gc_once, [])))
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(tiny_model_dir), str(dataset_csv)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert process.stdout.readline() == "in a gc callback\n"
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert "Exception ignored" in stderr and "KeyboardInterrupt: SIGTERM" in stderr  # lost
+    assert process.returncode == 130, stderr
+    assert "interrupted (SIGTERM)" in stderr

@@ -5,6 +5,7 @@ import http.server
 import re
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,17 @@ def test_the_alternative_replaces_only_what_cannot_load(monkeypatch, tmp_path):
     assert str(error).endswith(
         "expected an offline base model; offline, run: python -m experiments.download "
         "smollm2-135m-instruct && python -m experiments.run --model smollm2-135m-instruct")
+
+
+@pytest.mark.slow  # a pytest process of its own: 3-4 s each
+@pytest.mark.parametrize("shell", [
+    {"HF_HUB_OFFLINE": "1"},
+    {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+])
+def test_these_tests_pass_for_a_user_who_keeps_the_hub_offline_in_the_shell(tmp_path, shell):
+    """The README's test command, run by someone without Hub access who exports the offline
+    variables: each test sets what it depends on instead of inheriting them."""
+    result = run_module("pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+                        "-m", "not slow", "-k", "not keeps_the_hub_offline", cwd=tmp_path,
+                        env_extra=shell)
+    assert result.returncode == 0, result.stdout[-3000:]

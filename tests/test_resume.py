@@ -406,7 +406,7 @@ def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
     refused = run_module("experiments.run", "--resume", run.info.run_id, "--lr", "1e-3",
                          cwd=mlflow_home)
     assert refused.returncode == 2 and refused.stderr.count("error:") == 1
-    assert "--lr with --resume is invalid" in refused.stderr
+    assert "--lr 0.001 with --resume is invalid" in refused.stderr
     refused = run_module("experiments.run", "--resume", run.info.run_id, "--no-register",
                          cwd=mlflow_home)  # named as typed, not by its dest ("--register")
     assert refused.returncode == 2 and "--no-register with --resume" in refused.stderr
@@ -418,3 +418,88 @@ def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert [p.step for p in client.get_metric_history(run.info.run_id, "training_loss")] == [
         1, 2]
+
+
+def test_the_same_command_with_resume_continues_and_a_changed_flag_is_named(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, capsys):
+    """A run's own command plus --resume ID resumes: a flag whose value is the run's saved
+    setting is accepted; one that differs is a one-line error naming the flag, the saved and
+    the given value (before, every such flag was refused, whatever its value)."""
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+    from medlm.tracking import MlflowTracker
+
+    on_epoch_end = MlflowTracker.on_epoch_end
+
+    def interrupted_at_epoch_1(self, model, result):
+        if result.epoch == 1:
+            raise KeyboardInterrupt
+        on_epoch_end(self, model, result)
+
+    def command(lr):
+        return ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+                "30", "--epochs", "2", "--lr", lr, "--num-validation-samples", "0",
+                "--no-symptom-eval", "--no-progress", "--patience", "0", "--no-register"]
+
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", interrupted_at_epoch_1)
+    assert run_cli(run_entry_point.main, command("3e-3")) == 130
+    monkeypatch.setattr(MlflowTracker, "on_epoch_end", on_epoch_end)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medlm").experiment_id])
+    run_id = run.info.run_id
+    capsys.readouterr()
+
+    assert run_cli(run_entry_point.main, [*command("1e-3"), "--resume", run_id]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: --lr 0.001 with --resume is invalid: ")
+    assert f"run {run_id} was started with --lr 0.003" in error
+    named = error.split(": expected")[0]
+    assert "--model" not in named and "--max-samples" not in named  # as saved: not named
+    assert client.get_run(run_id).info.status == "KILLED"  # refused before it was reopened
+
+    assert run_cli(run_entry_point.main, [*command("3e-3"), "--resume", run_id]) == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "training_loss")] == [1, 2]
+
+
+def test_a_run_killed_while_its_model_was_logged_resumes_comparable(
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch):
+    """Ctrl-C while the kept epoch's model was being saved (after its scores were logged):
+    the resume logs the kept epoch's scores once (before, symptom_scores.json had each disease
+    twice, each score two points at one step, and experiments.compare refused the run) and
+    leaves no logged model PENDING."""
+    import mlflow
+
+    from experiments import run as run_entry_point
+    from experiments._cli import run_cli
+
+    save_model = mlflow.transformers.save_model
+
+    def killed_while_saving(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.transformers, "save_model", killed_while_saving)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "1", "--max-new-tokens", "4", "--no-progress",
+            "--num-validation-samples", "0"]
+    assert run_cli(run_entry_point.main, args) == 130
+    monkeypatch.setattr(mlflow.transformers, "save_model", save_model)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("medlm").experiment_id
+    (run,) = client.search_runs([experiment])
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED"
+    assert run_cli(run_entry_point.main, ["--resume", run_id]) == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for score in ("symptom_f1", "word_f1", "best_symptom_f1"):
+        steps = [point.step for point in client.get_metric_history(run_id, score)]
+        assert len(steps) == len(set(steps)), (score, steps)
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/symptom_scores.json")
+    rows = pd.DataFrame(table["data"], columns=table["columns"])
+    assert not rows.duplicated(["epoch", "disease"]).any()
+    assert sorted(rows["epoch"].unique()) == [0, 1]
+    models = client.search_logged_models([experiment],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(str(model.status) for model in models) == ["FAILED", "READY"]
+    (version,) = client.search_model_versions("name = 'medlm'")
+    assert version.run_id == run_id

@@ -23,10 +23,10 @@ from medlm.search import (
     join_study,
     open_storage,
     queue_first,
-    redacted,
     suggest,
 )
 from medlm.space import DEFAULT_SPACE, contains, parse_params, read_space_file, search_space
+from medlm.store import without_password
 from medlm.train import EpochResult, RunStopped
 from tests.conftest import run_module
 
@@ -115,9 +115,9 @@ def test_a_setting_given_twice_is_refused():
 
 
 def test_the_storage_password_never_reaches_a_log():
-    assert (redacted("postgresql://medlm:secret@db:5432/optuna")
+    assert (without_password("postgresql://medlm:secret@db:5432/optuna")
             == "postgresql://medlm:***@db:5432/optuna")
-    assert redacted("medlm-search.journal") == "medlm-search.journal"
+    assert without_password("medlm-search.journal") == "medlm-search.journal"
 
 
 def dead_pid() -> int:

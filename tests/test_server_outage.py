@@ -61,3 +61,38 @@ def test_a_server_that_stops_mid_run_loses_nothing_and_the_resume_logs_the_rest(
         assert steps == [1, 2, 3]
         (version,) = client.search_model_versions("name = 'medlm'")
         assert version.run_id == run_id
+
+
+def test_the_tracking_uris_password_is_on_no_line_any_command_prints(
+        tmp_path, tiny_model_dir, dataset_csv):
+    """``MLFLOW_TRACKING_URI=http://user:SECRET@host``: a run (MLflow's own "View run ... at"
+    line included), a search, generate, evaluate, an error naming the store, and the line of
+    a server gone mid-run show no password, and the commands still reach the server."""
+    (tmp_path / "server").mkdir()
+    port = free_port()
+    url = f"http://medlm:SECRET@127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": url}
+    tiny = ("--model", str(tiny_model_dir), "--dataset", str(dataset_csv), "--max-samples",
+            "40", "--epochs", "1", "--num-validation-samples", "0", "--max-new-tokens", "4",
+            "--no-system-metrics")
+    printed = []
+    with mlflow_server(tmp_path / "server", port):
+        for module, args, status in [
+                ("experiments.run", tiny, 0),
+                ("experiments.search", (*tiny, "--param", "lr=5e-4", "--trials", "1",
+                                         "--no-symptom-eval"), 0),
+                ("experiments.generate", ("Asthma", "--max-new-tokens", "4"), 0),
+                ("experiments.evaluate", ("--max-samples", "40", "--max-new-tokens", "4"), 0),
+                ("experiments.generate", ("Asthma", "--model-uri", "models:/nothing/1"), 2)]:
+            result = run_module(module, *args, cwd=tmp_path, env_extra=env)
+            assert result.returncode == status, (module, result.stderr[-3000:])
+            printed.append(result.stdout + result.stderr)
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        assert len(client.search_runs([client.get_experiment_by_name("medlm")
+                                       .experiment_id])) == 3  # the run, a search and its trial
+    assert any("View run" in output for output in printed)  # MLflow's own line, on stdout
+    assert f"at http://127.0.0.1:{port}" in printed[-1]  # where the error looked
+    gone = run_module("experiments.run", *tiny, cwd=tmp_path, env_extra=env)
+    assert gone.returncode == 2 and "does not answer" in gone.stderr
+    for output in [*printed, gone.stdout + gone.stderr]:
+        assert "SECRET" not in output, output[-3000:]
