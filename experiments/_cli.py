@@ -241,15 +241,16 @@ def _interrupt(signum, frame):
 def credentials_out_of_tracking_uri() -> None:
     """A server's ``user:password@`` in ``MLFLOW_TRACKING_URI`` moved to
     ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, MLflow's own way to send them
-    (the same basic auth; values already set there win, as they did), so that no line MLflow
-    prints (its "View run ... at URL") or MedLM prints can show the password."""
+    (the same basic auth; the URI's pair replaces any set there, as its userinfo won before),
+    so that no line MLflow prints (its "View run ... at URL") or MedLM prints can show the
+    password."""
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
     if parts.scheme not in ("http", "https") or parts.password is None:
         return
-    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
-    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
     os.environ["MLFLOW_TRACKING_URI"] = parts._replace(
         netloc=parts.netloc.rpartition("@")[2]).geturl()
 
@@ -264,6 +265,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     meets the same mistake.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    stop.clear()  # a stop asked of an earlier command in this process is not this one's
     credentials_out_of_tracking_uri()
     try:
         return main(argv)

@@ -188,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except HubUnavailable as error:
         raise offline_alternative(error, build_parser(), argv, "--dataset", None, None) from None
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
-    drop_unanswerable(data, model, tokenizer, settings["max_new_tokens"],
-                      prompt_format_of(model))  # as the run did before its split
+    # the rows the run dropped before its split (by its own answer length), so its held-out
+    # diseases are these; a longer --max-new-tokens here changes the answers only
+    drop_unanswerable(data, model, tokenizer, int(params.get("max_new_tokens", settings[
+        "max_new_tokens"])) if params else settings["max_new_tokens"], prompt_format_of(model))
     frame, baselines = data.frame, {}
     if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
         notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import pickle
 import random
-import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -38,9 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 
-from medlm._paths import SWEEP_FILE
-from medlm.config import TrainConfig
-from medlm.errors import MedLMError, first_line
+from medlm.errors import DiskFull, MedLMError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +95,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler
     meanwhile is one line (``MedLMError``), the previous epoch's checkpoint left whole."""
     directory, name = Path(directory), f"epoch-{len(epochs)}"
     partial = directory / f".{name}.partial"
-    with _disk_full_is_resumable(directory, partial, len(rng_states or [None])):
+    with _no_partial_epoch_on_full_disk(directory, partial):
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
         partial.mkdir()
@@ -133,10 +129,10 @@ def disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _disk_full_is_resumable(directory: Path, partial: Path, world_size: int) -> Iterator[None]:
+def _no_partial_epoch_on_full_disk(directory: Path, partial: Path) -> Iterator[None]:
     """An epoch becomes the one to resume from only once written whole (``_publish``): a disk
     that fills up before leaves the last good epoch as it was; what the new one had written is
-    removed, and the error says where, and how to go on."""
+    removed, and the error (``DiskFull``) says where and what is kept."""
     try:
         yield
     except Exception as error:
@@ -147,37 +143,9 @@ def _disk_full_is_resumable(directory: Path, partial: Path, world_size: int) -> 
         good = (f"the last good checkpoint, {kept.name.replace('-', ' ')}, is kept in {kept}: "
                 if kept is not None else "")
         epoch = partial.name.removeprefix(".").removesuffix(".partial").replace("-", " ")
-        raise MedLMError(f"no space left on device in {directory.parent} ({epoch}'s checkpoint "
-                         f"of run {directory.name} could not be written, and what it had written "
-                         f"is removed): {good}expected free space there, then "
-                         f"{how_to_go_on(directory, world_size)}") from None
-
-
-def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
-    """The command that continues run (or sweep) ``run_id``."""
-    launcher = ("python" if world_size == 1 else
-                f"torchrun <the same options: {world_size} processes in all>")
-    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
-             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
-    return f"{launcher} -m experiments.run --resume {run_id}{where}"
-
-
-def how_to_go_on(checkpoint: Path, world_size: int) -> str:
-    """What continues the run checkpointed in ``checkpoint`` (``<checkpoint dir>/<run id>``):
-    its sweep's resume, when a sweep is running it (the sweep resumes its child), else its own
-    from its last whole epoch, else a new start."""
-    root = str(checkpoint.parent)
-    for sweep in checkpoint.parent.glob(f"*/{SWEEP_FILE}"):
-        try:
-            running = json.loads(sweep.read_text()).get("running")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if running == checkpoint.name:
-            return ("resume the sweep with: "
-                    f"{resume_command(sweep.parent.name, root, world_size)}")
-    if current_epoch_directory(checkpoint) is None:
-        return "start the run again (no epoch of it was checkpointed)"
-    return f"resume the run with: {resume_command(checkpoint.name, root, world_size)}"
+        raise DiskFull(f"no space left on device in {directory.parent} ({epoch}'s checkpoint "
+                       f"of run {directory.name} could not be written, and what it had written "
+                       f"is removed): {good}expected free space there") from None
 
 
 def _publish(directory: Path, partial: Path, name: str) -> None:

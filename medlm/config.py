@@ -20,7 +20,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, shorten
 from medlm.prompts import PROMPT_FORMATS
 
 DEFAULT_DATASET = "QuyenAnhDE/Diseases_Symptoms"
@@ -375,9 +375,8 @@ def check_mlflow_name(name: str, value: str) -> None:
     if problem:
         expected = ("a registered-model name without / : ' \" or \\ (e.g. medlm-smollm2)"
                     if model else "a non-empty MLflow experiment name of at most 500 characters")
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        raise MedLMError(f"{flag_of(name)} {shown!r} is invalid ({problem[:120]}): expected "
-                         f"{expected}")
+        raise MedLMError(f"{flag_of(name)} {shorten(value)!r} is invalid ({problem[:120]}): "
+                         f"expected {expected}")
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

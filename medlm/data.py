@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
-from medlm.errors import MedLMError, first_line
+from medlm.errors import MedLMError, first_line, shorten
 from medlm.hub import HubUnavailable, check_hub
 from medlm.prompts import bos_ids, prompts_for, training_texts
 from medlm.tokens import encode_texts
@@ -77,7 +77,7 @@ def drop_long_names(data: DiseaseData, prompt_tokens: Sequence[int], most: int,
     if not too_long.any():
         return False
     names = data.frame["Name"][too_long]
-    shown = ", ".join(repr(name if len(name) <= 60 else name[:57] + "...") for name in names)
+    shown = ", ".join(repr(shorten(name)) for name in names)
     log.warning("dropped %d row(s) whose disease name %s: %s", len(names), why, shown)
     data.frame = data.frame[~too_long].reset_index(drop=True)
     data.dropped_rows += len(names)

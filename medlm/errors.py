@@ -10,3 +10,14 @@ def first_line(error: BaseException) -> str:
     """A library error's first line, for a one-line message (its type when it says nothing)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class DiskFull(MedLMError):
+    """A write that ran out of space: the message says where, and what of the run is kept; the
+    caller that knows how the run goes on (``recipe.resumable_failures``, the search) adds
+    that."""
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """``text`` cut to ``width`` characters (with "...") for a one-line message."""
+    return text if len(text) <= width else text[:width - 3] + "..."

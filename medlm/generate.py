@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from medlm.data import drop_long_names
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, shorten
 from medlm.modeling import casts_cached, context_size
 from medlm.prompts import bos_ids, prompt_format_of, prompts_for
 from medlm.tokens import encode_texts
@@ -50,7 +50,7 @@ def check_generation_length(model, prompt_tokens: int, max_new_tokens: int,
     name whose prompt this is, named in the error."""
 
     context = context_size(model)
-    named = f" ({shown_name(disease)})" if disease is not None else ""
+    named = f" ({shorten(disease)!r})" if disease is not None else ""
     if context is not None and prompt_tokens >= context:
         raise MedLMError(f"a prompt of {prompt_tokens} tokens{named} does not fit this model's "
                          f"context of {context} tokens: expected shorter prompts (disease names)")
@@ -91,11 +91,6 @@ def prompt_lengths(tokenizer, diseases: list[str], prompt_format: str) -> list[i
     prefix = len(bos_ids(tokenizer))
     return [prefix + len(ids) for ids in
             encode_texts(tokenizer, prompts_for(diseases, tokenizer, prompt_format))]
-
-
-def shown_name(name: str) -> str:
-    """``name`` quoted, cut short where it is too long to read in a one-line message."""
-    return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
 def forked_rng(device: torch.device):

@@ -22,9 +22,9 @@ from medlm.recipe import (
     check_output_paths,
     check_resume_data,
     on_this_machine,
-    outage_is_resumable,
     prepare,
     resolve_lora_rank,
+    resumable_failures,
     resume_config,
     train_and_register,
 )
@@ -51,7 +51,7 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
     configs = [resolve_lora_rank(config) for config in configs]
     run_ids: list[str] = []  # the run's (a sweep's: its parent's) id, for the outage message
     try:
-        with outage_is_resumable(configs[0].checkpoint_dir, run_ids):
+        with resumable_failures(configs[0].checkpoint_dir, run_ids):
             if len(configs) == 1:
                 train_and_register(configs[0], prepared, started=run_ids.append)
             else:
@@ -90,7 +90,9 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
         try:
             MlflowClient().get_run(run_id)
-        except MlflowException:
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             raise MedLMError(f"--resume {run_id!r}: no such run in the tracking store "
                              f"{shown_tracking_uri()} (its checkpoint is in "
                              f"{Path(checkpoint_dir) / run_id}): expected the tracking store it "
@@ -117,5 +119,5 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
         write_durably(Path(checkpoint_dir) / run_id / "config.json",
                       json.dumps(asdict(config), indent=2))
-    with outage_is_resumable(checkpoint_dir, [run_id]):
+    with resumable_failures(checkpoint_dir, [run_id]):
         train_and_register(config, prepared, resume_run_id=run_id)

@@ -31,12 +31,11 @@ from medlm.checkpoint import (
     check_world_size,
     has_checkpoint,
     logged_epoch,
-    resume_command,
     saved_epochs,
 )
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
-from medlm.errors import MedLMError
+from medlm.errors import DiskFull, MedLMError
 from medlm.generate import GenerationSettings, check_prompts_fit, drop_unanswerable
 from medlm.heldout import SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.lora import add_lora, merge_lora, trainable_parameters
@@ -137,8 +136,9 @@ def _prepare(config: TrainConfig, stopwatch) -> Prepared:
     if config.sample_prompts:
         check_prompts_fit(model, tokenizer, config.sample_prompts, config.max_new_tokens,
                           prompt_format)
-    if (config.symptom_eval or config.num_validation_samples) and drop_unanswerable(
-            data, model, tokenizer, config.max_new_tokens, prompt_format):
+    # whether or not this run writes answers, so that its held-out diseases are those that
+    # experiments.evaluate (and a resume) re-create
+    if drop_unanswerable(data, model, tokenizer, config.max_new_tokens, prompt_format):
         split = split_for(config, data)  # as every later split of these rows will be
     return Prepared(data, split, device, precision, tokenizer, model, stopwatch)
 
@@ -459,6 +459,17 @@ def _log_time_split(tracker: MlflowTracker, stopwatch: Stopwatch) -> dict[str, f
     return split_seconds
 
 
+def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
+    """The command that continues run (or sweep) ``run_id``."""
+    import shlex
+
+    launcher = ("python" if world_size == 1 else
+                f"torchrun <the same options: {world_size} processes in all>")
+    where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir
+             else f" --checkpoint-dir {shlex.quote(checkpoint_dir)}")
+    return f"{launcher} -m experiments.run --resume {run_id}{where}"
+
+
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     """The interrupted run's own settings, as saved beside its checkpoint; checked before the
     MLflow run is reopened, so a wrong process count does not mark it FAILED, and before the
@@ -551,26 +562,33 @@ def check_output_paths(config: TrainConfig) -> None:
 
 
 @contextlib.contextmanager
-def outage_is_resumable(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None]:
-    """A tracking server that stops answering mid-run costs nothing computed: the error is one
-    line saying so and how to finish (the checkpoint stays; ``--resume`` logs what the server
-    missed once it is back)."""
+def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None]:
+    """A tracking server that stops answering mid-run, or a disk that fills up, costs nothing
+    computed: the error is one line saying so and how to finish (the checkpoint stays;
+    ``--resume`` logs what the server missed once it is back). ``run_ids``: the run's (a
+    sweep's: its parent's) id once there is one."""
+
+    def how_to_finish() -> str:
+        if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])
+                           and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file()):
+            return "start the run again"
+        return ("finish the run with "
+                + resume_command(run_ids[0], checkpoint_dir, distributed.world_size()))
 
     try:
         yield
+    except DiskFull as error:
+        raise MedLMError(f"{error}, then {how_to_finish()}") from None
     except MedLMError:
         raise
     except Exception as error:
         if not server_stopped_answering():
             raise
-
         where = f"the tracking server {shown_tracking_uri()} stopped answering"
-        if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])
-                           and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file()):
+        if how_to_finish() == "start the run again":
             raise MedLMError(f"{where} ({type(error).__name__}) before a first epoch was "
                              "checkpointed: expected the server back: then start the run "
                              "again") from None
-        command = resume_command(run_ids[0], checkpoint_dir, distributed.world_size())
         raise MedLMError(f"{where} during run {run_ids[0]} ({type(error).__name__}): the "
                          f"completed epochs are checkpointed under {checkpoint_dir}; expected "
-                         f"the server back: then finish the run with {command}") from None
+                         f"the server back: then {how_to_finish()}") from None

@@ -17,9 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow.models import infer_signature
 
-from medlm import distributed
-from medlm.checkpoint import disk_full, how_to_go_on
-from medlm.errors import MedLMError
+from medlm.checkpoint import disk_full
+from medlm.errors import DiskFull
 from medlm.generate import GenerationSettings
 from medlm.heldout import scores_text
 from medlm.prompts import prompt_format_of, serving_template
@@ -116,7 +115,7 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
     version = _version_of_this_run(tracker, best.epoch)
     if version is None:
         _fail_unfinished_models(tracker.run_id)
-        with _disk_full_is_resumable(tracker, params):
+        with _disk_full_while_logging(tracker, params):
             version = _log_model(tracker, model, tokenizer, best)
     else:  # a resumed run, killed after its model was registered: not a second version
         tracker.log_best(best)
@@ -145,20 +144,19 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
 
 
 @contextlib.contextmanager
-def _disk_full_is_resumable(tracker: MlflowTracker, params: dict[str, Any]) -> Iterator[None]:
+def _disk_full_while_logging(tracker: MlflowTracker, params: dict[str, Any]) -> Iterator[None]:
     """Model logging that runs out of space costs nothing trained (the run's checkpoint is
-    removed only once the run has its model): one line saying where the space ran out and how
-    to finish the run."""
+    removed only once the run has its model): ``DiskFull`` says where the space ran out and
+    what is kept."""
     try:
         yield
     except Exception as error:
         if not disk_full(error):
             raise
         checkpoint = Path(str(params.get("checkpoint_dir", "checkpoints"))) / tracker.run_id
-        raise MedLMError(f"no space left on device in {_model_destination(tracker.experiment)} "
-                         f"while logging run {tracker.run_id}'s model: its training is kept in "
-                         f"{checkpoint}: expected free space there, then "
-                         f"{how_to_go_on(checkpoint, distributed.world_size())}") from None
+        raise DiskFull(f"no space left on device in {_model_destination(tracker.experiment)} "
+                       f"while logging run {tracker.run_id}'s model: its training is kept in "
+                       f"{checkpoint}: expected free space there") from None
 
 
 def _model_destination(experiment: str) -> str:

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from medlm import stop
 from medlm.config import sweep_value
-from medlm.errors import MedLMError
+from medlm.errors import DiskFull, MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
 from medlm.processes import is_gone, this_process
 from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
@@ -404,11 +404,14 @@ class _Trials:
             self._forget(trial, config, ("medlm.diverged", "true"), "diverged")
             log.warning("trial %d FAILED: %s", trial.number, error)
             return math.nan
-        except KeyboardInterrupt:  # run again, from its start, when the search resumes
-            trial.study.enqueue_trial(drawn, user_attrs={
+        except (KeyboardInterrupt, DiskFull) as error:  # run again, from its start, when the
+            trial.study.enqueue_trial(drawn, user_attrs={  # search resumes
                 "rerun_of": trial.number, "died": trial.user_attrs.get("died", 0)})
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
+            if isinstance(error, DiskFull):
+                raise MedLMError(f"{error}, then the same search command again (it runs "
+                                 f"trial {trial.number}'s settings again)") from None
             raise
         for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
             value = result.get(name)

@@ -98,28 +98,34 @@ def check_tracking_store() -> None:
 @contextlib.contextmanager
 def first_open() -> Iterator[None]:
     """For a SQLite store: this process's first use of it (which creates or migrates its
-    tables) while no other MedLM process is in its own, by a lock on the database's directory.
-    Two runs started together in a new directory would otherwise both run MLflow's migrations
-    and one would fail ("duplicate column name"); an open that finds the tables made is
-    quick."""
+    tables) while no other MedLM process is in its own, by a lock on ``<database>.lock``. Two
+    runs started together in a new directory would otherwise both run MLflow's migrations and
+    one would fail ("duplicate column name"); an open that finds the tables made is quick. A
+    filesystem without locks (some network ones) goes on without, as before."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///") or fcntl is None:
         yield
         return
-    path = os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///")))
-    os.makedirs(path, exist_ok=True)  # as MLflow would, opening the store
-    directory = os.open(path, os.O_RDONLY)
+    database = os.path.abspath(uri.removeprefix("sqlite:///"))
+    os.makedirs(os.path.dirname(database), exist_ok=True)  # as MLflow would, opening it
     try:
-        fcntl.flock(directory, fcntl.LOCK_EX)
+        lock = os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a directory this process may only read: it migrates nothing there
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(directory)  # and the lock with it
+        os.close(lock)  # and the lock with it
 
 
 def without_password(uri: str) -> str:
     """``uri`` with the password of its ``user:password@`` shown as ``***``: the only form of a
     tracking or storage URI a printed line, an error or a param may hold."""
-    return re.sub(r"^([a-z0-9+.-]+://[^/:@]*):[^/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    # the password may hold "/" or "@" unquoted: up to the last "@" before a query string
+    return re.sub(r"^([a-z0-9+.-]+://[^/:@]*):[^?#]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
 def shown_tracking_uri() -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from medlm import distributed, stop
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import has_checkpoint, resume_command, write_durably
+from medlm.checkpoint import has_checkpoint, write_durably
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
@@ -30,8 +30,9 @@ from medlm.recipe import (
     check_resume_data,
     data_fingerprint,
     on_this_machine,
-    outage_is_resumable,
     prepare,
+    resumable_failures,
+    resume_command,
     resume_config,
     split_for,
     train_and_register,
@@ -361,7 +362,7 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
                       split_for(configs[0], prepared.data))
     if child_checkpoint and has_checkpoint(child_checkpoint):
         check_resume_data(child_checkpoint, prepared.data, prepared.split)
-    with outage_is_resumable(directory, [parent_id]):
+    with resumable_failures(directory, [parent_id]):
         run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
 
 

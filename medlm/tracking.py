@@ -182,8 +182,8 @@ class MlflowTracker(Logger):
         client = MlflowClient()
         names = client.get_run(self.run_id).data.metrics
         self._replay = (epoch, {
-            name for name in names
-            if any(metric.step == epoch
+            name for name in names if not name.startswith(("step/", "system/"))  # their own
+            and any(metric.step == epoch
                    for metric in client.get_metric_history(self.run_id, name))})
 
     _replay: tuple[int, set[str]] | None = None  # (epoch, metrics already logged at it)
@@ -298,7 +298,9 @@ def _log_input(dataset, context: str) -> None:
     finds it (MLflow reuses a logged dataset and a run's existing input)."""
     try:
         mlflow.log_input(dataset, context=context)
-    except MlflowException:
+    except MlflowException as error:
+        if "unique" not in str(error).lower():  # UNIQUE constraint, UniqueViolation
+            raise
         mlflow.log_input(dataset, context=context)
 
 

@@ -108,11 +108,13 @@ def test_generate_names_the_disease_too_long_for_the_context(tiny_model):
     assert "context of 256 tokens" in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("scoring", [True, False])
 @pytest.mark.parametrize("folds", [0, 5])
 def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
-        tiny_model_dir, dataset_csv, tmp_path, caplog, folds):
+        tiny_model_dir, dataset_csv, tmp_path, caplog, folds, scoring):
     """Before: held out (always so over --folds), the name stopped the run with a message that
-    named no disease; in training, the row was truncated to its name, every symptom cut."""
+    named no disease; in training, the row was truncated to its name, every symptom cut. A run
+    that writes no answers drops it too: experiments.evaluate re-creates the same split."""
     from medlm.config import TrainConfig
     from medlm.recipe import prepare
 
@@ -122,7 +124,8 @@ def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
     rows.to_csv(path, index=False)
     config = TrainConfig.from_recipe(
         "default", model=str(tiny_model_dir), dataset=str(path), system_metrics=False,
-        folds=folds, fold=0 if folds else None, max_new_tokens=40)
+        folds=folds, fold=0 if folds else None, max_new_tokens=40, symptom_eval=scoring,
+        num_validation_samples=3 if scoring else 0)
     with caplog.at_level(logging.WARNING):
         prepared = prepare(config)
     names = {*prepared.split.train["Name"], *prepared.split.validation["Name"]}

@@ -242,7 +242,6 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_epoch(failure, tiny
     assert "\n" not in message
     assert f"no space left on device in {tmp_path / 'checkpoints'}" in message
     assert "epoch 2" in message and "epoch 1, is kept" in message
-    assert f"python -m experiments.run --resume {run.name} --checkpoint-dir" in message
     monkeypatch.setattr(torch, "save", real_save)
     assert current_epoch_directory(run) == run / "epoch-1"
     assert sorted(path.name for path in run.iterdir()) == ["epoch-1", "latest"]  # no partial
@@ -250,19 +249,23 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_epoch(failure, tiny
 
 
 def test_a_full_disk_in_a_sweep_names_the_sweeps_resume(tiny_model, tmp_path, monkeypatch):
+    from medlm._paths import sweep_state_file
+    from medlm.recipe import resumable_failures
+
     _, model = tiny_model
     checkpoints = tmp_path / "checkpoints"
-    child = "c" * 32
-    (checkpoints / ("p" * 32)).mkdir(parents=True)
-    (checkpoints / ("p" * 32) / "sweep.json").write_text(json.dumps({"running": child}))
+    child, parent = "c" * 32, "p" * 32
+    sweep_state_file(str(checkpoints), parent).parent.mkdir(parents=True)
+    sweep_state_file(str(checkpoints), parent).write_text(json.dumps({"running": child}))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(MedLMError, match=f"then resume the sweep with: python -m experiments"
-                                         f".run --resume {'p' * 32} --checkpoint-dir"):
-        Epochs(model, checkpoints / child).save()
+    with pytest.raises(MedLMError, match=f"then finish the run with python -m experiments"
+                                         f".run --resume {parent} --checkpoint-dir"):
+        with resumable_failures(str(checkpoints), [parent]):  # as launch.run runs a sweep
+            Epochs(model, checkpoints / child).save()
     assert not (checkpoints / child / ".epoch-1.partial").exists()
 
 
@@ -271,6 +274,7 @@ def test_a_full_artifact_store_keeps_the_checkpoint_and_says_how_to_finish(
     """Model logging fails for want of space (the weights' copy into the artifact store): the
     run's checkpoint stays, and the error says where and how to finish the run."""
     from medlm.checkpoint import has_checkpoint
+    from medlm.recipe import resumable_failures
     from medlm.registry import register
     from medlm.tracking import MlflowTracker
 
@@ -289,7 +293,8 @@ def test_a_full_artifact_store_keeps_the_checkpoint_and_says_how_to_finish(
         writer = Epochs(model, checkpoints / run_id)
         writer.save()
         monkeypatch.setattr(shutil, "copy2", full)
-        register(tracker, model, tokenizer, writer.results[-1], params, "validation_loss")
+        with resumable_failures(str(checkpoints), [run_id]):  # as launch.run runs a run
+            register(tracker, model, tokenizer, writer.results[-1], params, "validation_loss")
     message = str(error.value)
     assert "\n" not in message and "no space left on device in " in message
     assert str(mlflow_home / "mlruns") in message
@@ -317,7 +322,7 @@ def test_the_command_a_full_artifact_store_names_finishes_the_run(
             "--no-progress", "--no-system-metrics"]
     assert run_cli(run_entry_point.main, argv) == 2
     line = one_line_error(capsys.readouterr().err)
-    command = line.split("then resume the run with: ")[1].split()
+    command = line.split("then finish the run with ")[1].split()
     assert command[:4] == ["python", "-m", "experiments.run", "--resume"]
     monkeypatch.setattr(shutil, "copy2", copy2)  # space again
     assert run_cli(run_entry_point.main, command[3:]) == 0

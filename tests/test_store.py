@@ -86,3 +86,65 @@ def test_two_runs_then_a_sweep_beside_a_run_in_one_new_directory_all_finish(
     assert len(runs) == 6  # and the sweep's parent
     versions = client.search_model_versions("name = 'medlm'")
     assert sorted(int(version.version) for version in versions) == [1, 2, 3, 4, 5]
+
+
+def test_the_uris_credentials_are_sent_as_before_and_printed_nowhere(monkeypatch):
+    """user:password@ in MLFLOW_TRACKING_URI: moved to MLflow's own credential variables (its
+    "View run ... at URL" line then holds no password); the URI's pair wins over stale ones
+    there, as its userinfo did when requests sent it."""
+    import os
+
+    from experiments._cli import credentials_out_of_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:p%40ss%2Fw@mlflow.lab:5000/base")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "stale")
+    credentials_out_of_tracking_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow.lab:5000/base"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "me", "p@ss/w")
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://medlm:secret@db:5432/optuna", "postgresql://medlm:***@db:5432/optuna"),
+    ("postgresql://medlm:se/cr@et@db/optuna", "postgresql://medlm:***@db/optuna"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("medlm-search.journal", "medlm-search.journal")])
+def test_a_password_is_hidden_whatever_it_holds(uri, shown):
+    from medlm.store import without_password
+
+    assert without_password(uri) == shown
+
+
+def test_a_store_on_a_filesystem_without_locks_or_a_read_only_directory_still_opens(
+        tmp_path, tracking_store, monkeypatch):
+    """The lock that lets two runs make a new store's tables is a courtesy: where the
+    filesystem has none (some network ones: ENOLCK) or the directory may only be read, the
+    store opens as it did before."""
+    import errno
+    import fcntl
+
+    import mlflow
+
+    from medlm import store
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    store.check_tracking_store()
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
+    (tmp_path / "mlflow.db.lock").unlink()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # root may write anywhere: the refusal, patched
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with store.first_open():
+        MlflowClient(tracking_store).search_experiments()
+    assert not (tmp_path / "mlflow.db.lock").exists()
