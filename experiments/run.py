@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from dataclasses import MISSING, Field, fields
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         quiet_libraries()
-        if args.resume:
+        if args.resume is not None:  # "" too: an unset shell variable, not a new run
             given = check_resume_flags(args, flags_given(
                 build_parser(), argv if argv is not None else sys.argv[1:]))
             if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
@@ -248,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         except HubUnavailable as error:  # setup failed, no run started: what works offline
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None
-        log.info("compare runs: %s    generate: python -m experiments.generate "
-                 "\"Kidney Failure\"", compare_runs_hint(configs[0].experiment))
+        registered = configs[0].registered_model
+        log.info("compare runs: %s    generate: python -m experiments.generate \"Kidney "
+                 "Failure\"%s", compare_runs_hint(configs[0].experiment),
+                 "" if registered == TrainConfig.registered_model
+                 else f" --registered-model {shlex.quote(registered)}")
         return 0
     finally:
         distributed.stop()

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from medlm.errors import MedLMError
@@ -43,12 +44,22 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         problem = f"{existing!r} is a link to nothing"
     elif not os.path.isdir(existing):
         problem = f"{existing!r} is a file"
-    elif not os.access(existing, os.W_OK | os.X_OK):
+    elif not os.access(existing, os.W_OK | os.X_OK) or not _can_create_in(existing):
         problem = f"{existing!r} is not writable (permissions or a read-only filesystem)"
     else:
         return
     raise MedLMError(f"{what} {path!r} cannot be written: {problem}: expected a directory "
                      "MedLM can create and write in")
+
+
+def _can_create_in(directory: str) -> bool:
+    """A directory made (and removed) in ``directory``: what ``os.access`` cannot tell for root,
+    or for a filesystem that refuses it (``/proc``, a read-only mount)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".medlm-write-check-", dir=directory))
+    except OSError:
+        return False
+    return True
 
 
 SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json

@@ -38,6 +38,11 @@ from safetensors.torch import load_file, load_model, save_file
 
 from medlm.errors import DiskFull, MedLMError, first_line
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, as before
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 
@@ -146,6 +151,42 @@ def _no_partial_epoch_on_full_disk(directory: Path, partial: Path) -> Iterator[N
         raise DiskFull(f"no space left on device in {directory.parent} ({epoch}'s checkpoint "
                        f"of run {directory.name} could not be written, and what it had written "
                        f"is removed): {good}expected free space there") from None
+
+
+OWNER = ".owner"  # in a checkpoint directory: locked by the process that trains the run
+_owned: dict[Path, int] = {}  # the checkpoint directories this process trains, and their locks
+
+
+def claim(directory: str | os.PathLike) -> None:
+    """This process trains the run (or sweep) checkpointed in ``directory`` from now until it
+    ends, even by SIGKILL (the lock goes with the process): a second process that would train
+    it too, a ``--resume`` while the run still goes on or two at once, is refused in one line
+    before it loads anything, instead of logging every epoch twice. A filesystem without locks
+    goes on without, as before."""
+    directory = Path(directory).absolute()
+    if directory in _owned or fcntl is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise MedLMError(f"run {directory.name} is being trained by another process (its "
+                         f"checkpoint {directory} is in use): expected that process to end "
+                         "first, then --resume it if it was stopped") from None
+    except OSError:  # ENOLCK, ENOSYS: no locks on this filesystem
+        pass
+    _owned[directory] = lock
+
+
+def remove_finished(directory: str | os.PathLike) -> None:
+    """The run (or sweep) checkpointed in ``directory`` has finished: nothing to resume any
+    more, its checkpoint removed and its ``claim`` let go."""
+    lock = _owned.pop(Path(directory).absolute(), None)
+    if lock is not None:
+        os.close(lock)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _publish(directory: Path, partial: Path, name: str) -> None:

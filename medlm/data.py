@@ -85,6 +85,9 @@ def drop_long_names(data: DiseaseData, prompt_tokens: Sequence[int], most: int,
 
 
 def _read_source(source: str) -> tuple[pd.DataFrame, str | None]:
+    if not source.strip():
+        raise MedLMError(f"dataset {source!r} is empty: expected a local CSV, Parquet or JSON "
+                         "file, or a Hugging Face Hub dataset id")
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         return _read_file(path), sha256_file(path)
@@ -285,6 +288,12 @@ class LanguageDataset(Dataset):
         if self.num_truncated:
             log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated,
                         self._cap)
+        targets = sum(length - max(1, prompt) for length, prompt in
+                      zip(self.lengths, self.prompt_lengths, strict=True) if length > prompt)
+        if self.examples and targets == 0:  # the loss would be 0 and the model untrained
+            raise MedLMError(f"--max-length {self._cap} leaves no token to learn in any row "
+                             f"(each is cut to {self._cap} tokens, its prompt at least): "
+                             "expected a longer --max-length, or none (the model's context)")
 
     def _encode(self, symptoms: list[str]) -> None:
         texts = training_texts(self._names, symptoms, self._tokenizer, self._format)

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from medlm import distributed
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import saved_epochs, write_durably
+from medlm.checkpoint import claim, saved_epochs, write_durably
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
@@ -87,7 +87,8 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
         raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
                          "no --epochs (a sweep resumes with its own grid)")
     saved = None if sweep else resume_config(run_id, checkpoint_dir)
-    if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
+    if distributed.is_main():  # under torchrun only rank 0 talks to MLflow and writes files
+        claim(Path(checkpoint_dir) / run_id)  # refused while another process trains it
         try:
             MlflowClient().get_run(run_id)
         except MlflowException as error:

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,8 +28,10 @@ from medlm.champion import maybe_crown, validation_loss_table
 from medlm.checkpoint import (
     check_readable,
     check_world_size,
+    claim,
     has_checkpoint,
     logged_epoch,
+    remove_finished,
     saved_epochs,
 )
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
@@ -268,7 +269,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
                  if logged < len(saved) else "")
         return
     data, split, stopwatch = prepared.data, prepared.split, prepared.stopwatch
-    checkpoint.mkdir(parents=True, exist_ok=True)
+    claim(checkpoint)  # made, and this process's until the run ends
     (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
     (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
     with stopwatch.phase("logging"):
@@ -284,18 +285,6 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
         with stopwatch.phase("scoring"):
             report.score_untuned(parts.model)
         tracker.log_untuned(report.untuned)
-
-
-def _say_how_to_resume(nested: bool, checkpoint: Path, config: TrainConfig) -> None:
-    """After a Ctrl-C: the command that resumes the run (its checkpoint is named by its id)."""
-    if nested:
-        return  # the sweep, or the search, says how to resume it as a whole
-    if has_checkpoint(checkpoint):
-        log.warning("stopped; the last completed epoch is checkpointed in %s. Resume with: %s",
-                    checkpoint, resume_command(checkpoint.name, config.checkpoint_dir,
-                                               distributed.world_size()))
-    else:
-        log.warning("stopped before the first epoch ended: nothing to resume")
 
 
 def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: EpochReport,
@@ -379,7 +368,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         checkpoint = Path(config.checkpoint_dir) / run_id
         report = _epoch_report(config, prepared, parts, tracker)
         result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
-                        nested or parent_run_id is not None, loggers)
+                        loggers)
         best = result.best
         with stopwatch.phase("model_logging"):
             model = merge_lora(parts.model)  # LoRA folded into the base: a plain model
@@ -392,7 +381,7 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
         version, verdict = _log_model(config, prepared, parts, model, best, tracker, params)
         split_seconds = _log_time_split(tracker, stopwatch) if main_process else {}
     if main_process:  # the run has ended FINISHED: nothing to resume any more
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_finished(checkpoint)
         tracker.describe(run_description(config, best, len(result.epochs)))
         log.info("%s", verdict if version is None else
                  f"registered {config.registered_model} version {version}; {verdict}")
@@ -417,7 +406,7 @@ def _reference_scores(parts: _RunParts, report: EpochReport) -> dict[str, float]
 
 def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: MlflowTracker,
            report: EpochReport, checkpoint: Path, resume_run_id: str | None,
-           nested: bool, loggers: Sequence[Logger] = ()) -> FitResult:
+           loggers: Sequence[Logger] = ()) -> FitResult:
     """The run's set-up logging (a new run's datasets, baselines and untuned scores; a resumed
     run's epochs read back), then ``fit``, which tells ``loggers`` each epoch after the run's
     own; a Ctrl-C says how to resume."""
@@ -440,9 +429,6 @@ def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: M
                        loggers=[tracker, report, timer, *loggers],
                        checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
                        scorer=report.score if score_epochs else None, stopwatch=stopwatch)
-    except KeyboardInterrupt:
-        _say_how_to_resume(nested, checkpoint, config)
-        raise
     except NonFiniteLossError as error:
         error.run_id = checkpoint.name  # a sweep records which child diverged
         raise
@@ -577,6 +563,16 @@ def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None
 
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, at any moment (a sweep says its own)
+        if run_ids and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file():
+            checkpoint = Path(checkpoint_dir) / run_ids[0]
+            if has_checkpoint(checkpoint):
+                log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
+                            "with: %s", checkpoint, resume_command(
+                                run_ids[0], checkpoint_dir, distributed.world_size()))
+            else:
+                log.warning("stopped before the first epoch ended: nothing to resume")
+        raise
     except DiskFull as error:
         raise MedLMError(f"{error}, then {how_to_finish()}") from None
     except MedLMError:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from medlm import distributed, stop
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import has_checkpoint, write_durably
+from medlm.checkpoint import claim, has_checkpoint, remove_finished, write_durably
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
@@ -220,6 +220,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                 save_sweep_state(state_file, state)
 
         children = state["children"]
+        if main_process:
+            claim(state_file.parent)  # this process's sweep until it ends
         try:
             if main_process and not resume_id:  # what every child is trained on, then progress
                 write_durably(state_file.parent / DATA_FILE, json.dumps(
@@ -245,7 +247,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
         if not main_process:
             return
         tables = _summary(children, first)
-    shutil.rmtree(state_file.parent, ignore_errors=True)  # the sweep is over
+    remove_finished(state_file.parent)  # the sweep is over
     _print_table(*tables, parent_id)
 
 

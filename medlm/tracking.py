@@ -19,6 +19,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from medlm.config import sweep_value
+from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES
 from medlm.intervals import CONFIDENCE
 from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
@@ -388,6 +389,13 @@ def training_experiment(name: str) -> str:
     """The id of the experiment ``name`` (created if new), marked as a model-training
     experiment: MLflow 3's UI opens its training views for it, not the GenAI ones."""
     with first_open():  # a new store's tables made by one process at a time
+        found = MlflowClient().get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise MedLMError(
+                f"--experiment {name!r} was deleted (mlflow ui's delete keeps it in the trash, "
+                f"id {found.experiment_id}): expected it restored (mlflow experiments restore "
+                f"--experiment-id {found.experiment_id}), removed for good (mlflow gc), or "
+                "another --experiment")
         experiment = mlflow.set_experiment(name)
     if "mlflow.experimentKind" not in experiment.tags:  # a kind someone chose stays
         MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind",

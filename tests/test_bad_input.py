@@ -306,3 +306,36 @@ def test_a_name_mlflow_refuses_is_refused_before_any_run(module, flag, value, ex
     assert status == 2 and err.count("\n") == 0, err
     assert expected in err and flag in err and "Traceback" not in err
     assert no_runs(mlflow_home)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--resume", ""], "--resume '': no checkpoint in"),  # an unset shell variable
+    (["--max-length", "1"], "--max-length 1 leaves no token to learn in any row"),
+    (["--checkpoint-dir", "/proc/medlm-checkpoints"], "'/proc' is not writable"),
+    (["--dataset", ""], "dataset '' is empty"),
+])
+def test_input_found_by_a_round_of_hostile_use(flags, expected, mlflow_home, tiny_model_dir,
+                                               dataset_csv, capsys):
+    """Before: --resume "" trained and registered a new run; --max-length 1 trained on no
+    token (loss 0.0000) and crowned the result; a checkpoint directory root may not create
+    (os.access says yes to root) failed after set-up with a traceback and a FAILED run."""
+    argv = [*(["--dataset", str(dataset_csv)] if "--dataset" not in flags else []),
+            "--model", str(tiny_model_dir), "--epochs", "1", "--max-samples", "40", *flags]
+    status, err = train(argv, capsys)
+    assert status == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: ") and expected in err
+    assert no_runs(mlflow_home)
+
+
+def test_a_deleted_experiment_is_named_with_how_to_get_it_back(mlflow_home, tiny_model_dir,
+                                                              dataset_csv, capsys):
+    """mlflow ui's delete keeps an experiment in the trash, where MLflow refuses to run in it:
+    before, a traceback and exit 1."""
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("medlm"))
+    status, err = train(["--dataset", str(dataset_csv), "--model", str(tiny_model_dir),
+                         "--epochs", "1", "--max-samples", "40", "--no-symptom-eval"], capsys)
+    assert status == 2 and err.strip().count("\n") == 0, err
+    assert "--experiment 'medlm' was deleted" in err and "mlflow experiments restore" in err
+    assert client.search_runs([e.experiment_id for e in client.search_experiments(
+        view_type=3)]) == []

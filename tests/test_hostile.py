@@ -382,3 +382,24 @@ def test_resume_of_a_run_of_another_tracking_store_fails_before_loading(
     assert run_cli(run_entry_point.main, ["--resume", run.name]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert f"--resume {run.name!r}" in line and mlflow.get_tracking_uri() in line
+
+
+def test_a_run_another_process_trains_is_not_trained_twice(tmp_path):
+    """The process training a run holds its checkpoint directory's lock until it ends (a
+    SIGKILL lets it go with the process): a --resume meanwhile is one line, not a second
+    trainer logging every epoch twice; once the run is let go, it is claimed again."""
+    import fcntl
+
+    from medlm.checkpoint import OWNER, claim, remove_finished
+
+    run = tmp_path / "checkpoints" / ("a" * 32)
+    run.mkdir(parents=True)
+    other = os.open(run / OWNER, os.O_RDWR | os.O_CREAT)  # another process's, as flock sees it
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(MedLMError, match=f"run {'a' * 32} is being trained by another process"):
+        claim(run)
+    os.close(other)  # that process ended
+    claim(run)
+    claim(run)  # this process's own again: a sweep claims what its resume claimed
+    remove_finished(run)
+    assert not run.exists()

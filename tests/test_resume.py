@@ -463,7 +463,7 @@ def test_the_same_command_with_resume_continues_and_a_changed_flag_is_named(
 
 
 def test_a_run_killed_while_its_model_was_logged_resumes_comparable(
-        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch):
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, caplog):
     """Ctrl-C while the kept epoch's model was being saved (after its scores were logged):
     the resume logs the kept epoch's scores once (before, symptom_scores.json had each disease
     twice, each score two points at one step, and experiments.compare refused the run) and
@@ -489,6 +489,7 @@ def test_a_run_killed_while_its_model_was_logged_resumes_comparable(
     (run,) = client.search_runs([experiment])
     run_id = run.info.run_id
     assert run.info.status == "KILLED"
+    assert f"Resume with: python -m experiments.run --resume {run_id}" in caplog.text
     assert run_cli(run_entry_point.main, ["--resume", run_id]) == 0
     assert client.get_run(run_id).info.status == "FINISHED"
     for score in ("symptom_f1", "word_f1", "best_symptom_f1"):
@@ -503,3 +504,32 @@ def test_a_run_killed_while_its_model_was_logged_resumes_comparable(
     assert sorted(str(model.status) for model in models) == ["FAILED", "READY"]
     (version,) = client.search_model_versions("name = 'medlm'")
     assert version.run_id == run_id
+
+
+def test_a_resume_while_the_run_still_trains_is_refused(tmp_path, tiny_model_dir,
+                                                          dataset_csv):
+    """Found by hostile use: --resume while the run's own process still trained it, and two
+    resumes at once, both trained it: every epoch logged twice."""
+    env = {"MLFLOW_TRACKING_URI": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args(tiny_model_dir, dataset_csv)],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+    run_id = None
+    for line in process.stderr:
+        found = re.match(r"MLflow run (\w+)", line)
+        run_id = found.group(1) if found else run_id
+        if line.startswith("epoch 1:"):
+            break
+    process.send_signal(signal.SIGSTOP)  # still training, however fast the machine
+    try:
+        second = run_module("experiments.run", "--resume", run_id, cwd=tmp_path,
+                            env_extra=env)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    process.stderr.read()
+    assert process.wait(timeout=600) == 0
+    assert second.returncode == 2 and "is being trained by another process" in second.stderr
+    client = client_for(tmp_path)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [p.step for p in client.get_metric_history(run_id, "training_loss")] == [1, 2, 3, 4]
