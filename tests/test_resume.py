@@ -31,6 +31,21 @@ def client_for(directory):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def run_until(arguments, cwd, line_start: str):
+    """``experiments.run ARGUMENTS`` started in ``cwd`` (./mlflow.db), read until a line that
+    starts with ``line_start``: (the process, its run id)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *arguments], cwd=cwd, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": ""})
+    run_id = None
+    for line in process.stderr:
+        found = re.match(r"MLflow run (\w+)", line)
+        run_id = found.group(1) if found else run_id
+        if line.startswith(line_start):
+            break
+    return process, run_id
+
+
 def losses(client, run_id):
     return {name: [(p.step, p.value) for p in sorted(client.get_metric_history(run_id, name),
                                                      key=lambda p: p.step)]
@@ -50,16 +65,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     (reference,) = client_for(straight).search_runs(
         [client_for(straight).get_experiment_by_name("medlm").experiment_id])
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args(tiny_model_dir, dataset_csv)],
-        cwd=killed, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
-    run_id = None
-    for line in process.stderr:
-        found = re.match(r"MLflow run (\w+)", line)
-        run_id = found.group(1) if found else run_id
-        if line.startswith("epoch 2:"):
-            break
+    process, run_id = run_until(args(tiny_model_dir, dataset_csv), killed, "epoch 2:")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert run_id and has_checkpoint(killed / "checkpoints" / run_id)
@@ -511,16 +517,7 @@ def test_a_resume_while_the_run_still_trains_is_refused(tmp_path, tiny_model_dir
     """Found by hostile use: --resume while the run's own process still trained it, and two
     resumes at once, both trained it: every epoch logged twice."""
     env = {"MLFLOW_TRACKING_URI": ""}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args(tiny_model_dir, dataset_csv)],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
-    run_id = None
-    for line in process.stderr:
-        found = re.match(r"MLflow run (\w+)", line)
-        run_id = found.group(1) if found else run_id
-        if line.startswith("epoch 1:"):
-            break
+    process, run_id = run_until(args(tiny_model_dir, dataset_csv), tmp_path, "epoch 1:")
     process.send_signal(signal.SIGSTOP)  # still training, however fast the machine
     try:
         second = run_module("experiments.run", "--resume", run_id, cwd=tmp_path,
