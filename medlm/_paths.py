@@ -34,8 +34,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """``path`` is a directory MedLM can write in, or one it can create: its nearest existing
-    ancestor is a writable directory. Nothing is created (a run that fails on its data later
-    leaves no empty directories). ``what`` names the flag or variable, for the error."""
+    ancestor is a writable directory, tried with a directory made and removed there (a run that
+    fails on its data later leaves no empty directories). ``what`` names the flag or variable,
+    for the error."""
     path = os.path.abspath(path)  # as the writer will open it (no ~ expansion)
     existing = path
     while not os.path.lexists(existing):

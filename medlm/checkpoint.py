@@ -161,13 +161,16 @@ def claim(directory: str | os.PathLike) -> None:
     """This process trains the run (or sweep) checkpointed in ``directory`` from now until it
     ends, even by SIGKILL (the lock goes with the process): a second process that would train
     it too, a ``--resume`` while the run still goes on or two at once, is refused in one line
-    before it loads anything, instead of logging every epoch twice. A filesystem without locks
-    goes on without, as before."""
+    instead of logging every epoch twice. Where no lock can be taken (a filesystem without
+    locks, a directory this process may not write) it goes on without, as before."""
     directory = Path(directory).absolute()
     if directory in _owned or fcntl is None:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # the run's own writes will say what is wrong with the directory
+        return
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -180,13 +183,32 @@ def claim(directory: str | os.PathLike) -> None:
     _owned[directory] = lock
 
 
+@contextlib.contextmanager
+def trained_here(directory: str | os.PathLike) -> Iterator[None]:
+    """``claim`` for the time of a run: one that stops (an error, Ctrl-C, a search's pruning)
+    lets go, its checkpoint kept for a resume, so that a long sweep or search holds no lock of
+    a run it has left; one that finishes keeps it until ``remove_finished``."""
+    claim(directory)
+    try:
+        yield
+    except BaseException:
+        let_go(directory)
+        raise
+
+
 def remove_finished(directory: str | os.PathLike) -> None:
-    """The run (or sweep) checkpointed in ``directory`` has finished: nothing to resume any
-    more, its checkpoint removed and its ``claim`` let go."""
+    """The run (or sweep) checkpointed in ``directory`` has ended for good: its checkpoint
+    removed, then its ``claim`` let go (in that order: a resume in between finds nothing)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    let_go(directory)
+
+
+def let_go(directory: str | os.PathLike) -> None:
+    """This process no longer trains the run in ``directory`` (it stopped): its ``claim`` let
+    go, its checkpoint kept."""
     lock = _owned.pop(Path(directory).absolute(), None)
     if lock is not None:
         os.close(lock)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _publish(directory: Path, partial: Path, name: str) -> None:

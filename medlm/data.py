@@ -288,12 +288,9 @@ class LanguageDataset(Dataset):
         if self.num_truncated:
             log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated,
                         self._cap)
-        targets = sum(length - max(1, prompt) for length, prompt in
-                      zip(self.lengths, self.prompt_lengths, strict=True) if length > prompt)
-        if self.examples and targets == 0:  # the loss would be 0 and the model untrained
-            raise MedLMError(f"--max-length {self._cap} leaves no token to learn in any row "
-                             f"(each is cut to {self._cap} tokens, its prompt at least): "
-                             "expected a longer --max-length, or none (the model's context)")
+        # next-token targets the loss counts: none, and a loss of 0 would train nothing
+        self.targets = sum(length - max(1, prompt) for length, prompt in
+                           zip(self.lengths, self.prompt_lengths, strict=True) if length > prompt)
 
     def _encode(self, symptoms: list[str]) -> None:
         texts = training_texts(self._names, symptoms, self._tokenizer, self._format)

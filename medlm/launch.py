@@ -4,6 +4,7 @@ and ``resume`` (an interrupted run or sweep), and what ``python -m experiments.s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, replace
@@ -14,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from medlm import distributed
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import claim, saved_epochs, write_durably
+from medlm.checkpoint import saved_epochs, trained_here, write_durably
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
@@ -87,38 +88,43 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
         raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
                          "no --epochs (a sweep resumes with its own grid)")
     saved = None if sweep else resume_config(run_id, checkpoint_dir)
-    if distributed.is_main():  # under torchrun only rank 0 talks to MLflow and writes files
-        claim(Path(checkpoint_dir) / run_id)  # refused while another process trains it
-        try:
-            MlflowClient().get_run(run_id)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise MedLMError(f"--resume {run_id!r}: no such run in the tracking store "
-                             f"{shown_tracking_uri()} (its checkpoint is in "
-                             f"{Path(checkpoint_dir) / run_id}): expected the tracking store it "
-                             "was started with (MLFLOW_TRACKING_URI as it was then)") from None
-    if sweep:
-        resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
-        return
-    config = on_this_machine(replace(saved, checkpoint_dir=checkpoint_dir,
-                                     collective_timeout_min=collective_timeout_min),
-                             machine or {}, run_id)
-    if epochs is not None and epochs != config.epochs:
-        done = len(saved_epochs(Path(checkpoint_dir) / run_id))
-        if epochs < done:
-            raise MedLMError(f"--epochs {epochs} with --resume {run_id!r} is invalid: the run "
-                             f"has completed {done} epochs: expected at least {done}")
-        log.info("run %s: %d epochs in all instead of %d%s", run_id, epochs, config.epochs,
-                 "" if config.scheduler == "constant" else
-                 f" (the {config.scheduler} learning-rate schedule is spread over the new "
-                 "total from the next step on)")
-        config = replace(config, epochs=epochs)
-    check_output_paths(config)
-    prepared = prepare(config, started)
-    check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
-    if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
-        write_durably(Path(checkpoint_dir) / run_id / "config.json",
-                      json.dumps(asdict(config), indent=2))
-    with resumable_failures(checkpoint_dir, [run_id]):
-        train_and_register(config, prepared, resume_run_id=run_id)
+    # this process's from here (a resume while another process trains it is refused), let go
+    # if the resume fails; under torchrun only rank 0 talks to MLflow and writes files
+    owner = (trained_here(Path(checkpoint_dir) / run_id) if distributed.is_main()
+             else contextlib.nullcontext())
+    with owner:
+        if distributed.is_main():
+            try:
+                MlflowClient().get_run(run_id)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                raise MedLMError(f"--resume {run_id!r}: no such run in the tracking store "
+                                 f"{shown_tracking_uri()} (its checkpoint is in "
+                                 f"{Path(checkpoint_dir) / run_id}): expected the tracking store "
+                                 "it was started with (MLFLOW_TRACKING_URI as it was then)"
+                                 ) from None
+        if sweep:
+            resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
+            return
+        config = on_this_machine(replace(saved, checkpoint_dir=checkpoint_dir,
+                                         collective_timeout_min=collective_timeout_min),
+                                 machine or {}, run_id)
+        if epochs is not None and epochs != config.epochs:
+            done = len(saved_epochs(Path(checkpoint_dir) / run_id))
+            if epochs < done:
+                raise MedLMError(f"--epochs {epochs} with --resume {run_id!r} is invalid: the run "
+                                 f"has completed {done} epochs: expected at least {done}")
+            log.info("run %s: %d epochs in all instead of %d%s", run_id, epochs, config.epochs,
+                     "" if config.scheduler == "constant" else
+                     f" (the {config.scheduler} learning-rate schedule is spread over the new "
+                     "total from the next step on)")
+            config = replace(config, epochs=epochs)
+        check_output_paths(config)
+        prepared = prepare(config, started)
+        check_resume_data(Path(checkpoint_dir) / run_id, prepared.data, prepared.split)
+        if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
+            write_durably(Path(checkpoint_dir) / run_id / "config.json",
+                          json.dumps(asdict(config), indent=2))
+        with resumable_failures(checkpoint_dir, [run_id]):
+            train_and_register(config, prepared, resume_run_id=run_id)

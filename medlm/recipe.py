@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,11 +29,11 @@ from medlm.champion import maybe_crown, validation_loss_table
 from medlm.checkpoint import (
     check_readable,
     check_world_size,
-    claim,
     has_checkpoint,
     logged_epoch,
     remove_finished,
     saved_epochs,
+    trained_here,
 )
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
@@ -174,6 +175,10 @@ def _run_parts(config: TrainConfig, prepared: Prepared) -> _RunParts:
                                     config.prompt_format)
         validation_set = LanguageDataset(split.validation, tokenizer, max_length, config.loss_on,
                                          prompt_format=config.prompt_format)
+    if train_set.examples and not train_set.targets:
+        raise MedLMError(f"--max-length {config.max_length} leaves no token to learn in any "
+                         "training row (each is cut that short, its prompt at least): expected "
+                         "a longer --max-length, or none (the model's context)")
     loader = functools.partial(make_loader, batch_size=config.batch_size,
                                pad_token_id=tokenizer.pad_token_id,
                                pin_memory=prepared.device.type == "cuda", loss_on=config.loss_on,
@@ -269,7 +274,7 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
                  if logged < len(saved) else "")
         return
     data, split, stopwatch = prepared.data, prepared.split, prepared.stopwatch
-    claim(checkpoint)  # made, and this process's until the run ends
+    checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
     (checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(data, split)))
     with stopwatch.phase("logging"):
@@ -334,9 +339,8 @@ def _row_losses(config: TrainConfig, prepared: Prepared, parts: _RunParts, model
 
 def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = False,
                        resume_run_id: str | None = None,
-                       started: Callable[[str], None] | None = None,
-                       parent_run_id: str | None = None,
-                       loggers: Sequence[Logger] = ()) -> dict:
+                       started: Callable[[str], None] = lambda run_id: None,
+                       parent_run_id: str | None = None, loggers: Sequence[Logger] = ()) -> dict:
     """One training run in MLflow, from prepared inputs to a registered model version; with
     ``resume_run_id``, that run continues from its last checkpoint. ``started`` is told the
     run id as soon as there is one (a sweep records which child is in progress);
@@ -363,9 +367,10 @@ def train_and_register(config: TrainConfig, prepared: Prepared, nested: bool = F
             run_id = distributed.broadcast_object(run_scope.enter_context(run))
         log.info("MLflow run %s in experiment %r (%s)", run_id, config.experiment,
                  shown_tracking_uri())
-        if started:
-            started(run_id)
+        started(run_id)
         checkpoint = Path(config.checkpoint_dir) / run_id
+        if main_process:  # this process's until the run ends: a resume elsewhere is refused
+            run_scope.enter_context(trained_here(checkpoint))
         report = _epoch_report(config, prepared, parts, tracker)
         result = _train(config, prepared, parts, tracker, report, checkpoint, resume_run_id,
                         loggers)
@@ -447,8 +452,6 @@ def _log_time_split(tracker: MlflowTracker, stopwatch: Stopwatch) -> dict[str, f
 
 def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
     """The command that continues run (or sweep) ``run_id``."""
-    import shlex
-
     launcher = ("python" if world_size == 1 else
                 f"torchrun <the same options: {world_size} processes in all>")
     where = ("" if checkpoint_dir == TrainConfig().checkpoint_dir

@@ -409,9 +409,10 @@ class _Trials:
                 "rerun_of": trial.number, "died": trial.user_attrs.get("died", 0)})
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
-            if isinstance(error, DiskFull):
-                raise MedLMError(f"{error}, then the same search command again (it runs "
-                                 f"trial {trial.number}'s settings again)") from None
+            if isinstance(error, DiskFull):  # its checkpoint is gone: the trial starts again
+                raise MedLMError(f"{str(error).split(': ')[0]}: expected free space there, "
+                                 "then the same search command again (it runs trial "
+                                 f"{trial.number}'s settings again from the start)") from None
             raise
         for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
             value = result.get(name)

@@ -124,8 +124,19 @@ def first_open() -> Iterator[None]:
 def without_password(uri: str) -> str:
     """``uri`` with the password of its ``user:password@`` shown as ``***``: the only form of a
     tracking or storage URI a printed line, an error or a param may hold."""
-    # the password may hold "/" or "@" unquoted: up to the last "@" before a query string
-    return re.sub(r"^([a-z0-9+.-]+://[^/:@]*):[^?#]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    found = re.match(r"^([a-z0-9+.-]+://)([^/?#]*)(.*)$", uri, flags=re.IGNORECASE | re.DOTALL)
+    if found is None:
+        return uri
+    scheme, authority, rest = found.groups()
+    database = re.match(r"(postgres|mysql|mariadb|mssql|oracle)", scheme, flags=re.IGNORECASE)
+    if database and "@" not in authority and "@" in rest.split("?")[0]:
+        # a password holding an unquoted "/", which SQLAlchemy reads as the password's
+        cut = rest.rfind("@", 0, len(rest.split("?")[0])) + 1
+        authority, rest = authority + rest[:cut], rest[cut:]
+    user, at, host = authority.rpartition("@")
+    if not at or ":" not in user:
+        return uri
+    return f"{scheme}{user.split(':', 1)[0]}:***@{host}{rest}"
 
 
 def shown_tracking_uri() -> str:

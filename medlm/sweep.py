@@ -19,7 +19,7 @@ import pandas as pd
 
 from medlm import distributed, stop
 from medlm._paths import sweep_state_file
-from medlm.checkpoint import claim, has_checkpoint, remove_finished, write_durably
+from medlm.checkpoint import claim, has_checkpoint, let_go, remove_finished, write_durably
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
 from medlm.heldout import SUMMARY_SCORES, interval_text
@@ -232,6 +232,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
             _children(configs, state, prepared, record)
         except BaseException as error:
             if main_process:
+                let_go(state_file.parent)  # a later resume, even in this process, may take it
                 stopped = isinstance(error, KeyboardInterrupt)
                 log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
                             "stopped" if stopped else "failed", len(children), len(configs),
@@ -240,7 +241,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
             raise
         if not any(child["status"] == "FINISHED" for child in children):
             if main_process:
-                shutil.rmtree(state_file.parent, ignore_errors=True)  # nothing to resume
+                remove_finished(state_file.parent)  # nothing to resume
             raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
                                      "expected at least one finite training loss; try a "
                                      "lower --lr or fp32")

@@ -310,7 +310,7 @@ def test_a_name_mlflow_refuses_is_refused_before_any_run(module, flag, value, ex
 
 @pytest.mark.parametrize("flags, expected", [
     (["--resume", ""], "--resume '': no checkpoint in"),  # an unset shell variable
-    (["--max-length", "1"], "--max-length 1 leaves no token to learn in any row"),
+    (["--max-length", "1"], "--max-length 1 leaves no token to learn in any training row"),
     (["--checkpoint-dir", "/proc/medlm-checkpoints"], "'/proc' is not writable"),
     (["--dataset", ""], "dataset '' is empty"),
 ])

@@ -108,6 +108,11 @@ def test_the_uris_credentials_are_sent_as_before_and_printed_nowhere(monkeypatch
     ("postgresql://medlm:secret@db:5432/optuna", "postgresql://medlm:***@db:5432/optuna"),
     ("postgresql://medlm:se/cr@et@db/optuna", "postgresql://medlm:***@db/optuna"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("http://u:p@ss@host:5000/x", "http://u:***@host:5000/x"),
+    ("http://host:5000/ajax/user@example.com/x", "http://host:5000/ajax/user@example.com/x"),
+    ("mlflow-artifacts://host:5000/artifacts/1/r@1/a",
+     "mlflow-artifacts://host:5000/artifacts/1/r@1/a"),
+    ("http://u:p@host/exp@1", "http://u:***@host/exp@1"),
     ("medlm-search.journal", "medlm-search.journal")])
 def test_a_password_is_hidden_whatever_it_holds(uri, shown):
     from medlm.store import without_password
