@@ -5,6 +5,11 @@ from pathlib import Path
 
 from medlm.errors import MedLMError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, as before MedLM took any
+    fcntl = None
+
 _FILE_SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".jsonl", ".gguf")
 
 
@@ -61,6 +66,29 @@ def _can_create_in(directory: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
+    """An exclusive lock on the file ``path`` (made, with its directory, if missing), held
+    until the returned descriptor is closed or the process ends, a SIGKILL included. None where
+    no lock can be taken (Windows, a filesystem without locks, a directory this process may not
+    write): the caller goes on without, as MedLM did before it locked anything. ``wait=False``:
+    ``BlockingIOError`` at once while another process holds it."""
+    if fcntl is None:
+        return None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as error:  # BlockingIOError: held; ENOLCK, ENOSYS: no locks here
+        os.close(descriptor)
+        if isinstance(error, BlockingIOError):
+            raise
+        return None
+    return descriptor
 
 
 SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json

@@ -36,12 +36,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 
+from medlm._paths import lock_file
 from medlm.errors import DiskFull, MedLMError, first_line
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, as before
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +160,16 @@ def claim(directory: str | os.PathLike) -> None:
     instead of logging every epoch twice. Where no lock can be taken (a filesystem without
     locks, a directory this process may not write) it goes on without, as before."""
     directory = Path(directory).absolute()
-    if directory in _owned or fcntl is None:
+    if directory in _owned:
         return
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # the run's own writes will say what is wrong with the directory
-        return
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock = lock_file(directory / OWNER, wait=False)
     except BlockingIOError:
-        os.close(lock)
         raise MedLMError(f"run {directory.name} is being trained by another process (its "
                          f"checkpoint {directory} is in use): expected that process to end "
                          "first, then --resume it if it was stopped") from None
-    except OSError:  # ENOLCK, ENOSYS: no locks on this filesystem
-        pass
-    _owned[directory] = lock
+    if lock is not None:
+        _owned[directory] = lock
 
 
 @contextlib.contextmanager

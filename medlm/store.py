@@ -17,12 +17,7 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow import MlflowClient
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, as before
-    fcntl = None
-
-from medlm._paths import check_writable
+from medlm._paths import check_writable, lock_file
 from medlm.errors import MedLMError
 
 
@@ -103,22 +98,13 @@ def first_open() -> Iterator[None]:
     one would fail ("duplicate column name"); an open that finds the tables made is quick. A
     filesystem without locks (some network ones) goes on without, as before."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///") or fcntl is None:
-        yield
-        return
-    database = os.path.abspath(uri.removeprefix("sqlite:///"))
-    os.makedirs(os.path.dirname(database), exist_ok=True)  # as MLflow would, opening it
+    sqlite = uri.startswith("sqlite:///")
+    lock = lock_file(uri.removeprefix("sqlite:///") + ".lock") if sqlite else None
     try:
-        lock = os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # a directory this process may only read: it migrates nothing there
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
-            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(lock)  # and the lock with it
+        if lock is not None:
+            os.close(lock)  # and the lock with it
 
 
 def without_password(uri: str) -> str:
@@ -142,7 +128,6 @@ def without_password(uri: str) -> str:
 def shown_tracking_uri() -> str:
     """The tracking URI as MedLM prints it: without a password."""
     return without_password(mlflow.get_tracking_uri())
-
 
 
 def artifact_directory(experiment: str) -> str | None:
