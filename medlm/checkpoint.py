@@ -141,12 +141,12 @@ def _no_partial_epoch_on_full_disk(directory: Path, partial: Path) -> Iterator[N
             raise
         shutil.rmtree(partial, ignore_errors=True)
         kept = current_epoch_directory(directory)
-        good = (f"the last good checkpoint, {kept.name.replace('-', ' ')}, is kept in {kept}: "
-                if kept is not None else "")
         epoch = partial.name.removeprefix(".").removesuffix(".partial").replace("-", " ")
         raise DiskFull(f"no space left on device in {directory.parent} ({epoch}'s checkpoint "
                        f"of run {directory.name} could not be written, and what it had written "
-                       f"is removed): {good}expected free space there") from None
+                       "is removed)",
+                       f"the last good checkpoint, {kept.name.replace('-', ' ')}, is kept in "
+                       f"{kept}" if kept is not None else "") from None
 
 
 OWNER = ".owner"  # in a checkpoint directory: locked by the process that trains the run

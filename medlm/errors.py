@@ -13,9 +13,13 @@ def first_line(error: BaseException) -> str:
 
 
 class DiskFull(MedLMError):
-    """A write that ran out of space: the message says where, and what of the run is kept; the
-    caller that knows how the run goes on (``recipe.resumable_failures``, the search) adds
-    that."""
+    """A write that ran out of space: ``failed`` says where and what, ``kept`` what of the run
+    survives; the caller that knows how the run goes on (``recipe.resumable_failures``, the
+    search) adds that."""
+
+    def __init__(self, failed: str, kept: str = ""):
+        super().__init__(f"{failed}: {kept}{': ' * bool(kept)}expected free space there")
+        self.failed = failed
 
 
 def shorten(text: str, width: int = 60) -> str:

@@ -557,37 +557,37 @@ def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None
     ``--resume`` logs what the server missed once it is back). ``run_ids``: the run's (a
     sweep's: its parent's) id once there is one."""
 
-    def how_to_finish() -> str:
-        if not run_ids or (not has_checkpoint(Path(checkpoint_dir) / run_ids[0])
-                           and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file()):
-            return "start the run again"
-        return ("finish the run with "
-                + resume_command(run_ids[0], checkpoint_dir, distributed.world_size()))
+    def resume() -> str | None:
+        """The command that finishes the run; None where nothing of it was checkpointed."""
+        sweep = bool(run_ids) and sweep_state_file(checkpoint_dir, run_ids[0]).is_file()
+        if run_ids and (sweep or has_checkpoint(Path(checkpoint_dir) / run_ids[0])):
+            return resume_command(run_ids[0], checkpoint_dir, distributed.world_size())
+        return None
 
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, at any moment (a sweep says its own)
         if run_ids and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file():
-            checkpoint = Path(checkpoint_dir) / run_ids[0]
-            if has_checkpoint(checkpoint):
+            if command := resume():
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
-                            "with: %s", checkpoint, resume_command(
-                                run_ids[0], checkpoint_dir, distributed.world_size()))
+                            "with: %s", Path(checkpoint_dir) / run_ids[0], command)
             else:
                 log.warning("stopped before the first epoch ended: nothing to resume")
         raise
     except DiskFull as error:
-        raise MedLMError(f"{error}, then {how_to_finish()}") from None
+        command = resume()
+        raise MedLMError(f"{error}, then " + (f"finish the run with {command}" if command
+                                              else "start the run again")) from None
     except MedLMError:
         raise
     except Exception as error:
         if not server_stopped_answering():
             raise
         where = f"the tracking server {shown_tracking_uri()} stopped answering"
-        if how_to_finish() == "start the run again":
+        if (command := resume()) is None:
             raise MedLMError(f"{where} ({type(error).__name__}) before a first epoch was "
                              "checkpointed: expected the server back: then start the run "
                              "again") from None
         raise MedLMError(f"{where} during run {run_ids[0]} ({type(error).__name__}): the "
                          f"completed epochs are checkpointed under {checkpoint_dir}; expected "
-                         f"the server back: then {how_to_finish()}") from None
+                         f"the server back: then finish the run with {command}") from None

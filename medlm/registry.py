@@ -155,8 +155,8 @@ def _disk_full_while_logging(tracker: MlflowTracker, params: dict[str, Any]) -> 
             raise
         checkpoint = Path(str(params.get("checkpoint_dir", "checkpoints"))) / tracker.run_id
         raise DiskFull(f"no space left on device in {_model_destination(tracker.experiment)} "
-                       f"while logging run {tracker.run_id}'s model: its training is kept in "
-                       f"{checkpoint}: expected free space there") from None
+                       f"while logging run {tracker.run_id}'s model",
+                       f"its training is kept in {checkpoint}") from None
 
 
 def _model_destination(experiment: str) -> str:

@@ -410,9 +410,9 @@ class _Trials:
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
             if isinstance(error, DiskFull):  # its checkpoint is gone: the trial starts again
-                raise MedLMError(f"{str(error).split(': ')[0]}: expected free space there, "
-                                 "then the same search command again (it runs trial "
-                                 f"{trial.number}'s settings again from the start)") from None
+                raise MedLMError(f"{error.failed}: expected free space there, then the same "
+                                 f"search command again (it runs trial {trial.number}'s "
+                                 "settings again from the start)") from None
             raise
         for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
             value = result.get(name)
