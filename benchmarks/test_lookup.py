@@ -8,23 +8,9 @@ import pytest
 from bench_settings import RESULTS, ROUNDS, SHORT
 
 from medlm.metrics import nearest_name_answers
-from medlm.text import content_words
+from tests.conftest import all_pairs_lookup
 
 ROWS = 2_000 if SHORT else 20_000
-
-
-def all_pairs_answers(train_frame, names, fallback):
-    """``nearest_name_answers`` before its index: every name against every training name."""
-    train_names = [content_words(name) for name in train_frame["Name"]]
-    train_symptoms = train_frame["Symptoms"].tolist()
-    answers = []
-    for name in names:
-        words = content_words(name)
-        best = max(range(len(train_names)), default=None,
-                   key=lambda i: (len(words & train_names[i]), -len(train_names[i]), -i))
-        shared = best is not None and words & train_names[best]
-        answers.append(train_symptoms[best] if shared else fallback)
-    return answers
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def lookup_data(frame):
 
 def test_lookup_comparing_every_pair(benchmark, lookup_data):
     train, names = lookup_data
-    benchmark.pedantic(lambda: all_pairs_answers(train, names, "constant"), rounds=ROUNDS)
+    benchmark.pedantic(lambda: all_pairs_lookup(train, names, "constant"), rounds=ROUNDS)
     RESULTS[f"lookup {ROWS:,} rows: every pair"] = {"seconds": benchmark.stats.stats.min}
 
 
@@ -49,7 +35,7 @@ def test_lookup_by_word_index(benchmark, lookup_data):
     train, names = lookup_data
     answers = benchmark.pedantic(lambda: nearest_name_answers(train, names, "constant"),
                                  rounds=ROUNDS * 3, warmup_rounds=1)
-    assert answers == all_pairs_answers(train, names[:50], "constant") + answers[50:]
+    assert answers == all_pairs_lookup(train, names[:50], "constant") + answers[50:]
     figures = {"seconds": benchmark.stats.stats.min}
     pairs = RESULTS.get(f"lookup {ROWS:,} rows: every pair")
     if pairs:

@@ -258,3 +258,21 @@ def background_server(command: list[str], ready_url: str, home: Path, timeout: f
                 except subprocess.TimeoutExpired:
                     os.killpg(server.pid, signal.SIGKILL)
                     server.wait()
+
+
+def all_pairs_lookup(train_frame, names, fallback):
+    """``medlm.metrics.nearest_name_answers`` as it was before its word index: every name
+    against every training name, the reference its answers are checked against (and, in
+    benchmarks/test_lookup.py, timed against)."""
+    from medlm.text import content_words
+
+    train_names = [content_words(name) for name in train_frame["Name"]]
+    train_symptoms = train_frame["Symptoms"].tolist()
+    answers = []
+    for name in names:
+        words = content_words(name)
+        best = max(range(len(train_names)), default=None,
+                   key=lambda i: (len(words & train_names[i]), -len(train_names[i]), -i))
+        shared = best is not None and words & train_names[best]
+        answers.append(train_symptoms[best] if shared else fallback)
+    return answers

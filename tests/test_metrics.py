@@ -15,6 +15,7 @@ from medlm.metrics import (
 )
 from medlm.split import split_by_disease
 from medlm.text import content_words, phrases_match, split_phrases
+from tests.conftest import all_pairs_lookup
 
 
 def test_phrases_are_content_words_normalised_and_deduplicated():
@@ -128,20 +129,6 @@ def test_lookup_answers_with_the_training_disease_sharing_most_name_words():
     assert answers == ["ckd", "constant"]
 
 
-def brute_force_nearest_name_answers(train_frame, names, fallback):
-    """nearest_name_answers before its index: every name against every training name."""
-    train_names = [content_words(name) for name in train_frame["Name"]]
-    train_symptoms = train_frame["Symptoms"].tolist()
-    answers = []
-    for name in names:
-        words = content_words(name)
-        best = max(range(len(train_names)), default=None,
-                   key=lambda i: (len(words & train_names[i]), -len(train_names[i]), -i))
-        shared = best is not None and words & train_names[best]
-        answers.append(train_symptoms[best] if shared else fallback)
-    return answers
-
-
 @pytest.mark.parametrize("split_seed", [42, 7, 2024])
 def test_lookup_answers_exactly_as_comparing_every_name_pair(dataset_csv, split_seed):
     """On the real data, the held-out names and (with every tie among equal and duplicated
@@ -151,7 +138,7 @@ def test_lookup_answers_exactly_as_comparing_every_name_pair(dataset_csv, split_
     names += split.train["Name"].tolist() + ["", "Gout", "the of"]
     constant = constant_answer(split.train)
     answers = nearest_name_answers(split.train, names, constant)
-    assert answers == brute_force_nearest_name_answers(split.train, names, constant)
+    assert answers == all_pairs_lookup(split.train, names, constant)
     assert nearest_name_answers(split.train.head(0), names[:3], constant) == [constant] * 3
 
 
@@ -169,7 +156,7 @@ def test_lookup_of_a_20000_row_dataset_answers_as_comparing_every_pair(dataset_c
     answers = nearest_name_answers(train, held_out, "constant")
     assert len(answers) == len(held_out) and answers.count("constant") < len(held_out) // 2
     sample = list(range(0, len(held_out), 80))
-    assert [answers[i] for i in sample] == brute_force_nearest_name_answers(
+    assert [answers[i] for i in sample] == all_pairs_lookup(
         train, [held_out[i] for i in sample], "constant")
 
 
