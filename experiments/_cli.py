@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import signal
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 from medlm import stop
 from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule, check_mlflow_name
@@ -45,46 +45,44 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _number(parse: type, minimum: float, expected: str, *, above_minimum: bool = False,
-            maximum: float = math.inf, ok: Callable[[float], bool] | None = None,
-            ) -> Callable[[str], float]:
-    """An argparse ``type=`` that names the bad text and the expected range."""
-    kind = "whole number" if parse is int else "number"
+def number(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reads a whole number (int) or any number (float), naming the
+    text that is neither. A setting's flag reads its value so; ``TrainConfig`` checks it."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+
+    return parse
+
+
+def checked(kind: type, rule: Rule) -> Callable[[str], Any]:
+    """An argparse ``type=`` for the other commands' numbers: read, then checked by ``rule``
+    (one of ``medlm.config``'s, shared with the settings), in its words."""
+    parse = number(kind)
 
     def check(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
-        too_small = value <= minimum if above_minimum else value < minimum
-        if not math.isfinite(value) or too_small or value > maximum or (ok and not ok(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}")
+        value = parse(text)
+        if not rule.ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {rule.expected}")
         return value
 
     return check
 
 
-def checked(kind: type, rule: Rule | None) -> Callable[[str], float]:
-    """An argparse ``type=`` for a setting: ``kind`` (int, float, str) parsed, then checked by
-    its ``medlm.config.Rule`` (None: any value), in the rule's words."""
-    if rule is None:
-        return kind
-    return _number(kind, -math.inf, rule.expected, ok=rule.ok)
-
-
-# the checks the other CLIs share with TrainConfig's settings: the same rules
 positive_int = checked(int, AT_LEAST_ONE)
 seed = checked(int, SEED)
 positive_float = checked(float, POSITIVE)
 fraction = checked(float, FRACTION)
-probability = _number(float, 0, "a number in (0, 1]", above_minimum=True, maximum=1)
+probability = checked(float, Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 
 
 def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
-    return _number(int, minimum, f"a whole number from {minimum} to {maximum}",
-                   maximum=maximum)
-
-
+    return checked(int, Rule(lambda v: minimum <= v <= maximum,
+                             f"a whole number from {minimum} to {maximum}"))
 
 
 OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id
@@ -122,39 +120,18 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
     return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
 
 
-def _long_option(parser: argparse.ArgumentParser, word: str, prefixes: bool) -> str | None:
-    """The long option ``word`` spells (``--x``, ``--x=v``, or with ``prefixes`` an
-    unambiguous prefix), else None."""
-    name = word.split("=", 1)[0]
-    if not name.startswith("--"):
-        return None
-    options = [option for action in parser._actions for option in action.option_strings
-               if option.startswith("--")]
-    if name in options:
-        return name
-    matches = [option for option in options if option.startswith(name)]
-    return matches[0] if prefixes and len(matches) == 1 else None
-
-
-def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
-    """``dest`` -> the option as spelled, for every option ``argv`` gives."""
-    dest = {option: action.dest for action in parser._actions
-            for option in action.option_strings}
-    given = {}
-    for word in argv:
-        option = _long_option(parser, word, parser.allow_abbrev)
-        if option is not None:
-            given.setdefault(dest[option], option)
-    return given
-
-
 def replace_options(parser: argparse.ArgumentParser, argv: list[str],
                     replace: dict[str, str]) -> list[str]:
-    """``argv`` without the options in ``replace`` (in any spelling argparse accepts: ``--x v``,
-    ``--x=v``, an unambiguous prefix), then those options with their new values."""
+    """``argv`` as the user wrote it, for the command an error suggests: without the options in
+    ``replace`` (in any spelling argparse accepts: ``--x v``, ``--x=v``, an unambiguous prefix),
+    then those options with their new values."""
+    options = [option for action in parser._actions for option in action.option_strings
+               if option.startswith("--")]
 
     def target(word: str) -> str | None:
-        option = _long_option(parser, word, prefixes=True)
+        name = word.split("=", 1)[0]
+        matches = [option for option in options if option.startswith(name)]
+        option = name if name in options else matches[0] if len(matches) == 1 else None
         return option if option in replace else None
 
     kept, skip = [], False

@@ -34,7 +34,7 @@ def build_parser() -> ArgumentParser:
 def print_comparison(a, b, scores, per_disease, show: int) -> None:
     import pandas as pd
 
-    from medlm.intervals import CONFIDENCE
+    from medlm.scores import CONFIDENCE
 
     for label, side in (("A", a), ("B", b)):
         params = side.run.data.params

@@ -129,15 +129,14 @@ def answer_precision(requested: str | None, logged: str | None, device):
 def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
     """(per-disease table, micro-averaged scores) of the answers ``args`` asks for: greedy,
     beam search or a consensus."""
-    from medlm.heldout import score_answers
     from medlm.metrics import references_by_disease
-    from medlm.scoring import evaluate_symptoms
+    from medlm.scores import evaluate_symptoms, score_answers
 
     if args.consensus is None:
         return evaluate_symptoms(model, tokenizer, frame, max_new_tokens,
                                  repetition_penalty=args.repetition_penalty,
                                  num_beams=args.num_beams)
-    from medlm.consensus import consensus_answers
+    from medlm.generate import consensus_answers
 
     names = [name for name, _ in references_by_disease(frame).values()]
     return score_answers(consensus_answers(model, tokenizer, names, args.consensus,
@@ -170,12 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from medlm.data import load_disease_data
     from medlm.generate import drop_unanswerable
-    from medlm.heldout import baseline_scores
     from medlm.inference import load_model_for_inference, source_run
-    from medlm.intervals import CONFIDENCE
     from medlm.metrics import METRIC_VERSION
     from medlm.modeling import resolve_device
     from medlm.prompts import prompt_format_of
+    from medlm.scores import CONFIDENCE, baseline_scores
     from medlm.split import split_rows
     from medlm.tracking import logged_metrics
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
     if args.consensus is not None:
-        from medlm.consensus import consensus_answers
+        from medlm.generate import consensus_answers
 
         completions = [[answer] for answer in consensus_answers(
             model, tokenizer, args.diseases, args.consensus, args.max_new_tokens, args.seed)]

@@ -7,19 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import shlex
 import sys
 from dataclasses import MISSING, Field, fields
+from typing import Any
 
-from experiments._cli import (
-    ArgumentParser,
-    checked,
-    flags_given,
-    offline_alternative,
-    quiet_libraries,
-    run_cli,
-)
+from experiments._cli import ArgumentParser, number, offline_alternative, quiet_libraries, run_cli
 from medlm.config import (
     GROUPS,
     SWEEPABLE,
@@ -57,19 +52,19 @@ def flag_help(declared: Field) -> str:
 
 def flag_options(declared: Field, kind: type) -> tuple[str, dict]:
     """The flag of a setting and its ``add_argument`` options: --NAME / --no-NAME for an on/off
-    setting, a repeatable flag for a list, else a value checked by the setting's own rule or
-    choices. Every default is None: the recipe's value applies."""
+    setting, a repeatable flag for a list, else a value (a number read as one; ``TrainConfig``
+    checks it). A flag left out is not in the parsed namespace: the recipe's value applies."""
     flag = flag_of(declared.name)
-    options = {"dest": declared.name, "default": None, "help": flag_help(declared)}
+    options = {"dest": declared.name, "default": argparse.SUPPRESS, "help": flag_help(declared)}
     if kind is bool:  # --NAME and --no-NAME, so a flag can undo what a recipe sets
         return flag, {**options, "action": argparse.BooleanOptionalAction}
     if kind is list:
         return flag, {**options, "action": "append", "metavar": declared.metadata["metavar"]}
-    if declared.metadata["choices"]:
-        options["choices"] = declared.metadata["choices"]
-    else:
-        options["type"] = checked(kind, declared.metadata["rule"])
-        options["metavar"] = declared.metadata["metavar"] or flag[2:].upper().replace("-", "_")
+    if kind in (int, float):
+        options["type"] = number(kind)
+    choices = declared.metadata["choices"]
+    options["metavar"] = ("{" + ",".join(choices) + "}" if choices else
+                          declared.metadata["metavar"] or flag[2:].upper().replace("-", "_"))
     if declared.metadata["sweep"]:
         options["nargs"] = "+"
     return flag, options
@@ -85,14 +80,14 @@ def add_settings(parser: ArgumentParser) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(  # no abbreviations: --resume must see --epochs as it is written
+    parser = ArgumentParser(  # no abbreviations: a new flag cannot change an old command
         prog="python -m experiments.run", description=__doc__.strip().splitlines()[0],
         allow_abbrev=False)
     add_settings(parser)
-    parser.add_argument("--config", metavar="FILE.toml", default=None,
+    parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
                         help="a recipe file of settings (field = value, as in "
                              "experiments/recipes/); flags given beside it win")
-    parser.add_argument("--resume", metavar="RUN_ID", default=None,
+    parser.add_argument("--resume", metavar="RUN_ID", default=argparse.SUPPRESS,
                         help="continue an interrupted run from its last completed epoch, with "
                              "its own settings; beside it only --epochs (the run's new number of "
                              "epochs in all), this machine's --device and --precision, "
@@ -113,36 +108,34 @@ def flags_table() -> str:
         lines += ["", f"**{group.title}**", "", "| flag | what it sets |", "| --- | --- |"]
         for action in actions:
             metavar = "" if action.nargs == 0 else f" {action.metavar or action.dest.upper()}"
-            if action.choices:
-                metavar = " {" + ",".join(action.choices) + "}"
             text = " ".join(action.help.split()).replace("|", "\\|")
             flags = " / ".join(f"`{option}{metavar}`" for option in action.option_strings)
             lines.append(f"| {flags} | {text} |")
     return "\n".join(lines[1:]) + "\n"
 
 
-def configs_from_args(args) -> tuple[list[TrainConfig], dict[str, list]]:
-    """The runs the flags ask for: the recipe's settings (``--config`` or ``--recipe``) under
-    the flags given (a flag left out is None), one run per combination of the swept values
-    (and, with ``--folds K``, per fold); and the swept values."""
-    from medlm.sweep import sweep_configs
-
-    if args.config and args.recipe:
-        raise MedLMError(f"--config {args.config} with --recipe {args.recipe} is invalid: "
+def configs_from_args(args: argparse.Namespace) -> tuple[list[TrainConfig], dict[str, list]]:
+    """The runs the flags ask for, each a ``TrainConfig`` built (and so checked) once: the
+    recipe's settings (``--config`` or ``--recipe``) under the flags given, one run per
+    combination of the swept values (and, with ``--folds K``, per fold); and the swept values."""
+    given = dict(vars(args))
+    config_file, recipe = given.pop("config", None), given.pop("recipe", None)
+    if config_file and recipe:
+        raise MedLMError(f"--config {config_file} with --recipe {recipe} is invalid: "
                          "expected one recipe (a file, or a name in experiments/recipes/)")
-    given = {key: value for key, value in vars(args).items()
-             if value is not None and key not in ("resume", "recipe", "config")}
-    base = TrainConfig.from_recipe(args.config or args.recipe or "default", **{
-        key: value for key, value in given.items() if key not in SWEEPABLE})
-    grid = {name: list(dict.fromkeys(given.get(name, [getattr(base, name)])))
-            for name in SWEEPABLE}
-    if base.folds and "validation_fraction" in given:
-        raise MedLMError(f"--validation-fraction with --folds {base.folds} is invalid: each "
-                         f"fold holds out 1/{base.folds} of the diseases: expected one of the "
-                         "two")
-    if base.folds and base.fold is None:  # a cross-validation: every fold in turn
-        grid["fold"] = list(range(base.folds))
-    return sweep_configs(base, grid), grid
+    recipe = config_file or recipe or "default"
+    settings = {**read_recipe(recipe), **given}
+    axes = {name: _distinct(settings.pop(name)) for name in SWEEPABLE if name in given}
+    if settings.get("folds", 0) > 0 and settings.get("fold") is None:  # every fold in turn
+        axes["fold"] = list(range(settings["folds"]))
+    configs = [TrainConfig(recipe=recipe, **settings, **dict(zip(axes, point, strict=True)))
+               for point in itertools.product(*axes.values())]
+    if configs[0].folds and "validation_fraction" in given:
+        raise MedLMError(f"--validation-fraction with --folds {configs[0].folds} is invalid: "
+                         f"each fold holds out 1/{configs[0].folds} of the diseases: expected "
+                         "one of the two")
+    return configs, {name: _distinct([getattr(config, name) for config in configs])
+                     for name in (*SWEEPABLE, *axes)}
 
 
 # What --resume takes beside the run id: where and how this machine runs it, and how many
@@ -155,16 +148,13 @@ RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
 
 
 def saved_settings(run_id: str, checkpoint_dir: str) -> list[TrainConfig]:
-    """The settings an interrupted run (one) or sweep (one per run) was started with."""
-    from medlm._paths import sweep_state_file  # medlm.recipe imports torch: seconds
-    from medlm.recipe import resume_config
-    from medlm.sweep import load_sweep_state
+    """The settings an interrupted run (one) or sweep (one per run, as its parent run records
+    them) was started with."""
+    from medlm.recipe import resume_config  # imports torch: seconds
+    from medlm.sweep import saved_sweep
 
-    state_file = sweep_state_file(checkpoint_dir, run_id)
-    if state_file.is_file():
-        return [TrainConfig.from_saved(saved)
-                for saved in load_sweep_state(state_file)["configs"]]
-    return [resume_config(run_id, checkpoint_dir)]
+    sweep = saved_sweep(run_id)
+    return sweep[0] if sweep else [resume_config(run_id, checkpoint_dir)]
 
 
 def _distinct(values: list) -> list:
@@ -187,61 +177,61 @@ def _spelled(dest: str, values: list) -> str:
     return f"{flag} {' '.join(sweep_value(value) for value in values)}"
 
 
-def check_resume_flags(args: argparse.Namespace, given: dict[str, str]) -> dict[str, str]:
-    """The flags ``given`` beside --resume less those that repeat the run's saved settings;
-    one outside ``RESUME_FLAGS`` that differs is refused, named with its given and saved
-    values."""
-    asked = [dest for dest in given if dest != "resume"]
-    if not asked:
-        return given
-    saved = saved_settings(args.resume, args.checkpoint_dir or TrainConfig().checkpoint_dir)
-    differ = {}
-    for dest in asked:
-        value = getattr(args, dest)
-        values = _distinct(value) if dest in SWEEPABLE else [value]
-        saved_values = _distinct([getattr(config, "recipe" if dest == "config" else dest)
-                                  for config in saved])
-        if values != saved_values:
-            differ[dest] = (_spelled(dest, values), _spelled(dest, saved_values))
-    refused = [differ[dest] for dest in sorted(differ, key=given.get)
-               if dest not in RESUME_FLAGS]
-    if refused:
-        kind = "sweep" if len(saved) > 1 else "run"
-        raise MedLMError(
-            f"{', '.join(mine for mine, _ in refused)} with --resume is invalid: {kind} "
-            f"{args.resume} was started with {', '.join(theirs for _, theirs in refused)}: "
-            "expected the values it was started with, or no such flags (a resumed run keeps "
-            f"its settings; only {', '.join(RESUME_FLAGS.values())} may differ)")
-    return {dest: option for dest, option in given.items() if dest == "resume" or dest in differ}
+def resume_settings(run_id: str, given: dict[str, Any]) -> dict[str, Any]:
+    """What the flags ``given`` beside --resume change, checked as every setting is: this
+    machine's checkpoint directory and collective timeout, and each of ``RESUME_FLAGS`` that
+    differs from the run's saved settings; any other flag that differs is refused, named with
+    its given and saved values."""
+    settings = {name: given[name] for name in ("checkpoint_dir", "collective_timeout_min")
+                if name in given}
+    if given:
+        saved = saved_settings(run_id, given.get("checkpoint_dir", TrainConfig.checkpoint_dir))
+        differ = {}
+        for dest, value in given.items():
+            values = _distinct(value) if dest in SWEEPABLE else [value]
+            saved_values = _distinct([getattr(config, "recipe" if dest == "config" else dest)
+                                      for config in saved])
+            if values != saved_values:
+                differ[dest] = (_spelled(dest, values), _spelled(dest, saved_values))
+        refused = [spelled for dest, spelled in differ.items() if dest not in RESUME_FLAGS]
+        if refused:
+            kind = "sweep" if len(saved) > 1 else "run"
+            raise MedLMError(
+                f"{', '.join(mine for mine, _ in refused)} with --resume is invalid: {kind} "
+                f"{run_id} was started with {', '.join(theirs for _, theirs in refused)}: "
+                "expected the values it was started with, or no such flags (a resumed run "
+                f"keeps its settings; only {', '.join(RESUME_FLAGS.values())} may differ)")
+        settings.update({dest: given[dest] for dest in differ})
+    if "epochs" in settings:  # how long the run goes on
+        if len(settings["epochs"]) > 1:
+            raise MedLMError("--epochs with --resume takes one value: expected the run's new "
+                             "number of epochs in all")
+        settings["epochs"] = settings["epochs"][0]
+    TrainConfig(**settings)  # each value checked, as a new run's are
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help and a bad flag before the heavy imports
+    resume = vars(args).pop("resume", None)  # args holds only the flags given
+    if resume is None:
+        configs, grid = configs_from_args(args)  # the flags first, then the store
     from medlm import distributed, launch  # torch, transformers, MLflow: seconds
     from medlm.store import check_tracking_store, compare_runs_hint
     from medlm.timing import process_started
 
     try:
         quiet_libraries()
-        if args.resume is not None:  # "" too: an unset shell variable, not a new run
-            given = check_resume_flags(args, flags_given(
-                build_parser(), argv if argv is not None else sys.argv[1:]))
+        if resume is not None:  # "" too: an unset shell variable, not a new run
+            settings = resume_settings(resume, vars(args))
             if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
                 check_tracking_store()
-            epochs = None
-            if "epochs" in given:  # how long the run goes on
-                if len(args.epochs) > 1:
-                    raise MedLMError("--epochs with --resume takes one value: expected the "
-                                     "run's new number of epochs in all")
-                epochs = args.epochs[0]
-            machine = {name: getattr(args, name) for name in
-                       ("device", "precision", "progress", "system_metrics") if name in given}
-            defaults = TrainConfig()
-            launch.resume(args.resume, args.checkpoint_dir or defaults.checkpoint_dir,
-                          args.collective_timeout_min or defaults.collective_timeout_min,
-                          epochs, started=process_started(), machine=machine)
+            launch.resume(resume, settings.pop("checkpoint_dir", TrainConfig.checkpoint_dir),
+                          settings.pop("collective_timeout_min",
+                                       TrainConfig.collective_timeout_min),
+                          settings.pop("epochs", None), started=process_started(),
+                          machine=settings)
             return 0
-        configs, grid = configs_from_args(args)  # the flags first, then the store
         if distributed.is_main():
             check_tracking_store()
         try:

@@ -9,12 +9,13 @@ on another machine, against the same --storage, joins the search.
 from __future__ import annotations
 
 import sys
+from argparse import SUPPRESS
 
 from experiments._cli import ArgumentParser, positive_int, quiet_libraries, run_cli, seed
 from experiments.run import add_settings, configs_from_args
 from medlm.config import SWEEPABLE, flag_of
 from medlm.errors import MedLMError
-from medlm.space import DEFAULT_SPACE
+from medlm.search import DEFAULT_SPACE
 
 
 def build_parser() -> ArgumentParser:
@@ -36,8 +37,8 @@ def build_parser() -> ArgumentParser:
                              "share it")
     search.add_argument("--storage", default=None, metavar="URL",
                         help="postgresql://user:password@host:port/db (a team's machines "
-                             "together), or a file (several processes on one machine; default: "
-                             "./medlm-search.journal)")
+                             "together), or a SQLite file (several processes on one machine; "
+                             "default: ./medlm-search.db)")
     search.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                         help="how trials are drawn")
     search.add_argument("--pruner", choices=("median", "none"), default="median",
@@ -51,7 +52,7 @@ def build_parser() -> ArgumentParser:
                         help="a new study first runs every trial of STUDY (same storage, same "
                              "flags), in order: e.g. the same trials with --pruner none")
     add_settings(parser)
-    parser.add_argument("--config", metavar="FILE.toml", default=None,
+    parser.add_argument("--config", metavar="FILE.toml", default=SUPPRESS,
                         help="a recipe file of the settings every trial shares")
     return parser
 
@@ -60,21 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medlm import distributed
     from medlm.launch import search
-    from medlm.search import SearchOptions
-    from medlm.space import parse_params, read_space_file, search_space
+    from medlm.search import SearchOptions, parse_params, read_space_file, search_space
     from medlm.store import check_tracking_store, compare_runs_hint
 
     quiet_libraries()
     specs = {**(read_space_file(args.space) if args.space else {}), **parse_params(args.param)}
     space = search_space(specs)
     for name in space:
-        if getattr(args, name, None) is not None:
+        if hasattr(args, name):  # a setting's flag is in args only when given
             raise MedLMError(f"{flag_of(name)} with --param {name}=... is invalid: expected "
                              "one of the two (the search draws it)")
     search_args = ("param", "space", "trials", "study", "storage", "sampler", "pruner",
                    "startup_trials", "sampler_seed", "replay")
     settings = {key: value for key, value in vars(args).items() if key not in search_args}
-    configs, grid = configs_from_args(type(args)(resume=None, **settings))
+    configs, grid = configs_from_args(type(args)(**settings))
     if len(configs) > 1:
         swept = [flag_of(name) for name in (*SWEEPABLE, "fold") if len(grid.get(name, [])) > 1]
         raise MedLMError(f"several values of {', '.join(swept)} are invalid in a search: "

@@ -91,8 +91,7 @@ def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
     return descriptor
 
 
-SWEEP_FILE = "sweep.json"  # a sweep's progress: <checkpoint dir>/<parent run id>/sweep.json
-
-
-def sweep_state_file(checkpoint_dir: str, parent_id: str) -> Path:
-    return Path(checkpoint_dir) / parent_id / SWEEP_FILE
+def is_sweep_directory(directory: Path) -> bool:
+    """A sweep's own directory beside its children's checkpoints: the data they train on
+    (``data.json``) and no settings (a run's ``config.json``): its parent run has those."""
+    return (directory / "data.json").is_file() and not (directory / "config.json").is_file()

@@ -13,9 +13,10 @@ replaced atomically); the previous epoch's directory is removed last. A kill at 
 leaves ``latest`` naming a complete epoch: never the weights of one epoch with the optimizer
 state of another.
 
-The checkpoint is written before the epoch's loggers (metrics, symptom scores, samples) run,
-and ``logged_epoch`` is written after them: a run killed in between produces them again when it
-resumes (see ``fit``).
+The checkpoint is written before the epoch's loggers (metrics, symptom scores, samples) run:
+a run killed in between logs, when it resumes, what the tracking store lacks of that epoch
+(``medlm.recipe``). A checkpoint holds its ``FORMAT``: one written by an older MedLM, with
+another layout, is refused in one line, not read by guesswork.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import pickle
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 
+from medlm import distributed
 from medlm._paths import lock_file
 from medlm.errors import DiskFull, MedLMError, first_line
 
@@ -79,40 +80,33 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
-def save_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler, scaler,
-                    epochs: list, best_state: dict | None, epochs_without_improvement: int,
-                    loader_state: dict, rng_states: list[dict] | None = None,
-                    precision: str | None = None, step_interval: dict | None = None,
-                    best_is_current: bool = False, frozen: str | None = None) -> None:
-    """Write epoch ``len(epochs)``'s checkpoint into ``.epoch-N.partial/``, then publish it.
+FORMAT = 2  # the layout below; a checkpoint of another format is refused (``_torch_load``)
 
-    ``best_state``: the best epoch's trained weights (as ``trained_weights`` returns them), not
-    written when ``best_is_current`` (they are the model's) and linked from the previous
-    epoch's checkpoint when the best epoch is unchanged; ``rng_states``: one per process, in
-    rank order (default: this process's only); ``precision``: the effective one (fp32/bf16/
-    fp16), checked when the run resumes; ``step_interval``: what the steps since the last
-    per-step point added up to, so a resumed run's next point covers the same steps as an
-    uninterrupted run's; ``frozen``: ``frozen_sha256`` of the model. A disk that fills up
-    meanwhile is one line (``MedLMError``), the previous epoch's checkpoint left whole."""
-    directory, name = Path(directory), f"epoch-{len(epochs)}"
+
+def save_checkpoint(directory: str | os.PathLike, model, state: dict,
+                    best_weights: dict | None, rng_states: list[dict] | None = None) -> None:
+    """Write epoch ``len(state["epochs"])``'s checkpoint into ``.epoch-N.partial/``, then
+    publish it: ``model``'s trained weights, ``state`` (``medlm.train.TrainState.state_dict``)
+    with ``rng_states`` (every process's, in rank order; default: this process's), and the best
+    epoch's weights, not written when they are the model's (``state["best_is_current"]``) and
+    linked from the previous epoch's checkpoint when the best epoch is unchanged. A disk that
+    fills up meanwhile is one line (``DiskFull``), the previous epoch's checkpoint left whole."""
+    epochs = len(state["epochs"])
+    directory, name = Path(directory), f"epoch-{epochs}"
     partial = directory / f".{name}.partial"
     with _no_partial_epoch_on_full_disk(directory, partial):
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier attempt
         partial.mkdir()
         save_file({key: tensor.contiguous() for key, tensor in trained_weights(model).items()},
-                  str(partial / "model.safetensors"), metadata={"trained_only": "1"})
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        previous = directory / f"epoch-{len(epochs) - 1}"
-        if best_state is not None and not best_is_current and not _link_best(previous, partial):
-            save_file({k: v.contiguous() for k, v in best_state.items()},
+                  str(partial / "model.safetensors"))
+        previous = directory / f"epoch-{epochs - 1}"
+        if (best_weights is not None and not state["best_is_current"]
+                and not _link_best(previous, partial)):
+            save_file({k: v.contiguous() for k, v in best_weights.items()},
                       str(partial / "best.safetensors"))
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_states or [rng_state()], "epochs": [asdict(r) for r in epochs],
-                    "epochs_without_improvement": epochs_without_improvement,
-                    "loader": loader_state, "precision": precision,
-                    "step_interval": step_interval or {}, "best_is_current": best_is_current,
-                    "frozen_sha256": frozen}, partial / "state.pt")
+        torch.save({**state, "rng": rng_states or [rng_state()], "format": FORMAT},
+                   partial / "state.pt")
         _publish(directory, partial, name)
 
 
@@ -218,8 +212,6 @@ def _publish(directory: Path, partial: Path, name: str) -> None:
     for old in directory.glob("epoch-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
-    for legacy in ("model.safetensors", "best.safetensors", "state.pt"):
-        (directory / legacy).unlink(missing_ok=True)  # an older MedLM's flat layout
 
 
 def _link_best(previous: Path, partial: Path) -> bool:
@@ -268,7 +260,7 @@ def frozen_sha256(model) -> str | None:
 
 
 def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
-    """Load what ``trained_weights`` saved (or, from an older MedLM, a whole state dict)."""
+    """Load what ``trained_weights`` saved."""
     missing = set(trained_weights(model)) - set(weights)
     unexpected = set(weights) - set(model.state_dict())
     if missing or unexpected:
@@ -305,8 +297,7 @@ def _fsync(path: Path) -> None:
 
 
 def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
-    """The complete epoch a run resumes from (a flat checkpoint of an older MedLM is its own
-    directory), or None when there is none."""
+    """The complete epoch a run resumes from, or None when there is none."""
     directory = Path(directory)
     pointer = directory / LATEST
     if pointer.is_file():
@@ -318,7 +309,7 @@ def current_epoch_directory(directory: str | os.PathLike) -> Path | None:
                       key=lambda path: int(path.name[6:]))
     if complete:  # no pointer, or one naming a directory that is gone: the newest whole epoch
         return complete[-1]
-    return directory if (directory / "state.pt").is_file() else None
+    return None
 
 
 def _required_epoch_directory(directory: str | os.PathLike) -> Path:
@@ -333,66 +324,44 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return current_epoch_directory(directory) is not None
 
 
-LOGGED = "logged_epoch"  # the last epoch whose metrics, scores and samples are all logged
-
-
-def mark_logged(directory: str | os.PathLike, epoch: int) -> None:
-    """Everything epoch ``epoch`` produced is logged: a resume need not produce it again."""
-    directory = Path(directory)
-    partial = directory / f"{LOGGED}.partial"
-    partial.write_text(str(epoch))
-    os.replace(partial, directory / LOGGED)
-
-
-def logged_epoch(directory: str | os.PathLike) -> int:
-    """The last fully logged epoch: 0 when none is; a flat checkpoint of an older MedLM counts
-    as fully logged."""
-    directory = Path(directory)
-    if (directory / LOGGED).is_file():
-        return int((directory / LOGGED).read_text())
-    current = current_epoch_directory(directory)
-    if current is None or current != directory:
-        return 0
-    return len(saved_epochs(directory))
-
-
-def load_checkpoint(directory: str | os.PathLike, model, rank: int = 0,
-                    world_size: int = 1) -> dict:
-    """Load the weights into ``model``, restore process ``rank``'s RNGs and return the rest of
-    the state. A run continues with as many processes as it was trained with (the batches each
-    process draws depend on it)."""
+def load_checkpoint(directory: str | os.PathLike, model, frozen: str | None = None,
+                    precision=None) -> dict:
+    """Load the trained weights into ``model``, restore this process's RNGs and return the
+    rest of the state (``TrainState.load_state_dict``'s), with ``best_weights`` (the main
+    process's alone: it logs the model). ``frozen``: the model's ``frozen_sha256``, which must
+    be the checkpoint's; ``precision``: this run's (``medlm.modeling.Precision``), said where it
+    differs from the checkpoint's. A run continues with as many processes as it was trained
+    with (the batches each process draws depend on it)."""
     directory = _required_epoch_directory(directory)
-    state = _upgrade(_torch_load(directory / "state.pt"))
-    _check_world_size(directory, len(state["rng"]), world_size)
-    if "optimizer" not in state:  # written beside it (state.pt held it in older MedLMs)
-        state["optimizer"] = _torch_load(directory / "optimizer.pt")
+    state = _torch_load(directory / "state.pt")
+    _check_world_size(directory, len(state["rng"]), distributed.world_size())
+    if state["frozen_sha256"] != frozen:
+        raise MedLMError(f"the checkpoint in {str(directory.parent)!r} was trained on other "
+                         "frozen base weights than the model loaded now (its file or Hub "
+                         "revision changed): expected the base the run started from")
+    if precision is not None and state["precision"] != precision.name:
+        log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
+                    "(another machine): the losses from here on are not bit-for-bit those of "
+                    "an uninterrupted run", precision.name, precision.device_type,
+                    state["precision"])
     weights = directory / "model.safetensors"
-    with _reading(weights), safe_open(str(weights), "pt") as file:
-        trained_only = (file.metadata() or {}).get("trained_only") == "1"
-    if trained_only:  # the caller compares state["frozen_sha256"] with the model's
-        with _reading(weights):
-            trained = load_file(str(weights))
-        load_trained_weights(model, trained)
-    else:  # an older MedLM's: the whole model
-        load_model(model, str(weights))
+    with _reading(weights):
+        load_trained_weights(model, load_file(str(weights)))
     best = directory / "best.safetensors"
-    if rank != 0:  # the main process alone keeps the best weights (it logs the model)
-        state["best_state"] = None
-    elif state.get("best_is_current"):
-        state["best_state"] = {name: tensor.to("cpu", copy=True)
-                               for name, tensor in trained_weights(model).items()}
-    elif best.is_file():
+    state["best_weights"] = None  # kept by the main process alone: it logs the model
+    if distributed.is_main() and state["best_is_current"]:
+        state["best_weights"] = {name: tensor.to("cpu", copy=True)
+                                 for name, tensor in trained_weights(model).items()}
+    elif distributed.is_main() and best.is_file():
         with _reading(best):
-            state["best_state"] = load_file(str(best))
-    else:
-        state["best_state"] = None
-    restore_rng(state["rng"][rank])
+            state["best_weights"] = load_file(str(best))
+    restore_rng(state["rng"][distributed.rank()])
     return state
 
 
 def check_world_size(directory: str | os.PathLike, world_size: int) -> None:
     """A run continues with as many processes as it was trained with."""
-    state = _upgrade(_torch_load(_required_epoch_directory(directory) / "state.pt", mmap=True))
+    state = _torch_load(_required_epoch_directory(directory) / "state.pt", mmap=True)
     _check_world_size(directory, len(state["rng"]), world_size)
 
 
@@ -401,9 +370,7 @@ def check_readable(directory: str | os.PathLike) -> None:
     that stopped) or overwritten fails now, in one line naming it, not after the data and the
     model have loaded. Headers and archive directories are read, not the tensors."""
     current = _required_epoch_directory(directory)
-    state = _torch_load(current / "state.pt", mmap=True)
-    if "optimizer" not in state:  # written beside it (state.pt held it in older MedLMs)
-        _torch_load(current / "optimizer.pt", mmap=True)
+    _torch_load(current / "state.pt", mmap=True)
     for name in ("model.safetensors", "best.safetensors"):
         path = current / name
         if path.is_file() or name == "model.safetensors":
@@ -440,7 +407,13 @@ def _torch_load(path: Path, mmap: bool = False):
     a checkpoint written on a GPU resumes on a CPU-only machine, and no torchrun rank
     deserialises onto cuda:0; the optimizer moves its state to the parameters' device."""
     with _reading(path):
-        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+        state = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+    if state.get("format") != FORMAT:
+        raise MedLMError(f"the checkpoint {path.parent} was written by an older MedLM (format "
+                         f"{state.get('format', 1)}, not {FORMAT}): expected one of this "
+                         "version: finish the run with the MedLM that started it, or start it "
+                         "again")
+    return state
 
 
 def _check_world_size(directory, saved_world_size: int, world_size: int) -> None:
@@ -451,18 +424,11 @@ def _check_world_size(directory, saved_world_size: int, world_size: int) -> None
                          "no torchrun)")
 
 
-def _upgrade(state: dict) -> dict:
-    """Checkpoints written before torchrun support kept one process's RNGs as top-level keys."""
-    if "rng" not in state:
-        state["rng"] = [{name: state.pop(f"{name}_rng")
-                         for name in ("torch", "cuda", "python", "numpy")}]
-    return state
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
-
-
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
     return _torch_load(_required_epoch_directory(directory) / "state.pt", mmap=True)["epochs"]
+
+
+def _tuples(value):
+    """``random.getstate()`` as ``torch.load`` gives it back (lists) made tuples again."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value

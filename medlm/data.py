@@ -20,8 +20,7 @@ from medlm._paths import looks_like_local_path, sha256_file
 from medlm.config import LOSS_ON
 from medlm.errors import MedLMError, first_line, shorten
 from medlm.hub import HubUnavailable, check_hub
-from medlm.prompts import bos_ids, prompts_for, training_texts
-from medlm.tokens import encode_texts
+from medlm.prompts import bos_ids, encode_texts, prompts_for, training_texts
 
 log = logging.getLogger(__name__)
 

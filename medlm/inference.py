@@ -21,8 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from medlm.errors import MedLMError, first_line
 from medlm.modeling import load_tokenizer_and_model
 from medlm.offline import known_bases, resolve_base_name
+from medlm.prompts import ensure_pad_token
 from medlm.store import shown_tracking_uri
-from medlm.tokens import ensure_pad_token
 
 
 def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):

@@ -14,7 +14,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from medlm import distributed
-from medlm._paths import sweep_state_file
 from medlm.checkpoint import saved_epochs, trained_here, write_durably
 from medlm.config import TrainConfig
 from medlm.errors import MedLMError
@@ -31,7 +30,7 @@ from medlm.recipe import (
 )
 from medlm.search import SearchOptions, check_comparable, run_search
 from medlm.store import shown_tracking_uri
-from medlm.sweep import resume_sweep, run_sweep
+from medlm.sweep import resume_sweep, run_sweep, saved_sweep
 
 log = logging.getLogger("medlm")
 
@@ -83,7 +82,7 @@ def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
     changes how many epochs the run has in all (at least those it has completed). What it
     resumes (the checkpoint, the MLflow run) is checked before any data or model loads."""
 
-    sweep = sweep_state_file(checkpoint_dir, run_id).is_file()
+    sweep = saved_sweep(run_id) is not None  # its parent run says so
     if sweep and epochs is not None:
         raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
                          "no --epochs (a sweep resumes with its own grid)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from medlm._paths import looks_like_local_path
 from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub, model_in_cache
 from medlm.offline import cache_dir, known_bases, resolve_base_name
-from medlm.tokens import ensure_pad_token
+from medlm.prompts import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +256,14 @@ class Precision:
     """How the forward pass runs: fp32, or autocast to bf16/fp16 over fp32 weights."""
 
     name: str  # fp32 | bf16 | fp16
-    device_type: str
+    device: torch.device  # where it runs (a str is made a torch.device)
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -278,6 +287,28 @@ class Precision:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
+
+
+@functools.cache
+def peak_flops(precision: Precision) -> float:
+    """The device's matmul throughput in ``precision`` (FLOP/s), measured once per process: what
+    the model FLOPs utilisation (MFU) is against. nanoGPT divides by the A100's datasheet
+    figure; a measured peak also holds for any CPU and for a GPU no table lists."""
+    size = 4096 if precision.device_type == "cuda" else 1024
+    dtype = precision.autocast_dtype or torch.float32
+    # not torch.randn: the run's random stream (dropout, shuffles) must not depend on whether
+    # the peak was measured yet in this process
+    left = right = torch.full((size, size), 0.5, device=precision.device, dtype=dtype)
+    synchronize = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(
+        precision.device_type, lambda: None)
+    left @ right  # warm-up: kernels chosen, memory allocated
+    synchronize()
+    repeats = 10 if precision.device_type == "cuda" else 3
+    started = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -363,8 +394,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
         bf16_ok = False
     if requested == "auto":
         if device_type == "cuda":
-            return Precision("bf16" if bf16_ok else "fp16", device_type)
-        return Precision("bf16" if bf16_ok else "fp32", device_type)
+            return Precision("bf16" if bf16_ok else "fp16", device)
+        return Precision("bf16" if bf16_ok else "fp32", device)
     if requested == "fp16" and device_type != "cuda":
         raise MedLMError(f"--precision fp16 is not supported on {device_type}: expected auto, "
                          "fp32 or bf16 (fp16 autocast needs a CUDA device)")
@@ -379,7 +410,7 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     if requested not in ("fp32", "bf16", "fp16"):
         raise MedLMError(f"--precision {requested!r} is invalid: expected auto, fp32, bf16 or "
                          "fp16")
-    return Precision(requested, device_type)
+    return Precision(requested, device)
 
 
 def describe_device(device: torch.device) -> str:

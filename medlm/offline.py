@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medlm._paths import looks_like_local_path, sha256_file
 from medlm.errors import MedLMError
-from medlm.tokens import ensure_pad_token
+from medlm.prompts import ensure_pad_token
 
 PRESETS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=256),

@@ -14,12 +14,14 @@
 A model keeps the format it was trained on in its config (``PROMPT_FORMAT_ATTRIBUTE``), which
 is saved and registered with it, so generation, scoring and serving prompt it the same way; a
 model without one is plain.
-"""
+
+Tokenizer rules with no model code behind them: token ids of texts in one call to a fast
+tokenizer's backend (leaving its own padding and truncation settings as they were), and the pad
+token a GPT-2-style tokenizer lacks."""
 
 from __future__ import annotations
 
 from medlm.errors import MedLMError
-from medlm.tokens import encode_texts
 
 PROMPT_SEPARATOR = " | "
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -101,3 +103,42 @@ def training_texts(names: list[str], symptoms: list[str], tokenizer=None,
 def serving_template(tokenizer, prompt_format: str) -> str:
     """MLflow's ``prompt_template``: the prompt with ``{prompt}`` where the name goes."""
     return prompt_for("{prompt}", tokenizer, prompt_format)
+
+
+def encode_texts(tokenizer, texts: list[str],
+                 add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of ``texts`` (without special tokens unless asked), in one call.
+
+    A fast tokenizer's Rust backend is asked directly and without character offsets, which
+    nothing here needs (1.5x faster than ``tokenizer(texts)`` on this dataset, same ids).
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    # The backend keeps the padding/truncation of the tokenizer's last __call__ (say, a
+    # padding="max_length" elsewhere); switch them off for this call and put them back.
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
+    try:
+        return [encoding.ids for encoding in
+                backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+
+
+def ensure_pad_token(tokenizer, model=None):
+    """GPT-2-style tokenizers have no padding token: pad with end-of-text, and tell the model
+    (its config and generation config) which id that is. Returns (tokenizer, model)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model

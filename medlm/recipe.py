@@ -24,22 +24,20 @@ from pathlib import Path
 import torch
 
 from medlm import distributed
-from medlm._paths import SWEEP_FILE, check_writable, sweep_state_file
-from medlm.champion import maybe_crown, validation_loss_table
+from medlm._paths import check_writable, is_sweep_directory
 from medlm.checkpoint import (
     check_readable,
     check_world_size,
     has_checkpoint,
-    logged_epoch,
     remove_finished,
     saved_epochs,
     trained_here,
 )
+from medlm.compare import maybe_crown, validation_loss_table
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
 from medlm.errors import DiskFull, MedLMError
 from medlm.generate import GenerationSettings, check_prompts_fit, drop_unanswerable
-from medlm.heldout import SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.lora import add_lora, merge_lora, trainable_parameters
 from medlm.metrics import METRIC_VERSION, references_by_disease
 from medlm.modeling import (
@@ -61,8 +59,8 @@ from medlm.offline import (
 )
 from medlm.prompts import resolve_prompt_format, set_prompt_format
 from medlm.registry import register
-from medlm.repeats import REFERENCE_SCORES
 from medlm.report import EpochReport, TimeReport, run_description
+from medlm.scores import REFERENCE_SCORES, SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, shown_tracking_uri
 from medlm.timing import Stopwatch
@@ -73,6 +71,7 @@ from medlm.train import (
     FitResult,
     Logger,
     NonFiniteLossError,
+    Report,
     fit,
     noisy_embeddings,
     row_losses,
@@ -266,12 +265,10 @@ def _begin_run(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracke
     scores; a resumed run's epochs and untuned scores read back."""
 
     if resume_run_id:
-        saved, logged = saved_epochs(checkpoint), logged_epoch(checkpoint)
-        tracker.epochs = [EpochResult(**values) for values in saved if values["epoch"] <= logged]
+        saved = saved_epochs(checkpoint)
+        tracker.epochs = [EpochResult(**values) for values in saved]
         report.untuned = logged_metrics(resume_run_id, "untuned_")
-        log.info("resuming after epoch %d from %s%s", len(saved), checkpoint,
-                 f" (epoch {len(saved)} was not fully logged: logging it now)"
-                 if logged < len(saved) else "")
+        log.info("resuming after epoch %d from %s", len(saved), checkpoint)
         return
     data, split, stopwatch = prepared.data, prepared.split, prepared.stopwatch
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -300,8 +297,6 @@ def _score_kept_epoch(config: TrainConfig, stopwatch, model, best, report: Epoch
     if config.symptom_eval and not best.scores:
         with stopwatch.phase("scoring"):
             if distributed.is_main():
-                if resumed:
-                    report.tracker.skip_logged(best.epoch)
                 report.score_best(model, best)
             best.scores = distributed.broadcast_object(best.scores)
 
@@ -333,7 +328,7 @@ def _row_losses(config: TrainConfig, prepared: Prepared, parts: _RunParts, model
     rows = make_loader(parts.validation_set, per_process, prepared.tokenizer.pad_token_id,
                        train=False, loss_on=config.loss_on)
     with prepared.stopwatch.phase("validation"):
-        losses = row_losses(model, rows, prepared.device, prepared.precision)
+        losses = row_losses(model, rows, prepared.precision)
     return validation_loss_table(losses, prepared.split.validation)
 
 
@@ -428,12 +423,11 @@ def _train(config: TrainConfig, prepared: Prepared, parts: _RunParts, tracker: M
             timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
         else:
             stopwatch.lap()  # a resumed run's epochs from here on
+        report.every_epoch = score_epochs
         with noisy_embeddings(parts.model, config.neftune_alpha):
-            return fit(parts.model, parts.train_loader, parts.validation_loader, config,
-                       prepared.device, prepared.precision,
-                       loggers=[tracker, report, timer, *loggers],
-                       checkpoint_dir=str(checkpoint), resume=bool(resume_run_id),
-                       scorer=report.score if score_epochs else None, stopwatch=stopwatch)
+            return fit(parts.model, (parts.train_loader, parts.validation_loader), config,
+                       prepared.precision, checkpoint,
+                       Report([tracker, report, timer, *loggers], stopwatch))
     except NonFiniteLossError as error:
         error.run_id = checkpoint.name  # a sweep records which child diverged
         raise
@@ -468,8 +462,8 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
     if not (saved.is_file() and has_checkpoint(saved.parent)):
         runs = sorted([path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
                        if has_checkpoint(path.parent)]
-                      + [f"{path.parent.name} (a sweep)"
-                         for path in Path(checkpoint_dir).glob(f"*/{SWEEP_FILE}")])
+                      + [f"{path.parent.name} (a sweep)" for path in Path(checkpoint_dir)
+                         .glob(f"*/{DATA_FILE}") if is_sweep_directory(path.parent)])
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
@@ -559,7 +553,7 @@ def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None
 
     def resume() -> str | None:
         """The command that finishes the run; None where nothing of it was checkpointed."""
-        sweep = bool(run_ids) and sweep_state_file(checkpoint_dir, run_ids[0]).is_file()
+        sweep = bool(run_ids) and is_sweep_directory(Path(checkpoint_dir) / run_ids[0])
         if run_ids and (sweep or has_checkpoint(Path(checkpoint_dir) / run_ids[0])):
             return resume_command(run_ids[0], checkpoint_dir, distributed.world_size())
         return None
@@ -567,7 +561,7 @@ def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, at any moment (a sweep says its own)
-        if run_ids and not sweep_state_file(checkpoint_dir, run_ids[0]).is_file():
+        if run_ids and not is_sweep_directory(Path(checkpoint_dir) / run_ids[0]):
             if command := resume():
                 log.warning("stopped; the last completed epoch is checkpointed in %s. Resume "
                             "with: %s", Path(checkpoint_dir) / run_ids[0], command)

@@ -1,5 +1,5 @@
 """The MLflow Model Registry: a run's best epoch logged and registered as a version, tagged with
-its scores and evaluation key (which ``medlm.champion`` compares)."""
+its scores and evaluation key (which ``medlm.compare`` compares)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from mlflow.models import infer_signature
 from medlm.checkpoint import disk_full
 from medlm.errors import DiskFull
 from medlm.generate import GenerationSettings
-from medlm.heldout import scores_text
 from medlm.prompts import prompt_format_of, serving_template
+from medlm.scores import scores_text
 from medlm.store import artifact_directory, without_password
 from medlm.tracking import MlflowTracker, param_value
 from medlm.train import EpochResult

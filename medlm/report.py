@@ -9,10 +9,9 @@ import logging
 
 from medlm import untuned
 from medlm.generate import generate
-from medlm.heldout import interval_text, score_answers, scores_text
 from medlm.lora import merged_copy
 from medlm.metrics import references_by_disease
-from medlm.scoring import evaluate_symptoms
+from medlm.scores import evaluate_symptoms, interval_text, score_answers, scores_text
 from medlm.timing import Stopwatch
 from medlm.train import Logger
 
@@ -53,21 +52,18 @@ class EpochReport(Logger):
         self._table = None
         self._merged = None  # the epoch's answering model, made by score, used by the samples
 
+    every_epoch = False  # score each epoch as it ends (else the kept one alone, after training)
+
     def score(self, model) -> dict[str, float]:
+        return self._score(model) if self.every_epoch else {}
+
+    def _score(self, model) -> dict[str, float]:
         self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
         with self.autocast():
             self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
                                                      self.split.validation,
                                                      self.settings.max_new_tokens)
         return overall.as_metrics()
-
-    def on_epoch_replay(self, model, result) -> None:
-        """After a kill that cut an epoch's logging short: score the checkpointed weights again
-        (greedy: the same answers) for the per-disease table, then log as usual; the tracker
-        skips what was already logged."""
-        if result.scores:
-            self.score(model)
-        self.on_epoch_end(model, result)
 
     def score_untuned(self, model) -> None:
         """Epoch 0: the base model before any training, logged at step 0. Its answers are
@@ -78,7 +74,7 @@ class EpochReport(Logger):
                                   self.precision_name, self.device_name)
         answers = untuned.load_answers(key, names)
         if answers is None:
-            scores = self.score(model)
+            scores = self._score(model)
             self._merged = None  # the untrained adapters': not epoch 1's
             untuned.save_answers(key, names, self._table["generated"].tolist())
         else:
@@ -93,7 +89,7 @@ class EpochReport(Logger):
     def score_best(self, model, best) -> None:
         """After training, when epochs were not scored as they ended: the kept (best) epoch's
         weights, logged at that epoch's step."""
-        best.scores = self.score(model)
+        best.scores = self._score(model)
         self._merged = None
         self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
 
@@ -114,16 +110,25 @@ class EpochReport(Logger):
         return text
 
     def on_epoch_end(self, model, result) -> None:
+        """Idempotent: a resumed run calls it again for its checkpointed epoch, and what the
+        run has of it (scores, samples) is not produced again."""
         scores = ""
         if result.scores:
-            self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
+            if self._table is None and self.tracker.lacks(result.epoch, "symptom_scores.json"):
+                self._score(model)  # the checkpointed weights again: the same greedy answers
+            if self._table is not None:
+                self.tracker.log_symptom_scores(result.epoch, self._table, result.scores)
+                self._table = None
             scores = ", " + self.compared(result.scores)
         log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
-                 "%.1f s, %.0f tokens/s%s%s", result.epoch, result.training_loss,
+                 "%.1f s, %.0f tokens/s, MFU %.1f%%%s%s", result.epoch, result.training_loss,
                  result.validation_loss, result.validation_perplexity,
                  result.epoch_duration_sec, result.train_tokens_per_sec,
-                 " *best*" if result.is_best else "", scores)
-
+                 100 * result.model_flops_utilization, " *best*" if result.is_best else "",
+                 scores)
+        if not self.tracker.lacks(result.epoch, "samples.json"):
+            self._merged = None
+            return
         answering = self._merged if self._merged is not None else merged_copy(model)
         self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
         with self.stopwatch.phase("samples"), self.autocast():
@@ -141,8 +146,8 @@ class EpochReport(Logger):
 class TimeReport(Logger):
     """After each epoch (the last logger, so that it counts the others' time): where the
     epoch's wall time went, as ``time/*`` metrics at the epoch's step. An epoch whose logging a
-    kill cut short has none (its time was spent by the process that was killed); a resumed
-    run's totals are those of the process that finished it."""
+    kill cut short has the resuming process's; a resumed run's totals are those of the process
+    that finished it."""
 
     def __init__(self, stopwatch, tracker):
         self.stopwatch, self.tracker = stopwatch, tracker
@@ -152,6 +157,3 @@ class TimeReport(Logger):
 
     def on_epoch_end(self, model, result) -> None:
         self.log_lap(result.epoch)
-
-    def on_epoch_replay(self, model, result) -> None:
-        """Nothing to log: see the class."""

@@ -2,7 +2,15 @@
 run, pruned after an epoch that is clearly worse than the trials before it, in a study that
 any number of processes, on any number of machines, join by running the same command against
 the same storage. The parent's run id is kept in the study, so every process nests its trials
-under it; the best trial's settings and scores are kept on the parent."""
+under it; the best trial's settings and scores are kept on the parent.
+
+A hyperparameter search's space: which settings it varies and over what, from
+``--param NAME=SPEC`` flags or a TOML file of the same specs, as Optuna distributions.
+
+A spec is ``LOW..HIGH`` (uniform; a whole-number setting draws whole numbers), ``LOW..HIGH:log``
+(log-uniform) or ``A,B,C`` (one of those values); in a file, ``lr = "1e-4..3e-3:log"`` or
+``lora_rank = [8, 16, 32]``. Every bound and value is checked by its setting's own rule
+(``medlm.config``), so a search never proposes what a run would refuse."""
 
 from __future__ import annotations
 
@@ -13,8 +21,9 @@ import os
 import shutil
 import socket
 import time
+import tomllib
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +33,21 @@ import pandas as pd
 import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus, RunTag
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 from medlm import stop
-from medlm.config import sweep_value
+from medlm.config import NOT_RECIPE, TrainConfig, setting_kinds, sweep_value
 from medlm.errors import DiskFull, MedLMError
-from medlm.heldout import SUMMARY_SCORES, interval_text
-from medlm.processes import is_gone, this_process
 from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
 from medlm.registry import KEY_PARAMS_BY_SELECTION, SPLIT_KEY_PARAMS
 from medlm.report import run_description
-from medlm.space import contains, describe
+from medlm.scores import SUMMARY_SCORES, interval_text
 from medlm.store import launched_by, without_password
 from medlm.tracking import (
     DESCRIPTION_TAG,
@@ -48,7 +60,7 @@ from medlm.train import EpochResult, Logger, NonFiniteLossError, RunStopped
 
 log = logging.getLogger("medlm")
 
-LOCAL_STORAGE = "medlm-search.journal"  # the study beside the runs when no --storage is given
+LOCAL_STORAGE = "medlm-search.db"  # the study beside the runs when no --storage is given
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute that names its parent run
 SETTINGS_ATTR = "medlm_settings"  # what every trial shares: a joining process must match it
 PARENT_WAIT_SEC = 300  # how long a joining process waits for the creator to start the parent
@@ -62,7 +74,7 @@ class SearchOptions:
     """How the search runs: its study and where it is stored, how many trials in all, and
     how trials are drawn and pruned."""
     study: str = "medlm-search"
-    storage: str | None = None  # None: LOCAL_STORAGE; a URL: a database (postgresql://...)
+    storage: str | None = None  # None: LOCAL_STORAGE; a SQLite file or a database URL
     trials: int = 12
     sampler: str = "tpe"  # tpe | random
     pruner: str = "median"  # median | none
@@ -86,78 +98,55 @@ def check_comparable(space: dict[str, BaseDistribution], select_by: str) -> None
                          "without it")
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """The study's storage: a database URL (PostgreSQL for a team: trials' heartbeats let a
-    process that died mid-trial be noticed and its trial run again), or a local journal file,
-    which Optuna's file locks make safe for several processes on one machine (SQLite is not:
-    it locks the whole database for each write)."""
+def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+    """The study's database: a SQLite file (``LOCAL_STORAGE`` by default; a few processes of
+    one machine) or a URL (PostgreSQL for a team). Each trial's process sends a heartbeat; a
+    trial whose heartbeat has stopped (its process killed, its machine gone) is failed by the
+    next process to begin or end a trial, and run again once."""
     url = url or LOCAL_STORAGE
+    if url.endswith(".journal"):
+        raise MedLMError(f"--storage {url!r} is an Optuna journal file, which has no heartbeat "
+                         f"to tell a dead process's trial: expected a SQLite file ({LOCAL_STORAGE}"
+                         ") or a database URL (postgresql://user:password@host:port/db)")
     if "://" not in url:
-        Path(url).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(Path(url).expanduser())))
+        path = Path(url).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
     if url.startswith(("postgresql://", "postgres://")):  # psycopg 3: MedLM's PostgreSQL driver
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    def database() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                          heartbeat_stale_trial_callback=_rerun_stale_trial)
-
-    for attempt in range(5):
+    attempts = 0
+    while True:
         try:
-            return database()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # another process is creating the tables of a new database at the same moment
-            time.sleep(1 + attempt)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                              heartbeat_stale_trial_callback=_rerun_stale_trial)
         except Exception as error:  # noqa: BLE001 - SQLAlchemy's errors name the cause
+            attempts += 1
+            if attempts < 5 and (isinstance(error, sqlalchemy.exc.IntegrityError | sqlalchemy.exc
+                                            .ProgrammingError) or "already exists" in str(error)):
+                time.sleep(attempts)  # another process is making a new database's tables
+                continue
             reason = (str(error).strip().splitlines()[0] if str(error).strip()
                       else type(error).__name__)
             raise MedLMError(f"--storage {without_password(url)!r} cannot be opened ({reason}): "
                              "expected a reachable database URL (postgresql://user:password@"
-                             "host:port/db) or a file path") from None
-    return database()
-
-
-def _run_again(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A trial whose process died: its settings queued to run again, once (a trial that kills
-    its process each time is not retried for ever; a Ctrl-C is not a death)."""
-    if trial.user_attrs.get("died", 0) >= 1:
-        log.warning("trial %d: its process died, as the run it repeats did; not run again",
-                    trial.number)
-        return
-    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number, "died": 1})
+                             "host:port/db) or a SQLite file path") from None
 
 
 def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A trial whose process is gone (killed, its machine gone; a database tells by its
-    heartbeat, a journal file by ``fail_dead_trials``): queued to run again, and its MLflow
-    run marked KILLED."""
-    _run_again(study, trial)
+    """A trial whose heartbeat stopped: queued to run again, once (a trial that kills its
+    process each time is not retried for ever), and its MLflow run marked KILLED."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    retry(study, trial)
+    log.warning("trial %d: its process is gone; %s", trial.number,
+                "not run again (it was a re-run)" if retry.retry_history(trial)
+                else "it runs again")
     if trial.user_attrs.get("run_id"):
         try:
             end_abandoned_run(trial.user_attrs["run_id"])
         except Exception as error:  # noqa: BLE001 - the store is down: the trial runs again
             log.warning("could not mark trial %d's run KILLED: %s", trial.number, error)
-
-
-def fail_dead_trials(study: optuna.Study) -> None:
-    """Trials of a journal file left RUNNING by a process of this machine that is gone
-    (SIGKILL, a crash; a journal has no heartbeat to tell): failed, and run again."""
-    if not isinstance(study._storage, optuna.storages.JournalStorage):
-        optuna.storages.fail_stale_trials(study)  # a database's heartbeats tell
-        return
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_gone(str(trial.user_attrs.get("process", ""))):
-            continue
-        try:
-            failed = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process failed it first
-        if failed:
-            log.warning("trial %d: its process (%s) is gone; it runs again", trial.number,
-                        trial.user_attrs.get("host"))
-            _rerun_stale_trial(study, trial)
 
 
 def _sampler(options: SearchOptions, created: bool) -> optuna.samplers.BaseSampler:
@@ -383,8 +372,7 @@ class _Trials:
         self.fresh_model = False
 
     def __call__(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")  # as shown
-        trial.set_user_attr("process", this_process())  # as medlm.processes tells it gone
+        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
         drawn = {name: suggest(trial, name, value) for name, value in self.space.items()}
         config = replace(self.config, **drawn, run_name=f"trial {trial.number}")
         log.info("--- trial %d: %s", trial.number,
@@ -404,9 +392,8 @@ class _Trials:
             self._forget(trial, config, ("medlm.diverged", "true"), "diverged")
             log.warning("trial %d FAILED: %s", trial.number, error)
             return math.nan
-        except (KeyboardInterrupt, DiskFull) as error:  # run again, from its start, when the
-            trial.study.enqueue_trial(drawn, user_attrs={  # search resumes
-                "rerun_of": trial.number, "died": trial.user_attrs.get("died", 0)})
+        except (KeyboardInterrupt, DiskFull) as error:  # run again, from its start, on resume
+            trial.study.enqueue_trial(drawn, user_attrs={"rerun_of": trial.number})
             self._forget(trial, config, ("medlm.rerun_by_search", "true"),
                          "interrupted; the search runs these settings again when resumed")
             if isinstance(error, DiskFull):  # its checkpoint is gone: the trial starts again
@@ -471,7 +458,7 @@ def _budget(total: int):
     every process, running ones included)."""
 
     def check(study: optuna.Study, trial: FrozenTrial) -> None:
-        fail_dead_trials(study)  # a process that died since: its trial counts no more
+        optuna.storages.fail_stale_trials(study)  # a process that died: its trial counts no more
         if _counted(study) >= total:
             study.stop()
 
@@ -481,7 +468,7 @@ def _budget(total: int):
 def _close_parent(study: optuna.Study, parent_id: str, status: int) -> None:
     """The parent run ended as ``status`` when no other process is running a trial; else it
     stays RUNNING for the last one to end."""
-    fail_dead_trials(study)
+    optuna.storages.fail_stale_trials(study)
     if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
         MlflowClient().set_terminated(parent_id, RunStatus.to_string(status))
 
@@ -507,7 +494,7 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
     if options.replay and not created:
         log.info("--replay %s: the study %r exists, so its queue stands", options.replay,
                  options.study)
-    fail_dead_trials(study)
+    optuna.storages.fail_stale_trials(study)
     left = options.trials - _counted(study)
     log.info("search %r (%s): %d of %d trials %s, under parent run %s", options.study,
              without_password(options.storage or LOCAL_STORAGE), options.trials - max(left, 0),
@@ -577,3 +564,140 @@ def pruning_summary(table: pd.DataFrame) -> str:
         text += (f"; a pruned trial ran {pruned['seconds'].mean():.0f} s on average, a "
                  f"finished one {complete['seconds'].mean():.0f} s")
     return text
+
+
+# What a plain ``python -m experiments.search`` varies: the levers the default recipe was
+# chosen among (experiments/RESULTS.md), each range holding the default's own value. Not
+# loss_on: it changes the tokens the validation loss is over (the default --select-by), so
+# trials of both could not be compared by it (``medlm.search.check_comparable``).
+DEFAULT_SPACE = {"lr": "1e-4..3e-3:log", "lora_rank": "8,16,32", "warmup_steps": "0..30",
+                 "weight_decay": "0..0.1", "epochs": "2..5"}
+
+# what a search may not vary: where and how runs are tracked and run, the split (every trial
+# must hold out the same diseases to be compared), and the selection itself
+NOT_SEARCHABLE = NOT_RECIPE | {"model", "dataset", "max_samples", "validation_fraction",
+                               "split_seed", "select_by", "sample_prompts", "folds", "fold"}
+
+
+def searchable() -> dict[str, type]:
+    """The settings a search may vary, and their types."""
+    kinds = setting_kinds()
+    return {name: kind for name, kind in kinds.items()
+            if name not in NOT_SEARCHABLE and kind in (int, float, str, bool)}
+
+
+def _value(name: str, kind: type, text: Any) -> Any:
+    """One bound or choice of ``name``, parsed as its setting's type and checked by its rule."""
+    declared = next(item for item in fields(TrainConfig) if item.name == name)
+    rule, choices = declared.metadata["rule"], declared.metadata["choices"]
+    expected = {int: "a whole number", float: "a number", bool: "true or false"}.get(kind)
+    try:
+        value = (text if not isinstance(text, str) else
+                 {"true": True, "false": False}[text.lower()] if kind is bool else
+                 float(text) if kind is int else kind(text))
+    except (KeyError, ValueError):
+        raise MedLMError(f"--param {name}: {text!r} is invalid: expected {expected}") from None
+    if kind in (int, float) and not math.isfinite(value):
+        raise MedLMError(f"--param {name}: {text!r} is invalid: expected a finite number")
+    if kind is int and isinstance(value, float):
+        if value != int(value):
+            raise MedLMError(f"--param {name}: {text!r} is invalid: expected a whole number")
+        value = int(value)
+    if choices and value not in choices:
+        raise MedLMError(f"--param {name}: {value!r} is invalid: expected one of "
+                         f"{', '.join(choices)}")
+    if rule is not None and not rule.ok(value):
+        raise MedLMError(f"--param {name}: {value!r} is invalid: expected {rule.expected}")
+    return value
+
+
+def distribution(name: str, spec: Any) -> BaseDistribution:
+    """The distribution a spec (a string, or a file's list of choices) draws ``name`` from."""
+    kinds = searchable()
+    if name not in kinds:
+        raise MedLMError(f"--param {name!r} is invalid: expected one of "
+                         f"{', '.join(sorted(kinds))}")
+    kind = kinds[name]
+    if isinstance(spec, list):
+        spec = ",".join(str(item) for item in spec)
+    spec = str(spec).strip()
+    if ".." not in spec:
+        choices = list(dict.fromkeys(_value(name, kind, item.strip())
+                                     for item in spec.split(",") if item.strip()))
+        if not choices:
+            raise MedLMError(f"--param {name}={spec!r} is invalid: expected LOW..HIGH, "
+                             "LOW..HIGH:log or A,B,C")
+        return CategoricalDistribution(choices)
+    bounds, _, scale = spec.partition(":")
+    if kind not in (int, float) or scale not in ("", "log"):
+        raise MedLMError(f"--param {name}={spec!r} is invalid: expected "
+                         + ("A,B,C (it is not a number)" if kind not in (int, float)
+                            else "LOW..HIGH or LOW..HIGH:log"))
+    low, high = (_value(name, kind, text.strip()) for text in bounds.split("..", 1))
+    if not low < high or (scale == "log" and low <= 0):
+        raise MedLMError(f"--param {name}={spec!r} is invalid: expected LOW < HIGH"
+                         + (", both > 0 on a log scale" if scale else ""))
+    if kind is int:
+        return IntDistribution(low, high, log=scale == "log")
+    return FloatDistribution(low, high, log=scale == "log")
+
+
+def parse_params(specs: list[str]) -> dict[str, str]:
+    """``["lr=1e-4..1e-3:log", ...]`` as {name: spec}; a name given twice is refused."""
+    parsed: dict[str, str] = {}
+    for text in specs:
+        name, sep, spec = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not spec.strip():
+            raise MedLMError(f"--param {text!r} is invalid: expected NAME=SPEC, e.g. "
+                             "lr=1e-4..3e-3:log or lora_rank=8,16,32")
+        if name in parsed:
+            raise MedLMError(f"--param {name} is given twice: expected one range per setting")
+        parsed[name] = spec
+    return parsed
+
+
+def read_space_file(path: str) -> dict[str, Any]:
+    """A TOML file of specs, by setting name (``warmup-steps`` as ``warmup_steps``)."""
+    try:
+        specs = tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise MedLMError(f"--space {path!r}: {error.strerror or error}: expected a readable "
+                         "TOML file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise MedLMError(f"--space {path!r} is not valid TOML ({error}): expected lines like "
+                         "lr = \"1e-4..3e-3:log\"") from None
+    named = {name.replace("-", "_"): spec for name, spec in specs.items()}
+    if len(named) < len(specs):
+        raise MedLMError(f"--space {path!r} names a setting twice (as NAME and its flag "
+                         "spelling): expected one range per setting")
+    return named
+
+
+def search_space(specs: dict[str, Any]) -> dict[str, BaseDistribution]:
+    """The space of ``specs`` (the default space when there are none), in the order given."""
+    return {name: distribution(name, spec) for name, spec in (specs or DEFAULT_SPACE).items()}
+
+
+def contains(space: dict[str, BaseDistribution], values: dict[str, Any]) -> bool:
+    """Do ``values`` (a recipe's, by setting) lie in ``space``? (Then the search may start
+    from them.)"""
+    for name, drawn in space.items():
+        value = values.get(name)
+        if isinstance(drawn, CategoricalDistribution):
+            if value not in drawn.choices:
+                return False
+        elif value is None or not drawn.low <= value <= drawn.high:
+            return False
+    return True
+
+
+def describe(space: dict[str, BaseDistribution]) -> str:
+    """The space in the specs' own words: ``lr=0.0001..0.003:log lora_rank=8,16,32``."""
+    words = []
+    for name, drawn in space.items():
+        if isinstance(drawn, CategoricalDistribution):
+            words.append(f"{name}={','.join(str(choice) for choice in drawn.choices)}")
+        else:
+            words.append(f"{name}={drawn.low:g}..{drawn.high:g}{':log' if drawn.log else ''}")
+    return " ".join(words)

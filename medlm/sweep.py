@@ -1,7 +1,8 @@
 """Sweeps: the grid of ``medlm.config.SWEEPABLE`` values (and, with ``--folds``, the folds of
 a cross-validation) as child runs of ``medlm.recipe`` under one parent run, which carries the
-best child, or the best recipe's scores over the folds; their progress kept beside the
-checkpoints, so an interrupted sweep resumes as a whole (``resume_sweep``)."""
+best child, or the best recipe's scores over the folds. An interrupted sweep resumes as a whole
+(``resume_sweep``) from what MLflow records: the grid on the parent run (``SWEEP_TAG``), each
+child's place in it (``INDEX_TAG``), status and scores."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from medlm import distributed, stop
-from medlm._paths import sweep_state_file
 from medlm.checkpoint import claim, has_checkpoint, let_go, remove_finished, write_durably
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
-from medlm.heldout import SUMMARY_SCORES, interval_text
-from medlm.intervals import CONFIDENCE
 from medlm.recipe import (
     DATA_FILE,
     Prepared,
@@ -37,34 +38,30 @@ from medlm.recipe import (
     split_for,
     train_and_register,
 )
-from medlm.repeats import REFERENCE_SCORES, over
+from medlm.scores import CONFIDENCE, SUMMARY_SCORES, interval_text, over
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
 
 log = logging.getLogger("medlm")
 
-
-def save_sweep_state(path: Path, state: dict) -> None:
-    """Strict JSON (NaN written as null), replaced in one step and flushed to disk."""
-
-    def strict(value):
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {key: strict(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [strict(item) for item in value]
-        return value
-
-    write_durably(path, json.dumps(strict(state), indent=2, allow_nan=False))
+SWEEP_TAG = "medlm.sweep"  # on a sweep's parent run: its first run's settings, grid, processes
+INDEX_TAG = "medlm.sweep_index"  # on a sweep's child run: its place in the grid
 
 
-def load_sweep_state(path: Path) -> dict:
+def saved_sweep(parent_id: str) -> tuple[list[TrainConfig], dict[str, list], int] | None:
+    """The sweep whose parent run is ``parent_id``, as that run records it: its configurations,
+    grid and process count; None where the run is no sweep's parent, or no run."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise MedLMError(f"--resume: the sweep's state {str(path)!r} is unreadable ({error}): "
-                         "expected the file an interrupted sweep wrote") from None
+        saved = MlflowClient().get_run(parent_id).data.tags.get(SWEEP_TAG)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        return None
+    if saved is None:
+        return None
+    saved = json.loads(saved)
+    return (sweep_configs(TrainConfig.from_saved(saved["config"]), saved["grid"]),
+            saved["grid"], saved["processes"])
 
 
 def sweep_axes(config: TrainConfig) -> tuple[str, ...]:
@@ -80,33 +77,55 @@ def diverged_row(run_id: str, row: dict) -> dict:
             "status": "FAILED: loss diverged"}
 
 
-def _interrupted_child(interrupted: str, config: TrainConfig) -> tuple[str, dict | None]:
-    """What became of the child in progress when the sweep was interrupted (asked of MLflow,
-    on the main process): ``finished``, ``resume``, ``diverged`` or ``restart``."""
+def _past_children(parent_id: str, configs: list[TrainConfig]) -> list[tuple]:
+    """What became of each child of the grid, by its latest run under the parent (asked of
+    MLflow, on the main process): (its row, None, how) where it ended, FINISHED or diverged
+    (FAILED, its checkpoint removed); (None, its run id, how) where it resumes from its
+    checkpoint; (None, None, how) where it starts: never started, or stopped before its first
+    epoch ended."""
+    parent = MlflowClient().get_run(parent_id).info
+    latest = {int(run.data.tags[INDEX_TAG]): run for run in mlflow.search_runs(
+        [parent.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["attributes.start_time"], output_format="list") if INDEX_TAG in run.data.tags}
+    interrupted = parent.end_time or math.inf  # a SIGKILL left it RUNNING, without one
+    past = []
+    for index, config in enumerate(configs):
+        if (run := latest.get(index)) is None:
+            past.append((None, None, ""))
+            continue
+        run_id, checkpoint = run.info.run_id, Path(config.checkpoint_dir) / run.info.run_id
+        row = {name: getattr(config, name) for name in sweep_axes(config)}  # the grid's
+        if run.info.status == "FINISHED":  # (a kill may have cut off its checkpoint's removal)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            row = {"run_id": run_id, **row, **run_outcome(run_id)[1], "status": "FINISHED"}
+        elif has_checkpoint(checkpoint):
+            past.append((None, run_id, f" (resuming run {run_id})"))
+            continue
+        elif run.info.status == "FAILED":
+            row = diverged_row(run_id, row)
+        else:
+            end_abandoned_run(run_id)  # stopped before its first epoch ended: nothing to resume
+            past.append((None, None, f" (run {run_id} was stopped before its first epoch "
+                                     "ended: starting it again)"))
+            continue
+        when = " before the interruption" if run.info.end_time <= interrupted else ""
+        past.append((row, None, f": {row['status']}{when} (run {run_id})"))
+    return past
 
-    checkpoint = Path(config.checkpoint_dir) / interrupted
-    status, summary = run_outcome(interrupted)
-    if status == "FINISHED":  # it ended after all (e.g. resumed on its own)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        return "finished", summary
-    if has_checkpoint(checkpoint):
-        return "resume", summary
-    if status == "FAILED":  # diverged, and its checkpoint already removed
-        return "diverged", summary
-    end_abandoned_run(interrupted)  # stopped before its first epoch ended: nothing to resume
-    return "restart", summary
 
+def _train_child(config: TrainConfig, label: str, index: int, position: str, row: dict,
+                 prepared: Prepared, resume_child: str | None) -> dict:
+    """The child ``index`` of the grid (``position``: "2/3"; ``row``: its swept values, as the
+    grid has them); its row of the sweep's table (a diverged child's too: the others go on, as
+    is common in an lr sweep)."""
 
-def _train_child(config: TrainConfig, label: str, position: str, row: dict, prepared: Prepared,
-                 resume_child: str | None, record: Callable[..., None]) -> dict:
-    """One child run (``position``: "2/3"; ``row``: its swept values, as the grid has them);
-    its row of the sweep's table (a diverged child's too: the others go on, as is common in an
-    lr sweep)."""
+    def started(run_id: str) -> None:  # its place in the grid, where a resume looks for it
+        if distributed.is_main():
+            MlflowClient().set_tag(run_id, INDEX_TAG, str(index))
 
     try:
         result = train_and_register(replace(config, run_name=label), prepared, nested=True,
-                                    resume_run_id=resume_child,
-                                    started=lambda run_id: record(running=run_id))
+                                    resume_run_id=resume_child, started=started)
         return {**result, "status": "FINISHED"}
     except NonFiniteLossError as error:
         log.warning("child %s (%s) FAILED: %s", position, label, error)
@@ -123,10 +142,6 @@ def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
     if select_by == "symptom_f1":
         order.reverse()
     table = pd.DataFrame(children)
-    # numbers, NaN where a resumed sweep's JSON wrote null or a row from before intervals has none
-    scores = ["validation_loss", *SUMMARY_SCORES,
-              *(name for name in REFERENCE_SCORES if name in table)]
-    table[scores] = table.reindex(columns=scores).astype(float)
     table = table.sort_values(order, ascending=[name == "validation_loss" for name in order])
     table.insert(0, "rank", [str(rank) if status == "FINISHED" else "-" for rank, status
                              in enumerate(table["status"], start=1)])
@@ -134,49 +149,32 @@ def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
     return table
 
 
-def _children(configs: list[TrainConfig], state: dict, prepared: Prepared,
-              record: Callable[..., None]) -> None:
-    """Every child not ended yet, in order, each row appended to ``state["children"]`` (and
-    recorded) as it ends."""
+def _children(configs: list[TrainConfig], past: list[tuple], prepared: Prepared,
+              rows: list[dict]) -> None:
+    """Every child of the grid in order, its row appended to ``rows``: one that had ended
+    (``past``) as it was, the others trained, each from the untouched base."""
 
-    children, main_process = state["children"], distributed.is_main()
     loaded = True  # prepared.model is the untouched base
     axes = sweep_axes(configs[0])
-    for index, config in enumerate(configs):
+    for index, (config, (row, resume_child, how)) in enumerate(zip(configs, past, strict=True)):
         stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop): no next child
         label = " ".join(f"{name}={sweep_value(getattr(config, name))}" for name in axes)
-        where = f"--- child {index + 1}/{len(configs)}: {label}"
-        if index < len(children):
-            log.info("%s: %s before the interruption (run %s)", where,
-                     children[index]["status"], children[index]["run_id"])
+        log.info("--- child %d/%d: %s%s", index + 1, len(configs), label, how)
+        if row:
+            rows.append(row)
             continue
-        row = {name: getattr(config, name) for name in axes}  # the grid's, not a resume's
-        interrupted = state["running"] if index == len(children) else None
-        decision, summary = distributed.broadcast_object(
-            _interrupted_child(interrupted, config) if interrupted and main_process
-            else (None, None))
-        if decision in ("finished", "diverged"):
-            log.info("%s: %s (run %s)", where, decision.upper(), interrupted)
-            children.append({"run_id": interrupted, **row, **summary, "status": "FINISHED"}
-                            if summary else diverged_row(interrupted, row))
-            record(running=None)
-            continue
-        resume_child = interrupted if decision == "resume" else None
         if not loaded:  # each child from the base, its time from its own start
             prepared.reload_model(config.model)
         loaded = False
-        log.info("%s%s", where, f" (resuming run {resume_child})" if resume_child else
-                 f" (run {interrupted} was stopped before its first epoch ended: starting it "
-                 "again)" if interrupted else "")
+        row = {name: getattr(config, name) for name in axes}  # the grid's, not a resume's
         if resume_child:  # its own saved settings, where this process keeps them
             config = replace(resume_config(resume_child, config.checkpoint_dir),
                              checkpoint_dir=config.checkpoint_dir,
                              collective_timeout_min=config.collective_timeout_min)
         if config.folds:  # each fold holds out its own diseases
             prepared.split = split_for(config, prepared.data)
-        children.append(_train_child(config, label, f"{index + 1}/{len(configs)}", row,
-                                     prepared, resume_child, record))
-        record(running=None)
+        rows.append(_train_child(config, label, index, f"{index + 1}/{len(configs)}", row,
+                                 prepared, resume_child))
 
 
 def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTracker, dict]:
@@ -191,48 +189,42 @@ def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTr
 
 
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
-              resume: tuple[str, dict] | None = None,
-              started: Callable[[str], None] | None = None) -> None:
+              resume: str | None = None, started: Callable[[str], None] | None = None) -> None:
     """The grid as child runs under one parent run; the parent carries the best child.
 
-    The sweep's progress (its settings, each ended child's row, the child in progress) is kept
-    in ``<checkpoint dir>/<parent run id>/sweep.json``; ``resume`` = (parent run id, that
-    state) continues an interrupted sweep: ended children are kept, the interrupted child
-    resumes from its checkpoint (or starts again if it had none), the rest run. Only the main
-    process asks MLflow and writes files; it tells the others what it decided."""
+    The parent records the grid (``SWEEP_TAG``), each child its place in it (``INDEX_TAG``);
+    ``resume`` = the parent run id of an interrupted sweep, which goes on from what MLflow
+    records of its children: ended children are kept, an interrupted child resumes from its
+    checkpoint (or starts again if it had none), the rest run. Only the main process asks
+    MLflow and writes files; it tells the others what it found."""
     first = configs[0]
     parent, parent_params = _parent(configs, grid)
     main_process, world_size = distributed.is_main(), distributed.world_size()
-    resume_id, state = resume or (None, {"configs": [asdict(config) for config in configs],
-                                         "grid": grid, "world_size": world_size,
-                                         "children": [], "running": None})
-    run = (parent.run(parent_params, resume_run_id=resume_id) if main_process
-           else contextlib.nullcontext(resume_id))
+    run = (parent.run(parent_params, resume_run_id=resume) if main_process
+           else contextlib.nullcontext(resume))
     with run as parent_id:
         parent_id = distributed.broadcast_object(parent_id)
         if started:  # told the parent's id: what resumes the sweep
             started(parent_id)
-        state_file = sweep_state_file(first.checkpoint_dir, parent_id)
-
-        def record(**changes) -> None:
-            state.update(changes)  # every process keeps the same state
-            if main_process:
-                save_sweep_state(state_file, state)
-
-        children = state["children"]
+        directory = Path(first.checkpoint_dir) / parent_id  # the data its children train on
+        children: list[dict] = []
         if main_process:
-            claim(state_file.parent)  # this process's sweep until it ends
+            claim(directory)  # this process's sweep until it ends
         try:
-            if main_process and not resume_id:  # what every child is trained on, then progress
-                write_durably(state_file.parent / DATA_FILE, json.dumps(
+            if main_process and not resume:
+                mlflow.set_tag(SWEEP_TAG, json.dumps({"config": asdict(first), "grid": grid,
+                                                      "processes": world_size}))
+                write_durably(directory / DATA_FILE, json.dumps(
                     data_fingerprint(prepared.data, split_for(first, prepared.data))))
-            record()
+            past = distributed.broadcast_object(
+                _past_children(parent_id, configs) if main_process else None)
             log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
-                     f" (resumed: {len(children)} ended before)" if resume_id else "")
-            _children(configs, state, prepared, record)
+                     f" (resumed: {sum(row is not None for row, _, _ in past)} ended before)"
+                     if resume else "")
+            _children(configs, past, prepared, children)
         except BaseException as error:
             if main_process:
-                let_go(state_file.parent)  # a later resume, even in this process, may take it
+                let_go(directory)  # a later resume, even in this process, may take it
                 stopped = isinstance(error, KeyboardInterrupt)
                 log.warning("sweep %s with %d of %d runs ended. %s the whole sweep with: %s",
                             "stopped" if stopped else "failed", len(children), len(configs),
@@ -241,14 +233,14 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
             raise
         if not any(child["status"] == "FINISHED" for child in children):
             if main_process:
-                remove_finished(state_file.parent)  # nothing to resume
+                remove_finished(directory)  # nothing to resume
             raise NonFiniteLossError(f"every run of the sweep diverged (lr {grid['lr']}): "
                                      "expected at least one finite training loss; try a "
                                      "lower --lr or fp32")
         if not main_process:
             return
         tables = _summary(children, first)
-    remove_finished(state_file.parent)  # the sweep is over
+    remove_finished(directory)  # the sweep is over
     _print_table(*tables, parent_id)
 
 
@@ -339,34 +331,29 @@ def _mean_text(row: pd.Series, score: str) -> str:
 
 def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
                  started: float | None = None, machine: dict[str, str] | None = None) -> None:
-    """Continue the interrupted sweep ``parent_id`` with its own settings and this invocation's
-    checkpoint directory; everything that can refuse it is checked before the parent run is
-    reopened."""
+    """Continue the interrupted sweep ``parent_id`` with its own settings, as its parent run
+    records them, and this invocation's checkpoint directory; everything that can refuse it is
+    checked before the parent run is reopened."""
 
-    state = load_sweep_state(sweep_state_file(directory, parent_id))
-    configs = [replace(TrainConfig.from_saved(saved), checkpoint_dir=directory,
-                       collective_timeout_min=collective_timeout_min)
-               for saved in state["configs"]]
+    configs, grid, processes = saved_sweep(parent_id)
+    configs = [replace(config, checkpoint_dir=directory,
+                       collective_timeout_min=collective_timeout_min) for config in configs]
     if machine:  # said once, for the sweep
         configs = [on_this_machine(configs[0], machine, parent_id),
                    *(replace(config, **machine) for config in configs[1:])]
-    for child, config in zip(state["children"], configs, strict=False):
-        for name in sweep_axes(config):  # rows of a sweep begun before a value was sweepable
-            child.setdefault(name, getattr(config, name))
-    processes = distributed.environment_world_size()
-    if state.get("world_size", 1) != processes:
-        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {state.get('world_size', 1)} "
-                         f"processes, this is {processes}: expected the same process count")
-    ended = len(state["children"])
-    interrupted = state["running"] if ended < len(configs) else None
-    child_checkpoint = Path(directory) / interrupted if interrupted else None
-    prepared = prepare(configs[min(ended, len(configs) - 1)], started)
+    if processes != distributed.environment_world_size():
+        raise MedLMError(f"--resume {parent_id!r}: the sweep ran in {processes} processes, "
+                         f"this is {distributed.environment_world_size()}: expected the same "
+                         "process count")
+    if not (Path(directory) / parent_id / DATA_FILE).is_file():
+        raise MedLMError(f"--resume {parent_id!r}: the sweep has nothing to resume in "
+                         f"{Path(directory) / parent_id}: expected the --checkpoint-dir of a "
+                         "sweep that was interrupted")
+    prepared = prepare(configs[0], started)
     check_resume_data(Path(directory) / parent_id, prepared.data,
                       split_for(configs[0], prepared.data))
-    if child_checkpoint and has_checkpoint(child_checkpoint):
-        check_resume_data(child_checkpoint, prepared.data, prepared.split)
     with resumable_failures(directory, [parent_id]):
-        run_sweep(configs, state["grid"], prepared, resume=(parent_id, state))
+        run_sweep(configs, grid, prepared, resume=parent_id)
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:

@@ -1,7 +1,7 @@
 """Disease text as words: the content words of a phrase, in one form per word, and the
 comma-separated phrases of an answer. Pure Python, no model: the symptom metric
 (``medlm.metrics``), the disease grouping of the split (``medlm.split``) and the consensus
-answers (``medlm.consensus``) all read text this way. The rules are described in
+answers (``medlm.generate``) all read text this way. The rules are described in
 ``medlm.metrics``'s docstring.
 """
 

@@ -20,9 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from medlm.config import sweep_value
 from medlm.errors import MedLMError
-from medlm.heldout import SUMMARY_SCORES
-from medlm.intervals import CONFIDENCE
-from medlm.repeats import REFERENCE_SCORES, REPEAT_SCORES
+from medlm.scores import CONFIDENCE, REFERENCE_SCORES, REPEAT_SCORES, SUMMARY_SCORES
 from medlm.store import first_open, launched_by
 from medlm.timing import LABELS, non_training_fraction
 from medlm.train import EpochResult, Logger, RunStopped
@@ -30,7 +28,8 @@ from medlm.train import EpochResult, Logger, RunStopped
 log = logging.getLogger(__name__)
 
 METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
-           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate")
+           "train_samples_per_sec", "train_tokens_per_sec", "learning_rate",
+           "model_flops_utilization")
 # the kept model's loss on each validation row: what the champion rule pairs
 VALIDATION_LOSSES = "validation_losses.json"
 DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as a run's description
@@ -68,6 +67,8 @@ class MlflowTracker(Logger):
         self.results_row = {"transformer": transformer, "batch_size": batch_size, "gpu": gpu}
         self.epochs: list[EpochResult] = []
         self.run_id: str | None = None
+        # a resumed run's metrics (name -> steps) as the store has them: not logged again
+        self.logged: dict[str, set[int]] | None = None
 
     @contextlib.contextmanager
     def run(self, params: dict[str, Any], nested: bool = False,
@@ -102,6 +103,7 @@ class MlflowTracker(Logger):
                                        for key, value in params.items()})
                 else:
                     self.last_logged_step = _last_step(self.run_id, STEP_METRICS[0])
+                    self.logged = _logged_steps(self.run_id)
                 yield self.run_id
                 mlflow.flush_async_logging()
             except (KeyboardInterrupt, RunStopped):
@@ -133,7 +135,7 @@ class MlflowTracker(Logger):
         # the epoch's step points are written before it counts as logged: a resume never
         # trains a completed epoch again, so a point still queued at a kill would be lost
         mlflow.flush_async_logging()
-        self.epochs.append(result)
+        self.epochs = [epoch for epoch in self.epochs if epoch.epoch != result.epoch] + [result]
         values = asdict(result)
         self._log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
         mlflow.log_text(self.results_frame().to_csv(index=False), "results.csv")
@@ -172,39 +174,30 @@ class MlflowTracker(Logger):
         """The run's settings as a recipe file (``TrainConfig.to_recipe``): ``recipe.toml``."""
         mlflow.log_text(text, "recipe.toml")
 
-    def on_epoch_replay(self, model, result: EpochResult) -> None:
-        """The epoch's logging again, after a kill that cut it short."""
-        self.skip_logged(result.epoch)
-        self.on_epoch_end(model, result)
-
-    def skip_logged(self, epoch: int) -> None:
-        """From now on, what the run already has at ``epoch`` (metrics at that step, table rows
-        of that epoch) is not logged again: a resumed run logging what a kill cut short."""
-        client = MlflowClient()
-        names = client.get_run(self.run_id).data.metrics
-        self._replay = (epoch, {
-            name for name in names if not name.startswith(("step/", "system/"))  # their own
-            and any(metric.step == epoch
-                   for metric in client.get_metric_history(self.run_id, name))})
-
-    _replay: tuple[int, set[str]] | None = None  # (epoch, metrics already logged at it)
-
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
-        if self._replay and self._replay[0] == step:
+        """Log ``values`` at ``step``; a resumed run skips those the store has at that step
+        (what a kill before the checkpointed epoch's logging ended had logged)."""
+        if self.logged is not None:
             values = {name: value for name, value in values.items()
-                      if name not in self._replay[1]}
+                      if step not in self.logged.get(name, ())}
         if values:
             mlflow.log_metrics(values, step=step)
 
     def _log_table(self, frame: pd.DataFrame, artifact_file: str) -> None:
-        """Append rows to a table artifact; while replaying an epoch, only if that epoch's rows
-        are not there yet."""
-        if self._replay and "epoch" in frame and (frame["epoch"] == self._replay[0]).any():
+        """Append rows to a table artifact; a resumed run, only those of epochs it lacks."""
+        if self.logged is not None and "epoch" in frame:
             logged = logged_table(self.run_id, artifact_file)
-            if logged is not None and "epoch" in logged and (
-                    logged["epoch"] == self._replay[0]).any():
-                return
-        mlflow.log_table(frame, artifact_file=artifact_file)
+            if logged is not None and "epoch" in logged:
+                frame = frame[~frame["epoch"].isin(logged["epoch"])]
+        if len(frame):
+            mlflow.log_table(frame, artifact_file=artifact_file)
+
+    def lacks(self, epoch: int, artifact_file: str) -> bool:
+        """Does the run lack ``epoch``'s rows of a table (always, unless it was resumed)?"""
+        if self.logged is None:
+            return True
+        logged = logged_table(self.run_id, artifact_file)
+        return logged is None or "epoch" not in logged or not (logged["epoch"] == epoch).any()
 
     def results_frame(self) -> pd.DataFrame:
         rows = [{**self.results_row, **asdict(result)} for result in self.epochs]
@@ -410,6 +403,14 @@ def project_parent(experiment_id: str) -> str | None:
     if launcher and MlflowClient().get_run(launcher).info.experiment_id == experiment_id:
         return launcher
     return None
+
+
+def _logged_steps(run_id: str) -> dict[str, set[int]]:
+    """Each epoch-level metric of the run and the steps it has points at."""
+    client = MlflowClient()
+    return {name: {point.step for point in client.get_metric_history(run_id, name)}
+            for name in client.get_run(run_id).data.metrics
+            if not name.startswith(("step/", "system/"))}
 
 
 def _last_step(run_id: str, metric: str) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -19,10 +20,9 @@ from tqdm.auto import tqdm
 from medlm import distributed, stop
 from medlm.checkpoint import (
     frozen_sha256,
+    has_checkpoint,
     load_checkpoint,
     load_trained_weights,
-    logged_epoch,
-    mark_logged,
     rng_state,
     save_checkpoint,
     trained_weights,
@@ -30,7 +30,7 @@ from medlm.checkpoint import (
 from medlm.config import TrainConfig
 from medlm.data import IGNORE_INDEX
 from medlm.errors import MedLMError
-from medlm.modeling import Precision, casts_cached
+from medlm.modeling import Precision, casts_cached, peak_flops
 from medlm.timing import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class EpochResult:
     train_samples_per_sec: float
     train_tokens_per_sec: float  # real tokens only
     learning_rate: float  # at the end of the epoch
+    model_flops_utilization: float = 0.0  # training FLOP/s over the device's peak (modeling)
     is_best: bool = False
     scores: dict[str, float] = field(default_factory=dict)  # from fit's scorer, e.g. symptom_f1
 
@@ -81,18 +82,13 @@ class Logger:
         start): ``values`` holds training_loss over those steps, learning_rate, tokens_per_sec
         and, when clipping is on, grad_norm before clipping."""
 
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        """After an epoch's validation, before the best epoch is chosen and the checkpoint
+        written: figures that join the epoch's (say, symptom F1 of generated answers)."""
+        return {}
+
     def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None:
         """After each epoch's validation, scoring and checkpoint."""
-
-    def on_epoch_replay(self, model: torch.nn.Module, result: EpochResult) -> None:
-        """At a resume, the last epoch again when a kill cut its ``on_epoch_end`` short (the
-        checkpoint came first): a logger skips what it had already logged."""
-        self.on_epoch_end(model, result)
-
-
-# Scores the model after an epoch's validation loss (say, symptom F1 of generated answers);
-# its figures join the EpochResult before the best epoch is chosen and the checkpoint written.
-Scorer = Callable[[torch.nn.Module], dict[str, float]]
 
 
 class NonFiniteLossError(MedLMError):
@@ -157,13 +153,14 @@ def _bar(total: int, description: str, enabled: bool) -> tqdm:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-             precision: Precision, progress: bool = False) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision,
+             progress: bool = False) -> float:
     """Mean loss per real token over ``loader`` (over every process's share of it, under
     torchrun: pass the plain model, not its DistributedDataParallel wrapper).
 
     One autocast region over every batch, under no_grad (not inference_mode, where autocast
     keeps no cast cache): each weight is cast to the low precision once, not once per batch."""
+    device = precision.device
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -183,12 +180,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
 
 
 @torch.no_grad()
-def row_losses(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+def row_losses(model: torch.nn.Module, loader: DataLoader,
                precision: Precision) -> np.ndarray:
     """Each row's summed loss and predicted-token count, in dataset order (one row each of
     ``loader.dataset``; ``loader.batch_sampler`` a list of index lists, as ``make_loader``
     builds for validation in one process): what a paired comparison of two models resamples.
     Their sums' ratio is ``evaluate``'s mean."""
+    device = precision.device
     was_training = model.training
     model.eval()
     rows = np.zeros((len(loader.dataset), 2))
@@ -251,11 +249,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 
 def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler,
-               precision: Precision, device: torch.device,
-               max_grad_norm: float,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """One optimizer step over a window of batches (gradient accumulation).
+               state: TrainState, precision: Precision,
+               config: TrainConfig) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """One optimizer step over a window of batches (gradient accumulation), with ``state``'s
+    optimizer, scheduler and GradScaler and ``config``'s clipping and label smoothing.
 
     The loss is normalised by the window's real-token count, so accumulating k batches equals
     one batch k times as large. Under torchrun ``model`` is the DistributedDataParallel wrapper:
@@ -265,6 +262,7 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     its token count, and the gradient norm before clipping (a device tensor; None when clipping
     is off).
     """
+    device, scaler = precision.device, state.scaler
     window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
     divisor: int | torch.Tensor = window_tokens
     if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
@@ -277,212 +275,92 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
         accumulating = index < len(window) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext():
             with precision.autocast():
-                batch_loss_sum = token_loss_sum(model, _to(batch, device), label_smoothing)
+                batch_loss_sum = token_loss_sum(model, _to(batch, device), config.label_smoothing)
             scaler.scale(batch_loss_sum / divisor).backward()
         loss_sum += batch_loss_sum.detach()
     grad_norm = None
-    if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if config.max_grad_norm > 0:
+        scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
-    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+    scaler.step(state.optimizer)  # skipped when the scaled gradients overflowed
     scaler.update()
     if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
     return loss_sum, window_tokens, grad_norm
 
 
-class StepCurve:
-    """Per-step points (``step/*`` metrics) every ``every`` optimizer steps: the training loss,
-    learning rate, gradient norm and tokens/s of the steps since the previous point (across an
-    epoch's end; the seconds count training only). ``flush`` gives the steps left at the end
-    their own point. ``state()`` goes into the checkpoint, so a resumed run's next point covers
-    the steps before the kill too."""
-
-    def __init__(self, loggers: Sequence[Logger], every: int, device: torch.device,
-                 saved: dict | None = None):
-        self.loggers = list(loggers) if every else []
-        self.every = every
-        saved = saved or {}
-        self.loss_sum = torch.zeros((), device=device) + saved.get("loss_sum", 0.0)
-        self.tokens = saved.get("tokens", 0)
-        self.real_tokens = saved.get("real_tokens", 0)
-        self.seconds = saved.get("seconds", 0.0)
-        self.mark = time.perf_counter()
-        self.last: tuple[int, float, torch.Tensor | None] | None = None  # step, lr, grad norm
-
-    def start_timer(self) -> None:
-        self.mark = time.perf_counter()
-
-    def stop_timer(self) -> None:
-        self.seconds += time.perf_counter() - self.mark
-
-    def add(self, step: int, loss_sum: torch.Tensor, tokens: int, real_tokens: int,
-            learning_rate: float, grad_norm: torch.Tensor | None) -> None:
-        if not self.loggers:
-            return
-        self.loss_sum += loss_sum
-        self.tokens += tokens
-        self.real_tokens += real_tokens
-        self.last = (step, learning_rate, grad_norm)
-        if step % self.every == 0:
-            self.stop_timer()
-            self._point()
-            self.start_timer()
-
-    def flush(self) -> None:
-        if self.loggers and self.tokens and self.last is not None:
-            self._point()
-
-    def _point(self) -> None:
-        """One host read per point (rank 0's figures under torchrun); the tracker logs without
-        waiting for MLflow."""
-        step, learning_rate, grad_norm = self.last
-        values = {"training_loss": self.loss_sum.item() / max(self.tokens, 1),
-                  "learning_rate": learning_rate,
-                  "tokens_per_sec": self.real_tokens / max(self.seconds, 1e-9)}
-        if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
-        for logger in self.loggers:
-            logger.on_step(step, values)
-        self.loss_sum.zero_()
-        self.tokens = self.real_tokens = 0
-        self.seconds = 0.0
-
-    def state(self) -> dict[str, float | int]:
-        return {"loss_sum": self.loss_sum.item(), "tokens": self.tokens,
-                "real_tokens": self.real_tokens, "seconds": self.seconds}
-
-
 @dataclass
-class _EpochTotals:
-    """One epoch's training figures, summed over every process under torchrun."""
-
-    loss: float  # mean per predicted token
-    seconds: float  # the slowest process's
-    samples: int
-    real_tokens: int
-
-    def result(self, epoch: int, validation_loss: float, seconds: float,
-               learning_rate: float) -> EpochResult:
-        return EpochResult(
-            epoch=epoch, training_loss=self.loss, validation_loss=validation_loss,
-            validation_perplexity=math.exp(min(validation_loss, 700.0)),
-            epoch_duration_sec=seconds, train_samples_per_sec=self.samples / self.seconds,
-            train_tokens_per_sec=self.real_tokens / self.seconds, learning_rate=learning_rate)
-
-
-def _scores(scorer: Scorer, model) -> dict[str, float]:
-    """The main process's scores of ``model``, on every process."""
-    scores = scorer(model) if distributed.is_main() else None
-    return distributed.broadcast_object(
-        None if scores is None else {name: float(v) for name, v in scores.items()})
-
-
-@dataclass
-class _Loop:
-    """The state a checkpoint saves beside the weights, and a resume restores."""
+class TrainState:
+    """What a checkpoint saves beside the trained weights, and a resume restores: the
+    optimizer, schedule and GradScaler, the training batches' shuffle, every epoch's figures,
+    the best epoch's weights and the early-stopping count, and the per-step point in progress
+    (so a resumed run's next ``step/*`` point covers the same steps as an uninterrupted run's)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
-    result: FitResult
-    steps_per_epoch: int
     generator: torch.Generator | None  # the training batches' shuffle
-    frozen: str | None = None  # frozen_sha256 of a LoRA base, which the checkpoint lacks
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's trained weights
+    result: FitResult
+    best_weights: dict[str, torch.Tensor] | None = None  # the main process's host copy
     epochs_without_improvement: int = 0
-    step_interval: dict | None = None  # StepCurve's state at the checkpoint
+    step_interval: dict = field(default_factory=dict)  # loss_sum, tokens, real_tokens, seconds
+    precision: str = "fp32"  # the effective one, said at a resume where it differs
+    frozen_sha256: str | None = None  # LoRA's base (checkpoint.frozen_sha256): not saved
 
-    def restore(self, checkpoint_dir: str, model, device: torch.device,
-                precision: Precision, patience: int) -> None:
-        state = load_checkpoint(checkpoint_dir, model, distributed.rank(),
-                                distributed.world_size())
-        if state.get("frozen_sha256") not in (None, self.frozen):
-            raise MedLMError(f"the checkpoint in {checkpoint_dir!r} was trained on other frozen "
-                             "base weights than the model loaded now (its file or Hub "
-                             "revision changed): expected the base the run started from")
-        model.to(device)
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "generator": None if self.generator is None else self.generator.get_state(),
+                "epochs": [asdict(epoch) for epoch in self.result.epochs],
+                "best_is_current": bool(self.result.epochs and self.result.epochs[-1].is_best),
+                "epochs_without_improvement": self.epochs_without_improvement,
+                "step_interval": self.step_interval, "precision": self.precision,
+                "frozen_sha256": self.frozen_sha256}
+
+    def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
             self.scaler.load_state_dict(state["scaler"])
+        if self.generator is not None and state["generator"] is not None:
+            self.generator.set_state(state["generator"])
         self.result.epochs = [EpochResult(**values) for values in state["epochs"]]
-        self.best_state = state["best_state"]  # None on the other processes
+        self.best_weights = state["best_weights"]  # None on the other processes
         self.epochs_without_improvement = state["epochs_without_improvement"]
-        if self.generator is not None and "generator" in state["loader"]:
-            self.generator.set_state(state["loader"]["generator"])
-        self.step_interval = state.get("step_interval")
-        if state.get("precision") not in (None, precision.name):
-            log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
-                        "(another machine): the losses from here on are not bit-for-bit "
-                        "those of an uninterrupted run", precision.name, device.type,
-                        state["precision"])
-        if patience and self.epochs_without_improvement >= patience:
-            self.result.stopped_early = True  # it had stopped early before it was interrupted
-
-    def keep_if_best(self, epoch_result: EpochResult, model, select_by: str) -> None:
-        """Mark the epoch best (and copy its weights to the host, on the main process, which
-        alone logs the model) or count it as one more without improvement."""
-
-        value = epoch_result.selection_value(select_by)
-        result = self.result
-        if not result.epochs or value < result.best.selection_value(select_by):
-            epoch_result.is_best = True
-            if distributed.is_main():
-                self.best_state = {key: weight.to("cpu", copy=True)
-                                   for key, weight in trained_weights(model).items()}
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        result.epochs.append(epoch_result)
-
-    def save(self, checkpoint_dir: str, model, curve: StepCurve, precision: Precision) -> None:
-        """The training state after this epoch, saved whole (every process's RNGs, gathered;
-        written by the main process)."""
-        rng_states = distributed.gather_objects(rng_state())
-        if not distributed.is_main():
-            return
-        save_checkpoint(checkpoint_dir, model=model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, scaler=self.scaler, epochs=self.result.epochs,
-                        best_state=self.best_state,
-                        epochs_without_improvement=self.epochs_without_improvement,
-                        loader_state={"generator": self.generator.get_state()}
-                        if self.generator is not None else {},
-                        rng_states=rng_states, precision=precision.name,
-                        step_interval=curve.state(),
-                        best_is_current=self.result.epochs[-1].is_best, frozen=self.frozen)
+        self.step_interval = state["step_interval"]
 
 
-def _start_loop(model, train_loader: DataLoader, config: TrainConfig, device: torch.device,
-                precision: Precision, checkpoint_dir: str | None, resume: bool,
-                loggers: Sequence[Logger]) -> _Loop:
-    """The loop's state: new, or with ``resume`` restored from ``checkpoint_dir`` (and the last
-    epoch's logging replayed where a kill cut it short)."""
-    optimizer = make_optimizer(model, config, device)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    fingerprint = checkpoint_dir and (distributed.is_main() or resume)
-    loop = _Loop(optimizer, make_scheduler(optimizer, config, steps_per_epoch * config.epochs),
-                 precision.grad_scaler(), FitResult(select_by=config.select_by), steps_per_epoch,
-                 getattr(train_loader, "generator", None),
-                 frozen_sha256(model) if fingerprint else None)
-    if resume:
-        loop.restore(checkpoint_dir, model, device, precision, config.patience)
-        if distributed.is_main():
-            _replay_unlogged_epoch(checkpoint_dir, model, loop, loggers)
-    return loop
+class Report:
+    """Where the loop reports: its loggers (the main process's alone, under torchrun) and the
+    stopwatch that splits the run's time into phases."""
 
+    def __init__(self, loggers: Sequence[Logger] = (), stopwatch: Stopwatch | None = None):
+        self.loggers = list(loggers) if distributed.is_main() else []
+        self.stopwatch = stopwatch or Stopwatch()
 
-def _replay_unlogged_epoch(checkpoint_dir: str, model, loop: _Loop,
-                           loggers: Sequence[Logger]) -> None:
-    """Killed after the checkpoint, before the epoch's loggers finished: they log it now, from
-    the checkpointed weights (skipping what is there)."""
-    epochs = loop.result.epochs
-    if epochs and logged_epoch(checkpoint_dir) < epochs[-1].epoch:
-        for logger in loggers:
-            logger.on_epoch_replay(model, epochs[-1])
-        mark_logged(checkpoint_dir, epochs[-1].epoch)
+    def phase(self, name: str):
+        return self.stopwatch.phase(name)
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.on_step(step, values)
+
+    def scores(self, model: torch.nn.Module) -> dict[str, float]:
+        """The loggers' scores of ``model`` (the main process's, on every process)."""
+        scores: dict[str, float] = {}
+        with self.phase("scoring"):
+            for logger in self.loggers:
+                scores.update(logger.score(model))
+            return distributed.broadcast_object(
+                {name: float(value) for name, value in scores.items()}
+                if distributed.is_main() else None)
+
+    def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None:
+        with self.phase("logging"):
+            for logger in self.loggers:
+                logger.on_epoch_end(model, result)
 
 
 def _set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -490,52 +368,6 @@ def _set_epoch(loader: DataLoader, epoch: int) -> None:
     for epoch_aware in (loader.batch_sampler, loader.dataset):
         if hasattr(epoch_aware, "set_epoch"):
             epoch_aware.set_epoch(epoch - 1)
-
-
-def _train_epoch(trained, loader: DataLoader, loop: _Loop, config: TrainConfig, epoch: int,
-                 precision: Precision, device: torch.device, curve: StepCurve,
-                 progress: bool, stopwatch: Stopwatch) -> _EpochTotals:
-    """One pass over ``loader``, an optimizer step per ``config.grad_accum`` batches (the
-    stopwatch's ``training``: the steps alone)."""
-    started = time.perf_counter()
-    trained.train()
-    loss_sum = torch.zeros((), device=device)
-    tokens = real_tokens = samples = step = 0
-    curve.start_timer()
-    with stopwatch.phase("training"), _bar(len(loader), f"epoch {epoch}/{config.epochs}",
-                                           progress) as bar:
-        for window in _windows(loader, config.grad_accum):
-            window_loss_sum, window_tokens, grad_norm = train_step(
-                trained, window, loop.optimizer, loop.scaler, loop.scheduler, precision, device,
-                config.max_grad_norm, config.label_smoothing)
-            loss_sum += window_loss_sum
-            tokens += window_tokens
-            samples += sum(len(batch["input_ids"]) for batch in window)
-            window_real_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
-            real_tokens += window_real_tokens
-            bar.update(len(window))
-            step += 1
-            if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum.item() / tokens:.4f}")
-            curve.add((epoch - 1) * loop.steps_per_epoch + step, window_loss_sum,
-                      window_tokens, window_real_tokens, loop.scheduler.get_last_lr()[0],
-                      grad_norm)
-            stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop)
-    curve.stop_timer()
-    epoch_loss_sum = loss_sum.item()  # the epoch's one read of the loss (a host sync)
-    totals = _EpochTotals(epoch_loss_sum / max(tokens, 1), time.perf_counter() - started,
-                          samples, real_tokens)
-    if distributed.world_size() > 1:
-        loss_sum_all, tokens, totals.samples, totals.real_tokens = (
-            distributed.all_reduce_numbers([epoch_loss_sum, tokens, samples, real_tokens],
-                                           device))
-        totals.loss = loss_sum_all / max(tokens, 1)
-        (totals.seconds,) = distributed.all_reduce_numbers([totals.seconds], device, "max")
-    if not math.isfinite(totals.loss):
-        raise NonFiniteLossError(
-            f"training loss became {totals.loss} in epoch {epoch}: expected a finite loss "
-            f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
-    return totals
 
 
 def _wrapped(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -548,78 +380,163 @@ def _wrapped(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _end_epoch(epoch_result: EpochResult, model, loop: _Loop, config: TrainConfig,
-               precision: Precision, curve: StepCurve, loggers: Sequence[Logger],
-               checkpoint_dir: str | None, scorer: Scorer | None, stopwatch: Stopwatch) -> None:
-    """After an epoch's validation: score it, keep it if best, checkpoint it, then log it (the
-    checkpoint first, so a kill while logging replays the epoch's logging at resume)."""
-    main_process = distributed.is_main()
-    if scorer is not None:
-        with stopwatch.phase("scoring"):
-            epoch_result.scores = _scores(scorer, model)
-    with stopwatch.phase("checkpoint"):  # the best weights' host copy, then the state
-        loop.keep_if_best(epoch_result, model, config.select_by)
-        if checkpoint_dir:
-            loop.save(checkpoint_dir, model, curve, precision)
-    with stopwatch.phase("logging"):
-        for logger in loggers if main_process else ():
-            logger.on_epoch_end(model, epoch_result)
-    if checkpoint_dir and main_process:
-        mark_logged(checkpoint_dir, epoch_result.epoch)
+def flops_per_token(model: torch.nn.Module) -> int:
+    """Training FLOPs per token (Kaplan et al.'s 6N, as nanoGPT's MFU): 2N forward, 2N for the
+    activations' gradients, and 2 per trained weight for the weights' (so LoRA's frozen base
+    costs 4N). Attention's own FLOPs are left out: small at these lengths."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trained = sum(parameter.numel() for parameter in model.parameters()
+                  if parameter.requires_grad)
+    return 4 * total + 2 * trained
 
 
-def fit(model: torch.nn.Module, train_loader: DataLoader, validation_loader: DataLoader,
-        config: TrainConfig, device: torch.device, precision: Precision,
-        loggers: Sequence[Logger] = (), checkpoint_dir: str | None = None, resume: bool = False,
-        scorer: Scorer | None = None, stopwatch: Stopwatch | None = None) -> FitResult:
-    """Train for ``config.epochs`` (or until early stopping); leave the best epoch's weights in
-    ``model`` and return every epoch's figures. Under torchrun the main process alone, which
-    logs the model, ends with the best weights; the others keep the last epoch's.
+def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: TrainConfig,
+        precision: Precision, checkpoint_dir: str | os.PathLike | None = None,
+        report: Report | None = None) -> FitResult:
+    """Train for ``config.epochs`` (or until early stopping) on ``loaders`` (training,
+    validation); leave the best epoch's weights in ``model`` and return every epoch's figures.
+    Under torchrun the main process alone, which logs the model, ends with the best weights;
+    the others keep the last epoch's.
 
     "Best" is by ``config.select_by``: the lowest validation loss, or the highest score of that
-    name returned by ``scorer`` (called after each epoch's validation, on the main process);
+    name from the loggers' ``score`` (after each epoch's validation, on the main process);
     early stopping (``config.patience``) counts epochs without a better value of the same.
 
-    With ``checkpoint_dir``, the training state is saved there after every epoch (before the
-    loggers run; the weights training changes, not a frozen LoRA base); with ``resume``,
-    training continues from it and ends with the losses of an uninterrupted run.
+    With ``checkpoint_dir``, the training state is saved there after every epoch, before the
+    loggers run (the weights training changes, not a frozen LoRA base); where it holds a
+    checkpoint already, training continues from it and ends with the losses of an
+    uninterrupted run.
 
     Under torchrun (``medlm.distributed``) each process passes loaders built with its own
     ``shard``: the model is wrapped in DistributedDataParallel, losses and throughput are summed
     over all processes, and rank 0 alone shows progress, checkpoints and calls the loggers.
-    ``stopwatch`` is told where the time goes (``logging``: the loggers).
     """
-
-    if config.select_by != "validation_loss" and scorer is None:
-        raise ValueError(f"select_by={config.select_by!r} needs a scorer that returns it")
-    stopwatch = stopwatch or Stopwatch()
-    main_process = distributed.is_main()
+    train_loader, validation_loader = loaders
+    report = report or Report()
+    device, main_process = precision.device, distributed.is_main()
     progress = config.progress and main_process
     torch.manual_seed(config.seed + distributed.rank())  # each process its own dropout masks
     model.to(device)
-    model.train()
-    loop = _start_loop(model, train_loader, config, device, precision, checkpoint_dir, resume,
-                       loggers)
-    trained, result = _wrapped(model, device), loop.result
-    curve = StepCurve(loggers if main_process else [], config.log_every_steps, device,
-                      loop.step_interval)
+    optimizer = make_optimizer(model, config, device)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    state = TrainState(optimizer, make_scheduler(optimizer, config,
+                                                 steps_per_epoch * config.epochs),
+                       precision.grad_scaler(), getattr(train_loader, "generator", None),
+                       FitResult(select_by=config.select_by), precision=precision.name,
+                       frozen_sha256=frozen_sha256(model) if checkpoint_dir else None)
+    result = state.result
+    if checkpoint_dir and has_checkpoint(checkpoint_dir):
+        state.load_state_dict(load_checkpoint(checkpoint_dir, model, state.frozen_sha256,
+                                              precision))
+        model.to(device)
+        result.stopped_early = bool(config.patience) and (
+            state.epochs_without_improvement >= config.patience)
+        # the loggers are idempotent: they log what a kill cut short of the checkpointed epoch
+        report.on_epoch_end(model, result.epochs[-1])
+    trained, flops = _wrapped(model, device), flops_per_token(model)
+    # the per-step point in progress: loss, tokens and training seconds since the last one
+    interval = state.step_interval or {"loss_sum": 0.0, "tokens": 0, "real_tokens": 0,
+                                       "seconds": 0.0}
+    interval_loss = torch.zeros((), device=device) + interval["loss_sum"]
+    last_point = None  # (step, learning rate, gradient norm) of the latest step
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         stop.raise_if_asked()
         _set_epoch(train_loader, epoch)
-        started = time.perf_counter()
-        totals = _train_epoch(trained, train_loader, loop, config, epoch, precision, device,
-                              curve, progress, stopwatch)
-        with stopwatch.phase("validation"):
-            validation_loss = evaluate(model, validation_loader, device, precision, progress)
-        epoch_result = totals.result(epoch, validation_loss, time.perf_counter() - started,
-                                     loop.scheduler.get_last_lr()[0])
-        _end_epoch(epoch_result, model, loop, config, precision, curve, loggers, checkpoint_dir,
-                   scorer, stopwatch)
-        if config.patience and loop.epochs_without_improvement >= config.patience:
+        started = clock = time.perf_counter()
+        trained.train()
+        epoch_loss = torch.zeros((), device=device)
+        tokens = real_tokens = samples = 0
+        with report.phase("training"), _bar(len(train_loader), f"epoch {epoch}/{config.epochs}",
+                                            progress) as bar:
+            for step, window in enumerate(_windows(train_loader, config.grad_accum),
+                                          (epoch - 1) * steps_per_epoch + 1):
+                loss_sum, window_tokens, grad_norm = train_step(trained, window, state,
+                                                                precision, config)
+                window_real_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
+                epoch_loss += loss_sum
+                tokens += window_tokens
+                real_tokens += window_real_tokens
+                samples += sum(len(batch["input_ids"]) for batch in window)
+                bar.update(len(window))
+                if step % LIVE_LOSS_EVERY == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{epoch_loss.item() / tokens:.4f}")
+                if report.loggers and config.log_every_steps:
+                    interval_loss += loss_sum
+                    interval["tokens"] += window_tokens
+                    interval["real_tokens"] += window_real_tokens
+                    last_point = (step, state.scheduler.get_last_lr()[0], grad_norm)
+                    if step % config.log_every_steps == 0:
+                        values = {"training_loss": interval_loss.item() / interval["tokens"]}
+                        if grad_norm is not None:  # both reads wait for the device: the
+                            values["grad_norm"] = float(grad_norm)  # clock is read after them
+                        now = time.perf_counter()
+                        seconds = interval["seconds"] + now - clock
+                        report.on_step(step, {**values, "learning_rate": last_point[1],
+                                              "tokens_per_sec": interval["real_tokens"] / seconds})
+                        interval_loss.zero_()
+                        interval.update(tokens=0, real_tokens=0, seconds=0.0)
+                        clock, last_point = now, None
+                stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop)
+            epoch_loss_sum = epoch_loss.item()  # the epoch's one read of the loss (a host sync)
+            training_seconds = time.perf_counter() - started
+            interval["seconds"] += time.perf_counter() - clock
+        if distributed.world_size() > 1:
+            epoch_loss_sum, tokens, samples, real_tokens = distributed.all_reduce_numbers(
+                [epoch_loss_sum, tokens, samples, real_tokens], device)
+            (training_seconds,) = distributed.all_reduce_numbers([training_seconds], device,
+                                                                 "max")
+        training_loss = epoch_loss_sum / max(tokens, 1)
+        if not math.isfinite(training_loss):
+            raise NonFiniteLossError(
+                f"training loss became {training_loss} in epoch {epoch}: expected a finite loss "
+                f"(try a lower --lr than {config.lr:g}, --precision fp32, or --max-grad-norm 1)")
+        with report.phase("validation"):
+            validation_loss = evaluate(model, validation_loader, precision, progress)
+        tokens_per_sec = real_tokens / training_seconds
+        epoch_result = EpochResult(
+            epoch=epoch, training_loss=training_loss, validation_loss=validation_loss,
+            validation_perplexity=math.exp(min(validation_loss, 700.0)),
+            epoch_duration_sec=time.perf_counter() - started,
+            train_samples_per_sec=samples / training_seconds,
+            train_tokens_per_sec=tokens_per_sec,
+            learning_rate=state.scheduler.get_last_lr()[0],
+            model_flops_utilization=tokens_per_sec * flops / (
+                peak_flops(precision) * distributed.world_size()),
+            scores=report.scores(model))
+        if config.select_by != "validation_loss" and config.select_by not in epoch_result.scores:
+            raise ValueError(f"select_by={config.select_by!r} needs a scorer: a logger whose "
+                             "score() returns it")
+        # keep the epoch's weights if it is the best (on the main process, which logs the model)
+        value = epoch_result.selection_value(config.select_by)
+        if not result.epochs or value < result.best.selection_value(config.select_by):
+            epoch_result.is_best = True
+            state.epochs_without_improvement = 0
+            if main_process:
+                state.best_weights = {name: weight.to("cpu", copy=True)
+                                      for name, weight in trained_weights(model).items()}
+        else:
+            state.epochs_without_improvement += 1
+        result.epochs.append(epoch_result)
+        if checkpoint_dir:  # before the loggers: a kill while they log loses no training
+            with report.phase("checkpoint"):
+                state.step_interval = {**interval, "loss_sum": interval_loss.item()}
+                rng_states = distributed.gather_objects(rng_state())
+                if main_process:
+                    save_checkpoint(checkpoint_dir, model, state.state_dict(), state.best_weights,
+                                    rng_states)
+        report.on_epoch_end(model, epoch_result)
+        if config.patience and state.epochs_without_improvement >= config.patience:
             result.stopped_early = True
             break
-    curve.flush()  # the steps since the last point: a short run's curves are not empty
-    if loop.best_state is not None:
-        load_trained_weights(model, loop.best_state)
+    if last_point is not None and interval["tokens"]:  # the steps since the last point
+        step, learning_rate, grad_norm = last_point
+        values = {"training_loss": interval_loss.item() / interval["tokens"],
+                  "learning_rate": learning_rate,
+                  "tokens_per_sec": interval["real_tokens"] / max(interval["seconds"], 1e-9)}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        report.on_step(step, values)
+    if state.best_weights is not None:
+        load_trained_weights(model, state.best_weights)
     return result

@@ -16,7 +16,7 @@ from medlm.config import TrainConfig
 from medlm.data import LanguageDataset, load_disease_data, make_loader
 from medlm.modeling import load_tokenizer_and_model, resolve_precision
 from medlm.split import split_by_disease
-from medlm.train import Logger, fit
+from medlm.train import Logger, Report, fit
 
 
 class RecordingDataset(LanguageDataset):
@@ -54,9 +54,9 @@ def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str
     train_set.sampler = train.batch_sampler
     validation = make_loader(LanguageDataset(validation_frame, tokenizer), config.batch_size,
                              tokenizer.pad_token_id, train=False, **shard)
-    result = fit(model, train, validation, config, device, resolve_precision("fp32", device),
-                 loggers=[StopAfterFirstEpoch()] if mode == "stop" else (),
-                 checkpoint_dir=checkpoint or None, resume=mode == "resume")
+    result = fit(model, (train, validation), config, resolve_precision("fp32", device),
+                 checkpoint_dir=checkpoint or None,
+                 report=Report([StopAfterFirstEpoch()] if mode == "stop" else ()))
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps({
         "world_size": distributed.world_size(),

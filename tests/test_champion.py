@@ -7,7 +7,7 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-from medlm import champion
+from medlm import compare as champion
 from medlm.config import TrainConfig
 from medlm.recipe import prepare, train_and_register
 from medlm.tracking import VALIDATION_LOSSES, logged_row_losses

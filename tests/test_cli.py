@@ -288,10 +288,10 @@ def bad_inputs(tmp: Path, csv: Path, model: Path) -> dict[str, tuple[list[str], 
         "wrong columns": (["--dataset", str(tmp / "columns.csv")], "expected columns Name"),
         "empty file": (["--dataset", str(tmp / "empty.csv")], "is empty"),
         "single disease": (["--dataset", str(tmp / "one.csv")], "at least 2 distinct"),
-        "negative lr": (["--lr", "-1e-4"], "--lr: '-1e-4' is invalid"),
+        "negative lr": (["--lr", "-1e-4"], "--lr -0.0001 is invalid"),
         "text lr": (["--lr", "fast"], "'fast' is not a number"),
-        "zero batch": (["--batch-size", "0"], "--batch-size: '0'"),
-        "zero epochs": (["--epochs", "0"], "--epochs: '0'"),
+        "zero batch": (["--batch-size", "0"], "--batch-size 0 is invalid"),
+        "zero epochs": (["--epochs", "0"], "--epochs 0 is invalid"),
         "unknown model": (["--model", str(tmp / "no-model")], "no-model"),
     }
 
@@ -586,8 +586,7 @@ def fit_tiny_model(model_dir, csv, signal_here, steps):
 
     train.train_step = counted_step
     try:
-        train.fit(model, loader, loader, config, torch.device("cpu"),
-                  resolve_precision("fp32", "cpu"))
+        train.fit(model, (loader, loader), config, resolve_precision("fp32", "cpu"))
     finally:
         train.train_step = step
     return 0

@@ -9,8 +9,8 @@ import pytest
 from experiments import compare as compare_command
 from experiments._cli import run_cli
 from medlm.data import load_disease_data
-from medlm.heldout import baseline_scores, score_answers
 from medlm.metrics import references_by_disease
+from medlm.scores import baseline_scores, score_answers
 from medlm.split import split_by_disease
 
 KEY = {"dataset_content_sha256": "abc", "max_samples": "None", "split_seed": "42",

@@ -65,9 +65,23 @@ def test_collective_timeout_reaches_the_process_group(monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "inf"])
-def test_collective_timeout_must_be_positive_minutes(value, capsys):
-    from experiments.run import build_parser
+def test_collective_timeout_must_be_positive_minutes(value):
+    from experiments.run import build_parser, configs_from_args
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--collective-timeout", value])
-    assert "--collective-timeout" in capsys.readouterr().err
+    with pytest.raises(MedLMError, match="--collective-timeout .* is invalid: expected a "
+                                         "number of minutes > 0"):
+        configs_from_args(build_parser().parse_args(["--collective-timeout", value]))
+
+
+def test_a_value_is_refused_in_the_same_words_from_a_flag_a_sweep_a_recipe_or_code(tmp_path):
+    """One check, TrainConfig's, whichever way a value comes in."""
+    from experiments.run import build_parser, configs_from_args
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("lr = -0.001\n")
+    for flags in (["--lr", "-1e-3"], ["--lr", "1e-3", "-1e-3"], ["--config", str(recipe)]):
+        with pytest.raises(MedLMError) as error:
+            configs_from_args(build_parser().parse_args(flags))
+        assert str(error.value) == "--lr -0.001 is invalid: expected a number > 0"
+    with pytest.raises(MedLMError, match="^--lr -0.001 is invalid: expected a number > 0$"):
+        TrainConfig(lr=-1e-3)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medlm.consensus import consensus_answer
+from medlm.generate import consensus_answer
 from medlm.metrics import score_symptoms
 
 
@@ -37,8 +37,7 @@ def test_no_agreement_is_an_empty_answer_and_a_bad_count_an_error():
 
 
 def test_consensus_answers_merge_the_greedy_answer_and_seeded_samples(tiny_model):
-    from medlm.consensus import SAMPLING, consensus_answers
-    from medlm.generate import GenerationSettings, generate
+    from medlm.generate import SAMPLING, GenerationSettings, consensus_answers, generate
 
     tokenizer, model = tiny_model
     names = ["Asthma", "Kidney Failure"]

@@ -163,17 +163,16 @@ def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
 def write_checkpoint(model, directory, rng_states=None):
     from medlm.checkpoint import save_checkpoint
     from medlm.config import TrainConfig
-    from medlm.train import make_optimizer, make_scheduler
+    from medlm.train import FitResult, TrainState, make_optimizer, make_scheduler
 
     optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    save_checkpoint(directory, model=model, optimizer=optimizer,
-                    scheduler=make_scheduler(optimizer, TrainConfig(), 10),
-                    scaler=torch.amp.GradScaler("cpu", enabled=False), epochs=[],
-                    best_state=None, epochs_without_improvement=0, loader_state={},
-                    rng_states=rng_states)
+    state = TrainState(optimizer, make_scheduler(optimizer, TrainConfig(), 10),
+                       torch.amp.GradScaler("cpu", enabled=False), None, FitResult())
+    save_checkpoint(directory, model, state.state_dict(), None, rng_states)
 
 
 def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, monkeypatch):
+    from medlm import distributed
     from medlm.checkpoint import load_checkpoint, rng_state
     from medlm.config import TrainConfig
     from medlm.recipe import resume_config
@@ -181,8 +180,11 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, 
     _, model = tiny_model
     write_checkpoint(model, tmp_path, rng_states=[rng_state(), rng_state()])
     with pytest.raises(MedLMError, match="written by 2 training process.*not 1.*resume with 2"):
-        load_checkpoint(tmp_path, model, rank=0, world_size=1)
-    assert load_checkpoint(tmp_path, model, rank=1, world_size=2)["epochs"] == []
+        load_checkpoint(tmp_path, model)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert load_checkpoint(tmp_path, model)["epochs"] == []
+    monkeypatch.undo()
     # The CLI checks it before reopening the MLflow run (which would then end FAILED).
     (tmp_path / "config.json").write_text(json.dumps(asdict(TrainConfig())))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -192,22 +194,21 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, 
     assert resume_config(tmp_path.name, str(tmp_path.parent)) == TrainConfig()
 
 
-def test_a_checkpoint_from_before_torchrun_support_still_resumes(tiny_model, tmp_path):
-    from medlm.checkpoint import load_checkpoint
+def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_path):
+    """Another layout (before torchrun support: one process's RNGs as top-level keys) is not
+    read by guesswork: the error says how to continue."""
+    from medlm.checkpoint import check_readable, load_checkpoint
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path)
-    # the old layout: flat files, one process's RNGs as top-level keys
-    current = current_epoch_directory(tmp_path)
-    for file in current.iterdir():
-        file.rename(tmp_path / file.name)
-    current.rmdir()
-    (tmp_path / "latest").unlink()
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state_file = current_epoch_directory(tmp_path) / "state.pt"
+    state = torch.load(state_file, weights_only=True)
     (saved,) = state.pop("rng")
+    del state["format"]
     state.update({f"{name}_rng": value for name, value in saved.items()})
-    torch.save(state, tmp_path / "state.pt")
-    torch.set_rng_state(saved["torch"])
-    expected = torch.rand(3)  # the draw that follows the saved state
-    load_checkpoint(tmp_path, model)
-    assert torch.equal(torch.rand(3), expected)
+    torch.save(state, state_file)
+    expected = "written by an older MedLM .*finish the run with the MedLM that started it"
+    with pytest.raises(MedLMError, match=expected):
+        check_readable(tmp_path)  # what --resume checks before the data and model load
+    with pytest.raises(MedLMError, match=expected):
+        load_checkpoint(tmp_path, model)

@@ -190,18 +190,16 @@ class Epochs:
         self.scheduler = make_scheduler(self.optimizer, TrainConfig(), 10)
 
     def save(self):
-        from medlm.checkpoint import save_checkpoint, trained_weights
-        from medlm.train import EpochResult
+        from medlm.checkpoint import save_checkpoint
+        from medlm.train import EpochResult, FitResult, TrainState
 
         epoch = len(self.results) + 1
         self.results.append(EpochResult(epoch, 3.0 - epoch / 10, 3.0, 20.0, 1.0, 1.0, 1.0, 1e-4,
                                         is_best=True))
-        save_checkpoint(self.directory, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), epochs=self.results,
-                        best_state={name: weight.clone() for name, weight in
-                                    trained_weights(self.model).items()},
-                        epochs_without_improvement=0, loader_state={}, best_is_current=True)
+        state = TrainState(self.optimizer, self.scheduler,
+                           torch.amp.GradScaler("cpu", enabled=False), None,
+                           FitResult(epochs=self.results))
+        save_checkpoint(self.directory, self.model, state.state_dict(), None)
 
 
 def resumable_run(model, checkpoint_dir, run_id="0123456789abcdef0123456789abcdef", epochs=1):
@@ -249,14 +247,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_epoch(failure, tiny
 
 
 def test_a_full_disk_in_a_sweep_names_the_sweeps_resume(tiny_model, tmp_path, monkeypatch):
-    from medlm._paths import sweep_state_file
-    from medlm.recipe import resumable_failures
+    from medlm.recipe import DATA_FILE, resumable_failures
 
     _, model = tiny_model
     checkpoints = tmp_path / "checkpoints"
     child, parent = "c" * 32, "p" * 32
-    sweep_state_file(str(checkpoints), parent).parent.mkdir(parents=True)
-    sweep_state_file(str(checkpoints), parent).write_text(json.dumps({"running": child}))
+    (checkpoints / parent).mkdir(parents=True)  # as run_sweep leaves it: the data, no settings
+    (checkpoints / parent / DATA_FILE).write_text(json.dumps({}))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -331,7 +328,7 @@ def test_the_command_a_full_artifact_store_names_finishes_the_run(
     assert MlflowClient().get_run(command[4]).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "state.pt"])
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
 def test_a_damaged_checkpoint_file_is_named_before_anything_loads(damaged, tiny_model, tmp_path):
     from medlm.checkpoint import load_checkpoint
     from medlm.recipe import resume_config
@@ -359,11 +356,11 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(mlflow_home, tiny_model, mon
     _, model = tiny_model
     run = resumable_run(model, mlflow_home / "checkpoints", epochs=2)
     shutil.copytree(run / "epoch-2", run / "epoch-1")  # as a kill during _publish leaves it
-    (run / "epoch-2" / "optimizer.pt").write_bytes(b"")
+    (run / "epoch-2" / "state.pt").write_bytes(b"")
     assert run_cli(run_entry_point.main, ["--resume", run.name]) == 2
     line = one_line_error(capsys.readouterr().err)
     relative = run.relative_to(mlflow_home)  # as the default --checkpoint-dir names it
-    assert f"{relative / 'epoch-2' / 'optimizer.pt'} is damaged (an empty file)" in line
+    assert f"{relative / 'epoch-2' / 'state.pt'} is damaged (an empty file)" in line
     assert f"start the run again, or resume from epoch-1, which is there too: write epoch-1 " \
            f"into {relative / 'latest'}" in line
 

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from medlm import intervals
+from medlm import scores as intervals
 from medlm.data import load_disease_data
-from medlm.heldout import baseline_scores, interval_text, score_answers
+from medlm.scores import baseline_scores, interval_text, score_answers
 from medlm.split import split_by_disease
 
 
@@ -123,7 +123,7 @@ def test_a_sweep_over_seeds_gives_each_recipe_its_mean_and_interval_over_the_see
     from scipy import stats
 
     from medlm.config import SWEEPABLE
-    from medlm.repeats import over
+    from medlm.scores import over
 
     rows = [{"lr": lr, "batch_size": 8, "epochs": 3, "weight_decay": 0.0, "seed": seed,
              "validation_loss": 2.0 + lr * 1000 + seed / 100, "symptom_f1": 0.2 + seed / 100,
@@ -148,7 +148,7 @@ def test_folds_rank_recipes_that_finished_every_fold_first_with_seeds_averaged_p
     import pandas as pd
 
     from medlm.config import SWEEPABLE, TrainConfig
-    from medlm.repeats import over
+    from medlm.scores import over
     from medlm.sweep import _ranked
 
     def child(lr, seed, fold, loss, status="FINISHED"):
@@ -176,7 +176,7 @@ def test_a_cross_validations_table_ranks_recipes_and_says_its_figure_without_ref
     import pandas as pd
 
     from medlm.config import SWEEPABLE, TrainConfig
-    from medlm.repeats import over
+    from medlm.scores import over
     from medlm.sweep import _by_recipe, _cross_validated, _print_table, _ranked
 
     caplog.set_level(logging.INFO, logger="medlm")

@@ -47,8 +47,8 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
     from medlm.data import load_disease_data
     from medlm.lora import add_lora
     from medlm.modeling import load_tokenizer_and_model
-    from medlm.train import fit
-    from tests.test_train import CPU, FP32, StopAfter, loaders
+    from medlm.train import Report, fit
+    from tests.test_train import FP32, StopAfter, loaders
 
     config = TrainConfig(epochs=2, lr=3e-3, progress=False, lora_rank=4)
     small_frame = load_disease_data(str(dataset_csv), max_samples=80).frame
@@ -60,11 +60,11 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
                 model.lm_head.weight[0, 0] += 1
         model = add_lora(model, 4, seed=config.seed)
         train, validation = loaders(tokenizer, small_frame)
-        return fit(model, train, validation, config, CPU, FP32, checkpoint_dir=str(directory),
+        return fit(model, (train, validation), config, FP32, checkpoint_dir=str(directory),
                    **kwargs), model
 
     with pytest.raises(KeyboardInterrupt):
-        attempt(tmp_path / "run", loggers=[StopAfter(1)])
+        attempt(tmp_path / "run", report=Report([StopAfter(1)]))
     saved = load_file(str(current_epoch_directory(tmp_path / "run") / "model.safetensors"))
     model = add_lora(load_tokenizer_and_model(str(tiny_model_dir))[1], 4)
     adapters = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -72,8 +72,8 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
     from medlm.errors import MedLMError
 
     with pytest.raises(MedLMError, match="other frozen base weights"):
-        attempt(tmp_path / "run", other_base=True, resume=True)
-    resumed, resumed_model = attempt(tmp_path / "run", resume=True)
+        attempt(tmp_path / "run", other_base=True)
+    resumed, resumed_model = attempt(tmp_path / "run")
     whole, whole_model = attempt(tmp_path / "whole")
     assert [r.validation_loss for r in resumed.epochs] == [
         r.validation_loss for r in whole.epochs]
@@ -97,14 +97,14 @@ def test_scoring_and_validation_under_autocast_leave_the_base_frozen(tiny_model_
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     model = add_lora(model, 4)
     trainable = trainable_parameters(model)
-    bf16, cpu = Precision("bf16", "cpu"), torch.device("cpu")
+    bf16 = Precision("bf16", "cpu")
     frame = load_disease_data(str(dataset_csv), max_samples=24).frame
     loader = make_loader(LanguageDataset(frame, tokenizer), 8, tokenizer.pad_token_id,
                          train=False)
     settings = GenerationSettings(max_new_tokens=6, do_sample=False)
     with bf16.autocast():
         answers = generate(model, tokenizer, ["Asthma", "Kidney Failure"], settings)
-    loss = evaluate(model, loader, cpu, bf16)
+    loss = evaluate(model, loader, bf16)
     assert trainable_parameters(model) == trainable
     import contextlib
 
@@ -116,7 +116,7 @@ def test_scoring_and_validation_under_autocast_leave_the_base_frozen(tiny_model_
                             lambda model, device: contextlib.nullcontext())
     with bf16.autocast():
         assert generate(model, tokenizer, ["Asthma", "Kidney Failure"], settings) == answers
-    assert evaluate(model, loader, cpu, bf16) == loss
+    assert evaluate(model, loader, bf16) == loss
 
 
 def test_the_adapters_start_from_the_run_seed_and_leave_the_global_generator_alone():
@@ -260,10 +260,10 @@ def test_a_lora_run_trains_merges_registers_and_serves_from_the_registry(
     # a random base: the default trains every weight, so adapter settings need a rank
     (["--lora-alpha", "16"], "has random weights, which the default trains all of: expected "
                              "--lora-rank N with them"),
-    (["--lora-rank", "-2"], "--lora-rank: '-2'"),
-    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout: '1' is invalid"),
+    (["--lora-rank", "-2"], "--lora-rank -2 is invalid"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 is invalid"),
     (["--label-smoothing", "1"],
-     "--label-smoothing: '1' is invalid: expected a number >= 0 and < 1"),
+     "--label-smoothing 1.0 is invalid: expected a number >= 0 and < 1"),
 ])
 def test_bad_lora_flags_are_one_line_errors(flags, expected, mlflow_home, dataset_csv,
                                             tiny_model_dir, capsys):

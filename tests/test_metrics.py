@@ -3,7 +3,6 @@ import pandas as pd
 import pytest
 
 from medlm.data import load_disease_data
-from medlm.heldout import baseline_scores, score_answers
 from medlm.metrics import (
     SymptomScore,
     constant_answer,
@@ -13,6 +12,7 @@ from medlm.metrics import (
     score_symptoms,
     score_words,
 )
+from medlm.scores import baseline_scores, score_answers
 from medlm.split import split_by_disease
 from medlm.text import content_words, phrases_match, split_phrases
 from tests.conftest import all_pairs_lookup

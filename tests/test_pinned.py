@@ -31,7 +31,7 @@ PINS = {
     "lora": {"training_loss": [10.825890743371213, 10.658871781430376],
              "validation_loss": [10.690233018663195, 10.635228717137897]},
 }
-BASELINE_SCORES = {  # with their intervals (medlm.intervals: SciPy's bootstrap, seeded)
+BASELINE_SCORES = {  # with their intervals (medlm.scores: SciPy's bootstrap, seeded)
     "baseline_constant_symptom_precision": 0.125,
     "baseline_constant_symptom_precision_ci_low": 0.04,
     "baseline_constant_symptom_precision_ci_high": 0.175,

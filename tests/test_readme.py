@@ -47,11 +47,11 @@ def test_the_checkpoint_files_listed_are_those_a_lora_epoch_writes(tiny_model_di
     from medlm.lora import add_lora
     from medlm.modeling import load_tokenizer_and_model
     from medlm.train import fit
-    from tests.test_train import CPU, FP32, loaders, plain
+    from tests.test_train import FP32, loaders, plain
 
     tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
     train, validation = loaders(tokenizer, load_disease_data(str(dataset_csv), 40).frame)
-    fit(add_lora(model, 2), train, validation, plain(epochs=1, progress=False), CPU, FP32,
+    fit(add_lora(model, 2), (train, validation), plain(epochs=1, progress=False), FP32,
         checkpoint_dir=str(tmp_path))
     written = {path.name for path in current_epoch_directory(tmp_path).iterdir()}
     resume = section(GUIDE, "Interruptions and resume")
@@ -117,8 +117,8 @@ def test_a_setting_declared_once_becomes_a_checked_flag_a_table_row_and_a_recipe
     assert args.warmup_ratio == 0.1
     assert "| `--warmup-ratio WARMUP_RATIO` | share of the steps spent warming up (default: " \
            "0.0) |" in run.flags_table()
-    with pytest.raises(SystemExit):
-        run.build_parser().parse_args(["--warmup-ratio", "1.5"])
+    with pytest.raises(MedLMError, match="--warmup-ratio 1.5 is invalid"):
+        run.configs_from_args(run.build_parser().parse_args(["--warmup-ratio", "1.5"]))
     with pytest.raises(MedLMError, match="--warmup-ratio 2.0 is invalid: expected a number >= 0 "
                                          "and < 1"):
         WithWarmupRatio(warmup_ratio=2.0)

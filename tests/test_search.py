@@ -4,6 +4,7 @@ them (trials nested under one parent run, pruned, resumed, registered by the cha
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -11,21 +12,24 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from medlm import processes
 from medlm.errors import MedLMError
-from medlm.processes import this_process
 from medlm.search import (
+    DEFAULT_SPACE,
     Pruning,
     SearchOptions,
-    fail_dead_trials,
+    _counted,
+    contains,
     join_study,
     open_storage,
+    parse_params,
     queue_first,
+    read_space_file,
+    search_space,
     suggest,
 )
-from medlm.space import DEFAULT_SPACE, contains, parse_params, read_space_file, search_space
 from medlm.store import without_password
 from medlm.train import EpochResult, RunStopped
 from tests.conftest import run_module
@@ -117,61 +121,63 @@ def test_a_setting_given_twice_is_refused():
 def test_the_storage_password_never_reaches_a_log():
     assert (without_password("postgresql://medlm:secret@db:5432/optuna")
             == "postgresql://medlm:***@db:5432/optuna")
-    assert without_password("medlm-search.journal") == "medlm-search.journal"
+    assert without_password("medlm-search.db") == "medlm-search.db"
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_a_trial_whose_process_died_runs_again_and_one_alive_is_left(tmp_path):
-    """A journal file has no heartbeat: a SIGKILLed process's trial would stay RUNNING (and
-    count against the budget) forever."""
-    study = optuna.create_study(storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal"))))
-    here = this_process().rsplit("|", 2)[0]  # this machine: host, boot, PID namespace
-    parent = os.getppid()  # alive, and not this process
-    names = [f"{here}|{dead_pid()}|1",  # gone
-             f"{here}|{parent}|{processes._started(parent)}",  # alive
-             f"{here}|{parent}|1",  # its PID now another process's
-             this_process(),  # this process, which is running no trial
-             f"another-host|{here.split('|', 1)[1]}|{dead_pid()}|1"]  # its heartbeat tells
-    for name in names:
-        trial = study.ask()
-        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-        trial.set_user_attr("process", name)
-    fail_dead_trials(study)
-    fail_dead_trials(study)  # a second process doing the same at once: nothing more
-    trials = study.get_trials()
-    assert [trial.state for trial in trials[:5]] == [
-        TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL,
-        TrialState.RUNNING]
-    again = trials[5:]
-    assert [trial.state for trial in again] == [TrialState.WAITING] * 3
-    assert [trial.system_attrs["fixed_params"] for trial in again] == [  # queued settings
-        trials[n].params for n in (0, 2, 3)]
-    assert [trial.user_attrs["rerun_of"] for trial in again] == [0, 2, 3]
-
-
-def test_a_trial_whose_process_dies_twice_is_not_run_a_third_time(tmp_path):
-    study = optuna.create_study(storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal"))))
+def running(study: optuna.Study, heartbeat_age_sec: int) -> optuna.Trial:
+    """A trial RUNNING as a process leaves it, its last heartbeat that long ago (a process that
+    died mid-trial sends no more)."""
     trial = study.ask()
-    trial.set_user_attr("process", this_process())
-    fail_dead_trials(study)
-    rerun = study.ask()  # the queued copy
-    assert rerun.user_attrs["rerun_of"] == 0
-    rerun.set_user_attr("process", this_process())
-    fail_dead_trials(study)
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    study._storage.record_heartbeat(trial._trial_id)
+    database = sqlite3.connect(study._storage._backend.url.removeprefix("sqlite:///"))
+    with database:
+        database.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) "
+                         "WHERE trial_id = ?", (f"-{heartbeat_age_sec} seconds", trial._trial_id))
+    database.close()
+    return trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_process_died_runs_again_and_one_alive_is_left(tmp_path, mlflow_home):
+    """A process killed mid-trial (SIGKILL, its machine gone) stops its trial's heartbeat; else
+    the trial would stay RUNNING (and count against the budget) forever."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("medlm")).info.run_id
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.db")))
+    dead, _ = running(study, heartbeat_age_sec=600), running(study, heartbeat_age_sec=0)
+    dead.set_user_attr("run_id", run_id)
+    fail_stale_trials(study)
+    fail_stale_trials(study)  # a second process doing the same at once: nothing more
+    trials = study.get_trials()
+    assert [trial.state for trial in trials] == [
+        TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[2].params == trials[0].params  # the dead trial's settings, queued
+    assert _counted(study) == 1  # the live trial: the dead one is not counted twice
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_process_dies_twice_is_not_run_a_third_time(tmp_path):
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.db")))
+    first = running(study, heartbeat_age_sec=600)
+    fail_stale_trials(study)
+    rerun = running(study, heartbeat_age_sec=600)  # the queued copy, its process killed too
+    assert rerun.params == first.params
+    fail_stale_trials(study)
     assert [trial.state for trial in study.get_trials()] == [TrialState.FAIL] * 2
+
+
+def test_a_journal_file_is_refused_for_a_storage_with_heartbeats():
+    with pytest.raises(MedLMError, match="--storage 'old.journal' is an Optuna journal file, "
+                                         ".*: expected a SQLite file"):
+        open_storage("old.journal")
 
 
 def test_a_process_joining_before_the_study_has_its_settings_waits_then_gives_up(
         tmp_path, monkeypatch):
     monkeypatch.setattr("medlm.search.PARENT_WAIT_SEC", 0)
-    storage = str(tmp_path / "s.journal")
+    storage = str(tmp_path / "s.db")
     optuna.create_study(study_name="s", storage=open_storage(storage))  # no settings yet
     with pytest.raises(MedLMError, match="--study 's' has no medlm_settings after 0 s"):
         join_study(SearchOptions(study="s", storage=storage), "minimize", "{}")
@@ -221,8 +227,8 @@ def test_a_search_nests_its_trials_prunes_the_bad_ones_and_registers_the_rest(
         "lr=5e-4,1e-7", "--trials", "4", "--sampler", "random", "--startup-trials", "1",
         cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="medlm-search", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "medlm-search.journal"))))
+    study = optuna.load_study(study_name="medlm-search",
+                              storage=f"sqlite:///{tmp_path / 'medlm-search.db'}")
     trials = study.get_trials()
     assert len(trials) == 4 and trials[0].params["lr"] == 5e-4  # the recipe first
     client, runs = runs_of(tmp_path)

@@ -5,7 +5,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from medlm import champion, registry
+from medlm import compare as champion
+from medlm import registry
 from medlm.errors import MedLMError
 from medlm.inference import resolve_model_uri
 from medlm.registry import CHAMPION_ALIAS

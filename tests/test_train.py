@@ -13,8 +13,11 @@ from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data
 from medlm.modeling import Precision, resolve_precision
 from medlm.split import split_by_disease
 from medlm.train import (
+    FitResult,
     Logger,
     NonFiniteLossError,
+    Report,
+    TrainState,
     count_loss_tokens,
     evaluate,
     fit,
@@ -49,6 +52,16 @@ def small_frame(dataset_csv):
     return load_disease_data(str(dataset_csv), max_samples=48).frame
 
 
+class Scoring(Logger):
+    """A scorer function as the loop's scoring logger."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def score(self, model):
+        return self.function(model)
+
+
 class Recorder(Logger):
     def __init__(self):
         self.results = []
@@ -62,7 +75,7 @@ def test_loss_goes_down_and_every_epoch_is_reported(tiny_model, small_frame):
     train, validation = loaders(tokenizer, small_frame)
     recorder = Recorder()
     config = plain(epochs=3, lr=3e-3, progress=False)
-    result = fit(model, train, validation, config, CPU, FP32, loggers=[recorder])
+    result = fit(model, (train, validation), config, FP32, report=Report([recorder]))
     losses = [epoch.training_loss for epoch in result.epochs]
     assert [epoch.epoch for epoch in recorder.results] == [1, 2, 3]
     assert losses[-1] < losses[0] - 0.5
@@ -104,7 +117,7 @@ def test_label_smoothing_raises_the_training_loss_and_leaves_the_validation_loss
             model.lm_head.weight *= 30  # where smoothing changes nothing
         train, validation = loaders(tokenizer, small_frame)
         config = plain(epochs=1, lr=1e-12, progress=False, label_smoothing=smoothing)
-        results[smoothing] = fit(model, train, validation, config, CPU, FP32).epochs[0]
+        results[smoothing] = fit(model, (train, validation), config, FP32).epochs[0]
     assert results[0.2].training_loss != pytest.approx(results[0.0].training_loss, rel=1e-3)
     assert results[0.2].validation_loss == pytest.approx(results[0.0].validation_loss, rel=1e-5)
 
@@ -124,7 +137,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, small_fram
             tokenizer.pad_token_id))
         config = plain(epochs=1, lr=1e-3, grad_accum=accum, progress=False,
                              max_grad_norm=0)
-        fit(model, loader, loader, config, CPU, FP32)
+        fit(model, (loader, loader), config, FP32)
         weights.append(model.transformer.h[0].mlp.c_fc.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-5)
 
@@ -134,22 +147,22 @@ def test_early_stopping_keeps_the_best_epochs_weights(tiny_model, small_frame):
     train, validation = loaders(tokenizer, small_frame)
     # A learning rate this high overfits/diverges, so validation loss stops improving fast.
     config = plain(epochs=8, lr=5e-2, patience=1, progress=False)
-    result = fit(model, train, validation, config, CPU, FP32)
+    result = fit(model, (train, validation), config, FP32)
     assert result.stopped_early and len(result.epochs) < 8
     best = result.best
     assert [epoch.is_best for epoch in result.epochs].count(True) >= 1
     assert result.epochs[-1].validation_loss >= best.validation_loss
-    assert evaluate(model, validation, CPU, FP32) == pytest.approx(best.validation_loss,
+    assert evaluate(model, validation, FP32) == pytest.approx(best.validation_loss,
                                                                    rel=1e-4)
 
 
-class ScriptedScorer:
+class ScriptedScorer(Logger):
     """Returns the next scripted symptom F1 each epoch and remembers the weights it scored."""
 
     def __init__(self, values):
         self.values, self.weights = list(values), []
 
-    def __call__(self, model):
+    def score(self, model):
         self.weights.append(model.lm_head.weight.detach().clone())
         return {"symptom_f1": self.values[len(self.weights) - 1], "word_f1": 0.0}
 
@@ -160,7 +173,7 @@ def test_select_by_symptom_f1_keeps_the_highest_scoring_epoch_and_stops_on_it(
     train, validation = loaders(tokenizer, small_frame)
     scorer = ScriptedScorer([0.10, 0.30, 0.20, 0.25, 0.9])
     config = plain(epochs=5, lr=3e-3, patience=2, select_by="symptom_f1", progress=False)
-    result = fit(model, train, validation, config, CPU, FP32, scorer=scorer)
+    result = fit(model, (train, validation), config, FP32, report=Report([scorer]))
     # Epoch 2 is best by F1 although validation loss falls every epoch; two epochs without a
     # better F1 stop the run before epoch 5.
     assert result.stopped_early and len(result.epochs) == 4
@@ -175,7 +188,7 @@ def test_select_by_symptom_f1_without_a_scorer_is_refused(tiny_model, small_fram
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     with pytest.raises(ValueError, match="scorer"):
-        fit(model, train, validation, plain(epochs=1, select_by="symptom_f1"), CPU, FP32)
+        fit(model, (train, validation), plain(epochs=1, select_by="symptom_f1"), FP32)
 
 
 def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
@@ -184,7 +197,7 @@ def test_a_non_finite_loss_stops_training_with_advice(tiny_model, small_frame):
         model.transformer.wte.weight[:] = float("nan")
     train, validation = loaders(tokenizer, small_frame)
     with pytest.raises(NonFiniteLossError, match="lower --lr"):
-        fit(model, train, validation, plain(epochs=2, progress=False), CPU, FP32)
+        fit(model, (train, validation), plain(epochs=2, progress=False), FP32)
 
 
 def test_same_seed_same_losses(tiny_model_dir, small_frame):
@@ -194,8 +207,7 @@ def test_same_seed_same_losses(tiny_model_dir, small_frame):
     for _ in range(2):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
         train, validation = loaders(tokenizer, small_frame)
-        result = fit(model, train, validation, plain(epochs=2, progress=False), CPU,
-                     FP32)
+        result = fit(model, (train, validation), plain(epochs=2, progress=False), FP32)
         runs.append([(e.training_loss, e.validation_loss) for e in result.epochs])
     assert runs[0] == runs[1]
 
@@ -204,8 +216,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_model, small_frame):
     tokenizer, model = tiny_model
     train, validation = loaders(tokenizer, small_frame)
     bf16 = Precision("bf16", "cpu")  # whatever this CPU has natively
-    result = fit(model, train, validation, plain(epochs=2, lr=3e-3, progress=False),
-                 CPU, bf16)
+    result = fit(model, (train, validation), plain(epochs=2, lr=3e-3, progress=False), bf16)
     assert result.epochs[1].training_loss < result.epochs[0].training_loss
     assert next(model.parameters()).dtype == torch.float32
 
@@ -216,7 +227,7 @@ def test_schedulers_warm_up_and_decay(tiny_model, small_frame, scheduler):
     train, validation = loaders(tokenizer, small_frame)
     config = plain(epochs=2, lr=1e-3, scheduler=scheduler, warmup_steps=2,
                          progress=False)
-    result = fit(model, train, validation, config, CPU, FP32)
+    result = fit(model, (train, validation), config, FP32)
     assert result.epochs[-1].learning_rate == pytest.approx(0.0, abs=1e-9)
     assert 0 < result.epochs[0].learning_rate < 1e-3
 
@@ -260,12 +271,12 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
                             train=True, seed=42, group_by_length=group_by_length)
         validation = make_loader(LanguageDataset(validation_frame, tokenizer), 8,
                                  tokenizer.pad_token_id, train=False)
-        return fit(model, train, validation, config, CPU, FP32, **kwargs)
+        return fit(model, (train, validation), config, FP32, **kwargs)
 
     uninterrupted = attempt()
     with pytest.raises(KeyboardInterrupt):
-        attempt(checkpoint_dir=str(tmp_path), loggers=[StopAfter(2)])
-    resumed = attempt(checkpoint_dir=str(tmp_path), resume=True)
+        attempt(checkpoint_dir=str(tmp_path), report=Report([StopAfter(2)]))
+    resumed = attempt(checkpoint_dir=str(tmp_path))
     assert [(e.training_loss, e.validation_loss) for e in resumed.epochs] == [
         (e.training_loss, e.validation_loss) for e in uninterrupted.epochs]
 
@@ -280,8 +291,9 @@ def step_with(model, window, scaler, max_grad_norm):
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    train_step(model, window, optimizer, scaler, scheduler, Precision("fp32", "cpu"), CPU,
-               max_grad_norm)
+    state = TrainState(optimizer, scheduler, scaler, None, FitResult())
+    train_step(model, window, state, Precision("fp32", "cpu"),
+               plain(max_grad_norm=max_grad_norm))
     return optimizer
 
 
@@ -342,11 +354,11 @@ def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precisi
     def attempt(precision=precision, **kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
         train, validation = loaders(tokenizer, small_frame)
-        return fit(model, train, validation, config, CPU, precision,
+        return fit(model, (train, validation), config, precision,
                    checkpoint_dir=str(checkpoint_dir), **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
-        attempt(loggers=[StopAfter(1)])
+        attempt(report=Report([StopAfter(1)]))
     return attempt
 
 
@@ -373,7 +385,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_fr
     config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     claim_written_on_cuda(current_epoch_directory(tmp_path) / "state.pt")
-    resumed = attempt(resume=True)
+    resumed = attempt()
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
@@ -386,7 +398,7 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, sma
     state = torch.load(state_file, weights_only=True)
     state["epochs_without_improvement"] = 1
     torch.save(state, state_file)
-    resumed = attempt(resume=True)
+    resumed = attempt()
     assert resumed.stopped_early and [result.epoch for result in resumed.epochs] == [1]
 
 
@@ -394,7 +406,7 @@ def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_
     config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     with caplog.at_level("WARNING", logger="medlm"):
-        attempt(precision=Precision("bf16", "cpu"), resume=True)
+        attempt(precision=Precision("bf16", "cpu"))
     assert any("resuming in bf16 on cpu; the epochs before were trained in fp32" in
                record.getMessage() for record in caplog.records)
 
@@ -434,12 +446,12 @@ def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
     else:
         monkeypatch.setattr(checkpoint.os, "replace", replace_then_kill)
     with pytest.raises(KeyboardInterrupt):
-        attempt(resume=True)
+        attempt()
     monkeypatch.undo()
     assert [epoch["epoch"] for epoch in saved_epochs(tmp_path)] == [1]
     weights = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
     assert all(torch.equal(weights[name], epoch_1[name]) for name in epoch_1)
-    resumed = attempt(resume=True)
+    resumed = attempt()
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
@@ -461,7 +473,7 @@ def test_per_step_values_reach_the_loggers_every_n_optimizer_steps(tiny_model_di
     train, validation = loaders(tokenizer, small_frame)
     config = plain(epochs=2, lr=3e-3, grad_accum=2, log_every_steps=4, progress=False)
     recorder = StepRecorder()
-    fit(model, train, validation, config, CPU, FP32, loggers=[recorder])
+    fit(model, (train, validation), config, FP32, report=Report([recorder]))
     last = 2 * math.ceil(len(train) / 2)
     assert last % 4, "the run must end between two points for this test"
     # every 4 steps across the epochs' end, and the steps after the last of those: their own
@@ -491,7 +503,7 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
                         lambda path: events.append(("fsync", Path(path).name)) or fsync(path))
     monkeypatch.setattr(checkpoint.os, "replace", lambda source, target: events.append(
         ("replace", Path(source).name, Path(target).name)) or replace(source, target))
-    attempt(resume=True)
+    attempt()
     epoch_rename = events.index(("replace", ".epoch-2.partial", "epoch-2"))
     pointer = events.index(("replace", "latest.partial", "latest"))
     files = {path.name for path in (tmp_path / "epoch-2").iterdir()}
@@ -509,7 +521,7 @@ def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, 
     config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     monkeypatch.setattr(Precision, "needs_grad_scaler", property(lambda self: True))
-    resumed = attempt(resume=True)  # GradScaler("cpu") enabled: as on a GPU with fp16
+    resumed = attempt()  # GradScaler("cpu") enabled: as on a GPU with fp16
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
@@ -551,8 +563,8 @@ def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
 
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
         train, validation = loaders(tokenizer, small_frame)
-        result = fit(model, train, validation, config, CPU, FP32,
-                     checkpoint_dir=str(directory), resume=resume, scorer=scorer)
+        result = fit(model, (train, validation), config, FP32,
+                     checkpoint_dir=str(directory), report=Report([Scoring(scorer)]))
         return result, model
 
     with pytest.raises(KeyboardInterrupt):
@@ -653,7 +665,7 @@ def test_under_torchrun_only_the_main_process_keeps_and_restores_the_best_weight
             return next(losses)
 
         monkeypatch.setattr(medlm.train, "evaluate", scripted_validation)
-        result = fit(trained, train, validation, config, CPU, FP32)
+        result = fit(trained, (train, validation), config, FP32)
         assert result.best.epoch == 1
         return trained.lm_head.weight.detach(), seen
 
