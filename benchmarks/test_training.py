@@ -17,7 +17,7 @@ from seed_notebook import SeedLanguageDataset, seed_step
 from medlm.config import TrainConfig
 from medlm.data import LanguageDataset, make_loader
 from medlm.modeling import resolve_precision
-from medlm.train import make_optimizer, make_scheduler, train_step
+from medlm.train import FitResult, TrainState, make_optimizer, make_scheduler, train_step
 
 CPU = torch.device("cpu")
 BATCH = 8
@@ -149,13 +149,12 @@ def ours(benchmark, frame, tokenizer, fresh_model, matmul_peak, name: str) -> di
     def run():
         model = fresh_model()
         optimizer = make_optimizer(model, config, CPU)
-        scheduler = make_scheduler(optimizer, config, len(batches))
-        scaler = precision.grad_scaler()
+        state = TrainState(optimizer, make_scheduler(optimizer, config, len(batches)),
+                           precision.grad_scaler(), None, FitResult())
         loss_sums = []
 
         def one(batch):
-            loss_sums.append(train_step(model, [batch], optimizer, scaler, scheduler, precision,
-                                        CPU, config.max_grad_norm)[0])
+            loss_sums.append(train_step(model, [batch], state, precision, config)[0])
 
         seconds.append(timed_steps(one, batches, WARMUP_STEPS))
         assert torch.isfinite(torch.stack(loss_sums)).all()  # read once, at the end, as fit does

@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         if resume is not None:  # "" too: an unset shell variable, not a new run
+            if distributed.is_main():  # under torchrun only rank 0 talks to MLflow; first, as
+                check_tracking_store()  # the saved settings of a sweep are read from it
             settings = resume_settings(resume, vars(args))
-            if distributed.is_main():  # under torchrun only rank 0 talks to MLflow
-                check_tracking_store()
             launch.resume(resume, settings.pop("checkpoint_dir", TrainConfig.checkpoint_dir),
                           settings.pop("collective_timeout_min",
                                        TrainConfig.collective_timeout_min),
