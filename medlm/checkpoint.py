@@ -4,9 +4,9 @@ A run's checkpoint directory holds one complete epoch, ``epoch-N/``: ``model.saf
 weights training changes, after the epoch: every weight in full fine-tuning, only the adapters
 with LoRA, whose frozen base is loaded again from the model's source on resume),
 ``best.safetensors`` (the best epoch's, when that is not this epoch: an improving epoch writes
-its weights once, an epoch that does not improve links the previous epoch's), ``optimizer.pt``
-and ``state.pt`` (scheduler, GradScaler, every process's RNG states, epoch results,
-early-stopping counter, effective precision), loaded back with
+its weights once, an epoch that does not improve links the previous epoch's) and ``state.pt``
+(``medlm.train.TrainState``: optimizer, scheduler, GradScaler, every process's RNG states, epoch
+results, early-stopping counter, effective precision), loaded back with
 ``torch.load(weights_only=True)``. An epoch is written into a hidden ``.epoch-N.partial/``
 directory, renamed to ``epoch-N/`` in one step, and only then named by the ``latest`` file (itself
 replaced atomically); the previous epoch's directory is removed last. A kill at any moment

@@ -81,6 +81,7 @@ class EpochReport(Logger):
             self._table, overall = score_answers(answers, self.split.validation)
             scores = overall.as_metrics()
         self.tracker.log_symptom_scores(0, self._table, scores)
+        self._table = None  # epoch 0's: never logged as a later epoch's
         log.info("epoch 0 (untuned base%s): %s",
                  ", answers kept from an earlier run" if answers is not None else "",
                  self.compared(scores))

@@ -88,7 +88,9 @@ class Logger:
         return {}
 
     def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None:
-        """After each epoch's validation, scoring and checkpoint."""
+        """After each epoch's validation, scoring and checkpoint; at a resume, once more for
+        the checkpointed epoch (a kill may have cut its logging short): log only what is
+        missing."""
 
 
 class NonFiniteLossError(MedLMError):
@@ -425,7 +427,10 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
                        FitResult(select_by=config.select_by), precision=precision.name,
                        frozen_sha256=frozen_sha256(model) if checkpoint_dir else None)
     result = state.result
-    if checkpoint_dir and has_checkpoint(checkpoint_dir):
+    # the main process decides, so that no rank resumes alone (a node-local directory)
+    resuming = distributed.broadcast_object(
+        bool(checkpoint_dir) and has_checkpoint(checkpoint_dir) if main_process else None)
+    if resuming:
         state.load_state_dict(load_checkpoint(checkpoint_dir, model, state.frozen_sha256,
                                               precision))
         model.to(device)
@@ -480,7 +485,8 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
                 stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop)
             epoch_loss_sum = epoch_loss.item()  # the epoch's one read of the loss (a host sync)
             training_seconds = time.perf_counter() - started
-            interval["seconds"] += time.perf_counter() - clock
+            if report.loggers and config.log_every_steps:
+                interval["seconds"] += time.perf_counter() - clock
         if distributed.world_size() > 1:
             epoch_loss_sum, tokens, samples, real_tokens = distributed.all_reduce_numbers(
                 [epoch_loss_sum, tokens, samples, real_tokens], device)
