@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = vars(args).pop("resume", None)  # args holds only the flags given
     if resume is None:
         configs, grid = configs_from_args(args)  # the flags first, then the store
-    from medlm import distributed, launch  # torch, transformers, MLflow: seconds
+    from medlm import distributed, sweep  # torch, transformers, MLflow: seconds
     from medlm.store import check_tracking_store, compare_runs_hint
     from medlm.timing import process_started
 
@@ -226,16 +226,16 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():  # under torchrun only rank 0 talks to MLflow; first, as
                 check_tracking_store()  # the saved settings of a sweep are read from it
             settings = resume_settings(resume, vars(args))
-            launch.resume(resume, settings.pop("checkpoint_dir", TrainConfig.checkpoint_dir),
-                          settings.pop("collective_timeout_min",
-                                       TrainConfig.collective_timeout_min),
-                          settings.pop("epochs", None), started=process_started(),
-                          machine=settings)
+            sweep.resume(resume, settings.pop("checkpoint_dir", TrainConfig.checkpoint_dir),
+                         settings.pop("collective_timeout_min",
+                                      TrainConfig.collective_timeout_min),
+                         settings.pop("epochs", None), started=process_started(),
+                         machine=settings)
             return 0
         if distributed.is_main():
             check_tracking_store()
         try:
-            launch.run(configs, grid, started=process_started())
+            sweep.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline
             raise offline_alternative(error, build_parser(), argv, "--dataset", "--model",
                                       configs[0].model) from None

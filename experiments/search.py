@@ -60,8 +60,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medlm import distributed
-    from medlm.launch import search
-    from medlm.search import SearchOptions, parse_params, read_space_file, search_space
+    from medlm.search import SearchOptions, parse_params, read_space_file, search, search_space
     from medlm.store import check_tracking_store, compare_runs_hint
 
     quiet_libraries()

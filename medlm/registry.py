@@ -107,11 +107,12 @@ def key_digest(key: dict[str, str]) -> str:
 
 
 def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params: dict[str, Any],
-             select_by: str, licence: tuple[str, Any] | None = None) -> tuple[str, dict]:
+             licence: tuple[str, Any] | None = None) -> tuple[str, dict]:
     """Log the run's model (transformers flavor, safetensors) and register it (once, if the
-    run was resumed after it was registered). The version is tagged with its scores and its
-    evaluation key (``evaluation_key``); returns (version, its tags), which
-    ``champion.maybe_crown`` decides on."""
+    run was resumed after it was registered). The version is tagged with its scores, the
+    tracker's ``select_by`` and its evaluation key (``evaluation_key``); returns (version, its
+    tags), which ``compare.maybe_crown`` decides on."""
+    select_by = tracker.select_by
     version = _version_of_this_run(tracker, best.epoch)
     if version is None:
         _fail_unfinished_models(tracker.run_id)

@@ -4,15 +4,14 @@ epoch's time went)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from medlm import untuned
 from medlm.generate import generate
 from medlm.lora import merged_copy
 from medlm.metrics import references_by_disease
+from medlm.modeling import describe_device
 from medlm.scores import evaluate_symptoms, interval_text, score_answers, scores_text
-from medlm.timing import Stopwatch
 from medlm.train import Logger
 
 log = logging.getLogger("medlm")
@@ -37,17 +36,22 @@ class EpochReport(Logger):
     console line beside the best baseline and the untuned base, MLflow tables, and samples
     labelled held out or seen in training."""
 
-    def __init__(self, tokenizer, prompts: list[str], references: dict[str, str], settings,
-                 tracker, split, baselines: dict, stopwatch=None, precision=None,
-                 device_name: str = ""):
-        self.stopwatch = stopwatch or Stopwatch()
-        self.precision_name = precision.name if precision is not None else "fp32"
-        self.device_name = device_name
-        self.autocast = (precision.answer_autocast if precision is not None
-                         else contextlib.nullcontext)
-        self.tokenizer, self.prompts, self.references = tokenizer, prompts, references
-        self.settings, self.tracker, self.split = settings, tracker, split
-        self.baselines = {name: scores for name, (_, scores) in baselines.items()}
+    def __init__(self, run):
+        """``run``: the ``medlm.recipe.Run`` it reports on, set up and training. Its samples
+        are ``config.sample_prompts`` and the first ``config.num_validation_samples`` held-out
+        diseases."""
+        config, precision = run.config, run.precision
+        self.stopwatch = run.stopwatch
+        self.precision_name = precision.name
+        self.device_name = describe_device(precision.device)
+        self.autocast = precision.answer_autocast
+        self.tokenizer, self.settings, self.tracker, self.split = (
+            run.tokenizer, run.settings, run.tracker, run.split)
+        self.prompts = list(dict.fromkeys(
+            config.sample_prompts + run.validation_names[:config.num_validation_samples]))
+        self.references = {key: symptoms for key, (_, symptoms)
+                           in references_by_disease(run.data.frame).items()}
+        self.baselines = {name: scores for name, (_, scores) in run.baselines.items()}
         self.untuned: dict[str, float] = {}
         self._table = None
         self._merged = None  # the epoch's answering model, made by score, used by the samples

@@ -44,7 +44,8 @@ from optuna.trial import FrozenTrial, TrialState
 from medlm import stop
 from medlm.config import NOT_RECIPE, TrainConfig, setting_kinds, sweep_value
 from medlm.errors import DiskFull, MedLMError
-from medlm.recipe import Prepared, resolve_lora_rank, train_and_register
+from medlm.hub import HubUnavailable
+from medlm.recipe import Run, check_output_paths, resolve_lora_rank
 from medlm.registry import KEY_PARAMS_BY_SELECTION, SPLIT_KEY_PARAMS
 from medlm.report import run_description
 from medlm.scores import SUMMARY_SCORES, interval_text
@@ -362,14 +363,8 @@ def _counted(study: optuna.Study) -> int:
 class _Trials:
     """The objective: each trial a child run of the parent with the drawn settings."""
 
-    def __init__(self, config, space, prepared: Prepared, parent_id: str):
-        self.config, self.space, self.prepared, self.parent_id = config, space, prepared, parent_id
-        self.fresh_model = True  # prepared.model is the untouched base
-
-    def _model(self) -> None:
-        if not self.fresh_model:  # each trial from the base, its time from its own start
-            self.prepared.reload_model(self.config.model)
-        self.fresh_model = False
+    def __init__(self, config, space, run: Run, parent_id: str):
+        self.config, self.space, self.run, self.parent_id = config, space, run, parent_id
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
@@ -379,9 +374,9 @@ class _Trials:
                  " ".join(f"{name}={sweep_value(value)}" for name, value in drawn.items()))
         pruning = Pruning(trial, config.select_by)
         try:
-            self._model()
-            result = train_and_register(
-                config, self.prepared, parent_run_id=self.parent_id, loggers=[pruning],
+            self.run = self.run.next(config)  # each trial from the untouched base
+            result = self.run.execute(
+                parent_run_id=self.parent_id, loggers=[pruning],
                 started=lambda run_id: trial.set_user_attr("run_id", run_id))
         except RunStopped:
             self._forget(trial, config, ("medlm.pruned_after_epoch", pruning.pruned_after),
@@ -474,7 +469,7 @@ def _close_parent(study: optuna.Study, parent_id: str, status: int) -> None:
 
 
 def run_search(config, space: dict[str, BaseDistribution], options: SearchOptions,
-               prepared: Prepared) -> optuna.Study:
+               run: Run) -> optuna.Study:
     """Join (or begin) the study and run trials until it holds ``options.trials``; the recipe
     as given is its first trial where the space holds it. Ctrl-C stops this process: the
     trial it was running is queued to run again when the same command is given again."""
@@ -503,7 +498,7 @@ def run_search(config, space: dict[str, BaseDistribution], options: SearchOption
         if left > 0:
             # until the study holds its trials (_budget): a trial of a process that died
             # since, failed and queued again, is run here too
-            study.optimize(_Trials(config, space, prepared, parent_id), n_trials=None,
+            study.optimize(_Trials(config, space, run, parent_id), n_trials=None,
                            callbacks=[_budget(options.trials),
                                       _note_best(parent_id, config.select_by),
                                       # a SIGTERM whose raise was lost (medlm.stop)
@@ -701,3 +696,16 @@ def describe(space: dict[str, BaseDistribution]) -> str:
         else:
             words.append(f"{name}={drawn.low:g}..{drawn.high:g}{':log' if drawn.log else ''}")
     return " ".join(words)
+
+
+def search(config: TrainConfig, space: dict, options: SearchOptions,
+           started: float | None = None) -> None:
+    """A hyperparameter search (``medlm.search``) of ``config`` over ``space``: the data and
+    model checked and loaded before the study is joined or a run started."""
+    check_comparable(space, config.select_by)
+    check_output_paths(config)
+    run = Run(config, started).setup()
+    try:
+        run_search(config, space, options, run)
+    except HubUnavailable as error:
+        raise MedLMError(str(error)) from None

@@ -1,4 +1,8 @@
-"""Sweeps: the grid of ``medlm.config.SWEEPABLE`` values (and, with ``--folds``, the folds of
+"""What ``python -m experiments.run`` calls: ``run`` (one configuration, or a sweep of them) and
+``resume`` (an interrupted run or sweep), each checking what it can before any MLflow run
+starts.
+
+Sweeps: the grid of ``medlm.config.SWEEPABLE`` values (and, with ``--folds``, the folds of
 a cross-validation) as child runs of ``medlm.recipe`` under one parent run, which carries the
 best child, or the best recipe's scores over the folds. An interrupted sweep resumes as a whole
 (``resume_sweep``) from what MLflow records: the grid on the parent run (``SWEEP_TAG``), each
@@ -22,23 +26,33 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from medlm import distributed, stop
-from medlm.checkpoint import claim, has_checkpoint, let_go, remove_finished, write_durably
+from medlm.checkpoint import (
+    claim,
+    has_checkpoint,
+    let_go,
+    remove_finished,
+    saved_epochs,
+    trained_here,
+    write_durably,
+)
 from medlm.config import SWEEPABLE, TrainConfig, sweep_value
 from medlm.errors import MedLMError
+from medlm.hub import HubUnavailable
 from medlm.recipe import (
     DATA_FILE,
-    Prepared,
+    Run,
+    check_output_paths,
     check_resume_data,
     data_fingerprint,
     on_this_machine,
-    prepare,
+    resolve_lora_rank,
     resumable_failures,
     resume_command,
     resume_config,
     split_for,
-    train_and_register,
 )
 from medlm.scores import CONFIDENCE, SUMMARY_SCORES, interval_text, over
+from medlm.store import shown_tracking_uri
 from medlm.tracking import MlflowTracker, end_abandoned_run, log_sweep_summary, run_outcome
 from medlm.train import NonFiniteLossError
 
@@ -113,8 +127,8 @@ def _past_children(parent_id: str, configs: list[TrainConfig]) -> list[tuple]:
     return past
 
 
-def _train_child(config: TrainConfig, label: str, index: int, position: str, row: dict,
-                 prepared: Prepared, resume_child: str | None) -> dict:
+def _train_child(run: Run, index: int, position: str, row: dict,
+                 resume_child: str | None) -> dict:
     """The child ``index`` of the grid (``position``: "2/3"; ``row``: its swept values, as the
     grid has them); its row of the sweep's table (a diverged child's too: the others go on, as
     is common in an lr sweep)."""
@@ -123,12 +137,12 @@ def _train_child(config: TrainConfig, label: str, index: int, position: str, row
         if distributed.is_main():
             MlflowClient().set_tag(run_id, INDEX_TAG, str(index))
 
+    config = run.config
     try:
-        result = train_and_register(replace(config, run_name=label), prepared, nested=True,
-                                    resume_run_id=resume_child, started=started)
+        result = run.execute(resume_run_id=resume_child, nested=True, started=started)
         return {**result, "status": "FINISHED"}
     except NonFiniteLossError as error:
-        log.warning("child %s (%s) FAILED: %s", position, label, error)
+        log.warning("child %s (%s) FAILED: %s", position, config.run_name, error)
         run_id = getattr(error, "run_id", "")
         if distributed.is_main() and run_id:  # nothing there is worth resuming
             shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
@@ -149,12 +163,11 @@ def _sweep_table(children: list[dict], select_by: str) -> pd.DataFrame:
     return table
 
 
-def _children(configs: list[TrainConfig], past: list[tuple], prepared: Prepared,
+def _children(configs: list[TrainConfig], past: list[tuple], run: Run,
               rows: list[dict]) -> None:
     """Every child of the grid in order, its row appended to ``rows``: one that had ended
-    (``past``) as it was, the others trained, each from the untouched base."""
+    (``past``) as it was, the others trained, each a ``Run.next`` from the untouched base."""
 
-    loaded = True  # prepared.model is the untouched base
     axes = sweep_axes(configs[0])
     for index, (config, (row, resume_child, how)) in enumerate(zip(configs, past, strict=True)):
         stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop): no next child
@@ -163,32 +176,26 @@ def _children(configs: list[TrainConfig], past: list[tuple], prepared: Prepared,
         if row:
             rows.append(row)
             continue
-        if not loaded:  # each child from the base, its time from its own start
-            prepared.reload_model(config.model)
-        loaded = False
         row = {name: getattr(config, name) for name in axes}  # the grid's, not a resume's
         if resume_child:  # its own saved settings, where this process keeps them
             config = replace(resume_config(resume_child, config.checkpoint_dir),
                              checkpoint_dir=config.checkpoint_dir,
                              collective_timeout_min=config.collective_timeout_min)
-        if config.folds:  # each fold holds out its own diseases
-            prepared.split = split_for(config, prepared.data)
-        rows.append(_train_child(config, label, index, f"{index + 1}/{len(configs)}", row,
-                                 prepared, resume_child))
+        run = run.next(replace(config, run_name=label))  # each fold its own held-out diseases
+        rows.append(_train_child(run, index, f"{index + 1}/{len(configs)}", row, resume_child))
 
 
 def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTracker, dict]:
     """The sweep's parent run and its params: the settings its children share, and the grid."""
     first = configs[0]
-    parent = MlflowTracker(first.experiment, first.run_name or "sweep", first.registered_model,
-                           transformer=first.model, gpu="", batch_size=first.batch_size)
+    parent = MlflowTracker(replace(first, run_name=first.run_name or "sweep"))
     return parent, {**{k: v for k, v in first.to_params().items()
                        if k not in sweep_axes(first)},
                     **{f"sweep_{name}": ", ".join(map(str, values))
                        for name, values in grid.items()}, "sweep_size": len(configs)}
 
 
-def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepared,
+def run_sweep(configs: list[TrainConfig], grid: dict[str, list], run: Run,
               resume: str | None = None, started: Callable[[str], None] | None = None) -> None:
     """The grid as child runs under one parent run; the parent carries the best child.
 
@@ -215,13 +222,13 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], prepared: Prepa
                 mlflow.set_tag(SWEEP_TAG, json.dumps({"config": asdict(first), "grid": grid,
                                                       "processes": world_size}))
                 write_durably(directory / DATA_FILE, json.dumps(
-                    data_fingerprint(prepared.data, split_for(first, prepared.data))))
+                    data_fingerprint(run.data, split_for(first, run.data))))
             past = distributed.broadcast_object(
                 _past_children(parent_id, configs) if main_process else None)
             log.info("sweep of %d runs under parent run %s%s", len(configs), parent_id,
                      f" (resumed: {sum(row is not None for row, _, _ in past)} ended before)"
                      if resume else "")
-            _children(configs, past, prepared, children)
+            _children(configs, past, run, children)
         except BaseException as error:
             if main_process:
                 let_go(directory)  # a later resume, even in this process, may take it
@@ -349,14 +356,94 @@ def resume_sweep(parent_id: str, directory: str, collective_timeout_min: float,
         raise MedLMError(f"--resume {parent_id!r}: the sweep has nothing to resume in "
                          f"{Path(directory) / parent_id}: expected the --checkpoint-dir of a "
                          "sweep that was interrupted")
-    prepared = prepare(configs[0], started)
-    check_resume_data(Path(directory) / parent_id, prepared.data,
-                      split_for(configs[0], prepared.data))
+    run = Run(configs[0], started).setup()
+    check_resume_data(Path(directory) / parent_id, run.data, split_for(configs[0], run.data))
     with resumable_failures(directory, [parent_id]):
-        run_sweep(configs, grid, prepared, resume=parent_id)
+        run_sweep(configs, grid, run, resume=parent_id)
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
     """One configuration per combination of the ``SWEEPABLE`` values in ``grid``."""
     return [replace(base, **dict(zip(grid, values, strict=True)))
             for values in itertools.product(*grid.values())]
+
+
+def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None) -> None:
+    """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
+    run; ``started``: when the process began (its start-up counts in the first run's time).
+    Bad input (including ``medlm.hub.HubUnavailable``) is raised before any MLflow run starts;
+    a Hub failure later on (a sweep child's model) is a plain error."""
+
+    if len(configs) > 1 and any(config.promote for config in configs):
+        raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
+                         "would crown every child in turn; promote its best child's "
+                         "version afterwards, in mlflow ui)")
+    check_output_paths(configs[0])
+    run = Run(configs[0], started).setup()  # a Hub or data error first, alone on its line
+    # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
+    configs = [resolve_lora_rank(config) for config in configs]
+    run_ids: list[str] = []  # the run's (a sweep's: its parent's) id, for the outage message
+    try:
+        with resumable_failures(configs[0].checkpoint_dir, run_ids):
+            if len(configs) == 1:
+                run.execute(started=run_ids.append)
+            else:
+                run_sweep(configs, grid, run, started=run_ids.append)
+    except HubUnavailable as error:  # not the "start offline instead" of a failed setup
+        raise MedLMError(str(error)) from None
+
+
+def resume(run_id: str, checkpoint_dir: str, collective_timeout_min: float,
+           epochs: int | None = None, started: float | None = None,
+           machine: dict[str, str] | None = None) -> None:
+    """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings,
+    but this machine's checkpoint directory, collective timeout and ``machine`` (``device``,
+    ``precision``, ``progress``, ``system_metrics``, where given); ``epochs``, when given,
+    changes how many epochs the run has in all (at least those it has completed). What it
+    resumes (the checkpoint, the MLflow run) is checked before any data or model loads."""
+
+    sweep = saved_sweep(run_id) is not None  # its parent run says so
+    if sweep and epochs is not None:
+        raise MedLMError(f"--epochs with --resume of sweep {run_id!r} is invalid: expected "
+                         "no --epochs (a sweep resumes with its own grid)")
+    saved = None if sweep else resume_config(run_id, checkpoint_dir)
+    # this process's from here (a resume while another process trains it is refused), let go
+    # if the resume fails; under torchrun only rank 0 talks to MLflow and writes files
+    owner = (trained_here(Path(checkpoint_dir) / run_id) if distributed.is_main()
+             else contextlib.nullcontext())
+    with owner:
+        if distributed.is_main():
+            try:
+                MlflowClient().get_run(run_id)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                raise MedLMError(f"--resume {run_id!r}: no such run in the tracking store "
+                                 f"{shown_tracking_uri()} (its checkpoint is in "
+                                 f"{Path(checkpoint_dir) / run_id}): expected the tracking store "
+                                 "it was started with (MLFLOW_TRACKING_URI as it was then)"
+                                 ) from None
+        if sweep:
+            resume_sweep(run_id, checkpoint_dir, collective_timeout_min, started, machine)
+            return
+        config = on_this_machine(replace(saved, checkpoint_dir=checkpoint_dir,
+                                         collective_timeout_min=collective_timeout_min),
+                                 machine or {}, run_id)
+        if epochs is not None and epochs != config.epochs:
+            done = len(saved_epochs(Path(checkpoint_dir) / run_id))
+            if epochs < done:
+                raise MedLMError(f"--epochs {epochs} with --resume {run_id!r} is invalid: the run "
+                                 f"has completed {done} epochs: expected at least {done}")
+            log.info("run %s: %d epochs in all instead of %d%s", run_id, epochs, config.epochs,
+                     "" if config.scheduler == "constant" else
+                     f" (the {config.scheduler} learning-rate schedule is spread over the new "
+                     "total from the next step on)")
+            config = replace(config, epochs=epochs)
+        check_output_paths(config)
+        run = Run(config, started).setup()
+        check_resume_data(Path(checkpoint_dir) / run_id, run.data, run.split)
+        if epochs is not None and distributed.is_main():  # accepted: a later resume keeps it
+            write_durably(Path(checkpoint_dir) / run_id / "config.json",
+                          json.dumps(asdict(config), indent=2))
+        with resumable_failures(checkpoint_dir, [run_id]):
+            run.execute(resume_run_id=run_id)

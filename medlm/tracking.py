@@ -55,16 +55,16 @@ class MlflowTracker(Logger):
     early still has them.
     """
 
-    def __init__(self, experiment: str, run_name: str | None, registered_model: str,
-                 transformer: str, gpu: str, batch_size: int,
-                 select_by: str = "validation_loss", system_metrics: bool = False):
-        self.experiment = experiment
-        self.system_metrics = system_metrics
+    def __init__(self, config, gpu: str = ""):
+        """``config``: the run's ``TrainConfig``; ``gpu``: the device's name (results.csv)."""
+        self.experiment = config.experiment
+        self.system_metrics = config.system_metrics
         self.last_logged_step = 0  # per-step metrics up to here are in the run (resume)
-        self.select_by = select_by
-        self.run_name = run_name
-        self.registered_model = registered_model
-        self.results_row = {"transformer": transformer, "batch_size": batch_size, "gpu": gpu}
+        self.select_by = config.select_by
+        self.run_name = config.run_name
+        self.registered_model = config.registered_model
+        self.results_row = {"transformer": config.model, "batch_size": config.batch_size,
+                            "gpu": gpu}
         self.epochs: list[EpochResult] = []
         self.run_id: str | None = None
         # a resumed run's metrics (name -> steps) as the store has them: not logged again

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from medlm import compare as champion
 from medlm.config import TrainConfig
-from medlm.recipe import prepare, train_and_register
+from medlm.recipe import Run
 from medlm.tracking import VALIDATION_LOSSES, logged_row_losses
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def train(tiny_model_dir, dataset_csv, **settings):
         "default", model=str(tiny_model_dir), dataset=str(dataset_csv), max_samples=60,
         max_new_tokens=8, system_metrics=False, progress=False, sample_prompts=[],
         num_validation_samples=0, **{"epochs": 1, "lr": 3e-3, **settings})
-    return train_and_register(config, prepare(config))
+    return Run(config).setup().execute()
 
 
 def champion_version():

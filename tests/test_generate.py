@@ -116,7 +116,7 @@ def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
     named no disease; in training, the row was truncated to its name, every symptom cut. A run
     that writes no answers drops it too: experiments.evaluate re-creates the same split."""
     from medlm.config import TrainConfig
-    from medlm.recipe import prepare
+    from medlm.recipe import Run
 
     path = tmp_path / "diseases.csv"
     rows = pd.read_csv(dataset_csv, dtype=str)
@@ -127,7 +127,7 @@ def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
         folds=folds, fold=0 if folds else None, max_new_tokens=40, symptom_eval=scoring,
         num_validation_samples=3 if scoring else 0)
     with caplog.at_level(logging.WARNING):
-        prepared = prepare(config)
+        prepared = Run(config).setup()
     names = {*prepared.split.train["Name"], *prepared.split.validation["Name"]}
     assert LONG_NAME not in names and len(names) == rows["Name"].nunique() - 1
     assert prepared.data.dropped_rows == 1 and len(prepared.data.frame) == 400
@@ -136,10 +136,10 @@ def test_a_name_too_long_for_the_answer_is_dropped_on_both_sides_with_a_warning(
 
 def test_a_sample_prompt_too_long_for_the_context_is_named(tiny_model_dir, dataset_csv):
     from medlm.config import TrainConfig
-    from medlm.recipe import prepare
+    from medlm.recipe import Run
 
     config = TrainConfig.from_recipe(
         "default", model=str(tiny_model_dir), dataset=str(dataset_csv), system_metrics=False,
         sample_prompts=["Flu", LONG_NAME + LONG_NAME])
     with pytest.raises(MedLMError, match=re.escape(LONG_NAME[:40])):
-        prepare(config)
+        Run(config).setup()

@@ -261,7 +261,7 @@ def test_a_full_disk_in_a_sweep_names_the_sweeps_resume(tiny_model, tmp_path, mo
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(MedLMError, match=f"then finish the run with python -m experiments"
                                          f".run --resume {parent} --checkpoint-dir"):
-        with resumable_failures(str(checkpoints), [parent]):  # as launch.run runs a sweep
+        with resumable_failures(str(checkpoints), [parent]):  # as sweep.run runs a sweep
             Epochs(model, checkpoints / child).save()
     assert not (checkpoints / child / ".epoch-1.partial").exists()
 
@@ -271,6 +271,7 @@ def test_a_full_artifact_store_keeps_the_checkpoint_and_says_how_to_finish(
     """Model logging fails for want of space (the weights' copy into the artifact store): the
     run's checkpoint stays, and the error says where and how to finish the run."""
     from medlm.checkpoint import has_checkpoint
+    from medlm.config import TrainConfig
     from medlm.recipe import resumable_failures
     from medlm.registry import register
     from medlm.tracking import MlflowTracker
@@ -285,13 +286,13 @@ def test_a_full_artifact_store_keeps_the_checkpoint_and_says_how_to_finish(
 
     checkpoints = mlflow_home / "checkpoints"
     params = {"checkpoint_dir": str(checkpoints)}
-    tracker = MlflowTracker("medlm", None, "medlm", transformer="tiny", gpu="cpu", batch_size=8)
+    tracker = MlflowTracker(TrainConfig(model="tiny", system_metrics=False), "cpu")
     with pytest.raises(MedLMError) as error, tracker.run(params) as run_id:
         writer = Epochs(model, checkpoints / run_id)
         writer.save()
         monkeypatch.setattr(shutil, "copy2", full)
-        with resumable_failures(str(checkpoints), [run_id]):  # as launch.run runs a run
-            register(tracker, model, tokenizer, writer.results[-1], params, "validation_loss")
+        with resumable_failures(str(checkpoints), [run_id]):  # as sweep.run runs a run
+            register(tracker, model, tokenizer, writer.results[-1], params)
     message = str(error.value)
     assert "\n" not in message and "no space left on device in " in message
     assert str(mlflow_home / "mlruns") in message
@@ -352,7 +353,7 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(mlflow_home, tiny_model, mon
                                                     capsys):
     from experiments import run as run_entry_point
 
-    monkeypatch.setattr("medlm.launch.prepare", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr("medlm.recipe.Run.setup", lambda *args, **kwargs: pytest.fail("loaded"))
     _, model = tiny_model
     run = resumable_run(model, mlflow_home / "checkpoints", epochs=2)
     shutil.copytree(run / "epoch-2", run / "epoch-1")  # as a kill during _publish leaves it
@@ -373,7 +374,7 @@ def test_resume_of_a_run_of_another_tracking_store_fails_before_loading(
 
     from experiments import run as run_entry_point
 
-    monkeypatch.setattr("medlm.launch.prepare", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr("medlm.recipe.Run.setup", lambda *args, **kwargs: pytest.fail("loaded"))
     _, model = tiny_model
     run = resumable_run(model, mlflow_home / "checkpoints")
     assert run_cli(run_entry_point.main, ["--resume", run.name]) == 2

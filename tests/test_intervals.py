@@ -95,14 +95,14 @@ def test_a_run_logs_prints_and_registers_each_score_with_its_interval(
     from mlflow import MlflowClient
 
     from medlm.config import TrainConfig
-    from medlm.recipe import prepare, train_and_register
+    from medlm.recipe import Run
 
     caplog.set_level(logging.INFO, logger="medlm")
     config = TrainConfig.from_recipe(
         "default", model=str(tiny_model_dir), dataset=str(dataset_csv), max_samples=60,
         epochs=1, lr=3e-3, max_new_tokens=8, system_metrics=False, progress=False,
         sample_prompts=[], num_validation_samples=0)
-    result = train_and_register(config, prepare(config))
+    result = Run(config).setup().execute()
     client = MlflowClient()
     metrics = client.get_run(result["run_id"]).data.metrics
     for prefix in ("best_", "untuned_", "baseline_lookup_"):

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from medlm.config import TrainConfig
-from medlm.recipe import prepare, train_and_register
+from medlm.recipe import Run
 from medlm.tracking import library_versions
 
 # per-epoch training and validation losses, and the no-model answers' scores, of each run
@@ -71,7 +71,7 @@ def test_short_runs_log_their_pinned_losses_and_scores(tiny_model_dir, dataset_c
             epochs=2, lr=1e-2, warmup_steps=2, seed=0, precision="fp32", device="cpu",
             register=False, symptom_eval=False, system_metrics=False, progress=False,
             sample_prompts=[], num_validation_samples=0, run_name=name, **settings)
-        run_id = train_and_register(config, prepare(config))["run_id"]
+        run_id = Run(config).setup().execute()["run_id"]
         logged[name] = {key: [m.value for m in sorted(client.get_metric_history(run_id, key),
                                                       key=lambda m: m.step)]
                         for key in ("training_loss", "validation_loss")}

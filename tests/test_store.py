@@ -16,11 +16,12 @@ import sys, time
 import pandas as pd
 import mlflow
 from medlm.store import check_tracking_store
+from medlm.config import TrainConfig
 from medlm.tracking import MlflowTracker, training_experiment
 go = float(sys.argv[1])
 time.sleep(max(0.0, go - time.time()))
 check_tracking_store()
-tracker = MlflowTracker("medlm", None, "medlm", "tiny", "cpu", 8)
+tracker = MlflowTracker(TrainConfig(model="tiny", system_metrics=False), "cpu")
 rows = pd.DataFrame({"Name": ["Flu", "Cold"], "Symptoms": ["fever", "cough"]})
 with tracker.run({"lr": sys.argv[2]}):
     time.sleep(max(0.0, go + 6 - time.time()))  # the datasets logged together as well

@@ -7,6 +7,7 @@ from mlflow.exceptions import MlflowException
 
 from medlm import compare as champion
 from medlm import registry
+from medlm.config import TrainConfig
 from medlm.errors import MedLMError
 from medlm.inference import resolve_model_uri
 from medlm.registry import CHAMPION_ALIAS
@@ -48,12 +49,17 @@ def evidence_tables(validation_loss, symptom_f1, spread=0.0, noise_seed=0, disea
     return rows, answers
 
 
+def tracker_of(**settings) -> MlflowTracker:
+    """A tracker for a run of the tiny model, as a run's config makes it."""
+    return MlflowTracker(TrainConfig(**{"experiment": "medlm-test", "model": "tiny",
+                                        "system_metrics": False, **settings}), "cpu")
+
+
 def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
              select_by="validation_loss", spread=0.0, noise_seed=0, row_losses=True,
              diseases=DISEASES, fold=False, **params):
     tokenizer, model = tiny_model
-    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
-                            batch_size=8)
+    tracker = tracker_of(select_by=select_by)
     with tracker.run({"lr": 1e-3}):
         result = epoch(1, validation_loss)
         result.scores = {"symptom_f1": symptom_f1, "word_f1": symptom_f1}
@@ -64,7 +70,7 @@ def register(tiny_model, validation_loss, symptom_f1=0.2, promote=False,
         if row_losses:
             tracker.log_row_losses(rows, 1)
         version, tags = registry.register(tracker, model, tokenizer, result,
-                                          {**FULL_DATA, **params}, select_by)
+                                          {**FULL_DATA, **params})
         return version, champion.maybe_crown(tracker, version, tags, select_by, promote,
                                              fold=fold)
 
@@ -136,16 +142,14 @@ def test_a_run_resumed_with_more_epochs_is_paired_on_each_versions_own_epoch(mlf
     """Killed after registering epoch 1, resumed with more epochs, a run registers its new best
     epoch as a second version: compared on that epoch's rows, not its first version's."""
     tokenizer, model = tiny_model
-    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
-                            batch_size=8)
+    tracker = tracker_of()
     with tracker.run({"lr": 1e-3}):
         messages = []
         for number, loss in ((1, 2.0), (2, 1.0)):
             result = epoch(number, loss)
             tracker.on_epoch_end(model, result)
             tracker.log_row_losses(evidence_tables(loss, 0.2)[0], number)
-            version, tags = registry.register(tracker, model, tokenizer, result, FULL_DATA,
-                                              "validation_loss")
+            version, tags = registry.register(tracker, model, tokenizer, result, FULL_DATA)
             messages.append(champion.maybe_crown(tracker, version, tags, "validation_loss",
                                                  False))
     assert champion_version() == "2", messages
@@ -182,8 +186,7 @@ def test_a_champion_registered_before_evaluation_keys_is_not_compared(mlflow_hom
 
 
 def test_a_failing_run_is_marked_failed_not_left_running(mlflow_home):
-    tracker = MlflowTracker("medlm-test", "boom", "medlm", transformer="tiny", gpu="cpu",
-                            batch_size=8)
+    tracker = tracker_of(run_name="boom")
     with pytest.raises(RuntimeError), tracker.run({"lr": 1e-3}):
         raise RuntimeError("bug")
     assert mlflow.get_run(tracker.run_id).info.status == "FAILED"
@@ -195,8 +198,7 @@ def test_a_failing_run_is_marked_failed_not_left_running(mlflow_home):
 @pytest.mark.parametrize(("error", "status", "says"), [
     (RuntimeError, "FAILED", "failed"), (KeyboardInterrupt, "KILLED", "stopped")])
 def test_a_run_that_did_not_finish_does_not_say_training(mlflow_home, error, status, says):
-    tracker = MlflowTracker("medlm-test", "boom", "medlm", transformer="tiny", gpu="cpu",
-                            batch_size=8)
+    tracker = tracker_of(run_name="boom")
     with pytest.raises(error), tracker.run({"lr": 1e-3}, description="tiny, lr 1: training"):
         raise error
     run = mlflow.get_run(tracker.run_id)
@@ -217,8 +219,7 @@ def test_the_compare_hint_shows_no_password_and_survives_a_server_gone(monkeypat
 
 
 def test_results_csv_has_the_seed_notebooks_columns(mlflow_home, tiny_model):
-    tracker = MlflowTracker("medlm-test", None, "medlm", transformer="tiny", gpu="cpu",
-                            batch_size=8)
+    tracker = tracker_of()
     with tracker.run({}):
         tracker.on_epoch_end(None, epoch(1, 2.0))
         tracker.on_epoch_end(None, epoch(2, 1.5))
