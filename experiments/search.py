@@ -13,9 +13,8 @@ from argparse import SUPPRESS
 
 from experiments._cli import ArgumentParser, positive_int, quiet_libraries, run_cli, seed
 from experiments.run import add_settings, configs_from_args
-from medlm.config import SWEEPABLE, flag_of
+from medlm.config import DEFAULT_SPACE, SWEEPABLE, flag_of
 from medlm.errors import MedLMError
-from medlm.search import DEFAULT_SPACE
 
 
 def build_parser() -> ArgumentParser:

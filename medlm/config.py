@@ -446,3 +446,11 @@ def _read_recipe(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, Any],
             raise MedLMError(f"recipe {str(path)!r}: {name} = {value!r} is invalid: expected "
                              "a list of strings")
     return tuple(settings.items())
+
+
+# What a plain ``python -m experiments.search`` varies: the levers the default recipe was
+# chosen among (experiments/RESULTS.md), each range holding the default's own value. Not
+# loss_on: it changes the tokens the validation loss is over (the default --select-by), so
+# trials of both could not be compared by it (``medlm.search.check_comparable``).
+DEFAULT_SPACE = {"lr": "1e-4..3e-3:log", "lora_rank": "8,16,32", "warmup_steps": "0..30",
+                 "weight_decay": "0..0.1", "epochs": "2..5"}

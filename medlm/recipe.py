@@ -94,7 +94,7 @@ class Run:
     - ``cleanup()``: the checkpoint removed, the run described, its time split shown.
 
     ``execute()`` runs the last three, the MLflow run open around ``train`` and ``register`` (it
-    ends FINISHED, KILLED or FAILED). A sweep's child, a fold and a search's trial are each a
+    ends FINISHED, KILLED or FAILED): call them through it, not one by one. A sweep's child, a fold and a search's trial are each a
     ``next()`` of the first run: the same data, device and tokenizer, the base loaded again."""
 
     def __init__(self, config: TrainConfig, started: float | None = None):
@@ -115,6 +115,7 @@ class Run:
                                      "expected pip install psutil (or pip install -e . again), "
                                      "or --no-system-metrics")
             self.data = load_disease_data(config.dataset, config.max_samples)
+            self.split = split_for(config, self.data)  # a split error before the model loads
             # joins torchrun's group, if any
             device = distributed.start(resolve_device(config.device),
                                        config.collective_timeout_min)
@@ -128,9 +129,9 @@ class Run:
                                   config.max_new_tokens, prompt_format)
             # whether or not this run writes answers, so that its held-out diseases are those
             # that experiments.evaluate (and a resume) re-create
-            drop_unanswerable(self.data, self.model, self.tokenizer, config.max_new_tokens,
-                              prompt_format)
-            self.split = split_for(config, self.data)
+            if drop_unanswerable(self.data, self.model, self.tokenizer, config.max_new_tokens,
+                                 prompt_format):
+                self.split = split_for(config, self.data)  # as every later split will be
         return self
 
     def next(self, config: TrainConfig) -> Run:
@@ -138,12 +139,15 @@ class Run:
         tokenizer: the untouched base again where this one trained it, its own split (a fold),
         its time from its own start."""
         run = copy.copy(self)
-        run.config, run.stopwatch, run.trained = config, Stopwatch(), False
-        run._scope = contextlib.ExitStack()
-        if self.trained:
+        run.config, run.trained, run._scope = config, False, contextlib.ExitStack()
+        self.model = None  # handed over: one run's model in memory, trained by one run only
+        if self.trained or run.model is None:  # else the first of a sweep: its time counts
+            run.stopwatch = Stopwatch()  # the process's start-up
             with run.stopwatch.phase("startup"):
                 run.model = load_tokenizer_and_model(config.model)[1]
-        run.split = split_for(config, self.data)
+        if config.folds:  # each fold holds out its own diseases
+            with run.stopwatch.phase("startup"):
+                run.split = split_for(config, self.data)
         return run
 
     def execute(self, resume_run_id: str | None = None, parent_run_id: str | None = None,

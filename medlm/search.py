@@ -42,7 +42,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from medlm import stop
-from medlm.config import NOT_RECIPE, TrainConfig, setting_kinds, sweep_value
+from medlm.config import DEFAULT_SPACE, NOT_RECIPE, TrainConfig, setting_kinds, sweep_value
 from medlm.errors import DiskFull, MedLMError
 from medlm.hub import HubUnavailable
 from medlm.recipe import Run, check_output_paths, resolve_lora_rank
@@ -62,6 +62,7 @@ from medlm.train import EpochResult, Logger, NonFiniteLossError, RunStopped
 log = logging.getLogger("medlm")
 
 LOCAL_STORAGE = "medlm-search.db"  # the study beside the runs when no --storage is given
+OLD_LOCAL_STORAGE = "medlm-search.journal"  # an older MedLM's default: refused, named
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute that names its parent run
 SETTINGS_ATTR = "medlm_settings"  # what every trial shares: a joining process must match it
 PARENT_WAIT_SEC = 300  # how long a joining process waits for the creator to start the parent
@@ -104,11 +105,15 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
     one machine) or a URL (PostgreSQL for a team). Each trial's process sends a heartbeat; a
     trial whose heartbeat has stopped (its process killed, its machine gone) is failed by the
     next process to begin or end a trial, and run again once."""
+    if url is None and Path(OLD_LOCAL_STORAGE).is_file() and not Path(LOCAL_STORAGE).is_file():
+        url = OLD_LOCAL_STORAGE  # an older MedLM's study here: refused below, not started anew
     url = url or LOCAL_STORAGE
     if url.endswith(".journal"):
-        raise MedLMError(f"--storage {url!r} is an Optuna journal file, which has no heartbeat "
-                         f"to tell a dead process's trial: expected a SQLite file ({LOCAL_STORAGE}"
-                         ") or a database URL (postgresql://user:password@host:port/db)")
+        raise MedLMError(f"--storage {url!r} is an Optuna journal file (an older MedLM's "
+                         "default), which has no heartbeat to tell a dead process's trial: "
+                         f"expected a SQLite file ({LOCAL_STORAGE}) or a database URL "
+                         "(postgresql://user:password@host:port/db); a search of the journal "
+                         "is finished with the MedLM that started it")
     if "://" not in url:
         path = Path(url).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -560,13 +565,6 @@ def pruning_summary(table: pd.DataFrame) -> str:
                  f"finished one {complete['seconds'].mean():.0f} s")
     return text
 
-
-# What a plain ``python -m experiments.search`` varies: the levers the default recipe was
-# chosen among (experiments/RESULTS.md), each range holding the default's own value. Not
-# loss_on: it changes the tokens the validation loss is over (the default --select-by), so
-# trials of both could not be compared by it (``medlm.search.check_comparable``).
-DEFAULT_SPACE = {"lr": "1e-4..3e-3:log", "lora_rank": "8,16,32", "warmup_steps": "0..30",
-                 "weight_decay": "0..0.1", "epochs": "2..5"}
 
 # what a search may not vary: where and how runs are tracked and run, the split (every trial
 # must hold out the same diseases to be compared), and the selection itself

@@ -188,7 +188,8 @@ def _children(configs: list[TrainConfig], past: list[tuple], run: Run,
 def _parent(configs: list[TrainConfig], grid: dict[str, list]) -> tuple[MlflowTracker, dict]:
     """The sweep's parent run and its params: the settings its children share, and the grid."""
     first = configs[0]
-    parent = MlflowTracker(replace(first, run_name=first.run_name or "sweep"))
+    parent = MlflowTracker(replace(first, run_name=first.run_name or "sweep",
+                                   system_metrics=False))  # its children's are the machine's
     return parent, {**{k: v for k, v in first.to_params().items()
                        if k not in sweep_axes(first)},
                     **{f"sweep_{name}": ", ".join(map(str, values))
@@ -207,9 +208,9 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], run: Run,
     first = configs[0]
     parent, parent_params = _parent(configs, grid)
     main_process, world_size = distributed.is_main(), distributed.world_size()
-    run = (parent.run(parent_params, resume_run_id=resume) if main_process
-           else contextlib.nullcontext(resume))
-    with run as parent_id:
+    parent_run = (parent.run(parent_params, resume_run_id=resume) if main_process
+                  else contextlib.nullcontext(resume))
+    with parent_run as parent_id:
         parent_id = distributed.broadcast_object(parent_id)
         if started:  # told the parent's id: what resumes the sweep
             started(parent_id)
@@ -382,6 +383,7 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
     run = Run(configs[0], started).setup()  # a Hub or data error first, alone on its line
     # each run's LoRA decision (and its errors) before any MLflow run, a sweep's parent included
     configs = [resolve_lora_rank(config) for config in configs]
+    run.config = configs[0]  # decided: its recipe file holds the rank it trains with
     run_ids: list[str] = []  # the run's (a sweep's: its parent's) id, for the outage message
     try:
         with resumable_failures(configs[0].checkpoint_dir, run_ids):

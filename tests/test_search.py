@@ -168,10 +168,16 @@ def test_a_trial_whose_process_dies_twice_is_not_run_a_third_time(tmp_path):
     assert [trial.state for trial in study.get_trials()] == [TrialState.FAIL] * 2
 
 
-def test_a_journal_file_is_refused_for_a_storage_with_heartbeats():
-    with pytest.raises(MedLMError, match="--storage 'old.journal' is an Optuna journal file, "
+def test_a_journal_file_is_refused_for_a_storage_with_heartbeats(tmp_path, monkeypatch):
+    with pytest.raises(MedLMError, match="--storage 'old.journal' is an Optuna journal file "
                                          ".*: expected a SQLite file"):
         open_storage("old.journal")
+    # an older MedLM's default study in this directory: named, not silently started anew
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "medlm-search.journal").write_text("")
+    with pytest.raises(MedLMError, match="'medlm-search.journal' is an Optuna journal file"):
+        open_storage(None)
+    assert not (tmp_path / "medlm-search.db").exists()
 
 
 def test_a_process_joining_before_the_study_has_its_settings_waits_then_gives_up(
