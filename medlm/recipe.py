@@ -94,8 +94,9 @@ class Run:
     - ``cleanup()``: the checkpoint removed, the run described, its time split shown.
 
     ``execute()`` runs the last three, the MLflow run open around ``train`` and ``register`` (it
-    ends FINISHED, KILLED or FAILED): call them through it, not one by one. A sweep's child, a fold and a search's trial are each a
-    ``next()`` of the first run: the same data, device and tokenizer, the base loaded again."""
+    ends FINISHED, KILLED or FAILED): call them through it, not one by one. A sweep's child, a
+    fold and a search's trial are each a ``next()`` of the run before: the same data, device
+    and tokenizer, the base loaded again."""
 
     def __init__(self, config: TrainConfig, started: float | None = None):
         self.config = config  # as asked; train() makes its "auto" settings definite
