@@ -69,6 +69,7 @@ class MlflowTracker(Logger):
         self.run_id: str | None = None
         # a resumed run's metrics (name -> steps) as the store has them: not logged again
         self.logged: dict[str, set[int]] | None = None
+        self._tables: dict[str, set[int]] = {}  # its tables' epochs (_table_epochs)
 
     @contextlib.contextmanager
     def run(self, params: dict[str, Any], nested: bool = False,
@@ -186,18 +187,24 @@ class MlflowTracker(Logger):
     def _log_table(self, frame: pd.DataFrame, artifact_file: str) -> None:
         """Append rows to a table artifact; a resumed run, only those of epochs it lacks."""
         if self.logged is not None and "epoch" in frame:
-            logged = logged_table(self.run_id, artifact_file)
-            if logged is not None and "epoch" in logged:
-                frame = frame[~frame["epoch"].isin(logged["epoch"])]
+            known = self._table_epochs(artifact_file)
+            frame = frame[~frame["epoch"].isin(known)]
+            known.update(frame["epoch"])
         if len(frame):
             mlflow.log_table(frame, artifact_file=artifact_file)
 
     def lacks(self, epoch: int, artifact_file: str) -> bool:
         """Does the run lack ``epoch``'s rows of a table (always, unless it was resumed)?"""
-        if self.logged is None:
-            return True
-        logged = logged_table(self.run_id, artifact_file)
-        return logged is None or "epoch" not in logged or not (logged["epoch"] == epoch).any()
+        return self.logged is None or epoch not in self._table_epochs(artifact_file)
+
+    def _table_epochs(self, artifact_file: str) -> set[int]:
+        """The epochs a resumed run's table has rows of: read from the store once, then kept
+        up to date as rows are logged (not downloaded again for every epoch)."""
+        if artifact_file not in self._tables:
+            logged = logged_table(self.run_id, artifact_file)
+            self._tables[artifact_file] = (set(logged["epoch"]) if logged is not None
+                                           and "epoch" in logged else set())
+        return self._tables[artifact_file]
 
     def results_frame(self) -> pd.DataFrame:
         rows = [{**self.results_row, **asdict(result)} for result in self.epochs]

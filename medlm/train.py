@@ -444,6 +444,24 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
                                        "seconds": 0.0}
     interval_loss = torch.zeros((), device=device) + interval["loss_sum"]
     last_point = None  # (step, learning rate, gradient norm) of the latest step
+
+    def log_point(since: float | None) -> float:
+        """The ``step/*`` point of the steps since the last one, at ``last_point``: the loss and
+        gradient norm read first (the host waits for the device there), then the clock, which
+        is returned; ``since``: when the interval's current stretch of training began."""
+        step, learning_rate, grad_norm = last_point
+        values = {"training_loss": interval_loss.item() / interval["tokens"],
+                  "learning_rate": learning_rate}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        now = time.perf_counter()
+        seconds = interval["seconds"] + (now - since if since is not None else 0.0)
+        report.on_step(step, {**values,
+                              "tokens_per_sec": interval["real_tokens"] / max(seconds, 1e-9)})
+        interval_loss.zero_()
+        interval.update(tokens=0, real_tokens=0, seconds=0.0)
+        return now
+
     first_epoch = config.epochs + 1 if result.stopped_early else len(result.epochs) + 1
     for epoch in range(first_epoch, config.epochs + 1):
         stop.raise_if_asked()
@@ -472,16 +490,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
                     interval["real_tokens"] += window_real_tokens
                     last_point = (step, state.scheduler.get_last_lr()[0], grad_norm)
                     if step % config.log_every_steps == 0:
-                        values = {"training_loss": interval_loss.item() / interval["tokens"]}
-                        if grad_norm is not None:  # both reads wait for the device: the
-                            values["grad_norm"] = float(grad_norm)  # clock is read after them
-                        now = time.perf_counter()
-                        seconds = interval["seconds"] + now - clock
-                        report.on_step(step, {**values, "learning_rate": last_point[1],
-                                              "tokens_per_sec": interval["real_tokens"] / seconds})
-                        interval_loss.zero_()
-                        interval.update(tokens=0, real_tokens=0, seconds=0.0)
-                        clock, last_point = now, None
+                        clock, last_point = log_point(clock), None
                 stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop)
             epoch_loss_sum = epoch_loss.item()  # the epoch's one read of the loss (a host sync)
             training_seconds = time.perf_counter() - started
@@ -536,13 +545,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
             result.stopped_early = True
             break
     if last_point is not None and interval["tokens"]:  # the steps since the last point
-        step, learning_rate, grad_norm = last_point
-        values = {"training_loss": interval_loss.item() / interval["tokens"],
-                  "learning_rate": learning_rate,
-                  "tokens_per_sec": interval["real_tokens"] / max(interval["seconds"], 1e-9)}
-        if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
-        report.on_step(step, values)
+        log_point(None)
     if state.best_weights is not None:
         load_trained_weights(model, state.best_weights)
     return result
