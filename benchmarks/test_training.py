@@ -17,7 +17,7 @@ from seed_notebook import SeedLanguageDataset, seed_step
 from medlm.config import TrainConfig
 from medlm.data import LanguageDataset, make_loader
 from medlm.modeling import resolve_precision
-from medlm.train import FitResult, TrainState, make_optimizer, make_scheduler, train_step
+from medlm.train import FitResult, TrainState, make_scheduler, train_step
 
 CPU = torch.device("cpu")
 BATCH = 8
@@ -141,14 +141,19 @@ def trainer_steps(benchmark, train_frame, tokenizer, fresh_model, matmul_peak, t
 def ours(benchmark, frame, tokenizer, fresh_model, matmul_peak, name: str) -> dict:
     precision = resolve_precision(PRECISION, CPU)
     dataset = LanguageDataset(frame, tokenizer)
-    loader = make_loader(dataset, BATCH, tokenizer.pad_token_id, train=True, seed=0)
+    loader = make_loader(dataset, TrainConfig(batch_size=BATCH, seed=0), train=True)
     batches = list(itertools.islice(loader, WARMUP_STEPS + STEPS))
     config = TrainConfig()
     seconds = []
 
     def run():
         model = fresh_model()
-        optimizer = make_optimizer(model, config, CPU)
+        parameters = [p for p in model.parameters() if p.requires_grad]  # as fit builds it
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in parameters if p.dim() >= 2],
+              "weight_decay": config.weight_decay},
+             {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}],
+            lr=config.lr, fused=True)
         state = TrainState(optimizer, make_scheduler(optimizer, config, len(batches)),
                            precision.grad_scaler(), None, FitResult())
         loss_sums = []

@@ -1,29 +1,32 @@
-"""What both CLIs share: one-line errors with exit status 2, and readable logging."""
+"""What the CLIs share: one-line errors with exit status 2, number flags, readable logging."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from medlm import stop
-from medlm.config import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, Rule, check_mlflow_name
+from medlm import hub, offline, stop
+from medlm._paths import looks_like_local_path
+from medlm.config import AT_LEAST_ONE, DEVICES, FRACTION, POSITIVE, SEED, Rule, check_mlflow_name
 from medlm.errors import MedLMError
 
 EXIT_USAGE = 2
+OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id
+OFFLINE_MODEL = "smollm2-135m-instruct"  # the offline base the quick start recommends
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except for on/off switches and flags whose default is "not set"."""
-
-    def __init__(self, prog: str):
-        super().__init__(prog, max_help_position=32)
 
     def _get_help_string(self, action):
         if action.nargs == 0 or action.default is None:
@@ -36,7 +39,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``--lr -1e-4`` reaches the flag's validation instead of being mistaken for an option."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class",
+                          functools.partial(_HelpFormatter, max_help_position=32))
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -45,76 +49,55 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def number(kind: type) -> Callable[[str], Any]:
-    """An argparse ``type=`` that reads a whole number (int) or any number (float), naming the
-    text that is neither. A setting's flag reads its value so; ``TrainConfig`` checks it."""
+def number(kind: type, rule: Rule | None = None) -> Callable[[str], Any]:
+    """An argparse ``type=``: a whole number (int) or any number (float), checked by ``rule``
+    (a setting's flag has none: ``TrainConfig`` checks it)."""
 
     def parse(text: str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if rule and not rule.ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {rule.expected}")
+        return value
 
     return parse
 
 
-def checked(kind: type, rule: Rule) -> Callable[[str], Any]:
-    """An argparse ``type=`` for the other commands' numbers: read, then checked by ``rule``
-    (one of ``medlm.config``'s, shared with the settings), in its words."""
-    parse = number(kind)
-
-    def check(text: str):
-        value = parse(text)
-        if not rule.ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {rule.expected}")
-        return value
-
-    return check
-
-
-positive_int = checked(int, AT_LEAST_ONE)
-seed = checked(int, SEED)
-positive_float = checked(float, POSITIVE)
-fraction = checked(float, FRACTION)
-probability = checked(float, Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+positive_int = number(int, AT_LEAST_ONE)
+seed = number(int, SEED)
+positive_float = number(float, POSITIVE)
+fraction = number(float, FRACTION)
+probability = number(float, Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 
 
 def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
-    return checked(int, Rule(lambda v: minimum <= v <= maximum,
-                             f"a whole number from {minimum} to {maximum}"))
-
-
-OFFLINE_DATASET = "PATH/TO/diseases_symptoms.csv"  # what a user types instead of a Hub dataset id
-OFFLINE_MODEL = "smollm2-135m-instruct"  # the offline base the quick start recommends
+    return number(int, Rule(lambda v: minimum <= v <= maximum,
+                            f"a whole number from {minimum} to {maximum}"))
 
 
 def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] | None,
                         dataset_flag: str | None, model_flag: str | None,
                         model: str | None) -> MedLMError:
     """The one-line error for a Hub id that cannot load offline, ending with the command that
-    works: the user's own, with each Hub id that is not cached replaced by a local file
-    placeholder or the offline base (and the base's download first, if it is not there yet)."""
-    import shlex
-
-    from medlm._paths import looks_like_local_path
-    from medlm.hub import model_in_cache
-    from medlm.offline import OFFLINE_BASES, fetch_command, find_base
-
+    works: the user's own, each Hub id that is not cached replaced by a local file placeholder
+    or the offline base (downloaded first, if it is not there yet)."""
     replace = {}
     if error.kind == "dataset" and dataset_flag:
         replace[dataset_flag] = OFFLINE_DATASET
-    hub_model = (model is not None and model not in OFFLINE_BASES
+    hub_model = (model is not None and model not in offline.OFFLINE_BASES
                  and not os.path.exists(os.path.expanduser(model))
                  and not looks_like_local_path(model) and ":/" not in model)
-    if model_flag and (error.kind == "model" or hub_model and not model_in_cache(model)):
+    if model_flag and (error.kind == "model" or hub_model and not hub.model_in_cache(model)):
         replace[model_flag] = OFFLINE_MODEL
     words = replace_options(parser, sys.argv[1:] if argv is None else argv, replace)
     launcher = ("python" if int(os.environ.get("WORLD_SIZE", "1")) == 1
                 else "torchrun <the same options>")
     command = f"{launcher} -m {parser.prog.split()[-1]} {shlex.join(words)}".rstrip()
-    if OFFLINE_MODEL in replace.values() and find_base(OFFLINE_MODEL) is None:
-        command = f"{fetch_command(OFFLINE_MODEL)} && {command}"
+    if OFFLINE_MODEL in replace.values() and offline.find_base(OFFLINE_MODEL) is None:
+        command = f"{offline.fetch_command(OFFLINE_MODEL)} && {command}"
     wanted = [what for flag, what in ((dataset_flag, "a local dataset file"),
                                       (model_flag, "an offline base model")) if flag in replace]
     return MedLMError(f"{error}: expected {' and '.join(wanted)}; offline, run: {command}")
@@ -122,30 +105,25 @@ def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] 
 
 def replace_options(parser: argparse.ArgumentParser, argv: list[str],
                     replace: dict[str, str]) -> list[str]:
-    """``argv`` as the user wrote it, for the command an error suggests: without the options in
-    ``replace`` (in any spelling argparse accepts: ``--x v``, ``--x=v``, an unambiguous prefix),
-    then those options with their new values."""
+    """``argv`` without the options in ``replace`` (in any spelling argparse accepts: ``--x v``,
+    ``--x=v``, an unambiguous prefix), then those options with their new values."""
     options = [option for action in parser._actions for option in action.option_strings
                if option.startswith("--")]
 
-    def target(word: str) -> str | None:
+    def replaced(word: str) -> bool:
         name = word.split("=", 1)[0]
         matches = [option for option in options if option.startswith(name)]
-        option = name if name in options else matches[0] if len(matches) == 1 else None
-        return option if option in replace else None
+        return (name if name in options else matches[0] if len(matches) == 1 else None) in replace
 
     kept, skip = [], False
     for word in argv:
         if skip:
             skip = False
-            continue
-        if word.startswith("--") and target(word):
+        elif word.startswith("--") and replaced(word):
             skip = "=" not in word
-            continue
-        kept.append(word)
-    for option, value in replace.items():
-        kept += [option, value]
-    return kept
+        else:
+            kept.append(word)
+    return kept + [word for option, value in replace.items() for word in (option, value)]
 
 
 def registered_model_name(text: str) -> str:
@@ -162,15 +140,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model-uri, --registered-model and --device, as generate and evaluate take them."""
     parser.add_argument("--model-uri", default=None,
                         help="default: models:/REGISTERED_MODEL@champion (see "
-                             "--registered-model); "
-                             "models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
-                             "models:/m-MODEL_ID (MLflow 3 logged model), a bare version "
-                             "number, runs:/RUN_ID/model, an offline base "
+                             "--registered-model); models:/NAME@ALIAS, models:/NAME/VERSION, "
+                             "models:/NAME/latest, models:/m-MODEL_ID (MLflow 3 logged model), "
+                             "a bare version number, runs:/RUN_ID/model, an offline base "
                              "(smollm2-135m-instruct), a local model directory or a .gguf file")
     parser.add_argument("--registered-model", default="medlm", type=registered_model_name,
                         help="registered model whose @champion is the default --model-uri, and "
                              "that a bare version number refers to")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: cuda, then mps, then cpu")
 
 
@@ -190,22 +167,20 @@ def quiet_libraries() -> None:
     if not _main_process():  # under torchrun every line is said once, by rank 0
         logging.getLogger("medlm").setLevel(logging.ERROR)
     import mlflow  # noqa: F401 - it sets its own log levels on import; ours must come after
+    import transformers
 
     for name in ("mlflow", "transformers", "datasets", "urllib3", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Model-card and license look-ups on the Hub for a local model: expected to miss.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-    import transformers
-
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 
 
-def _main_process() -> bool:
-    """False in torchrun's processes other than rank 0."""
+def _main_process() -> bool:  # False in torchrun's processes other than rank 0
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -217,12 +192,8 @@ def _interrupt(signum, frame):
 
 def credentials_out_of_tracking_uri() -> None:
     """A server's ``user:password@`` in ``MLFLOW_TRACKING_URI`` moved to
-    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, MLflow's own way to send them
-    (the same basic auth; the URI's pair replaces any set there, as its userinfo won before),
-    so that no line MLflow prints (its "View run ... at URL") or MedLM prints can show the
-    password."""
-    from urllib.parse import unquote, urlsplit
-
+    ``MLFLOW_TRACKING_USERNAME`` and ``_PASSWORD`` (MLflow's own way to send the same basic
+    auth), so that no line MLflow or MedLM prints can show the password."""
     parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
     if parts.scheme not in ("http", "https") or parts.password is None:
         return
@@ -233,14 +204,9 @@ def credentials_out_of_tracking_uri() -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a user mistake becomes ``error: ...`` on stderr and exit status 2.
-
-    SIGTERM (a scheduler or ``kill``) is handled like Ctrl-C: the MLflow run is marked KILLED,
-    never left RUNNING, and the exit status is 130.
-
-    Under torchrun only rank 0 prints these lines: every process reads the same inputs and
-    meets the same mistake.
-    """
+    """Run ``main``; a user mistake becomes ``error: ...`` on stderr and exit status 2 (printed
+    by rank 0 alone under torchrun). SIGTERM is handled like Ctrl-C: the MLflow run is marked
+    KILLED, never left RUNNING, and the exit status is 130."""
     signal.signal(signal.SIGTERM, _interrupt)
     stop.clear()  # a stop asked of an earlier command in this process is not this one's
     credentials_out_of_tracking_uri()

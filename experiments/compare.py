@@ -3,8 +3,6 @@
     python -m experiments.compare RUN_A RUN_B     (run ids, version numbers or models:/ URIs)
 """
 
-from __future__ import annotations
-
 import sys
 
 from experiments._cli import ArgumentParser, positive_int, quiet_libraries, run_cli
@@ -37,13 +35,13 @@ def print_comparison(a, b, scores, per_disease, show: int) -> None:
     from medlm.scores import CONFIDENCE
 
     for label, side in (("A", a), ("B", b)):
-        params = side.run.data.params
+        params, several = side.runs[0].data.params, len(side.runs) > 1
         runs = ", ".join(run.info.run_id for run in side.runs)
         seeds = " ".join(str(run.data.params.get("seed")) for run in side.runs)
-        print(f"{label}: {side.asked} ({'runs' if len(side.runs) > 1 else 'run'} {runs}: "
+        print(f"{label}: {side.asked} ({'runs' if several else 'run'} {runs}: "
               f"{params.get('model')}, recipe {params.get('recipe', '?')}, "
-              f"{'seeds' if len(side.runs) > 1 else 'seed'} {seeds}"
-              + (", answers pooled" if len(side.runs) > 1 else "") + ")")
+              f"{'seeds' if several else 'seed'} {seeds}"
+              + (", answers pooled" if several else "") + ")")
     print(f"{len(per_disease)} held-out diseases in {per_disease['group'].nunique()} name "
           f"groups, the same for both; B - A with its {CONFIDENCE:.0%} interval (name groups "
           "resampled) and a paired permutation p-value:")
@@ -67,20 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
 
-    from medlm.compare import (
-        check_comparable,
-        compare,
-        load_side,
-        log_comparison,
-        scored_by_other_rules,
-    )
+    from medlm.compare import check_comparable, compare, load_side, log_comparison
     from medlm.metrics import METRIC_VERSION
     from medlm.store import check_tracking_store
 
     check_tracking_store()
     a, b = (load_side(asked, args.registered_model) for asked in (args.a, args.b))
     check_comparable(a, b)
-    older = scored_by_other_rules(a, b)
+    older = [run.info.run_id for side in (a, b) for run in side.runs
+             if run.data.params.get("metric_version") != METRIC_VERSION]
     if older:
         print(f"note: run(s) {', '.join(older)} logged their scores under an older metric "
               f"version; all answers are scored here by today's rules (version "

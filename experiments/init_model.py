@@ -4,8 +4,6 @@
     python -m experiments.run --model models/distilgpt2-random --dataset path/to/data.csv
 """
 
-from __future__ import annotations
-
 import sys
 
 from experiments._cli import ArgumentParser, quiet_libraries, run_cli, seed

@@ -11,7 +11,7 @@ import itertools
 import logging
 import shlex
 import sys
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 from experiments._cli import ArgumentParser, number, offline_alternative, quiet_libraries, run_cli
@@ -30,6 +30,13 @@ from medlm.hub import HubUnavailable
 
 log = logging.getLogger("medlm")
 
+# What --resume takes beside the run id: where and how this machine runs it, and how many
+# epochs; any other flag must repeat the run's own value (its checkpoint fixes its math).
+RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
+                "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
+                "device": "--device", "precision": "--precision", "progress": "--[no-]progress",
+                "system_metrics": "--[no-]system-metrics"}
+
 
 def _shown(value) -> str:
     if isinstance(value, bool):
@@ -37,46 +44,33 @@ def _shown(value) -> str:
     return ", ".join(value) if isinstance(value, list) else str(value)
 
 
-def flag_help(declared: Field) -> str:
-    """A setting's --help text: its help, then its default and what each recipe that changes it
-    sets it to."""
-    default = (declared.default if declared.default is not MISSING
-               else declared.default_factory())
-    recipes = "".join(f"; --recipe {name}: {_shown(settings[declared.name])}"
-                      for name, settings in ((name, read_recipe(name)) for name in recipe_names())
-                      if settings.get(declared.name, default) != default)
-    sweep = " (several values: a sweep)" if declared.metadata["sweep"] else ""
-    shown = declared.metadata["shown"] or _shown(default)
-    return f"{declared.metadata['help']}{sweep} (default: {shown}{recipes})"
-
-
-def flag_options(declared: Field, kind: type) -> tuple[str, dict]:
-    """The flag of a setting and its ``add_argument`` options: --NAME / --no-NAME for an on/off
-    setting, a repeatable flag for a list, else a value (a number read as one; ``TrainConfig``
-    checks it). A flag left out is not in the parsed namespace: the recipe's value applies."""
-    flag = flag_of(declared.name)
-    options = {"dest": declared.name, "default": argparse.SUPPRESS, "help": flag_help(declared)}
-    if kind is bool:  # --NAME and --no-NAME, so a flag can undo what a recipe sets
-        return flag, {**options, "action": argparse.BooleanOptionalAction}
-    if kind is list:
-        return flag, {**options, "action": "append", "metavar": declared.metadata["metavar"]}
-    if kind in (int, float):
-        options["type"] = number(kind)
-    choices = declared.metadata["choices"]
-    options["metavar"] = ("{" + ",".join(choices) + "}" if choices else
-                          declared.metadata["metavar"] or flag[2:].upper().replace("-", "_"))
-    if declared.metadata["sweep"]:
-        options["nargs"] = "+"
-    return flag, options
-
-
 def add_settings(parser: ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` setting, in its group."""
+    """One flag per ``TrainConfig`` setting, in its group, its help ending with its default and
+    each recipe's other value. A flag left out is not in the namespace: the recipe's applies."""
     groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
-    kinds = setting_kinds()
+    kinds, recipes = setting_kinds(), {name: read_recipe(name) for name in recipe_names()}
     for declared in fields(TrainConfig):
-        flag, options = flag_options(declared, kinds[declared.name])
-        groups[declared.metadata["group"]].add_argument(flag, **options)
+        meta, flag, kind = declared.metadata, flag_of(declared.name), kinds[declared.name]
+        default = (declared.default if declared.default is not MISSING
+                   else declared.default_factory())
+        changed = "".join(f"; --recipe {name}: {_shown(settings[declared.name])}"
+                          for name, settings in recipes.items()
+                          if settings.get(declared.name, default) != default)
+        sweep = " (several values: a sweep)" if meta["sweep"] else ""
+        options = {"dest": declared.name, "default": argparse.SUPPRESS, "help": f"{meta['help']}"
+                   f"{sweep} (default: {meta['shown'] or _shown(default)}{changed})"}
+        if kind is bool:  # --NAME and --no-NAME, so a flag can undo what a recipe sets
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options.update(action="append", metavar=meta["metavar"])
+        else:
+            if kind in (int, float):
+                options["type"] = number(kind)
+            options["metavar"] = ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else
+                                  meta["metavar"] or flag[2:].upper().replace("-", "_"))
+            if meta["sweep"]:
+                options["nargs"] = "+"
+        groups[meta["group"]].add_argument(flag, **options)
 
 
 def build_parser() -> ArgumentParser:
@@ -98,8 +92,7 @@ def build_parser() -> ArgumentParser:
 
 
 def flags_table() -> str:
-    """The flags of --help as markdown tables, one per group (experiments/README.md holds it;
-    tests/test_readme.py checks that it is this)."""
+    """The flags of --help as markdown tables, one per group (experiments/README.md holds it)."""
     lines = []
     for group in build_parser()._action_groups:
         actions = [action for action in group._group_actions if action.dest != "help"]
@@ -112,6 +105,10 @@ def flags_table() -> str:
             flags = " / ".join(f"`{option}{metavar}`" for option in action.option_strings)
             lines.append(f"| {flags} | {text} |")
     return "\n".join(lines[1:]) + "\n"
+
+
+def _distinct(values: list) -> list:
+    return [value for index, value in enumerate(values) if value not in values[:index]]
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[list[TrainConfig], dict[str, list]]:
@@ -138,32 +135,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[list[TrainConfig], dict
                      for name in (*SWEEPABLE, *axes)}
 
 
-# What --resume takes beside the run id: where and how this machine runs it, and how many
-# epochs; anything else would change the run's math, which its checkpoint fixes, unless it
-# repeats the value the run was started with (the same command plus --resume).
-RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
-                "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
-                "device": "--device", "precision": "--precision", "progress": "--[no-]progress",
-                "system_metrics": "--[no-]system-metrics"}
-
-
-def saved_settings(run_id: str, checkpoint_dir: str) -> list[TrainConfig]:
-    """The settings an interrupted run (one) or sweep (one per run, as its parent run records
-    them) was started with."""
-    from medlm.recipe import resume_config  # imports torch: seconds
-    from medlm.sweep import saved_sweep
-
-    sweep = saved_sweep(run_id)
-    return sweep[0] if sweep else [resume_config(run_id, checkpoint_dir)]
-
-
-def _distinct(values: list) -> list:
-    return [value for index, value in enumerate(values) if value not in values[:index]]
-
-
 def _spelled(dest: str, values: list) -> str:
-    """A setting's values as flags: ``--lr 0.001 0.003``, ``--no-register``, ``no --max-length``
-    (not set)."""
+    """``--lr 0.001 0.003``, ``--no-register``, ``no --max-length``: values as flags."""
     if dest in ("recipe", "config"):
         return " ".join(f"--{'config' if value.endswith('.toml') else 'recipe'} {value}"
                         for value in values)
@@ -178,29 +151,34 @@ def _spelled(dest: str, values: list) -> str:
 
 
 def resume_settings(run_id: str, given: dict[str, Any]) -> dict[str, Any]:
-    """What the flags ``given`` beside --resume change, checked as every setting is: this
-    machine's checkpoint directory and collective timeout, and each of ``RESUME_FLAGS`` that
-    differs from the run's saved settings; any other flag that differs is refused, named with
-    its given and saved values."""
-    settings = {name: given[name] for name in ("checkpoint_dir", "collective_timeout_min")
-                if name in given}
+    """The settings the flags ``given`` beside --resume set, checked: the checkpoint directory,
+    the collective timeout, and each of ``RESUME_FLAGS`` that differs from the run's saved
+    settings; any other flag that differs is refused, named with both values."""
+    from medlm.recipe import resume_config  # imports torch: seconds
+    from medlm.sweep import saved_sweep
+
+    settings = {"checkpoint_dir": TrainConfig.checkpoint_dir,
+                "collective_timeout_min": TrainConfig.collective_timeout_min,
+                **{name: given[name] for name in ("checkpoint_dir", "collective_timeout_min")
+                   if name in given}}
     if given:
-        saved = saved_settings(run_id, given.get("checkpoint_dir", TrainConfig.checkpoint_dir))
+        sweep = saved_sweep(run_id)
+        saved = sweep[0] if sweep else [resume_config(run_id, settings["checkpoint_dir"])]
         differ = {}
         for dest, value in given.items():
             values = _distinct(value) if dest in SWEEPABLE else [value]
-            saved_values = _distinct([getattr(config, "recipe" if dest == "config" else dest)
-                                      for config in saved])
+            saved_values = _distinct([getattr(run, "recipe" if dest == "config" else dest)
+                                      for run in saved])
             if values != saved_values:
                 differ[dest] = (_spelled(dest, values), _spelled(dest, saved_values))
         refused = [spelled for dest, spelled in differ.items() if dest not in RESUME_FLAGS]
         if refused:
-            kind = "sweep" if len(saved) > 1 else "run"
             raise MedLMError(
-                f"{', '.join(mine for mine, _ in refused)} with --resume is invalid: {kind} "
-                f"{run_id} was started with {', '.join(theirs for _, theirs in refused)}: "
-                "expected the values it was started with, or no such flags (a resumed run "
-                f"keeps its settings; only {', '.join(RESUME_FLAGS.values())} may differ)")
+                f"{', '.join(mine for mine, _ in refused)} with --resume is invalid: "
+                f"{'sweep' if len(saved) > 1 else 'run'} {run_id} was started with "
+                f"{', '.join(theirs for _, theirs in refused)}: expected the values it was "
+                "started with, or no such flags (a resumed run keeps its settings; only "
+                f"{', '.join(RESUME_FLAGS.values())} may differ)")
         settings.update({dest: given[dest] for dest in differ})
     if "epochs" in settings:  # how long the run goes on
         if len(settings["epochs"]) > 1:
@@ -222,18 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         quiet_libraries()
+        if distributed.is_main():  # under torchrun only rank 0 talks to MLflow; first, as
+            check_tracking_store()  # a sweep's saved settings are read from it
         if resume is not None:  # "" too: an unset shell variable, not a new run
-            if distributed.is_main():  # under torchrun only rank 0 talks to MLflow; first, as
-                check_tracking_store()  # the saved settings of a sweep are read from it
-            settings = resume_settings(resume, vars(args))
-            sweep.resume(resume, settings.pop("checkpoint_dir", TrainConfig.checkpoint_dir),
-                         settings.pop("collective_timeout_min",
-                                      TrainConfig.collective_timeout_min),
-                         settings.pop("epochs", None), started=process_started(),
-                         machine=settings)
+            sweep.resume(resume, resume_settings(resume, vars(args)), process_started())
             return 0
-        if distributed.is_main():
-            check_tracking_store()
         try:
             sweep.run(configs, grid, started=process_started())
         except HubUnavailable as error:  # setup failed, no run started: what works offline

@@ -1,11 +1,6 @@
-"""Several training processes under ``torchrun``: the process group and the few collectives the
-loop needs.
-
-``torchrun`` describes each process through environment variables (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); without them, or with a world of one, nothing
-here does anything and a run is the plain single-process run. Rank 0 is the main process: the
-only one that talks to MLflow, writes checkpoints, registers the model and generates samples.
-"""
+"""``torchrun``'s processes: the process group and the collectives the loop needs; without
+torchrun nothing here does anything. Rank 0, the main process, alone talks to MLflow, writes
+checkpoints, registers the model and generates samples."""
 
 from __future__ import annotations
 
@@ -20,18 +15,14 @@ from medlm.errors import MedLMError
 
 
 def _environment_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None:
-        return default
     try:
-        return int(text)
+        return int(os.environ.get(name, default))
     except ValueError:
-        raise MedLMError(f"${name}={text!r} is not a whole number: expected the value torchrun "
-                         "sets") from None
+        raise MedLMError(f"${name}={os.environ[name]!r} is not a whole number: expected the "
+                         "value torchrun sets") from None
 
 
 def environment_world_size() -> int:
-    """Processes ``torchrun`` started (1 without torchrun)."""
     return _environment_int("WORLD_SIZE", 1)
 
 
@@ -52,10 +43,8 @@ def is_main() -> bool:
 
 
 def start(device: torch.device, timeout_min: float = 15.0) -> torch.device:
-    """Join the process group ``torchrun`` set up (gloo on CPU, nccl on CUDA) and return this
-    process's device (``cuda:LOCAL_RANK`` on GPUs). A single process gets ``device`` back.
-    ``timeout_min``: how long a collective waits for the slowest process before the job fails
-    (rank 0 scores and samples alone after each epoch while the others wait)."""
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA); this process's device.
+    ``timeout_min``: how long a collective waits (rank 0 scores alone after each epoch)."""
     if environment_world_size() <= 1:
         return device
     if not dist.is_available():
@@ -92,16 +81,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_numbers(values: list[float], device: torch.device,
                        op: str = "sum") -> list[float]:
-    """Host numbers (counts, sums, seconds) reduced over all processes, in float64."""
+    """Host numbers reduced over all processes, in float64."""
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
 
 
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every process."""
-    if not is_enabled():
-        return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if is_enabled():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -1,9 +1,10 @@
-"""Parameter-efficient fine-tuning: LoRA adapters through ``peft``, merged into the base weights
-before the model is logged, so a LoRA run registers, loads and serves like any other."""
+"""LoRA adapters through ``peft``, merged into the base weights before the model is logged, so a
+LoRA run registers, loads and serves like any other."""
 
-from __future__ import annotations
-
+import copy
 import logging
+
+import torch
 
 from medlm.errors import MedLMError
 from medlm.modeling import count_parameters
@@ -13,20 +14,11 @@ log = logging.getLogger(__name__)
 
 def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
              seed: int = 0, modules: str = "all-linear"):
-    """``model`` with rank-``rank`` adapters on every linear layer of its blocks (``modules``
-    "all-linear", peft's: attention and MLP projections, whatever the architecture names them;
-    not the output head), or on the attention projections alone ("attention": peft's default
-    targets for the architecture), and everything else frozen. ``alpha`` defaults to
-    ``2 * rank``. The adapters' random start is drawn from ``seed`` (a fork of the global
-    generator, left as it was), so a sweep's child or a resumed sweep starts as the same run on
-    its own would."""
-    import torch
-
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise MedLMError("--lora-rank needs the peft package: expected pip install peft "
-                         "(or pip install -e . again)") from None
+    """``model`` with rank-``rank`` adapters on ``modules`` ("all-linear": every linear layer of
+    the blocks, not the head; "attention": peft's default targets), the rest frozen. The
+    adapters start from ``seed``, the global generator left alone: a sweep's child starts as
+    the same run on its own would."""
+    from peft import LoraConfig, get_peft_model  # heavy: only for a LoRA run
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
         target_modules="all-linear" if modules == "all-linear" else None, task_type="CAUSAL_LM",
@@ -44,7 +36,6 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
         raise MedLMError(f"--lora-rank {rank}: peft found no layer to adapt in this "
                          f"{type(model).__name__} ({error}): expected a transformers causal LM "
                          "with linear projections") from None
-
     trainable, total = trainable_parameters(wrapped), count_parameters(wrapped)
     log.info("LoRA rank %d (alpha %g): %d of %d parameters trained (%.2f%%)", rank,
              config.lora_alpha, trainable, total, 100 * trainable / total)
@@ -56,20 +47,14 @@ def is_lora(model) -> bool:
 
 
 def merge_lora(model):
-    """The base model with the adapters folded into its weights (plain transformers model)."""
+    """The base model with the adapters folded into its weights (a plain transformers model)."""
     return model.merge_and_unload() if is_lora(model) else model
 
 
 def merged_copy(model):
-    """For writing answers: a LoRA model as the plain model it will be registered as (a copy
-    with the adapters folded in; the training model is left as it is), else ``model`` itself.
-    Decoding through peft's 210 adapter modules of SmolLM2 costs ~100 ms more per step than
-    the merged copy, which costs ~0.5 s to make."""
-    if not is_lora(model):
-        return model
-    import copy
-
-    return copy.deepcopy(model).merge_and_unload()
+    """A LoRA model as a merged copy, else ``model``: decoding through peft's adapters costs
+    ~100 ms more per step (SmolLM2) than the copy once (~0.5 s)."""
+    return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
 
 
 def trainable_parameters(model) -> int:

@@ -1,49 +1,15 @@
-"""Does a generated answer name the disease's symptoms? Two scores, and the answers that need no
-model, so a score is never read alone.
-
-**Symptom F1** (phrase level). Both texts are split into comma-separated phrases. A phrase is
-reduced to its *content words*: case-folded, punctuation dropped, a plural ``s`` dropped
-("legs" -> "leg"), and ``STOPWORDS`` (function words such as "in", "the", "of", "and"),
-``MODIFIERS`` (intensity and timing words such as "severe", "persistent") and plain numbers left
-out. Phrases with
-no content word are ignored; phrases with the same content words count once. A generated phrase
-*matches* a reference phrase when the content words of one include all those of the other, and
-the shorter has at least two thirds as many as the longer:
-
-- "swelling in the legs" matches "swelling of the legs and ankles" (2 of 3),
-- "chest pain" matches "pain in the chest" and "severe chest pain" (2 of 2),
-- "back pain" does not match "chest pain", nor "low blood pressure" "high blood pressure": a
-  word of each is missing from the other; "in the" is no phrase at all,
-- "fever" does not match "high fever" and "nausea" does not match "nausea and vomiting" (1 of 2):
-  a generic half of a symptom is not the symptom.
-
-Matches pair one generated phrase with one reference phrase (a maximum matching), so repeating
-a right phrase earns nothing. Precision = matched / generated phrases, recall = matched /
-reference phrases; ``micro_average`` sums the counts over diseases before dividing.
-
-**Word F1** (whole answer). The set of content words of the whole answer against that of the
-reference: no phrase splitting or pairing, so a quirk of one metric cannot decide alone.
-
-**Baselines**: ``constant_answer`` (the most frequent training phrases, for every disease) and
-``nearest_name_answers`` (the symptoms of the training disease whose name shares the most
-words). A model that has learnt something scores above both, on diseases it never saw.
-"""
-
-from __future__ import annotations
+"""Symptom F1, word F1 and the answers that need no model (the rules, with examples:
+medlm/README.md, "Is the model any good?")."""
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medlm.text import content_words, phrases_match, split_phrases
 
-# bump when a change to the rules makes old scores incomparable; 3: a run's answers are decoded
-# under its bf16 autocast (where it trains in bf16), all validation names in one batch;
-# 4: "-es" plurals meet their singulars ("rashes" / "rash")
-METRIC_VERSION = "4"
-# Greedy answers for scoring: no repetition penalty. The seed's 1.2 penalises every token
-# already written, commas included, which is the separator the metric splits on (experiments/
-# RESULTS.md, "Repetition penalty of the scored answers", has the measurement).
+METRIC_VERSION = "4"  # bumped when a change to the rules makes old scores incomparable
+# no repetition penalty: the seed's 1.2 penalises commas, the separator the metric splits on
+# (experiments/RESULTS.md, "Repetition penalty of the scored answers")
 SCORING_REPETITION_PENALTY = 1.0
 
 
@@ -101,17 +67,8 @@ def score_words(generated: str, reference: str) -> SymptomScore:
                         len(reference_words))
 
 
-def micro_average(scores: Iterable[SymptomScore]) -> SymptomScore:
-    scores = list(scores)
-    return SymptomScore(sum(s.matched for s in scores), sum(s.generated for s in scores),
-                        sum(s.reference for s in scores))
-
-
 def references_by_disease(frame) -> dict[str, tuple[str, str]]:
-    """Disease key (case-folded name) -> (name as written, reference symptoms).
-
-    A name listed on several rows (the dataset has 8) gets the union of their phrases.
-    """
+    """Case-folded name -> (name, the union of its rows' symptoms)."""
     references: dict[str, tuple[str, list[str]]] = {}
     for name, symptoms in zip(frame["Name"], frame["Symptoms"], strict=True):
         shown, phrases = references.setdefault(name.casefold(), (name, []))
@@ -120,8 +77,7 @@ def references_by_disease(frame) -> dict[str, tuple[str, str]]:
 
 
 def constant_answer(train_frame, size: int = 5) -> str:
-    """The ``size`` phrases most training diseases list (a phrase counts once per row), as one
-    answer: what a model that ignores the disease name would best say."""
+    """The ``size`` phrases most training rows list, as one answer."""
     counts: Counter[frozenset[str]] = Counter()
     shown: dict[frozenset[str], str] = {}
     for symptoms in train_frame["Symptoms"]:
@@ -135,13 +91,8 @@ def constant_answer(train_frame, size: int = 5) -> str:
 
 def nearest_name_answers(train_frame, names: Sequence[str], fallback: str) -> list[str]:
     """For each name, the symptoms of the training disease whose name shares the most content
-    words (ties: the fewest extra words, then the first row); ``fallback`` where none shares
-    a word. No model: what a lookup table by name scores.
-
-    An index from each content word to the training names that hold it means only names
-    sharing a word are scored: comparing every pair took 18 s of a 20,000-row start-up. Equal
-    word sets are indexed once, by their first row, which wins their ties anyway.
-    """
+    words (ties: fewest extra words, first row), else ``fallback``; indexed by word (all pairs
+    of a 20,000-row dataset: 18 s)."""
     first_rows: dict[frozenset[str], int] = {}
     for row, name in enumerate(train_frame["Name"]):
         first_rows.setdefault(content_words(name), row)

@@ -1,225 +1,140 @@
-"""Loading a tokenizer and causal LM, and choosing the device and numeric precision."""
-
-from __future__ import annotations
+"""Tokenizer and causal LM loading; the device and numeric precision."""
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from medlm._paths import looks_like_local_path
+from medlm._paths import looks_like_local_path, scratch_directory
 from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub, model_in_cache
-from medlm.offline import cache_dir, known_bases, resolve_base_name
+from medlm.offline import OFFLINE_BASES, cache_dir, resolve_base_name
 from medlm.prompts import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
+DEQUANTIZED_FORMAT = 1  # bump when what _load_gguf keeps changes
+# What emulated bf16 costs (measured; experiments/README.md, Precision).
+CPU_EMULATED_BF16 = ("one distilgpt2 training step of 8x53 tokens took 187 s in bf16 autocast "
+                     "against 4 s in fp32 on an AVX2-only AMD EPYC")
+
 
 def load_tokenizer_and_model(name_or_path: str):
-    """A Hub id, an offline base name (``medlm.offline.OFFLINE_BASES``), a ``save_pretrained``
-    directory or a GGUF file -> (tokenizer, model in fp32).
-
-    Weights stay fp32 whatever the checkpoint's dtype (a GGUF file is de-quantized): mixed
-    precision is autocast, so the optimizer always updates fp32 master weights. A missing pad
-    token becomes end-of-text. ``trust_remote_code`` is never turned on: a model whose
-    architecture transformers has built in loads as that (code its config names is ignored),
-    one that needs its own code is refused; weights load from safetensors only, never from a
-    pickle (``pytorch_model.bin``).
-    """
-
+    """A Hub id, an offline base name, a ``save_pretrained`` directory or a GGUF file ->
+    (tokenizer with a pad token, model in fp32: mixed precision is autocast over fp32 weights)."""
     base = resolve_base_name(name_or_path)
     path = str(base) if base else os.path.expanduser(name_or_path)
-    is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
-    if not (os.path.isdir(path) or is_gguf) and looks_like_local_path(name_or_path):
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        return ensure_pad_token(*_load_gguf(name_or_path, path))
+    local = os.path.isdir(path)
+    if not local and looks_like_local_path(name_or_path):
         raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, an "
-                         f"offline base ({known_bases()}), a directory saved with "
+                         f"offline base ({', '.join(OFFLINE_BASES)}), a directory saved with "
                          "save_pretrained, or a .gguf file")
-    local = os.path.isdir(path) or is_gguf
-    offline = None if local else check_hub()
-    # An absolute path keeps name_or_path from being mistaken for a Hub id later (MLflow looks
-    # up model cards and licenses by it).
-    if is_gguf:
-        cached = dequantized_cache(path)
-        if (loaded := _read_dequantized(cached)) is not None:
-            return loaded
-        source = os.path.dirname(os.path.abspath(path))
-        extra = {"gguf_file": os.path.basename(path)}
-        log.info("de-quantizing %s (GGUF) to fp32, once: later runs read %s", name_or_path,
-                 cached)
-    else:
-        source = os.path.abspath(path) if local else name_or_path
-        extra = {}
-        if not local and not offline:
-            log.info("loading model %s from the Hugging Face Hub (or its local cache)", source)
-    tokenizer, model = _from_pretrained(name_or_path, source, extra, offline,
-                                        "GGUF file" if is_gguf else "directory" if local
-                                        else "Hub id")
-    if offline:
-        log.info("model %s: from the local Hugging Face cache (the Hub is not reachable: %s)",
-                 name_or_path, offline)
-    if is_gguf:
-        _forget_gguf_quantization(model)
-        _save_dequantized(tokenizer, model, cached)
-    return ensure_pad_token(tokenizer, model)
+    if local:  # absolute: MLflow would look a relative path up on the Hub (card, licence)
+        return ensure_pad_token(*_pretrained(name_or_path, os.path.abspath(path)))
+    offline = check_hub()
+    where = (f"local Hugging Face cache (the Hub is not reachable: {offline})" if offline
+             else "Hugging Face Hub (or its local cache)")
+    log.info("model %s: from the %s", name_or_path, where)
+    return ensure_pad_token(*_pretrained(name_or_path, name_or_path, offline))
 
 
-def _read_dequantized(cached: Path):
-    """(tokenizer, model) of a GGUF file de-quantized before (a plain fp32 model, read in a
-    second); None where there is none, or it is damaged in any way (then it is converted
-    again)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not cached.is_dir():
-        return None
-    try:
-        return ensure_pad_token(
-            AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False),
-            AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32,
-                                                 trust_remote_code=False, use_safetensors=True))
-    except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
-        log.warning("the de-quantized copy in %s is unreadable (%s): converting the GGUF file "
-                    "again", cached, first_line(error))
-        shutil.rmtree(cached, ignore_errors=True)
-        return None
-
-
-def _from_pretrained(name_or_path: str, source: str, extra: dict, offline: str | None,
-                     where: str):
-    """transformers' tokenizer and fp32 model from ``source``; a failure is one line naming
-    ``name_or_path`` (``where``: what kind of source it is), or ``HubUnavailable`` offline.
-
-    No code that comes with a model runs (``trust_remote_code=False``: transformers would
-    otherwise ask on stdin, and a ``y`` imports the directory's Python), and no pickle is
-    unpickled (``use_safetensors``; a GGUF file is its own format)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    weights = extra if "gguf_file" in extra else {**extra, "use_safetensors": True}
+def _pretrained(name_or_path: str, source: str, offline: str | None = None,
+                gguf_file: str | None = None):
+    """transformers' (tokenizer, fp32 model), or a one-line error; no model's own code runs (else
+    transformers asks on stdin, and a ``y`` imports it), no pickle is unpickled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only to load
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    where = "GGUF file" if gguf_file else "directory" if os.path.isdir(source) else "Hub id"
     try:
         return (AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra),
                 AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                     trust_remote_code=False, **weights))
+                                                     trust_remote_code=False,
+                                                     **(extra or {"use_safetensors": True})))
     except (OSError, ValueError, KeyError, ImportError) as error:
         if "trust_remote_code" in str(error):
             raise MedLMError(f"model {name_or_path!r} needs the Python code that comes with it "
-                             "(its config's auto_map names an architecture transformers does "
-                             "not have), and MedLM never runs a model's own code: expected a "
-                             "model of an architecture built into transformers (GPT-2, Llama, "
-                             "...)") from None
-        pickles = _pickled_weights(source) if where == "directory" else []
-        if pickles:
+                             "(auto_map), and MedLM never runs a model's own code: expected an "
+                             "architecture built into transformers (GPT-2, Llama, ...)") from None
+        names = sorted(p.name for p in Path(source).iterdir()) if where == "directory" else []
+        pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+        if pickles and not any(name.endswith(".safetensors") for name in names):
             raise MedLMError(f"model {name_or_path!r} holds its weights only as a pickle "
                              f"({', '.join(pickles)}), which MedLM does not load (unpickling can "
-                             "run code): expected model.safetensors: re-save the model with "
-                             "save_pretrained (safetensors is its default)") from None
+                             "run code): expected model.safetensors: re-save it with "
+                             "save_pretrained") from None
         reason = first_line(error)
-        if offline:
-            cached = model_in_cache(name_or_path)  # then the reason is worth naming
-            raise HubUnavailable("model", name_or_path, offline, reason if cached else "") from None
-        hint = "" if where != "Hub id" else f" (no Hub access? an offline base: {known_bases()})"
+        if offline:  # the reason is worth naming only for a model in the cache
+            raise HubUnavailable("model", name_or_path, offline,
+                                 reason if model_in_cache(name_or_path) else "") from None
         raise MedLMError(f"could not load model {name_or_path!r} ({where}: {reason[:200]}): "
-                         "expected a causal LM Hub id, save_pretrained directory or .gguf "
-                         f"file{hint}") from None
+                         "expected a causal LM Hub id, save_pretrained directory, .gguf file "
+                         f"or offline base ({', '.join(OFFLINE_BASES)})") from None
 
 
-def _pickled_weights(directory: str) -> list[str]:
-    """The pickled weight files of a directory that holds no safetensors ones."""
-    names = sorted(path.name for path in Path(directory).iterdir() if path.is_file())
-    if any(name.endswith(".safetensors") for name in names):
-        return []
-    return [name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+def _load_gguf(name_or_path: str, path: str):
+    """A GGUF file de-quantized to fp32 once (~17 s for SmolLM2-135M), then read back from
+    ``dequantized_cache`` (~0.2 s); a damaged copy is converted again."""
+    cached = dequantized_cache(path)
+    if cached.is_dir():
+        try:
+            return _pretrained(name_or_path, str(cached))
+        except Exception as error:  # noqa: BLE001 - damaged in any way: convert again
+            log.warning("the de-quantized copy in %s is unreadable (%s): converting the GGUF "
+                        "file again", cached, first_line(error))
+            shutil.rmtree(cached, ignore_errors=True)
+    log.info("de-quantizing %s (GGUF) to fp32, once: later runs read %s", name_or_path, cached)
+    tokenizer, model = _pretrained(name_or_path, os.path.dirname(os.path.abspath(path)),
+                                   gguf_file=os.path.basename(path))
+    if getattr(model, "hf_quantizer", None) is not None:  # else save_pretrained refuses it
+        model.hf_quantizer.remove_quantization_config(model)
+    try:  # renamed when whole: a kill leaves no half-written copy
+        with scratch_directory(cached.parent, f".{cached.name}.") as partial:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            os.replace(partial, cached)
+    except Exception as error:  # noqa: BLE001 - OSError, SafetensorError, ...: only a cache
+        if not cached.is_dir():  # else another process (a torchrun rank) wrote it first
+            log.warning("could not keep the de-quantized model in %s (%s): the next run "
+                        "converts the GGUF file again", cached, first_line(error))
+    return tokenizer, model
 
 
 def dequantized_cache(gguf_path: str) -> Path:
-    """Where a GGUF file's de-quantized model is kept (parsing a GGUF file and de-quantizing
-    it takes ~17 s for SmolLM2-135M; reading the result back, ~0.2 s): one directory per file,
-    keyed by its real path, size, modification time, the transformers and gguf versions that
-    converted it and MedLM's own conversion (``DEQUANTIZED_FORMAT``), under
-    ``$MEDLM_CACHE/dequantized``."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
-    import transformers
-
-
+    """Per GGUF file (its real path: a cache linking to another's bases finds the same copy), size,
+    modification time and the versions that convert it."""
     try:
         gguf_version = version("gguf")
     except PackageNotFoundError:
         gguf_version = ""
     stat = os.stat(gguf_path)
-    # the file itself, however reached: a cache directory that links to another one's bases
-    # (the tests' and benchmarks' own caches do) finds the same copy
     key = "|".join(map(str, (os.path.realpath(gguf_path), stat.st_size, stat.st_mtime_ns,
-                             transformers.__version__, gguf_version, DEQUANTIZED_FORMAT)))
+                             version("transformers"), gguf_version, DEQUANTIZED_FORMAT)))
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return cache_dir() / "dequantized" / f"{Path(gguf_path).stem}-{digest}"
 
 
-DEQUANTIZED_FORMAT = 1  # bump when what _save_dequantized writes changes
-
-
-def _save_dequantized(tokenizer, model, target: Path) -> None:
-    """Written beside, then renamed in one step: a kill leaves no half-written model to load
-    (and its leftover is removed by a later save). A cache that cannot be written (read-only,
-    full) only costs the next run the conversion; another process (a torchrun rank) that
-    wrote it first is as good."""
-    import shutil
-    import tempfile
-    import time
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*"):  # a killed save's, not a live one
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            model.save_pretrained(str(partial))
-            tokenizer.save_pretrained(str(partial))
-            os.replace(partial, target)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    except Exception as error:  # noqa: BLE001 - OSError, SafetensorError, ...: only a cache
-        if not target.is_dir():
-            log.warning("could not keep the de-quantized model in %s (%s): the next run "
-                        "converts the GGUF file again", target, first_line(error))
-
-
-def _forget_gguf_quantization(model) -> None:
-    """A GGUF checkpoint is fully de-quantized to fp32 on load, yet transformers keeps marking
-    the model as quantized, which makes ``save_pretrained`` refuse it. It is a plain model now."""
-    model.hf_quantizer = None
-    for attribute in ("is_quantized", "quantization_method"):
-        if hasattr(model, attribute):
-            setattr(model, attribute, False if attribute == "is_quantized" else None)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def tokenizer_sha256(tokenizer) -> str:
-    """Fingerprint of what a tokenizer turns text into (vocabulary and end-of-text token):
-    losses are comparable across runs only when it is the same."""
-    import hashlib
-    import json
-
+    """Vocabulary and end-of-text token: losses compare across runs only when it is the same."""
     content = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token])
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def context_size(model) -> int | None:
-    """Longest sequence the model's position embeddings allow, when the config says."""
-    config = model.config
-    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    values = (getattr(model.config, name, None)
+              for name in ("n_positions", "max_position_embeddings", "n_ctx"))
+    return next((value for value in values if isinstance(value, int) and value > 0), None)
 
 
 def effective_max_length(requested: int | None, model) -> int | None:
@@ -242,10 +157,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
     has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
            "cpu": True}
     if requested == "auto":
-        return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if has[kind]))
-    if requested not in has:
-        raise MedLMError(f"--device {requested!r} is invalid: expected auto, cuda, mps or cpu")
-    if not has[requested]:
+        return torch.device(next(kind for kind, present in has.items() if present))
+    if not has.get(requested):
         raise MedLMError(f"--device {requested} is not available on this machine: "
                          "expected auto or cpu")
     return torch.device(requested)
@@ -256,7 +169,7 @@ class Precision:
     """How the forward pass runs: fp32, or autocast to bf16/fp16 over fp32 weights."""
 
     name: str  # fp32 | bf16 | fp16
-    device: torch.device  # where it runs (a str is made a torch.device)
+    device: torch.device  # a str is made one
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -275,14 +188,12 @@ class Precision:
         return self.name == "fp16" and self.device_type == "cuda"
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        if dtype := self.autocast_dtype:
+            return torch.autocast(self.device_type, dtype=dtype)
+        return contextlib.nullcontext()
 
     def answer_autocast(self):
-        """The autocast answers are written under (scored answers, samples, evaluate): bf16's
-        (2.1x faster than fp32 for distilgpt2 on an AVX512-BF16 CPU); fp16 (older GPUs)
-        decodes in fp32, where an overflow cannot stop a run after its checkpoint."""
+        """bf16 (2.1x fp32's speed on AVX512-BF16); fp16 in fp32: no overflow stops a run."""
         return self.autocast() if self.name == "bf16" else contextlib.nullcontext()
 
     def grad_scaler(self) -> torch.amp.GradScaler:
@@ -291,31 +202,25 @@ class Precision:
 
 @functools.cache
 def peak_flops(precision: Precision) -> float:
-    """The device's matmul throughput in ``precision`` (FLOP/s), measured once per process: what
-    the model FLOPs utilisation (MFU) is against. nanoGPT divides by the A100's datasheet
-    figure; a measured peak also holds for any CPU and for a GPU no table lists."""
-    size = 4096 if precision.device_type == "cuda" else 1024
+    """Matmul FLOP/s in ``precision``, measured once per process: MFU's peak on any device."""
+    size, repeats = (4096, 10) if precision.device_type == "cuda" else (1024, 3)
     dtype = precision.autocast_dtype or torch.float32
-    # not torch.randn: the run's random stream (dropout, shuffles) must not depend on whether
-    # the peak was measured yet in this process
-    left = right = torch.full((size, size), 0.5, device=precision.device, dtype=dtype)
-    synchronize = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(
-        precision.device_type, lambda: None)
-    left @ right  # warm-up: kernels chosen, memory allocated
+    # not torch.randn: the run's random stream must not depend on whether this ran yet
+    left = torch.full((size, size), 0.5, device=precision.device, dtype=dtype)
+    synchronize = getattr(torch, precision.device_type).synchronize
+    left @ left  # warm-up: kernels chosen, memory allocated
     synchronize()
-    repeats = 10 if precision.device_type == "cuda" else 3
     started = time.perf_counter()
     for _ in range(repeats):
-        left @ right
+        left @ left
     synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
 @contextlib.contextmanager
 def casts_cached(model, device: torch.device):
-    """Under autocast, let frozen weights (LoRA's base) be cast once per call too: autocast
-    caches the casts of leaf tensors that require grad only, so for the duration (under
-    no_grad, which builds no graph) they are marked as requiring it."""
+    """Under autocast, frozen weights (LoRA's base) cast once per call too: autocast caches only
+    casts of leaves that require grad, so (under no_grad) they are marked so for the call."""
     frozen = ([parameter for parameter in model.parameters() if not parameter.requires_grad]
               if torch.is_autocast_enabled(device.type) else [])
     for parameter in frozen:
@@ -328,9 +233,7 @@ def casts_cached(model, device: torch.device):
 
 
 def cpu_kind() -> str:
-    """The CPU features that decide MedLM's speed, for every reported figure: ``AVX512-BF16``
-    (or ``AMX-BF16``: native bf16), else the vector ISA torch dispatches to (``AVX512``,
-    ``AVX2``, ...), with ``no native bf16`` said out loud."""
+    """``AMX-BF16`` or ``AVX512-BF16`` (native bf16), else the vector ISA torch dispatches to."""
     if torch.cpu._is_amx_tile_supported():
         return "AMX-BF16"
     if torch.cpu._is_avx512_bf16_supported():
@@ -340,81 +243,44 @@ def cpu_kind() -> str:
 
 def cpu_count() -> int:
     """Cores this process may use (its affinity: a container's limit), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)  # not on macOS, Windows
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo``), else the platform's word for it."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
-def cpu_supports_bf16() -> bool:
-    """Native bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated, slow."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def cuda_supports_bf16() -> bool:
-    """Native bf16 on the current GPU (compute capability 8.0+, Ampere and newer; ROCm). Not
-    ``torch.cuda.is_bf16_supported()``'s default, which also counts emulation and so says yes on
-    every CUDA GPU, T4/V100/P100 included, where bf16 has no tensor cores."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-# What emulated bf16 costs on a CPU without it (measured; see experiments/README.md, Precision).
-CPU_EMULATED_BF16 = ("one distilgpt2 training step of 8x53 tokens took 187 s in bf16 autocast "
-                     "against 4 s in fp32 on an AVX2-only AMD EPYC")
-
-
 def resolve_precision(requested: str, device: torch.device | str) -> Precision:
-    """Pick the autocast dtype; ``auto`` picks what is fastest without hurting the loss.
-
-    CUDA: bf16 where the GPU has it natively, else fp16 with a GradScaler. CPU: bf16 where the
-    CPU has native bf16 (measured ~1.5x faster per epoch than fp32 for distilgpt2 on an
-    AVX512-BF16 CPU, same validation loss; experiments/README.md, Precision), else fp32. MPS:
-    fp32. The hardware is asked through torch's own queries, so tests patch those, not an argument.
-    """
+    """``auto``: bf16 where the device has it natively (CPU: ~1.5x faster per epoch than fp32,
+    same loss; experiments/README.md, Precision), else fp16 + GradScaler on CUDA, else fp32."""
     device_type = torch.device(device).type
-    if device_type == "cuda":
-        bf16_ok = cuda_supports_bf16()
-    elif device_type == "cpu":
-        bf16_ok = cpu_supports_bf16()
+    if device_type == "cuda":  # not counting emulation (T4, V100: no bf16 tensor cores)
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
-        bf16_ok = False
+        native_bf16 = device_type == "cpu" and "no native bf16" not in cpu_kind()
     if requested == "auto":
-        if device_type == "cuda":
-            return Precision("bf16" if bf16_ok else "fp16", device)
-        return Precision("bf16" if bf16_ok else "fp32", device)
+        return Precision("bf16" if native_bf16 else "fp16" if device_type == "cuda" else "fp32",
+                         device)
     if requested == "fp16" and device_type != "cuda":
         raise MedLMError(f"--precision fp16 is not supported on {device_type}: expected auto, "
                          "fp32 or bf16 (fp16 autocast needs a CUDA device)")
-    if requested == "bf16" and device_type == "cuda" and not bf16_ok:
+    if requested == "bf16" and device_type == "cuda" and not native_bf16:
         raise MedLMError("--precision bf16 is not supported natively by this GPU (compute "
                          "capability below 8.0): expected auto (fp16 + GradScaler here), fp16 "
                          "or fp32")
-    if requested == "bf16" and device_type == "cpu" and not bf16_ok:
+    if requested == "bf16" and device_type == "cpu" and not native_bf16:
         log.warning("WARNING: --precision bf16 on a CPU without native bf16 (%s): bf16 is "
                     "emulated and extremely slow here (%s); --precision auto picks fp32 on this "
                     "CPU", cpu_kind(), CPU_EMULATED_BF16)
-    if requested not in ("fp32", "bf16", "fp16"):
-        raise MedLMError(f"--precision {requested!r} is invalid: expected auto, fp32, bf16 or "
-                         "fp16")
     return Precision(requested, device)
 
 
 def describe_device(device: torch.device) -> str:
-    """Human name of the hardware, for results.csv's ``gpu`` column and run params."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":

@@ -1,25 +1,6 @@
-"""The text a disease name becomes before the model writes its symptoms, in one of two formats
-(``--prompt-format``):
-
-- ``plain``: ``"Name |"``, then ``" symptoms"`` (the seed notebook's ``"Name | Symptoms"`` rows);
-- ``chat``: the tokenizer's own chat template with the name as the user's turn and the symptoms
-  as the assistant's. On SmolLM2-Instruct, which was tuned on that shape, it scored +0.016
-  held-out symptom F1 and +0.031 word F1 over plain (paired, two split seeds x two training
-  seeds), but its rows are 2.3x as long (52.6 tokens against 23.2 on average: 21 of the 30 the
-  template adds are its system turn), so each epoch trains on 2.3x the tokens; plain stays the
-  default (experiments/RESULTS.md).
-- ``auto``: ``chat`` for a tokenizer that has a chat template, ``plain`` for one that has none
-  (distilgpt2, the Gemma 3 270M base).
-
-A model keeps the format it was trained on in its config (``PROMPT_FORMAT_ATTRIBUTE``), which
-is saved and registered with it, so generation, scoring and serving prompt it the same way; a
-model without one is plain.
-
-Tokenizer rules with no model code behind them: token ids of texts in one call to a fast
-tokenizer's backend (leaving its own padding and truncation settings as they were), and the pad
-token a GPT-2-style tokenizer lacks."""
-
-from __future__ import annotations
+"""The text a disease name becomes (``--prompt-format``): ``plain`` (``"Name |"``, the seed's
+rows), ``chat`` (the tokenizer's chat template: experiments/RESULTS.md) or ``auto`` (chat where
+there is one), kept in the model's config; and its tokens."""
 
 from medlm.errors import MedLMError
 
@@ -40,8 +21,7 @@ def resolve_prompt_format(requested: str, tokenizer, model_name: str) -> str:
 
 
 def prompt_format_of(model) -> str:
-    """The format a model was trained on: plain for one that does not say (MedLM before it
-    kept one, or a base that was never fine-tuned)."""
+    """The format a model was trained on: plain for one that does not say."""
     return getattr(model.config, PROMPT_FORMAT_ATTRIBUTE, None) or "plain"
 
 
@@ -51,11 +31,8 @@ def set_prompt_format(model, prompt_format: str) -> None:
 
 
 def bos_ids(tokenizer) -> list[int]:
-    """``[beginning-of-text id]`` for a tokenizer that starts every text with one (Gemma: its
-    answers fall apart without it), else ``[]`` (GPT-2, SmolLM2). Training rows and prompts are
-    tokenized without special tokens and given this prefix as an id (not as text, which a
-    SentencePiece tokenizer would encode differently after it), so they start as the tokenizer's
-    own encoding does, and as a served model's pipeline encodes a prompt."""
+    """``[bos id]`` where the tokenizer starts every text with one (Gemma), else ``[]``: the
+    prefix rows and prompts get as an id (as text, SentencePiece encodes the rest otherwise)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
@@ -63,17 +40,13 @@ def bos_ids(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
-def _name(name: str) -> str:
-    """A name already ending in the separator is not given a second one."""
+def _name(name: str) -> str:  # a name already ending in the separator gets no second one
     return name.strip().removesuffix(PROMPT_SEPARATOR.strip()).rstrip()
 
 
 def prompts_for(names: list[str], tokenizer=None, prompt_format: str = "plain") -> list[str]:
-    """What the model continues with the symptoms, per name: ``"Name |"``, or the chat
-    template's text up to the assistant's turn. A template that starts with the
-    beginning-of-text token's text (Gemma's ``<bos>``) loses it where MedLM adds that token as an
-    id (``bos_ids``, asked once for all names); elsewhere the text stays whole (SmolLM2's bos
-    token is ``<|im_start|>``, its template's first word)."""
+    """Per name, ``"Name |"`` or the chat template up to the assistant's turn (less a leading
+    bos text where ``bos_ids`` adds it as an id)."""
     if prompt_format == "plain":
         return [_name(name) + PROMPT_SEPARATOR.rstrip() for name in names]
     if prompt_format != "chat":
@@ -107,18 +80,14 @@ def serving_template(tokenizer, prompt_format: str) -> str:
 
 def encode_texts(tokenizer, texts: list[str],
                  add_special_tokens: bool = False) -> list[list[int]]:
-    """Token ids of ``texts`` (without special tokens unless asked), in one call.
-
-    A fast tokenizer's Rust backend is asked directly and without character offsets, which
-    nothing here needs (1.5x faster than ``tokenizer(texts)`` on this dataset, same ids).
-    """
+    """Token ids of ``texts`` (without special tokens unless asked), in one call: a fast
+    tokenizer's backend without character offsets (1.5x faster than ``tokenizer(texts)``)."""
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    # The backend keeps the padding/truncation of the tokenizer's last __call__ (say, a
-    # padding="max_length" elsewhere); switch them off for this call and put them back.
+    # off for this call: the backend keeps the tokenizer's last __call__'s settings
     padding, truncation = backend.padding, backend.truncation
     backend.no_padding()
     backend.no_truncation()
@@ -133,8 +102,7 @@ def encode_texts(tokenizer, texts: list[str],
 
 
 def ensure_pad_token(tokenizer, model=None):
-    """GPT-2-style tokenizers have no padding token: pad with end-of-text, and tell the model
-    (its config and generation config) which id that is. Returns (tokenizer, model)."""
+    """Pad with end-of-text where there is no pad token (GPT-2), in the model's configs too."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model is not None:

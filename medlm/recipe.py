@@ -1,16 +1,12 @@
-"""One training run, from a config to a registered model, as one object (``Run``: setup ->
-train -> register -> cleanup), and what a resumed run needs (its saved settings, the data check,
-the command that resumes it).
-
-Sweeps and searches of runs are ``medlm.sweep`` and ``medlm.search``. The MLflow calls are in
-``medlm.tracking`` and ``medlm.registry``; the loop (``medlm.train``) imports nothing of MLflow.
-"""
+"""One training run as one object (``Run``: setup -> train -> register -> cleanup), and what a
+resumed run needs: its saved settings, the data check, the command that resumes it."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -19,16 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from medlm import distributed
+from medlm import checkpoint, distributed, modeling, offline
 from medlm._paths import check_writable, is_sweep_directory
-from medlm.checkpoint import (
-    check_readable,
-    check_world_size,
-    has_checkpoint,
-    remove_finished,
-    saved_epochs,
-    trained_here,
-)
 from medlm.compare import maybe_crown, validation_loss_table
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
 from medlm.data import DiseaseData, LanguageDataset, load_disease_data, make_loader
@@ -36,22 +24,6 @@ from medlm.errors import DiskFull, MedLMError
 from medlm.generate import GenerationSettings, check_prompts_fit, drop_unanswerable
 from medlm.lora import add_lora, merge_lora, trainable_parameters
 from medlm.metrics import METRIC_VERSION
-from medlm.modeling import (
-    count_parameters,
-    describe_device,
-    effective_max_length,
-    load_tokenizer_and_model,
-    resolve_device,
-    resolve_precision,
-    tokenizer_sha256,
-)
-from medlm.offline import (
-    base_licence,
-    cache_dir,
-    forget_random_weights,
-    randomly_initialised,
-    resolve_base_name,
-)
 from medlm.prompts import resolve_prompt_format, set_prompt_format
 from medlm.registry import register
 from medlm.report import EpochReport, TimeReport, run_description
@@ -63,7 +35,6 @@ from medlm.timing import describe as describe_time
 from medlm.tracking import MlflowTracker, library_versions, logged_metrics
 from medlm.train import (
     EpochResult,
-    FitResult,
     Logger,
     NonFiniteLossError,
     Report,
@@ -78,114 +49,109 @@ DATA_FILE = "data.json"  # beside a checkpoint: the data and split it was traine
 
 
 def split_for(config: TrainConfig, data: DiseaseData) -> DiseaseSplit:
-    """The run's held-out diseases: its fold of ``--folds``, or the ``--validation-fraction``
-    split."""
+    """The run's held-out diseases: its fold of ``--folds``, or the ``--validation-fraction``."""
     return split_rows(data.frame, config.validation_fraction, config.split_seed, config.folds,
                       config.fold, config.dataset)
 
 
 class Run:
-    """One training run as one object (torchtune's recipe shape), its state on ``self``:
-
-    - ``setup()``: everything a user could get wrong, checked and loaded before any MLflow run
-      (data, split, device, precision, tokenizer, model);
-    - ``train()``: one MLflow run through ``fit``, with the epoch report among its loggers;
-    - ``register()``: the kept epoch scored, logged and registered, maybe the champion;
-    - ``cleanup()``: the checkpoint removed, the run described, its time split shown.
-
-    ``execute()`` runs the last three, the MLflow run open around ``train`` and ``register`` (it
-    ends FINISHED, KILLED or FAILED): call them through it, not one by one. A sweep's child, a
-    fold and a search's trial are each a ``next()`` of the run before: the same data, device
-    and tokenizer, the base loaded again."""
+    """One training run (torchtune's recipe shape), its state on ``self``: ``setup()`` checks
+    and loads all a user could get wrong before any MLflow run; ``train()`` opens the MLflow
+    run and fits; ``register()`` scores, logs and registers the kept epoch; ``cleanup()``,
+    after the MLflow run ended, removes the checkpoint. ``with run:`` around ``train`` and
+    ``register`` ends the MLflow run FINISHED, KILLED or FAILED. A sweep's child, a fold and a
+    search's trial are each a ``next()`` of the run before: its data, device and tokenizer."""
 
     def __init__(self, config: TrainConfig, started: float | None = None):
-        self.config = config  # as asked; train() makes its "auto" settings definite
+        self.config = config  # setup() and next() make its "auto" settings definite
         self.stopwatch = Stopwatch(started)  # started: when the process began (time.time())
         self.trained = False  # the model has been trained in place: next() loads the base
         self._scope = contextlib.ExitStack()  # the MLflow run, and this process's claim on it
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *error) -> bool:
+        return self._scope.__exit__(*error)
+
     def setup(self) -> Run:
         config = self.config
         with self.stopwatch.phase("startup"):
-            resolve_base_name(config.model)  # a mistyped or missing base before the data loads
-            if config.system_metrics:
-                import importlib.util
-
-                if importlib.util.find_spec("psutil") is None:  # MLflow fails in start_run
-                    raise MedLMError("system metrics need psutil, which is not installed: "
-                                     "expected pip install psutil (or pip install -e . again), "
-                                     "or --no-system-metrics")
+            offline.resolve_base_name(config.model)  # a missing base before the data loads
+            if config.system_metrics and importlib.util.find_spec("psutil") is None:
+                raise MedLMError("system metrics need psutil, which is not installed: "
+                                 "expected pip install psutil (or pip install -e . again), "
+                                 "or --no-system-metrics")
             self.data = load_disease_data(config.dataset, config.max_samples)
             self.split = split_for(config, self.data)  # a split error before the model loads
-            # joins torchrun's group, if any
-            device = distributed.start(resolve_device(config.device),
-                                       config.collective_timeout_min)
-            self.precision = resolve_precision(config.precision, device)
-            self.tokenizer, self.model = load_tokenizer_and_model(config.model)
-            prompt_format = resolve_prompt_format(config.prompt_format, self.tokenizer,
-                                                  config.model)
-            # every answer the run writes must fit the context: checked now, not after an epoch
-            if config.sample_prompts:
+            device = distributed.start(modeling.resolve_device(config.device),
+                                       config.collective_timeout_min)  # joins torchrun's group
+            self.precision = modeling.resolve_precision(config.precision, device)
+            self.tokenizer, self.model = modeling.load_tokenizer_and_model(config.model)
+            config = self._decide(config)
+            if config.sample_prompts:  # every answer must fit the context: checked now
                 check_prompts_fit(self.model, self.tokenizer, config.sample_prompts,
-                                  config.max_new_tokens, prompt_format)
-            # whether or not this run writes answers, so that its held-out diseases are those
-            # that experiments.evaluate (and a resume) re-create
+                                  config.max_new_tokens, config.prompt_format)
+            # whether or not the run writes answers: the held-out diseases that
+            # experiments.evaluate (and a resume) re-create
             if drop_unanswerable(self.data, self.model, self.tokenizer, config.max_new_tokens,
-                                 prompt_format):
-                self.split = split_for(config, self.data)  # as every later split will be
+                                 config.prompt_format):
+                self.split = split_for(config, self.data)
         return self
 
+    def _decide(self, config: TrainConfig) -> TrainConfig:
+        """The one place a run's "auto" settings (LoRA rank, prompt format) become definite,
+        in ``self.config``; its recipe file keeps the decided rank and the asked format."""
+        config = resolve_lora_rank(config)
+        self.recipe = config.to_recipe()
+        self.config = replace(config, prompt_format=resolve_prompt_format(
+            config.prompt_format, self.tokenizer, config.model))
+        return self.config
+
     def next(self, config: TrainConfig) -> Run:
-        """The next run of a sweep or search (``config``), on this one's data, device and
-        tokenizer: the untouched base again where this one trained it, its own split (a fold),
-        its time from its own start."""
+        """The next run of a sweep or search (``config``) on this one's data, device and
+        tokenizer: the untouched base again, its own split (a fold), its time its own."""
         run = copy.copy(self)
-        run.config, run.trained, run._scope = config, False, contextlib.ExitStack()
+        run.trained, run._scope = False, contextlib.ExitStack()
+        run._decide(config)
         self.model = None  # handed over: one run's model in memory, trained by one run only
         if self.trained or run.model is None:  # else the first of a sweep: its time counts
             run.stopwatch = Stopwatch()  # the process's start-up
             with run.stopwatch.phase("startup"):
-                run.model = load_tokenizer_and_model(config.model)[1]
+                run.model = modeling.load_tokenizer_and_model(config.model)[1]
         if config.folds:  # each fold holds out its own diseases
             with run.stopwatch.phase("startup"):
                 run.split = split_for(config, self.data)
         return run
 
-    def execute(self, resume_run_id: str | None = None, parent_run_id: str | None = None,
-                nested: bool = False, loggers: Sequence[Logger] = (),
-                started: Callable[[str], None] = lambda run_id: None) -> dict:
-        """``train``, ``register`` and ``cleanup``; returns the run's row of a sweep's table."""
-        with self._scope:
-            self.train(resume_run_id, parent_run_id, nested, loggers, started)
+    def execute(self, **options) -> dict:
+        """``train(**options)``, ``register``, ``cleanup`` (a search's trial); the run's row."""
+        with self:
+            self.train(**options)
             self.register()
         return self.cleanup()
 
     def train(self, resume_run_id: str | None = None, parent_run_id: str | None = None,
               nested: bool = False, loggers: Sequence[Logger] = (),
-              started: Callable[[str], None] = lambda run_id: None) -> FitResult:
+              started: Callable[[str], None] = lambda run_id: None) -> None:
         """Open the MLflow run (``resume_run_id``: that run again, from its last checkpoint;
-        ``parent_run_id`` or ``nested``: a child run) and train it; ``started`` is told the run
-        id as soon as there is one; ``loggers`` are told each epoch after the run's own (a
-        search's pruner, which may stop the run: ``RunStopped``)."""
-        stopwatch, main_process = self.stopwatch, distributed.is_main()
-        self.recipe = self.config.to_recipe()  # as asked: "auto" settings stay auto in it
-        config = self.config = replace(
-            resolve_lora_rank(self.config), prompt_format=resolve_prompt_format(
-                self.config.prompt_format, self.tokenizer, self.config.model))
+        ``parent_run_id`` or ``nested``: a child) and train it; ``started`` is told the run id
+        at once; ``loggers`` hear each epoch after the run's own (a search's pruner)."""
+        config, stopwatch, main_process = self.config, self.stopwatch, distributed.is_main()
         set_prompt_format(self.model, config.prompt_format)  # generation, scoring, serving
         self.trained, self.resumed = True, bool(resume_run_id)
         self._datasets()
-        world_size = distributed.world_size()
+        device = modeling.describe_device(self.precision.device)
+        processes = distributed.world_size()
         log.info("%s: %d rows (%d dropped) -> %d training / %d validation rows (%d validation "
                  "diseases; %d names grouped with a variant so that none is on both sides); "
                  "%s on %s (%s)%s", config.dataset, len(self.data.frame),
                  self.data.dropped_rows, len(self.train_set), len(self.validation_set),
-                 self.held_out_diseases, self.split.grouped_names, config.model,
-                 describe_device(self.precision.device), self.precision.name,
-                 f", {world_size} processes" if world_size > 1 else "")
-        self.tracker = MlflowTracker(config, describe_device(self.precision.device))
+                 self.held_out_diseases, self.split.grouped_names, config.model, device,
+                 self.precision.name, f", {processes} processes" if processes > 1 else "")
+        self.tracker = MlflowTracker(config, device)
         self.params = self._params()
-        # Only the main process talks to MLflow and writes files; the others learn the run id.
+        # only the main process talks to MLflow and writes files; the others learn the run id
         mlflow_run = (self.tracker.run(self.params, nested=nested, resume_run_id=resume_run_id,
                                        parent_run_id=parent_run_id,
                                        description=run_description(config))
@@ -197,8 +163,11 @@ class Run:
         started(self.run_id)
         self.checkpoint = Path(config.checkpoint_dir) / self.run_id
         if main_process:  # this process's until the run ends: a resume elsewhere is refused
-            self._scope.enter_context(trained_here(self.checkpoint))
+            self._scope.enter_context(checkpoint.trained_here(self.checkpoint))
         self.report = EpochReport(self)
+        # every epoch scored where the selection needs it (or asked); else the kept one alone
+        self.report.every_epoch = config.symptom_eval and (
+            config.score_every_epoch or config.select_by == "symptom_f1")
         timer = TimeReport(stopwatch, self.tracker)
         try:
             if main_process:
@@ -207,10 +176,6 @@ class Run:
                 timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
             else:
                 stopwatch.lap()  # a resumed run's epochs from here on
-            # every epoch is scored where the selection needs it (or it is asked for); else
-            # the kept epoch alone, after training
-            self.report.every_epoch = config.symptom_eval and (
-                config.score_every_epoch or config.select_by == "symptom_f1")
             with noisy_embeddings(self.model, config.neftune_alpha):
                 self.result = fit(self.model, (self.train_loader, self.validation_loader),
                                   config, self.precision, self.checkpoint,
@@ -219,12 +184,11 @@ class Run:
         except NonFiniteLossError as error:
             error.run_id = self.run_id  # a sweep records which child diverged
             raise
-        return self.result
 
     def _datasets(self) -> None:
-        """The tokenized rows, their loaders, and what needs no model (the baselines)."""
+        """The tokenized rows, their loaders, LoRA, and the answers that need no model."""
         config, tokenizer = self.config, self.tokenizer
-        max_length = effective_max_length(config.max_length, self.model)
+        max_length = modeling.effective_max_length(config.max_length, self.model)
         with self.stopwatch.phase("tokenization"):
             self.train_set = LanguageDataset(self.split.train, tokenizer, max_length,
                                              config.loss_on,
@@ -237,72 +201,64 @@ class Run:
             raise MedLMError(f"--max-length {config.max_length} leaves no token to learn in any "
                              "training row (each is cut that short, its prompt at least): "
                              "expected a longer --max-length, or none (the model's context)")
-        loader = functools.partial(make_loader, batch_size=config.batch_size,
-                                   pad_token_id=tokenizer.pad_token_id,
+        loader = functools.partial(make_loader, config=config, shard=distributed.rank(),
                                    pin_memory=self.precision.device_type == "cuda",
-                                   loss_on=config.loss_on, shard=distributed.rank(),
                                    num_shards=distributed.world_size())
-        self.train_loader = loader(self.train_set, train=True, seed=config.seed,
-                                   group_by_length=config.group_by_length)
+        self.train_loader = loader(self.train_set, train=True)
         self.validation_loader = loader(self.validation_set, train=False)
         self.settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
         self.model.generation_config = self.settings.to_generation_config(tokenizer)
         self.base_parameters = None
         if config.lora_rank:  # adapters on the base; the generation settings stay the base's
-            self.base_parameters = count_parameters(self.model)
+            self.base_parameters = modeling.count_parameters(self.model)
             with self.stopwatch.phase("startup"):
                 self.model = add_lora(self.model, config.lora_rank, config.lora_alpha,
                                       config.lora_dropout, config.seed, config.lora_modules)
         with self.stopwatch.phase("scoring"):
             self.baselines = baseline_scores(self.split.train, self.split.validation)
-        # the held-out rows' names, each spelling once
         self.validation_names = self.split.validation["Name"].drop_duplicates().tolist()
-
-    @property
-    def held_out_diseases(self) -> int:
-        """Held-out diseases, told apart case-insensitively."""
-        return len({name.casefold() for name in self.validation_names})
+        # held-out diseases, told apart case-insensitively
+        self.held_out_diseases = len({name.casefold() for name in self.validation_names})
 
     def _params(self) -> dict:
-        """The run's MLflow params: every setting, and what the data, split, tokenizer, device
-        and libraries were."""
+        """The MLflow params: every setting, and the data, split, tokenizer, device, libraries."""
         data, split, device = self.data, self.split, self.precision.device
+        train_set, validation_set = self.train_set, self.validation_set
         return {
             **self.config.to_params(),
-            "num_parameters": self.base_parameters or count_parameters(self.model),
+            "num_parameters": self.base_parameters or modeling.count_parameters(self.model),
             "trainable_parameters": trainable_parameters(self.model),
             "dataset_source": data.source,
             "dataset_path": data.path,  # what experiments.evaluate reads from any directory
             "dataset_file_sha256": data.file_sha256,
             "dataset_content_sha256": data.content_sha256,
-            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
+            "tokenizer_sha256": modeling.tokenizer_sha256(self.tokenizer),
             "metric_version": METRIC_VERSION,
-            "rows_read": data.raw_rows,
-            "rows_dropped": data.dropped_rows,
-            "rows_train": len(self.train_set),
-            "rows_validation": len(self.validation_set),
-            "rows_truncated": self.train_set.num_truncated + self.validation_set.num_truncated,
+            "rows_read": data.raw_rows, "rows_dropped": data.dropped_rows,
+            "rows_train": len(train_set), "rows_validation": len(validation_set),
+            "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
             "split_grouped_names": split.grouped_names,
             "split_validation_sha256": split.validation_sha256,
             "split_name_groups": len(split.groups),
-            "max_length_effective": max(self.train_set.max_length,
-                                        self.validation_set.max_length),
-            "device_type": device.type,
-            "device_name": describe_device(device),
-            "precision_effective": self.precision.name,
-            "world_size": distributed.world_size(),
+            "max_length_effective": max(train_set.max_length, validation_set.max_length),
+            "device_type": device.type, "device_name": modeling.describe_device(device),
+            "precision_effective": self.precision.name, "world_size": distributed.world_size(),
             **library_versions(),
         }
 
     def _log_start(self, resume_run_id: str | None) -> None:
-        """On the main process: a new run's checkpoint directory, datasets, baselines and
-        untuned scores; a resumed run's epochs and untuned scores read back."""
+        """A new run's checkpoint directory, datasets, baselines and untuned scores; a resumed
+        run's epochs and untuned scores read back."""
         config, tracker, report = self.config, self.tracker, self.report
         if resume_run_id:
-            saved = saved_epochs(self.checkpoint)
+            saved = checkpoint.saved_epochs(self.checkpoint)
             tracker.epochs = [EpochResult(**values) for values in saved]
             report.untuned = logged_metrics(resume_run_id, "untuned_")
             log.info("resuming after epoch %d from %s", len(saved), self.checkpoint)
+            settings = json.loads((self.checkpoint / "config.json").read_text())
+            if settings["epochs"] != config.epochs:  # a new --epochs: a later resume keeps it
+                checkpoint.write_durably(self.checkpoint / "config.json", json.dumps(
+                    {**settings, "epochs": config.epochs}, indent=2))
             return
         self.checkpoint.mkdir(parents=True, exist_ok=True)
         (self.checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -340,13 +296,21 @@ class Run:
                  self.held_out_diseases)
         self.version, self.verdict = None, "not registered (--no-register)"
         with self.stopwatch.phase("model_logging"):
-            forget_random_weights(self.model)  # trained now: a later run may put LoRA on it
+            offline.forget_random_weights(self.model)  # a later run may put LoRA on it
             if main_process and not config.register:
                 self.tracker.log_best(best)
             elif main_process:
-                self.tracker.log_row_losses(self._row_losses(), best.epoch)
+                # each validation row's loss, all rows in one process, batched as it validates
+                per_process = math.ceil(config.batch_size / distributed.world_size())
+                rows = make_loader(self.validation_set, replace(config, batch_size=per_process),
+                                   train=False)
+                with self.stopwatch.phase("validation"):
+                    losses = row_losses(self.model, rows, self.precision)
+                self.tracker.log_row_losses(validation_loss_table(losses, self.split.validation),
+                                            best.epoch)
                 self.version, tags = register(self.tracker, self.model, self.tokenizer, best,
-                                              self.params, licence=base_licence(config.model))
+                                              self.params,
+                                              licence=offline.base_licence(config.model))
                 self.verdict = maybe_crown(self.tracker, self.version, tags, config.select_by,
                                            config.promote, fold=bool(config.folds))
         self.time_split = {}
@@ -357,42 +321,30 @@ class Run:
             except Exception as error:  # noqa: BLE001
                 log.warning("could not log the time split: %s", error)
 
-    def _row_losses(self):
-        """The kept model's loss on each validation row, in one process (all the rows,
-        whatever share of them its validation loader holds under torchrun)."""
-        per_process = math.ceil(self.config.batch_size / distributed.world_size())  # as it
-        rows = make_loader(self.validation_set, per_process,  # validates
-                           self.tokenizer.pad_token_id, train=False, loss_on=self.config.loss_on)
-        with self.stopwatch.phase("validation"):
-            losses = row_losses(self.model, rows, self.precision)
-        return validation_loss_table(losses, self.split.validation)
-
     def cleanup(self) -> dict:
-        """After the MLflow run ended FINISHED: nothing to resume any more. Returns the run's
-        row of a sweep's table."""
+        """After the MLflow run ended FINISHED: nothing to resume. The run's row of a sweep."""
         config, best = self.config, self.result.best
         if distributed.is_main():
-            remove_finished(self.checkpoint)
+            checkpoint.remove_finished(self.checkpoint)
             self.tracker.describe(run_description(config, best, len(self.result.epochs)))
             log.info("%s", self.verdict if self.version is None else
                      f"registered {config.registered_model} version {self.version}; "
                      f"{self.verdict}")
             log.info("time: %s%s", describe_time(self.time_split),
                      " (this process only: the run was resumed)" if self.resumed else "")
+        # a fold's row has its baselines' and untuned base's held-out F1s (REFERENCE_SCORES)
+        references = {f"untuned_{score}": self.report.untuned.get(score, math.nan)
+                      for score in ("symptom_f1", "word_f1")}
+        references.update({f"baseline_{name}_{score}": answers.as_metrics()[score]
+                           for name, (_, answers) in self.baselines.items()
+                           for score in ("symptom_f1", "word_f1")})
         return {"run_id": self.run_id, **{name: getattr(config, name) for name in SWEEPABLE},
-                **({"fold": config.fold, **self._reference_scores()} if config.folds else {}),
+                **({"fold": config.fold, **{name: references.get(name, math.nan)
+                                            for name in REFERENCE_SCORES}}
+                   if config.folds else {}),
                 "best_epoch": best.epoch, "validation_loss": best.validation_loss,
-                **{name: best.scores.get(name, float("nan")) for name in SUMMARY_SCORES},
+                **{name: best.scores.get(name, math.nan) for name in SUMMARY_SCORES},
                 "version": self.version}
-
-    def _reference_scores(self) -> dict[str, float]:
-        """A fold's ``REFERENCE_SCORES``: its baselines' and untuned base's held-out F1s."""
-        scores = {f"baseline_{name}_{score}": answers.as_metrics()[score]
-                  for name, (_, answers) in self.baselines.items()
-                  for score in ("symptom_f1", "word_f1")}
-        scores.update({f"untuned_{score}": self.report.untuned.get(score, float("nan"))
-                       for score in ("symptom_f1", "word_f1")})
-        return {name: scores.get(name, float("nan")) for name in REFERENCE_SCORES}
 
 
 def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
@@ -405,34 +357,21 @@ def resume_command(run_id: str, checkpoint_dir: str, world_size: int) -> str:
 
 
 def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
-    """The interrupted run's own settings, as saved beside its checkpoint; checked before the
-    MLflow run is reopened, so a wrong process count does not mark it FAILED, and before the
-    data and model load, so a damaged checkpoint file is named in a second."""
-
+    """The interrupted run's own settings, saved beside its checkpoint; checked before the
+    MLflow run reopens (a wrong process count does not mark it FAILED) and before anything
+    loads (a damaged checkpoint file is named in a second)."""
     saved = Path(checkpoint_dir) / run_id / "config.json"
-    if not (saved.is_file() and has_checkpoint(saved.parent)):
+    if not (saved.is_file() and checkpoint.has_checkpoint(saved.parent)):
         runs = sorted([path.parent.name for path in Path(checkpoint_dir).glob("*/config.json")
-                       if has_checkpoint(path.parent)]
+                       if checkpoint.has_checkpoint(path.parent)]
                       + [f"{path.parent.name} (a sweep)" for path in Path(checkpoint_dir)
                          .glob(f"*/{DATA_FILE}") if is_sweep_directory(path.parent)])
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
-    check_world_size(saved.parent, distributed.environment_world_size())
-    check_readable(saved.parent)
+    checkpoint.check_world_size(saved.parent, distributed.environment_world_size())
+    checkpoint.check_readable(saved.parent)
     return TrainConfig.from_saved(json.loads(saved.read_text()))
-
-
-def on_this_machine(config: TrainConfig, machine: dict[str, str], run_id: str) -> TrainConfig:
-    """A resumed run's config with this machine's ``--device``, ``--precision`` and progress
-    bars (``machine``), said in one line where the first two differ from the run's own."""
-    changed = {name: value for name, value in machine.items()
-               if name in ("device", "precision") and getattr(config, name) != value}
-    if changed:
-        log.info("resuming %s with %s (it ran with %s)", run_id,
-                 ", ".join(f"--{name} {value}" for name, value in changed.items()),
-                 ", ".join(f"--{name} {getattr(config, name)}" for name in changed))
-    return replace(config, **machine)
 
 
 def data_fingerprint(data, split) -> dict[str, str]:
@@ -441,13 +380,10 @@ def data_fingerprint(data, split) -> dict[str, str]:
             "split_validation_sha256": split.validation_sha256}
 
 
-def check_resume_data(checkpoint: Path, data, split) -> None:
-    """A run resumes only on the rows and the split it was trained and validated on (a changed
-    dataset file, or a checkpoint of an older MedLM with another split rule, would silently mix
-    two experiments in one run)."""
-    saved = checkpoint / DATA_FILE
+def check_resume_data(directory: Path, data, split) -> None:
+    """A run resumes only on the rows and split it was trained on, never two experiments in one."""
     try:
-        recorded = json.loads(saved.read_text())
+        recorded = json.loads((directory / DATA_FILE).read_text())
     except (OSError, ValueError):
         recorded = {}
     expected = data_fingerprint(data, split)
@@ -457,19 +393,17 @@ def check_resume_data(checkpoint: Path, data, split) -> None:
                 else "another split of the data")
         found = ", ".join(f"{key} {str(recorded.get(key, 'missing'))[:12]} vs "
                           f"{expected[key][:12]}" for key in changed)
-        raise MedLMError(f"--resume {checkpoint.name!r}: the checkpoint was trained on other data "
+        raise MedLMError(f"--resume {directory.name!r}: the checkpoint was trained on other data "
                          f"({what}: {found}): expected the same dataset and split; "
                          "start a new run instead")
 
 
 def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
-    """``lora_rank=None`` made definite: LoRA adapters (``AUTO_LORA_RANK``) on a pretrained
-    base; every weight on a base with random weights (``experiments.init_model`` marks its
-    config), since adapters on frozen random weights would learn nothing."""
-
+    """``lora_rank=None`` made definite: ``AUTO_LORA_RANK`` on a pretrained base; every weight
+    on one with random weights (``experiments.init_model``), where adapters learn nothing."""
     if config.lora_rank is not None:
         return config
-    if randomly_initialised(config.model):
+    if offline.randomly_initialised(config.model):
         if config.sets_lora_options():
             raise MedLMError(f"--lora-alpha, --lora-dropout and --lora-modules need LoRA, and "
                              f"{config.model} has random weights, which the default trains all "
@@ -484,10 +418,9 @@ def resolve_lora_rank(config: TrainConfig) -> TrainConfig:
 
 def check_output_paths(config: TrainConfig) -> None:
     """Every place the run will write checked before any work, like a flag."""
-
     check_writable(config.checkpoint_dir, "--checkpoint-dir")
     try:  # a read-only cache is fine (a shared, pre-filled one): nothing new is kept, said once
-        check_writable(cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
+        check_writable(offline.cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
     except (MedLMError, RuntimeError) as error:  # RuntimeError: no home directory
         log.warning("WARNING: %s; the run goes on, without keeping what it could reuse", error)
     artifacts = artifact_directory(config.experiment)
@@ -497,15 +430,13 @@ def check_output_paths(config: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def resumable_failures(checkpoint_dir: str, run_ids: list[str]) -> Iterator[None]:
-    """A tracking server that stops answering mid-run, or a disk that fills up, costs nothing
-    computed: the error is one line saying so and how to finish (the checkpoint stays;
-    ``--resume`` logs what the server missed once it is back). ``run_ids``: the run's (a
-    sweep's: its parent's) id once there is one."""
+    """A tracking server that stops answering mid-run, or a full disk, costs nothing computed:
+    one line says how to finish (``--resume``, which logs what the server missed). ``run_ids``:
+    the run's (a sweep's: its parent's) id once there is one."""
 
-    def resume() -> str | None:
-        """The command that finishes the run; None where nothing of it was checkpointed."""
-        sweep = bool(run_ids) and is_sweep_directory(Path(checkpoint_dir) / run_ids[0])
-        if run_ids and (sweep or has_checkpoint(Path(checkpoint_dir) / run_ids[0])):
+    def resume() -> str | None:  # None where nothing of the run was checkpointed
+        directory = Path(checkpoint_dir) / run_ids[0] if run_ids else None
+        if directory and (is_sweep_directory(directory) or checkpoint.has_checkpoint(directory)):
             return resume_command(run_ids[0], checkpoint_dir, distributed.world_size())
         return None
 

@@ -1,6 +1,5 @@
-"""The loop's loggers (``medlm.train.Logger``) beside the MLflow run's own: ``EpochReport``
-(each epoch's scores, console line, MLflow tables and samples) and ``TimeReport`` (where each
-epoch's time went)."""
+"""The loop's loggers beside the MLflow run's own: ``EpochReport`` (each epoch's scores, console
+line, tables and samples) and ``TimeReport`` (where each epoch's time went)."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ log = logging.getLogger("medlm")
 
 
 def run_description(config, best=None, epochs: int | None = None) -> str:
-    """A run's description in the UI: base, recipe and what it trains; once it has ended,
-    its kept epoch and that epoch's scores with their intervals."""
-    trains = ("full fine-tuning" if not config.lora_rank else f"LoRA rank {config.lora_rank}")
+    """A run's description in the UI: base, recipe and what it trains; once ended, its kept
+    epoch and that epoch's scores."""
+    trains = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full fine-tuning"
     text = (f"{config.model}, recipe {config.recipe} ({trains}, lr {config.lr:g}, "
             f"{config.epochs} epochs)"
             + (f", fold {config.fold} of {config.folds}" if config.folds else ""))
@@ -31,51 +30,40 @@ def run_description(config, best=None, epochs: int | None = None) -> str:
 
 
 class EpochReport(Logger):
-    """Scores the model after each epoch (``score``: symptom and word F1 of greedy answers for
-    the validation diseases, unless turned off) and reports the epoch (``on_epoch_end``): a
-    console line beside the best baseline and the untuned base, MLflow tables, and samples
-    labelled held out or seen in training."""
+    """Scores each epoch's greedy answers for the validation diseases (``score``) and reports
+    the epoch: a console line beside the baselines, MLflow tables, and samples."""
+
+    every_epoch = False  # score each epoch as it ends (else the kept one alone, after training)
 
     def __init__(self, run):
-        """``run``: the ``medlm.recipe.Run`` it reports on, set up and training. Its samples
-        are ``config.sample_prompts`` and the first ``config.num_validation_samples`` held-out
-        diseases."""
-        config, precision = run.config, run.precision
-        self.stopwatch = run.stopwatch
-        self.precision_name = precision.name
-        self.device_name = describe_device(precision.device)
-        self.autocast = precision.answer_autocast
-        self.tokenizer, self.settings, self.tracker, self.split = (
-            run.tokenizer, run.settings, run.tracker, run.split)
+        """``run``: the ``medlm.recipe.Run`` it reports on, set up and training."""
+        config, self.precision = run.config, run.precision
+        self.stopwatch, self.tokenizer, self.settings, self.tracker, self.split = (
+            run.stopwatch, run.tokenizer, run.settings, run.tracker, run.split)
         self.prompts = list(dict.fromkeys(
             config.sample_prompts + run.validation_names[:config.num_validation_samples]))
         self.references = {key: symptoms for key, (_, symptoms)
                            in references_by_disease(run.data.frame).items()}
         self.baselines = {name: scores for name, (_, scores) in run.baselines.items()}
         self.untuned: dict[str, float] = {}
-        self._table = None
-        self._merged = None  # the epoch's answering model, made by score, used by the samples
-
-    every_epoch = False  # score each epoch as it ends (else the kept one alone, after training)
+        self._table = self._merged = None  # _merged: the epoch's answering model (LoRA merged)
 
     def score(self, model) -> dict[str, float]:
         return self._score(model) if self.every_epoch else {}
 
     def _score(self, model) -> dict[str, float]:
         self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
-        with self.autocast():
+        with self.precision.answer_autocast():
             self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
                                                      self.split.validation,
                                                      self.settings.max_new_tokens)
         return overall.as_metrics()
 
     def score_untuned(self, model) -> None:
-        """Epoch 0: the base model before any training, logged at step 0. Its answers are
-        decoded once per base and split (``medlm.untuned``), then kept for later runs."""
-
+        """Epoch 0: the base model's scores, its answers decoded once per base and split."""
         names = [name for name, _ in references_by_disease(self.split.validation).values()]
         key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
-                                  self.precision_name, self.device_name)
+                                  self.precision.name, describe_device(self.precision.device))
         answers = untuned.load_answers(key, names)
         if answers is None:
             scores = self._score(model)
@@ -92,17 +80,14 @@ class EpochReport(Logger):
         self.untuned = scores
 
     def score_best(self, model, best) -> None:
-        """After training, when epochs were not scored as they ended: the kept (best) epoch's
-        weights, logged at that epoch's step."""
+        """After training, when epochs were not scored as they ended: the kept epoch's."""
         best.scores = self._score(model)
         self._merged = None
         self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
 
     def compared(self, scores: dict[str, float]) -> str:
         """"symptom F1 0.312 [0.251-0.372], word F1 0.298 [0.250-0.346] | no model 0.138
-        (constant)/0.133 (lookup) | untuned 0.000/0.013": each score, with its interval,
-        beside the best answer that needs no model (whose intervals the baseline lines
-        give)."""
+        (constant)/0.133 (lookup) | untuned 0.000/0.013": beside the best baseline of each."""
         best_symptom = max(self.baselines, key=lambda n: self.baselines[n].symptom.f1)
         best_word = max(self.baselines, key=lambda n: self.baselines[n].word.f1)
         text = (f"symptom F1 {interval_text(scores, 'symptom_f1')}, word F1 "
@@ -115,8 +100,6 @@ class EpochReport(Logger):
         return text
 
     def on_epoch_end(self, model, result) -> None:
-        """Idempotent: a resumed run calls it again for its checkpointed epoch, and what the
-        run has of it (scores, samples) is not produced again."""
         scores = ""
         if result.scores:
             if self._table is None and self.tracker.lacks(result.epoch, "symptom_scores.json"):
@@ -131,12 +114,12 @@ class EpochReport(Logger):
                  result.epoch_duration_sec, result.train_tokens_per_sec,
                  100 * result.model_flops_utilization, " *best*" if result.is_best else "",
                  scores)
+        answering, self._merged = self._merged, None  # a copy of the model: not kept
         if not self.tracker.lacks(result.epoch, "samples.json"):
-            self._merged = None
             return
-        answering = self._merged if self._merged is not None else merged_copy(model)
-        self._merged = None  # not kept beyond the epoch (a copy of the model, with LoRA)
-        with self.stopwatch.phase("samples"), self.autocast():
+        if answering is None:
+            answering = merged_copy(model)
+        with self.stopwatch.phase("samples"), self.precision.answer_autocast():
             completions = generate(answering, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):
@@ -149,10 +132,7 @@ class EpochReport(Logger):
 
 
 class TimeReport(Logger):
-    """After each epoch (the last logger, so that it counts the others' time): where the
-    epoch's wall time went, as ``time/*`` metrics at the epoch's step. An epoch whose logging a
-    kill cut short has the resuming process's; a resumed run's totals are those of the process
-    that finished it."""
+    """Each epoch's wall time by phase (``time/*``); the last logger, so it times the others."""
 
     def __init__(self, stopwatch, tracker):
         self.stopwatch, self.tracker = stopwatch, tracker

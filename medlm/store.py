@@ -1,8 +1,5 @@
-"""The MLflow tracking store: which one the runs go to, and whether it answers before any work.
-
-The tracking URI is MLflow's own resolution: ``MLFLOW_TRACKING_URI`` when set, else the local
-SQLite ``mlflow.db`` with artifacts under ``./mlruns``, which plain ``mlflow ui`` reads.
-"""
+"""The MLflow tracking store, checked before any work: MLflow's own choice,
+``MLFLOW_TRACKING_URI`` or else ``./mlflow.db`` with artifacts in ``./mlruns`` (plain mlflow ui)."""
 
 from __future__ import annotations
 
@@ -20,9 +17,10 @@ from mlflow import MlflowClient
 from medlm._paths import check_writable, lock_file
 from medlm.errors import MedLMError
 
-
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
+STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
+# MLflow's default, 7 retries with backoff, would wait minutes per call on a server gone away
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's own values win
 
 
 def _is_server(uri: str) -> bool:
@@ -30,44 +28,32 @@ def _is_server(uri: str) -> bool:
 
 
 def _new_sqlite_file(uri: str) -> str | None:
-    """The file of a SQLite store that does not exist yet (the run creates it), else None."""
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    return path if path is not None and not os.path.exists(path) else None
+    """The file of a SQLite store that does not exist yet, else None."""
+    path = uri.removeprefix("sqlite:///")
+    return path if uri.startswith("sqlite:///") and not os.path.exists(path) else None
 
 
 def server_stopped_answering() -> bool:
     """Is the tracking URI a server that no longer answers (a run's error was its outage)?"""
-    if not _is_server(mlflow.get_tracking_uri()):
-        return False
-    try:
-        check_tracking_store()
-    except MedLMError:
-        return True
+    if _is_server(mlflow.get_tracking_uri()):
+        try:
+            check_tracking_store()
+        except MedLMError:
+            return True
     return False
 
 
-STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
-
-
-SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's own values win
-
-
 def check_tracking_store() -> None:
-    """The tracking store answers, before any work (MLflow's own retries would make a dead
-    server cost minutes, then a traceback): else a one-line error naming the URI (without a
-    password). A server is asked through MLflow's own client, so its TLS and credential
-    settings apply, once and within ``STORE_TIMEOUT_S``."""
+    """The tracking store answers, asked once through MLflow's client (its TLS and credential
+    settings apply) within ``STORE_TIMEOUT_S``: else a one-line error naming the URI."""
     uri = mlflow.get_tracking_uri()
     new_file = _new_sqlite_file(uri)
-    if new_file is not None:
+    if new_file is not None:  # made by the first run (first_open): bad input leaves no file
         check_writable(os.path.dirname(os.path.abspath(new_file)),
                        f"the tracking store {uri!r}'s directory")
-        return  # made by the first run (first_open), so that bad input leaves no file
+        return
     server = _is_server(uri)
     if server:
-        # MLflow retries a failed request 7 times with exponential backoff (minutes of waiting
-        # per call when the server goes away mid-run): a few tries are enough, the run resumes
         for name, value in SERVER_RETRIES.items():
             os.environ.setdefault(name, value)
     probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -92,14 +78,12 @@ def check_tracking_store() -> None:
 
 @contextlib.contextmanager
 def first_open() -> Iterator[None]:
-    """For a SQLite store: this process's first use of it (which creates or migrates its
-    tables) while no other MedLM process is in its own, by a lock on ``<database>.lock``. Two
-    runs started together in a new directory would otherwise both run MLflow's migrations and
-    one would fail ("duplicate column name"); an open that finds the tables made is quick. A
-    filesystem without locks (some network ones) goes on without, as before."""
+    """A SQLite store's first use by this process (which makes or migrates its tables) under a
+    lock on ``<database>.lock``: of two runs migrating at once, one fails. Where none can be
+    taken (some network filesystems), it goes on without."""
     uri = mlflow.get_tracking_uri()
-    sqlite = uri.startswith("sqlite:///")
-    lock = lock_file(uri.removeprefix("sqlite:///") + ".lock") if sqlite else None
+    lock = (lock_file(uri.removeprefix("sqlite:///") + ".lock")
+            if uri.startswith("sqlite:///") else None)
     try:
         yield
     finally:
@@ -109,7 +93,7 @@ def first_open() -> Iterator[None]:
 
 def without_password(uri: str) -> str:
     """``uri`` with the password of its ``user:password@`` shown as ``***``: the only form of a
-    tracking or storage URI a printed line, an error or a param may hold."""
+    URI a printed line, an error or a param may hold."""
     found = re.match(r"^([a-z0-9+.-]+://)([^/?#]*)(.*)$", uri, flags=re.IGNORECASE | re.DOTALL)
     if found is None:
         return uri
@@ -126,14 +110,12 @@ def without_password(uri: str) -> str:
 
 
 def shown_tracking_uri() -> str:
-    """The tracking URI as MedLM prints it: without a password."""
     return without_password(mlflow.get_tracking_uri())
 
 
 def artifact_directory(experiment: str) -> str | None:
-    """The local directory a run of ``experiment`` writes its artifacts to: the experiment's
-    location, or for one not created yet MLflow's default ``./mlruns``; None where the store
-    keeps them (a tracking server, a remote artifact store)."""
+    """The local directory ``experiment``'s runs write artifacts to (``./mlruns`` for one not
+    made yet); None where the store keeps them (a server, a remote artifact store)."""
     uri = mlflow.get_tracking_uri()
     if _is_server(uri):
         return None
@@ -146,19 +128,14 @@ def artifact_directory(experiment: str) -> str | None:
 
 @functools.cache
 def launched_by() -> str | None:
-    """The run ``mlflow run`` opened for this command, if it launched it (``MLproject``): its
-    id, taken out of ``MLFLOW_RUN_ID`` so that MedLM's own runs are new runs (that run holds
-    the -P values as typed, which MedLM's params would contradict)."""
+    """The run ``mlflow run`` opened for this command (``MLproject``), if any: taken out of
+    ``MLFLOW_RUN_ID`` so that MedLM's runs are new runs (that run holds the -P values as typed)."""
     return os.environ.pop("MLFLOW_RUN_ID", None) or None
 
 
-MLFLOW_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
-
-
 def compare_runs_hint(experiment: str) -> str:
-    """Where to look at the runs of ``experiment``: its page in the team server's UI, or in
-    ``mlflow ui``'s for a local store, opened on the model-training view (MLflow 3 opens an
-    experiment on its GenAI traces otherwise)."""
+    """Where to look at ``experiment``'s runs: the server's UI, or ``mlflow ui``'s, opened on
+    the model-training view (MLflow 3 opens on GenAI traces otherwise)."""
     uri = mlflow.get_tracking_uri()
     try:
         found = MlflowClient().get_experiment_by_name(experiment)
@@ -168,6 +145,5 @@ def compare_runs_hint(experiment: str) -> str:
             if found is not None else "")
     if _is_server(uri):  # without a user:password@ a console or log must not show
         parsed = urlparse(uri)
-        address = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
-        return address.rstrip("/") + page
-    return f"mlflow ui, then {MLFLOW_UI}{page}"
+        return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/") + page
+    return f"mlflow ui, then http://127.0.0.1:5000{page}"

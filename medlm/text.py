@@ -1,11 +1,5 @@
-"""Disease text as words: the content words of a phrase, in one form per word, and the
-comma-separated phrases of an answer. Pure Python, no model: the symptom metric
-(``medlm.metrics``), the disease grouping of the split (``medlm.split``) and the consensus
-answers (``medlm.generate``) all read text this way. The rules are described in
-``medlm.metrics``'s docstring.
-"""
-
-from __future__ import annotations
+"""Disease text as words: content words in one form each, the comma-separated phrases of an
+answer (the rules: medlm/README.md, "Is the model any good?")."""
 
 import re
 from collections.abc import Iterable
@@ -23,12 +17,12 @@ severe mild moderate extreme persistent chronic frequent sudden excessive recurr
 occasional constant intense significant slight
 """.split())
 _NOT_WORD = re.compile(r"[^\w]+")
+_ES_STEMS = ("ch", "sh", "ss", "x", "z")  # whose plural is "-es"
 
 
 def word_form(word: str) -> str:
-    """One form per word: a plural ``s``/``ies`` dropped ("legs" -> "leg"), and an ``e`` after
-    ch/sh/ss/x/z, so an "-es" plural meets its singular ("rashes", "rash" -> "rash";
-    "patches" -> "patch"; "headaches", "headache" -> "headach")."""
+    """Plural ``s``/``ies`` dropped, and an ``e`` after ch/sh/ss/x/z: "rashes", "rash" -> "rash";
+    "headaches", "headache" -> "headach"."""
     if len(word) > 3 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
@@ -38,11 +32,8 @@ def word_form(word: str) -> str:
     return word
 
 
-_ES_STEMS = ("ch", "sh", "ss", "x", "z")  # whose plural is "-es"
-
-
 def content_words(text: str) -> frozenset[str]:
-    """The words of ``text`` that carry meaning, in one form: see the module docstring."""
+    """The words of ``text`` that carry meaning, in one form each."""
     ignored = STOPWORDS | MODIFIERS
     return frozenset(word_form(word) for word in _NOT_WORD.sub(" ", text.casefold()).split()
                      if word not in ignored and word_form(word) not in ignored
@@ -60,7 +51,7 @@ def split_phrases(text: str) -> list[frozenset[str]]:
 
 
 def phrases_match(generated: Iterable[str] | str, reference: Iterable[str] | str) -> bool:
-    """Do two phrases (text or content words) name the same symptom? See the module docstring."""
+    """Do two phrases (text or content words) name the same symptom?"""
     generated = content_words(generated) if isinstance(generated, str) else frozenset(generated)
     reference = content_words(reference) if isinstance(reference, str) else frozenset(reference)
     shorter, longer = sorted((generated, reference), key=len)

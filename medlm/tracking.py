@@ -1,13 +1,14 @@
-"""One MLflow run of a training: its lifecycle, params, datasets, per-epoch and per-step
-metrics, tables and plots. The store it goes to is ``medlm.store``; the model it registers,
-``medlm.registry``; loading a model back, ``medlm.inference``."""
+"""One MLflow run of a training: lifecycle, params, datasets, metrics, tables and plots. The
+store is ``medlm.store``'s; the registered model, ``medlm.registry``'s."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import pathlib
 import platform
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -30,11 +31,8 @@ log = logging.getLogger(__name__)
 METRICS = ("training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
            "train_samples_per_sec", "train_tokens_per_sec", "learning_rate",
            "model_flops_utilization")
-# the kept model's loss on each validation row: what the champion rule pairs
-VALIDATION_LOSSES = "validation_losses.json"
+VALIDATION_LOSSES = "validation_losses.json"  # the kept model's loss per validation row
 DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as a run's description
-RESULTS_COLUMNS = ("epoch", "transformer", "batch_size", "gpu", "training_loss",
-                   "validation_loss", "epoch_duration_sec")
 
 
 def library_versions() -> dict[str, str]:
@@ -42,99 +40,85 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python_version": platform.python_version(), "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__,
-            "datasets_version": datasets.__version__, "pandas_version": pd.__version__,
-            "mlflow_version": mlflow.__version__}
+    return {"python_version": platform.python_version(),
+            **{f"{module.__name__}_version": module.__version__
+               for module in (torch, transformers, datasets, pd, mlflow)}}
 
 
 class MlflowTracker(Logger):
-    """One MLflow run of a training, and the loop's logger into it (``medlm.train.Logger``).
-
-    ``results.csv`` and ``loss_curve.png`` are rewritten after every epoch, so a run that stops
-    early still has them.
-    """
+    """One MLflow run of a training, and the loop's logger into it. ``results.csv`` and
+    ``loss_curve.png`` are rewritten after every epoch, so a run that stops early has them."""
 
     def __init__(self, config, gpu: str = ""):
         """``config``: the run's ``TrainConfig``; ``gpu``: the device's name (results.csv)."""
-        self.experiment = config.experiment
-        self.system_metrics = config.system_metrics
-        self.last_logged_step = 0  # per-step metrics up to here are in the run (resume)
-        self.select_by = config.select_by
-        self.run_name = config.run_name
-        self.registered_model = config.registered_model
-        self.results_row = {"transformer": config.model, "batch_size": config.batch_size,
-                            "gpu": gpu}
+        self.config, self.gpu, self.registered_model = config, gpu, config.registered_model
         self.epochs: list[EpochResult] = []
         self.run_id: str | None = None
-        # a resumed run's metrics (name -> steps) as the store has them: not logged again
+        # resumed: the last step/* point and each metric's steps the store has (not logged again)
+        self.last_logged_step = 0
         self.logged: dict[str, set[int]] | None = None
-        self._tables: dict[str, set[int]] = {}  # its tables' epochs (_table_epochs)
+        self._tables: dict[str, set[int]] = {}  # each table's epochs in the store (_table_epochs)
 
     @contextlib.contextmanager
     def run(self, params: dict[str, Any], nested: bool = False,
             resume_run_id: str | None = None, parent_run_id: str | None = None,
             description: str | None = None) -> Iterator[str]:
-        """Start the run (a child of the active run when ``nested``, or of ``parent_run_id``,
-        which another process may hold: a search's trials; the run ``resume_run_id`` again when
-        resuming) and log ``params``; it ends FINISHED, KILLED (Ctrl-C, SIGTERM, a search's
-        pruning) or FAILED."""
-        top_level = not (nested or parent_run_id)  # a sweep's or search's parent names it
-        if resume_run_id:  # the run's own experiment (a new process has another active one)
-            experiment_id = MlflowClient().get_run(resume_run_id).info.experiment_id
-        elif parent_run_id:  # a child lives in its parent's experiment
-            experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+        """Start the run (a child of the active run when ``nested`` or of ``parent_run_id``;
+        ``resume_run_id`` again) and log ``params``; it ends FINISHED, KILLED or FAILED."""
+        top_level = not (nested or parent_run_id)
+        if resume_run_id or parent_run_id:  # its own or its parent's experiment
+            experiment_id = MlflowClient().get_run(
+                resume_run_id or parent_run_id).info.experiment_id
         elif nested:
             experiment_id = mlflow.active_run().info.experiment_id
         else:
-            experiment_id = training_experiment(self.experiment)
+            experiment_id = training_experiment(self.config.experiment)
             parent_run_id = project_parent(experiment_id)
         with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
-                              run_name=None if resume_run_id else self.run_name,
+                              run_name=None if resume_run_id else self.config.run_name,
                               nested=nested, parent_run_id=parent_run_id,
                               description=None if resume_run_id else description,
-                              log_system_metrics=self.system_metrics) as active:
-            self.run_id = active.info.run_id
+                              log_system_metrics=self.config.system_metrics) as active:
+            self.run_id = run_id = active.info.run_id
             if launched_by() and top_level and not resume_run_id:  # each run names the other
                 mlflow.set_tag("medlm.launched_by_run", launched_by())
-                MlflowClient().set_tag(launched_by(), "medlm.run_id", self.run_id)
+                MlflowClient().set_tag(launched_by(), "medlm.run_id", run_id)
             try:
                 if not resume_run_id:
-                    mlflow.log_params({key: param_value(value)
-                                       for key, value in params.items()})
+                    mlflow.log_params({key: param_value(value) for key, value in params.items()})
                 else:
-                    self.last_logged_step = _last_step(self.run_id, STEP_METRICS[0])
-                    self.logged = _logged_steps(self.run_id)
-                yield self.run_id
+                    self.last_logged_step = max(_steps(run_id, "step/training_loss"), default=0)
+                    self.logged = {name: _steps(run_id, name)
+                                   for name in MlflowClient().get_run(run_id).data.metrics
+                                   if not name.startswith(("step/", "system/"))}
+                yield run_id
                 mlflow.flush_async_logging()
             except (KeyboardInterrupt, RunStopped):
-                if _end_run_if_possible(RunStatus.KILLED):  # queued step points go first
-                    self._say_ended(description, "stopped")
+                self._end(RunStatus.KILLED, description, "stopped")
                 raise
             except BaseException:
-                if _end_run_if_possible(RunStatus.FAILED):  # else the store is down
-                    self._say_ended(description, "failed")
+                self._end(RunStatus.FAILED, description, "failed")
                 raise
 
-    def _say_ended(self, description: str | None, how: str) -> None:
-        """A run that did not finish says so in its description (it said "training")."""
+    def _end(self, status: int, description: str | None, how: str) -> None:
+        """End the run as ``status`` (queued step points first) and say ``how`` in its
+        description, unless the store is down: then the run's own error is the one to tell."""
+        try:
+            mlflow.flush_async_logging()
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as error:  # noqa: BLE001
+            log.warning("could not mark the run %s in MLflow: %s", RunStatus.to_string(status),
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return
         if description:
-            try:
+            with contextlib.suppress(Exception):  # the store went down: the run's end stands
                 self.describe(f"{description.removesuffix(': training')}: {how}")
-            except Exception:  # noqa: BLE001, S110 - the store is down: the run's end stands
-                pass
 
     def describe(self, text: str) -> None:
-        """The run's description, as the UI shows it above the run's page (ended or not)."""
         MlflowClient().set_tag(self.run_id, DESCRIPTION_TAG, text)
 
-    @property
-    def tracking_uri(self) -> str:
-        return mlflow.get_tracking_uri()
-
     def on_epoch_end(self, model, result: EpochResult) -> None:
-        # the epoch's step points are written before it counts as logged: a resume never
-        # trains a completed epoch again, so a point still queued at a kill would be lost
+        # step points are flushed before the epoch counts as logged: a resume never redoes it
         mlflow.flush_async_logging()
         self.epochs = [epoch for epoch in self.epochs if epoch.epoch != result.epoch] + [result]
         values = asdict(result)
@@ -143,21 +127,17 @@ class MlflowTracker(Logger):
         mlflow.log_figure(self.loss_figure(), "loss_curve.png")
 
     def on_step(self, step: int, values: dict[str, float]) -> None:
-        """Per-step curves (x-axis: optimizer steps since the run began), logged without
-        making the loop wait for MLflow; steps a resumed run had logged are not logged again."""
+        """``step/*`` metrics (x-axis: optimizer steps), logged without making the loop wait;
+        steps a resumed run had logged are not logged again."""
         if step > self.last_logged_step:
             mlflow.log_metrics({f"step/{name}": value for name, value in values.items()},
                                step=step, synchronous=False)
             self.last_logged_step = step
 
     def log_datasets(self, train: pd.DataFrame, validation: pd.DataFrame, source: str) -> None:
-        """The training and validation rows as the run's inputs (the Datasets column and
-        lineage in the UI): the Hub dataset or the file they came from, and each one's content
-        digest."""
-        import pathlib
-        import warnings
-
-        import mlflow.data
+        """The training and validation rows as the run's inputs (the UI's Datasets column):
+        their source (Hub dataset or file) and content digests."""
+        import mlflow.data  # deferred: only the datasets need these
         from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
         local = os.path.expanduser(source)
@@ -169,15 +149,18 @@ class MlflowTracker(Logger):
                 warnings.filterwarnings("ignore", "The specified dataset source can be")
                 dataset = mlflow.data.from_pandas(frame.reset_index(drop=True), source=origin,
                                                   targets="Symptoms", name=f"{name}-{context}")
-            _log_input(dataset, context)
+            try:
+                mlflow.log_input(dataset, context=context)
+            except MlflowException as error:  # two runs inserted the same dataset at once:
+                if "unique" not in str(error).lower():  # the second try finds it logged
+                    raise
+                mlflow.log_input(dataset, context=context)
 
     def log_recipe(self, text: str) -> None:
-        """The run's settings as a recipe file (``TrainConfig.to_recipe``): ``recipe.toml``."""
         mlflow.log_text(text, "recipe.toml")
 
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
-        """Log ``values`` at ``step``; a resumed run skips those the store has at that step
-        (what a kill before the checkpointed epoch's logging ended had logged)."""
+        """Log ``values`` at ``step``, but those a resumed run's store has at that step."""
         if self.logged is not None:
             values = {name: value for name, value in values.items()
                       if step not in self.logged.get(name, ())}
@@ -198,8 +181,7 @@ class MlflowTracker(Logger):
         return self.logged is None or epoch not in self._table_epochs(artifact_file)
 
     def _table_epochs(self, artifact_file: str) -> set[int]:
-        """The epochs a resumed run's table has rows of: read from the store once, then kept
-        up to date as rows are logged (not downloaded again for every epoch)."""
+        """The epochs a resumed run's table has rows of: read once, then kept up to date."""
         if artifact_file not in self._tables:
             logged = logged_table(self.run_id, artifact_file)
             self._tables[artifact_file] = (set(logged["epoch"]) if logged is not None
@@ -207,16 +189,14 @@ class MlflowTracker(Logger):
         return self._tables[artifact_file]
 
     def results_frame(self) -> pd.DataFrame:
-        rows = [{**self.results_row, **asdict(result)} for result in self.epochs]
-        return pd.DataFrame(rows, columns=list(RESULTS_COLUMNS))
+        row = {"transformer": self.config.model, "batch_size": self.config.batch_size,
+               "gpu": self.gpu}
+        return pd.DataFrame([{**row, **asdict(result)} for result in self.epochs],
+                            columns=["epoch", "transformer", "batch_size", "gpu",
+                                     "training_loss", "validation_loss", "epoch_duration_sec"])
 
     def loss_figure(self):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(6, 4), dpi=100)
+        figure = _figure(figsize=(6, 4))
         axes = figure.subplots()
         epochs = [result.epoch for result in self.epochs]
         axes.plot(epochs, [r.training_loss for r in self.epochs], marker="o", label="training")
@@ -224,42 +204,34 @@ class MlflowTracker(Logger):
                   label="validation")
         best = next((r for r in reversed(self.epochs) if r.is_best), self.epochs[-1])
         axes.axvline(best.epoch, color="grey", linestyle=":",
-                     label=f"best by {self.select_by} (epoch {best.epoch})")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel("loss per token")
-        axes.set_title(f"{self.results_row['transformer']} ({self.run_name or self.run_id})")
+                     label=f"best by {self.config.select_by} (epoch {best.epoch})")
+        axes.set(xlabel="epoch", ylabel="loss per token",
+                 title=f"{self.config.model} ({self.config.run_name or self.run_id})")
         axes.legend()
         figure.tight_layout()
         return figure
 
     def log_samples(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows (epoch, prompt, generated, reference) to the run's ``samples.json``."""
-        if rows:
-            self._log_table(pd.DataFrame(rows), "samples.json")
+        self._log_table(pd.DataFrame(rows), "samples.json")
 
     def log_symptom_scores(self, epoch: int, table: pd.DataFrame,
                            scores: dict[str, float]) -> None:
-        """An epoch's micro-averaged scores as metrics (epoch 0: the untuned base), per-disease
-        rows as a table."""
+        """An epoch's scores (epoch 0: the untuned base) and per-disease rows."""
         self._log_metrics(scores, step=epoch)
         self._log_table(table.assign(epoch=epoch), "symptom_scores.json")
 
     def log_baselines(self, baselines: dict[str, tuple]) -> None:
-        """Answers that need no model, scored on the validation diseases: metrics
-        ``baseline_<name>_symptom_f1`` etc. and their answers as ``baselines.json``."""
+        """The answers that need no model: ``baseline_<name>_*`` metrics, ``baselines.json``."""
         for name, (table, scores) in baselines.items():
             mlflow.log_metrics(scores.as_metrics(f"baseline_{name}_"))
             mlflow.log_table(table.assign(baseline=name), artifact_file="baselines.json")
 
     def log_time(self, split: dict[str, float], step: int) -> None:
-        """Where an epoch's wall time went (step 0: everything before the first epoch), one
-        metric per phase: ``time/training_sec``, ``time/scoring_sec``, ..."""
+        """An epoch's wall time by phase (step 0: before the first epoch): ``time/*_sec``."""
         self._log_metrics({f"time/{name}_sec": value for name, value in split.items()}, step)
 
     def log_time_split(self, split: dict[str, float]) -> None:
-        """Where the whole run's wall time went: ``time_total/*`` metrics (and
-        ``time_total/non_training_fraction``) and the table ``time_split.json``."""
-
+        """The whole run's wall time by phase: ``time_total/*`` metrics, ``time_split.json``."""
         mlflow.log_metrics({**{f"time_total/{name}_sec": value for name, value in split.items()},
                             "time_total/non_training_fraction": non_training_fraction(split)})
         wall = split["wall"] or 1.0
@@ -272,9 +244,8 @@ class MlflowTracker(Logger):
         mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
 
     def log_best(self, best: EpochResult, model_id: str | None = None) -> None:
-        """The best epoch's figures, once (a run resumed after a kill in model logging has
-        them already); with ``model_id`` also linked to that logged model (MLflow 3: the
-        Models tab shows them beside it)."""
+        """The best epoch's figures, once (a resumed run may have them); linked to the logged
+        model ``model_id`` if given (the UI's Models tab)."""
         if MlflowClient().get_run(self.run_id).data.metrics.get("best_epoch") == best.epoch:
             return
         mlflow.log_metrics({"best_validation_loss": best.validation_loss,
@@ -283,9 +254,8 @@ class MlflowTracker(Logger):
                            model_id=model_id)
 
     def log_row_losses(self, table: pd.DataFrame, epoch: int) -> None:
-        """The kept model's loss on each validation row (``champion.validation_loss_table``)
-        at its ``epoch``: added to those of other epochs (a run resumed with more epochs keeps
-        a version per kept epoch), replacing this epoch's rows if it had them."""
+        """The kept model's loss per validation row at ``epoch``, beside other epochs' (a run
+        resumed with more epochs keeps a version per kept epoch); this epoch's rows replaced."""
         table = table.assign(epoch=epoch)
         logged = logged_table(self.run_id, VALIDATION_LOSSES)
         if logged is not None:
@@ -293,23 +263,22 @@ class MlflowTracker(Logger):
         mlflow.log_dict(table.to_dict(orient="split", index=False), VALIDATION_LOSSES)
 
 
-def _log_input(dataset, context: str) -> None:
-    """``mlflow.log_input``, tried twice: two runs that log the same rows at the same moment
-    both find the dataset missing and one insert fails (UNIQUE constraint); the second try
-    finds it (MLflow reuses a logged dataset and a run's existing input)."""
-    try:
-        mlflow.log_input(dataset, context=context)
-    except MlflowException as error:
-        if "unique" not in str(error).lower():  # UNIQUE constraint, UniqueViolation
-            raise
-        mlflow.log_input(dataset, context=context)
+def _steps(run_id: str, metric: str) -> set[int]:
+    return {point.step for point in MlflowClient().get_metric_history(run_id, metric)}
+
+
+def _figure(**settings):
+    import matplotlib  # deferred: only a run's plots need it
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(dpi=100, **settings)
 
 
 def logged_table(run_id: str, artifact_file: str) -> pd.DataFrame | None:
-    """A table artifact of the run (``mlflow.log_table``'s or ``log_dict``'s split form), read
-    from the file itself, or None where the run has none. (``mlflow.load_table`` finds runs by
-    a tag that a kill may have cut off after the file was written, and searches only the
-    active experiment.)"""
+    """A table artifact of the run (``log_table``'s or ``log_dict``'s split form), or None.
+    Read from the file: ``mlflow.load_table`` relies on a tag a kill may have cut off."""
     if artifact_file not in {item.path for item in MlflowClient().list_artifacts(run_id)}:
         return None
     table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
@@ -319,10 +288,8 @@ def logged_table(run_id: str, artifact_file: str) -> pd.DataFrame | None:
 def logged_row_losses(run_id: str, epoch: int) -> pd.DataFrame | None:
     """A run's ``VALIDATION_LOSSES`` at ``epoch``; None where it has none."""
     frame = logged_table(run_id, VALIDATION_LOSSES)
-    if frame is None:
-        return None
-    frame = frame[frame["epoch"] == epoch].reset_index(drop=True)
-    return frame if not frame.empty else None
+    rows = None if frame is None else frame[frame["epoch"] == epoch].reset_index(drop=True)
+    return None if rows is None or rows.empty else rows
 
 
 def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
@@ -335,11 +302,8 @@ def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
 def log_sweep_summary(table: pd.DataFrame, axes: tuple[str, ...],
                       by_seed: pd.DataFrame | None = None, by_fold: pd.DataFrame | None = None,
                       best: pd.Series | None = None) -> None:
-    """On the active (parent) run: the sweep's table (``sweep.csv``); each recipe over its
-    training seeds (``sweep_seeds.csv``, where some had several); the ``best`` child's scores
-    and settings; or, for a cross-validation (``by_fold``, ranked), each recipe over its folds
-    (``sweep_folds.csv``, ``cv_scores.png``) and the best recipe's ``cv_<score>``, ``_std``,
-    ``_ci_low`` and ``_ci_high`` where it finished every fold."""
+    """On the sweep's parent run: its tables, the ``best`` child's scores and settings; for a
+    cross-validation (``by_fold``, ranked), the best recipe's ``cv_*`` once every fold ended."""
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     if by_seed is not None:
         mlflow.log_text(by_seed.to_csv(index=False), "sweep_seeds.csv")
@@ -359,17 +323,11 @@ def log_sweep_summary(table: pd.DataFrame, axes: tuple[str, ...],
 
 
 def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
-    """Each recipe's mean over the folds with its interval as error bars: symptom F1 and
-    validation loss side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
+    """Each recipe's mean over the folds with its interval: symptom F1 and validation loss."""
     varied = [name for name in axes if name in by_fold and by_fold[name].nunique() > 1]
     labels = [" ".join(f"{name}={sweep_value(row[name])}" for name in varied) or "recipe"
               for _, row in by_fold.iterrows()]
-    figure = Figure(figsize=(4 + 1.2 * len(labels), 4), dpi=100, layout="constrained")
+    figure = _figure(figsize=(4 + 1.2 * len(labels), 4), layout="constrained")
     for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"),
                            strict=True):
         means = by_fold[score].astype(float)
@@ -381,14 +339,10 @@ def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
     return figure
 
 
-STEP_METRICS = ("step/training_loss", "step/learning_rate", "step/grad_norm",
-                "step/tokens_per_sec")
-
-
 def training_experiment(name: str) -> str:
     """The id of the experiment ``name`` (created if new), marked as a model-training
-    experiment: MLflow 3's UI opens its training views for it, not the GenAI ones."""
-    with first_open():  # a new store's tables made by one process at a time
+    experiment so that MLflow 3's UI opens its training views."""
+    with first_open():
         found = MlflowClient().get_experiment_by_name(name)
         if found is not None and found.lifecycle_stage == "deleted":
             raise MedLMError(
@@ -404,58 +358,30 @@ def training_experiment(name: str) -> str:
 
 
 def project_parent(experiment_id: str) -> str | None:
-    """The run ``mlflow run`` opened, as the parent of a top-level run in the same experiment
-    (in another, the two runs name each other in tags)."""
+    """The run ``mlflow run`` opened, as the parent of a top-level run in its experiment."""
     launcher = launched_by()
     if launcher and MlflowClient().get_run(launcher).info.experiment_id == experiment_id:
         return launcher
     return None
 
 
-def _logged_steps(run_id: str) -> dict[str, set[int]]:
-    """Each epoch-level metric of the run and the steps it has points at."""
-    client = MlflowClient()
-    return {name: {point.step for point in client.get_metric_history(run_id, name)}
-            for name in client.get_run(run_id).data.metrics
-            if not name.startswith(("step/", "system/"))}
-
-
-def _last_step(run_id: str, metric: str) -> int:
-    return max((point.step for point in MlflowClient().get_metric_history(run_id, metric)),
-               default=0)
-
-
-def _end_run_if_possible(status: int) -> bool:
-    """End the active run as ``status`` (True), unless the store has gone away (False): then
-    the error that ended the run is the one to report, not this one's."""
-    try:
-        mlflow.flush_async_logging()
-        mlflow.end_run(RunStatus.to_string(status))
-    except Exception as error:  # noqa: BLE001 - the store is down: nothing more to tell it
-        log.warning("could not mark the run %s in MLflow: %s", RunStatus.to_string(status),
-                    str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return False
-    return True
-
-
 def run_outcome(run_id: str) -> tuple[str, dict[str, Any] | None]:
-    """A run's status, and for a finished run its best epoch, scores (a fold's reference
-    scores too) and registered version: what a sweep's table needs of a child that ended while
-    the sweep was down."""
+    """A run's status and, once finished, its best epoch, scores (a fold's reference scores
+    too) and registered version: a sweep's row for a child that ended while it was down."""
     client = MlflowClient()
     run = client.get_run(run_id)
     if run.info.status != "FINISHED":
         return run.info.status, None
     metrics = run.data.metrics
-    versions = sorted((int(version.version) for version in
-                       client.search_model_versions(f"run_id = '{run_id}'")), reverse=True)
+    newest = max((int(version.version) for version in
+                  client.search_model_versions(f"run_id = '{run_id}'")), default=None)
     return run.info.status, {
         "best_epoch": int(metrics["best_epoch"]),
         "validation_loss": metrics["best_validation_loss"],
         **{name: metrics.get(f"best_{name}", float("nan")) for name in SUMMARY_SCORES},
         **({name: metrics.get(name, float("nan")) for name in REFERENCE_SCORES}
            if run.data.params.get("folds", "0") not in ("0", "") else {}),
-        "version": str(versions[0]) if versions else None}
+        "version": None if newest is None else str(newest)}
 
 
 def end_abandoned_run(run_id: str) -> None:
@@ -469,5 +395,3 @@ def param_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return "; ".join(map(str, value))
     return "" if value is None else value
-
-

@@ -8,6 +8,31 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_CSV = Path(os.environ.get("MEDLM_TEST_DATASET",
                                   REPO_ROOT.parent / "shared" / "data" / "diseases_symptoms.csv"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for it and its commands
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The tests run on one pytest-xdist worker per core unless ``-n`` is given (``-n 0``: one
+    process): the quick ones (``-m 'not slow'``, the default) one at a time to any worker, any
+    other selection file by file (``--dist loadfile``), so that a module fixture (a trained
+    run, a server) is made once. Set here rather than in addopts: ``pytest benchmarks`` stays
+    one process, where pytest-benchmark measures."""
+    option = config.option
+    if os.environ.get("PYTEST_XDIST_WORKER") or option.collectonly:
+        return
+    if getattr(option, "numprocesses", 0) is None:
+        option.numprocesses = "auto"
+        if option.dist == "no":
+            option.dist = "load" if option.markexpr == "not slow" else "loadfile"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -49,11 +49,10 @@ def main(model_dir: str, dataset: str, out: str, mode: str = "", checkpoint: str
     shard = {"shard": distributed.rank(), "num_shards": distributed.world_size()}
     train_set = RecordingDataset(train_frame, tokenizer)
     train_set.seen = {}
-    train = make_loader(train_set, config.batch_size, tokenizer.pad_token_id, train=True,
-                        seed=config.seed, **shard)
+    train = make_loader(train_set, config, train=True, **shard)
     train_set.sampler = train.batch_sampler
-    validation = make_loader(LanguageDataset(validation_frame, tokenizer), config.batch_size,
-                             tokenizer.pad_token_id, train=False, **shard)
+    validation = make_loader(LanguageDataset(validation_frame, tokenizer), config, train=False,
+                             **shard)
     result = fit(model, (train, validation), config, resolve_precision("fp32", device),
                  checkpoint_dir=checkpoint or None,
                  report=Report([StopAfterFirstEpoch()] if mode == "stop" else ()))

@@ -86,6 +86,23 @@ def test_the_readme_generate_command_writes_symptoms_with_the_champion(recipe_ho
     assert answer.startswith("Kidney Failure | ") and len(content_words(answer)) >= 4, answer
 
 
+def test_the_base_by_name_registers_with_its_licence_and_generates(recipe_home):
+    """--model takes the offline base's name (README's command), the base's terms go with the
+    registered model, and generate takes the name too."""
+    home, _ = recipe_home
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("medlm", "champion")
+    assert version.tags["base_licence"] == "Apache-2.0"
+    assert "Base model licence: Apache-2.0" in version.description
+    assert [a.path for a in client.list_artifacts(version.run_id, "base_licence")] == [
+        "base_licence/SmolLM2-135M-Instruct.Q4_1.gguf.LICENSE"]
+    generated = run_module("experiments.generate", "Asthma", "--model-uri", BASE, "--greedy",
+                           "--max-new-tokens", "8", cwd=home, env_extra=ENV)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.strip()
+
+
 def test_the_readme_evaluate_command_scores_the_champion_beside_the_baselines(recipe_home):
     home, metrics = recipe_home
     result = run_module("experiments.evaluate", *readme_command("experiments.evaluate"),

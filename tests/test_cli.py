@@ -1,5 +1,7 @@
-"""End to end, as a user runs it: both CLIs as subprocesses, on the real dataset and a tiny
-random GPT-2 with the real GPT-2 tokenizer, with MLflow's default store in a fresh directory."""
+"""End to end, as a user runs it: the CLIs as subprocesses (most refusals, and commands repeated
+only to compare, in this process), on the real dataset and a tiny random GPT-2 with the real
+GPT-2 tokenizer, with MLflow's default store in a fresh directory; the trained champion served
+by `mlflow models serve`."""
 
 import json
 import re
@@ -10,7 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from medlm.config import TrainConfig
-from tests.conftest import run_module, write_hub_cache
+from tests.conftest import background_server, free_port, run_module, write_hub_cache
+from tests.test_bad_input import refused
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -197,27 +200,49 @@ def test_generate_loads_the_champion_and_prints_completions(trained, workdir, no
     assert lines[0].startswith("Kidney Failure | ") and lines[1].startswith("Asthma | ")
 
 
-def test_generate_accepts_versions_run_uris_and_is_repeatable(trained, workdir, no_uri_env):
+@pytest.fixture
+def in_workdir(workdir, monkeypatch):
+    """This process in the trained run's directory, as a command started there: its
+    ./mlflow.db. In-process, a command costs no interpreter start and imports."""
+    import mlflow
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def generated(argv, capsys) -> str:
+    """What ``experiments.generate ARGV`` prints, run in this process."""
+    from experiments import generate
+    from experiments._cli import run_cli
+
+    status = run_cli(generate.main, argv)
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    return printed.out
+
+
+def test_generate_accepts_versions_run_uris_and_is_repeatable(trained, workdir, no_uri_env,
+                                                              in_workdir, capsys):
     _, _, run = trained
     args = ["Kidney Failure", "--max-new-tokens", "8", "--num-return-sequences", "2",
             "--seed", "5"]
     by_version = run_module("experiments.generate", *args, "--model-uri", "1", cwd=workdir,
                             env_extra=no_uri_env)
-    by_run = run_module("experiments.generate", *args, "--model-uri",
-                        f"runs:/{run.info.run_id}/model", cwd=workdir, env_extra=no_uri_env)
-    assert by_version.returncode == 0 and by_run.returncode == 0, by_run.stderr
-    assert by_version.stdout == by_run.stdout
+    assert by_version.returncode == 0, by_version.stderr
     assert by_version.stdout.startswith("[1] Kidney Failure | ")
     assert "[2] Kidney Failure | " in by_version.stdout
-    # MLflow's own spellings: the newest version, and MLflow 3's logged-model id (both were
-    # "no registered model" errors before)
+    # the run's URI, and MLflow's own spellings: the newest version, and MLflow 3's
+    # logged-model id (both were "no registered model" errors before); the same answers in
+    # this process as in the command's own
     (logged,) = [model for model in
                  client_of(workdir).search_logged_models([run.info.experiment_id])
                  if model.source_run_id == run.info.run_id]
-    for uri in ("models:/medlm/latest", f"models:/{logged.model_id}"):
-        other = run_module("experiments.generate", *args, "--model-uri", uri, cwd=workdir,
-                           env_extra=no_uri_env)
-        assert other.returncode == 0 and other.stdout == by_version.stdout, other.stderr
+    for uri in (f"runs:/{run.info.run_id}/model", "models:/medlm/latest",
+                f"models:/{logged.model_id}"):
+        assert generated([*args, "--model-uri", uri], capsys) == by_version.stdout, uri
 
 
 def client_of(workdir):
@@ -248,13 +273,47 @@ def test_consensus_answers_are_one_per_disease_and_scored_beside_the_baselines(
     assert "untuned base" not in scored.stdout  # the run's greedy epoch 0 is not comparable
 
 
-def test_the_default_model_is_the_champion_of_the_registered_model_named(trained, workdir,
-                                                                        no_uri_env):
+def test_mlflow_models_serve_answers_disease_names_with_their_symptoms(trained, workdir,
+                                                                       in_workdir, capsys):
+    """The champion as MLflow serves it (`mlflow models serve` on 127.0.0.1), sent disease
+    names over HTTP: it answers with symptoms, as `experiments.generate --greedy` writes them.
+    Before, it got the bare name, without the " |" it was trained to continue after, and
+    echoed the prompt back in front of its answer."""
+    import os
+    import sys
+    import urllib.request
+
+    names = ["Kidney Failure", "Asthma"]
+    expected = [line.split(" | ", 1)[1]
+                for line in generated([*names, "--greedy"], capsys).splitlines()]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with background_server([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                            "models:/medlm@champion", "--env-manager", "local", "--host",
+                            "127.0.0.1", "--port", str(port)], f"{url}/ping", workdir,
+                           # as in an activated virtualenv: MLflow runs `uvicorn` from PATH
+                           env={**os.environ,
+                                "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+                                "PATH": os.pathsep.join([os.path.dirname(sys.executable),
+                                                         os.environ.get("PATH", "")])}):
+        request = urllib.request.Request(
+            f"{url}/invocations", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"inputs": names}).encode())  # greedy: the served default
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answers = json.loads(response.read())["predictions"]
+    assert [answer.strip() for answer in answers] == expected
+    assert not any(answer.strip().startswith(name) for answer, name in zip(answers, names,
+                                                                           strict=True))
+
+
+def test_the_default_model_is_the_champion_of_the_registered_model_named(trained, in_workdir,
+                                                                        capsys):
     """--registered-model decides the default --model-uri too, not only bare versions."""
-    result = run_module("experiments.generate", "Asthma", "--registered-model", "smollm2",
-                        cwd=workdir, env_extra=no_uri_env)
-    assert result.returncode == 2, result.stdout
-    assert result.stderr.strip().count("\n") == 0 and "'smollm2'" in result.stderr
+    from experiments import generate
+
+    status, err = refused(generate.main, ["Asthma", "--registered-model", "smollm2"], capsys)
+    assert status == 2
+    assert err.count("\n") == 0 and "'smollm2'" in err
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -265,11 +324,14 @@ def test_the_default_model_is_the_champion_of_the_registered_model_named(trained
     (["Asthma", "--consensus", "1"], "--consensus: '1' is invalid: expected a whole number "
                                      "from 2 to 64"),
 ])
-def test_generate_refuses_what_it_cannot_do_in_one_line(flags, expected, tmp_path):
-    result = run_module("experiments.generate", *flags, cwd=tmp_path,
-                        env_extra={"MLFLOW_TRACKING_URI": ""})
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
+def test_generate_refuses_what_it_cannot_do_in_one_line(flags, expected, mlflow_home, capsys):
+    """In-process: test_unknown_alias_is_one_line_listing_what_exists runs a refusal as a
+    command of its own."""
+    from experiments import generate
+
+    status, err = refused(generate.main, flags, capsys)
+    assert status == 2
+    assert err.count("\n") == 0 and expected in err, err
 
 
 def test_generate_reads_a_save_pretrained_directory(tiny_model_dir, tmp_path):
@@ -299,16 +361,24 @@ def bad_inputs(tmp: Path, csv: Path, model: Path) -> dict[str, tuple[list[str], 
 @pytest.mark.parametrize("case", ["missing file", "wrong columns", "empty file",
                                   "single disease", "negative lr", "text lr", "zero batch",
                                   "zero epochs", "unknown model"])
-def test_bad_input_is_one_line_exit_2_and_no_run(case, tmp_path, dataset_csv, tiny_model_dir):
+def test_bad_input_is_one_line_exit_2_and_no_run(case, tmp_path, dataset_csv, tiny_model_dir,
+                                                 mlflow_home, capsys):
+    """One case as a command of its own, as a user runs it; the others in-process."""
+    from experiments import run
+
     args, expected = bad_inputs(tmp_path, dataset_csv, tiny_model_dir)[case]
     defaults = ["--dataset", str(dataset_csv), "--model", str(tiny_model_dir), "--epochs", "1",
                 "--max-samples", "20"]
-    result = run_module("experiments.run", *defaults, *args, cwd=tmp_path,
-                        env_extra={"MLFLOW_TRACKING_URI": ""})
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    if case == "missing file":
+        result = run_module("experiments.run", *defaults, *args, cwd=tmp_path,
+                            env_extra={"MLFLOW_TRACKING_URI": ""})
+        status, stderr = result.returncode, result.stderr
+    else:
+        status, stderr = refused(run.main, [*defaults, *args], capsys)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], stderr
     if (tmp_path / "mlflow.db").exists():
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

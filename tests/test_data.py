@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from medlm.config import TrainConfig
 from medlm.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -307,9 +308,8 @@ def test_length_grouped_batches_cover_every_row_once_and_cut_padding(dataset_csv
     assert first != second  # a new order every epoch
     sampler.set_epoch(0)
     assert list(sampler) == first  # and a repeatable one
-    grouped = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=True, seed=1)
-    plain = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=True, seed=1,
-                        group_by_length=False)
+    grouped = make_loader(dataset, TrainConfig(seed=1), train=True)
+    plain = make_loader(dataset, TrainConfig(seed=1, group_by_length=False), train=True)
     assert padding_ratio(grouped) < 1.1 < 1.5 < padding_ratio(plain)
 
 
@@ -346,7 +346,7 @@ def test_a_batch_smaller_than_the_process_count_is_refused():
 def test_validation_loader_sorts_by_length_and_keeps_every_row(dataset_csv, gpt2_tokenizer):
     frame = load_disease_data(str(dataset_csv), max_samples=50).frame
     dataset = LanguageDataset(frame, gpt2_tokenizer)
-    loader = make_loader(dataset, 8, gpt2_tokenizer.eos_token_id, train=False)
+    loader = make_loader(dataset, TrainConfig(batch_size=8), train=False)
     widths = [batch["input_ids"].shape[1] for batch in loader]
     assert widths == sorted(widths)
     assert sum(len(batch["input_ids"]) for batch in loader) == 50
@@ -399,8 +399,8 @@ def test_each_process_validates_its_share_of_the_global_batch(gpt2_tokenizer, da
     dataset = LanguageDataset(frame, gpt2_tokenizer)
     seen = []
     for shard in range(num_shards):
-        loader = make_loader(dataset, 8, gpt2_tokenizer.pad_token_id, train=False,
-                             shard=shard, num_shards=num_shards)
+        loader = make_loader(dataset, TrainConfig(batch_size=8), train=False, shard=shard,
+                             num_shards=num_shards)
         for batch in loader:
             assert len(batch["input_ids"]) <= -(-8 // num_shards)
         seen += [index for batch in loader.batch_sampler for index in batch]

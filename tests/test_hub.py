@@ -148,6 +148,6 @@ def test_these_tests_pass_for_a_user_who_keeps_the_hub_offline_in_the_shell(tmp_
     """The README's test command, run by someone without Hub access who exports the offline
     variables: each test sets what it depends on instead of inheriting them."""
     result = run_module("pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-                        "-m", "not slow", "-k", "not keeps_the_hub_offline", cwd=tmp_path,
-                        env_extra=shell)
+                        "-p", "no:xdist", "-m", "not slow", "-k", "not keeps_the_hub_offline",
+                        cwd=tmp_path, env_extra=shell)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -6,7 +6,6 @@ from medlm.data import load_disease_data
 from medlm.metrics import (
     SymptomScore,
     constant_answer,
-    micro_average,
     nearest_name_answers,
     references_by_disease,
     score_symptoms,
@@ -104,8 +103,11 @@ def test_empty_generation_scores_zero_without_dividing_by_zero():
 
 
 def test_micro_average_sums_counts_before_dividing():
-    overall = micro_average([SymptomScore(1, 1, 1), SymptomScore(0, 9, 9)])
-    assert overall.precision == 0.1 and overall.recall == 0.1  # macro would say 0.5
+    nine = ", ".join(f"symptom{index}" for index in range(9))
+    frame = pd.DataFrame({"Name": ["Flu", "Gout"], "Symptoms": ["fever", nine]})
+    _, overall = score_answers(["fever", nine.replace("symptom", "sign")], frame)
+    assert overall.symptom == SymptomScore(1, 10, 10)
+    assert overall.symptom.precision == 0.1 and overall.symptom.recall == 0.1  # macro: 0.5
 
 
 def test_a_disease_listed_twice_is_scored_against_both_symptom_lists():

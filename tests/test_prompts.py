@@ -77,8 +77,8 @@ def test_chat_rows_are_the_template_then_the_symptoms_and_the_completion_loss_sk
     frame = pd.DataFrame({"Name": ["Kidney Failure"], "Symptoms": ["Fatigue, swelling"]})
     rows = LanguageDataset(frame, tokenizer, loss_on="completion", prompt_format="chat")
     assert tokenizer.decode(rows[0]) == CHAT_PROMPT + "Fatigue, swelling" + tokenizer.eos_token
-    batch = next(iter(make_loader(rows, 1, tokenizer.pad_token_id, train=False,
-                                  loss_on="completion")))
+    batch = next(iter(make_loader(rows, TrainConfig(batch_size=1, loss_on="completion"),
+                                  train=False)))
     scored = batch["labels"][0][batch["labels"][0] != -100]
     assert tokenizer.decode(scored) == "Fatigue, swelling" + tokenizer.eos_token
 

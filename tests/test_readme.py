@@ -42,7 +42,6 @@ def test_the_bound_on_sequences_per_generate_call_is_the_codes():
 
 def test_the_checkpoint_files_listed_are_those_a_lora_epoch_writes(tiny_model_dir, tmp_path,
                                                                     dataset_csv):
-    from medlm.checkpoint import current_epoch_directory
     from medlm.data import load_disease_data
     from medlm.lora import add_lora
     from medlm.modeling import load_tokenizer_and_model
@@ -53,11 +52,11 @@ def test_the_checkpoint_files_listed_are_those_a_lora_epoch_writes(tiny_model_di
     train, validation = loaders(tokenizer, load_disease_data(str(dataset_csv), 40).frame)
     fit(add_lora(model, 2), (train, validation), plain(epochs=1, progress=False), FP32,
         checkpoint_dir=str(tmp_path))
-    written = {path.name for path in current_epoch_directory(tmp_path).iterdir()}
+    written = {path.name for path in tmp_path.iterdir()}
     resume = section(GUIDE, "Interruptions and resume")
     listed = set(re.findall(r"`(\w+\.(?:safetensors|pt))`", resume))
     assert written <= listed, f"{written - listed} not in {GUIDE}'s list"
-    assert "adapters" in resume  # a LoRA run's model.safetensors holds the adapters alone
+    assert "adapters" in resume  # a LoRA run keeps the adapters alone
 
 
 def medlm_imports(module: Path) -> set[str]:

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from medlm.checkpoint import has_checkpoint
 from tests.conftest import REPO_ROOT, run_module
+from tests.test_bad_input import refused
 
 pytestmark = pytest.mark.slow
 
@@ -55,15 +56,25 @@ def losses(client, run_id):
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
                                                           dataset_csv):
+    """The uninterrupted run is also asked to resume while it still trains, which is refused
+    (found by hostile use: that, and two resumes at once, both trained it: every epoch logged
+    twice)."""
     env = {"MLFLOW_TRACKING_URI": ""}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()
     killed.mkdir()
-    result = run_module("experiments.run", *args(tiny_model_dir, dataset_csv), cwd=straight,
-                        env_extra=env)
-    assert result.returncode == 0, result.stderr
-    (reference,) = client_for(straight).search_runs(
-        [client_for(straight).get_experiment_by_name("medlm").experiment_id])
+    process, straight_id = run_until(args(tiny_model_dir, dataset_csv), straight, "epoch 1:")
+    process.send_signal(signal.SIGSTOP)  # still training, however fast the machine
+    try:
+        second = run_module("experiments.run", "--resume", straight_id, cwd=straight,
+                            env_extra=env)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    process.stderr.read()
+    assert process.wait(timeout=600) == 0
+    assert second.returncode == 2 and "is being trained by another process" in second.stderr
+    reference = client_for(straight).get_run(straight_id)
+    assert reference.info.status == "FINISHED"
 
     process, run_id = run_until(args(tiny_model_dir, dataset_csv), killed, "epoch 2:")
     process.send_signal(signal.SIGKILL)
@@ -115,11 +126,13 @@ def test_a_checkpoint_of_other_data_does_not_resume(tmp_path, dataset_csv):
     check_resume_data(checkpoint, data, split)
 
 
-def test_resume_of_an_unknown_run_is_a_user_error(tmp_path):
-    result = run_module("experiments.run", "--resume", "abc123", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "error: --resume 'abc123': no checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_resume_of_an_unknown_run_is_a_user_error(mlflow_home, capsys):
+    from experiments import run
+
+    status, err = refused(run.main, ["--resume", "abc123"], capsys)
+    assert status == 2
+    assert "error: --resume 'abc123': no checkpoint" in err
+    assert "Traceback" not in err
 
 
 def test_an_epoch_killed_while_it_was_being_logged_is_logged_on_resume(
@@ -388,7 +401,7 @@ def test_a_run_killed_while_its_model_was_registered_resumes_to_one_version(
 
 
 def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
-        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch):
+        mlflow_home, tiny_model_dir, dataset_csv, monkeypatch, capsys):
     """A checkpoint from a GPU machine (its config says --device cuda --precision bf16) resumes
     here with --device cpu --precision fp32, said in one line; --lr beside --resume is refused,
     not silently ignored."""
@@ -408,14 +421,15 @@ def test_a_run_resumes_on_other_hardware_and_refuses_flags_that_change_its_math(
     saved = mlflow_home / "checkpoints" / run.info.run_id / "config.json"
     config = json.loads(saved.read_text())
     saved.write_text(json.dumps({**config, "device": "cuda", "precision": "bf16"}))
+    capsys.readouterr()
 
-    refused = run_module("experiments.run", "--resume", run.info.run_id, "--lr", "1e-3",
-                         cwd=mlflow_home)
-    assert refused.returncode == 2 and refused.stderr.count("error:") == 1
-    assert "--lr 0.001 with --resume is invalid" in refused.stderr
-    refused = run_module("experiments.run", "--resume", run.info.run_id, "--no-register",
-                         cwd=mlflow_home)  # named as typed, not by its dest ("--register")
-    assert refused.returncode == 2 and "--no-register with --resume" in refused.stderr
+    status, err = refused(run_entry_point.main, ["--resume", run.info.run_id, "--lr", "1e-3"],
+                          capsys)
+    assert status == 2 and err.count("error:") == 1
+    assert "--lr 0.001 with --resume is invalid" in err
+    status, err = refused(run_entry_point.main, ["--resume", run.info.run_id, "--no-register"],
+                          capsys)  # named as typed, not by its dest ("--register")
+    assert status == 2 and "--no-register with --resume" in err
     elsewhere = run_module("experiments.run", "--resume", run.info.run_id, "--device", "cpu",
                            "--precision", "fp32", cwd=mlflow_home)
     assert elsewhere.returncode == 0, elsewhere.stderr
@@ -510,23 +524,3 @@ def test_a_run_killed_while_its_model_was_logged_resumes_comparable(
     assert sorted(str(model.status) for model in models) == ["FAILED", "READY"]
     (version,) = client.search_model_versions("name = 'medlm'")
     assert version.run_id == run_id
-
-
-def test_a_resume_while_the_run_still_trains_is_refused(tmp_path, tiny_model_dir,
-                                                          dataset_csv):
-    """Found by hostile use: --resume while the run's own process still trained it, and two
-    resumes at once, both trained it: every epoch logged twice."""
-    env = {"MLFLOW_TRACKING_URI": ""}
-    process, run_id = run_until(args(tiny_model_dir, dataset_csv), tmp_path, "epoch 1:")
-    process.send_signal(signal.SIGSTOP)  # still training, however fast the machine
-    try:
-        second = run_module("experiments.run", "--resume", run_id, cwd=tmp_path,
-                            env_extra=env)
-    finally:
-        process.send_signal(signal.SIGCONT)
-    process.stderr.read()
-    assert process.wait(timeout=600) == 0
-    assert second.returncode == 2 and "is being trained by another process" in second.stderr
-    client = client_for(tmp_path)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert [p.step for p in client.get_metric_history(run_id, "training_loss")] == [1, 2, 3, 4]

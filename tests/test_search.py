@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 
+import mlflow
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -15,6 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
+from experiments import search as search_entry_point
 from medlm.errors import MedLMError
 from medlm.search import (
     DEFAULT_SPACE,
@@ -33,6 +35,7 @@ from medlm.search import (
 from medlm.store import without_password
 from medlm.train import EpochResult, RunStopped
 from tests.conftest import run_module
+from tests.test_bad_input import refused
 
 
 def test_specs_become_the_distributions_they_say():
@@ -223,7 +226,7 @@ TINY = ("--max-samples", "40", "--num-validation-samples", "0", "--max-new-token
 
 @pytest.mark.slow
 def test_a_search_nests_its_trials_prunes_the_bad_ones_and_registers_the_rest(
-        tmp_path, tiny_model_dir, dataset_csv):
+        tmp_path, tiny_model_dir, dataset_csv, monkeypatch, capsys):
     """lr 5e-4 (the recipe's own, so the first trial) or 1e-7 on the tiny model: once the
     5e-4 trial has finished, a 1e-7 trial is clearly worse after its first epoch and is
     pruned."""
@@ -273,9 +276,13 @@ def test_a_search_nests_its_trials_prunes_the_bad_ones_and_registers_the_rest(
              str(dataset_csv), *TINY, "--epochs", "2", "--warmup-steps", "0",
              "--no-symptom-eval", "--param", "lr=5e-4,1e-7", "--trials", "4",
              "--study", "replayed", "--replay", "medlm-search", "--pruner", "none"]
-    other = run_module(*flags[:-6], "--epochs", "3", *flags[-6:], cwd=tmp_path,
-                       env_extra={"MLFLOW_TRACKING_URI": ""})  # --epochs given twice: last wins
-    assert other.returncode == 2 and "--replay 'medlm-search' was run with other" in other.stderr
+    with monkeypatch.context() as inside:  # in this process, as a command started there
+        inside.chdir(tmp_path)
+        inside.setenv("MLFLOW_TRACKING_URI", "")
+        status, err = refused(search_entry_point.main,
+                              [*flags[1:-6], "--epochs", "3", *flags[-6:]], capsys)
+        mlflow.set_tracking_uri(None)
+    assert status == 2 and "--replay 'medlm-search' was run with other" in err  # --epochs twice
     replay = run_module(*flags, cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
     assert replay.returncode == 0, replay.stderr[-3000:]
     replayed = optuna.load_study(study_name="replayed", storage=study._storage).get_trials()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medlm.checkpoint import current_epoch_directory
 from medlm.config import TrainConfig
 from medlm.data import CausalLMCollator, LanguageDataset, load_disease_data
 from medlm.modeling import Precision, resolve_precision
@@ -232,14 +231,22 @@ def test_schedulers_warm_up_and_decay(tiny_model, small_frame, scheduler):
     assert 0 < result.epochs[0].learning_rate < 1e-3
 
 
-def test_weight_decay_skips_biases_and_norms(tiny_model):
-    from medlm.train import make_optimizer
+def test_weight_decay_skips_biases_and_norms(tiny_model, small_frame, monkeypatch):
+    made = []
 
-    _, model = tiny_model
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU)
-    decayed, plain = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and plain["params"]
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    tokenizer, model = tiny_model
+    monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
+    fit(model, loaders(tokenizer, small_frame), plain(epochs=1, weight_decay=0.1,
+                                                      progress=False), FP32)
+    (optimizer,) = made
+    decayed, plain_group = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain_group["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and plain_group["params"]
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
         p.numel() for p in model.parameters())
 
@@ -261,16 +268,15 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
     from medlm.data import make_loader
     from medlm.modeling import load_tokenizer_and_model
 
-    config = plain(epochs=4, lr=3e-3, progress=False, group_by_length=group_by_length)
+    config = plain(epochs=3, lr=3e-3, progress=False, group_by_length=group_by_length)
 
     def attempt(**kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
         split = split_by_disease(small_frame, 0.2, 42)
         train_frame, validation_frame = split.train, split.validation
-        train = make_loader(LanguageDataset(train_frame, tokenizer), 8, tokenizer.pad_token_id,
-                            train=True, seed=42, group_by_length=group_by_length)
-        validation = make_loader(LanguageDataset(validation_frame, tokenizer), 8,
-                                 tokenizer.pad_token_id, train=False)
+        train = make_loader(LanguageDataset(train_frame, tokenizer), config, train=True)
+        validation = make_loader(LanguageDataset(validation_frame, tokenizer), config,
+                                 train=False)
         return fit(model, (train, validation), config, FP32, **kwargs)
 
     uninterrupted = attempt()
@@ -384,7 +390,7 @@ def claim_written_on_cuda(state_file):
 def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path):
     config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
-    claim_written_on_cuda(current_epoch_directory(tmp_path) / "state.pt")
+    claim_written_on_cuda(tmp_path / "state.pt")
     resumed = attempt()
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
@@ -394,7 +400,7 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, sma
     config = plain(epochs=4, lr=3e-3, progress=False, patience=1)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
     # as if epoch 1 had been the patience-th epoch without improvement: the run had stopped
-    state_file = current_epoch_directory(tmp_path) / "state.pt"
+    state_file = tmp_path / "state.pt"
     state = torch.load(state_file, weights_only=True)
     state["epochs_without_improvement"] = 1
     torch.save(state, state_file)
@@ -411,45 +417,31 @@ def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_
                record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("interrupt_at", ["weights", "state", "epoch rename", "pointer"])
+@pytest.mark.parametrize("interrupt_at", ["state", "rename"])
 def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
         tiny_model_dir, small_frame, tmp_path, monkeypatch, interrupt_at):
     """Ctrl-C while epoch 2's checkpoint is being written: what resumes is epoch 1 whole (its
     weights with its optimizer state and results), never epoch 2's weights with epoch 1's
-    state, which used to be possible between one file's rename and the next."""
-    import os
-
-    from safetensors.torch import load_file
-
+    state."""
     from medlm import checkpoint
     from medlm.checkpoint import saved_epochs
 
     config = plain(epochs=2, lr=3e-3, progress=False)
     attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
-    epoch_1 = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
+    epoch_1 = torch.load(tmp_path / "state.pt", weights_only=True)["weights"]
 
     def kill(*args, **kwargs):
         raise KeyboardInterrupt
 
-    replace, calls = os.replace, []
-
-    def replace_then_kill(source, target):
-        calls.append(target)
-        if len(calls) == {"epoch rename": 1, "pointer": 2}[interrupt_at]:
-            raise KeyboardInterrupt
-        replace(source, target)
-
-    if interrupt_at == "weights":
-        monkeypatch.setattr(checkpoint, "save_file", kill)
-    elif interrupt_at == "state":
+    if interrupt_at == "state":
         monkeypatch.setattr(checkpoint.torch, "save", kill)
     else:
-        monkeypatch.setattr(checkpoint.os, "replace", replace_then_kill)
+        monkeypatch.setattr(checkpoint.os, "replace", kill)
     with pytest.raises(KeyboardInterrupt):
         attempt()
     monkeypatch.undo()
     assert [epoch["epoch"] for epoch in saved_epochs(tmp_path)] == [1]
-    weights = load_file(str(current_epoch_directory(tmp_path) / "model.safetensors"))
+    weights = torch.load(tmp_path / "state.pt", weights_only=True)["weights"]
     assert all(torch.equal(weights[name], epoch_1[name]) for name in epoch_1)
     resumed = attempt()
     assert [result.epoch for result in resumed.epochs] == [1, 2]
@@ -489,9 +481,8 @@ def test_per_step_values_reach_the_loggers_every_n_optimizer_steps(tiny_model_di
 def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
         tiny_model_dir, small_frame, tmp_path, monkeypatch):
     """Power loss, unlike a kill, drops what the OS had not written yet: a rename that reached
-    the disk before the data it names leaves `latest` naming empty files. Each file and the
-    epoch directory must be flushed before the rename that names them, the rename before the
-    pointer, and the pointer before the checkpoint counts as written."""
+    the disk before the data it names leaves `state.pt` empty. The file must be flushed before
+    the rename that names it, and the rename before the checkpoint counts as written."""
     import os
 
     from medlm import checkpoint
@@ -504,14 +495,10 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
     monkeypatch.setattr(checkpoint.os, "replace", lambda source, target: events.append(
         ("replace", Path(source).name, Path(target).name)) or replace(source, target))
     attempt()
-    epoch_rename = events.index(("replace", ".epoch-2.partial", "epoch-2"))
-    pointer = events.index(("replace", "latest.partial", "latest"))
-    files = {path.name for path in (tmp_path / "epoch-2").iterdir()}
-    assert {"model.safetensors", "state.pt"} <= files
-    assert files | {".epoch-2.partial"} <= {event[1] for event in events[:epoch_rename]}
-    assert ("fsync", tmp_path.name) in events[epoch_rename:pointer]  # the rename itself
-    assert ("fsync", "latest.partial") in events[epoch_rename:pointer]
-    assert events[pointer + 1:pointer + 2] == [("fsync", tmp_path.name)]
+    partial = f"state.pt.{os.getpid()}.partial"
+    rename = events.index(("replace", partial, "state.pt"))
+    assert events[rename - 1:rename + 2] == [("fsync", partial), events[rename],
+                                             ("fsync", tmp_path.name)]
 
 
 def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, small_frame,
@@ -525,28 +512,18 @@ def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, 
     assert [result.epoch for result in resumed.epochs] == [1, 2]
 
 
-def test_a_pointer_to_a_missing_epoch_falls_back_to_the_newest_whole_one(tmp_path):
+def test_a_directory_without_a_checkpoint_is_refused_in_one_line(tmp_path):
     from medlm.checkpoint import check_world_size
     from medlm.errors import MedLMError
 
     with pytest.raises(MedLMError, match="no checkpoint in"):
         check_world_size(tmp_path, 1)
-    (tmp_path / "epoch-1").mkdir()
-    (tmp_path / "epoch-1" / "state.pt").write_bytes(b"")
-    (tmp_path / "epoch-10").mkdir()
-    (tmp_path / "epoch-10" / "state.pt").write_bytes(b"")
-    (tmp_path / "latest").write_text("epoch-11")
-    assert current_epoch_directory(tmp_path) == tmp_path / "epoch-10"
 
 
 def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
         tiny_model_dir, small_frame, tmp_path, monkeypatch):
     """A kill while an epoch is scored (before its checkpoint is written) leaves the previous
-    epoch whole, and the resumed run ends with the uninterrupted run's losses and best weights.
-    An epoch that does not improve links the best epoch's weights instead of writing them."""
-    from safetensors.torch import load_file
-
-    from medlm import checkpoint
+    epoch whole, and the resumed run ends with the uninterrupted run's losses and best weights."""
     from medlm.checkpoint import saved_epochs
     from medlm.modeling import load_tokenizer_and_model
 
@@ -569,22 +546,15 @@ def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run", [0.5], kill_at=2)
-    assert current_epoch_directory(tmp_path / "run").name == "epoch-1"
     assert [epoch["epoch"] for epoch in saved_epochs(tmp_path / "run")] == [1]
     resumed, resumed_model = run(tmp_path / "run", [0.2, 0.1], resume=True)
-
-    written = []
-    save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, **kwargs: (
-        written.append(Path(path).name), save_file(tensors, path, **kwargs))[-1])
     uninterrupted, model = run(tmp_path / "whole", [0.5, 0.2, 0.1])
     assert [r.training_loss for r in resumed.epochs] == [
         r.training_loss for r in uninterrupted.epochs]
     assert resumed.best.epoch == uninterrupted.best.epoch == 1
     weights = dict(model.named_parameters())
     assert all(torch.equal(p, weights[n]) for n, p in resumed_model.named_parameters())
-    assert "best.safetensors" not in written  # epoch 1's weights, linked twice
-    best = load_file(str(tmp_path / "whole" / "epoch-3" / "best.safetensors"))
+    best = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["best_weights"]
     assert all(torch.equal(best[n], p) for n, p in model.named_parameters())
 
 
