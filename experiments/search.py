@@ -14,23 +14,32 @@ from medlm.errors import MedLMError
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m experiments.search",
                             description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    add = parser.add_argument_group("search (the other flags: every trial's settings)").add_argument
+    add = parser.add_argument_group("search (the other flags: the settings every trial shares, "
+                                    "as python -m experiments.run takes them)").add_argument
     add("--param", action="append", default=[], metavar="NAME=SPEC",
         help="a setting the search varies: LOW..HIGH, LOW..HIGH:log or A,B,C (repeat the flag; "
              "default: " + " ".join(f"{k}={v}" for k, v in DEFAULT_SPACE.items()) + ")")
-    add("--space", metavar="FILE.toml", help='the space as a file: NAME = "SPEC" or [A, B] lines')
-    add("--trials", type=positive_int, default=12, help="trials of all processes together")
-    add("--study", default="medlm-search", help="processes of one --study and --storage share it")
-    add("--storage", metavar="URL", help="postgresql://user:password@host:port/db "
-        "(a team's machines) or a SQLite file (one machine's; default: ./medlm-search.db)")
+    add("--space", metavar="FILE.toml", help='the space as a file: NAME = "LOW..HIGH[:log]" or '
+        "NAME = [A, B] per line (--param flags add to it)")
+    add("--trials", type=positive_int, default=12,
+        help="trials in the whole study, all processes together")
+    add("--study", default="medlm-search",
+        help="the Optuna study: processes given the same name and --storage share it")
+    add("--storage", metavar="URL", help="postgresql://user:password@host:port/db (a team's "
+        "machines together), or a SQLite file (several processes on one machine; default: "
+        "./medlm-search.db)")
     add("--sampler", choices=("tpe", "random"), default="tpe", help="how trials are drawn")
     add("--pruner", choices=("median", "none"), default="median", help="median: stop a trial "
         "after an epoch worse than the median of earlier trials at that epoch")
-    add("--startup-trials", type=positive_int, default=4, help="trials before TPE and pruning act")
-    add("--sampler-seed", type=seed, default=42, help="the draws of the process that begins it")
-    add("--replay", metavar="STUDY", help="a new study first runs STUDY's trials (same flags)")
+    add("--startup-trials", type=positive_int, default=4,
+        help="trials finished before TPE models the space and the pruner acts")
+    add("--sampler-seed", type=seed, default=42,
+        help="the draws of the process that begins the study")
+    add("--replay", metavar="STUDY", help="a new study first runs every trial of STUDY (same "
+        "storage, same flags), in order: e.g. the same trials with --pruner none")
     add_settings(parser)
-    parser.add_argument("--config", metavar="FILE.toml", default=SUPPRESS, help="a recipe file")
+    parser.add_argument("--config", metavar="FILE.toml", default=SUPPRESS,
+                        help="a recipe file of the settings every trial shares")
     return parser
 
 

@@ -69,6 +69,8 @@ def save_checkpoint(directory: str | os.PathLike, model, state: dict,
     payload = {**state, "weights": trained_weights(model),
                "best_weights": None if state["best_is_current"] else best_weights,
                "rng": rng_states or [rng_state()], "format": FORMAT}
+    for stale in directory.glob(f"{STATE}.*.partial"):  # a write a SIGKILL cut short
+        stale.unlink(missing_ok=True)  # (the directory is this process's: trained_here)
     try:
         _replace(directory / STATE, lambda partial: torch.save(payload, partial))
     except Exception as error:

@@ -81,7 +81,10 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_numbers(values: list[float], device: torch.device,
                        op: str = "sum") -> list[float]:
-    """Host numbers reduced over all processes, in float64."""
+    """Host numbers reduced over all processes, in float64; as they are in one process (MPS,
+    a single-process device, has no float64)."""
+    if not is_enabled():
+        return list(values)
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
 
 

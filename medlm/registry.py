@@ -153,6 +153,7 @@ def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult,
             input_example=example, pip_requirements=pip_requirements(),
             registered_model_name=tracker.registered_model,
             step=-1)  # at step 0, every metric logged at step 0 would be linked to the model
+        tracker.log_best(best, model_id=info.model_id)
     except Exception as error:  # the run's checkpoint stays until it has its model
         if not disk_full(error):
             raise
@@ -161,7 +162,6 @@ def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult,
         raise DiskFull(f"no space left on device in {destination} while logging run {run_id}'s "
                        "model",
                        f"its training is kept in {checkpoint}") from None
-    tracker.log_best(best, model_id=info.model_id)
     return str(info.registered_model_version)
 
 

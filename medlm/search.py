@@ -105,8 +105,10 @@ def _rerun_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     log.warning("trial %d: its process is gone; %s", trial.number, "not run again (it was a "
                 "re-run)" if retry.retry_history(trial) else "it runs again")
     if trial.user_attrs.get("run_id"):
-        with contextlib.suppress(Exception):  # the store is down: the trial runs again anyway
+        try:  # the store is down: the trial runs again anyway
             tracking.end_abandoned_run(trial.user_attrs["run_id"])
+        except Exception as error:  # noqa: BLE001
+            log.warning("could not mark trial %d's run KILLED: %s", trial.number, error)
 
 
 def join_study(options: SearchOptions, direction: str, settings: str) -> tuple[optuna.Study, bool]:
@@ -205,8 +207,10 @@ def _start_parent(study: optuna.Study, config: TrainConfig, space: dict[str, Bas
     except BaseException:
         optuna.delete_study(study_name=options.study, storage=study._storage)
         if run_id:
-            with contextlib.suppress(Exception):  # the store is down: its error is the one
+            try:  # the store is down: its error is the one raised
                 client.set_terminated(run_id, "FAILED")
+            except Exception as error:  # noqa: BLE001
+                log.warning("could not mark the search's parent run FAILED: %s", error)
         raise
 
 
@@ -257,9 +261,11 @@ class _Trials:
             if run_id := trial.user_attrs.get("run_id"):
                 shutil.rmtree(Path(config.checkpoint_dir) / run_id, ignore_errors=True)
                 described = run_description(config).removesuffix(": training")
-                with contextlib.suppress(Exception):  # the store is down: the trial's end stands
+                try:  # the store is down: the trial's end stands
                     MlflowClient().log_batch(run_id, tags=[RunTag(tag, str(value)), RunTag(
                         tracking.DESCRIPTION_TAG, f"{described}: trial {trial.number}, {ended}")])
+                except Exception as error:  # noqa: BLE001
+                    log.warning("could not tag trial %d's run: %s", trial.number, error)
         try:
             self.run = self.run.next(config)  # each trial from the untouched base
             result = self.run.execute(parent_run_id=self.parent_id, loggers=[pruning], started=(

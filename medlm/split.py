@@ -170,5 +170,7 @@ def split_rows(frame: pd.DataFrame, validation_fraction: float, seed: int, folds
                fold: int | None = None, source: str = "dataset") -> DiseaseSplit:
     """A run's split: fold ``fold`` of ``folds`` where it has folds, else ``split_by_disease``."""
     if folds:
+        if fold is None:
+            raise ValueError(f"{folds} folds and no fold: expected the fold to hold out")
         return split_fold(frame, folds, fold, seed, source)
     return split_by_disease(frame, validation_fraction, seed, source)

@@ -49,7 +49,8 @@ class Stopwatch:
 
     def split(self) -> dict[str, float]:
         """Seconds per phase since the start, ``other`` (what no phase claimed) and ``wall``."""
-        return _with_rest(dict(self.seconds), self._charge() - self.origin)
+        now = self._charge()  # the open phase's time up to now counted first
+        return _with_rest(dict(self.seconds), now - self.origin)
 
     def lap(self) -> dict[str, float]:
         """Like ``split``, for the time since the previous lap (an epoch's share)."""

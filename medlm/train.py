@@ -138,18 +138,19 @@ def row_losses(model: torch.nn.Module, loader: DataLoader, precision: Precision,
     no_grad, not inference_mode (which keeps no autocast cache): each weight is cast once."""
     device, was_training = precision.device, model.training
     model.eval()
-    rows = torch.zeros((len(loader.dataset), 2), dtype=torch.float64, device=device)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    rows = torch.zeros((len(loader.dataset), 2), dtype=dtype, device=device)
     with (_bar(len(loader), "validation", progress) as bar, precision.autocast(),
           casts_cached(model, device)):
         for indices, batch in zip(loader.batch_sampler, loader, strict=True):
             logits, labels = _next_token(model, _to(batch, device))
             losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
                                      reduction="none")
-            rows[indices, 0] = losses.sum(dim=1).double()
-            rows[indices, 1] = (labels != IGNORE_INDEX).sum(dim=1).double()
+            rows[indices, 0] = losses.sum(dim=1).to(dtype)
+            rows[indices, 1] = (labels != IGNORE_INDEX).sum(dim=1).to(dtype)
             bar.update()
     model.train(was_training)
-    return rows.cpu().numpy()
+    return rows.cpu().double().numpy()
 
 
 @contextlib.contextmanager

@@ -172,6 +172,15 @@ def hub_decision_is_per_test(monkeypatch):
         monkeypatch.setattr(datasets.config, attribute, False)
 
 
+@pytest.fixture(autouse=True)
+def no_experiment_leaks_into_later_commands(monkeypatch):
+    """MLflow exports the active experiment as MLFLOW_EXPERIMENT_ID into this process's
+    environment, which every command a later test on this worker starts would inherit (``mlflow
+    run`` refuses it beside --experiment-name): unset for each test, restored after."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+
+
 class SilentHost:
     """A TCP server on 127.0.0.1 that accepts connections and never answers: a Hub endpoint
     that does not reply. ``connections`` counts how often it was asked."""

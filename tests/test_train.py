@@ -501,6 +501,17 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
                                              ("fsync", tmp_path.name)]
 
 
+def test_a_checkpoint_write_cut_short_by_a_kill_leaves_no_file_behind(
+        tiny_model_dir, small_frame, tmp_path):
+    """A SIGKILL mid-write leaves a whole-size ``state.pt.<pid>.partial`` that the resumed
+    process (another pid) must remove, or each kill costs a checkpoint's worth of disk."""
+    config = plain(epochs=2, lr=3e-3, progress=False)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    (tmp_path / "state.pt.999999.partial").write_bytes(b"\0" * 1024)
+    attempt()
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, small_frame,
                                                                 tmp_path, monkeypatch):
     """An fp32/bf16 run saves a disabled GradScaler's empty state; resumed where fp16 and its
