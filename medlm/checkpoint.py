@@ -227,11 +227,6 @@ def check_world_size(directory: str | os.PathLike, world_size: int,
                          "(torchrun's processes in all; 1 = no torchrun)")
 
 
-def check_readable(directory: str | os.PathLike) -> None:
-    """The checkpoint opens (one cut short is named before the data and model load)."""
-    _load(directory, mmap=True)
-
-
 def saved_epochs(directory: str | os.PathLike) -> list[dict]:
     """The epoch results recorded in a checkpoint, without loading any weights."""
     return _load(directory, mmap=True)["epochs"]

@@ -263,7 +263,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     if device_type == "cuda":  # not counting emulation (T4, V100: no bf16 tensor cores)
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
-        native_bf16 = device_type == "cpu" and "no native bf16" not in cpu_kind()
+        native_bf16 = device_type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                                  or torch.cpu._is_avx512_bf16_supported())
     if requested == "auto":
         return Precision("bf16" if native_bf16 else "fp16" if device_type == "cuda" else "fp32",
                          device)

@@ -369,8 +369,8 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
+    # reads the checkpoint: one cut short or of an older MedLM is named before anything loads
     checkpoint.check_world_size(saved.parent, distributed.environment_world_size())
-    checkpoint.check_readable(saved.parent)
     return TrainConfig.from_saved(json.loads(saved.read_text()))
 
 

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from medlm.errors import MedLMError
 from medlm.text import STOPWORDS, split_phrases, word_form
@@ -75,6 +73,9 @@ def group_diseases(frame: pd.DataFrame) -> list[list[str]]:
                 edges += [(index, owner[form[start:start + size]])
                           for start in range(len(form) - size + 1)
                           if form[start:start + size] in owner]
+    from scipy.sparse import coo_matrix  # here: scipy costs every importer of scores ~0.5 s
+    from scipy.sparse.csgraph import connected_components
+
     rows, columns = zip(*edges, strict=True)
     graph = coo_matrix((np.ones(len(edges)), (rows, columns)), shape=(len(keys), len(keys)))
     groups: dict[int, list[str]] = {}

@@ -335,6 +335,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
         interval.update(tokens=0, real_tokens=0, seconds=0.0)
         return now
 
+    flops = flops_per_token(model)  # per trained token, for MFU: the model's shape is fixed
     for epoch in range(len(result.epochs) + 1, config.epochs + 1):
         if config.patience and state.epochs_without_improvement >= config.patience:
             break  # early stopping: also for a resumed run that had stopped
@@ -390,7 +391,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
             train_samples_per_sec=samples / training_seconds,
             train_tokens_per_sec=tokens_per_sec,
             learning_rate=state.scheduler.get_last_lr()[0],
-            model_flops_utilization=tokens_per_sec * flops_per_token(model) / (
+            model_flops_utilization=tokens_per_sec * flops / (
                 peak_flops(precision) * distributed.world_size()),
             scores=report.scores(model))
         if config.select_by != "validation_loss" and config.select_by not in epoch_result.scores:

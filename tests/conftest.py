@@ -120,17 +120,12 @@ def mlflow_home(tmp_path, tracking_store, monkeypatch) -> Path:
     import mlflow
 
     mlflow.set_tracking_uri(None)  # forget any URI an earlier test set
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
-    # a run in this process made its experiment the active one, in MLflow and in the
-    # environment (which the commands later tests start would inherit): undone
+    # a run in this process made its experiment MLflow's active one: undone (the environment's
+    # copy: no_experiment_leaks_into_later_commands)
     mlflow.tracking.fluent._active_experiment_id = None
-    if experiment is None:
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    else:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
 
 
 def run_python(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float = 600):

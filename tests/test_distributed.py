@@ -197,7 +197,7 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tiny_model, tmp_path, 
 def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_path):
     """Another layout (before torchrun support: one process's RNGs as top-level keys) is not
     read by guesswork: the error says how to continue."""
-    from medlm.checkpoint import check_readable, load_checkpoint
+    from medlm.checkpoint import check_world_size, load_checkpoint
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path)
@@ -209,6 +209,6 @@ def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_p
     torch.save(state, state_file)
     expected = "written by an older MedLM .*finish the run with the MedLM that started it"
     with pytest.raises(MedLMError, match=expected):
-        check_readable(tmp_path)  # what --resume checks before the data and model load
+        check_world_size(tmp_path, 1)  # what --resume checks before the data and model load
     with pytest.raises(MedLMError, match=expected):
         load_checkpoint(tmp_path, model)
