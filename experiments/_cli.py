@@ -50,8 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind: type, rule: Rule | None = None) -> Callable[[str], Any]:
-    """An argparse ``type=``: a whole number (int) or any number (float), checked by ``rule``
-    (a setting's flag has none: ``TrainConfig`` checks it)."""
+    """An argparse ``type=`` of ``kind``, checked by ``rule`` (none for a setting's flag:
+    ``TrainConfig`` checks it)."""
 
     def parse(text: str):
         try:
@@ -81,9 +81,8 @@ def whole_number_up_to(maximum: int, minimum: int = 1) -> Callable[[str], int]:
 def offline_alternative(error, parser: argparse.ArgumentParser, argv: list[str] | None,
                         dataset_flag: str | None, model_flag: str | None,
                         model: str | None) -> MedLMError:
-    """The one-line error for a Hub id that cannot load offline, ending with the command that
-    works: the user's own, each Hub id that is not cached replaced by a local file placeholder
-    or the offline base (downloaded first, if it is not there yet)."""
+    """The one-line error for a Hub id that cannot load offline, ending with the user's command,
+    each uncached Hub id swapped for a local file or the offline base (downloaded first)."""
     replace = {}
     if error.kind == "dataset" and dataset_flag:
         replace[dataset_flag] = OFFLINE_DATASET
@@ -131,13 +130,11 @@ def registered_model_name(text: str) -> str:
     try:
         check_mlflow_name("registered_model", text)
     except MedLMError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix(
-            "--registered-model ")) from None
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--registered-model ")) from None
     return text
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-uri, --registered-model and --device, as generate and evaluate take them."""
     parser.add_argument("--model-uri", default=None,
                         help="default: models:/REGISTERED_MODEL@champion (see "
                              "--registered-model); models:/NAME@ALIAS, models:/NAME/VERSION, "
@@ -152,7 +149,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def champion_unless_given(args: argparse.Namespace) -> argparse.Namespace:
-    """``--model-uri`` left out: the champion of ``--registered-model``."""
     if args.model_uri is None:
         args.model_uri = f"models:/{args.registered_model}@champion"
     return args

@@ -30,35 +30,30 @@ def build_parser() -> ArgumentParser:
 
 
 def print_comparison(a, b, scores, per_disease, show: int) -> None:
-    import pandas as pd
-
     from medlm.scores import CONFIDENCE
 
     for label, side in (("A", a), ("B", b)):
-        params, several = side.runs[0].data.params, len(side.runs) > 1
+        params, plural = side.runs[0].data.params, "s" if len(side.runs) > 1 else ""
         runs = ", ".join(run.info.run_id for run in side.runs)
         seeds = " ".join(str(run.data.params.get("seed")) for run in side.runs)
-        print(f"{label}: {side.asked} ({'runs' if several else 'run'} {runs}: "
-              f"{params.get('model')}, recipe {params.get('recipe', '?')}, "
-              f"{'seeds' if several else 'seed'} {seeds}"
-              + (", answers pooled" if several else "") + ")")
+        print(f"{label}: {side.asked} (run{plural} {runs}: {params.get('model')}, recipe "
+              f"{params.get('recipe', '?')}, seed{plural} {seeds}"
+              f"{', answers pooled' if plural else ''})")
     print(f"{len(per_disease)} held-out diseases in {per_disease['group'].nunique()} name "
           f"groups, the same for both; B - A with its {CONFIDENCE:.0%} interval (name groups "
           "resampled) and a paired permutation p-value:")
+    interval = f"{CONFIDENCE:.0%} CI"
     shown = scores.assign(**{
         "B - A": scores["difference"].map("{:+.4f}".format),
-        f"{CONFIDENCE:.0%} CI": [f"{low:+.4f}..{high:+.4f}" for low, high
-                                 in zip(scores["ci_low"], scores["ci_high"], strict=True)],
+        interval: [f"{low:+.4f}..{high:+.4f}" for low, high
+                   in zip(scores["ci_low"], scores["ci_high"], strict=True)],
         "p": scores["p_value"].map("{:.4f}".format)})
-    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
-        print(shown[["score", "A", "B", "B - A", f"{CONFIDENCE:.0%} CI", "p"]]
-              .to_string(index=False))
-        print(f"\nthe {min(show, len(per_disease))} diseases where they differ most "
-              "(symptom F1):")
-        top = per_disease.head(show).assign(
-            generated_a=lambda t: t["generated_a"].str.slice(0, 45),
-            generated_b=lambda t: t["generated_b"].str.slice(0, 45))
-        print(top.drop(columns="group").to_string(index=False))
+    print(shown[["score", "A", "B", "B - A", interval, "p"]]
+          .to_string(index=False, float_format="{:.4f}".format))
+    print(f"\nthe {min(show, len(per_disease))} diseases where they differ most (symptom F1):")
+    top = per_disease.head(show).assign(generated_a=lambda t: t["generated_a"].str.slice(0, 45),
+                                        generated_b=lambda t: t["generated_b"].str.slice(0, 45))
+    print(top.drop(columns="group").to_string(index=False, float_format="{:.4f}".format))
 
 
 def main(argv: list[str] | None = None) -> int:

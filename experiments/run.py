@@ -157,10 +157,8 @@ def resume_settings(run_id: str, given: dict[str, Any]) -> dict[str, Any]:
     from medlm.recipe import resume_config  # imports torch: seconds
     from medlm.sweep import saved_sweep
 
-    settings = {"checkpoint_dir": TrainConfig.checkpoint_dir,
-                "collective_timeout_min": TrainConfig.collective_timeout_min,
-                **{name: given[name] for name in ("checkpoint_dir", "collective_timeout_min")
-                   if name in given}}
+    settings = {name: given.get(name, getattr(TrainConfig, name))
+                for name in ("checkpoint_dir", "collective_timeout_min")}
     if given:
         sweep = saved_sweep(run_id)
         saved = sweep[0] if sweep else [resume_config(run_id, settings["checkpoint_dir"])]

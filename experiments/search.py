@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     space = search_space({**(read_space_file(space_file) if space_file else {}),
                           **parse_params(params)})
     options = SearchOptions(**{item.name: given.pop(item.name) for item in fields(SearchOptions)})
-    for name in space:
-        if name in given:  # a setting's flag is in args only when given
-            raise MedLMError(f"{flag_of(name)} with --param {name}=... is invalid: expected "
-                             "one of the two (the search draws it)")
+    if drawn := [name for name in space if name in given]:  # args holds only the flags given
+        raise MedLMError(f"{flag_of(drawn[0])} with --param {drawn[0]}=... is invalid: expected "
+                         "one of the two (the search draws it)")
     configs, grid = configs_from_args(args)
     if len(configs) > 1:
         swept = [flag_of(name) for name in (*SWEEPABLE, "fold") if len(grid.get(name, [])) > 1]

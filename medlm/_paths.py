@@ -56,9 +56,8 @@ def scratch_directory(parent: Path, prefix: str) -> tempfile.TemporaryDirectory:
 
 
 def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
-    """An exclusive lock on the file ``path`` (made if missing) until the descriptor is closed or
-    the process ends; None where none can be taken: the caller goes on without. ``wait=False``:
-    ``BlockingIOError`` at once while another process holds it."""
+    """An exclusive lock on ``path`` (made if missing) until its descriptor closes; None where
+    none can be taken (go on without); ``wait=False``: ``BlockingIOError`` at once if held."""
     if fcntl is None:
         return None
     try:

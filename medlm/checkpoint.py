@@ -1,10 +1,6 @@
-"""Resumable training state: one ``state.pt`` per run, replaced whole after every epoch (through
-a ``.partial`` file, flushed and renamed: a kill or a power loss leaves the previous epoch whole),
-before the epoch's loggers run. It holds the weights training changes (LoRA: the adapters alone),
-the best epoch's when not those, and ``medlm.train.TrainState`` with every process's RNG states.
-"""
-
-from __future__ import annotations
+"""Resumable training state: one ``state.pt`` per run, replaced whole (``_replace``) after every
+epoch, before its loggers run. It holds the weights training changes (LoRA: the adapters alone),
+the best epoch's when not those, and ``medlm.train.TrainState`` with every process's RNG states."""
 
 import contextlib
 import errno
@@ -47,8 +43,7 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         visible = torch.cuda.device_count()
-        for device, saved in enumerate(state["cuda"][:visible]):
-            torch.cuda.set_rng_state(saved, device)
+        torch.cuda.set_rng_state_all(state["cuda"][:visible])
         if len(state["cuda"]) != visible:
             log.warning("WARNING: the checkpoint holds the random state of %d GPU(s) and %d are "
                         "visible now: dropout on the GPU is not that of an uninterrupted run",
@@ -62,9 +57,8 @@ def restore_rng(state: dict) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, model, state: dict,
                     best_weights: dict | None, rng_states: list[dict] | None = None) -> None:
-    """Replace the checkpoint in ``directory``: ``model``'s trained weights, ``state``
-    (``TrainState.state_dict``), the best epoch's weights and ``rng_states`` (every process's in
-    rank order; default: this one's). A full disk is one line, the previous checkpoint kept."""
+    """Replace the checkpoint in ``directory``; ``rng_states``: every process's in rank order
+    (default: this one's). A full disk is one line, the previous checkpoint kept."""
     directory, epoch = Path(directory), len(state["epochs"])
     payload = {**state, "weights": trained_weights(model),
                "best_weights": None if state["best_is_current"] else best_weights,
@@ -84,7 +78,6 @@ def save_checkpoint(directory: str | os.PathLike, model, state: dict,
 
 
 def disk_full(error: BaseException) -> bool:
-    """Did a write fail for want of space (or of quota)?"""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(error, RuntimeError | SafetensorError) and any(  # torch: a short write
@@ -161,12 +154,13 @@ def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
 
 
 def write_durably(path: str | os.PathLike, text: str) -> None:
-    """Replace a small file in one step (a kill or a power loss leaves the old or the new)."""
+    """Replace a small file in one step (``_replace``)."""
     _replace(Path(path), lambda partial: partial.write_text(text))
 
 
 def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a ``.partial`` file, flush it to disk, then rename it to ``path`` in one step."""
+    """``write`` a ``.partial`` file, flush it to disk, then rename it to ``path`` in one step:
+    a kill or a power loss leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two writers of one file
     try:
@@ -194,10 +188,9 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 def load_checkpoint(directory: str | os.PathLike, model, frozen: str | None = None,
                     precision=None) -> dict:
-    """Load the trained weights into ``model``, restore this process's RNGs and return the
-    rest for ``TrainState.load_state_dict`` (``best_weights`` on the main process alone).
-    ``frozen``: the model's ``frozen_sha256``, which must be the checkpoint's; ``precision``:
-    this run's (``medlm.modeling.Precision``), said where it differs."""
+    """Load the trained weights into ``model``, restore this process's RNGs and return the rest
+    for ``TrainState.load_state_dict`` (``best_weights`` on the main process alone). ``frozen``
+    (the model's ``frozen_sha256``) must be the checkpoint's; another ``precision`` is warned of."""
     state = _load(directory)
     check_world_size(directory, distributed.world_size(), len(state["rng"]))
     if state["frozen_sha256"] != frozen:
@@ -205,10 +198,9 @@ def load_checkpoint(directory: str | os.PathLike, model, frozen: str | None = No
                          "base weights than the model loaded now (its file or Hub revision "
                          "changed): expected the base the run started from")
     if precision is not None and state["precision"] != precision.name:
-        log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s "
-                    "(another machine): the losses from here on are not bit-for-bit those of "
-                    "an uninterrupted run", precision.name, precision.device_type,
-                    state["precision"])
+        log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s (another "
+                    "machine): the losses from here on are not bit-for-bit those of an "
+                    "uninterrupted run", precision.name, precision.device_type, state["precision"])
     load_trained_weights(model, state["weights"])
     best = state["weights"] if state["best_is_current"] else state["best_weights"]
     state["best_weights"] = best if distributed.is_main() else None
@@ -236,21 +228,18 @@ def _load(directory: str | os.PathLike, mmap: bool = False) -> dict:
     """The checkpoint's state, on the CPU (one written on a GPU resumes on a CPU-only machine,
     and no torchrun rank deserialises onto cuda:0); a damaged or older one is one line."""
     path = Path(directory) / STATE
-    if path.is_file():
-        try:
-            state = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-            reason = "an empty file" if not path.stat().st_size else first_line(error)[:200]
-            raise MedLMError(f"the checkpoint file {path} is damaged ({reason}): expected a "
-                             "whole file, as the run wrote it: start the run again") from None
-    elif (path.parent / "latest").is_file():  # format 2: epoch-N/ directories
-        state = {"format": 2}
-    else:
+    if not has_checkpoint(directory):
         raise MedLMError(f"no checkpoint in {str(directory)!r}: expected a directory written "
                          "after a completed epoch")
+    try:  # format 2 (epoch-N/ directories named by ``latest``) has no state.pt
+        state = (torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+                 if path.is_file() else {"format": 2})
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = "an empty file" if not path.stat().st_size else first_line(error)[:200]
+        raise MedLMError(f"the checkpoint file {path} is damaged ({reason}): expected a "
+                         "whole file, as the run wrote it: start the run again") from None
     if state.get("format") != FORMAT:
         raise MedLMError(f"the checkpoint {path.parent} was written by an older MedLM (format "
-                         f"{state.get('format', 1)}, not {FORMAT}): expected one of this "
-                         "version: finish the run with the MedLM that started it, or start it "
-                         "again")
+                         f"{state.get('format', 1)}, not {FORMAT}): expected one of this version: "
+                         "finish the run with the MedLM that started it, or start it again")
     return state

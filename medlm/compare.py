@@ -14,23 +14,11 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from medlm import registry
+from medlm import registry, scores
 from medlm.errors import MedLMError
 from medlm.inference import source_run
-from medlm.scores import (
-    CONFIDENCE,
-    RESAMPLES,
-    SCORES,
-    SEED,
-    STATISTICS,
-    answer_counts,
-    group_numbers,
-    group_sums,
-    per_row,
-)
 from medlm.tracking import VALIDATION_LOSSES, MlflowTracker, logged_row_losses, logged_table
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PERMUTATIONS = 9999  # two-sided: the smallest p-value is 2 / (PERMUTATIONS + 1) = 0.0002
 _PROMOTE_HINT = " (--promote makes it the champion anyway)"
 
@@ -62,8 +50,8 @@ def load_side(asked: str, registered_model: str) -> Side:
     """``asked``: one run (a run id, a version number of ``registered_model``, a ``models:/`` or
     ``runs:/`` URI) or several, comma-separated."""
     parts = [part.strip() for part in asked.split(",") if part.strip()]
-    runs = [source_run(f"runs:/{part}" if _RUN_ID.match(part) else part, registered_model)
-            for part in parts]
+    runs = [source_run(f"runs:/{part}" if re.fullmatch("[0-9a-f]{32}", part) else part,
+                       registered_model) for part in parts]
     for part, run in zip(parts, runs, strict=True):
         if run is None:
             raise MedLMError(f"{part!r} is not a logged model: expected a run id, a version "
@@ -75,8 +63,11 @@ def load_side(asked: str, registered_model: str) -> Side:
                               zip(runs, parts, strict=True)])
 
 
-def _key_name(name: str) -> str:
-    return "split_seed" if name == "seed" else name
+def _differences(theirs: dict, ours: dict, select_by: str, shown=dict.get) -> str:
+    """The evaluation-key fields ``select_by`` depends on that differ: "name theirs vs ours"."""
+    return "; ".join(f"{'split_seed' if name == 'seed' else name} {shown(theirs, name)} vs "
+                     f"{shown(ours, name)}" for name in registry.KEY_PARAMS_BY_SELECTION[select_by]
+                     if theirs.get(name) != ours.get(name))
 
 
 def check_comparable(a: Side, b: Side) -> None:
@@ -85,26 +76,21 @@ def check_comparable(a: Side, b: Side) -> None:
     for side in (a, b):
         for run in side.runs:
             key = registry.evaluation_key(run.data.params)
-            differ = [f"{_key_name(name)} {first.get(name)} vs {key.get(name)}"
-                      for name in registry.KEY_PARAMS_BY_SELECTION["symptom_f1"]
-                      if first.get(name) != key.get(name)]
-            if differ:
+            if differ := _differences(first, key, "symptom_f1"):
                 other = side.asked if len(side.runs) == 1 else f"run {run.info.run_id}"
                 raise MedLMError(f"{a.asked} and {other} were not scored on the same held-out "
-                                 f"diseases by the same metric ({'; '.join(differ)}): expected "
+                                 f"diseases by the same metric ({differ}): expected "
                                  "runs with the same evaluation key (dataset, split, metric, "
                                  "answer length)")
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str,
                       p_value: bool = True) -> dict[str, float]:
-    """B - A of ``STATISTICS[statistic]`` of each group's summed counts, its bootstrap interval
+    """B - A of the ``statistic`` of each group's summed counts, its bootstrap interval
     (groups resampled together) and a two-sided permutation p-value (sides swapped)."""
     from scipy.stats import bootstrap, permutation_test  # deferred: ~1.7 s to import
 
-    function = STATISTICS[statistic]
-    both = np.concatenate([a, b])
-    size = len(a)
+    function, both, size = scores.STATISTICS[statistic], np.concatenate([a, b]), len(a)
     if size < 2:
         raise MedLMError(f"{size} name group held out: expected at least two to compare on "
                          "(more validation rows: --validation-fraction, --max-samples)")
@@ -115,15 +101,15 @@ def paired_difference(a: np.ndarray, b: np.ndarray, statistic: str,
 
     indices = (np.arange(size), np.arange(size) + size)
     spread = bootstrap(indices, difference, paired=True, vectorized=True, axis=-1,
-                       n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
-                       rng=np.random.default_rng(SEED))
+                       n_resamples=scores.RESAMPLES, confidence_level=scores.CONFIDENCE,
+                       method="percentile", rng=np.random.default_rng(scores.SEED))
     low, high = spread.confidence_interval
     result = {"difference": float(difference(*indices)), "ci_low": float(low),
               "ci_high": float(high)}
     if p_value:
         test = permutation_test(indices, difference, permutation_type="samples",
                                 vectorized=True, axis=-1, n_resamples=PERMUTATIONS,
-                                rng=np.random.default_rng(SEED))
+                                rng=np.random.default_rng(scores.SEED))
         result["p_value"] = float(test.pvalue)
     return result
 
@@ -138,10 +124,10 @@ def _counted(a: Side, b: Side) -> tuple[pd.Series, list[int], dict, dict]:
     aligned = {label: [table.set_index("disease").loc[diseases].reset_index()
                        for table in side.answers] for label, side in (("a", a), ("b", b))}
     references = aligned["a"][0]["reference"]
-    groups = group_numbers(pd.DataFrame({"Name": diseases, "Symptoms": references}))
+    groups = scores.group_numbers(pd.DataFrame({"Name": diseases, "Symptoms": references}))
     counts = {}
     for label, tables in aligned.items():
-        counted = [answer_counts(table["generated"], references) for table in tables]
+        counted = [scores.answer_counts(table["generated"], references) for table in tables]
         # the mean, not the sum: the same ratios, and a permutation that swaps a group's two
         # sides swaps like for like when the sides have different run counts
         counts[label] = {kind: sum(run[kind] for run in counted) / len(counted)
@@ -151,39 +137,39 @@ def _counted(a: Side, b: Side) -> tuple[pd.Series, list[int], dict, dict]:
 
 def _paired(counts: dict, groups: list[int], score: str, p_value: bool = True) -> dict:
     """``score`` (a name of ``scores.SCORES``) of A and B, and ``paired_difference``."""
-    _, kind, statistic = next(row for row in SCORES if row[0] == score)
-    function = STATISTICS[statistic]
+    _, kind, statistic = next(row for row in scores.SCORES if row[0] == score)
+    function = scores.STATISTICS[statistic]
     return {"A": float(function(*counts["a"][kind].T)), "B": float(function(*counts["b"][kind].T)),
-            **paired_difference(*(group_sums(counts[side][kind], groups) for side in "ab"),
+            **paired_difference(*(scores.group_sums(counts[side][kind], groups) for side in "ab"),
                                 statistic, p_value=p_value)}
 
 
 def compare(a: Side, b: Side) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per score: A, B, B - A, interval, p-value; per disease, largest difference first)."""
     diseases, groups, aligned, counts = _counted(a, b)
-    scores = pd.DataFrame([{"score": name, **_paired(counts, groups, name)}
-                           for name, _, _ in SCORES])
-    f1 = {side: per_row(counts[side]["symptom"], "f1") for side in "ab"}
+    by_score = pd.DataFrame([{"score": name, **_paired(counts, groups, name)}
+                             for name, _, _ in scores.SCORES])
+    f1 = {side: scores.per_row(counts[side]["symptom"], "f1") for side in "ab"}
     per_disease = pd.DataFrame({
         "disease": diseases, "group": groups, "symptom_f1_a": f1["a"], "symptom_f1_b": f1["b"],
         "difference": f1["b"] - f1["a"], "generated_a": aligned["a"][0]["generated"],
         "generated_b": aligned["b"][0]["generated"]})
     order = per_disease["difference"].abs().sort_values(ascending=False, kind="stable").index
-    return scores, per_disease.loc[order].reset_index(drop=True)
+    return by_score, per_disease.loc[order].reset_index(drop=True)
 
 
-def log_comparison(a: Side, b: Side, scores: pd.DataFrame, per_disease: pd.DataFrame) -> str:
+def log_comparison(a: Side, b: Side, by_score: pd.DataFrame, per_disease: pd.DataFrame) -> str:
     """The comparison as an MLflow run of its own in A's experiment; its run id."""
     with mlflow.start_run(experiment_id=a.runs[0].info.experiment_id,
                           run_name=f"compare {a.asked} vs {b.asked}"[:250]) as run:
-        mlflow.log_params({"a": a.asked, "b": b.asked,
+        mlflow.log_params({"a": a.asked, "b": b.asked, "held_out_diseases": len(per_disease),
+                           "confidence": scores.CONFIDENCE,
                            **{f"{label}_run_id": ",".join(run.info.run_id for run in side.runs)
-                              for label, side in (("a", a), ("b", b))},
-                           "held_out_diseases": len(per_disease), "confidence": CONFIDENCE})
+                              for label, side in (("a", a), ("b", b))}})
         mlflow.log_metrics({f"{row.score}_{name}": getattr(row, name) for row in
-                            scores.itertuples() for name in
+                            by_score.itertuples() for name in
                             ("difference", "ci_low", "ci_high", "p_value")})
-        mlflow.log_text(scores.to_csv(index=False), "compare.csv")
+        mlflow.log_text(by_score.to_csv(index=False), "compare.csv")
         mlflow.log_text(per_disease.to_csv(index=False), "compare_diseases.csv")
         return run.info.run_id
 
@@ -191,8 +177,8 @@ def log_comparison(a: Side, b: Side, scores: pd.DataFrame, per_disease: pd.DataF
 def validation_loss_table(losses: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
     """``train.row_losses`` of ``frame``'s rows with their diseases and name groups."""
     return pd.DataFrame({"row": range(len(frame)), "disease": frame["Name"].tolist(),
-                         "group": group_numbers(frame, per_row=True), "loss_sum": losses[:, 0],
-                         "tokens": losses[:, 1].astype(int)})
+                         "group": scores.group_numbers(frame, per_row=True),
+                         "loss_sum": losses[:, 0], "tokens": losses[:, 1].astype(int)})
 
 
 def loss_evidence(champion: ModelVersion, version: ModelVersion) -> dict[str, float] | str:
@@ -209,7 +195,7 @@ def loss_evidence(champion: ModelVersion, version: ModelVersion) -> dict[str, fl
     if (theirs["disease"].tolist() != ours["disease"].tolist()
             or theirs["tokens"].tolist() != ours["tokens"].tolist()):
         return "their validation rows differ (diseases or token counts)"
-    grouped = [group_sums(table[["loss_sum", "tokens"]].to_numpy(float), ours["group"])
+    grouped = [scores.group_sums(table[["loss_sum", "tokens"]].to_numpy(float), ours["group"])
                for table in (theirs, ours)]
     try:
         return paired_difference(*grouped, "mean", p_value=False)
@@ -247,42 +233,37 @@ def _why_not_compared(champion_tags: dict[str, str], tags: dict[str, str],
     if champion_rule != select_by:
         return f"the champion was selected by {champion_rule}, this version by {select_by}"
     theirs, ours = (json.loads(side["evaluation_key_json"]) for side in (champion_tags, tags))
-    differences = "; ".join(f"{_key_name(name)} {_shown(theirs, name)} vs {_shown(ours, name)}"
-                            for name in registry.KEY_PARAMS_BY_SELECTION[select_by]
-                            if theirs.get(name) != ours.get(name))
-    if differences:
+    if differences := _differences(theirs, ours, select_by, _shown):
         return f"a different evaluation ({differences})"
     if select_by not in champion_tags or select_by not in tags:
         return f"{select_by} is missing on one of the two versions"
     return None
 
 
-def _versus(current: ModelVersion, tracker: MlflowTracker, version: str, label: str,
-            shown: str, select_by: str) -> tuple[str | None, str | None]:
-    """(what crowns ``label``, or why not) against the comparable champion ``current``."""
-    new = MlflowClient().get_model_version(tracker.registered_model, version)
+def _versus(current: ModelVersion, new: ModelVersion, label: str, shown: str,
+            select_by: str) -> tuple[bool, str]:
+    """(whether ``label`` beats the comparable champion ``current`` with confidence, why)."""
     if select_by == "validation_loss":
         evidence, rows = loss_evidence(current, new), "validation rows"
     else:
         evidence, rows = score_evidence(current, new, select_by), "held-out diseases"
     if isinstance(evidence, str):
-        return None, f"not compared with confidence: {evidence}{_PROMOTE_HINT}"
+        return False, f"not compared with confidence: {evidence}{_PROMOTE_HINT}"
     low, high = evidence["ci_low"], evidence["ci_high"]
     theirs = f"version {current.version}'s {float(current.tags[select_by]):.4f}"
-    detail = (f"{evidence['difference']:+.4f}, {CONFIDENCE:.0%} CI {low:+.4f}..{high:+.4f}, "
-              f"paired on the same {rows}")
+    detail = (f"{evidence['difference']:+.4f}, {scores.CONFIDENCE:.0%} CI "
+              f"{low:+.4f}..{high:+.4f}, paired on the same {rows}")
     if (high < 0) if select_by == "validation_loss" else (low > 0):
-        return (f"{label} is the new champion: {shown} beats {theirs} with confidence "
-                f"({detail}; same evaluation key)"), None
-    return None, f"{label}'s {shown} is not better than {theirs} with confidence ({detail})"
+        return True, (f"{label} is the new champion: {shown} beats {theirs} with confidence "
+                      f"({detail}; same evaluation key)")
+    return False, f"{label}'s {shown} is not better than {theirs} with confidence ({detail})"
 
 
 def maybe_crown(tracker: MlflowTracker, version: str, tags: dict[str, str], select_by: str,
                 promote: bool, fold: bool = False) -> str:
     """Move ``@champion`` to ``version`` if none holds it, on ``promote``, or if better with
     confidence (never a ``fold``, unless ``promote``); say which, or why not."""
-    client = MlflowClient()
-    name = tracker.registered_model
+    client, name = MlflowClient(), tracker.registered_model
     label = f"{name} version {version}"
     if fold and not promote:
         mlflow.set_tag("champion", "false")
@@ -294,19 +275,17 @@ def maybe_crown(tracker: MlflowTracker, version: str, tags: dict[str, str], sele
     shown = f"{select_by} {float(tags[select_by]):.4f}" if select_by in tags else f"no {select_by}"
     if current is not None and current.version == version:  # crowned before a kill
         return f"{label} is the champion ({shown})"
-    reason = None
     if current is None:
-        crowned = f"{label} is the first champion ({shown})"
+        crowned, verdict = True, f"{label} is the first champion ({shown})"
     elif promote:
-        crowned = (f"{label} is the champion by --promote ({shown}), replacing version "
-                   f"{current.version} without comparing")
+        crowned, verdict = True, (f"{label} is the champion by --promote ({shown}), replacing "
+                                  f"version {current.version} without comparing")
     elif why := _why_not_compared(current.tags, tags, select_by):
-        crowned, reason = None, f"not compared: {why}{_PROMOTE_HINT}"
+        crowned, verdict = False, f"not compared: {why}{_PROMOTE_HINT}"
     else:
-        crowned, reason = _versus(current, tracker, version, label, shown, select_by)
+        new = client.get_model_version(name, version)
+        crowned, verdict = _versus(current, new, label, shown, select_by)
     if crowned:
         client.set_registered_model_alias(name, registry.CHAMPION_ALIAS, version)
-        mlflow.set_tag("champion", "true")
-        return crowned
-    mlflow.set_tag("champion", "false")
-    return f"champion stays at version {current.version}: {reason}"
+    mlflow.set_tag("champion", "true" if crowned else "false")
+    return verdict if crowned else f"champion stays at version {current.version}: {verdict}"

@@ -1,7 +1,6 @@
 """Every setting of a training run, declared once as a ``setting(...)`` field of ``TrainConfig``:
-its default, check, help and flag (``experiments.run`` builds its flags from these fields). The
-defaults are the best recipe measured (experiments/RESULTS.md); a recipe file
-(``experiments/recipes/*.toml``, or any ``--config FILE``) changes some of them."""
+its default, check, help and flag. The defaults are the best recipe measured
+(experiments/RESULTS.md); a recipe file (experiments/recipes/*.toml, --config FILE) changes some."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from typing import Any
 from medlm.errors import MedLMError, shorten
 from medlm.prompts import PROMPT_FORMATS
 
-DEFAULT_DATASET = "QuyenAnhDE/Diseases_Symptoms"
 DEVICES = ("auto", "cuda", "mps", "cpu")
 # --lora-rank's default on a pretrained base; a base with random weights (experiments.init_model)
 # trains every weight, where frozen random weights would learn nothing
@@ -81,8 +79,8 @@ class TrainConfig:
     model: str = setting(
         "distilgpt2", "Hub model id, an offline base (smollm2-135m-instruct: python -m "
         "experiments.download), a save_pretrained directory or a .gguf file", "model")
-    dataset: str = setting(DEFAULT_DATASET, "Hub dataset id, or a local CSV/TSV/Parquet/JSON "
-                           "file with Name and Symptoms columns", "data")
+    dataset: str = setting("QuyenAnhDE/Diseases_Symptoms", "Hub dataset id, or a local "
+                           "CSV/TSV/Parquet/JSON file with Name and Symptoms columns", "data")
     max_samples: int | None = setting(None, "use only the first N cleaned rows (quick runs)",
                                       "data", rule=AT_LEAST_ONE, shown="all")
     max_length: int | None = setting(None, "cap on tokens per row; longer rows are truncated",
@@ -101,10 +99,9 @@ class TrainConfig:
 
     recipe: str = setting(
         "default", "a named recipe, experiments/recipes/NAME.toml: the settings it changes from "
-        "the defaults below (flags given beside it win); seed-notebook: the seed notebook's "
-        "(full fine-tuning, constant lr, 10 epochs, no early stopping, no clipping, random "
-        "batches, rows cut at 128 tokens); chat-template: SmolLM2 prompted through its chat "
-        "template")
+        "the defaults below (flags given beside it win); seed-notebook: the seed notebook's (full "
+        "fine-tuning, constant lr, 10 epochs, no early stopping, no clipping, random batches, "
+        "rows cut at 128 tokens); chat-template: SmolLM2 prompted through its chat template")
     # the swept settings, in the order a sweep's table and run names show them: lr .. seed
     lr: float = setting(5e-4, "AdamW learning rate", rule=POSITIVE, sweep=True)
     batch_size: int = setting(8, "rows per batch (under torchrun: of all processes together)",
@@ -218,10 +215,9 @@ class TrainConfig:
                              "with --folds) is invalid: expected --register with it (an "
                              "unregistered run has no version to promote)")
         if self.fold is not None and not self.fold < self.folds:
-            raise MedLMError(f"--fold {self.fold} is invalid: expected "
-                             + (f"0 to {self.folds - 1} (--folds {self.folds})" if self.folds
-                                else "--folds K beside it (the fold of a K-fold "
-                                "cross-validation)"))
+            raise MedLMError(f"--fold {self.fold} is invalid: expected " + (
+                f"0 to {self.folds - 1} (--folds {self.folds})" if self.folds
+                else "--folds K beside it (the fold of a K-fold cross-validation)"))
         if self.score_every_epoch and not self.symptom_eval:
             raise MedLMError("--score-every-epoch with --no-symptom-eval (scoring off) is "
                              "invalid: expected --symptom-eval with it")
@@ -239,7 +235,6 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "default", **settings: Any) -> TrainConfig:
-        """The settings of ``recipe`` (see ``read_recipe``) under ``settings``."""
         return cls(recipe=recipe, **{**read_recipe(recipe), **settings})
 
     @classmethod
@@ -247,8 +242,7 @@ class TrainConfig:
         """A config saved by ``asdict``: one older than ``split_seed`` split by ``seed`` and
         scored every epoch; one older than ``prompt_format`` had plain prompts."""
         if "split_seed" not in saved:
-            saved = {"split_seed": saved.get("seed", cls.seed), "score_every_epoch": True,
-                     **saved}
+            saved = {"split_seed": saved.get("seed", cls.seed), "score_every_epoch": True, **saved}
         return cls(**{"prompt_format": "plain", **saved})
 
     def to_recipe(self) -> str:
@@ -288,17 +282,15 @@ def sweep_value(value: Any) -> str:
 
 
 def check_mlflow_name(name: str, value: str) -> None:
-    """An experiment or registered-model name that MLflow accepts, checked before any run starts;
-    a model name also without quotes or backslashes, which MedLM's registry searches cannot
-    quote."""
+    """An experiment or registered-model name MLflow accepts, checked before any run starts; a
+    model name also without quotes or backslashes, which MedLM's registry searches cannot quote."""
     from mlflow.exceptions import MlflowException  # deferred: MLflow takes seconds to import
     from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
 
     model = name == "registered_model"
     try:
         (_validate_model_name if model else _validate_experiment_name)(value)
-        problem = next((f"it holds {char!r}" for char in "'\"\\" if model and char in value),
-                       None)
+        problem = next((f"it holds {char!r}" for char in "'\"\\" if model and char in value), None)
     except MlflowException as error:
         problem = error.message.rstrip(".")
     if problem:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
 import logging
 import math
 import os
@@ -17,9 +18,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medlm._paths import looks_like_local_path, sha256_file
+from medlm._paths import looks_like_local_path
 from medlm.config import TrainConfig
-from medlm.errors import MedLMError, first_line, shorten
+from medlm.errors import MedLMError, first_line
 from medlm.hub import HubUnavailable, check_hub
 from medlm.prompts import bos_ids, encode_texts, prompts_for, training_texts
 
@@ -56,15 +57,15 @@ def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseDat
     if not source.strip():
         raise MedLMError(f"dataset {source!r} is empty: expected a local CSV, Parquet or JSON "
                          "file, or a Hugging Face Hub dataset id")
-    path, file_sha256 = os.path.expanduser(source), None
+    path = os.path.expanduser(source)
     if os.path.isfile(path):
-        raw, file_sha256 = _read_file(path), sha256_file(path)
+        raw, file_sha256 = _read_file(path)
     elif os.path.isdir(path):
         raise MedLMError(f"dataset {source!r} is a directory: expected a CSV, Parquet or JSON file")
     elif looks_like_local_path(source):
         raise MedLMError(f"dataset file {source!r} not found: expected a CSV, Parquet or JSON file")
     else:
-        raw = _read_hub(source)
+        raw, file_sha256 = _read_hub(source), None
     frame, dropped = clean_frame(raw, source)
     if dropped:
         log.warning("dropped %d of %d rows with an empty or punctuation-only Name or Symptoms",
@@ -74,27 +75,12 @@ def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseDat
     return DiseaseData(frame, source, len(raw), dropped, file_sha256)
 
 
-def drop_long_names(data: DiseaseData, prompt_tokens: Sequence[int], most: int,
-                    why: str) -> bool:
-    """Drop the rows whose prompt (``prompt_tokens``, one per row) is longer than ``most``
-    tokens, counted and warned with their names (``why``: the limit in words); True if any.
-    Meant for before the split, so training and held-out rows lose such a name alike."""
-    too_long = np.asarray(prompt_tokens) > most
-    if not too_long.any():
-        return False
-    names = data.frame["Name"][too_long]
-    log.warning("dropped %d row(s) whose disease name %s: %s", len(names), why,
-                ", ".join(repr(shorten(name)) for name in names))
-    data.frame = data.frame[~too_long].reset_index(drop=True)
-    data.dropped_rows += len(names)
-    return True
-
-
-def _read_file(path: str) -> pd.DataFrame:
-    suffix = os.path.splitext(path)[1].lower()
+def _read_file(path: str) -> tuple[pd.DataFrame, str]:
+    """The rows and the SHA-256 of the file's bytes, read once (a text file's parsed from them)."""
+    with open(path, "rb") as handle:
+        content = handle.read()
+    suffix, sha256 = os.path.splitext(path)[1].lower(), hashlib.sha256(content).hexdigest()
     if suffix != ".parquet":  # text: named if it is not UTF-8, where pandas would not say
-        with open(path, "rb") as handle:
-            content = handle.read()
         if encoding := _wide_encoding(content[:4096]):
             raise MedLMError(f"dataset file {path!r} is {encoding} text: expected UTF-8 "
                              "(re-save it as UTF-8)")
@@ -109,12 +95,12 @@ def _read_file(path: str) -> pd.DataFrame:
                              f"0x{content[error.start]:02x} on line {line}): expected a UTF-8 "
                              "CSV, Parquet or JSON file (re-save it as UTF-8)") from None
     try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
+        if suffix == ".parquet":  # by its path: pyarrow's errors name it
+            return pd.read_parquet(path), sha256
         if suffix in (".json", ".jsonl"):
-            return pd.read_json(path, lines=suffix == ".jsonl")
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8",
-                           dtype=str, keep_default_na=False)
+            return pd.read_json(io.BytesIO(content), lines=suffix == ".jsonl"), sha256
+        return pd.read_csv(io.BytesIO(content), sep="\t" if suffix == ".tsv" else ",",
+                           encoding="utf-8", dtype=str, keep_default_na=False), sha256
     except pd.errors.EmptyDataError:
         raise MedLMError(f"dataset file {path!r} is empty: expected a header with Name and "
                          "Symptoms and at least one row") from None
@@ -238,8 +224,7 @@ class LanguageDataset(Dataset):
                 len(os.path.commonprefix([ids.tolist(), self._prefix + prompt]))
                 for ids, prompt in zip(self.examples, prompts, strict=True)]
         if self.num_truncated:
-            log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated,
-                        self._cap)
+            log.warning("truncated %d row(s) longer than %d tokens", self.num_truncated, self._cap)
         # next-token targets the loss counts: with none, a loss of 0 would train nothing
         self.targets = sum(length - max(1, prompt) for length, prompt in
                            zip(self.lengths, self.prompt_lengths, strict=True) if length > prompt)
@@ -300,8 +285,7 @@ class TrainingBatchSampler(Sampler[list[int]]):
 
     Under torchrun every process draws the same batches of ``batch_size`` rows and keeps
     ``batch[shard::num_shards]``, so one optimizer step sees the rows it would in one process;
-    a last batch with fewer rows than processes joins the batch before it.
-    """
+    a last batch with fewer rows than processes joins the batch before it."""
 
     GROUP_SIZE = 50
 
@@ -354,13 +338,12 @@ def make_loader(dataset: LanguageDataset, config: TrainConfig, *, train: bool,
     share of the global batch (as in training: whole ones would need more memory)."""
     collate = CausalLMCollator(dataset.pad_token_id, config.loss_on)
     if train:
-        sampler = TrainingBatchSampler(dataset.lengths, config.batch_size, config.seed,
+        batches = TrainingBatchSampler(dataset.lengths, config.batch_size, config.seed,
                                        group_by_length=config.group_by_length, shard=shard,
                                        num_shards=num_shards)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                          pin_memory=pin_memory)
-    per_process = max(1, math.ceil(config.batch_size / num_shards))
-    by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
-    batches = [by_length[i:i + per_process] for i in range(0, len(by_length), per_process)]
-    return DataLoader(dataset, batch_sampler=batches[shard::num_shards], collate_fn=collate,
-                      pin_memory=pin_memory)
+    else:
+        per_process = max(1, math.ceil(config.batch_size / num_shards))
+        by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
+        batches = [by_length[i:i + per_process]
+                   for i in range(0, len(by_length), per_process)][shard::num_shards]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, pin_memory=pin_memory)

@@ -2,8 +2,6 @@
 torchrun nothing here does anything. Rank 0, the main process, alone talks to MLflow, writes
 checkpoints, registers the model and generates samples."""
 
-from __future__ import annotations
-
 import datetime
 import os
 from typing import Any

@@ -1,17 +1,20 @@
 """Generation settings, a batched ``generate()``, and consensus decoding: the greedy answer
 and samples merged, keeping the symptoms at least two name (experiments/RESULTS.md)."""
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from medlm.data import drop_long_names
 from medlm.errors import MedLMError, shorten
 from medlm.modeling import casts_cached, context_size
 from medlm.prompts import bos_ids, encode_texts, prompt_format_of, prompts_for
-from medlm.text import content_words, phrases_match
+from medlm.text import phrases_match, worded_phrases
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,9 +46,12 @@ class GenerationSettings:
 
 def check_prompts_fit(model, tokenizer, diseases: list[str], max_new_tokens: int,
                       prompt_format: str, worst=max) -> list[int]:
-    """Each disease's prompt length; a refusal naming the disease where the longest (``worst=min``:
-    shortest) prompt and its answer overflow the context (GPT-2: an IndexError deep inside)."""
-    lengths = prompt_lengths(tokenizer, diseases, prompt_format)
+    """Each disease's prompt length as ``generate()`` encodes it; a refusal naming the disease
+    where the longest (``worst=min``: shortest) prompt and its answer overflow the context
+    (GPT-2: an IndexError deep inside)."""
+    prefix = len(bos_ids(tokenizer))
+    lengths = [prefix + len(ids) for ids in
+               encode_texts(tokenizer, prompts_for(diseases, tokenizer, prompt_format))]
     context = context_size(model)
     if context is None:
         return lengths
@@ -62,23 +68,24 @@ def check_prompts_fit(model, tokenizer, diseases: list[str], max_new_tokens: int
 
 
 def drop_unanswerable(data, model, tokenizer, max_new_tokens: int, prompt_format: str) -> bool:
-    """Drop the rows whose name leaves no room for a ``max_new_tokens`` answer, before the split
-    (so a run and ``experiments.evaluate`` hold out the same rows); True if any."""
+    """Drop the rows whose name leaves no room for a ``max_new_tokens`` answer, warned with their
+    names, before the split (so training and held-out rows lose such a name alike, and a run and
+    ``experiments.evaluate`` hold out the same rows); True if any."""
     context = context_size(model)
     if context is None:
         return False
     lengths = check_prompts_fit(model, tokenizer, data.frame["Name"].tolist(), max_new_tokens,
                                 prompt_format, worst=min)
-    return drop_long_names(data, lengths, context - max_new_tokens,
-                           f"leaves no room in the model's context of {context} tokens for a "
-                           f"--max-new-tokens {max_new_tokens} answer")
-
-
-def prompt_lengths(tokenizer, diseases: list[str], prompt_format: str) -> list[int]:
-    """Tokens of each disease's prompt as ``generate()`` encodes it, bos included."""
-    prefix = len(bos_ids(tokenizer))
-    return [prefix + len(ids) for ids in
-            encode_texts(tokenizer, prompts_for(diseases, tokenizer, prompt_format))]
+    too_long = np.asarray(lengths) > context - max_new_tokens
+    if not too_long.any():
+        return False
+    names = data.frame["Name"][too_long]
+    log.warning("dropped %d row(s) whose disease name leaves no room in the model's context of "
+                "%d tokens for a --max-new-tokens %d answer: %s", len(names), context,
+                max_new_tokens, ", ".join(repr(shorten(name)) for name in names))
+    data.frame = data.frame[~too_long].reset_index(drop=True)
+    data.dropped_rows += len(names)
+    return True
 
 
 def forked_rng(device: torch.device):
@@ -91,18 +98,16 @@ def forked_rng(device: torch.device):
 def encode_prompts(tokenizer, prompts: list[str], padding_side: str | None = None):
     """Prompts as a padded batch, each after ``bos_ids`` as training rows are."""
     prefix = bos_ids(tokenizer)
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    return tokenizer.pad({"input_ids": [prefix + ids for ids in encoded]}, padding=True,
-                         padding_side=padding_side, return_tensors="pt")
+    return tokenizer.pad({"input_ids": [prefix + ids for ids in encode_texts(tokenizer, prompts)]},
+                         padding=True, padding_side=padding_side, return_tensors="pt")
 
 
 MAX_BATCH_SEQUENCES = 128  # sequences (or beams) in one model.generate call: bounds memory
 
 
 def generate(model, tokenizer, diseases: list[str],
-             settings: GenerationSettings | None = None) -> list[list[str]]:
+             settings: GenerationSettings) -> list[list[str]]:
     """``num_return_sequences`` answers per name, at most ``MAX_BATCH_SEQUENCES`` a call."""
-    settings = settings or GenerationSettings()
     if not diseases:
         return []
     device = next(model.parameters()).device
@@ -158,35 +163,23 @@ class _Group:
         return next(wording for wording in self.wordings if wording.casefold() == top)
 
 
-def _phrases(text: str) -> list[tuple[frozenset[str], str]]:
-    """The answer's distinct phrases, each as (content words, wording as written)."""
-    seen, phrases = set(), []
-    for raw in text.split(","):
-        words = content_words(raw)
-        if words and words not in seen:
-            seen.add(words)
-            wording = " ".join(raw.split())
-            if not phrases and wording[1:2].islower():  # an answer's capital, not an acronym's
-                wording = wording[:1].lower() + wording[1:]
-            phrases.append((words, wording))
-    return phrases
-
-
 def consensus_answer(samples: Sequence[str], min_votes: int = MIN_VOTES) -> str:
     """The symptoms at least ``min_votes`` samples name, most frequent wording, mean order."""
     if min_votes < 1:
         raise ValueError(f"min_votes {min_votes!r}: expected a whole number >= 1")
     groups: list[_Group] = []
     for index, sample in enumerate(samples):
-        phrases = _phrases(sample)
-        for position, (words, wording) in enumerate(phrases):
+        phrases = worded_phrases(sample)
+        for position, (words, wording) in enumerate(phrases.items()):
+            if position == 0 and wording[1:2].islower():  # an answer's capital, not an acronym's
+                wording = wording[:1].lower() + wording[1:]
             group = next((g for g in groups if index not in g.samples
                           and phrases_match(words, g.words)), None)
             if group is None:
                 group = _Group(words)
                 groups.append(group)
             group.samples.add(index)
-            group.positions.append(position / max(len(phrases), 1))
+            group.positions.append(position / len(phrases))
             group.wordings.append(wording)
     kept = [g for g in groups if len(g.samples) >= min_votes]
     kept.sort(key=lambda g: sum(g.positions) / len(g.positions))

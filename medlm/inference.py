@@ -29,7 +29,7 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
     """(tokenizer, model) from ``models:/NAME@ALIAS``, ``/VERSION`` or ``/latest``, a bare
     version, ``models:/m-MODEL_ID``, ``runs:/RUN_ID/model``, an MLflow model directory, a
     ``save_pretrained`` directory, a .gguf file or an offline base name."""
-    resolved = resolve_model_uri(model_uri, registered_model)
+    resolved = resolve_model_uri(model_uri, registered_model)[0]
     if os.path.isfile(resolved) or (os.path.isdir(resolved) and
                                     not os.path.isfile(os.path.join(resolved, MLMODEL_FILE_NAME))):
         return load_tokenizer_and_model(resolved)
@@ -46,15 +46,9 @@ def load_model_for_inference(model_uri: str, registered_model: str = "medlm"):
     return ensure_pad_token(components["tokenizer"], components["model"])
 
 
-def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> str:
-    """A local directory or GGUF file, an offline base's file, or an MLflow URI (a bare version
-    of ``registered_model``; ``latest`` made the newest version's number), checked up front."""
-    return _resolve(model_uri, registered_model)[0]
-
-
 def source_run(model_uri: str, registered_model: str = "medlm"):
     """The MLflow run a ``models:/`` or ``runs:/`` URI was logged by; None for local paths."""
-    resolved, run_id = _resolve(model_uri, registered_model)
+    resolved, run_id = resolve_model_uri(model_uri, registered_model)
     if resolved.startswith("runs:/"):
         run_id = resolved.removeprefix("runs:/").split("/")[0]
     if not run_id:
@@ -66,8 +60,10 @@ def source_run(model_uri: str, registered_model: str = "medlm"):
                          f"{shown_tracking_uri()}: expected a run id that exists") from None
 
 
-def _resolve(model_uri: str, registered_model: str) -> tuple[str, str | None]:
-    """``resolve_model_uri``'s answer, and the run a registry version or logged model is of."""
+def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> tuple[str, str | None]:
+    """(a local directory or GGUF file, an offline base's file, or an MLflow URI: a bare version
+    of ``registered_model``, ``latest`` made the newest version's number; the run a registry
+    version or logged model is of), checked up front."""
     local = os.path.expanduser(model_uri)
     if os.path.isdir(local) or (os.path.isfile(local) and local.lower().endswith(".gguf")):
         return local, None

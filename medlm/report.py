@@ -1,5 +1,5 @@
-"""The loop's loggers beside the MLflow run's own: ``EpochReport`` (each epoch's scores, console
-line, tables and samples) and ``TimeReport`` (where each epoch's time went)."""
+"""The loop's logger beside the MLflow run's own: ``EpochReport`` (each epoch's scores, console
+line, tables and samples); and a run's description."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ log = logging.getLogger("medlm")
 
 
 def run_description(config, best=None, epochs: int | None = None) -> str:
-    """A run's description in the UI: base, recipe and what it trains; once ended, its kept
-    epoch and that epoch's scores."""
+    """A run's description in the UI; once ended, with its kept epoch's scores."""
     trains = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full fine-tuning"
     text = (f"{config.model}, recipe {config.recipe} ({trains}, lr {config.lr:g}, "
             f"{config.epochs} epochs)"
@@ -33,11 +32,11 @@ class EpochReport(Logger):
     """Scores each epoch's greedy answers for the validation diseases (``score``) and reports
     the epoch: a console line beside the baselines, MLflow tables, and samples."""
 
-    every_epoch = False  # score each epoch as it ends (else the kept one alone, after training)
-
     def __init__(self, run):
         """``run``: the ``medlm.recipe.Run`` it reports on, set up and training."""
         config, self.precision = run.config, run.precision
+        # every epoch scored where the selection needs it (or asked); else the kept one alone
+        self.every_epoch = config.score_every_epoch or config.select_by == "symptom_f1"
         self.stopwatch, self.tokenizer, self.settings, self.tracker, self.split = (
             run.stopwatch, run.tokenizer, run.settings, run.tracker, run.split)
         self.prompts = list(dict.fromkeys(
@@ -95,8 +94,7 @@ class EpochReport(Logger):
                 f"no model {self.baselines[best_symptom].symptom.f1:.3f} ({best_symptom})/"
                 f"{self.baselines[best_word].word.f1:.3f} ({best_word})")
         if self.untuned:
-            text += (f" | untuned {self.untuned['symptom_f1']:.3f}/"
-                     f"{self.untuned['word_f1']:.3f}")
+            text += f" | untuned {self.untuned['symptom_f1']:.3f}/{self.untuned['word_f1']:.3f}"
         return text
 
     def on_epoch_end(self, model, result) -> None:
@@ -110,10 +108,9 @@ class EpochReport(Logger):
             scores = ", " + self.compared(result.scores)
         log.info("epoch %d: training loss %.4f, validation loss %.4f (perplexity %.2f), "
                  "%.1f s, %.0f tokens/s, MFU %.1f%%%s%s", result.epoch, result.training_loss,
-                 result.validation_loss, result.validation_perplexity,
-                 result.epoch_duration_sec, result.train_tokens_per_sec,
-                 100 * result.model_flops_utilization, " *best*" if result.is_best else "",
-                 scores)
+                 result.validation_loss, result.validation_perplexity, result.epoch_duration_sec,
+                 result.train_tokens_per_sec, 100 * result.model_flops_utilization,
+                 " *best*" if result.is_best else "", scores)
         answering, self._merged = self._merged, None  # a copy of the model: not kept
         if not self.tracker.lacks(result.epoch, "samples.json"):
             return
@@ -130,15 +127,3 @@ class EpochReport(Logger):
                          "reference": self.references.get(prompt.casefold(), "")})
         self.tracker.log_samples(rows)
 
-
-class TimeReport(Logger):
-    """Each epoch's wall time by phase (``time/*``); the last logger, so it times the others."""
-
-    def __init__(self, stopwatch, tracker):
-        self.stopwatch, self.tracker = stopwatch, tracker
-
-    def log_lap(self, step: int) -> None:
-        self.tracker.log_time(self.stopwatch.lap(), step)
-
-    def on_epoch_end(self, model, result) -> None:
-        self.log_lap(result.epoch)

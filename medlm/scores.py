@@ -3,7 +3,7 @@ name groups; several runs of one recipe as one figure (medlm/README.md, "Interva
 
 import math
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import pandas as pd
@@ -45,8 +45,7 @@ def group_sums(counts: np.ndarray, groups: Sequence[int]) -> np.ndarray:
     return pd.DataFrame(counts).groupby(np.asarray(groups)).sum().to_numpy(float)
 
 
-def interval(counts: np.ndarray, statistic: str,
-             confidence: float = CONFIDENCE) -> tuple[float, float]:
+def interval(counts: np.ndarray, statistic: str) -> tuple[float, float]:
     """The bootstrap interval of ``STATISTICS[statistic]`` over the rows of ``counts``: BCa, or
     percentile where BCa is undefined; NaN for fewer than two rows."""
     if len(counts) < 2:
@@ -60,7 +59,7 @@ def interval(counts: np.ndarray, statistic: str,
 
     for method in ("BCa", "percentile"):
         result = bootstrap(tuple(counts.T), function, paired=True, vectorized=True, axis=-1,
-                           n_resamples=RESAMPLES, confidence_level=confidence, method=method,
+                           n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method=method,
                            rng=np.random.default_rng(SEED))
         low, high = result.confidence_interval
         if math.isfinite(low) and math.isfinite(high):
@@ -75,15 +74,15 @@ REFERENCE_SCORES = tuple(f"{answers}_{score}" for answers in
                          for score in ("symptom_f1", "word_f1"))
 
 
-def mean_interval(values: pd.Series, confidence: float = CONFIDENCE) -> tuple[float, ...]:
+def mean_interval(values: pd.Series) -> tuple[float, ...]:
     """(mean, standard deviation, Student-t low and high) of ``values`` less NaNs, or NaNs."""
     values = values.dropna()
     if len(values) < 2:
-        return (values.mean() if len(values) else math.nan), math.nan, math.nan, math.nan
+        return values.mean(), math.nan, math.nan, math.nan  # the mean of none: NaN
     from scipy.stats import t  # deferred: ~1.7 s to import, and only seeds or folds need it
 
     mean, spread = values.mean(), values.std()
-    half = t.ppf(0.5 + confidence / 2, len(values) - 1) * spread / math.sqrt(len(values))
+    half = t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * spread / math.sqrt(len(values))
     return mean, spread, mean - half, mean + half
 
 
@@ -125,16 +124,15 @@ class AnswerScores:
 
     symptom: SymptomScore
     word: SymptomScore
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]]  # of each of ``SCORES``
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         """``symptom_f1`` and the others, each followed by its ``_ci_low`` and ``_ci_high``."""
         metrics = {}
         for name, counts, statistic in SCORES:
             metrics[f"{prefix}{name}"] = getattr(getattr(self, counts), statistic)
-            if name in self.intervals:
-                metrics[f"{prefix}{name}_ci_low"], metrics[f"{prefix}{name}_ci_high"] = \
-                    self.intervals[name]
+            metrics[f"{prefix}{name}_ci_low"], metrics[f"{prefix}{name}_ci_high"] = \
+                self.intervals[name]
         return metrics
 
 
@@ -177,8 +175,7 @@ def answer_counts(answers: Sequence[str], references: Sequence[str]) -> dict[str
             for kind, score in (("symptom", score_symptoms), ("word", score_words))}
 
 
-def score_answers(answers: Sequence[str],
-                  frame: pd.DataFrame) -> tuple[pd.DataFrame, AnswerScores]:
+def score_answers(answers: Sequence[str], frame: pd.DataFrame) -> tuple[pd.DataFrame, AnswerScores]:
     """(per-disease table, ``AnswerScores``) of one answer per distinct disease of ``frame``."""
     names, references = zip(*references_by_disease(frame).values(), strict=True)
     counts = answer_counts(answers, references)

@@ -197,9 +197,8 @@ def _start_parent(study: optuna.Study, config: TrainConfig, space: dict[str, Bas
         params = {name: value for name, value in config.to_params().items() if name not in space}
         params.update(search_space=describe(space), search_study=options.study,
                       search_storage=without_password(options.storage or LOCAL_STORAGE),
-                      search_sampler=options.sampler, search_pruner=options.pruner,
-                      search_trials=options.trials, **(
-                          {"search_replay": options.replay} if options.replay else {}))
+                      **{f"search_{name}": getattr(options, name) for name in
+                         ("sampler", "pruner", "trials", "replay") if getattr(options, name)})
         client.log_batch(run_id, params=[Param(name, str(tracking.param_value(value))[:6000])
                                          for name, value in params.items()])
         study.set_user_attr(PARENT_ATTR, run_id)
@@ -290,8 +289,7 @@ class _Trials:
             raise
         for name in ("best_epoch", "validation_loss", *SUMMARY_SCORES, "version"):
             value = result.get(name)  # NaN as None: JSON has no NaN
-            trial.set_user_attr(name, None if isinstance(value, float) and math.isnan(value)
-                                else value)
+            trial.set_user_attr(name, None if pd.isna(value) else value)
         return result[config.select_by]
 
     def after(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -410,8 +408,7 @@ def search_space(specs: dict[str, Any]) -> dict[str, BaseDistribution]:
         spec = ",".join(map(str, spec)) if isinstance(spec, list) else str(spec).strip()
         bounds, _, scale = spec.partition(":")
         if ".." not in spec:
-            choices = [_value(name, kind, item.strip()) for item in spec.split(",")
-                       if item.strip()]
+            choices = [_value(name, kind, item) for item in map(str.strip, spec.split(",")) if item]
             if not choices:
                 raise MedLMError(f"--param {name}={spec!r} is invalid: expected LOW..HIGH, "
                                  "LOW..HIGH:log or A,B,C")

@@ -4,6 +4,7 @@ sides of the split; then a seeded split of the groups, or one fold of a cross-va
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -38,11 +39,7 @@ def head_term(words: tuple[str, ...]) -> tuple[str, ...] | None:
     """The word a name is a kind of: its last word before a preposition ("type 1 diabetes" ->
     diabetes, "fracture of the arm" -> fracture), with the word before it when that word is
     generic ("chronic kidney disease" -> kidney disease); None for a lone generic word."""
-    head = []
-    for word in words:
-        if word in _HEAD_ENDS:
-            break
-        head.append(word)
+    head = list(itertools.takewhile(lambda word: word not in _HEAD_ENDS, words))
     if not head or head[-1] in _GENERIC_HEADS and len(head) < 2:
         return None
     return tuple(head[-2:]) if head[-1] in _GENERIC_HEADS else (head[-1],)
@@ -61,18 +58,15 @@ def group_diseases(frame: pd.DataFrame) -> list[list[str]]:
     forms = [[tuple(w for w in form if w not in _HEAD_ENDS) for form in name_forms(key)]
              for key in keys]
     for index, key in enumerate(keys):
-        heads = [head_term(form) for form in name_forms(key)]
-        for found in [*forms[index], *(("head:", *head) for head in heads if head)]:
-            edges.append((index, owner.setdefault(found, index)))
+        heads = [("head:", *head) for head in map(head_term, name_forms(key)) if head]
+        edges += [(index, owner.setdefault(found, index)) for found in [*forms[index], *heads]]
     for name, symptoms in zip(frame["Name"].str.casefold(), frame["Symptoms"], strict=True):
         phrases = ("symptoms:", frozenset(split_phrases(symptoms)))
         edges.append((index_of[name], owner.setdefault(phrases, index_of[name])))
-    for index, key_forms in enumerate(forms):  # containment: any shorter whole-word run
-        for form in key_forms:
-            for size in range(1, len(form)):
-                edges += [(index, owner[form[start:start + size]])
-                          for start in range(len(form) - size + 1)
-                          if form[start:start + size] in owner]
+    # containment: any shorter whole-word run of a name's form
+    edges += [(index, owner[run]) for index, key_forms in enumerate(forms) for form in key_forms
+              for size in range(1, len(form)) for start in range(len(form) - size + 1)
+              if (run := form[start:start + size]) in owner]
     from scipy.sparse import coo_matrix  # here: scipy costs every importer of scores ~0.5 s
     from scipy.sparse.csgraph import connected_components
 

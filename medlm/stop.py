@@ -2,8 +2,6 @@
 ``KeyboardInterrupt`` is lost when it lands in a ``__del__`` or a gc callback; the training, sweep
 and search loops call ``raise_if_asked()`` at each step."""
 
-from __future__ import annotations
-
 _asked: str | None = None  # what asked to stop (the signal's name), until cleared
 
 

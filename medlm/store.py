@@ -15,7 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from medlm._paths import check_writable, lock_file
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, first_line
 
 STORE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as down
 # MLflow's default, 7 retries with backoff, would wait minutes per call on a server gone away
@@ -62,8 +62,7 @@ def check_tracking_store() -> None:
         with mock.patch.dict(os.environ, probe), first_open():  # the probe's bounds, here only
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow's, SQLAlchemy's or the filesystem's: all the same here
-        text = str(error).strip()
-        reason = text.splitlines()[0][:300] if text else type(error).__name__
+        reason = first_line(error)[:300]
         shown = without_password(uri)
         if server:
             raise MedLMError(
@@ -79,8 +78,7 @@ def check_tracking_store() -> None:
 @contextlib.contextmanager
 def first_open() -> Iterator[None]:
     """A SQLite store's first use by this process (which makes or migrates its tables) under a
-    lock on ``<database>.lock``: of two runs migrating at once, one fails. Where none can be
-    taken (some network filesystems), it goes on without."""
+    lock on ``<database>.lock``: of two runs migrating at once, one fails."""
     uri = mlflow.get_tracking_uri()
     lock = (lock_file(uri.removeprefix("sqlite:///") + ".lock")
             if uri.startswith("sqlite:///") else None)

@@ -1,6 +1,5 @@
-"""What ``python -m experiments.run`` calls: ``run`` (one run, or a sweep: the grid of
-``SWEEPABLE`` values and the folds of ``--folds`` as child runs under one parent run) and
-``resume``, which goes on from what MLflow records (``SWEEP_TAG``, ``INDEX_TAG``, statuses)."""
+"""What ``python -m experiments.run`` calls: ``run`` (one run, or a sweep of ``SWEEPABLE`` values
+and ``--folds`` as child runs of a parent run) and ``resume``, from what MLflow records."""
 
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ INDEX_TAG = "medlm.sweep_index"  # on a sweep's child run: its place in the grid
 
 
 def saved_sweep(parent_id: str) -> tuple[list[TrainConfig], dict[str, list], int] | None:
-    """The sweep whose parent run is ``parent_id``: its configurations, grid and process count;
-    None where the run is no sweep's parent, or no run."""
+    """A sweep parent's configurations, grid and process count; None for any other run id."""
     try:
         saved = MlflowClient().get_run(parent_id).data.tags.get(SWEEP_TAG)
     except MlflowException as error:
@@ -57,16 +55,14 @@ def sweep_axes(config: TrainConfig) -> tuple[str, ...]:
 
 
 def diverged_row(run_id: str, row: dict) -> dict:
-    nan = float("nan")
-    return {"run_id": run_id, **row, "best_epoch": nan, "validation_loss": nan,
-            **dict.fromkeys(SUMMARY_SCORES, nan), "version": None,
+    return {"run_id": run_id, **row, "best_epoch": math.nan, "validation_loss": math.nan,
+            **dict.fromkeys(SUMMARY_SCORES, math.nan), "version": None,
             "status": "FAILED: loss diverged"}
 
 
 def _past_children(parent_id: str, configs: list[TrainConfig]) -> list[tuple]:
-    """What became of each child of the grid, by its latest run under the parent: (its row,
-    None, how) where it ended, FINISHED or diverged; (None, its run id, how) where it resumes
-    from its checkpoint; (None, None, how) where it starts (again)."""
+    """Each child's latest run under the parent: (its row, None, how) where it ended (FINISHED
+    or diverged), (None, its run id, how) where it resumes, else (None, None, how)."""
     parent = MlflowClient().get_run(parent_id).info
     latest = {int(run.data.tags[INDEX_TAG]): run for run in mlflow.search_runs(
         [parent.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
@@ -99,8 +95,7 @@ def _past_children(parent_id: str, configs: list[TrainConfig]) -> list[tuple]:
 
 def _children(configs: list[TrainConfig], past: list[tuple], run: recipe.Run,
               rows: list[dict]) -> None:
-    """Every child of the grid in order, its row appended to ``rows``: one that had ended
-    (``past``) as it was, the others trained, each a ``Run.next``; a diverged one's too."""
+    """Each child's row onto ``rows``, in grid order: as ``past`` left it, else trained."""
     axes = sweep_axes(configs[0])
     for index, (config, (row, resume_child, how)) in enumerate(zip(configs, past, strict=True)):
         stop.raise_if_asked()  # a SIGTERM whose raise was lost (medlm.stop): no next child
@@ -122,10 +117,8 @@ def _children(configs: list[TrainConfig], past: list[tuple], run: recipe.Run,
 
         run = run.next(replace(config, run_name=label))
         try:
-            with run:
-                run.train(resume_run_id=resume_child, nested=True, started=placed)
-                run.register()
-            rows.append({**run.cleanup(), "status": "FINISHED"})
+            rows.append({**run.execute(resume_run_id=resume_child, nested=True,
+                                       started=placed), "status": "FINISHED"})
         except NonFiniteLossError as error:
             log.warning("child %s (%s) FAILED: %s", position, label, error)
             run_id = getattr(error, "run_id", "")
@@ -135,10 +128,9 @@ def _children(configs: list[TrainConfig], past: list[tuple], run: recipe.Run,
 
 
 def run_sweep(configs: list[TrainConfig], grid: dict[str, list], run: recipe.Run,
-              resume: str | None = None, started: Callable[[str], None] | None = None) -> None:
-    """The grid as child runs under one parent run (``resume``: an interrupted sweep's), which
-    records the grid and carries the best child. Only the main process asks MLflow and writes
-    files; it tells the others what it found."""
+              resume: str | None, started: Callable[[str], None]) -> None:
+    """The grid as child runs under one parent run (``resume``: an interrupted sweep's); only
+    the main process asks MLflow and writes files, and tells the others what it found."""
     first = replace(configs[0], lora_rank=run.config.lora_rank)  # as its children train it
     main_process, world_size = distributed.is_main(), distributed.world_size()
     parent = MlflowTracker(replace(first, run_name=first.run_name or "sweep",
@@ -149,8 +141,7 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], run: recipe.Run
     with (parent.run(params, resume_run_id=resume) if main_process
           else contextlib.nullcontext(resume)) as parent_id:
         parent_id = distributed.broadcast_object(parent_id)
-        if started:  # told the parent's id: what resumes the sweep
-            started(parent_id)
+        started(parent_id)  # the parent's id: what resumes the sweep
         directory = Path(first.checkpoint_dir) / parent_id  # the data its children train on
         children: list[dict] = []
         if main_process:
@@ -190,9 +181,8 @@ def run_sweep(configs: list[TrainConfig], grid: dict[str, list], run: recipe.Run
 
 
 def _summary(children: list[dict], first: TrainConfig) -> tuple[pd.DataFrame, ...]:
-    """The sweep's tables, logged on the parent run: its children ranked by the selection (then
-    the other score; diverged ones last, unranked), and each recipe over its seeds, or over
-    its folds (ranked by its mean, never one fold's child against another's), or None."""
+    """The sweep's tables, logged on the parent run: its children ranked by the selection, then
+    the other score (diverged ones last, unranked); each recipe over its seeds or folds, or None."""
     order = sorted(("validation_loss", "symptom_f1"), key=lambda name: name != first.select_by)
     table = pd.DataFrame(children).sort_values(
         order, ascending=[name == "validation_loss" for name in order])
@@ -215,8 +205,7 @@ def _cross_validated(table: pd.DataFrame) -> bool:
 
 
 def _ranked(by_fold: pd.DataFrame | None, first: TrainConfig) -> pd.DataFrame | None:
-    """The recipes by their mean over the folds of ``select_by``; those that finished every
-    fold (``complete``) first."""
+    """The recipes by their mean ``select_by``, those that finished every fold first."""
     if by_fold is None:
         return None
     by_fold.insert(0, "complete", by_fold["folds"].str.split().str.len() == first.folds)
@@ -277,10 +266,9 @@ def _print_table(table: pd.DataFrame, by_seed: pd.DataFrame | None,
 
 def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None = None,
         resume: str | None = None) -> None:
-    """Train one configuration, or a sweep of them (``grid``: the swept values) under a parent
-    run; ``resume``: the interrupted run (or sweep's parent run) they go on with; ``started``:
-    when the process began. Bad input (``HubUnavailable`` too) is raised before any MLflow run
-    starts; a Hub failure later on is a plain error."""
+    """One run, or a sweep (``grid``: the swept values) under a parent run; ``resume``: the
+    interrupted run or sweep parent they go on with. Bad input (``HubUnavailable`` too) is raised
+    before any MLflow run starts; a Hub failure later on is a plain error."""
     if len(configs) > 1 and any(config.promote for config in configs):
         raise MedLMError("--promote with a sweep is invalid: expected one run (a sweep "
                          "would crown every child in turn; promote its best child's "
@@ -295,19 +283,15 @@ def run(configs: list[TrainConfig], grid: dict[str, list], started: float | None
             if len(configs) > 1:
                 run_sweep(configs, grid, run, resume, started=run_ids.append)
                 return
-            with run:
-                run.train(resume_run_id=resume, started=run_ids.append)
-                run.register()
-            run.cleanup()
+            run.execute(resume_run_id=resume, started=run_ids.append)
     except HubUnavailable as error:  # not the "start offline instead" of a failed setup
         raise MedLMError(str(error)) from None
 
 
 def resume(run_id: str, settings: dict, started: float | None = None) -> None:
-    """Continue the interrupted run, or sweep (a parent run id), ``run_id``: its own settings
-    under ``settings`` (``experiments.run.resume_settings``: this invocation's checkpoint
-    directory, collective timeout and machine; ``epochs``, the run's new number in all). What it
-    resumes (the checkpoint, the MLflow run) is checked before any data or model loads."""
+    """Continue the interrupted run, or sweep (a parent run id), ``run_id`` with its own settings
+    under ``settings`` (``experiments.run.resume_settings``; ``epochs``: the run's new total).
+    What it resumes (the checkpoint, the MLflow run) is checked before any data or model loads."""
     here = dict(settings)
     epochs, directory = here.pop("epochs", None), Path(here["checkpoint_dir"]) / run_id
     sweep = saved_sweep(run_id)  # its parent run says so

@@ -40,19 +40,23 @@ def content_words(text: str) -> frozenset[str]:
                      and not word.isdigit())
 
 
+def worded_phrases(text: str) -> dict[frozenset[str], str]:
+    """The distinct phrases of a comma-separated answer, in order: content words -> the first
+    wording, its whitespace runs made single spaces."""
+    phrases: dict[frozenset[str], str] = {}
+    for raw in text.split(","):
+        if words := content_words(raw):
+            phrases.setdefault(words, " ".join(raw.split()))
+    return phrases
+
+
 def split_phrases(text: str) -> list[frozenset[str]]:
     """The distinct phrases of a comma-separated answer, each as its content words, in order."""
-    phrases: list[frozenset[str]] = []
-    for raw in text.split(","):
-        phrase = content_words(raw)
-        if phrase and phrase not in phrases:
-            phrases.append(phrase)
-    return phrases
+    return list(worded_phrases(text))
 
 
 def phrases_match(generated: Iterable[str] | str, reference: Iterable[str] | str) -> bool:
     """Do two phrases (text or content words) name the same symptom?"""
-    generated = content_words(generated) if isinstance(generated, str) else frozenset(generated)
-    reference = content_words(reference) if isinstance(reference, str) else frozenset(reference)
-    shorter, longer = sorted((generated, reference), key=len)
+    shorter, longer = sorted((content_words(phrase) if isinstance(phrase, str) else
+                              frozenset(phrase) for phrase in (generated, reference)), key=len)
     return bool(shorter) and shorter <= longer and len(shorter) >= MATCH_SHARE * len(longer) - 1e-9

@@ -1,8 +1,6 @@
 """Where a run's wall time goes: named phases that nest (time in an inner one counts for it
 alone), split so that they and ``other`` (what no phase claimed) add up to the wall."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import time
@@ -49,39 +47,36 @@ class Stopwatch:
 
     def split(self) -> dict[str, float]:
         """Seconds per phase since the start, ``other`` (what no phase claimed) and ``wall``."""
-        now = self._charge()  # the open phase's time up to now counted first
-        return _with_rest(dict(self.seconds), now - self.origin)
+        return self._since(dict.fromkeys(PHASES, 0.0), self.origin)
 
     def lap(self) -> dict[str, float]:
         """Like ``split``, for the time since the previous lap (an epoch's share)."""
-        now = self._charge()
-        delta = {name: self.seconds[name] - self._lap[name] for name in PHASES}
-        wall = now - self._lap_wall
-        self._lap, self._lap_wall = dict(self.seconds), now
-        return _with_rest(delta, wall)
+        lap = self._since(self._lap, self._lap_wall)
+        self._lap, self._lap_wall = dict(self.seconds), self._mark
+        return lap
+
+    def _since(self, seconds: dict[str, float], start: float) -> dict[str, float]:
+        now = self._charge()  # the open phase's time up to now counted first
+        delta = {name: self.seconds[name] - seconds[name] for name in PHASES}
+        wall = now - start
+        return {**delta, "other": max(wall - sum(delta.values()), 0.0), "wall": wall}
 
 
 def process_started() -> float | None:
     """When this process began (``time.time()``), or None: on Linux from /proc (10 ms; psutil's
     is up to 1 s off), elsewhere from psutil."""
     now = time.time()
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError, AttributeError):
         with open("/proc/self/stat") as handle:  # the name may hold spaces: split after ")"
             start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
         return now - max(age, 0.0)
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
     try:
         import psutil  # only where /proc is missing
 
         return min(psutil.Process().create_time(), now)
     except Exception:  # noqa: BLE001 - no psutil, or a platform it cannot read
         return None
-
-
-def _with_rest(seconds: dict[str, float], wall: float) -> dict[str, float]:
-    return {**seconds, "other": max(wall - sum(seconds.values()), 0.0), "wall": wall}
 
 
 def non_training_fraction(split: dict[str, float]) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pathlib
 import platform
 import warnings
@@ -20,7 +19,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from medlm.config import sweep_value
-from medlm.errors import MedLMError
+from medlm.errors import MedLMError, first_line
 from medlm.scores import CONFIDENCE, REFERENCE_SCORES, REPEAT_SCORES, SUMMARY_SCORES
 from medlm.store import first_open, launched_by
 from medlm.timing import LABELS, non_training_fraction
@@ -49,8 +48,7 @@ class MlflowTracker(Logger):
     """One MLflow run of a training, and the loop's logger into it. ``results.csv`` and
     ``loss_curve.png`` are rewritten after every epoch, so a run that stops early has them."""
 
-    def __init__(self, config, gpu: str = ""):
-        """``config``: the run's ``TrainConfig``; ``gpu``: the device's name (results.csv)."""
+    def __init__(self, config, gpu: str = ""):  # gpu: the device's name, for results.csv
         self.config, self.gpu, self.registered_model = config, gpu, config.registered_model
         self.epochs: list[EpochResult] = []
         self.run_id: str | None = None
@@ -108,7 +106,7 @@ class MlflowTracker(Logger):
             mlflow.end_run(RunStatus.to_string(status))
         except Exception as error:  # noqa: BLE001
             log.warning("could not mark the run %s in MLflow: %s", RunStatus.to_string(status),
-                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+                        first_line(error))
             return
         if description:
             with contextlib.suppress(Exception):  # the store went down: the run's end stands
@@ -121,29 +119,26 @@ class MlflowTracker(Logger):
         # step points are flushed before the epoch counts as logged: a resume never redoes it
         mlflow.flush_async_logging()
         self.epochs = [epoch for epoch in self.epochs if epoch.epoch != result.epoch] + [result]
-        values = asdict(result)
-        self._log_metrics({name: values[name] for name in METRICS}, step=result.epoch)
+        self._log_metrics({name: getattr(result, name) for name in METRICS}, step=result.epoch)
         mlflow.log_text(self.results_frame().to_csv(index=False), "results.csv")
         mlflow.log_figure(self.loss_figure(), "loss_curve.png")
 
     def on_step(self, step: int, values: dict[str, float]) -> None:
-        """``step/*`` metrics (x-axis: optimizer steps), logged without making the loop wait;
-        steps a resumed run had logged are not logged again."""
+        """``step/*`` metrics, logged without making the loop wait; none a resumed run has."""
         if step > self.last_logged_step:
             mlflow.log_metrics({f"step/{name}": value for name, value in values.items()},
                                step=step, synchronous=False)
             self.last_logged_step = step
 
     def log_datasets(self, train: pd.DataFrame, validation: pd.DataFrame, source: str) -> None:
-        """The training and validation rows as the run's inputs (the UI's Datasets column):
-        their source (Hub dataset or file) and content digests."""
+        """The training and validation rows as the run's inputs (the UI's Datasets column)."""
         import mlflow.data  # deferred: only the datasets need these
         from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
-        local = os.path.expanduser(source)
-        origin = (pathlib.Path(local).resolve().as_uri() if os.path.exists(local)
+        local = pathlib.Path(source).expanduser()
+        origin = (local.resolve().as_uri() if local.exists()
                   else HuggingFaceDatasetSource(path=source, split="train"))
-        name = os.path.splitext(os.path.basename(source.rstrip("/")))[0] or source
+        name = pathlib.Path(source).stem or source
         for context, frame in (("training", train), ("validation", validation)):
             with warnings.catch_warnings():  # MLflow registers its file source twice
                 warnings.filterwarnings("ignore", "The specified dataset source can be")
@@ -198,10 +193,9 @@ class MlflowTracker(Logger):
     def loss_figure(self):
         figure = _figure(figsize=(6, 4))
         axes = figure.subplots()
-        epochs = [result.epoch for result in self.epochs]
-        axes.plot(epochs, [r.training_loss for r in self.epochs], marker="o", label="training")
-        axes.plot(epochs, [r.validation_loss for r in self.epochs], marker="o",
-                  label="validation")
+        for label, losses in (("training", [r.training_loss for r in self.epochs]),
+                              ("validation", [r.validation_loss for r in self.epochs])):
+            axes.plot([r.epoch for r in self.epochs], losses, marker="o", label=label)
         best = next((r for r in reversed(self.epochs) if r.is_best), self.epochs[-1])
         axes.axvline(best.epoch, color="grey", linestyle=":",
                      label=f"best by {self.config.select_by} (epoch {best.epoch})")
@@ -214,8 +208,7 @@ class MlflowTracker(Logger):
     def log_samples(self, rows: list[dict[str, Any]]) -> None:
         self._log_table(pd.DataFrame(rows), "samples.json")
 
-    def log_symptom_scores(self, epoch: int, table: pd.DataFrame,
-                           scores: dict[str, float]) -> None:
+    def log_symptom_scores(self, epoch: int, table: pd.DataFrame, scores: dict[str, float]) -> None:
         """An epoch's scores (epoch 0: the untuned base) and per-disease rows."""
         self._log_metrics(scores, step=epoch)
         self._log_table(table.assign(epoch=epoch), "symptom_scores.json")
@@ -244,12 +237,10 @@ class MlflowTracker(Logger):
         mlflow.log_metrics({f"untuned_{name}": value for name, value in scores.items()})
 
     def log_best(self, best: EpochResult, model_id: str | None = None) -> None:
-        """The best epoch's figures, once (a resumed run may have them); linked to the logged
-        model ``model_id`` if given (the UI's Models tab)."""
+        """The best epoch's figures, once (a resumed run may have them), linked to ``model_id``."""
         if MlflowClient().get_run(self.run_id).data.metrics.get("best_epoch") == best.epoch:
             return
-        mlflow.log_metrics({"best_validation_loss": best.validation_loss,
-                            "best_epoch": best.epoch,
+        mlflow.log_metrics({"best_validation_loss": best.validation_loss, "best_epoch": best.epoch,
                             **{f"best_{name}": value for name, value in best.scores.items()}},
                            model_id=model_id)
 
@@ -293,7 +284,6 @@ def logged_row_losses(run_id: str, epoch: int) -> pd.DataFrame | None:
 
 
 def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
-    """A run's latest metrics whose names start with ``prefix``, prefix removed."""
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {name.removeprefix(prefix): value for name, value in metrics.items()
             if name.startswith(prefix)}
@@ -328,8 +318,7 @@ def _cv_figure(by_fold: pd.DataFrame, axes: tuple[str, ...]):
     labels = [" ".join(f"{name}={sweep_value(row[name])}" for name in varied) or "recipe"
               for _, row in by_fold.iterrows()]
     figure = _figure(figsize=(4 + 1.2 * len(labels), 4), layout="constrained")
-    for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"),
-                           strict=True):
+    for plot, score in zip(figure.subplots(1, 2), ("symptom_f1", "validation_loss"), strict=True):
         means = by_fold[score].astype(float)
         errors = [means - by_fold[f"{score}_ci_low"], by_fold[f"{score}_ci_high"] - means]
         plot.errorbar(range(len(labels)), means, yerr=errors, fmt="o", capsize=4)

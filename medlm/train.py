@@ -1,7 +1,5 @@
 """The training loop: plain PyTorch, one screen. It reports through ``Logger``s, never to MLflow."""
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import math
@@ -42,11 +40,6 @@ class EpochResult:
     is_best: bool = False
     scores: dict[str, float] = field(default_factory=dict)  # from fit's scorer, e.g. symptom_f1
 
-    def selection_value(self, select_by: str) -> float:
-        """The figure ``select_by`` names, oriented so that lower is better."""
-        return (self.validation_loss if select_by == "validation_loss"
-                else -self.scores.get(select_by, -math.inf))
-
 
 @dataclass
 class FitResult:
@@ -57,7 +50,9 @@ class FitResult:
     @property
     def best(self) -> EpochResult:
         """The first epoch with the best ``select_by`` value (a tie keeps the earlier one)."""
-        return min(self.epochs, key=lambda result: result.selection_value(self.select_by))
+        if self.select_by == "validation_loss":
+            return min(self.epochs, key=lambda result: result.validation_loss)
+        return max(self.epochs, key=lambda result: result.scores.get(self.select_by, -math.inf))
 
 
 class Logger:
@@ -123,8 +118,7 @@ def _bar(total: int, description: str, enabled: bool) -> tqdm:
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, precision: Precision,
              progress: bool = False) -> float:
-    """Mean loss per real token over ``loader`` (all processes' shares: pass the plain model,
-    not its DDP wrapper)."""
+    """Mean loss per real token over all processes' ``loader`` (the plain model, not DDP's)."""
     rows = row_losses(model, loader, precision, progress)
     loss_sum, tokens = distributed.all_reduce_numbers(rows.sum(axis=0).tolist(), precision.device)
     return loss_sum / max(tokens, 1)
@@ -177,39 +171,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
                          num_training_steps=total_steps)
 
 
-def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
-               state: TrainState, precision: Precision,
-               config: TrainConfig) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """One optimizer step over a window of batches, the loss divided by the window's token count
-    (all processes' under torchrun): k batches step as one k times as large. Returns the summed
-    loss, the token count and the gradient norm before clipping (or None), tensors left unread."""
-    device, scaler = precision.device, state.scaler
-    window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
-    divisor: int | torch.Tensor = window_tokens
-    if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
-        all_tokens = torch.full((), float(window_tokens), device=device)  # no host copy, no wait
-        divisor = distributed.all_reduce(all_tokens) / distributed.world_size()
-    loss_sum = torch.zeros((), device=device)
-    for index, batch in enumerate(window):
-        accumulating = index < len(window) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if accumulating else contextlib.nullcontext():
-            with precision.autocast():
-                batch_loss_sum = token_loss_sum(model, _to(batch, device), config.label_smoothing)
-            scaler.scale(batch_loss_sum / divisor).backward()
-        loss_sum += batch_loss_sum.detach()
-    grad_norm = None
-    if config.max_grad_norm > 0:
-        scaler.unscale_(state.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
-    scaler.step(state.optimizer)  # skipped when the scaled gradients overflowed
-    scaler.update()
-    if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
-        state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, window_tokens, grad_norm
-
-
 @dataclass
 class TrainState:
     """What a checkpoint saves beside the trained weights and a resume restores."""
@@ -248,6 +209,39 @@ class TrainState:
         self.step_interval = state["step_interval"]
 
 
+def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
+               state: TrainState, precision: Precision,
+               config: TrainConfig) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """One optimizer step over a window of batches, the loss divided by the window's token count
+    (all processes' under torchrun): k batches step as one k times as large. Returns the summed
+    loss, the token count and the gradient norm before clipping (or None), tensors left unread."""
+    device, scaler = precision.device, state.scaler
+    window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
+    divisor: int | torch.Tensor = window_tokens
+    if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
+        all_tokens = torch.full((), float(window_tokens), device=device)  # no host copy, no wait
+        divisor = distributed.all_reduce(all_tokens) / distributed.world_size()
+    loss_sum = torch.zeros((), device=device)
+    for index, batch in enumerate(window):
+        accumulating = index < len(window) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            with precision.autocast():
+                batch_loss_sum = token_loss_sum(model, _to(batch, device), config.label_smoothing)
+            scaler.scale(batch_loss_sum / divisor).backward()
+        loss_sum += batch_loss_sum.detach()
+    grad_norm = None
+    if config.max_grad_norm > 0:
+        scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
+    scaler.step(state.optimizer)  # skipped when the scaled gradients overflowed
+    scaler.update()
+    if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, window_tokens, grad_norm
+
+
 class Report:
     """The loop's loggers (the main process's alone) and its stopwatch."""
 
@@ -260,22 +254,15 @@ class Report:
             logger.on_step(step, values)
 
     def scores(self, model: torch.nn.Module) -> dict[str, float]:
-        scores: dict[str, float] = {}
         with self.stopwatch.phase("scoring"):
-            for logger in self.loggers:
-                scores.update(logger.score(model))
-            return distributed.broadcast_object({name: float(v) for name, v in scores.items()})
+            scores = {name: float(value) for logger in self.loggers
+                      for name, value in logger.score(model).items()}
+            return distributed.broadcast_object(scores)
 
     def on_epoch_end(self, model: torch.nn.Module, result: EpochResult) -> None:
         with self.stopwatch.phase("logging"):
             for logger in self.loggers:
                 logger.on_epoch_end(model, result)
-
-
-def flops_per_token(model: torch.nn.Module) -> int:
-    """Training FLOPs per token (Kaplan et al.'s 6N, as nanoGPT's MFU): 2N forward, 2N for the
-    activations' gradients, 2 per trained weight (LoRA's frozen base costs 4N); not attention's."""
-    return sum((4 + 2 * p.requires_grad) * p.numel() for p in model.parameters())
 
 
 def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: TrainConfig,
@@ -335,7 +322,9 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
         interval.update(tokens=0, real_tokens=0, seconds=0.0)
         return now
 
-    flops = flops_per_token(model)  # per trained token, for MFU: the model's shape is fixed
+    # training FLOPs per token, for MFU (Kaplan et al.'s 6N, as nanoGPT's): 2N forward, 2N for
+    # the activations' gradients, 2 per trained weight (LoRA's frozen base: 4N); not attention's
+    flops = sum((4 + 2 * p.requires_grad) * p.numel() for p in model.parameters())
     for epoch in range(len(result.epochs) + 1, config.epochs + 1):
         if config.patience and state.epochs_without_improvement >= config.patience:
             break  # early stopping: also for a resumed run that had stopped
@@ -388,26 +377,20 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
             epoch=epoch, training_loss=training_loss, validation_loss=validation_loss,
             validation_perplexity=math.exp(min(validation_loss, 700.0)),
             epoch_duration_sec=time.perf_counter() - started,
-            train_samples_per_sec=samples / training_seconds,
-            train_tokens_per_sec=tokens_per_sec,
-            learning_rate=state.scheduler.get_last_lr()[0],
+            train_samples_per_sec=samples / training_seconds, train_tokens_per_sec=tokens_per_sec,
+            learning_rate=state.scheduler.get_last_lr()[0], scores=report.scores(model),
             model_flops_utilization=tokens_per_sec * flops / (
-                peak_flops(precision) * distributed.world_size()),
-            scores=report.scores(model))
+                peak_flops(precision) * distributed.world_size()))
         if config.select_by != "validation_loss" and config.select_by not in epoch_result.scores:
             raise ValueError(f"select_by={config.select_by!r} needs a scorer: a logger whose "
                              "score() returns it")
-        # keep the epoch's weights if it is the best (on the main process, which logs the model)
-        value = epoch_result.selection_value(config.select_by)
-        if not result.epochs or value < result.best.selection_value(config.select_by):
-            epoch_result.is_best = True
-            state.epochs_without_improvement = 0
-            if main_process:
-                state.best_weights = {name: weight.to("cpu", copy=True) for name, weight
-                                      in checkpoint.trained_weights(model).items()}
-        else:
-            state.epochs_without_improvement += 1
         result.epochs.append(epoch_result)
+        epoch_result.is_best = result.best is epoch_result
+        state.epochs_without_improvement = (
+            0 if epoch_result.is_best else state.epochs_without_improvement + 1)
+        if epoch_result.is_best and main_process:  # the main process logs the best model
+            state.best_weights = {name: weight.to("cpu", copy=True) for name, weight
+                                  in checkpoint.trained_weights(model).items()}
         if checkpoint_dir:  # before the loggers: a kill while they log loses no training
             with report.stopwatch.phase("checkpoint"):
                 state.step_interval = {**interval, "loss_sum": interval_loss.item()}
@@ -418,7 +401,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
         report.on_epoch_end(model, epoch_result)
     result.stopped_early = bool(config.patience) and (
         state.epochs_without_improvement >= config.patience)
-    if last_point is not None and interval["tokens"]:  # the steps since the last point
+    if last_point is not None:  # the steps since the last point
         log_point(None)
     if state.best_weights is not None:
         checkpoint.load_trained_weights(model, state.best_weights)

@@ -25,10 +25,9 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of the weights, LoRA adapters left out (a zero update before training)."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
-        if "lora_" in name:
-            continue
-        digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
-                      .numpy().tobytes())
+        if "lora_" not in name:
+            digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                          .numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -66,11 +65,7 @@ def load_answers(key: str, names: list[str]) -> list[str] | None:
         saved = json.loads(_path(key).read_text())
     except (OSError, ValueError, RuntimeError):  # RuntimeError: no home directory to expand
         return None
-    if not isinstance(saved, dict) or saved.get("names") != names:
-        return None
-    answers = saved.get("answers")
-    return answers if (isinstance(answers, list) and len(answers) == len(names)
-                       and all(isinstance(answer, str) for answer in answers)) else None
+    return saved.get("answers") if isinstance(saved, dict) and saved.get("names") == names else None
 
 
 def save_answers(key: str, names: list[str], answers: list[str]) -> None:
