@@ -15,17 +15,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for it and its
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """The tests run on one pytest-xdist worker per core unless ``-n`` is given (``-n 0``: one
-    process): the quick ones (``-m 'not slow'``, the default) one at a time to any worker, any
-    other selection file by file (``--dist loadfile``), so that a module fixture (a trained
-    run, a server) is made once. Set here rather than in addopts: ``pytest benchmarks`` stays
-    one process, where pytest-benchmark measures."""
+    process), one at a time to any free worker, except that a module whose fixture is a trained
+    run or a server (``pytest.mark.xdist_group``, in any selection but the quick one) goes to
+    one worker whole, so that the fixture is made once. Set here rather than in addopts:
+    ``pytest benchmarks`` stays one process, where pytest-benchmark measures."""
     option = config.option
     if os.environ.get("PYTEST_XDIST_WORKER") or option.collectonly:
         return
     if getattr(option, "numprocesses", 0) is None:
         option.numprocesses = "auto"
         if option.dist == "no":
-            option.dist = "load" if option.markexpr == "not slow" else "loadfile"
+            option.dist = "load" if option.markexpr == "not slow" else "loadgroup"
 
 
 def pytest_configure(config):

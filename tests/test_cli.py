@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from experiments._cli import run_cli
 from medlm.config import TrainConfig
 from tests.conftest import background_server, free_port, run_module, write_hub_cache
 from tests.test_bad_input import refused
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
 EPOCHS = 2
 METRICS = ["training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
            "train_samples_per_sec", "train_tokens_per_sec", "learning_rate"]
@@ -527,7 +528,8 @@ def test_folds_cross_validate_as_children_of_a_parent_with_mean_and_interval(
 
 
 def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no_uri_env,
-                                                           dataset_csv, tmp_path):
+                                                           dataset_csv, tmp_path, monkeypatch,
+                                                           capsys):
     _, _, run = trained
     output = tmp_path / "scores.csv"
     result = run_module("experiments.evaluate", "--output", str(output), cwd=workdir,
@@ -551,18 +553,23 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     assert f"{run.data.metrics['baseline_lookup_symptom_f1']:.4f}" in summary
     assert table["symptom_f1"].between(0, 1).all()
 
-    other = run_module("experiments.evaluate", "--max-new-tokens", "8", "--split-seed", "7",
-                       cwd=workdir, env_extra=no_uri_env)
-    assert other.returncode == 0, other.stderr
-    assert "note: --split-seed 7 overrides the run's 42" in other.stderr
-    assert "note: --max-new-tokens 8 overrides the run's 40" in other.stderr
-    assert "as run" not in other.stdout and "untuned base" not in other.stdout
+    # the same command again with other settings, in this process (its imports paid once)
+    from experiments import evaluate
 
-    beams = run_module("experiments.evaluate", "--num-beams", "3", "--max-new-tokens", "8",
-                       "--output", str(tmp_path / "beams.csv"), cwd=workdir, env_extra=no_uri_env)
-    assert beams.returncode == 0, beams.stderr
-    assert "; beam search (3) in " in beams.stdout
-    assert "untuned base" not in beams.stdout  # the run's greedy epoch 0 is not comparable
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    capsys.readouterr()
+    assert run_cli(evaluate.main, ["--max-new-tokens", "8", "--split-seed", "7"]) == 0
+    other = capsys.readouterr()
+    assert "note: --split-seed 7 overrides the run's 42" in other.err
+    assert "note: --max-new-tokens 8 overrides the run's 40" in other.err
+    assert "as run" not in other.out and "untuned base" not in other.out
+
+    assert run_cli(evaluate.main, ["--num-beams", "3", "--max-new-tokens", "8", "--output",
+                                   str(tmp_path / "beams.csv")]) == 0, capsys.readouterr().err
+    beams = capsys.readouterr()
+    assert "; beam search (3) in " in beams.out
+    assert "untuned base" not in beams.out  # the run's greedy epoch 0 is not comparable
     assert sorted(pd.read_csv(tmp_path / "beams.csv")["disease"]) == sorted(table["disease"])
 
 

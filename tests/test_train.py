@@ -1,4 +1,5 @@
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -268,7 +269,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
     from medlm.data import make_loader
     from medlm.modeling import load_tokenizer_and_model
 
-    config = plain(epochs=3, lr=3e-3, progress=False, group_by_length=group_by_length)
+    config = plain(epochs=2, lr=3e-3, progress=False, group_by_length=group_by_length)
 
     def attempt(**kwargs):
         tokenizer, model = load_tokenizer_and_model(str(tiny_model_dir))
@@ -281,7 +282,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_losses(
 
     uninterrupted = attempt()
     with pytest.raises(KeyboardInterrupt):
-        attempt(checkpoint_dir=str(tmp_path), report=Report([StopAfter(2)]))
+        attempt(checkpoint_dir=str(tmp_path), report=Report([StopAfter(1)]))
     resumed = attempt(checkpoint_dir=str(tmp_path))
     assert [(e.training_loss, e.validation_loss) for e in resumed.epochs] == [
         (e.training_loss, e.validation_loss) for e in uninterrupted.epochs]
@@ -353,8 +354,13 @@ def test_batches_move_asynchronously_only_from_pinned_memory_to_cuda(monkeypatch
     assert calls == [("mps", False), ("cuda", False), ("mps", False), ("cuda", True)]
 
 
-def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precision=FP32):
-    """(attempt, interrupt): fit on the tiny model, and the same fit killed after epoch 1."""
+TWO_EPOCHS = plain(epochs=2, lr=3e-3, progress=False)  # the config most resume tests share
+
+
+def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precision=FP32,
+                    killed=None):
+    """``attempt``: fit on the tiny model into ``checkpoint_dir``, which holds the same fit killed
+    after epoch 1 (``killed``: a copy of that checkpoint, made once for ``TWO_EPOCHS``)."""
     from medlm.modeling import load_tokenizer_and_model
 
     def attempt(precision=precision, **kwargs):
@@ -363,9 +369,20 @@ def interrupted_run(tiny_model_dir, small_frame, checkpoint_dir, config, precisi
         return fit(model, (train, validation), config, precision,
                    checkpoint_dir=str(checkpoint_dir), **kwargs)
 
+    if killed is not None:
+        shutil.copytree(killed, checkpoint_dir, dirs_exist_ok=True)
+        return attempt
     with pytest.raises(KeyboardInterrupt):
         attempt(report=Report([StopAfter(1)]))
     return attempt
+
+
+@pytest.fixture(scope="module")
+def killed_after_epoch_1(tiny_model_dir, small_frame, tmp_path_factory):
+    """The checkpoint of ``TWO_EPOCHS`` killed after epoch 1, for tests that resume it."""
+    directory = tmp_path_factory.mktemp("killed")
+    interrupted_run(tiny_model_dir, small_frame, directory, TWO_EPOCHS)
+    return directory
 
 
 def claim_written_on_cuda(state_file):
@@ -387,9 +404,10 @@ def claim_written_on_cuda(state_file):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path):
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny_model_dir, small_frame, tmp_path,
+                                                        killed_after_epoch_1):
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     claim_written_on_cuda(tmp_path / "state.pt")
     resumed = attempt()
     assert [result.epoch for result in resumed.epochs] == [1, 2]
@@ -408,9 +426,10 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_model_dir, sma
     assert resumed.stopped_early and [result.epoch for result in resumed.epochs] == [1]
 
 
-def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_path, caplog):
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_path, caplog,
+                                               killed_after_epoch_1):
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     with caplog.at_level("WARNING", logger="medlm"):
         attempt(precision=Precision("bf16", "cpu"))
     assert any("resuming in bf16 on cpu; the epochs before were trained in fp32" in
@@ -419,15 +438,15 @@ def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_
 
 @pytest.mark.parametrize("interrupt_at", ["state", "rename"])
 def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
-        tiny_model_dir, small_frame, tmp_path, monkeypatch, interrupt_at):
+        tiny_model_dir, small_frame, tmp_path, monkeypatch, interrupt_at, killed_after_epoch_1):
     """Ctrl-C while epoch 2's checkpoint is being written: what resumes is epoch 1 whole (its
     weights with its optimizer state and results), never epoch 2's weights with epoch 1's
     state."""
     from medlm import checkpoint
     from medlm.checkpoint import saved_epochs
 
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     epoch_1 = torch.load(tmp_path / "state.pt", weights_only=True)["weights"]
 
     def kill(*args, **kwargs):
@@ -479,7 +498,7 @@ def test_per_step_values_reach_the_loggers_every_n_optimizer_steps(tiny_model_di
 
 
 def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
-        tiny_model_dir, small_frame, tmp_path, monkeypatch):
+        tiny_model_dir, small_frame, tmp_path, monkeypatch, killed_after_epoch_1):
     """Power loss, unlike a kill, drops what the OS had not written yet: a rename that reached
     the disk before the data it names leaves `state.pt` empty. The file must be flushed before
     the rename that names it, and the rename before the checkpoint counts as written."""
@@ -487,8 +506,8 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
 
     from medlm import checkpoint
 
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     events, fsync, replace = [], checkpoint._fsync, os.replace
     monkeypatch.setattr(checkpoint, "_fsync",
                         lambda path: events.append(("fsync", Path(path).name)) or fsync(path))
@@ -502,22 +521,23 @@ def test_every_checkpoint_file_is_on_disk_before_a_name_points_to_it(
 
 
 def test_a_checkpoint_write_cut_short_by_a_kill_leaves_no_file_behind(
-        tiny_model_dir, small_frame, tmp_path):
+        tiny_model_dir, small_frame, tmp_path, killed_after_epoch_1):
     """A SIGKILL mid-write leaves a whole-size ``state.pt.<pid>.partial`` that the resumed
     process (another pid) must remove, or each kill costs a checkpoint's worth of disk."""
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     (tmp_path / "state.pt.999999.partial").write_bytes(b"\0" * 1024)
     attempt()
     assert not list(tmp_path.glob("*.partial"))
 
 
 def test_an_fp32_checkpoint_resumes_with_an_enabled_grad_scaler(tiny_model_dir, small_frame,
-                                                                tmp_path, monkeypatch):
+                                                                tmp_path, monkeypatch,
+                                                                killed_after_epoch_1):
     """An fp32/bf16 run saves a disabled GradScaler's empty state; resumed where fp16 and its
     scaler are chosen (a T4 or V100), loading that state must not fail."""
-    config = plain(epochs=2, lr=3e-3, progress=False)
-    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, config)
+    attempt = interrupted_run(tiny_model_dir, small_frame, tmp_path, TWO_EPOCHS,
+                              killed=killed_after_epoch_1)
     monkeypatch.setattr(Precision, "needs_grad_scaler", property(lambda self: True))
     resumed = attempt()  # GradScaler("cpu") enabled: as on a GPU with fp16
     assert [result.epoch for result in resumed.epochs] == [1, 2]
@@ -538,7 +558,7 @@ def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
     from medlm.checkpoint import saved_epochs
     from medlm.modeling import load_tokenizer_and_model
 
-    config = plain(epochs=3, lr=3e-3, progress=False, select_by="symptom_f1")
+    config = plain(epochs=2, lr=3e-3, progress=False, select_by="symptom_f1")
 
     def run(directory, scores, kill_at=None, resume=False):
         calls = []
@@ -558,8 +578,8 @@ def test_a_kill_while_an_epoch_is_scored_resumes_from_the_epoch_before(
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run", [0.5], kill_at=2)
     assert [epoch["epoch"] for epoch in saved_epochs(tmp_path / "run")] == [1]
-    resumed, resumed_model = run(tmp_path / "run", [0.2, 0.1], resume=True)
-    uninterrupted, model = run(tmp_path / "whole", [0.5, 0.2, 0.1])
+    resumed, resumed_model = run(tmp_path / "run", [0.2], resume=True)
+    uninterrupted, model = run(tmp_path / "whole", [0.5, 0.2])
     assert [r.training_loss for r in resumed.epochs] == [
         r.training_loss for r in uninterrupted.epochs]
     assert resumed.best.epoch == uninterrupted.best.epoch == 1
