@@ -77,8 +77,12 @@ def load_disease_data(source: str, max_samples: int | None = None) -> DiseaseDat
 
 def _read_file(path: str) -> tuple[pd.DataFrame, str]:
     """The rows and the SHA-256 of the file's bytes, read once (a text file's parsed from them)."""
-    with open(path, "rb") as handle:
-        content = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+    except OSError as error:
+        raise MedLMError(f"dataset file {path!r} cannot be read ({error.strerror or error}): "
+                         "expected a file this user may read") from None
     suffix, sha256 = os.path.splitext(path)[1].lower(), hashlib.sha256(content).hexdigest()
     if suffix != ".parquet":  # text: named if it is not UTF-8, where pandas would not say
         if encoding := _wide_encoding(content[:4096]):

@@ -65,7 +65,11 @@ def load_answers(key: str, names: list[str]) -> list[str] | None:
         saved = json.loads(_path(key).read_text())
     except (OSError, ValueError, RuntimeError):  # RuntimeError: no home directory to expand
         return None
-    return saved.get("answers") if isinstance(saved, dict) and saved.get("names") == names else None
+    if not isinstance(saved, dict) or saved.get("names") != names:
+        return None
+    answers = saved.get("answers")  # a hand-edited or foreign file: decoded again
+    return answers if (isinstance(answers, list) and len(answers) == len(names)
+                       and all(isinstance(answer, str) for answer in answers)) else None
 
 
 def save_answers(key: str, names: list[str], answers: list[str]) -> None:

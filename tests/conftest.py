@@ -12,13 +12,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for it and its
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+# the modules whose fixture is a trained run or a server: each goes to one worker whole (below)
+WHOLE_MODULES = ("test_best_recipe", "test_cli", "test_distributed", "test_team_server")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """The tests run on one pytest-xdist worker per core unless ``-n`` is given (``-n 0``: one
-    process), one at a time to any free worker, except that a module whose fixture is a trained
-    run or a server (``pytest.mark.xdist_group``, in any selection but the quick one) goes to
-    one worker whole, so that the fixture is made once. Set here rather than in addopts:
-    ``pytest benchmarks`` stays one process, where pytest-benchmark measures."""
+    process), one at a time to any free worker, except that in any selection but the quick one
+    each of ``WHOLE_MODULES`` goes to one worker whole, so that its fixture is made once
+    (``pytest_xdist_make_scheduler``). Set here rather than in addopts: ``pytest benchmarks``
+    stays one process, where pytest-benchmark measures."""
     option = config.option
     if os.environ.get("PYTEST_XDIST_WORKER") or option.collectonly:
         return
@@ -26,6 +30,21 @@ def pytest_cmdline_main(config):
         option.numprocesses = "auto"
         if option.dist == "no":
             option.dist = "load" if option.markexpr == "not slow" else "loadgroup"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` by module name: xdist's own reads ``xdist_group`` marks through a
+    node id that pytest 9 no longer lets it change, so it would send every test apart."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).stem in WHOLE_MODULES else nodeid
+
+    return WholeModules(config, log)
 
 
 def pytest_configure(config):
@@ -305,3 +324,4 @@ def all_pairs_lookup(train_frame, names, fallback):
         shared = best is not None and words & train_names[best]
         answers.append(train_symptoms[best] if shared else fallback)
     return answers
+

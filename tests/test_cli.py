@@ -16,7 +16,7 @@ from medlm.config import TrainConfig
 from tests.conftest import background_server, free_port, run_module, write_hub_cache
 from tests.test_bad_input import refused
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
+pytestmark = pytest.mark.slow
 EPOCHS = 2
 METRICS = ["training_loss", "validation_loss", "validation_perplexity", "epoch_duration_sec",
            "train_samples_per_sec", "train_tokens_per_sec", "learning_rate"]
@@ -554,10 +554,13 @@ def test_evaluate_reads_the_runs_split_and_prints_baselines(trained, workdir, no
     assert table["symptom_f1"].between(0, 1).all()
 
     # the same command again with other settings, in this process (its imports paid once)
+    import mlflow
+
     from experiments import evaluate
 
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    mlflow.set_tracking_uri(None)  # forget any URI an earlier test in this process set
     capsys.readouterr()
     assert run_cli(evaluate.main, ["--max-new-tokens", "8", "--split-seed", "7"]) == 0
     other = capsys.readouterr()

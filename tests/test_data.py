@@ -124,6 +124,25 @@ def test_punctuation_only_names_and_symptoms_are_dropped_and_counted(tmp_path, c
     assert "dropped 5 of 7 rows" in caplog.text and "punctuation" in caplog.text
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_this_user_may_not_read_is_one_line(tmp_path, monkeypatch, suffix):
+    import builtins
+
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"Name,Symptoms\nFlu,Fever\n")
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # as chmod 000 does, also for root
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(MedLMError, match=r"cannot be read \(Permission denied\): expected a "
+                                         "file this user may read"):
+        load_disease_data(str(path))
+
+
 def test_missing_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(MedLMError, match="not found"):
         load_disease_data(str(tmp_path / "nope.csv"))

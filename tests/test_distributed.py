@@ -12,7 +12,7 @@ from medlm.checkpoint import has_checkpoint
 from medlm.errors import MedLMError
 from tests.conftest import REPO_ROOT, run_python
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.slow
 EPOCHS = 2
 
 

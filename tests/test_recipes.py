@@ -148,6 +148,10 @@ def test_kept_untuned_answers_read_back_only_for_the_same_names(tmp_path, monkey
     assert untuned.load_answers("k2", ["Flu", "Asthma"]) is None
     (tmp_path / "cache" / "untuned" / "k3.json").write_text("{half a file")
     assert untuned.load_answers("k3", ["Flu"]) is None
+    for answers in (["fever"], ["fever", None], "fever, wheezing"):  # the names, not the answers
+        (tmp_path / "cache" / "untuned" / "k4.json").write_text(
+            json.dumps({"names": ["Flu", "Asthma"], "answers": answers}))
+        assert untuned.load_answers("k4", ["Flu", "Asthma"]) is None, answers
     assert not list((tmp_path / "cache" / "untuned").glob("*.partial"))
     monkeypatch.setenv("MEDLM_CACHE", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("")

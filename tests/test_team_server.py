@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import background_server, free_port, run_module
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team_server")]
+pytestmark = pytest.mark.slow
 
 
 def unavailable(reason: str):
