@@ -32,6 +32,7 @@ def pytest_cmdline_main(config):
             option.dist = "load" if option.markexpr == "not slow" else "loadgroup"
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: absent under -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` by module name: xdist's own reads ``xdist_group`` marks through a
     node id that pytest 9 no longer lets it change, so it would send every test apart."""
