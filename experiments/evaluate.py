@@ -78,23 +78,6 @@ def settings_from_run(args, run_params: dict[str, str] | None) -> tuple[dict, di
     return settings, notes
 
 
-def answer_precision(requested: str | None, logged: str | None, device):
-    """The precision answers are decoded in, and a note when it is not the run's: the run's
-    (bf16 where it trained in bf16, else fp32), but this machine's ``auto`` for a bf16 it lacks
-    natively (emulated: very slow)."""
-    from medlm.modeling import resolve_precision
-
-    run_answers = None if logged is None else ("bf16" if logged == "bf16" else "fp32")
-    precision = resolve_precision(requested or ("fp32" if run_answers == "fp32" else "auto"),
-                                  device)
-    decoded = "bf16" if precision.name == "bf16" else "fp32"
-    if run_answers is None or decoded == run_answers:
-        return precision, None
-    note = f"note: answers decoded in {decoded}, the run decoded its own in {run_answers}"
-    return precision, note + ("" if requested else
-                              f" (not native here; --precision {run_answers} forces it)")
-
-
 def held_out(data, settings: dict, params: dict | None, split: str, notes: dict[str, str]):
     """(the diseases scored, the baselines on them, which they are), with a note in ``notes``
     where the rows or the split differ from the run's."""
@@ -184,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medlm.data import load_disease_data
     from medlm.generate import drop_unanswerable
-    from medlm.inference import load_model_for_inference, source_run
+    from medlm.inference import answer_precision, load_model_for_inference, source_run
     from medlm.modeling import resolve_device
     from medlm.tracking import logged_metrics
 
@@ -202,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens"])) if params else settings["max_new_tokens"], prompt_format_of(model))
     frame, baselines, where = held_out(data, settings, params, args.split, notes)
     device = resolve_device(args.device)
-    precision, notes["precision"] = answer_precision(
-        args.precision, params.get("precision_effective") if params else None, device)
+    precision, notes["precision"] = answer_precision(args.precision, params, device)
     notes = {name: note for name, note in notes.items() if note}
     for note in notes.values():
         print(note + ": the run's held-out figures do not apply here", file=sys.stderr)

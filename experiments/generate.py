@@ -48,6 +48,9 @@ def build_parser() -> cli.ArgumentParser:
                              "merged, keeping the symptoms at least two of them name (the "
                              "samples' own settings, not the flags above; 5 scores best, "
                              "experiments/RESULTS.md)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="of the answers (default: the run's, for a models:/ or runs:/ URI "
+                             "where this machine has it natively; else auto)")
     cli.add_model_arguments(parser)
     return parser
 
@@ -68,17 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         num_return_sequences=args.num_return_sequences, seed=args.seed)
     cli.quiet_libraries()
 
-    from medlm.inference import load_model_for_inference
+    from medlm.inference import answer_precision, load_model_for_inference, source_run
     from medlm.modeling import resolve_device
 
     device = resolve_device(args.device)
+    run = source_run(args.model_uri, args.registered_model)
+    precision, note = answer_precision(args.precision, run.data.params if run else None, device)
+    if note:
+        print(note, file=sys.stderr)
     tokenizer, model = load_model_for_inference(args.model_uri, args.registered_model)
     model.to(device)
-    if args.consensus is not None:
-        completions = [[answer] for answer in consensus_answers(
-            model, tokenizer, args.diseases, args.consensus, args.max_new_tokens, args.seed)]
-    else:
-        completions = generate(model, tokenizer, args.diseases, settings)
+    with precision.answer_autocast():  # as the run and experiments.evaluate decode answers
+        if args.consensus is not None:
+            completions = [[answer] for answer in consensus_answers(
+                model, tokenizer, args.diseases, args.consensus, args.max_new_tokens, args.seed)]
+        else:
+            completions = generate(model, tokenizer, args.diseases, settings)
     for disease, texts in zip(args.diseases, completions, strict=True):
         for index, text in enumerate(texts, start=1):
             prefix = f"[{index}] " if len(texts) > 1 else ""

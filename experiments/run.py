@@ -34,7 +34,8 @@ log = logging.getLogger("medlm")
 # epochs; any other flag must repeat the run's own value (its checkpoint fixes its math).
 RESUME_FLAGS = {"resume": "--resume", "checkpoint_dir": "--checkpoint-dir",
                 "collective_timeout_min": "--collective-timeout", "epochs": "--epochs",
-                "device": "--device", "precision": "--precision", "progress": "--[no-]progress",
+                "device": "--device", "precision": "--precision", "tf32": "--[no-]tf32",
+                "deterministic": "--[no-]deterministic", "progress": "--[no-]progress",
                 "system_metrics": "--[no-]system-metrics"}
 
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from medlm.store import check_tracking_store, compare_runs_hint
     from medlm.timing import process_started
 
+    failed = False
     try:
         quiet_libraries()
         if distributed.is_main():  # under torchrun only rank 0 talks to MLflow; first, as
@@ -214,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                  "" if registered == TrainConfig.registered_model
                  else f" --registered-model {shlex.quote(registered)}")
         return 0
+    except BaseException:
+        failed = True
+        raise
     finally:
-        distributed.stop()
+        distributed.stop(failed)
 
 
 if __name__ == "__main__":

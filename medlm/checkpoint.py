@@ -24,30 +24,30 @@ from medlm.errors import DiskFull, MedLMError, first_line
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
-FORMAT = 3  # one state.pt; 2 (epoch-N/ directories named by ``latest``) and 1 are refused
+# 4: a sampled base fingerprint and the GPU state of each process's own device; 3 (the whole
+# base hashed, every visible GPU's state), 2 (epoch-N/ directories named by ``latest``), 1 refused
+FORMAT = 4
 OWNER = ".owner"  # in a checkpoint directory: locked by the process that trains the run
 _owned: dict[Path, int] = {}  # the checkpoint directories this process trains, and their locks
 
 
 def rng_state() -> dict:
+    """This process's random states; of the GPUs', that of the one it trains on (a torchrun
+    rank's ``cuda:LOCAL_RANK``): a resume may see the GPUs numbered otherwise."""
     numpy_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": (torch.cuda.get_rng_state(torch.cuda.current_device())
+                     if torch.cuda.is_available() else None),
             "python": random.getstate(),
             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
             "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
 
 
 def restore_rng(state: dict) -> None:
-    """Restore ``rng_state()``; of the GPUs' states, those the visible GPUs can take."""
+    """Restore ``rng_state()``; its GPU state to the GPU this process trains on now."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        visible = torch.cuda.device_count()
-        torch.cuda.set_rng_state_all(state["cuda"][:visible])
-        if len(state["cuda"]) != visible:
-            log.warning("WARNING: the checkpoint holds the random state of %d GPU(s) and %d are "
-                        "visible now: dropout on the GPU is not that of an uninterrupted run",
-                        len(state["cuda"]), visible)
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
     if state["mps"] is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
     random.setstate(state["python"])
@@ -132,14 +132,24 @@ def trained_weights(model) -> dict[str, torch.Tensor]:
             if parameter.requires_grad}
 
 
+FINGERPRINT_STRIDE = 1024  # frozen_sha256 hashes every 1,024th element of each frozen weight
+
+
 def frozen_sha256(model) -> str | None:
     """Fingerprint of the weights training leaves alone (LoRA's base), which a checkpoint does
-    not hold: a resume on other ones would train another model. None where there are none."""
+    not hold: a resume on other ones would train another model. Each one's name, shape, dtype
+    and every ``FINGERPRINT_STRIDE``-th element, sampled on its device: a base of another file
+    or revision differs in essentially every weight, and all of a 1B+ base would be gigabytes
+    copied to the host and hashed at every run start. None where there are none."""
     frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
     digest = hashlib.sha256()
     for name, parameter in frozen:
-        digest.update(name.encode("utf-8"))
-        digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        digest.update(f"{name} {tuple(parameter.shape)} {parameter.dtype}".encode())
+        sample = parameter.detach().flatten()[::FINGERPRINT_STRIDE]
+        # gathered on the device, the sample alone copied to the host (contiguous() would keep
+        # a one-element slice's stride, which view refuses)
+        sample = sample.clone(memory_format=torch.contiguous_format).cpu()
+        digest.update(sample.view(torch.uint8).numpy())
     return digest.hexdigest() if frozen else None
 
 

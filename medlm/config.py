@@ -157,6 +157,13 @@ class TrainConfig:
     precision: str = setting("auto", "auto: bf16 autocast where the hardware has it (fp16 + "
                              "GradScaler on older GPUs), else fp32", "model",
                              choices=("auto", "fp32", "bf16", "fp16"))
+    tf32: bool = setting(True, "CUDA, Ampere and later: fp32 matrix products (--precision fp32, "
+                         "fp32 answers) in TF32, ~8x faster with a 10-bit mantissa, as litgpt; "
+                         "off: IEEE fp32", "model")
+    deterministic: bool = setting(
+        False, "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed "
+        "workspace): on a GPU, the same losses run after run and at a --resume, at some speed; "
+        "off, CUDA may sum in another order each run (a CPU run repeats either way)", "model")
     collective_timeout_min: float = setting(
         15.0, "torchrun: minutes a process waits for the others at a collective before the job "
         "fails (raise it if scoring after an epoch is slower)", "model", rule=MINUTES,
@@ -269,9 +276,10 @@ class TrainConfig:
 
 # what a recipe does not hold: which recipe it is, where the run is tracked and checkpointed,
 # what this machine runs it on (the flags a resumed run may change), and which fold it held out
-NOT_RECIPE = frozenset({"recipe", "device", "precision", "collective_timeout_min", "folds",
-                        "fold"} | {declared.name for declared in fields(TrainConfig)
-                                   if declared.metadata["group"] in ("mlflow", "run")})
+NOT_RECIPE = frozenset({"recipe", "device", "precision", "tf32", "deterministic",
+                        "collective_timeout_min", "folds", "fold"}
+                       | {declared.name for declared in fields(TrainConfig)
+                          if declared.metadata["group"] in ("mlflow", "run")})
 # the settings that take several values on the command line, one run of a sweep per combination
 SWEEPABLE = tuple(declared.name for declared in fields(TrainConfig) if declared.metadata["sweep"])
 

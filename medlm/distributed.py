@@ -65,8 +65,15 @@ def start(device: torch.device, timeout_min: float = 15.0) -> torch.device:
     return device
 
 
-def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
+def stop(failed: bool = False) -> None:
+    """Leave torchrun's process group. After a failure NCCL's is aborted: destroying it waits
+    for every rank (PyTorch #122358), so one rank's error would hang the job for up to
+    --collective-timeout; gloo's destroy is this process's alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if failed and "nccl" in dist.get_backend():
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 

@@ -16,7 +16,7 @@ from mlflow.utils.model_utils import FLAVOR_CONFIG_CODE
 from sqlalchemy.exc import SQLAlchemyError
 
 from medlm.errors import MedLMError, first_line
-from medlm.modeling import load_tokenizer_and_model
+from medlm.modeling import Precision, load_tokenizer_and_model, resolve_precision
 from medlm.offline import OFFLINE_BASES, resolve_base_name
 from medlm.prompts import ensure_pad_token
 from medlm.store import shown_tracking_uri
@@ -58,6 +58,24 @@ def source_run(model_uri: str, registered_model: str = "medlm"):
     except MlflowException:
         raise MedLMError(f"model URI {model_uri!r}: no run {run_id!r} at "
                          f"{shown_tracking_uri()}: expected a run id that exists") from None
+
+
+def answer_precision(requested: str | None, run_params: dict[str, str] | None,
+                     device) -> tuple[Precision, str | None]:
+    """The precision answers are decoded in, so they are the ones the run scored, and a note when
+    it is not the run's: the run's (bf16 where it trained in bf16, else fp32; its ``tf32``), but
+    this machine's ``auto`` for a bf16 it lacks natively (emulated: very slow)."""
+    params = run_params or {}
+    logged = params.get("precision_effective")
+    run_answers = None if logged is None else ("bf16" if logged == "bf16" else "fp32")
+    precision = resolve_precision(requested or ("fp32" if run_answers == "fp32" else "auto"),
+                                  device, tf32=params.get("tf32", "True") != "False")
+    decoded = "bf16" if precision.name == "bf16" else "fp32"
+    if run_answers is None or decoded == run_answers:
+        return precision, None
+    note = f"note: answers decoded in {decoded}, the run decoded its own in {run_answers}"
+    return precision, note + ("" if requested else
+                              f" (not native here; --precision {run_answers} forces it)")
 
 
 def resolve_model_uri(model_uri: str, registered_model: str = "medlm") -> tuple[str, str | None]:

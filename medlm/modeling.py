@@ -166,6 +166,7 @@ class Precision:
 
     name: str  # fp32 | bf16 | fp16
     device: torch.device  # a str is made one
+    tf32: bool = False  # fp32 matrix products in TF32 (CUDA, compute capability 8.0 and later)
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -177,6 +178,11 @@ class Precision:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def numerics(self) -> str:
+        """What changes the numbers: ``name``, with ``+tf32`` where fp32 products run in TF32."""
+        return f"{self.name}+tf32" if self.tf32 else self.name
 
     @property
     def needs_grad_scaler(self) -> bool:
@@ -251,31 +257,53 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def resolve_precision(requested: str, device: torch.device | str) -> Precision:
+def resolve_precision(requested: str, device: torch.device | str,
+                      tf32: bool = True) -> Precision:
     """``auto``: bf16 where the device has it natively (CPU: ~1.5x faster per epoch than fp32,
-    same loss; experiments/README.md, Precision), else fp16 + GradScaler on CUDA, else fp32."""
+    same loss; experiments/README.md, Precision), else fp16 + GradScaler on CUDA, else fp32 (MPS:
+    fp32 too, unmeasured; ``bf16`` there on request). On CUDA it also sets this process's fp32
+    matrix products to TF32 (``tf32``; Ampere and later), as litgpt: they are what the fp32 ops
+    outside autocast, ``--precision fp32`` and fp32 answers run."""
     device_type = torch.device(device).type
     if device_type == "cuda":  # not counting emulation (T4, V100: no bf16 tensor cores)
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        tf32 = tf32 and torch.cuda.get_device_properties(torch.cuda.current_device()).major >= 8
     else:
         native_bf16 = device_type == "cpu" and (torch.cpu._is_amx_tile_supported()
                                                   or torch.cpu._is_avx512_bf16_supported())
+        tf32 = False
     if requested == "auto":
         return Precision("bf16" if native_bf16 else "fp16" if device_type == "cuda" else "fp32",
-                         device)
+                         device, tf32)
     if requested == "fp16" and device_type != "cuda":
         raise MedLMError(f"--precision fp16 is not supported on {device_type}: expected auto, "
-                         "fp32 or bf16 (fp16 autocast needs a CUDA device)")
+                         "fp32 or bf16 (fp16 autocast needs a GradScaler, which MedLM runs on "
+                         "CUDA only)")
     if requested == "bf16" and device_type == "cuda" and not native_bf16:
         raise MedLMError("--precision bf16 is not supported natively by this GPU (compute "
                          "capability below 8.0): expected auto (fp16 + GradScaler here), fp16 "
                          "or fp32")
+    if requested == "bf16" and device_type == "mps" and not (
+            torch.amp.is_autocast_available("mps") and torch.backends.mps.is_macos_or_newer(14, 0)):
+        raise MedLMError("--precision bf16 on mps needs macOS 14 or later and a PyTorch with "
+                         "MPS autocast (2.5 or later): expected auto or fp32 here")
     if requested == "bf16" and device_type == "cpu" and not native_bf16:  # experiments/README.md
         log.warning("WARNING: --precision bf16 on a CPU without native bf16 (%s): bf16 is "
                     "emulated and extremely slow here (one distilgpt2 training step of 8x53 "
                     "tokens took 187 s in bf16 autocast against 4 s in fp32 on an AVX2-only AMD "
                     "EPYC); --precision auto picks fp32 on this CPU", cpu_kind())
-    return Precision(requested, device)
+    return Precision(requested, device, tf32)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``--deterministic``: kernels that give the same result every time (torch's deterministic
+    algorithms, cuBLAS's fixed workspace, no cuDNN autotuning), warning where an op has none; off
+    (torch's default), CUDA may sum in another order run to run (atomics in backward kernels)."""
+    if enabled:  # read when cuBLAS starts: before this process's first CUDA product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
 
 
 def describe_device(device: torch.device) -> str:

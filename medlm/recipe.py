@@ -82,7 +82,13 @@ class Run(Logger):
             self.split = split_for(config, self.data)  # a split error before the model loads
             device = distributed.start(modeling.resolve_device(config.device),
                                        config.collective_timeout_min)  # joins torchrun's group
-            self.precision = modeling.resolve_precision(config.precision, device)
+            self.precision = modeling.resolve_precision(config.precision, device, config.tf32)
+            modeling.set_deterministic(config.deterministic)
+            if config.system_metrics and device.type == "cuda" and (
+                    importlib.util.find_spec("pynvml") is None):  # MLflow says so at DEBUG only
+                log.warning("WARNING: no GPU system metrics (system/gpu_*): MLflow reads them "
+                            "through nvidia-ml-py, which is not installed: pip install -e "
+                            "'.[gpu]' (or pip install nvidia-ml-py)")
             self.tokenizer, self.model = modeling.load_tokenizer_and_model(config.model)
             config = self._decide(config)
             if config.sample_prompts:  # every answer must fit the context: checked now
@@ -230,7 +236,8 @@ class Run(Logger):
             "split_validation_sha256": split.validation_sha256,
             "max_length_effective": max(train_set.max_length, validation_set.max_length),
             "device_type": device.type, "device_name": modeling.describe_device(device),
-            "precision_effective": self.precision.name, "world_size": distributed.world_size(),
+            "precision_effective": self.precision.name, "tf32_effective": self.precision.tf32,
+            "world_size": distributed.world_size(),
             **library_versions(),
         }
 

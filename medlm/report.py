@@ -7,7 +7,7 @@ import logging
 
 from medlm import untuned
 from medlm.generate import generate
-from medlm.lora import merged_copy
+from medlm.lora import merged
 from medlm.metrics import references_by_disease
 from medlm.modeling import describe_device
 from medlm.scores import evaluate_symptoms, interval_text, score_answers, scores_text
@@ -45,15 +45,14 @@ class EpochReport(Logger):
                            in references_by_disease(run.data.frame).items()}
         self.baselines = {name: scores for name, (_, scores) in run.baselines.items()}
         self.untuned: dict[str, float] = {}
-        self._table = self._merged = None  # _merged: the epoch's answering model (LoRA merged)
+        self._table = None
 
     def score(self, model) -> dict[str, float]:
         return self._score(model) if self.every_epoch else {}
 
     def _score(self, model) -> dict[str, float]:
-        self._merged = merged_copy(model)  # LoRA: once per epoch, for scoring and samples
-        with self.precision.answer_autocast():
-            self._table, overall = evaluate_symptoms(self._merged, self.tokenizer,
+        with merged(model) as answering, self.precision.answer_autocast():
+            self._table, overall = evaluate_symptoms(answering, self.tokenizer,
                                                      self.split.validation,
                                                      self.settings.max_new_tokens)
         return overall.as_metrics()
@@ -62,11 +61,10 @@ class EpochReport(Logger):
         """Epoch 0: the base model's scores, its answers decoded once per base and split."""
         names = [name for name, _ in references_by_disease(self.split.validation).values()]
         key = untuned.answers_key(model, self.tokenizer, names, self.settings.max_new_tokens,
-                                  self.precision.name, describe_device(self.precision.device))
+                                  self.precision.numerics, describe_device(self.precision.device))
         answers = untuned.load_answers(key, names)
         if answers is None:
             scores = self._score(model)
-            self._merged = None  # the untrained adapters': not epoch 1's
             untuned.save_answers(key, names, self._table["generated"].tolist())
         else:
             self._table, overall = score_answers(answers, self.split.validation)
@@ -81,7 +79,6 @@ class EpochReport(Logger):
     def score_best(self, model, best) -> None:
         """After training, when epochs were not scored as they ended: the kept epoch's."""
         best.scores = self._score(model)
-        self._merged = None
         self.tracker.log_symptom_scores(best.epoch, self._table, best.scores)
 
     def compared(self, scores: dict[str, float]) -> str:
@@ -111,12 +108,10 @@ class EpochReport(Logger):
                  result.validation_loss, result.validation_perplexity, result.epoch_duration_sec,
                  result.train_tokens_per_sec, 100 * result.model_flops_utilization,
                  " *best*" if result.is_best else "", scores)
-        answering, self._merged = self._merged, None  # a copy of the model: not kept
         if not self.tracker.lacks(result.epoch, "samples.json"):
             return
-        if answering is None:
-            answering = merged_copy(model)
-        with self.stopwatch.phase("samples"), self.precision.answer_autocast():
+        with (self.stopwatch.phase("samples"), merged(model) as answering,
+              self.precision.answer_autocast()):
             completions = generate(answering, self.tokenizer, self.prompts, self.settings)
         rows = []
         for prompt, texts in zip(self.prompts, completions, strict=True):

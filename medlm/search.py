@@ -41,8 +41,9 @@ OLD_LOCAL_STORAGE = "medlm-search.journal"  # an older default: refused, not sta
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute that names its parent run
 SETTINGS_ATTR = "medlm_settings"  # what every trial shares: a joining process must match it
 PARENT_WAIT_SEC = 300  # how long a joining process waits for the creator to set the study up
-MACHINE = ("device", "precision", "progress", "system_metrics", "checkpoint_dir",
-           "collective_timeout_min")  # this machine's: a joining process may differ
+# this machine's: a joining process may differ
+MACHINE = ("device", "precision", "tf32", "deterministic", "progress", "system_metrics",
+           "checkpoint_dir", "collective_timeout_min")
 # not searchable: where runs are tracked, the split (trials hold out the same diseases), ...
 NOT_SEARCHABLE = NOT_RECIPE | {"model", "dataset", "max_samples", "validation_fraction",
                                "split_seed", "select_by", "sample_prompts", "folds", "fold"}

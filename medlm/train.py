@@ -185,6 +185,7 @@ class TrainState:
     step_interval: dict = field(default_factory=dict)  # the step/* point in progress
     precision: str = "fp32"  # the effective one, said at a resume where it differs
     frozen_sha256: str | None = None  # LoRA's base (checkpoint.frozen_sha256): not saved
+    scale: float | None = None  # fp16: the loss scale the last update() left (host copy)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -197,7 +198,11 @@ class TrainState:
                 "frozen_sha256": self.frozen_sha256}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]  # with this device's fused/foreach, not the saving one's
+        self.optimizer.load_state_dict({**saved, "param_groups": [
+            {**group, "fused": mine["fused"], "foreach": mine["foreach"]}
+            for group, mine in zip(saved["param_groups"], self.optimizer.param_groups,
+                                   strict=True)]})
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a disabled scaler (fp32/bf16) saved {}: nothing to restore
             self.scaler.load_state_dict(state["scaler"])
@@ -216,6 +221,8 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     (all processes' under torchrun): k batches step as one k times as large. Returns the summed
     loss, the token count and the gradient norm before clipping (or None), tensors left unread."""
     device, scaler = precision.device, state.scaler
+    if scaler.is_enabled() and state.scale is None:
+        state.scale = scaler.get_scale()  # before the first scale(): the initial one, no sync
     window_tokens = max(sum(count_loss_tokens(batch) for batch in window), 1)
     divisor: int | torch.Tensor = window_tokens
     if distributed.is_enabled():  # DDP averages gradients: divide by the mean count per process
@@ -233,10 +240,13 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     if config.max_grad_norm > 0:
         scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only: a host sync
     scaler.step(state.optimizer)  # skipped when the scaled gradients overflowed
     scaler.update()
-    if scale is None or scaler.get_scale() >= scale:  # the schedule follows real steps only
+    stepped = True
+    if scaler.is_enabled():  # fp16: an overflow lowers the scale; one host sync a step
+        before, state.scale = state.scale, scaler.get_scale()
+        stepped = state.scale >= before
+    if stepped:  # the schedule follows real steps only
         state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     return loss_sum, window_tokens, grad_norm
@@ -388,9 +398,9 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
         epoch_result.is_best = result.best is epoch_result
         state.epochs_without_improvement = (
             0 if epoch_result.is_best else state.epochs_without_improvement + 1)
-        if epoch_result.is_best and main_process:  # the main process logs the best model
-            state.best_weights = {name: weight.to("cpu", copy=True) for name, weight
-                                  in checkpoint.trained_weights(model).items()}
+        if epoch_result.is_best and main_process and epoch < config.epochs:  # the main
+            state.best_weights = _keep(checkpoint.trained_weights(model),  # process logs it;
+                                       state.best_weights)  # after the last, model holds it
         if checkpoint_dir:  # before the loggers: a kill while they log loses no training
             with report.stopwatch.phase("checkpoint"):
                 state.step_interval = {**interval, "loss_sum": interval_loss.item()}
@@ -403,6 +413,20 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
         state.epochs_without_improvement >= config.patience)
     if last_point is not None:  # the steps since the last point
         log_point(None)
-    if state.best_weights is not None:
+    if state.best_weights is not None and not result.epochs[-1].is_best:
         checkpoint.load_trained_weights(model, state.best_weights)
     return result
+
+
+def _keep(weights: dict[str, torch.Tensor],
+          kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``weights`` copied into ``kept``, host buffers made once (pinned for a GPU's, so that the
+    copies run asynchronously): one host copy of the model however many epochs improve."""
+    if kept is None or kept.keys() != weights.keys():
+        kept = {name: torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
+                for name, weight in weights.items()}
+    for name, weight in weights.items():
+        kept[name].copy_(weight, non_blocking=True)
+    if any(weight.is_cuda for weight in weights.values()):
+        torch.cuda.synchronize()  # before anything reads them
+    return kept

@@ -342,3 +342,64 @@ def test_a_deleted_experiment_is_named_with_how_to_get_it_back(mlflow_home, tiny
     assert "--experiment 'medlm' was deleted" in err and "mlflow experiments restore" in err
     assert client.search_runs([e.experiment_id for e in client.search_experiments(
         view_type=3)]) == []
+
+
+def test_a_cuda_run_without_nvidia_ml_py_says_its_gpu_metrics_are_missing(
+        tiny_model_dir, dataset_csv, monkeypatch, caplog):
+    """Issue 38: MLflow drops its GPU monitor at DEBUG level, so a GPU run logged no system/gpu_*
+    metrics and nothing said why. Set up on a pretended GPU (torch's own queries), where the
+    run's --deterministic also reaches torch before any CUDA work."""
+    import importlib.util
+
+    import torch
+
+    from medlm.config import TrainConfig
+    from medlm.modeling import set_deterministic
+    from medlm.recipe import Run
+    from tests.test_modeling import pretend_gpu
+
+    pretend_gpu(monkeypatch, 8)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pynvml" else find_spec(name, *args))
+    matmul, kept = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    config = TrainConfig(dataset=str(dataset_csv), model=str(tiny_model_dir), deterministic=True)
+    try:
+        with caplog.at_level("WARNING", logger="medlm"):
+            run = Run(config).setup()
+        assert run.precision.device.type == "cuda" and run.precision.numerics == "bf16+tf32"
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        set_deterministic(False)
+        matmul.allow_tf32 = kept
+    (warning,) = [r.getMessage() for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
+    assert warning.startswith("WARNING: no GPU system metrics") and "pip install" in warning
+    caplog.clear()
+    Run(TrainConfig(dataset=str(dataset_csv), model=str(tiny_model_dir),
+                    system_metrics=False)).setup()
+    assert not [r for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_failing_run_under_torchrun_aborts_nccl_instead_of_waiting_for_every_rank(
+        mlflow_home, tiny_model_dir, monkeypatch, capsys):
+    """Issue 38: the error path called destroy_process_group(), which NCCL runs collectively
+    (PyTorch #122358): one rank's error hung the job up to --collective-timeout."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: calls.append("destroy"))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group",
+                        lambda group=None: calls.append("abort"))
+    status, stderr = train(["--dataset", str(mlflow_home / "missing.csv"), "--model",
+                            str(tiny_model_dir)], capsys)
+    assert status == 2 and "missing.csv" in stderr
+    assert calls == ["abort"]
+    calls.clear()
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")  # its destroy is local
+    train(["--dataset", str(mlflow_home / "missing.csv"), "--model", str(tiny_model_dir)], capsys)
+    assert calls == ["destroy"]

@@ -277,7 +277,8 @@ def test_consensus_answers_are_one_per_disease_and_scored_beside_the_baselines(
 def test_mlflow_models_serve_answers_disease_names_with_their_symptoms(trained, workdir,
                                                                        in_workdir, capsys):
     """The champion as MLflow serves it (`mlflow models serve` on 127.0.0.1), sent disease
-    names over HTTP: it answers with symptoms, as `experiments.generate --greedy` writes them.
+    names over HTTP: it answers with symptoms, as `experiments.generate --greedy --precision
+    fp32` writes them (MLflow serves in fp32, outside autocast).
     Before, it got the bare name, without the " |" it was trained to continue after, and
     echoed the prompt back in front of its answer."""
     import os
@@ -286,7 +287,8 @@ def test_mlflow_models_serve_answers_disease_names_with_their_symptoms(trained, 
 
     names = ["Kidney Failure", "Asthma"]
     expected = [line.split(" | ", 1)[1]
-                for line in generated([*names, "--greedy"], capsys).splitlines()]
+                for line in generated([*names, "--greedy", "--precision", "fp32"],
+                                      capsys).splitlines()]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with background_server([sys.executable, "-m", "mlflow", "models", "serve", "-m",
@@ -629,13 +631,80 @@ def test_evaluate_decodes_in_the_runs_precision_where_this_machine_has_it(
         logged, native_bf16, requested, decoded, note, monkeypatch):
     import torch
 
-    from experiments.evaluate import answer_precision
+    from medlm.inference import answer_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    precision, said = answer_precision(requested, logged, torch.device("cpu"))
+    params = None if logged is None else {"precision_effective": logged}
+    precision, said = answer_precision(requested, params, torch.device("cpu"))
     assert ("bf16" if precision.name == "bf16" else "fp32") == decoded
     assert (said is None) == (note is None) and (note is None or note in said)
+
+
+@pytest.mark.parametrize("params, tf32", [
+    ({"precision_effective": "fp32"}, True),  # runs from before tf32 was logged: TF32 on
+    ({"precision_effective": "fp32", "tf32": "True"}, True),
+    ({"precision_effective": "fp32", "tf32": "False"}, False),
+    (None, True),  # not a run: resolve_precision's default
+])
+def test_answers_are_decoded_with_the_runs_tf32_setting(params, tf32, monkeypatch):
+    import medlm.inference
+
+    asked, resolve = [], medlm.inference.resolve_precision
+    monkeypatch.setattr(medlm.inference, "resolve_precision", lambda requested, device, tf32: (
+        asked.append(tf32) or resolve(requested, device, tf32)))
+    medlm.inference.answer_precision(None, params, "cpu")
+    assert asked == [tf32]
+
+
+def answers_printed(printed: str, names: list[str]) -> list[str]:
+    """Each name's answer in what ``experiments.generate NAMES`` printed (an answer may hold
+    newlines)."""
+    answers = []
+    for name, following in zip(names, [*names[1:], None], strict=True):
+        assert printed.startswith(f"{name} | "), printed
+        end = printed.index(f"\n{following} | ") if following else len(printed) - 1
+        answers.append(printed[len(name) + 3:end])
+        printed = printed[end + 1:]
+    return answers
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_generate_answers_as_evaluate_scored_them(precision, trained, in_workdir, tmp_path,
+                                                  monkeypatch, capsys):
+    """The issue "generate's answers differ from the scored ones": generate decoded in fp32
+    outside autocast, while the run and experiments.evaluate decode under
+    ``answer_autocast()`` (bf16 where the run trained in bf16). Now generate's greedy answers
+    are evaluate's, decoded in the same autocast, with --precision and by default."""
+    import torch
+    from transformers import GenerationMixin
+
+    from experiments import evaluate
+
+    _, _, run = trained
+    decoded, model_generate = [], GenerationMixin.generate
+
+    def recorded(model, *args, **kwargs):
+        decoded.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return model_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recorded)
+    scored = tmp_path / "scored.csv"
+    assert run_cli(evaluate.main, ["--precision", precision, "--output", str(scored)]) == 0, (
+        capsys.readouterr().err)
+    capsys.readouterr()
+    evaluated, decoded[:] = set(decoded), []
+    assert evaluated == ({(True, torch.bfloat16)} if precision == "bf16" else
+                         {(False, torch.get_autocast_dtype("cpu"))})
+    table = pd.read_csv(scored, keep_default_na=False)  # an empty answer stays ""
+    names = list(table["disease"])
+    greedy = [*names, "--greedy", "--repetition-penalty", "1", "--max-new-tokens",
+              run.data.params["max_new_tokens"]]
+    assert answers_printed(generated([*greedy, "--precision", precision], capsys), names) == (
+        list(table["generated"]))
+    assert set(decoded) == evaluated
+    if precision == ("bf16" if run.data.params["precision_effective"] == "bf16" else "fp32"):
+        assert answers_printed(generated(greedy, capsys), names) == list(table["generated"])
 
 
 # A tiny model trained on a few rows, in this process or in a command of its own (argv: the

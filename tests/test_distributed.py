@@ -212,3 +212,18 @@ def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_p
         check_world_size(tmp_path, 1)  # what --resume checks before the data and model load
     with pytest.raises(MedLMError, match=expected):
         load_checkpoint(tmp_path, model)
+
+
+def test_a_format_3_checkpoint_is_refused_in_one_line(tiny_model, tmp_path):
+    """Format 3 hashed the whole base and held every visible GPU's random state, restored by
+    position: read now, its base would look changed and its GPU states go to other cards."""
+    from medlm.checkpoint import load_checkpoint
+
+    _, model = tiny_model
+    write_checkpoint(model, tmp_path)
+    state_file = tmp_path / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["format"] = 3
+    torch.save(state, state_file)
+    with pytest.raises(MedLMError, match=r"written by an older MedLM \(format 3, not 4\)"):
+        load_checkpoint(tmp_path, model)

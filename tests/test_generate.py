@@ -143,3 +143,14 @@ def test_a_sample_prompt_too_long_for_the_context_is_named(tiny_model_dir, datas
         sample_prompts=["Flu", LONG_NAME + LONG_NAME])
     with pytest.raises(MedLMError, match=re.escape(LONG_NAME[:40])):
         Run(config).setup()
+
+
+def test_generate_help_offers_the_precision_evaluate_decodes_in():
+    from experiments import evaluate, generate
+
+    def precision_flag(parser):
+        (action,) = [action for action in parser._actions if "--precision" in action.option_strings]
+        return action.choices, action.default, action.help
+
+    assert "--precision {auto,fp32,bf16}" in generate.build_parser().format_help()
+    assert precision_flag(generate.build_parser()) == precision_flag(evaluate.build_parser())

@@ -35,6 +35,130 @@ def test_merged_adapters_compute_what_the_adapted_model_computes(tiny_model):
     assert torch.equal(merged.lm_head.weight, base_head)  # the head is not adapted
 
 
+def adapters_that_do_something(model, rank=4):
+    from medlm.lora import add_lora
+
+    adapted = add_lora(model, rank=rank)
+    torch.manual_seed(0)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # B starts at zero (no change)
+            torch.nn.init.normal_(parameter, std=0.5)
+    return adapted
+
+
+def frozen_weights(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()
+            if not parameter.requires_grad}
+
+
+def forbid_copying_models(monkeypatch):
+    """``copy.deepcopy`` of a module raises (transformers deep-copies configs while decoding)."""
+    import copy
+
+    deepcopy = copy.deepcopy
+
+    def no_model_copy(thing, *args, **kwargs):
+        if isinstance(thing, torch.nn.Module):
+            raise AssertionError(f"a {type(thing).__name__} was copied")
+        return deepcopy(thing, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+
+
+def test_decoding_merged_in_place_answers_as_a_merged_copy_and_leaves_the_base_exact(
+        tiny_model, monkeypatch):
+    """Scoring merged a deep copy of the whole model (on the GPU) every epoch: merged in place
+    instead, it computes the copy's logits and answers, and afterwards the adapters are apart
+    and the base bit-identical (peft's unmerge alone leaves rounding: another fingerprint)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from medlm.generate import GenerationSettings, generate
+    from medlm.lora import merged
+
+    tokenizer, model = tiny_model
+    adapted = adapters_that_do_something(model)
+    base = frozen_weights(adapted)
+    ids = tokenizer(["Asthma | cough, wheezing"], return_tensors="pt")["input_ids"]
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    names = ["Asthma", "Kidney Failure"]
+    adapted.eval()
+    with torch.no_grad():
+        through_adapters = adapted(input_ids=ids).logits
+        copied = copy.deepcopy(adapted).merge_and_unload()  # the old way
+        expected = copied(input_ids=ids).logits
+    expected_answers = generate(copied, tokenizer, names, settings)
+
+    forbid_copying_models(monkeypatch)
+    with merged(adapted) as answering, torch.no_grad():
+        assert answering is adapted
+        assert torch.equal(answering(input_ids=ids).logits, expected)
+        assert generate(answering, tokenizer, names, settings) == expected_answers
+    assert not any(module.merged for module in adapted.modules()
+                   if isinstance(module, BaseTunerLayer))
+    assert all(torch.equal(weight, base[name]) for name, weight in frozen_weights(adapted).items())
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids=ids).logits, through_adapters)
+    _, plain = tiny_model
+    with merged(plain) as answering:
+        assert answering is plain
+
+
+def test_the_epoch_report_scores_and_samples_a_lora_model_without_copying_it(
+        tiny_model, monkeypatch):
+    """EpochReport decodes through ``merged``: the answers of a merged copy, no copy made, and
+    the model back to its training state (adapters apart, base exact) after each call."""
+    import copy
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from medlm.config import TrainConfig
+    from medlm.generate import GenerationSettings, generate
+    from medlm.modeling import Precision
+    from medlm.report import EpochReport
+    from medlm.scores import baseline_scores, evaluate_symptoms
+    from medlm.timing import Stopwatch
+    from medlm.train import EpochResult
+
+    tokenizer, model = tiny_model
+    adapted = adapters_that_do_something(model)
+    base = frozen_weights(adapted)
+    frame = pd.DataFrame({"Name": ["Asthma", "Kidney Failure", "Migraine", "Gout"],
+                          "Symptoms": ["cough, wheezing", "fatigue, swelling", "headache",
+                                       "joint pain"]})
+    train, validation = frame[:2].reset_index(drop=True), frame[2:].reset_index(drop=True)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    copied = copy.deepcopy(adapted).merge_and_unload()  # the old way
+    expected_table, _ = evaluate_symptoms(copied, tokenizer, validation, 6)
+    expected_samples = generate(copied, tokenizer, ["Asthma", "Migraine"], settings)
+    logged = {}
+    tracker = SimpleNamespace(lacks=lambda epoch, name: True,
+                              log_symptom_scores=lambda epoch, table, scores: logged.update(
+                                  table=table),
+                              log_samples=lambda rows: logged.update(samples=rows))
+    run = SimpleNamespace(
+        config=TrainConfig(lora_rank=4, score_every_epoch=True, sample_prompts=["Asthma"],
+                           num_validation_samples=1, max_new_tokens=6),
+        precision=Precision("fp32", "cpu"), stopwatch=Stopwatch(), tokenizer=tokenizer,
+        settings=settings, tracker=tracker, validation_names=["Migraine"],
+        split=SimpleNamespace(validation=validation, side=lambda prompt: "validation"),
+        data=SimpleNamespace(frame=frame), baselines=baseline_scores(train, validation))
+
+    forbid_copying_models(monkeypatch)
+    report = EpochReport(run)
+    scores = report.score(adapted)
+    assert all(torch.equal(weight, base[name]) for name, weight in frozen_weights(adapted).items())
+    report.on_epoch_end(adapted, EpochResult(1, 1.0, 1.0, 2.7, 1.0, 1.0, 1.0, 1e-3,
+                                             scores=scores))
+    assert logged["table"]["generated"].tolist() == expected_table["generated"].tolist()
+    assert [row["generated"] for row in logged["samples"]] == [
+        texts[0] for texts in expected_samples]
+    assert all(torch.equal(weight, base[name]) for name, weight in frozen_weights(adapted).items())
+    assert not any(getattr(module, "merged", False) for module in adapted.modules())
+
+
 def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
         tiny_model_dir, dataset_csv, tmp_path):
     """The frozen base is read again from the model's source on resume: each epoch writes only
@@ -77,6 +201,39 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_the_same_run(
     expected = whole_model.state_dict()
     assert all(torch.equal(value, expected[name])
                for name, value in resumed_model.state_dict().items())
+
+
+def test_the_base_fingerprint_hashes_a_sample_and_tells_other_weights_apart(monkeypatch):
+    """All of a 1B+ base was copied to the host and hashed at every run start: the fingerprint
+    hashes under 1% of its bytes, and still tells another initialisation apart."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from medlm import checkpoint
+    from medlm.lora import add_lora
+    from medlm.offline import random_gpt2
+
+    hashed = []
+
+    class Counted:
+        def __init__(self):
+            self.digest = hashlib.sha256()
+
+        def update(self, data):
+            hashed.append(memoryview(data).nbytes)
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=Counted))
+    model = add_lora(random_gpt2("tiny", seed=0)[1], rank=2)
+    fingerprint = checkpoint.frozen_sha256(model)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                     if not p.requires_grad)
+    assert 0 < sum(hashed) < base_bytes / 100
+    assert checkpoint.frozen_sha256(add_lora(random_gpt2("tiny", seed=0)[1], rank=2)) == fingerprint
+    assert checkpoint.frozen_sha256(add_lora(random_gpt2("tiny", seed=1)[1], rank=2)) != fingerprint
 
 
 def test_scoring_and_validation_under_autocast_leave_the_base_frozen(tiny_model_dir,

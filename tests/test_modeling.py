@@ -1,3 +1,4 @@
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -125,3 +126,64 @@ def test_max_length_defaults_to_and_is_bounded_by_the_context(tiny_model):
     assert effective_max_length(64, model) == 64
     with pytest.raises(MedLMError, match="--max-length 300 exceeds.*at most 256"):
         effective_max_length(300, model)
+
+
+@pytest.mark.parametrize("major, tf32", [(8, True), (7, False)])
+def test_fp32_products_on_an_ampere_gpu_run_in_tf32_unless_turned_off(monkeypatch, major, tf32):
+    """Issue 38: no TF32 anywhere, so --precision fp32 and fp32 answers ran at full fp32 on an
+    A100/H100. It is this process's matmul setting (as litgpt's), recorded in ``numerics``."""
+    pretend_gpu(monkeypatch, major)
+    matmul, kept = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        precision = resolve_precision("fp32", "cuda")
+        assert matmul.allow_tf32  # on any card: a no-op below 8.0
+        assert precision.tf32 is tf32
+        assert precision.numerics == ("fp32+tf32" if tf32 else "fp32")
+        ieee = resolve_precision("fp32", "cuda", tf32=False)
+        assert not matmul.allow_tf32 and ieee.numerics == "fp32"
+        matmul.allow_tf32 = False
+        assert not resolve_precision("fp32", "cpu").tf32 and not matmul.allow_tf32  # left alone
+    finally:
+        matmul.allow_tf32 = kept
+
+
+def pretend_mac(monkeypatch, macos: int, autocast: bool = True) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor=0: (macos, 0) >= (major, minor))
+    monkeypatch.setattr(torch.amp, "is_autocast_available",
+                        lambda device_type: autocast or device_type != "mps")
+
+
+def test_mps_trains_in_fp32_unless_bf16_is_asked_where_torch_has_it(monkeypatch):
+    """--device mps (Apple silicon): auto is fp32 (unmeasured there); bf16 on request where
+    torch's MPS autocast takes it (macOS 14+); fp16 needs a GradScaler MedLM runs on CUDA only."""
+    pretend_mac(monkeypatch, 14)
+    assert resolve_device("auto").type == "mps"
+    assert resolve_precision("auto", "mps").name == "fp32"
+    bf16 = resolve_precision("bf16", "mps")
+    assert bf16.autocast_dtype == torch.bfloat16 and not bf16.needs_grad_scaler
+    with pytest.raises(MedLMError, match="fp16 is not supported on mps"):
+        resolve_precision("fp16", "mps")
+    pretend_mac(monkeypatch, 13)
+    with pytest.raises(MedLMError, match="bf16 on mps needs macOS 14"):
+        resolve_precision("bf16", "mps")
+    pretend_mac(monkeypatch, 15, autocast=False)  # an older PyTorch: no MPS autocast
+    with pytest.raises(MedLMError, match="bf16 on mps needs"):
+        resolve_precision("bf16", "mps")
+
+
+def test_deterministic_mode_sets_torch_and_cublas_before_cuda_starts(monkeypatch):
+    """Issue 38: "the same losses" was promised on CUDA with nothing to make it so."""
+    from medlm.modeling import set_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # never a crash mid-run
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -339,31 +339,44 @@ def test_a_resumed_run_may_be_given_more_epochs(mlflow_home, tiny_model_dir, dat
     assert client.get_run(run.info.run_id).data.metrics["best_epoch"] in (1, 2, 3)
 
 
-@pytest.mark.parametrize("visible", [1, 3])
-def test_a_checkpoint_from_more_or_fewer_gpus_restores_what_fits(visible, monkeypatch, caplog):
-    """Saved on two GPUs, resumed where CUDA_VISIBLE_DEVICES shows another number: the states
-    that fit are restored and the rest reported (torch's set_rng_state_all raised IndexError)."""
+def test_a_gpu_random_state_is_restored_to_the_gpu_the_process_trains_on(monkeypatch):
+    """A torchrun rank trained on cuda:3 of 8 visible GPUs, resumed with one GPU visible per
+    process (its card is then cuda:0): it gets cuda:3's state back. Before, the states were
+    restored by position, and it got GPU 0's."""
     import torch
 
     from medlm.checkpoint import restore_rng, rng_state
 
-    restored = []
+    generators = {index: torch.full((4,), index, dtype=torch.uint8) for index in range(8)}
+    current = 3
 
-    def set_rng_state(state, device="cuda"):  # torch's: default_generators[device] per GPU
-        if int(device) >= visible:
-            raise IndexError("tuple index out of range")
-        restored.append((int(device), state))
+    def index_of(device):  # torch's: an int, "cuda" (the current device) or "cuda:N"
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        return current if device.index is None else device.index
 
+    def get_rng_state(device="cuda"):
+        return generators[index_of(device)].clone()
+
+    def set_rng_state(state, device="cuda"):
+        generators[index_of(device)] = state.clone()
+
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "get_rng_state", get_rng_state)
+        monkeypatch.setattr(module, "set_rng_state", set_rng_state)
+        monkeypatch.setattr(module, "get_rng_state_all",
+                            lambda: [get_rng_state(i) for i in range(len(generators))])
+        monkeypatch.setattr(module, "set_rng_state_all", lambda states: [
+            set_rng_state(state, i) for i, state in enumerate(states)])
+        monkeypatch.setattr(module, "device_count", lambda: len(generators))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
-    saved = {**rng_state(), "cuda": [torch.zeros(4, dtype=torch.uint8),
-                                     torch.ones(4, dtype=torch.uint8)], "mps": None}
-    with caplog.at_level("WARNING", logger="medlm"):
-        restore_rng(saved)
-    assert [device for device, _ in restored] == list(range(min(2, visible)))
-    assert f"random state of 2 GPU(s) and {visible} are visible" in caplog.text
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    saved = rng_state()
+    generators = {0: torch.zeros(4, dtype=torch.uint8)}  # resumed: one GPU visible, cuda:0
+    current = 0
+    restore_rng(saved)
+    assert generators[0].tolist() == [3] * 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # resumed on a CPU
+    restore_rng(saved)
 
 
 def test_a_run_killed_while_its_model_was_registered_resumes_to_one_version(
