@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 # 4: a sampled base fingerprint and the GPU state of each process's own device; 3 (the whole
-# base hashed, every visible GPU's state), 2 (epoch-N/ directories named by ``latest``), 1 refused
+# base hashed, every visible GPU's state) read but for LoRA runs; 2 (epoch-N/ directories named
+# by ``latest``) and 1 refused
 FORMAT = 4
 OWNER = ".owner"  # in a checkpoint directory: locked by the process that trains the run
 _owned: dict[Path, int] = {}  # the checkpoint directories this process trains, and their locks
@@ -46,8 +47,12 @@ def rng_state() -> dict:
 def restore_rng(state: dict) -> None:
     """Restore ``rng_state()``; its GPU state to the GPU this process trains on now."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # format 3: every visible GPU's, by index
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     if state["mps"] is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
     random.setstate(state["python"])
@@ -203,14 +208,20 @@ def load_checkpoint(directory: str | os.PathLike, model, frozen: str | None = No
     (the model's ``frozen_sha256``) must be the checkpoint's; another ``precision`` is warned of."""
     state = _load(directory)
     check_world_size(directory, distributed.world_size(), len(state["rng"]))
+    if state["format"] == 3 and state["frozen_sha256"] is not None:  # hashed otherwise
+        raise MedLMError(f"the checkpoint {directory} of a LoRA run was written by an older "
+                         "MedLM (format 3, which fingerprinted the frozen base otherwise): "
+                         "expected one of this version: finish the run with the MedLM that "
+                         "started it, or start it again")
     if state["frozen_sha256"] != frozen:
         raise MedLMError(f"the checkpoint in {str(directory)!r} was trained on other frozen "
                          "base weights than the model loaded now (its file or Hub revision "
                          "changed): expected the base the run started from")
-    if precision is not None and state["precision"] != precision.name:
+    if precision is not None and state["precision"] != precision.numerics:
         log.warning("WARNING: resuming in %s on %s; the epochs before were trained in %s (another "
                     "machine): the losses from here on are not bit-for-bit those of an "
-                    "uninterrupted run", precision.name, precision.device_type, state["precision"])
+                    "uninterrupted run", precision.numerics, precision.device_type,
+                    state["precision"])
     load_trained_weights(model, state["weights"])
     best = state["weights"] if state["best_is_current"] else state["best_weights"]
     state["best_weights"] = best if distributed.is_main() else None
@@ -248,7 +259,7 @@ def _load(directory: str | os.PathLike, mmap: bool = False) -> dict:
         reason = "an empty file" if not path.stat().st_size else first_line(error)[:200]
         raise MedLMError(f"the checkpoint file {path} is damaged ({reason}): expected a "
                          "whole file, as the run wrote it: start the run again") from None
-    if state.get("format") != FORMAT:
+    if state.get("format") not in (3, FORMAT):
         raise MedLMError(f"the checkpoint {path.parent} was written by an older MedLM (format "
                          f"{state.get('format', 1)}, not {FORMAT}): expected one of this version: "
                          "finish the run with the MedLM that started it, or start it again")

@@ -162,7 +162,8 @@ class TrainConfig:
                          "off: IEEE fp32", "model")
     deterministic: bool = setting(
         False, "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed "
-        "workspace): on a GPU, the same losses run after run and at a --resume, at some speed; "
+        "workspace, attention as plain matrix products): on a GPU, the same losses run after run "
+        "and at a --resume, at some speed; "
         "off, CUDA may sum in another order each run (a CPU run repeats either way)", "model")
     collective_timeout_min: float = setting(
         15.0, "torchrun: minutes a process waits for the others at a collective before the job "

@@ -71,10 +71,10 @@ def stop(failed: bool = False) -> None:
     --collective-timeout; gloo's destroy is this process's alone."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if failed and "nccl" in dist.get_backend():
-        dist.distributed_c10d._abort_process_group()
-    else:
+    if not (failed and "nccl" in dist.get_backend()):
         dist.destroy_process_group()
+    elif abort := getattr(dist.distributed_c10d, "_abort_process_group", None):  # torch 2.5+
+        abort()  # (before, the process's exit tears the group down)
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

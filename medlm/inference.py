@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
@@ -69,12 +70,12 @@ def answer_precision(requested: str | None, run_params: dict[str, str] | None,
     logged = params.get("precision_effective")
     run_answers = None if logged is None else ("bf16" if logged == "bf16" else "fp32")
     precision = resolve_precision(requested or ("fp32" if run_answers == "fp32" else "auto"),
-                                  device, tf32=params.get("tf32", "True") != "False")
+                                  device, tf32=params.get("tf32", str(not params)) == "True")
     decoded = "bf16" if precision.name == "bf16" else "fp32"
     if run_answers is None or decoded == run_answers:
         return precision, None
     note = f"note: answers decoded in {decoded}, the run decoded its own in {run_answers}"
-    return precision, note + ("" if requested else
+    return precision, note + ("" if requested or torch.device(device).type != "cpu" else
                               f" (not native here; --precision {run_answers} forces it)")
 
 

@@ -58,7 +58,8 @@ def merged(model) -> Iterator:
     (through the adapters each step costs ~100 ms more on SmolLM2; a merged copy, the model's
     memory again), else ``model``. On exit the adapters are apart again and the adapted base
     weights exactly as before, from a host copy of those alone: peft's unmerge leaves float
-    rounding in them, which would change the base's fingerprint (``frozen_sha256``)."""
+    rounding in them, so the frozen base would drift epoch by epoch, and a resume (the adapters
+    alone restored, on the base as loaded) would not train on the weights the run had."""
     if not is_lora(model):
         yield model
         return
@@ -66,8 +67,8 @@ def merged(model) -> Iterator:
     kept = [(parameter, parameter.detach().to("cpu", copy=True))
             for module in model.modules() if isinstance(module, BaseTunerLayer)
             for parameter in module.get_base_layer().parameters(recurse=False)]
-    model.merge_adapter()
     try:
+        model.merge_adapter()  # (a failure part way still restores every weight below)
         yield model
     finally:
         model.unmerge_adapter()

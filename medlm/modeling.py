@@ -296,14 +296,21 @@ def resolve_precision(requested: str, device: torch.device | str,
     return Precision(requested, device, tf32)
 
 
-def set_deterministic(enabled: bool) -> None:
+def set_deterministic(enabled: bool, device: torch.device | str) -> None:
     """``--deterministic``: kernels that give the same result every time (torch's deterministic
-    algorithms, cuBLAS's fixed workspace, no cuDNN autotuning), warning where an op has none; off
-    (torch's default), CUDA may sum in another order run to run (atomics in backward kernels)."""
+    algorithms, cuBLAS's fixed workspace; on CUDA attention in plain matrix products: flash and
+    memory-efficient attention's backward stays non-deterministic under ``warn_only``), warning
+    where an op has none; off (torch's default), CUDA may sum in another order run to run. (The
+    attention switches are global: on a CPU, which repeats anyway, its flash kernel is kept.)"""
     if enabled:  # read when cuBLAS starts: before this process's first CUDA product
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(enabled, warn_only=True)
+    fused_attention = not (enabled and torch.device(device).type == "cuda")
+    for backend in (torch.backends.cuda.enable_flash_sdp,
+                    torch.backends.cuda.enable_mem_efficient_sdp,
+                    torch.backends.cuda.enable_cudnn_sdp):
+        backend(fused_attention)
 
 
 def describe_device(device: torch.device) -> str:

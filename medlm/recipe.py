@@ -83,7 +83,7 @@ class Run(Logger):
             device = distributed.start(modeling.resolve_device(config.device),
                                        config.collective_timeout_min)  # joins torchrun's group
             self.precision = modeling.resolve_precision(config.precision, device, config.tf32)
-            modeling.set_deterministic(config.deterministic)
+            modeling.set_deterministic(config.deterministic, device)
             if config.system_metrics and device.type == "cuda" and (
                     importlib.util.find_spec("pynvml") is None):  # MLflow says so at DEBUG only
                 log.warning("WARNING: no GPU system metrics (system/gpu_*): MLflow reads them "

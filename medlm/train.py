@@ -243,7 +243,7 @@ def train_step(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
     scaler.step(state.optimizer)  # skipped when the scaled gradients overflowed
     scaler.update()
     stepped = True
-    if scaler.is_enabled():  # fp16: an overflow lowers the scale; one host sync a step
+    if scaler.is_enabled():  # fp16: an overflow lowers the scale; read once a step (a sync)
         before, state.scale = state.scale, scaler.get_scale()
         stepped = state.scale >= before
     if stepped:  # the schedule follows real steps only
@@ -301,7 +301,7 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
     state = TrainState(optimizer, make_scheduler(optimizer, config,
                                                  steps_per_epoch * config.epochs),
                        precision.grad_scaler(), getattr(train_loader, "generator", None),
-                       FitResult(select_by=config.select_by), precision=precision.name,
+                       FitResult(select_by=config.select_by), precision=precision.numerics,
                        frozen_sha256=checkpoint.frozen_sha256(model) if checkpoint_dir else None)
     result = state.result
     # the main process decides, so that no rank resumes alone (a node-local directory)
@@ -420,13 +420,12 @@ def fit(model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], config: 
 
 def _keep(weights: dict[str, torch.Tensor],
           kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """``weights`` copied into ``kept``, host buffers made once (pinned for a GPU's, so that the
-    copies run asynchronously): one host copy of the model however many epochs improve."""
+    """``weights`` copied into ``kept``, host buffers made once: one host copy of the model
+    however many epochs improve (pageable: torch's pinned allocator rounds each buffer up to a
+    power of two and keeps it cached for the process)."""
     if kept is None or kept.keys() != weights.keys():
-        kept = {name: torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
+        kept = {name: torch.empty(weight.shape, dtype=weight.dtype)
                 for name, weight in weights.items()}
     for name, weight in weights.items():
-        kept[name].copy_(weight, non_blocking=True)
-    if any(weight.is_cuda for weight in weights.values()):
-        torch.cuda.synchronize()  # before anything reads them
+        kept[name].copy_(weight)
     return kept

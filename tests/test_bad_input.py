@@ -370,7 +370,7 @@ def test_a_cuda_run_without_nvidia_ml_py_says_its_gpu_metrics_are_missing(
         assert run.precision.device.type == "cuda" and run.precision.numerics == "bf16+tf32"
         assert torch.are_deterministic_algorithms_enabled()
     finally:
-        set_deterministic(False)
+        set_deterministic(False, "cuda")
         matmul.allow_tf32 = kept
     (warning,) = [r.getMessage() for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
     assert warning.startswith("WARNING: no GPU system metrics") and "pip install" in warning
@@ -400,6 +400,9 @@ def test_a_failing_run_under_torchrun_aborts_nccl_instead_of_waiting_for_every_r
     assert status == 2 and "missing.csv" in stderr
     assert calls == ["abort"]
     calls.clear()
+    monkeypatch.delattr(dist.distributed_c10d, "_abort_process_group")  # torch 2.4: no abort
+    train(["--dataset", str(mlflow_home / "missing.csv"), "--model", str(tiny_model_dir)], capsys)
+    assert calls == []  # nor a destroy: the process's exit tears the group down
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")  # its destroy is local
     train(["--dataset", str(mlflow_home / "missing.csv"), "--model", str(tiny_model_dir)], capsys)
     assert calls == ["destroy"]

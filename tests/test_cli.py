@@ -642,7 +642,7 @@ def test_evaluate_decodes_in_the_runs_precision_where_this_machine_has_it(
 
 
 @pytest.mark.parametrize("params, tf32", [
-    ({"precision_effective": "fp32"}, True),  # runs from before tf32 was logged: TF32 on
+    ({"precision_effective": "fp32"}, False),  # a run from before TF32: it scored IEEE fp32
     ({"precision_effective": "fp32", "tf32": "True"}, True),
     ({"precision_effective": "fp32", "tf32": "False"}, False),
     (None, True),  # not a run: resolve_precision's default

@@ -214,16 +214,28 @@ def test_a_checkpoint_of_an_older_medlm_is_refused_in_one_line(tiny_model, tmp_p
         load_checkpoint(tmp_path, model)
 
 
-def test_a_format_3_checkpoint_is_refused_in_one_line(tiny_model, tmp_path):
-    """Format 3 hashed the whole base and held every visible GPU's random state, restored by
-    position: read now, its base would look changed and its GPU states go to other cards."""
+def test_a_format_3_checkpoint_resumes_but_for_a_lora_run(tiny_model, tmp_path, monkeypatch):
+    """Format 3 hashed the whole frozen base and held every visible GPU's random state: a full
+    fine-tuning run (no frozen base) resumes from it, its own GPU's state found by index (torch's
+    queries pretending 2 GPUs, this process on cuda:1); a LoRA run's is refused in one line."""
     from medlm.checkpoint import load_checkpoint
 
     _, model = tiny_model
     write_checkpoint(model, tmp_path)
     state_file = tmp_path / "state.pt"
     state = torch.load(state_file, weights_only=True)
-    state["format"] = 3
+    states = [torch.full((8,), index, dtype=torch.uint8) for index in range(2)]
+    state["format"], state["rng"][0]["cuda"] = 3, states
     torch.save(state, state_file)
-    with pytest.raises(MedLMError, match=r"written by an older MedLM \(format 3, not 4\)"):
-        load_checkpoint(tmp_path, model)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new_state, device="cuda": restored.append((new_state, device)))
+    assert load_checkpoint(tmp_path, model)["format"] == 3
+    ((new_state, device),) = restored
+    assert torch.equal(new_state, states[1]) and device == 1
+    state["frozen_sha256"] = "0" * 64  # a LoRA run's
+    torch.save(state, state_file)
+    with pytest.raises(MedLMError, match=r"of a LoRA run was written by an older MedLM \(format 3"):
+        load_checkpoint(tmp_path, model, frozen="0" * 64)

@@ -179,11 +179,18 @@ def test_deterministic_mode_sets_torch_and_cublas_before_cuda_starts(monkeypatch
     from medlm.modeling import set_deterministic
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    sdpa = torch.backends.cuda
     try:
-        set_deterministic(True)
+        set_deterministic(True, "cpu")  # a CPU repeats anyway: its flash attention kept
+        assert torch.are_deterministic_algorithms_enabled() and sdpa.flash_sdp_enabled()
+        set_deterministic(True, "cuda")
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()  # never a crash mid-run
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        # flash and memory-efficient attention's backward ignore a warn-only mode: plain products
+        assert sdpa.math_sdp_enabled() and not (sdpa.flash_sdp_enabled() or sdpa.cudnn_sdp_enabled()
+                                                or sdpa.mem_efficient_sdp_enabled())
     finally:
-        set_deterministic(False)
+        set_deterministic(False, "cuda")
     assert not torch.are_deterministic_algorithms_enabled()
+    assert sdpa.flash_sdp_enabled() and sdpa.mem_efficient_sdp_enabled()

@@ -439,6 +439,19 @@ def test_resuming_in_another_precision_says_so(tiny_model_dir, small_frame, tmp_
                record.getMessage() for record in caplog.records)
 
 
+def test_resuming_with_tf32_where_the_run_had_ieee_fp32_says_so(tiny_model, tmp_path, caplog):
+    """TF32 changes the numbers as a precision does (--[no-]tf32 may change at a resume)."""
+    from medlm.checkpoint import load_checkpoint
+    from tests.test_distributed import write_checkpoint
+
+    _, model = tiny_model
+    write_checkpoint(model, tmp_path)  # trained in "fp32"
+    with caplog.at_level("WARNING", logger="medlm"):
+        load_checkpoint(tmp_path, model, precision=Precision("fp32", "cuda", tf32=True))
+    assert any("resuming in fp32+tf32 on cuda; the epochs before were trained in fp32" in
+               record.getMessage() for record in caplog.records)
+
+
 @pytest.mark.parametrize("interrupt_at", ["state", "rename"])
 def test_a_kill_inside_the_checkpoint_write_leaves_one_whole_epoch(
         tiny_model_dir, small_frame, tmp_path, monkeypatch, interrupt_at, killed_after_epoch_1):
