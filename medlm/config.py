@@ -185,7 +185,11 @@ class TrainConfig:
         "(always so with --select-by symptom_f1)", "samples")
 
     experiment: str = setting("medlm", "MLflow experiment name", "mlflow")
-    run_name: str | None = setting(None, "MLflow run name", "mlflow", shown="MLflow's")
+    run_name: str | None = setting(
+        None, "MLflow run name (of a sweep or search: its parent run's; a child run is named "
+        "by its grid values or trial number)",
+        "mlflow", shown="what the run is: its base, recipe, prompt format, LoRA rank or full, "
+        "and lr, e.g. \"smollm2-135m-instruct lora16 lr5e-4\"")
     registered_model: str = setting(
         "medlm", "Model Registry name the best model is registered under", "mlflow")
     register: bool | None = setting(

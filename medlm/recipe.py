@@ -26,7 +26,7 @@ from medlm.lora import add_lora, merge_lora, trainable_parameters
 from medlm.metrics import METRIC_VERSION
 from medlm.prompts import resolve_prompt_format, set_prompt_format
 from medlm.registry import register
-from medlm.report import EpochReport, run_description
+from medlm.report import EpochReport, run_description, run_name
 from medlm.scores import REFERENCE_SCORES, SUMMARY_SCORES, baseline_scores, interval_text
 from medlm.split import DiseaseSplit, split_rows
 from medlm.store import artifact_directory, server_stopped_answering, shown_tracking_uri
@@ -101,12 +101,14 @@ class Run(Logger):
         return self
 
     def _decide(self, config: TrainConfig) -> TrainConfig:
-        """The one place a run's "auto" settings (LoRA rank, prompt format) become definite,
-        in ``self.config``; its recipe file keeps the decided rank and the asked format."""
+        """The one place a run's "auto" settings (LoRA rank, prompt format) and its name (by
+        what it is, where no --run-name, sweep or search names it) become definite, in
+        ``self.config``; its recipe file keeps the decided rank and the asked format."""
         config = resolve_lora_rank(config)
         self.recipe = config.to_recipe()
-        self.config = replace(config, prompt_format=resolve_prompt_format(
+        config = replace(config, prompt_format=resolve_prompt_format(
             config.prompt_format, self.tokenizer, config.model))
+        self.config = replace(config, run_name=config.run_name or run_name(config))
         return self.config
 
     def next(self, config: TrainConfig) -> Run:
@@ -159,8 +161,8 @@ class Run(Logger):
                       if main_process else contextlib.nullcontext(resume_run_id))
         with stopwatch.phase("logging"):
             self.run_id = distributed.broadcast_object(self._scope.enter_context(mlflow_run))
-        log.info("MLflow run %s in experiment %r (%s)", self.run_id, config.experiment,
-                 shown_tracking_uri())
+        log.info("MLflow run %s %r in experiment %r (%s)", self.run_id,
+                 self.tracker.run_name or config.run_name, config.experiment, shown_tracking_uri())
         started(self.run_id)
         self.checkpoint = Path(config.checkpoint_dir) / self.run_id
         if main_process:  # this process's until the run ends: a resume elsewhere is refused

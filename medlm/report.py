@@ -1,9 +1,10 @@
 """The loop's logger beside the MLflow run's own: ``EpochReport`` (each epoch's scores, console
-line, tables and samples); and a run's description."""
+line, tables and samples); and a run's name and description."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from medlm import untuned
 from medlm.generate import generate
@@ -14,6 +15,22 @@ from medlm.scores import evaluate_symptoms, interval_text, score_answers, scores
 from medlm.train import Logger
 
 log = logging.getLogger("medlm")
+
+
+def run_name(config) -> str:
+    """What the runs table of ``mlflow ui`` calls a run whose settings are definite, instead of
+    MLflow's random name: "smollm2-135m-instruct lora16 lr5e-4", "distilgpt2 seed-notebook
+    full lr5e-4" (a recipe other than the default, a prompt format other than plain, a fold)."""
+    recipe = Path(config.recipe).stem if config.recipe.endswith(".toml") else config.recipe
+    mantissa, exponent = f"{config.lr:.2e}".split("e")
+    parts = [Path(config.model.rstrip("/")).name or config.model,  # a path's or Hub id's last part
+             "" if recipe == "default" else recipe,
+             "" if config.prompt_format == "plain" else config.prompt_format,
+             f"lora{config.lora_rank}" if config.lora_rank else "full",
+             f"lr{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}",
+             f"fold {config.fold} of {config.folds}" if config.folds and config.fold is not None
+             else ""]
+    return " ".join(part for part in parts if part)
 
 
 def run_description(config, best=None, epochs: int | None = None) -> str:

@@ -56,8 +56,8 @@ def drawn(url: str, screenshot: Path | None = None) -> str:
 
 def check_the_drawn_pages(printed_url: str, run_id: str, run_name: str, version: str,
                           shots: Path) -> None:
-    """The URL the run printed opens the training runs; the run's page draws its charts; the
-    registered model lists its version."""
+    """The URL the run printed opens the training runs, the run named by what it is; the run's
+    page draws its charts, the losses and F1s first; the registered model lists its version."""
     shots = Path(os.environ.get("MEDLM_UI_SCREENSHOTS") or shots)
     shots.mkdir(parents=True, exist_ok=True)
     runs_table = drawn(printed_url, shots / "runs-table.png")
@@ -68,6 +68,10 @@ def check_the_drawn_pages(printed_url: str, run_id: str, run_name: str, version:
                    f"/runs/{run_id}/model-metrics", shots / "run-charts.png")
     drawn_charts = re.search(r"Model metrics \((\d+)\)", charts)
     assert drawn_charts and int(drawn_charts.group(1)) >= 5, charts[:2000]  # losses, F1s, ...
+    # each section's heading, in the order drawn: "epoch (4) Add chart step (4) Add chart ..."
+    # (before: step, time, time_total, then Model metrics)
+    sections = re.findall(r"(\S+(?: metrics)?) \((\d+)\) Add chart", charts)
+    assert sections[:1] == [("epoch", "4")], sections
     model = drawn(f"{base}/#/models/medlm", shots / "registered-model.png")
     assert f"Version {version}" in model, model[:2000]
 
@@ -145,5 +149,7 @@ def test_a_default_run_shows_curves_datasets_system_metrics_and_its_model(
         printed = hint.group(1)
         assert printed == (f"{url}/#/experiments/{experiment['experiment_id']}"
                            "?workflowType=machine_learning")
+        # the tiny base has random weights: every weight is trained (before: "colorful-whale-549")
+        assert run["info"]["run_name"] == "tiny full lr3e-3"
         check_the_drawn_pages(printed, run_id, run["info"]["run_name"], version["version"],
                               tmp_path / "screenshots")

@@ -254,3 +254,52 @@ def test_the_champion_rule_compares_what_its_selection_depends_on(mlflow_home, t
     assert champion_version() == "4" and "new champion" in message
     _, message = register(tiny_model, 1.0, loss_on="completion")
     assert champion_version() == "4" and "loss_on full vs completion" in message
+
+
+def test_a_run_is_named_by_what_it_is_unless_a_name_is_given(tmp_path):
+    """Before: MLflow's random name ("colorful-whale-549") in the runs table."""
+    from types import SimpleNamespace
+
+    from medlm.recipe import Run
+
+    def named(config: TrainConfig) -> str:  # as setup() decides it, on a tokenizer with a template
+        run = Run(config)
+        run.tokenizer = SimpleNamespace(chat_template="{{ messages }}")
+        return run._decide(config).run_name
+
+    random_base = tmp_path / "my-base"
+    random_base.mkdir()
+    (random_base / "config.json").write_text('{"medlm_random_weights": true}')
+    assert named(TrainConfig()) == "distilgpt2 lora16 lr5e-4"
+    assert named(TrainConfig(lora_rank=0, lr=3e-3)) == "distilgpt2 full lr3e-3"
+    assert named(TrainConfig(model=f"{random_base}/", lr=1.5e-4)) == "my-base full lr1.5e-4"
+    assert named(TrainConfig.from_recipe("seed-notebook")) == "distilgpt2 seed-notebook full lr5e-4"
+    assert named(TrainConfig.from_recipe("chat-template", lora_rank=8)) == (
+        "smollm2-135m-instruct chat-template chat lora8 lr5e-4")
+    assert named(TrainConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", prompt_format="auto",
+                             folds=5, fold=2)) == (
+        "SmolLM2-135M-Instruct chat lora16 lr5e-4 fold 2 of 5")
+    assert named(TrainConfig(run_name="mine")) == "mine"  # --run-name, a sweep's or search's
+
+
+def test_a_resumed_run_keeps_its_name_and_draws_loss_and_f1_first(mlflow_home):
+    """The loss curve's title is the run's MLflow name; the headline curves are logged again
+    under epoch/, the section MLflow's run page draws first (tests/test_mlflow_ui.py)."""
+    tracker = tracker_of(run_name="tiny full lr1e-3")
+    with tracker.run({}):
+        tracker.on_epoch_end(None, epoch(1, 2.0))
+        tracker.log_symptom_scores(1, pd.DataFrame({"disease": ["Gout"]}),
+                                   {"symptom_f1": 0.25, "symptom_recall": 0.5})
+    again = tracker_of(run_name="another name")
+    with again.run({}, resume_run_id=tracker.run_id):
+        again.on_epoch_end(None, epoch(2, 1.5))
+    run = mlflow.get_run(tracker.run_id)
+    assert run.info.run_name == again.run_name == "tiny full lr1e-3"
+    assert again.loss_figure().axes[0].get_title() == "tiny full lr1e-3"
+    history = {name: sorted((point.step, point.value) for point in
+                            MlflowClient().get_metric_history(tracker.run_id, name))
+               for name in ("epoch/validation_loss", "validation_loss", "epoch/symptom_f1")}
+    assert history == {"epoch/validation_loss": [(1, 2.0), (2, 1.5)],
+                       "validation_loss": [(1, 2.0), (2, 1.5)], "epoch/symptom_f1": [(1, 0.25)]}
+    assert "epoch/training_loss" in run.data.metrics
+    assert "epoch/symptom_recall" not in run.data.metrics
